@@ -1,0 +1,159 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+AdamW with linear warm-up then either a constant LR (LongLoRA's fine-tuning recipe)
+or cosine decay (pretraining), gradient accumulation, gradient clipping, bf16
+autocast on CUDA, and periodic checkpoints so an interrupted run resumes where it
+stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CHECKPOINT = "train-state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    context: int
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    schedule: str = "constant"  # "constant" (LongLoRA) or "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
+@dataclass
+class TrainLog:
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_gib: float = 0.0
+    memory_kind: str = ""  # "cuda allocator peak" or "process peak RSS"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def values(self) -> dict:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base LR at optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: torch.nn.Module,
+    next_batch: Callable[[torch.Generator], torch.Tensor],
+    cfg: TrainConfig,
+    workdir: Path | None = None,
+    desc: str = "train",
+) -> TrainLog:
+    """Train `model` in place on batches of token ids from `next_batch(generator)`.
+
+    With a `workdir`, state (weights, optimizer, data generator, log) is saved every
+    `checkpoint_every` steps and a later call with the same workdir resumes from it.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log, start = TrainLog(), 0
+    if workdir is not None and (workdir / CHECKPOINT).is_file():
+        start, log = _restore(workdir / CHECKPOINT, model, opt, sched, gen)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=None if sys.stderr.isatty() else False, mininterval=2.0)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            ids = next_batch(gen).to(device)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+            log.tokens += ids.numel()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.seconds += time.perf_counter() - t0
+        log.loss_curve.append((step + 1, round(total, 5)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}")
+        if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log)
+    bar.close()
+    model.eval()
+    log.peak_memory_gib, log.memory_kind = peak_memory_gib(device)
+    return log
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: the CUDA allocator's peak, or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda allocator peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+
+
+def _save(path: Path, step, model, opt, sched, gen, log) -> None:
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state = {"step": step, "params": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "log": asdict(log)}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path, model, opt, sched, gen) -> tuple[int, TrainLog]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    log = TrainLog(**{**state["log"], "loss_curve": [tuple(x) for x in state["log"]["loss_curve"]]})
+    return state["step"], log
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
