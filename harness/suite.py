@@ -40,6 +40,7 @@ class Eval(_Strict):
     protocol: Literal["longlora", "stride"] = "longlora"
     contexts: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096], min_length=1)
     max_windows: int = Field(16, ge=1)
+    max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
 
 
 class Data(_Strict):
