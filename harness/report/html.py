@@ -1,0 +1,352 @@
+"""A self-contained HTML report (one file, plots embedded as PNG data URIs, inline CSS, no JS).
+
+Shape: ``render_report`` builds a header and a list of sections, then renders
+``templates/report.html.j2``. Each section is built by one function of ``SECTIONS``
+taking the records and returning ``None`` (nothing to show: section omitted) or a dict
+``{"id", "title", "blocks": [...]}``. Blocks are generic (``heading``, ``paragraph``,
+``figure``, ``table``, ``list``, ``callouts``) and the template has one macro per block
+type, so a new section (RULER heatmaps, efficiency) is one new function here and no
+template change.
+
+Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``.
+A model *variant* is (model preset, stage, method, backend, finetune_context); the model
+preset only shows in labels when records hold more than one model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.report import plots
+
+TEMPLATE = "report.html.j2"
+ENV_KEYS = ("python", "torch", "transformers", "device", "gpu", "cuda", "cpu", "cpu_count", "threads", "git")
+
+Block = dict[str, Any]
+Section = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cell(text: Any = "", *, bold: bool = False, cls: str = "", title: str = "", details: str = "") -> dict:
+    """A table cell; ``details`` is shown in a collapsible <details> under the text."""
+    return {"text": "" if text is None else str(text), "bold": bold, "cls": cls, "title": title,
+            "details": details}
+
+
+def table(columns: list[str], rows: list[list[dict]], caption: str = "", numeric_from: int = 1) -> Block:
+    return {"type": "table", "columns": columns, "rows": rows, "caption": caption, "numeric_from": numeric_from}
+
+
+def fmt_int(n: Any) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) and not _isnan(n) else "–"
+
+
+def fmt_count(n: Any) -> str:
+    """1_234_567 -> '1.23M'."""
+    if not isinstance(n, (int, float)) or _isnan(n):
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def fmt_float(x: Any, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) and not _isnan(x) else "–"
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _model_name(r: dict) -> str:
+    m = r.get("model") or {}
+    return str(m.get("preset") or m.get("name") or "")
+
+
+def variant_key(r: dict) -> tuple:
+    stage = r.get("stage") or ("pretrained" if r.get("method") in (None, "", "none") else "finetuned")
+    if stage == "pretrained":
+        return (_model_name(r), "pretrained", "none", "", None)
+    return (_model_name(r), stage, r.get("method") or "none", r.get("backend") or "", r.get("finetune_context"))
+
+
+def variant_sort(key: tuple) -> tuple:
+    model, stage, method, backend, ctx = key
+    return (model, stage != "pretrained", stage, method, backend, ctx or 0)
+
+
+def variant_label(key: tuple, show_model: bool = False) -> str:
+    model, stage, method, backend, ctx = key
+    label = "pretrained" if stage == "pretrained" else f"{stage}: {method} / {backend}" + (
+        f" @ {ctx}" if ctx else "")
+    return f"{model} · {label}" if show_model and model else label
+
+
+def _labeller(records: Iterable[dict]) -> Callable[[dict], str]:
+    show_model = len({_model_name(r) for r in records}) > 1
+    return lambda r: variant_label(variant_key(r), show_model)
+
+
+def protocol_label(settings: dict) -> str:
+    proto = settings.get("protocol")
+    if not proto:
+        return "protocol not recorded"
+    hop = next((f"{k} {settings[k]}" for k in ("step", "stride") if settings.get(k) is not None), "")
+    return f"{proto} ({hop})" if hop else str(proto)
+
+
+def dataset_label(ds: dict) -> str:
+    if not ds:
+        return "dataset not recorded"
+    name = str(ds.get("name") or "unnamed dataset")
+    extra = [str(ds[k]) for k in ("split",) if ds.get(k)]
+    if ds.get("embedded"):
+        extra.append("embedded")
+    if ds.get("hash"):
+        extra.append(f"hash {str(ds['hash'])[:10]}")
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _ok(r: dict) -> bool:
+    return r.get("status", "ok") == "ok"
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def build_header(records: list[dict], *, title: str, notes: list[str] | None) -> dict:
+    notes = list(notes or [])
+    ppl = [r for r in records if r.get("metric") == "perplexity"]
+    protocols = sorted({protocol_label(r.get("settings") or {}) for r in ppl})
+    datasets = sorted({dataset_label(r.get("dataset") or {}) for r in records if r.get("dataset")})
+    if len({(r.get("settings") or {}).get("protocol") for r in ppl}) > 1:
+        notes.append("Perplexities were measured with different protocols; they are shown in separate "
+                     "plots and tables and are not comparable across them.")
+    status = Counter(r.get("status", "ok") for r in records)
+    created = sorted(r.get("created", "") for r in records if r.get("created"))
+    facts = [
+        ("suite", ", ".join(sorted({str(r.get("suite")) for r in records if r.get("suite")})) or "–"),
+        ("dataset", "; ".join(datasets) or "–"),
+        ("perplexity protocol", "; ".join(protocols) or "–"),
+        ("records", f"{len(records)} (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"),
+    ]
+    if created:
+        facts.append(("measured", created[0] if created[0] == created[-1] else f"{created[0]} – {created[-1]}"))
+    return {"title": title, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z").strip(), "notes": notes,
+            "facts": facts}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def perplexity_section(records: list[dict]) -> Section | None:
+    ppl = [r for r in records if r.get("metric") == "perplexity" and r.get("eval_context")]
+    if not ppl:
+        return None
+    label = _labeller(records)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in ppl:
+        groups[(dataset_label(r.get("dataset") or {}), protocol_label(r.get("settings") or {}))].append(r)
+    blocks: list[Block] = []
+    for (ds, proto), recs in sorted(groups.items()):
+        if len(groups) > 1:
+            blocks.append({"type": "heading", "text": f"{ds} — {proto}"})
+        blocks.extend(_perplexity_group(recs, label, ds, proto))
+    return {"id": "perplexity", "title": "Perplexity", "blocks": blocks}
+
+
+def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, proto: str) -> list[Block]:
+    keys = sorted({variant_key(r) for r in recs}, key=variant_sort)
+    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in keys}
+    contexts = sorted({int(r["eval_context"]) for r in recs})
+    ok: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in recs:
+        k, c = variant_key(r), int(r["eval_context"])
+        if _ok(r) and isinstance((r.get("values") or {}).get("perplexity"), (int, float)):
+            ok[k][c].append(r)
+        elif not _ok(r):
+            failed[k][c] = r
+
+    def mean_ppl(rs: list[dict]) -> float:
+        return sum(r["values"]["perplexity"] for r in rs) / len(rs)
+
+    # plot
+    series = []
+    for k in keys:
+        xs = sorted(ok[k])
+        series.append(plots.Series(
+            label=names[k], x=xs, y=[mean_ppl(ok[k][c]) for c in xs],
+            failed=[(c, failed[k][c].get("status", "error")) for c in sorted(failed[k]) if c not in ok[k]],
+        ))
+    vlines = []
+    pre = sorted({int(s["pretrain_context"]) for r in recs
+                  if (s := r.get("settings") or {}).get("pretrain_context")})
+    for p in pre:
+        vlines.append(plots.VLine(p, f"pretraining context ({plots.tokens_label(p)})", plots.PRETRAIN_COLOR))
+    for ft in sorted({int(k[4]) for k in keys if k[4]}):
+        vlines.append(plots.VLine(ft, f"fine-tuning context ({plots.tokens_label(ft)})", plots.FINETUNE_COLOR))
+    src = plots.perplexity_vs_context(series, vlines)
+
+    # table
+    best = {c: min((mean_ppl(ok[k][c]) for k in keys if ok[k].get(c)), default=None) for c in contexts}
+    rows = []
+    for k in keys:
+        row = [cell(names[k], cls="label")]
+        for c in contexts:
+            if ok[k].get(c):
+                v = mean_ppl(ok[k][c])
+                n = len(ok[k][c])
+                row.append(cell(fmt_float(v), bold=v == best[c], title=f"mean of {n} records" if n > 1 else ""))
+            elif c in failed[k]:
+                r = failed[k][c]
+                row.append(cell(str(r.get("status", "error")).upper(), cls="fail", title=r.get("error") or ""))
+            else:
+                row.append(cell("–", cls="missing"))
+        rows.append(row)
+    scored_row = [cell("tokens scored", cls="label foot")]
+    windows_note = False
+    for c in contexts:
+        vals = sorted({r["values"].get("tokens_scored") for k in keys for r in ok[k].get(c, [])} - {None})
+        text = fmt_int(vals[0]) if len(vals) == 1 else (f"{fmt_int(vals[0])}–{fmt_int(vals[-1])}" if vals else "–")
+        scored_row.append(cell(text, cls="foot"))
+        windows_note |= any(r["values"].get("windows_total", 0) > r["values"].get("windows", 0)
+                            for k in keys for r in ok[k].get(c, []))
+    rows.append(scored_row)
+    columns = ["variant"] + [f"{plots.tokens_label(c)} ({c})" if c >= 1024 else str(c) for c in contexts]
+    text = (f"Perplexity on {ds}, protocol {proto}, by evaluation context length (tokens). "
+            "Lower is better; the best value of each column is in bold; failed cells show their status.")
+    if windows_note:
+        text += " Some cells evaluated an evenly spaced subset of the windows (max_windows)."
+    return [
+        {"type": "paragraph", "text": text},
+        {"type": "figure", "src": src, "alt": f"perplexity vs evaluation context ({ds}, {proto})",
+         "caption": "Dotted vertical lines: pretraining and fine-tuning context lengths. "
+                    "✕ at the top: a failed cell (status written next to it)."},
+        table(columns, rows),
+    ]
+
+
+def finetune_section(records: list[dict]) -> Section | None:
+    train = [r for r in records if r.get("metric") == "train" and _ok(r)]
+    if not train:
+        return None
+    label = _labeller(records)
+    train.sort(key=lambda r: variant_sort(variant_key(r)))
+    blocks: list[Block] = []
+    curves = [(label(r), (r.get("values") or {}).get("loss_curve") or []) for r in train]
+    if any(pts for _, pts in curves):
+        blocks.append({"type": "figure", "src": plots.loss_curves(curves), "alt": "training loss curves",
+                       "caption": "Training loss per optimisation step."})
+    rows = []
+    for r in train:
+        v = r.get("values") or {}
+        curve = v.get("loss_curve") or []
+        steps = v.get("steps", curve[-1][0] if curve else None)
+        final = v.get("final_loss", curve[-1][1] if curve else None)
+        rows.append([
+            cell(label(r), cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)),
+            cell(fmt_float(v.get("tokens_per_s"), 0)), cell(fmt_float(v.get("peak_memory_gib"), 2)),
+            cell(fmt_count(v.get("trainable_params"))), cell(fmt_float(r.get("seconds"), 0)),
+        ])
+    blocks.append(table(["variant", "steps", "final loss", "tokens/s", "peak memory (GiB)",
+                         "trainable params", "wall time (s)"], rows))
+    return {"id": "finetuning", "title": "Fine-tuning", "blocks": blocks}
+
+
+def failures_section(records: list[dict]) -> Section | None:
+    bad = [r for r in records if not _ok(r)]
+    if not bad:
+        return None
+    label = _labeller(records)
+    rows = []
+    for r in sorted(bad, key=lambda r: (str(r.get("metric")), r.get("eval_context") or 0, str(r.get("cell")))):
+        err = str(r.get("error") or "")
+        first = err.strip().splitlines()[-1] if err.strip() else ""
+        short = first if len(first) <= 160 else first[:157] + "…"
+        rows.append([
+            cell(r.get("cell"), cls="mono nowrap"), cell(r.get("metric")), cell(label(r), cls="label"),
+            cell(r.get("eval_context") or "–"), cell(str(r.get("status")).upper(), cls="fail"),
+            cell(short, cls="mono", details=err if err.strip() != short else ""),
+        ])
+    text = f"{len(bad)} cell(s) produced no measurement."
+    return {"id": "failures", "title": "Failed cells",
+            "blocks": [{"type": "paragraph", "text": text},
+                       table(["cell", "metric", "variant", "eval context", "status", "error"], rows,
+                             numeric_from=99)]}
+
+
+def environment_section(records: list[dict]) -> Section | None:
+    if not records:
+        return None
+    envs: Counter = Counter()
+    for r in records:
+        env = r.get("env") or {}
+        envs[tuple((k, env.get(k)) for k in ENV_KEYS)] += 1
+    keys = [k for k in ENV_KEYS if any(dict(e).get(k) is not None for e in envs)]
+    blocks: list[Block] = []
+    if keys:
+        if len(envs) == 1:
+            env = dict(next(iter(envs)))
+            rows = [[cell(k, cls="label"), cell(env.get(k), cls="mono")] for k in keys]
+            blocks.append(table(["", "value"], rows, numeric_from=99))
+        else:
+            rows = [[cell(dict(e).get(k, "–"), cls="mono") for k in keys] + [cell(n)]
+                    for e, n in envs.most_common()]
+            blocks.append(table(keys + ["records"], rows, numeric_from=len(keys)))
+    kernels: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        if r.get("kernel"):
+            kernels[r["kernel"]][str(r.get("metric"))] += 1
+    if kernels:
+        blocks.append({"type": "heading", "text": "Kernels that ran"})
+        blocks.append({"type": "list", "mono": True, "items": [
+            f"{k} — " + ", ".join(f"{n} {m}" for m, n in sorted(c.items())) for k, c in sorted(kernels.items())
+        ]})
+    return {"id": "environment", "title": "Environment", "blocks": blocks} if blocks else None
+
+
+SECTIONS: list[Callable[[list[dict]], Section | None]] = [
+    perplexity_section,
+    finetune_section,
+    failures_section,
+    environment_section,
+]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def build_context(records: list[dict], *, title: str, notes: list[str] | None = None) -> dict:
+    sections = [s for s in (build(records) for build in SECTIONS) if s]
+    return {"header": build_header(records, title=title, notes=notes), "sections": sections}
+
+
+def render_html(records: list[dict], *, title: str, notes: list[str] | None = None) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    return env.get_template(TEMPLATE).render(**build_context(records, title=title, notes=notes))
+
+
+def render_report(records: list[dict], out: Path | str, *, title: str, notes: list[str] | None = None) -> Path:
+    """Write ``out/index.html``, a single self-contained file, and return its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "index.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render_html(records, title=title, notes=notes), encoding="utf-8")
+    tmp.replace(path)
+    return path

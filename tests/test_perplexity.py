@@ -1,0 +1,227 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from harness.errors import UserError
+from harness.metrics import PROTOCOLS, evaluate_perplexity
+from harness.metrics.perplexity import chunked_nll_sum, plan_windows, subset_indices
+
+N_TOKENS = 203  # deliberately not a multiple of any step/stride used below
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 100, (N_TOKENS,), generator=g)
+
+
+@torch.no_grad()
+def window_nll(model, window: torch.Tensor, first: int) -> torch.Tensor:
+    """Per-token NLL of window[first:] from full logits: logits[t-1] predicts window[t]."""
+    logits = model(input_ids=window[None], use_cache=False).logits[0].float()
+    return F.cross_entropy(logits[first - 1:-1], window[first:], reduction="none")
+
+
+def reference_longlora(model, tokens, context, step):
+    losses = []
+    start = 0
+    while start + context <= len(tokens):
+        losses.append(window_nll(model, tokens[start:start + context], 1))
+        start += step
+    return torch.cat(losses), len(losses)
+
+
+def reference_stride(model, tokens, context, stride):
+    """HF's loop, except that the last window is shifted back to keep `context` tokens."""
+    losses, windows, prev_end, begin = [], 0, 0, 0
+    while prev_end < len(tokens):
+        end = min(begin + context, len(tokens))
+        start = end - context
+        first = max(1, prev_end - start)
+        losses.append(window_nll(model, tokens[start:end], first))
+        windows += 1
+        prev_end, begin = end, begin + stride
+    return torch.cat(losses), windows
+
+
+@pytest.mark.parametrize("context,step", [(32, 16), (64, 50), (203, 256)])
+def test_longlora_matches_direct_computation(model, tokens, context, step):
+    ref, n_windows = reference_longlora(model, tokens, context, step)
+    res = evaluate_perplexity(model, tokens, context, "longlora", step=step)
+    assert res.windows == n_windows
+    assert res.tokens_scored == n_windows * (context - 1) == ref.numel()
+    assert res.nll == pytest.approx(ref.double().mean().item(), rel=1e-5)
+    assert res.perplexity == pytest.approx(math.exp(ref.double().mean().item()), rel=1e-5)
+    assert res.protocol == "longlora" and res.step_or_stride == step and res.context == context
+
+
+@pytest.mark.parametrize("context,stride", [(32, 16), (48, 20), (40, 39)])
+def test_stride_matches_direct_computation_and_scores_each_token_once(model, tokens, context, stride):
+    ref, n_windows = reference_stride(model, tokens, context, stride)
+    res = evaluate_perplexity(model, tokens, context, "stride", stride=stride)
+    # every token except the first is predicted exactly once
+    assert res.tokens_scored == ref.numel() == N_TOKENS - 1
+    assert res.windows == n_windows == 1 + math.ceil((N_TOKENS - context) / stride)
+    assert res.nll == pytest.approx(ref.double().mean().item(), rel=1e-5)
+
+
+def test_stride_windows_cover_each_position_once_with_enough_history():
+    for n, context, stride in [(203, 32, 16), (100, 100, 7), (101, 100, 50), (57, 10, 3), (64, 16, 16)]:
+        wins = plan_windows(n, context, PROTOCOLS["stride"], stride)
+        scored = [s + t for s, a, e in wins for t in range(a, e)]
+        assert all(e == context for _, _, e in wins)
+        assert all(0 <= s and s + context <= n for s, _, _ in wins)
+        if stride < context:
+            assert sorted(scored) == list(range(1, n))
+        else:  # non-overlapping windows: each window's first token is unscored (as in HF's loop)
+            assert len(set(scored)) == len(scored) and set(scored) <= set(range(1, n))
+        for _, a, _ in wins[1:]:
+            assert a >= context - stride  # history of every scored token beyond the first window
+
+
+def test_default_hops(model, tokens):
+    assert evaluate_perplexity(model, tokens, 32, "longlora", max_windows=2).step_or_stride == 256
+    res = evaluate_perplexity(model, tokens, 32, "stride", max_windows=2)
+    assert res.step_or_stride == 16
+    assert res.as_settings() == {"protocol": "stride", "stride": 16}
+
+
+def test_max_windows_subset_is_even_deterministic_and_spans_the_stream(model, tokens):
+    idx = subset_indices(100, 5)
+    assert idx == [0, 25, 50, 74, 99]  # round(i * 99 / 4); Python rounds half to even
+    assert subset_indices(100, 5) == idx
+    assert subset_indices(7, 10) == list(range(7))
+    assert subset_indices(7, 1) == [0]
+    for n, m in [(10, 9), (1000, 7), (3, 2)]:
+        got = subset_indices(n, m)
+        assert got[0] == 0 and got[-1] == n - 1 and len(set(got)) == m
+        gaps = [b - a for a, b in zip(got, got[1:], strict=False)]
+        assert max(gaps) - min(gaps) <= 1
+
+    # the evaluation uses exactly those windows
+    step, context = 8, 32
+    starts = list(range(0, N_TOKENS - context + 1, step))
+    keep = [starts[i] for i in subset_indices(len(starts), 4)]
+    assert keep[0] == 0 and keep[-1] + context > N_TOKENS - step  # ends near the end of the stream
+    direct = torch.cat([window_nll(model, tokens[s:s + context], 1) for s in keep]).double().mean().item()
+    res = evaluate_perplexity(model, tokens, context, "longlora", step=step, max_windows=4)
+    assert res.windows == 4 and res.windows_total == len(starts)
+    assert res.tokens_scored == 4 * (context - 1)
+    assert res.nll == pytest.approx(direct, rel=1e-5)
+    again = evaluate_perplexity(model, tokens, context, "longlora", step=step, max_windows=4)
+    assert again.nll == res.nll
+
+
+@pytest.mark.parametrize("protocol", ["longlora", "stride"])
+def test_batching_does_not_change_the_result(model, tokens, protocol):
+    hop = {"step": 24} if protocol == "longlora" else {"stride": 24}
+    one = evaluate_perplexity(model, tokens, 48, protocol, batch_size=1, **hop)
+    three = evaluate_perplexity(model, tokens, 48, protocol, batch_size=3, **hop)
+    assert one.tokens_scored == three.tokens_scored and one.windows == three.windows
+    assert three.nll == pytest.approx(one.nll, rel=1e-6)
+
+
+def test_chunked_logits_equal_full_logits_loss(model, tokens):
+    x = tokens[:150]
+    with torch.no_grad():
+        out = model(input_ids=x[None], output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1][0, :-1]
+        full = F.cross_entropy(out.logits[0, :-1].float(), x[1:], reduction="sum").item()
+        head = model.get_output_embeddings()
+        for rows in (7, 64, 512):
+            assert chunked_nll_sum(head, hidden, x[1:], chunk_rows=rows) == pytest.approx(full, rel=1e-5)
+
+
+def test_restores_training_mode_and_reports_units(model, tokens):
+    model.train()
+    try:
+        res = evaluate_perplexity(model, tokens, 64, max_windows=2, progress=True)
+        assert model.training
+    finally:
+        model.eval()
+    values, units = res.as_values(), res.units()
+    assert set(values) == set(units) and values["perplexity"] == res.perplexity
+    assert units["nll"] == "nats/token"
+
+
+def test_errors(model, tokens):
+    with pytest.raises(UserError, match="did you mean 'stride'"):
+        evaluate_perplexity(model, tokens, 32, "strided")
+    with pytest.raises(UserError, match="203 tokens.*context 256"):
+        evaluate_perplexity(model, tokens, 256)
+    with pytest.raises(UserError, match="exceeds the context"):
+        evaluate_perplexity(model, tokens, 32, "stride", stride=33)
+    with pytest.raises(UserError, match="takes step=, not stride="):
+        evaluate_perplexity(model, tokens, 32, "longlora", stride=8)
+    with pytest.raises(UserError, match="max_windows"):
+        evaluate_perplexity(model, tokens, 32, max_windows=0)
+    with pytest.raises(UserError, match="1-D"):
+        evaluate_perplexity(model, tokens[None], 32)
+
+
+def test_model_breaking_the_hidden_state_contract_is_refused(model, tokens):
+    class Unnormed(torch.nn.Module):  # hidden_states[-1] before the final norm
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, **kw):
+            out = self.inner(input_ids=input_ids, **kw)
+            out.hidden_states = out.hidden_states[:-1]
+            return out
+
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        evaluate_perplexity(Unnormed(model), tokens, 32, max_windows=1)
+
+
+def test_decoder_hook_path_is_used_and_falls_back_to_hidden_states(model, tokens):
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    try:
+        res = evaluate_perplexity(model, tokens, 32, "stride", stride=16)
+    finally:
+        handle.remove()
+    assert seen and not any(kw.get("output_hidden_states") for kw in seen)  # per-layer states never kept
+    assert all(kw.get("logits_to_keep") == 1 for kw in seen)
+
+    class Probe(torch.nn.Module):
+        def forward(self, h):
+            return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=h)
+
+    class PreNormDecoder(torch.nn.Module):  # get_decoder() output lacks the final norm
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.probe = inner, Probe()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def get_decoder(self):
+            return self.probe
+
+        def forward(self, input_ids, **kw):
+            want = kw.pop("output_hidden_states", False)
+            out = self.inner(input_ids=input_ids, output_hidden_states=True, **kw)
+            self.probe(out.hidden_states[-2])
+            if not want:
+                out.hidden_states = None
+            return out
+
+    fallback = evaluate_perplexity(PreNormDecoder(model), tokens, 32, "stride", stride=16)
+    assert fallback.nll == pytest.approx(res.nll, rel=1e-6)
