@@ -1,0 +1,178 @@
+"""The hybrid LM: shapes, loss, caching/generation, attention backends, checkpoint layout, presets."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from harness.errors import UserError
+from harness.models import HybridConfig, HybridForCausalLM, preset_config
+
+
+def _config(fused=True, mlp=0, kv=4, rotary=8, attn_conv=4, **kw):
+    return HybridConfig(
+        d_model=64, n_layer=3, d_intermediate=mlp, vocab_size=101, attn_layer_idx=[1],
+        ssm_cfg={"d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8},
+        attn_cfg={"num_heads": 4, "num_heads_kv": kv, "head_dim": 16, "rotary_emb_dim": rotary,
+                  "d_conv": attn_conv, "fused_qkv": fused},
+        **kw,
+    )
+
+
+CONFIGS = {
+    "fused": dict(),
+    "unfused-gqa-mlp": dict(fused=False, kv=2, mlp=96),
+    "no-conv-no-rotary": dict(attn_conv=0, rotary=0, kv=1),
+    "untied-layernorm": dict(tie_embeddings=False, rms_norm=False, residual_in_fp32=False),
+}
+
+
+def _model(name="fused", attn="eager", seed=0):
+    torch.manual_seed(seed)
+    return HybridForCausalLM.from_config(_config(**CONFIGS[name]), attn_implementation=attn).eval()
+
+
+def _ids(b=2, l=21, seed=1):
+    return torch.randint(0, 101, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_loss_hidden_states_and_logits_to_keep(name):
+    model, ids = _model(name), _ids()
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 21, 104)  # vocab padded to a multiple of 8
+    assert len(out.hidden_states) == model.config.n_layer + 1
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 104), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce)
+    torch.testing.assert_close(model.get_output_embeddings()(out.hidden_states[-1]), out.logits)
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 104)
+    torch.testing.assert_close(last, out.logits[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_causal(name):
+    model, ids = _model(name), _ids()
+    changed = ids.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 101
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_eager_equals_sdpa(name):
+    ids = _ids()
+    eager, sdpa = _model(name, "eager"), _model(name, "sdpa")
+    assert sdpa.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_steps_match_full_forward(name, attn):
+    model, ids = _model(name, attn), _ids(l=19)
+    full = model(ids).logits
+    out = model(ids[:, :11], use_cache=True)  # prefill
+    cache, steps = out.past_key_values, [out.logits]
+    out = model(ids[:, 11:14], past_key_values=cache, use_cache=True)  # several tokens on top of a cache
+    steps.append(out.logits)
+    for t in range(14, 19):  # one token at a time
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fused", "unfused-gqa-mlp", "no-conv-no-rotary"])
+def test_greedy_generate_matches_teacher_forcing(name):
+    model, prompt = _model(name, "sdpa"), _ids(b=1, l=9)
+    lengths = []
+    model.backbone.embedding.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    gen = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 21)
+    assert lengths == [9] + [1] * 11  # the cache is used: one token per step
+    logits = model(gen).logits
+    torch.testing.assert_close(logits[:, 8:-1].argmax(-1), gen[:, 9:])
+
+
+def test_custom_registered_attention_backend():
+    from transformers import AttentionInterface
+
+    from harness.models.attention import eager_attention
+
+    calls = []
+
+    def backend(module, q, k, v, attention_mask, scaling, dropout=0.0, **kw):
+        calls.append((q.shape, k.shape))
+        return eager_attention(module, q, k, v, attention_mask, scaling)
+
+    AttentionInterface.register("test_hybrid_backend", backend)
+    model, ids = _model("unfused-gqa-mlp", "test_hybrid_backend"), _ids()
+    torch.testing.assert_close(model(ids).logits, _model("unfused-gqa-mlp")(ids).logits)
+    assert calls and calls[0] == ((2, 4, 21, 16), (2, 2, 21, 16))  # GQA heads not expanded
+
+
+def test_state_dict_keys_are_mamba_ssm_names():
+    model = _model("unfused-gqa-mlp")
+    mamba = ["mixer.A_log", "mixer.D", "mixer.conv1d.bias", "mixer.conv1d.weight", "mixer.dt_bias",
+             "mixer.in_proj.weight", "mixer.norm.weight", "mixer.out_proj.weight"]
+    attn = ["mixer.conv1d.bias", "mixer.conv1d.weight", "mixer.k_proj.bias", "mixer.k_proj.weight",
+            "mixer.out_proj.bias", "mixer.out_proj.weight", "mixer.q_proj.bias", "mixer.q_proj.weight",
+            "mixer.v_proj.bias", "mixer.v_proj.weight"]
+    mlp = ["mlp.fc1.weight", "mlp.fc2.weight", "norm.weight", "norm2.weight"]
+    expected = {"backbone.embedding.weight", "backbone.norm_f.weight", "lm_head.weight"}
+    for i, names in enumerate([mamba, attn, mamba]):
+        expected |= {f"backbone.layers.{i}.{n}" for n in names + mlp}
+    assert set(model.state_dict()) == expected
+    fused = _model("fused").state_dict()
+    assert fused["backbone.layers.1.mixer.in_proj.weight"].shape == (64 + 2 * 64, 64)
+    assert fused["backbone.layers.0.mixer.in_proj.weight"].shape == (2 * 128 + 2 * 2 * 8 + 8, 64)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model, ids = _model("unfused-gqa-mlp"), _ids()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert isinstance(loaded, HybridForCausalLM) and loaded.config.attn_cfg == model.config.attn_cfg
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_gradient_reaches_every_parameter_with_checkpointing():
+    model = _model("unfused-gqa-mlp").train()
+    model.gradient_checkpointing_enable()
+    model(_ids(), labels=_ids()).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_mamba_ssm_initialisation():
+    mixer = _model().backbone.layers[0].mixer
+    A = torch.exp(mixer.A_log)
+    dt = F.softplus(mixer.dt_bias)
+    assert ((A >= 1) & (A <= 16)).all() and ((dt >= 1e-3 - 1e-6) & (dt <= 0.1 + 1e-6)).all()
+    assert (mixer.D == 1).all()
+
+
+def test_left_padding_is_refused():
+    model = _model()
+    mask = torch.ones(2, 21, dtype=torch.long)
+    model(_ids(), attention_mask=mask)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        model(_ids(), attention_mask=mask)
+
+
+def test_config_rejects_unknown_and_invalid_fields():
+    with pytest.raises(ValueError, match="'d_modle'"):
+        HybridConfig(d_modle=3)
+    with pytest.raises(ValueError, match="'ssm_cfg.dstate'"):
+        HybridConfig(ssm_cfg={"dstate": 3})
+    with pytest.raises(ValueError, match="'attn_cfg.num_heads_kv'"):
+        HybridConfig(d_model=64, n_layer=2, attn_layer_idx=[0], attn_cfg={"num_heads": 4, "num_heads_kv": 3})
+
+
+def test_presets():
+    cfg = preset_config("tiny-hybrid")
+    assert cfg.d_model == 128 and cfg.attn_layer_idx == [1, 3] and cfg.layer_types[1] == "hybrid"
+    assert preset_config("mamba2attn-2.7b").padded_vocab_size == 50288
+    with pytest.raises(UserError, match="Did you mean 'tiny-hybrid'"):
+        preset_config("tiny-hybird")
