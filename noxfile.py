@@ -40,3 +40,20 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "harness", "tests", "noxfile.py")
+
+
+@nox.session(name="suite-pg19", venv_params=["--system-site-packages"] if CUDA else [])
+def suite_pg19(session: nox.Session) -> None:
+    """Pretrain (cached) the embedded model, fine-tune at 8x with LoRA, report perplexity vs context.
+
+    Extra arguments go to `harness run`, e.g. `nox -s suite-pg19 -- --pg19 ../shared/data/pg19`.
+    """
+    install(session)
+    session.run("harness", "run", "suites/pg19.yaml", *session.posargs)
+
+
+@nox.session(venv_params=["--system-site-packages"] if CUDA else [])
+def report(session: nox.Session) -> None:
+    """Re-render the report of a results directory: `nox -s report -- reports/pg19`."""
+    install(session)
+    session.run("harness", "report", *(session.posargs or ["reports/pg19"]))
