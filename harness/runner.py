@@ -8,6 +8,7 @@ recorded as status "oom" and the suite goes on.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -122,23 +123,26 @@ def _model_for(suite: Suite, cell: dict, out: Path, env: dict, config_hash: str)
     key = cache.fingerprint(info["hash"], cell["method"], cell["backend"], asdict(cfg), f.rank, f.alpha,
                             cache.code_version(finetune_module))
     info = {**info, "adapter": key}
-    if (path := cache.lookup(ADAPTER, key)) is not None:
-        model = PeftModel.from_pretrained(model, path)
-    else:
+    if (path := cache.lookup(ADAPTER, key)) is None:
         model, summary = apply_method(model, cell["method"], rank=f.rank, alpha=f.alpha)
-        tok, corpus = default_tokenizer(), default_corpus()
-        tokens = encode_corpus(tok, corpus, "train")
+        tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
         workdir = cache.cache_root() / ADAPTER / f".work-{key}"
         workdir.mkdir(parents=True, exist_ok=True)
         log = train(model, lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g), cfg, workdir=workdir,
                     desc=f"fine-tune {cell['method']}/{cell['backend']} @ {cfg.context}")
-        with cache.build(ADAPTER, key, {"train": log.values(), **summary.values()}) as d:
-            model.save_pretrained(d)
+        with cache.build(ADAPTER, key, {"train": log.values(), **summary.values()}) as path:
+            model.save_pretrained(path)
+        path = cache.lookup(ADAPTER, key)
+    else:
+        model = PeftModel.from_pretrained(model, path)
+    train_cell = f"{cell['model']}/seed{cell['seed']}/finetuned-{cell['method']}-{cell['backend']}/train"
+    if (train_cell, config_hash) not in _finished(out):  # also when the adapter came from the cache
+        meta = json.loads((path / cache.META).read_text())
+        values = {**meta["train"], "trainable_params": meta["trainable_params"], "total_params": meta["total_params"]}
         results.append(out, results.Record(
-            suite=suite.name, cell=f"{cell['model']}/seed{cell['seed']}/finetuned-{cell['method']}-"
-            f"{cell['backend']}/train", metric="train", stage="finetuned", model=info, method=cell["method"],
-            backend=cell["backend"], finetune_context=f.context, values={**log.values(), **summary.values()},
+            suite=suite.name, cell=train_cell, metric="train", stage="finetuned", model=info, method=cell["method"],
+            backend=cell["backend"], finetune_context=f.context, values=values,
             units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}, env=env, config_hash=config_hash,
-            kernel="full via sdpa", settings=asdict(cfg), seconds=round(log.seconds, 1)))
+            kernel="full via sdpa", settings=asdict(cfg), seconds=round(values["seconds"], 1)))
     model.harness_info = info
     return model.eval()

@@ -42,6 +42,12 @@ def test_run_writes_records_and_report_then_resumes(suite, tmp_path, capsys):
     assert "4 cells, 4 already done" in capsys.readouterr().out
     assert len(results.load(out)) == len(recs)
 
+    other = tmp_path / "other"  # a new results dir reuses cached artefacts and still records the fine-tune
+    run_suite(suite, other)
+    assert "pretrain" not in capsys.readouterr().err
+    assert [r["values"]["trainable_params"] for r in results.load(other) if r["metric"] == "train"] == [
+        train[0]["values"]["trainable_params"]]
+
 
 def test_dry_run_lists_cells_without_running(suite, tmp_path, capsys):
     assert run_suite(suite, tmp_path / "out", dry_run=True) is None
