@@ -112,8 +112,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         log.seconds += time.perf_counter() - t0
         log.loss_curve.append((step + 1, round(total, 5)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}")
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}", refresh=False)
+        bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
         if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log)
     bar.close()
