@@ -1,21 +1,76 @@
 """Fine-tuning methods as model transforms: which parameters train, and how.
 
-Only `lora` exists so far (issue 4 adds lora_plus, hylora, full): low-rank adapters
-(PEFT) on the attention blocks' projections and nothing else.
+- `lora`: LoRA adapters (PEFT) on the attention blocks' linear projections, nothing else.
+- `lora_plus`: LongLoRA's LoRA+ (not Hayou et al.'s): `lora` + every embedding and every
+  normalization layer trained fully.
+- `hylora`: the paper's HyLoRA: `lora_plus` + every depthwise 1D convolution trained fully.
+- `full`: every parameter (a reference point, not in the paper).
+
+What is discovered, and how (structurally, so any HF hybrid works, not only name lists):
+- attention projections: the direct `nn.Linear` children of every module whose class name
+  contains "Attention" (our hybrid's `Attention`: in_proj or q/k/v_proj, out_proj; Llama, Bamba,
+  Zamba2, NemotronH, Falcon-H1: q/k/v/o_proj). Zamba2's own shared-block adapters live in
+  ModuleLists, not direct children, and are left alone.
+- embeddings: the parameters of every `nn.Embedding`. A tied lm_head is the same tensor and so
+  trains with it; an untied lm_head stays frozen (LongLoRA trains "embed,norm" only).
+- norms: the parameters of every module whose class name contains "Norm" (RMSNorm, LayerNorm,
+  the gated RMSNorm inside Mamba mixers). On every model here this is exactly LongLoRA's rule
+  (`"norm" in parameter name`), which also catches `mixer.norm`: the gated norm is a
+  normalization layer, so LoRA+ trains it.
+- conv1d: the parameters of every `nn.Conv1d`. In the HF hybrids these are the SSM mixers' convs
+  only. Our hybrid (and mamba2attn-2.7b) also has a depthwise conv over q/k/v in its attention
+  blocks; HyLoRA trains it too. Why: the paper puts the convs at "~0.7%" of Mamba-2-Hybrid 2.7B;
+  the SSM convs alone are 0.058% of its parameters and all convs 0.0706%, i.e. the paper's figure
+  (off by 10x) counts the attention conv as well, as a LongLoRA-style `"conv1d" in name` rule
+  would. It is the same kind of layer (sequence mixing right after the input projection).
+
+The fully trained sets are trained in place (`requires_grad` on the base weights, LongLoRA's
+own mechanism) rather than through PEFT's `modules_to_save`, which trains a copy: in place, the
+weights the forward reads (Mamba kernels read `conv1d.weight` directly) are by construction the
+trained ones, a tied lm_head follows its embedding, and no vocab-sized copy is made.
+`save_method` therefore writes the PEFT adapter plus the fully trained tensors, by name.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
 from harness.errors import UserError
 
-METHODS = ("lora",)
-ATTENTION_PROJECTIONS = ("in_proj", "q_proj", "k_proj", "v_proj", "out_proj")
+METHODS = ("lora", "lora_plus", "hylora", "full")
+GROUPS = ("lora", "embeddings", "norms", "conv1d", "other")
+# Fully trained parameter groups (besides LoRA adapters) per method.
+FULLY_TRAINED = {"lora": (), "lora_plus": ("embeddings", "norms"), "hylora": ("embeddings", "norms", "conv1d")}
+
+# The paper's settings (its appendices B and G, following LongLoRA), for reference; nothing enforces them.
+# lr: 2e-4 for SE/SW/full attention, 2e-5 for S2-Attn (see `default_lr`); constant schedule after 20
+# warm-up steps, weight decay 0, 1000 steps of 8 sequences.
+PAPER_DEFAULTS: dict[str, dict] = {
+    # Mamba-2-Hybrid 2.7B (state-spaces/mamba2attn-2.7b): HyLoRA r=32, alpha=64 (rank sweep keeps alpha/r=2).
+    "mamba2attn-2.7b": {"method": "hylora", "rank": 32, "alpha": 64, "pretrain_context": 2048,
+                        "finetune_context": 8192, "batch_size": 1, "grad_accum": 8},
+    # Llama-1 7B: LongLoRA's r=8, alpha=16, linear RoPE scaling to 16384.
+    "llama-7b": {"method": "lora_plus", "rank": 8, "alpha": 16, "pretrain_context": 2048,
+                 "finetune_context": 16384, "batch_size": 1, "grad_accum": 4},
+    # Zamba2 1.2B: the paper gives no rank for it; these mirror Mamba-2-Hybrid's.
+    "zamba2-1.2b": {"method": "hylora", "rank": 32, "alpha": 64, "pretrain_context": 4096,
+                    "finetune_context": 12288, "batch_size": 1, "grad_accum": 8},
+}
+META_FILE = "harness_method.json"
+EXTRA_FILE = "trainable_params.safetensors"
+
+
+def default_lr(backend: str) -> float:
+    """The paper's fine-tuning LR (appendix G): LongLoRA's 2e-5 for S2-Attn, 2e-4 for every other attention."""
+    return 2e-5 if backend == "s2_attn" else 2e-4
 
 
 @dataclass
@@ -24,42 +79,212 @@ class MethodSummary:
     trainable_params: int
     total_params: int
     trainable_names: list[str]
+    groups: dict[str, int] = field(default_factory=dict)  # trainable parameter count per group (GROUPS)
+    group_names: dict[str, list[str]] = field(default_factory=dict)
 
     def values(self) -> dict:
-        return {"trainable_params": self.trainable_params, "total_params": self.total_params}
+        return {"trainable_params": self.trainable_params, "total_params": self.total_params,
+                "trainable_by_group": dict(self.groups)}
 
 
-def attention_targets(model: torch.nn.Module) -> list[str]:
-    """Full names of the linear projections inside attention blocks (hybrid: config.attn_layer_idx)."""
-    layers = getattr(model.config, "attn_layer_idx", None)
-    if layers is None:
-        raise UserError(f"{type(model).__name__}: no attention layers known for LoRA targeting")
-    names = [
-        name for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear)
-        and name.split(".")[-1] in ATTENTION_PROJECTIONS
-        and any(name.startswith(f"backbone.layers.{i}.mixer.") for i in layers)
-    ]
+# --- discovery -------------------------------------------------------------------------------------------
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules whose class name contains "Attention" and that own linear projections directly."""
+    return {name: mod for name, mod in model.named_modules()
+            if "attention" in type(mod).__name__.lower()
+            and any(isinstance(c, nn.Linear) for c in mod.children())}
+
+
+def attention_targets(model: nn.Module) -> list[str]:
+    """Full names of the linear projections of the attention modules (LoRA's default targets)."""
+    names = [f"{att}.{child}" for att, mod in attention_modules(model).items()
+             for child, c in mod.named_children() if isinstance(c, nn.Linear)]
     if not names:
-        raise UserError("lora: no attention projection matched in this model; nothing would train")
+        raise UserError(f"{type(model).__name__}: no attention projection found (no module named *Attention* "
+                        "with linear children); LoRA would train nothing. Pass target_modules explicitly.")
     return names
 
 
-def apply_method(model: torch.nn.Module, method: str, rank: int = 8, alpha: int = 16):
-    """Return (model wrapped for `method`, summary of what trains)."""
+def _is_norm(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(mod).__name__.lower()
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The base model's parameters that a method may train fully: embeddings, norms, conv1d (each once)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"embeddings": [], "norms": [], "conv1d": []}
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        group = ("embeddings" if isinstance(mod, nn.Embedding) else "conv1d" if isinstance(mod, nn.Conv1d)
+                 else "norms" if _is_norm(mod) else None)
+        if group is None:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                groups[group].append((f"{mod_name}.{pname}" if mod_name else pname, p))
+    return groups
+
+
+def _resolve_targets(model: nn.Module, target_modules) -> list[str]:
+    """Explicit LoRA targets -> full module names; a list entry is a full name or a name suffix (PEFT's
+    rule), a string is a regex that must match a whole module name. Each entry must match a Linear."""
+    modules = dict(model.named_modules())
+    if isinstance(target_modules, str):
+        try:
+            rx = re.compile(target_modules)
+        except re.error as e:
+            raise UserError(f"target_modules: invalid regex {target_modules!r}: {e}") from None
+        names = [n for n in modules if n and rx.fullmatch(n)]
+        if not names:
+            raise UserError(f"target_modules regex {target_modules!r} matches no module name "
+                            f"(e.g. {', '.join(list(modules)[1:4])})")
+    else:
+        names = []
+        for entry in target_modules:
+            hits = [n for n in modules if n == entry or n.endswith("." + entry)]
+            if not hits:
+                close = difflib.get_close_matches(entry, modules, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UserError(f"target_modules: no module named {entry!r} in {type(model).__name__}{hint}")
+            names += [n for n in hits if n not in names]
+    bad = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    if bad:
+        raise UserError(f"target_modules: LoRA here supports nn.Linear only; {bad[0]!r} is "
+                        f"{type(modules[bad[0]]).__name__}. (A LoRA on a depthwise conv1d is bypassed by Mamba "
+                        "kernels that read conv1d.weight directly: train it fully with hylora or extra_trainable.)")
+    return names
+
+
+def _resolve_extra(model: nn.Module, patterns) -> list[tuple[str, nn.Parameter]]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    params = list(model.named_parameters())
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    for pat in patterns:
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise UserError(f"extra_trainable: invalid regex {pat!r}: {e}") from None
+        hits = [(n, p) for n, p in params if rx.search(n)]
+        if not hits:
+            raise UserError(f"extra_trainable pattern {pat!r} matches no parameter name "
+                            f"(e.g. {', '.join(n for n, _ in params[:3])})")
+        chosen.update((id(p), (n, p)) for n, p in hits)
+    return list(chosen.values())
+
+
+# --- applying --------------------------------------------------------------------------------------------
+
+def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16,
+                 target_modules: list[str] | str | None = None, extra_trainable: list[str] | str | None = None):
+    """Return (model prepared for `method`, summary of what trains).
+
+    lora/lora_plus/hylora return a `peft.PeftModel` wrapping `model` (modified in place); `full` returns
+    `model` itself. `target_modules` overrides the LoRA targets (full names or suffixes, or one regex over
+    module names); `extra_trainable` are regexes (searched in parameter names) of base parameters to
+    train fully in addition. Anything that would match nothing is a UserError.
+    """
     if method not in METHODS:
         hint = difflib.get_close_matches(method, METHODS, n=1)
         raise UserError(f"unknown fine-tuning method {method!r}"
                         f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; available: {', '.join(METHODS)}")
-    if rank < 1 or alpha <= 0:
-        raise UserError(f"lora: rank must be >= 1 and alpha > 0 (got rank={rank}, alpha={alpha})")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=attention_targets(model))
-    peft_model = get_peft_model(model, cfg)
-    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    summary = MethodSummary(
-        method=method,
-        trainable_params=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in peft_model.parameters()),
-        trainable_names=trainable,
-    )
-    return peft_model, summary
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not alpha > 0:
+        raise UserError(f"{method}: LoRA rank must be an integer >= 1 and alpha > 0 (got rank={rank!r}, "
+                        f"alpha={alpha!r})")
+    groups = parameter_groups(model)
+    if method == "full":
+        if target_modules is not None or extra_trainable is not None:
+            raise UserError("full: every parameter trains; target_modules/extra_trainable would have no effect")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        out = model
+    else:
+        targets = attention_targets(model) if target_modules is None else _resolve_targets(model, target_modules)
+        extra = [p for g in FULLY_TRAINED[method] for _, p in groups[g]]
+        if extra_trainable is not None:
+            extra += [p for _, p in _resolve_extra(model, extra_trainable)]
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
+        try:
+            out = get_peft_model(model, cfg)
+        except ValueError as e:  # e.g. PEFT refuses out_proj/conv1d targets on falcon_h1, nemotron_h, mamba
+            raise UserError(f"{method}: PEFT rejected the LoRA targets: {e}") from None
+        for p in extra:  # after get_peft_model, which freezes every base parameter
+            p.requires_grad_(True)
+    out.harness_method = {"method": method, "rank": rank, "alpha": alpha}
+    return out, summarize(out, method, groups)
+
+
+def summarize(model: nn.Module, method: str, groups: dict | None = None) -> MethodSummary:
+    """What trains in `model`, by name and by group (lora / embeddings / norms / conv1d / other)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    groups = groups if groups is not None else parameter_groups(base)
+    group_of = {id(p): g for g, items in groups.items() for _, p in items}
+    names: dict[str, list[str]] = {g: [] for g in GROUPS}
+    counts = dict.fromkeys(GROUPS, 0)
+    trainable = []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = "lora" if ".lora_" in n else group_of.get(id(p), "other")
+        names[g].append(n)
+        counts[g] += p.numel()
+        trainable.append(n)
+    return MethodSummary(method=method, trainable_params=sum(counts.values()),
+                         total_params=sum(p.numel() for p in model.parameters()), trainable_names=trainable,
+                         groups=counts, group_names=names)
+
+
+# --- saving for evaluation -------------------------------------------------------------------------------
+
+def save_method(model: nn.Module, path: str | Path) -> Path:
+    """Save what fine-tuning changed: the PEFT adapter (if any) and every fully trained base parameter
+    (those with requires_grad, outside the adapter) by base-model name, plus a small JSON description."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    is_peft = isinstance(model, PeftModel)
+    base = model.get_base_model() if is_peft else model
+    if is_peft:
+        model.save_pretrained(path)
+    extra = {n: p.detach().to("cpu").contiguous() for n, p in base.named_parameters()
+             if p.requires_grad and ".lora_" not in n}
+    save_file(extra, str(path / EXTRA_FILE))
+    meta = {"format": 1, **getattr(model, "harness_method", {}), "peft": is_peft, "extra_params": sorted(extra)}
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
+    """Apply a `save_method` directory to a fresh copy of the model it was trained from (eval mode).
+
+    merge=True folds the LoRA weights into the base layers and returns a plain model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise UserError(f"{path}: not a saved fine-tuning method ({META_FILE} missing)")
+    meta = json.loads((path / META_FILE).read_text())
+    model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
+    target = model.get_base_model() if meta["peft"] else model
+    try:
+        state = load_file(str(path / EXTRA_FILE)) if (path / EXTRA_FILE).is_file() else {}
+    except SafetensorError as e:
+        raise UserError(f"{path / EXTRA_FILE}: unreadable ({e})") from None
+    params = dict(target.named_parameters())
+    missing = sorted(set(meta["extra_params"]) - set(state))
+    unknown = sorted(set(state) - set(params))
+    shapes = [f"{n}: saved {tuple(v.shape)} vs model {tuple(params[n].shape)}"
+              for n, v in state.items() if n in params and v.shape != params[n].shape]
+    if missing or unknown or shapes:
+        raise UserError(f"{path / EXTRA_FILE} does not fit this model: missing {missing[:5]}, unknown {unknown[:5]}, "
+                        f"shape mismatches {shapes[:5]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+    if merge and meta["peft"]:
+        model = model.merge_and_unload()
+    return model.eval()
