@@ -84,12 +84,13 @@ def run_suite(suite: Suite, out: Path, pg19: str | None = None, dry_run: bool = 
                              finetune_context=suite.finetune.context if cell["stage"] == "finetuned" else None,
                              eval_context=cell["eval_context"], dataset=dataset, env=env,
                              config_hash=config_hash, kernel="full via sdpa",
-                             settings={"protocol": suite.eval.protocol, "max_windows": suite.eval.max_windows,
+                             settings={"protocol": suite.eval.protocol,
+                                       "max_windows": _windows(suite, cell["eval_context"]),
                                        "pretrain_context": suite.pretrain.context, "seed": cell["seed"]})
         t0 = time.perf_counter()
         try:
             res = evaluate_perplexity(models[key], stream, cell["eval_context"], suite.eval.protocol,
-                                      max_windows=suite.eval.max_windows, progress=True)
+                                      max_windows=_windows(suite, cell["eval_context"]), progress=True)
             rec.values, rec.units = res.as_values(), res.units()
             rec.settings.update(res.as_settings())
         except torch.OutOfMemoryError as e:
@@ -102,6 +103,10 @@ def run_suite(suite: Suite, out: Path, pg19: str | None = None, dry_run: bool = 
         "PG-19 not configured: perplexity measured on the embedded corpus's held-out books "
         f"({corpus.name}). Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
     return render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
+
+
+def _windows(suite: Suite, context: int) -> int:
+    return max(1, suite.eval.tokens_per_length // context)
 
 
 def _finished(out: Path) -> set[tuple[str, str]]:

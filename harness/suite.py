@@ -39,7 +39,9 @@ class Eval(_Strict):
     metric: Literal["perplexity"] = "perplexity"
     protocol: Literal["longlora", "stride"] = "longlora"
     contexts: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096], min_length=1)
-    max_windows: int = Field(16, ge=1)
+    # Windows per length = max(1, tokens_per_length // context), evenly spaced over the stream, so every
+    # length scores about the same number of tokens (a fixed window count starves the short contexts).
+    tokens_per_length: int = Field(65_536, ge=1)
     max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
 
 

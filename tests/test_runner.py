@@ -12,7 +12,7 @@ SMALL = """
 name: small
 pretrain: {context: 64, steps: 3, batch_size: 2, warmup_steps: 1}
 finetune: {context: 256, steps: 2, warmup_steps: 1}
-eval: {contexts: [64, 256], max_windows: 2, max_tokens: 20000}
+eval: {contexts: [64, 256], tokens_per_length: 512, max_tokens: 20000}
 """
 
 
@@ -31,6 +31,7 @@ def test_run_writes_records_and_report_then_resumes(suite, tmp_path, capsys):
     ppl = [r for r in recs if r["metric"] == "perplexity"]
     assert len(ppl) == 4 and all(r["status"] == "ok" and r["values"]["perplexity"] > 1 for r in ppl)
     assert {r["stage"] for r in ppl} == {"pretrained", "finetuned"}
+    assert {r["eval_context"]: r["values"]["windows"] for r in ppl} == {64: 8, 256: 2}  # 512 tokens per length
     train = [r for r in recs if r["metric"] == "train"]
     assert len(train) == 1 and train[0]["values"]["trainable_params"] > 0
     assert ppl[0]["dataset"]["embedded"] and ppl[0]["kernel"] == "full via sdpa"
