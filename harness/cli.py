@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("suite")
     rep = sub.add_parser("report", help="render the HTML report of a results directory")
     rep.add_argument("dir")
+    cmp = sub.add_parser("compare", help="regression gate: compare HEAD results against BASE, exit 1 on regression")
+    cmp.add_argument("base")
+    cmp.add_argument("head")
+    cmp.add_argument("--ppl-rtol", type=float, default=0.005, help="allowed relative perplexity rise")
+    cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio")
+    cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio")
+    cmp.add_argument("--alpha", type=float, default=0.05, help="significance level of the statistical tests")
+    cmp.add_argument("--summary", help="also write the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     args = parser.parse_args(argv)
     try:
@@ -58,6 +66,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = render_report(results.load(args.dir), args.dir, title=f"Results in {args.dir}")
         print(f"report: {Path(path).resolve()}")
+    elif args.command == "compare":
+        from harness import results
+        from harness.report.compare import Thresholds, compare, markdown
+
+        th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
+                        alpha=args.alpha)
+        findings = compare(results.load(args.base), results.load(args.head), th)
+        text = markdown(findings, args.base, args.head)
+        print(text)
+        if args.summary:
+            with open(args.summary, "a") as f:
+                f.write(text)
+        return 1 if any(f.verdict == "regression" for f in findings) else 0
     elif args.command == "list":
         from harness.finetune.methods import METHODS
         from harness.models import PRESETS

@@ -1,0 +1,167 @@
+"""`harness compare BASE HEAD`: a regression gate between two results directories.
+
+Cells are matched by id. Each value is judged by its kind:
+- perplexity (deterministic under fixed model, data and settings): relative tolerance;
+- accuracy with per-sample outcomes (`values.per_sample`: {sample id: 0/1}): exact McNemar test
+  over the samples both runs scored, a regression only if head is lower and p < alpha;
+- time with repeats (`values.times_ms`: list): ratio of medians above the threshold AND a
+  one-sided permutation test p < alpha (asv's rule), only between records of the same device;
+- peak memory (`values.peak_memory_gib`): ratio above a tight threshold, same device only.
+A cell that was ok in base and failed or vanished in head is a regression.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+from dataclasses import dataclass
+
+VERDICTS = ("regression", "improvement", "ok", "skipped")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    ppl_rtol: float = 0.005  # perplexity may rise by 0.5%
+    time_ratio: float = 1.10  # median time may rise by 10% (or more if not significant)
+    memory_ratio: float = 1.05
+    alpha: float = 0.05
+
+
+@dataclass
+class Finding:
+    cell: str
+    metric: str
+    base: float | None
+    head: float | None
+    verdict: str
+    why: str = ""
+
+    @property
+    def change(self) -> str:
+        if self.base in (None, 0) or self.head is None:
+            return ""
+        return f"{(self.head / self.base - 1) * 100:+.2f}%"
+
+
+def compare(base: list[dict], head: list[dict], th: Thresholds = Thresholds()) -> list[Finding]:
+    """Judge every cell of `base` against the same cell in `head`."""
+    head_by_cell = {r["cell"]: r for r in head}
+    findings = []
+    for b in base:
+        if b["status"] != "ok":
+            continue
+        h = head_by_cell.get(b["cell"])
+        if h is None or h["status"] != "ok":
+            why = "missing in head" if h is None else f"head status {h['status']}: {h.get('error') or ''}".strip()
+            findings.append(Finding(b["cell"], b["metric"], None, None, "regression", why))
+            continue
+        if b.get("config_hash") != h.get("config_hash"):
+            findings.append(Finding(b["cell"], b["metric"], None, None, "skipped", "settings differ (config hash)"))
+            continue
+        findings += _judge(b, h, th)
+    return findings
+
+
+def _judge(b: dict, h: dict, th: Thresholds) -> list[Finding]:
+    bv, hv, cell, out = b["values"], h["values"], b["cell"], []
+    same_device = _device(b) == _device(h)
+    if "perplexity" in bv:
+        base, new = bv["perplexity"], hv["perplexity"]
+        verdict = ("regression" if new > base * (1 + th.ppl_rtol)
+                   else "improvement" if new < base * (1 - th.ppl_rtol) else "ok")
+        out.append(Finding(cell, "perplexity", base, new, verdict, f"tolerance {th.ppl_rtol:.1%}"))
+    if "per_sample" in bv:
+        out.append(_accuracy(cell, bv["per_sample"], hv.get("per_sample", {}), th))
+    if "times_ms" in bv:
+        out.append(_timing(cell, bv["times_ms"], hv.get("times_ms", []), th) if same_device else
+                   Finding(cell, "time", None, None, "skipped", f"devices differ: {_device(b)} vs {_device(h)}"))
+    if "peak_memory_gib" in bv and b["metric"] != "train":
+        base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
+        if not same_device or new is None:
+            out.append(Finding(cell, "peak memory", base, new, "skipped", "devices differ or no value"))
+        else:
+            verdict = ("regression" if new > base * th.memory_ratio
+                       else "improvement" if new < base / th.memory_ratio else "ok")
+            out.append(Finding(cell, "peak memory", base, new, verdict, f"ratio threshold {th.memory_ratio}"))
+    return out
+
+
+def _accuracy(cell: str, base: dict, head: dict, th: Thresholds) -> Finding:
+    shared = sorted(set(base) & set(head))
+    if not shared:
+        return Finding(cell, "accuracy", None, None, "skipped", "no shared samples")
+    b = sum(base[s] > head[s] for s in shared)  # right before, wrong now
+    c = sum(head[s] > base[s] for s in shared)
+    p = mcnemar_exact(b, c)
+    acc_b, acc_h = (100 * sum(x[s] for s in shared) / len(shared) for x in (base, head))
+    verdict = "ok" if p >= th.alpha or b == c else "regression" if b > c else "improvement"
+    return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {len(shared)} samples")
+
+
+def _timing(cell: str, base: list[float], head: list[float], th: Thresholds) -> Finding:
+    mb, mh = statistics.median(base), statistics.median(head)
+    p_slower = permutation_p(base, head)
+    p_faster = permutation_p(head, base)
+    if mh > mb * th.time_ratio and p_slower < th.alpha:
+        verdict = "regression"
+    elif mh * th.time_ratio < mb and p_faster < th.alpha:
+        verdict = "improvement"
+    else:
+        verdict = "ok"
+    return Finding(cell, "time (median ms)", mb, mh, verdict,
+                   f"ratio threshold {th.time_ratio}, permutation p={min(p_slower, p_faster):.3g}")
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, seed: int = 0) -> float:
+    """One-sided p that head's median exceeds base's by chance (exact when few permutations)."""
+    pooled, k = list(base) + list(head), len(head)
+    observed = statistics.median(head) - statistics.median(base)
+    if math.comb(len(pooled), k) <= n_random:
+        splits = itertools.combinations(range(len(pooled)), k)
+    else:
+        rng = random.Random(seed)
+        splits = (rng.sample(range(len(pooled)), k) for _ in range(n_random))
+    hits = total = 0
+    for idx in splits:
+        chosen = set(idx)
+        h = [pooled[i] for i in chosen]
+        b = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        hits += statistics.median(h) - statistics.median(b) >= observed - 1e-12
+        total += 1
+    return hits / total
+
+
+def _device(r: dict) -> str:
+    env = r.get("env", {})
+    return env.get("gpu") or f"{env.get('device', 'cpu')}:{env.get('cpu', '')}"
+
+
+def markdown(findings: list[Finding], base: str, head: str) -> str:
+    """A summary for a CI job page: counts, then every regression and improvement."""
+    counts = {v: sum(f.verdict == v for f in findings) for v in VERDICTS}
+    lines = [f"### harness compare: `{base}` → `{head}`", "",
+             " · ".join(f"{n} {v}" for v, n in counts.items()), ""]
+    shown = [f for f in findings if f.verdict != "ok"]
+    if shown:
+        lines += ["| verdict | cell | metric | base | head | change | why |", "|---|---|---|---|---|---|---|"]
+        for f in sorted(shown, key=lambda f: VERDICTS.index(f.verdict)):
+            lines.append(f"| {f.verdict} | `{f.cell}` | {f.metric} | {_fmt(f.base)} | {_fmt(f.head)} | "
+                         f"{f.change} | {f.why} |")
+    else:
+        lines.append("No regressions or improvements beyond the thresholds.")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"

@@ -1,0 +1,78 @@
+import pytest
+
+from harness import results
+from harness.cli import main
+from harness.report.compare import Thresholds, compare, markdown, mcnemar_exact, permutation_p
+
+
+def rec(cell, values, status="ok", device="cpu", metric="perplexity", config_hash="h"):
+    return {"cell": cell, "metric": metric, "status": status, "values": values, "config_hash": config_hash,
+            "env": {"device": device, "cpu": "x86_64"}, "error": None}
+
+
+def verdicts(base, head, **th):
+    return [(f.metric, f.verdict) for f in compare(base, head, Thresholds(**th))]
+
+
+def test_perplexity_tolerance():
+    base = [rec("a", {"perplexity": 10.0})]
+    assert verdicts(base, [rec("a", {"perplexity": 10.04})]) == [("perplexity", "ok")]
+    assert verdicts(base, [rec("a", {"perplexity": 10.06})]) == [("perplexity", "regression")]
+    assert verdicts(base, [rec("a", {"perplexity": 9.9})]) == [("perplexity", "improvement")]
+
+
+def test_failed_missing_and_changed_settings():
+    base = [rec("a", {"perplexity": 10.0}), rec("b", {"perplexity": 5.0}), rec("c", {"perplexity": 1.0})]
+    head = [rec("a", {}, status="oom"), rec("c", {"perplexity": 1.0}, config_hash="other")]
+    assert verdicts(base, head) == [("perplexity", "regression"), ("perplexity", "regression"),
+                                    ("perplexity", "skipped")]
+
+
+def test_mcnemar_exact_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # two-sided
+    assert mcnemar_exact(3, 3) == 1.0
+
+
+def test_accuracy_is_paired_over_shared_samples():
+    base = {f"s{i}": 1 for i in range(20)}
+    worse = {**base, **{f"s{i}": 0 for i in range(8)}}  # 8 discordant, all against head: p = 2/256
+    assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": worse})]) == [
+        ("accuracy", "regression")]
+    slightly = {**base, "s0": 0, "s1": 0}  # p = 0.5: not significant
+    assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": slightly})]) == [("accuracy", "ok")]
+
+
+def test_timing_needs_ratio_and_significance_and_same_device():
+    base = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8]
+    slow = [x * 1.3 for x in base]
+    noisy = [5.0, 20.0, 9.0, 14.0, 11.0, 30.0, 7.0]
+    assert permutation_p(base, slow) < 0.05 and permutation_p(slow, base) > 0.5  # exact: 0.017
+    b = [rec("t", {"times_ms": base}, metric="efficiency")]
+    assert verdicts(b, [rec("t", {"times_ms": slow}, metric="efficiency")]) == [("time (median ms)", "regression")]
+    assert verdicts(b, [rec("t", {"times_ms": noisy}, metric="efficiency")]) == [("time (median ms)", "ok")]
+    assert verdicts(b, [rec("t", {"times_ms": slow}, metric="efficiency", device="cuda")]) == [
+        ("time", "skipped")]
+
+
+def test_memory_ratio():
+    b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
+    assert verdicts(b, [rec("m", {"peak_memory_gib": 10.4}, metric="efficiency")]) == [("peak memory", "ok")]
+    assert verdicts(b, [rec("m", {"peak_memory_gib": 10.6}, metric="efficiency")]) == [
+        ("peak memory", "regression")]
+
+
+def test_markdown_lists_regressions():
+    findings = compare([rec("a", {"perplexity": 10.0})], [rec("a", {"perplexity": 11.0})])
+    text = markdown(findings, "base", "head")
+    assert "1 regression" in text and "| regression | `a` | perplexity | 10 | 11 | +10.00%" in text
+
+
+def test_cli_exit_code_and_summary(tmp_path, capsys):
+    for name, ppl in (("base", 10.0), ("same", 10.0), ("worse", 12.0)):
+        results.append(tmp_path / name, results.Record(suite="s", cell="c", metric="perplexity",
+                                                       values={"perplexity": ppl}, config_hash="h"))
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "same")]) == 0
+    summary = tmp_path / "summary.md"
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "worse"), "--summary", str(summary)]) == 1
+    assert "regression" in summary.read_text()
