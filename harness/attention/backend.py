@@ -1,0 +1,114 @@
+"""A configured backend: picks the kernel, draws per-call randomness, handles decode, records what ran.
+
+Kernel choice (`kernel` option): "auto" takes the fastest kernel that can run for the tensors at hand
+(CUDA: flash-attn when installed for full/sliding_window/s2_attn, FlexAttention for sliding_window, SDPA
+otherwise; CPU: SDPA / blockwise SDPA). Naming a kernel that cannot run is a UserError unless
+`fallback=True`, in which case the "auto" choice runs; the recorded kernel string always names what ran.
+
+Randomness (se_attn's chunk-size draws and random retrieval) comes from a per-call seed. In training each
+call takes the next seed from a torch.Generator seeded by `seed`; in eval the seed is `seed` itself and the
+chunk size is the largest of the set, so eval is deterministic. Calls made while autograd is running a
+backward pass (gradient-checkpoint recomputation) reuse the seed of the matching forward call (per module,
+last in first out), so the recomputed forward sees the same chunk size and blocks.
+"""
+
+from collections import deque
+
+import torch
+
+from ..errors import UserError
+from . import blockwise, gpu, recording
+from .options import resolve
+from .reference import causal_mask, dense_attention, reference_attention
+
+_AUTO = {  # preference order per backend on CUDA; the last entry runs everywhere
+    "full": ("flash", "sdpa"),
+    "sliding_window": ("flash", "flex", "blockwise"),
+    "s2_attn": ("flash", "blockwise"),
+    "se_attn": ("blockwise",),  # flex is opt-in for se_attn: it rebuilds a block mask every call
+}
+
+
+class Backend:
+    def __init__(self, name: str, **options):
+        self.name, self.options = resolve(name, options)
+        self._generator = torch.Generator().manual_seed(self.options.get("seed", 0))
+        self._seeds: dict[int, deque] = {}
+
+    def reset(self) -> None:
+        """Restart the per-call seed sequence (as if freshly constructed)."""
+        self._generator.manual_seed(self.options.get("seed", 0))
+        self._seeds.clear()
+
+    def kernel_for(self, q: torch.Tensor, masked: bool = False) -> str:
+        """The kernel that will run; `masked`: a padding mask is present (flash-attn cannot take one)."""
+        def ok(kernel):
+            return gpu.available(kernel, q) and not (masked and kernel == "flash")
+
+        wanted = self.options["kernel"]
+        if wanted != "auto":
+            if ok(wanted):
+                return wanted
+            if not self.options["fallback"]:
+                raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} is not available here "
+                                f"(device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + fp16/bf16, "
+                                "flex needs CUDA); pass fallback=True to allow the automatic choice")
+        return next(k for k in _AUTO[self.name] if ok(k))
+
+    def plan(self, training: bool, module=None) -> dict:
+        """Per-call choices: chunk size and the seed of random retrieval."""
+        if self.name != "se_attn":
+            return {}
+        sizes = self.options["chunk_size"]
+        sizes = (sizes,) if isinstance(sizes, int) else sizes
+        if not training:
+            return {"chunk_size": max(sizes), "call_seed": self.options["seed"]}
+        stack = self._seeds.setdefault(id(module), deque(maxlen=256))
+        if torch._C._current_graph_task_id() != -1 and stack:  # recomputation inside backward
+            call_seed = stack.pop()
+        else:
+            call_seed = int(torch.randint(0, 2**62, (), generator=self._generator))
+            stack.append(call_seed)
+        pick = torch.Generator().manual_seed(call_seed)
+        return {"chunk_size": sizes[int(torch.randint(0, len(sizes), (), generator=pick))], "call_seed": call_seed}
+
+    def __call__(self, q, k, v, scale=None, mask=None, training=False, module=None):
+        """q (B, Hq, Lq, d), k/v (B, Hkv, Lk, d), Lq <= Lk; returns ((B, Hq, Lq, d), kernel string)."""
+        if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
+                or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[2] > k.shape[2]:
+            raise UserError(f"attention expects q (B, Hq, Lq, d) and k, v (B, Hkv, Lk, d) with Hq a multiple of Hkv "
+                            f"and Lq <= Lk; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask == 0  # additive float mask: 0 where attending
+        if q.shape[2] < k.shape[2]:
+            return blockwise.full_sdpa(q, k, v, scale, mask), recording.record("full via sdpa (decode)")
+        if mask is not None and self.name != "full":
+            causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+            if not bool((mask | ~causal).all()):
+                raise UserError(f"attention backend {self.name!r} got a padding attention mask; it supports "
+                                "unpadded (or packed) batches only at prefill/training. Use 'full' for padded batches.")
+        if mask is not None and self.name != "full":
+            mask = None  # the mask is plain causal: the backend's own pattern applies
+        kernel = self.kernel_for(q, masked=mask is not None)
+        out = self._run(kernel, q, k, v, scale, mask, self.plan(training, module))
+        return out, recording.record(f"{self.name} via {kernel}")
+
+    def _run(self, kernel, q, k, v, scale, mask, plan):
+        o, name = self.options, self.name
+        if kernel == "reference":
+            if mask is not None:  # only `full` gets here with a mask
+                return dense_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device) & mask, scale)
+            return reference_attention(name, q, k, v, scale, o, plan)
+        if name == "full":
+            return gpu.full_flash(q, k, v, scale) if kernel == "flash" else blockwise.full_sdpa(q, k, v, scale, mask)
+        if name == "sliding_window":
+            fn = {"flash": gpu.sliding_window_flash, "flex": gpu.sliding_window_flex}.get(kernel,
+                                                                                        blockwise.sliding_window)
+            return fn(q, k, v, scale, o["window"])
+        if name == "s2_attn":
+            fn = gpu.s2_attn_flash if kernel == "flash" else blockwise.s2_attn
+            return fn(q, k, v, scale, o["group_ratio"])
+        fn = gpu.se_attn_flex if kernel == "flex" else blockwise.se_attn
+        return fn(q, k, v, scale, plan["chunk_size"], o["block_size"], o["top_k"], o["retrieval"], o["per_head"],
+                  plan["call_seed"])

@@ -1,0 +1,79 @@
+"""Speed/memory of attention backends: forward+backward of one attention call on random q, k, v.
+
+Time is the median over `repeats` timed runs after `warmup` untimed ones (CUDA events on GPU,
+time.perf_counter on CPU). Peak memory is the CUDA allocator's peak during one timed run, in GiB,
+and None on CPU (no allocator statistics there). Not a test: numbers depend on the machine.
+"""
+
+import statistics
+import time
+
+import torch
+
+from .backend import Backend
+
+
+def _one(backend: Backend, q, k, v):
+    for t in (q, k, v):
+        t.grad = None
+    out, kernel = backend(q, k, v, training=True)
+    out.backward(torch.ones_like(out))
+    return kernel
+
+
+def _timed(backend: Backend, q, k, v, device) -> tuple[float, str]:
+    """(seconds, kernel string) of one forward+backward."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel = _one(backend, q, k, v)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3, kernel
+    t0 = time.perf_counter()
+    kernel = _one(backend, q, k, v)
+    return time.perf_counter() - t0, kernel
+
+
+def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads: int = 4, head_dim: int = 32,
+                    batch: int = 1, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    repeats: int = 5, warmup: int = 1, kv_heads: int | None = None, seed: int = 0) -> list[dict]:
+    """One row per (backend, length): backend, options, length, kernel, time_ms (median), times_ms, peak_gib."""
+    device = torch.device(device)
+    rows = []
+    for name, options in backends:
+        impl = Backend(name, **options)
+        for length in lengths:
+            g = torch.Generator().manual_seed(seed)
+
+            def rand(h, g=g, length=length):
+                x = torch.randn(batch, h, length, head_dim, generator=g, dtype=torch.float32)
+                return x.to(device=device, dtype=dtype).requires_grad_()
+
+            q, k, v = rand(heads), rand(kv_heads or heads), rand(kv_heads or heads)
+            kernel = None
+            for _ in range(warmup):
+                kernel = _one(impl, q, k, v)
+            times = []
+            peak = None
+            for i in range(repeats):
+                if device.type == "cuda" and i == 0:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                seconds, kernel = _timed(impl, q, k, v, device)
+                times.append(seconds)
+                if device.type == "cuda" and i == 0:
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append({"backend": name, "options": dict(options), "length": length, "heads": heads,
+                         "head_dim": head_dim, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                         "device": str(device), "kernel": kernel, "time_ms": statistics.median(times) * 1e3,
+                         "times_ms": [t * 1e3 for t in times], "peak_gib": peak})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'backend':<16} {'length':>7} {'ms':>10} {'peak GiB':>9}  kernel"]
+    for r in rows:
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f}"
+        lines.append(f"{r['backend']:<16} {r['length']:>7} {r['time_ms']:>10.1f} {peak:>9}  {r['kernel']}")
+    return "\n".join(lines)

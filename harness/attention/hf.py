@@ -1,0 +1,57 @@
+"""Turn a backend + options into a transformers attention implementation name.
+
+    name = register("se_attn", chunk_size=[2048, 4096])
+    model = HybridForCausalLM.from_config(cfg, attn_implementation=name)   # or
+    model.set_attn_implementation(name)                                     # any AttentionInterface model
+
+The name is deterministic ("harness_<backend>_<8 hex of the options>") and registering twice is a no-op.
+The same name is also registered in transformers' AttentionMaskInterface (with the SDPA mask builder), so
+models that build masks through masking_utils (Llama, ...) hand us None for unpadded batches and a boolean
+mask when there is padding; a padding mask at prefill is an error for every backend but `full`.
+"""
+
+import hashlib
+import json
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..errors import UserError
+from .backend import Backend
+from .options import resolve
+
+_registered: dict[str, Backend] = {}
+
+
+def implementation_name(backend: str, **options) -> str:
+    name, opts = resolve(backend, options)
+    canonical = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(opts.items())})
+    return f"harness_{name}_{hashlib.sha1(canonical.encode()).hexdigest()[:8]}"
+
+
+def registered_backend(impl_name: str) -> Backend | None:
+    """The Backend behind an implementation name returned by `register`, or None."""
+    return _registered.get(impl_name)
+
+
+def _interface_function(backend: Backend):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        training = bool(getattr(module, "training", False))
+        if dropout and training:
+            raise UserError(f"attention backend {backend.name!r} does not implement attention dropout "
+                            f"(got dropout={dropout}); set the model's attention dropout to 0")
+        out, _ = backend(query, key, value, scale=scaling, mask=attention_mask, training=training, module=module)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = f"harness_{backend.name}_attention"
+    return attention
+
+
+def register(backend: str, **options) -> str:
+    """Register `backend` with `options` in transformers' AttentionInterface; return the implementation name."""
+    name = implementation_name(backend, **options)
+    if name not in _registered:
+        _registered[name] = Backend(backend, **options)
+        AttentionInterface.register(name, _interface_function(_registered[name]))
+        AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,34 @@
+"""Which kernels actually ran: a process-wide tally plus `recording()` scopes for one run's records."""
+
+from collections import Counter
+from contextlib import contextmanager
+
+_totals: Counter = Counter()
+_scopes: list[set] = []
+
+
+def record(kernel: str) -> str:
+    _totals[kernel] += 1
+    for scope in _scopes:
+        scope.add(kernel)
+    return kernel
+
+
+@contextmanager
+def recording():
+    """`with recording() as kernels: model(...)` leaves in `kernels` (a set) every kernel string used inside."""
+    kernels: set = set()
+    _scopes.append(kernels)
+    try:
+        yield kernels
+    finally:
+        _scopes.remove(kernels)
+
+
+def kernel_log() -> dict[str, int]:
+    """Every kernel string used in this process so far, with its call count."""
+    return dict(_totals)
+
+
+def reset_kernel_log() -> None:
+    _totals.clear()

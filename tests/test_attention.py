@@ -1,0 +1,252 @@
+"""Attention backends on tensors: every kernel equals its dense-mask reference (outputs and gradients),
+exact pattern boundaries, SE-Attn retrieval and causality, decode, option validation, kernel reporting."""
+
+import pytest
+import torch
+
+from harness.attention import Backend, attend, available, kernel_log, recording
+from harness.attention.blockwise import se_attn_select
+from harness.attention.reference import s2_mask, se_attn_retrieval
+from harness.errors import UserError
+
+# (batch, q heads, kv heads, length, head dim)
+SHAPES = [(1, 2, 2, 1, 8), (2, 4, 2, 37, 8), (1, 3, 1, 64, 16), (2, 2, 2, 5, 4), (1, 4, 4, 100, 8)]
+CASES = [
+    ("full", {}),
+    ("sliding_window", {"window": 1}),
+    ("sliding_window", {"window": 3}),
+    ("sliding_window", {"window": 16, }),
+    ("sliding_window", {"window": 200}),
+    ("s2_attn", {}),
+    ("s2_attn", {"group_ratio": 0.5}),
+    ("s2_attn", {"group_ratio": 1 / 3}),
+    ("s2_attn", {"group_ratio": 1.0}),
+    ("se_attn", {"chunk_size": 8, "block_size": 4, "top_k": 2}),
+    ("se_attn", {"chunk_size": 16, "block_size": 3, "top_k": 1, "per_head": False}),
+    ("se_attn", {"chunk_size": 6, "block_size": 6, "top_k": 5}),
+    ("se_attn", {"chunk_size": 10, "block_size": 4, "top_k": 100}),  # fewer past blocks than top_k
+    ("se_attn", {"chunk_size": 64, "block_size": 8, "top_k": 3}),  # longer than some sequences
+    ("se_attn_random", {"chunk_size": 8, "block_size": 2, "top_k": 3, "seed": 5}),
+    ("se_attn_random", {"chunk_size": 12, "block_size": 4, "top_k": 2, "per_head": False}),
+    ("se_attn_nomem", {"chunk_size": 7, "block_size": 7}),
+]
+
+
+def _qkv(shape, seed=0, grad=False):
+    b, hq, hkv, length, d = shape
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, d, generator=g).requires_grad_(grad) for h in (hq, hkv, hkv)]
+
+
+@pytest.mark.parametrize("backend,options", CASES, ids=[f"{b}-{o}" for b, o in CASES])
+def test_kernel_equals_reference_outputs_and_gradients(backend, options):
+    for i, shape in enumerate(SHAPES):
+        q, k, v = _qkv(shape, seed=i, grad=True)
+        out, kernel = attend(q, k, v, backend, return_kernel=True, **options)
+        assert kernel.endswith(" via sdpa") or kernel.endswith(" via blockwise")
+        ref, ref_kernel = attend(q, k, v, backend, kernel="reference", return_kernel=True, **options)
+        assert ref_kernel.endswith(" via reference")
+        assert out.shape == q.shape
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        up = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), up)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), up)
+        for a, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+def _visibility(backend, length, heads=1, **options):
+    """Which keys each query sees, read off the kernel: q = 0 gives uniform weights over visible keys and
+    v = identity returns them."""
+    q = torch.zeros(1, heads, length, length)
+    v = torch.eye(length).expand(1, heads, length, length)
+    return attend(q, v, v, backend, **options) > 0
+
+
+def test_sliding_window_sees_exactly_window_keys_including_itself():
+    seen = _visibility("sliding_window", 10, window=3)[0, 0]
+    for i in range(10):
+        assert seen[i].nonzero().flatten().tolist() == list(range(max(0, i - 2), i + 1))
+    assert _visibility("sliding_window", 6, window=1)[0, 0].equal(torch.eye(6, dtype=torch.bool))
+
+
+def test_s2_groups_and_shift_without_wraparound():
+    seen = _visibility("s2_attn", 16, heads=2)  # G = 4, shift 2
+    plain, shifted = seen[0, 0], seen[0, 1]
+    assert plain[5].nonzero().flatten().tolist() == [4, 5]
+    assert plain[3].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert shifted[1].nonzero().flatten().tolist() == [0, 1]  # first shifted group [0, 2)
+    assert shifted[5].nonzero().flatten().tolist() == [2, 3, 4, 5]  # [2, 6)
+    assert shifted[15].nonzero().flatten().tolist() == [14, 15]  # last group [14, 16): no wrap to 0
+    assert torch.equal(seen[0], s2_mask(16, 2, 0.25)[0])
+    # length not divisible: G = ceil(10/4) = 3, the last group is shorter
+    odd = _visibility("s2_attn", 10, heads=2)
+    assert odd[0, 0, 9].nonzero().flatten().tolist() == [9]
+    assert odd[0, 1, 9].nonzero().flatten().tolist() == [7, 8, 9]  # shifted groups [0,1), [1,4), [4,7), [7,10)
+
+
+def _planted(length=64, d=8, value=5.0):
+    """Chunk 3 (M=16) queries point along e0; block 5 (S=4, tokens 20..23) carries v = value * e0, every other
+    token small values with no e0 component: block 5's summary is by construction the most relevant."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, length, d, generator=g) * 0.1
+    k = torch.randn(1, 1, length, d, generator=g) * 0.1
+    v = torch.randn(1, 1, length, d, generator=g) * 0.1
+    v[..., 0] = 0
+    q[:, :, 48:64] = 0
+    q[:, :, 48:64, 0] = 1.0
+    v[:, :, 20:24, 0] = value
+    return q, k, v
+
+
+def test_planted_block_is_retrieved_and_used():
+    q, k, v = _planted()
+    opts = dict(chunk_size=16, block_size=4, top_k=1)
+    index, valid = se_attn_select(q, k, v, 8**-0.5, 16, 4, 1, "relevancy", True, 0)
+    assert index[0, 0, 3].tolist() == [5] and valid[0, 0, 3].all()
+    assert se_attn_retrieval(q, k, v, 8**-0.5, 16, 4, 1, "relevancy", True)[0, 0, 3].nonzero().flatten().tolist() == [5]
+    out = attend(q, k, v, "se_attn", **opts)
+    assert out[0, 0, 48:, 0].min() > 0.5  # the planted values flow into chunk 3
+    changed = v.clone()
+    changed[:, :, 20:24, 1] += 3.0  # same block, another coordinate: the selection is unchanged
+    diff = (attend(q, k, changed, "se_attn", **opts) - out)[0, 0]
+    assert diff[48:, 1].abs().min() > 1e-3  # chunk 3 reads block 5
+    assert diff[:20].abs().max() == 0  # before the block: chunk 0 retrieves nothing, chunk 1 starts causally
+    if 5 not in index[0, 0, 2].tolist():  # chunk 2 reads block 5 only if it retrieved it
+        assert diff[32:48].abs().max() == 0
+    assert (attend(q, k, changed, "se_attn_nomem", chunk_size=16, block_size=4) -
+            attend(q, k, v, "se_attn_nomem", chunk_size=16, block_size=4))[0, 0, 48:].abs().max() == 0
+
+
+@pytest.mark.parametrize("options", [dict(chunk_size=8, block_size=4, top_k=2),
+                                     dict(chunk_size=8, block_size=2, top_k=3, per_head=False),
+                                     dict(chunk_size=8, block_size=4, top_k=2, retrieval="random")])
+def test_se_attn_never_sees_the_future(options):
+    q, k, v = _qkv((2, 4, 2, 45, 8), seed=3)
+    out = attend(q, k, v, "se_attn", **options)
+    for start in (8, 16, 40):  # chunk boundaries: everything from here on is the future of earlier chunks
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, start:] = torch.randn_like(x[:, :, start:]) * 10
+        torch.testing.assert_close(attend(q2, k2, v2, "se_attn", **options)[:, :, :start], out[:, :, :start],
+                                   atol=0, rtol=0)
+    for p in (3, 13, 30):  # keys/values after any position are invisible to it (queries: see the note below)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, p + 1:] += 5
+        v2[:, :, p + 1:] -= 5
+        torch.testing.assert_close(attend(q, k2, v2, "se_attn", **options)[:, :, :p + 1], out[:, :, :p + 1],
+                                   atol=0, rtol=0)
+    # Note: by the paper's definition a chunk's relevancy sums ALL its queries, so which blocks a query's chunk
+    # retrieves can depend on later queries of the same chunk (selection only; no value from the future).
+
+
+def test_random_chunk_size_in_training_is_seeded_and_eval_uses_largest():
+    a, b = Backend("se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=1, seed=7), Backend(
+        "se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=1, seed=7)
+    draws_a = [a.plan(training=True)["chunk_size"] for _ in range(30)]
+    assert draws_a == [b.plan(training=True)["chunk_size"] for _ in range(30)]
+    assert set(draws_a) == {4, 8, 16}
+    assert a.plan(training=False)["chunk_size"] == 16
+    c = Backend("se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=1, seed=8)
+    assert [c.plan(training=True)["chunk_size"] for _ in range(30)] != draws_a
+    q, k, v = _qkv((1, 2, 2, 33, 8))
+    torch.testing.assert_close(attend(q, k, v, "se_attn", chunk_size=[4, 16], block_size=2),
+                               attend(q, k, v, "se_attn", chunk_size=16, block_size=2))
+
+
+def test_decode_is_full_attention_and_reported():
+    q, k, v = _qkv((2, 4, 2, 12, 8))
+    full = attend(q, k, v, "full")
+    for backend, opts in [("se_attn", dict(chunk_size=4, block_size=2)), ("sliding_window", dict(window=2)),
+                          ("s2_attn", {})]:
+        with recording() as kernels:
+            out = attend(q[:, :, -3:], k, v, backend, **opts)
+        assert kernels == {"full via sdpa (decode)"}
+        torch.testing.assert_close(out, full[:, :, -3:], atol=1e-6, rtol=1e-5)
+    assert kernel_log()["full via sdpa (decode)"] >= 3
+
+
+def test_padding_mask_is_an_error_except_for_full():
+    q, k, v = _qkv((2, 2, 2, 6, 4))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    Backend("se_attn", chunk_size=4, block_size=2)(q, k, v, mask=mask)  # plain causal mask: accepted
+    mask[0, :, :, 0] = False
+    with pytest.raises(UserError, match="padding"):
+        Backend("se_attn", chunk_size=4, block_size=2)(q, k, v, mask=mask)
+    out, kernel = Backend("full")(q, k, v, mask=mask)
+    assert kernel == "full via sdpa" and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("backend,options,match", [
+    ("se_atn", {}, "did you mean 'se_attn'"),
+    ("se_attn", {"top_k": -1}, "top_k"),
+    ("se_attn", {"chunk_size": 8, "block_size": 16}, "block_size"),
+    ("se_attn", {"chunk_size": [8, 0]}, "chunk_size"),
+    ("se_attn", {"retrieval": "relevance"}, "retrieval"),
+    ("se_attn", {"per_head": 1}, "per_head"),
+    ("se_attn", {"chunk_sizes": 8}, "chunk_size"),
+    ("sliding_window", {"window": 0}, "window"),
+    ("sliding_window", {"window": 2.5}, "window"),
+    ("s2_attn", {"group_ratio": 0}, "group_ratio"),
+    ("s2_attn", {"window": 4}, "no option 'window'"),
+    ("full", {"kernel": "flex"}, "kernel"),
+    ("se_attn_nomem", {"retrieval": "relevancy"}, "retrieval"),
+])
+def test_bad_input_is_a_user_error(backend, options, match):
+    q, k, v = _qkv((1, 2, 2, 8, 4))
+    with pytest.raises(UserError, match=f"(?i){match}"):
+        attend(q, k, v, backend, **options)
+
+
+def test_unknown_backend_lists_available_ones_and_shapes_are_checked():
+    with pytest.raises(UserError, match="available: full, sliding_window, s2_attn, se_attn"):
+        attend(*_qkv((1, 2, 2, 8, 4)), "bogus")
+    q, k, v = _qkv((1, 3, 2, 8, 4))
+    with pytest.raises(UserError, match="multiple"):
+        attend(q, k, v, "full")
+
+
+def test_unavailable_fast_path_is_an_error_unless_fallback_allowed():
+    q, k, v = _qkv((1, 2, 2, 8, 4))
+    with pytest.raises(UserError, match="not available"):
+        attend(q, k, v, "full", kernel="flash")
+    with pytest.raises(UserError, match="not available"):
+        attend(q, k, v, "se_attn", kernel="flex", chunk_size=4, block_size=2)
+    out, kernel = attend(q, k, v, "sliding_window", window=3, kernel="flash", fallback=True, return_kernel=True)
+    assert kernel == "sliding_window via blockwise"
+
+
+def test_available_lists_backends_options_kernels():
+    info = available()
+    assert {"full", "sliding_window", "s2_attn", "se_attn", "se_attn_nomem", "se_attn_random"} <= set(info)
+    assert set(info["se_attn"]["options"]) >= {"chunk_size", "block_size", "top_k", "retrieval", "per_head", "seed"}
+    assert info["se_attn"]["options"]["per_head"]["default"] is True
+    assert "flash" in info["full"]["kernels"] and "decode" in info["s2_attn"]["capabilities"]
+
+
+def test_bench_rows_have_kernel_and_times():
+    from harness.attention.bench import bench_attention
+
+    rows = bench_attention([("full", {}), ("se_attn", {"chunk_size": 16, "block_size": 4, "top_k": 2})], [32],
+                           heads=2, head_dim=8, repeats=2, warmup=1)
+    assert [r["kernel"] for r in rows] == ["full via sdpa", "se_attn via blockwise"]
+    assert all(r["time_ms"] > 0 and r["peak_gib"] is None for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,options", [c for c in CASES if c[0] != "full"] + [("full", {})])
+def test_cuda_kernels_equal_reference_bf16(backend, options):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    info = available()[backend]
+    for kernel in [k for k in info["kernels"] if k not in ("auto", "reference")]:
+        for i, shape in enumerate(SHAPES[1:]):
+            q, k, v = (x.cuda().bfloat16().requires_grad_() for x in _qkv(shape, seed=i))
+            try:
+                out = attend(q, k, v, backend, kernel=kernel, **options)
+            except UserError:  # e.g. flash-attn not installed
+                continue
+            ref = attend(q.float(), k.float(), v.float(), backend, kernel="reference", **options)
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+            out.float().sum().backward()
+            assert all(torch.isfinite(x.grad).all() for x in (q, k, v))

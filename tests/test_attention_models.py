@@ -1,0 +1,104 @@
+"""Attention backends inside models: registered as transformers attention implementations in the hybrid LM
+and in a Llama, forward+backward, equal to their reference kernels, kernels recorded, checkpoint-safe."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from harness.attention import recording, register, registered_backend
+from harness.models import HybridConfig, HybridForCausalLM
+
+BACKENDS = [
+    ("full", {}),
+    ("sliding_window", {"window": 7}),
+    ("s2_attn", {}),
+    ("se_attn", {"chunk_size": 8, "block_size": 4, "top_k": 2}),
+    ("se_attn_random", {"chunk_size": 8, "block_size": 2, "top_k": 2, "per_head": False}),
+    ("se_attn_nomem", {"chunk_size": 8, "block_size": 4}),
+]
+
+
+def _config():
+    return HybridConfig(
+        d_model=64, n_layer=3, d_intermediate=0, vocab_size=101, attn_layer_idx=[1],
+        ssm_cfg={"d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8},
+        attn_cfg={"num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 8, "d_conv": 4},
+    )
+
+
+def _model(attn):
+    torch.manual_seed(0)
+    return HybridForCausalLM.from_config(_config(), attn_implementation=attn)
+
+
+IDS = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("backend,options", BACKENDS, ids=[b for b, _ in BACKENDS])
+def test_hybrid_model_with_backend_equals_its_reference_kernel(backend, options):
+    name = register(backend, **options)
+    assert register(backend, **options) == name  # idempotent, deterministic
+    model, ref = _model(name).eval(), _model(register(backend, kernel="reference", **options)).eval()
+    assert model.config._attn_implementation == name
+    with torch.no_grad(), recording() as kernels:
+        out = model(IDS).logits
+    canonical = registered_backend(name).name
+    assert kernels == {f"{canonical} via {'sdpa' if canonical == 'full' else 'blockwise'}"}
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(IDS).logits, atol=1e-5, rtol=1e-5)
+        if backend == "full":
+            torch.testing.assert_close(out, _model("sdpa").eval()(IDS).logits, atol=1e-5, rtol=1e-5)
+    model.train()
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_set_attn_implementation_switches_backend_and_decode_is_reported():
+    model = _model("sdpa").eval()
+    name = register("se_attn", chunk_size=8, block_size=4, top_k=2)
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+    with torch.no_grad(), recording() as kernels:
+        out = model(IDS[:, :20], use_cache=True)
+        model(IDS[:, 20:23], past_key_values=out.past_key_values, use_cache=True)
+    assert kernels == {"se_attn via blockwise", "full via sdpa (decode)"}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_random_chunk_size_is_consistent_under_gradient_checkpointing(reentrant):
+    name = register("se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=2, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        registered_backend(name).reset()
+        model = _model(name).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        for _ in range(2):  # two steps: the chunk size is drawn anew per call
+            model(IDS, labels=IDS).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_llama_with_se_attn_forward_backward_and_reference():
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    options = {"chunk_size": 8, "block_size": 4, "top_k": 2}
+
+    def llama(attn):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        model.set_attn_implementation(attn)
+        return model
+
+    model = llama(register("se_attn", **options))
+    with recording() as kernels:
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+    assert kernels == {"se_attn via blockwise"}
+    assert all(p.grad is not None for p in model.parameters())
+    ref = llama(register("se_attn", kernel="reference", **options)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=1e-5)
