@@ -2,33 +2,182 @@ import pytest
 import torch
 
 from harness.errors import UserError
-from harness.finetune.methods import apply_method
+from harness.finetune.methods import (
+    METHODS,
+    PAPER_DEFAULTS,
+    apply_method,
+    default_lr,
+    load_method,
+    save_method,
+)
 from harness.models import HybridConfig, HybridForCausalLM
 
 
-def tiny(fused=True):
-    cfg = HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1],
+def tiny(fused=True, attn_conv=0, seed=0, d_intermediate=0):
+    cfg = HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1], d_intermediate=d_intermediate,
                        ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
-                       attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8, "fused_qkv": fused})
-    torch.manual_seed(0)
+                       attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8, "fused_qkv": fused,
+                                 "d_conv": attn_conv})
+    torch.manual_seed(seed)
     return HybridForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_lora_trains_exactly_the_attention_adapters(fused):
-    model, summary = apply_method(tiny(fused), "lora", rank=4, alpha=8)
-    names = summary.trainable_names
-    assert names and all("lora_" in n and ".layers.1.mixer." in n for n in names)
-    ids = torch.randint(0, 64, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def base_names(model):
+    """Trainable names with PEFT's prefixes and wrappers removed: names of the original model."""
+    return {n.removeprefix("base_model.model.").replace(".base_layer.", ".") for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def expected(method, fused=True, attn_conv=0):
+    """The trainable set by LongLoRA-style name rules, written out independently of the discovery code."""
+    names = set(dict(tiny(fused, attn_conv).named_parameters()))
+    projs = ["in_proj"] if fused else ["q_proj", "k_proj", "v_proj"]
+    lora = {f"backbone.layers.1.mixer.{m}.lora_{ab}.default.weight" for m in [*projs, "out_proj"] for ab in "AB"}
+    emb = {n for n in names if "embedding" in n}
+    norms = {n for n in names if "norm" in n}
+    conv = {n for n in names if "conv1d" in n}
+    return {"lora": lora, "lora_plus": lora | emb | norms, "hylora": lora | emb | norms | conv, "full": names}[method]
+
+
+def step(model, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fused,attn_conv", [(True, 0), (False, 4)])
+def test_trainable_set_and_gradients(method, fused, attn_conv):
+    model, summary = apply_method(tiny(fused, attn_conv), method, rank=4, alpha=8)
+    assert base_names(model) == expected(method, fused, attn_conv)
+    assert summary.trainable_names == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert summary.trainable_params == sum(summary.groups.values())
+    assert summary.values()["trainable_by_group"] == summary.groups
+    step(model)  # lora_B starts at zero, so lora_A's first gradient is zero: look after one update
+    model(input_ids=IDS, labels=IDS).loss.backward()
     for n, p in model.named_parameters():
-        assert (p.grad is not None) == (n in names), n
-    # lora_B starts at zero, so lora_A gets no gradient on the first step; B must.
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
 
 
-def test_bad_method_and_rank():
+def test_groups_and_tied_head():
+    model, s = apply_method(tiny(attn_conv=4), "hylora", rank=4, alpha=8)
+    base = model.get_base_model()
+    assert base.lm_head.weight is base.backbone.embedding.weight and base.lm_head.weight.requires_grad
+    assert s.groups["embeddings"] == base.backbone.embedding.weight.numel()
+    assert s.groups["other"] == 0
+    # the Mamba mixers' gated norm is a norm (LongLoRA: "norm" in the name); the attention conv is a conv1d
+    assert any(".mixer.norm." in n for n in s.group_names["norms"])
+    assert any(".layers.1.mixer.conv1d." in n for n in s.group_names["conv1d"])
+    assert s.groups["lora"] == 4 * (32 + 96) + 4 * (32 + 32)  # in_proj 32->96 and out_proj 32->32 at r=4
+
+
+@pytest.mark.parametrize("method", ["lora_plus", "hylora"])
+def test_forward_reads_the_trained_weights(method):
+    """Every fully trained tensor is the one the forward uses: perturbing it changes the logits."""
+    model, s = apply_method(tiny(attn_conv=4), method, rank=4, alpha=8)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=IDS).logits
+        params = dict(model.named_parameters())
+        for g in ("embeddings", "norms", "conv1d"):
+            for n in s.group_names[g]:
+                p = params[n]
+                p.add_(0.5)
+                assert not torch.allclose(model(input_ids=IDS).logits, ref), n
+                p.sub_(0.5)
+
+
+def test_lora_plus_loss_falls():
+    model, _ = apply_method(tiny(), "lora_plus", rank=4, alpha=8)
+    with torch.no_grad():
+        before = model(input_ids=IDS, labels=IDS).loss.item()
+    for _ in range(5):
+        step(model)
+    with torch.no_grad():
+        assert model(input_ids=IDS, labels=IDS).loss.item() < before
+
+
+def test_explicit_targets_and_extra_trainable():
+    model, s = apply_method(tiny(), "lora", rank=2, alpha=4, target_modules=["out_proj"],
+                            extra_trainable=[r"\.dt_bias$", r"layers\.0\.mixer\.D$"])
+    # "out_proj" is a suffix: every layer's out_proj (Mamba and attention), as PEFT matches
+    assert {n.split(".lora_")[0] for n in s.group_names["lora"]} == {
+        f"base_model.model.backbone.layers.{i}.mixer.out_proj" for i in range(3)}
+    assert sorted(s.group_names["other"]) == sorted(
+        [f"base_model.model.backbone.layers.{i}.mixer.dt_bias" for i in (0, 2)]
+        + ["base_model.model.backbone.layers.0.mixer.D"])
+    _, s = apply_method(tiny(), "lora", target_modules=r"backbone\.layers\.1\.mixer\.in_proj")
+    assert len(s.group_names["lora"]) == 2
+
+
+def test_user_errors():
     with pytest.raises(UserError, match="did you mean 'lora'"):
         apply_method(tiny(), "lorra")
     with pytest.raises(UserError, match="rank"):
         apply_method(tiny(), "lora", rank=0)
+    with pytest.raises(UserError, match="alpha"):
+        apply_method(tiny(), "hylora", alpha=0)
+    with pytest.raises(UserError, match="no module named 'q_prj'"):
+        apply_method(tiny(), "lora", target_modules=["q_prj"])
+    with pytest.raises(UserError, match="nn.Linear only"):
+        apply_method(tiny(), "lora", target_modules=["conv1d"])
+    with pytest.raises(UserError, match="matches no module"):
+        apply_method(tiny(), "lora", target_modules=r"nothing\.here")
+    with pytest.raises(UserError, match="matches no parameter"):
+        apply_method(tiny(), "lora_plus", extra_trainable=["conv2d"])
+    with pytest.raises(UserError, match="no effect"):
+        apply_method(tiny(), "full", extra_trainable=["conv1d"])
+    no_attn = HybridForCausalLM(HybridConfig(d_model=32, n_layer=2, vocab_size=64,
+                                             ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8}))
+    with pytest.raises(UserError, match="no attention projection"):
+        apply_method(no_attn, "hylora")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(tmp_path, method):
+    model, _ = apply_method(tiny(attn_conv=4), method, rank=4, alpha=8)
+    for _ in range(2):
+        step(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=IDS).logits
+        assert not torch.allclose(ref, tiny(attn_conv=4)(input_ids=IDS).logits)
+    save_method(model, tmp_path / "m")
+    loaded = load_method(tiny(attn_conv=4), tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, ref)
+    merged = load_method(tiny(attn_conv=4), tmp_path / "m", merge=True)
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="not a saved fine-tuning method"):
+        load_method(tiny(), tmp_path)
+    model, _ = apply_method(tiny(attn_conv=4), "hylora", rank=4, alpha=8)
+    save_method(model, tmp_path / "m")
+    with pytest.raises(UserError, match="does not fit"):
+        load_method(tiny(attn_conv=0), tmp_path / "m")  # the model has no attention conv1d
+
+
+def test_paper_defaults():
+    assert default_lr("s2_attn") == 2e-5 and default_lr("se_attn") == default_lr("full") == 2e-4
+    assert PAPER_DEFAULTS["mamba2attn-2.7b"]["rank"] == 32 and PAPER_DEFAULTS["mamba2attn-2.7b"]["alpha"] == 64
+    assert (PAPER_DEFAULTS["llama-7b"]["rank"], PAPER_DEFAULTS["llama-7b"]["alpha"]) == (8, 16)

@@ -201,6 +201,10 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
         out = model
     else:
         targets = attention_targets(model) if target_modules is None else _resolve_targets(model, target_modules)
+        empty = [g for g in FULLY_TRAINED[method] if not groups[g]]
+        if empty:
+            why = "no nn.Conv1d: hylora would equal lora_plus" if empty[0] == "conv1d" else "none found"
+            raise UserError(f"{method}: {type(model).__name__} has no {empty[0]} layers to train ({why})")
         extra = [p for g in FULLY_TRAINED[method] for _, p in groups[g]]
         if extra_trainable is not None:
             extra += [p for _, p in _resolve_extra(model, extra_trainable)]
