@@ -42,18 +42,44 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "harness", "tests", "noxfile.py")
 
 
-@nox.session(name="suite-pg19", venv_params=["--system-site-packages"] if CUDA else [])
-def suite_pg19(session: nox.Session) -> None:
-    """Pretrain (cached) the embedded model, fine-tune at 8x with LoRA, report perplexity vs context.
+SUITES = {
+    "suite-pg19": "suites/pg19.yaml",
+    "suite-ruler": "suites/ruler.yaml",
+    "suite-efficiency": "suites/efficiency.yaml",
+    "suite-ablation": "suites/ablation.yaml",
+}
+VENV = {"venv_params": ["--system-site-packages"] if CUDA else []}
 
-    Extra arguments go to `harness run`, e.g. `nox -s suite-pg19 -- --pg19 ../shared/data/pg19`.
-    """
-    install(session)
-    session.run("harness", "run", "suites/pg19.yaml", *session.posargs)
+
+def _suite_session(path: str):
+    def session_fn(session: nox.Session) -> None:
+        install(session)
+        session.run("harness", "run", path, *session.posargs)
+
+    session_fn.__doc__ = f"harness run {path} (extra arguments after --, e.g. -- --pg19 DIR --out DIR)"
+    return session_fn
 
 
-@nox.session(venv_params=["--system-site-packages"] if CUDA else [])
+for _name, _path in SUITES.items():
+    nox.session(name=_name, **VENV)(_suite_session(_path))
+
+
+@nox.session(**VENV)
 def report(session: nox.Session) -> None:
-    """Re-render the report of a results directory: `nox -s report -- reports/pg19`."""
+    """Render the report of results directories (several: a comparison): `nox -s report -- reports/pg19`."""
     install(session)
     session.run("harness", "report", *(session.posargs or ["reports/pg19"]))
+
+
+@nox.session(**VENV)
+def regress(session: nox.Session) -> None:
+    """Regression gate: run the efficiency and pg19 suites into reports/regress/ and compare each with a
+    baseline (HARNESS_BASELINE, default reports/baselines/). Exit non-zero on a regression."""
+    install(session)
+    baseline = os.environ.get("HARNESS_BASELINE", "reports/baselines")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    for suite in ("efficiency", "pg19"):
+        head = f"reports/regress/{suite}"
+        session.run("harness", "run", f"suites/{suite}.yaml", "--out", head, *session.posargs)
+        extra = ["--summary", summary] if summary else []
+        session.run("harness", "compare", f"{baseline}/{suite}", head, *extra)

@@ -80,3 +80,15 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def entries() -> list[dict]:
+    """Every finished artefact: kind, key, size, creation time and a one-line description."""
+    out = []
+    for meta_file in sorted(cache_root().glob(f"*/*/{META}")):
+        meta, path = json.loads(meta_file.read_text()), meta_file.parent
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        what = " ".join(f"{k}={meta[k]}" for k in ("preset", "corpus", "split", "vocab_size") if k in meta)
+        out.append({"kind": path.parent.name, "key": path.name, "path": path, "size_mib": size / 2**20,
+                    "created": meta.get("created", ""), "what": what})
+    return out

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="results/report directory (default reports/<suite name>)")
     run.add_argument("--pg19", help="PG-19 root directory (overrides the suite and $HARNESS_PG19_DIR)")
     run.add_argument("--dry-run", action="store_true", help="list the cells and what is already done")
+    run.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches this glob, e.g. '*ppl@2048'")
+    run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as oom/timeout/error")
     val = sub.add_parser("validate", help="check a suite file")
     val.add_argument("suite")
     rep = sub.add_parser("report", help="render the HTML report of a results directory")
@@ -34,6 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--alpha", type=float, default=0.05, help="significance level of the statistical tests")
     cmp.add_argument("--summary", help="also write the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
     sub.add_parser("list", help="list model presets, methods, backends and suites")
+    cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
+    cache_p.add_argument("action", choices=["ls", "rm"])
+    cache_p.add_argument("keys", nargs="*", help="with rm: keys (or key prefixes) to remove; --all for everything")
+    cache_p.add_argument("--all", action="store_true")
+    bench = sub.add_parser("bench", help="micro-benchmarks")
+    bench.add_argument("what", choices=["attention"])
+    bench.add_argument("--backends", default="full,sliding_window,s2_attn,se_attn",
+                       help="comma-separated backend names (default options)")
+    bench.add_argument("--lengths", default="1024,4096")
+    bench.add_argument("--heads", type=int, default=4)
+    bench.add_argument("--head-dim", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -55,9 +69,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "run":
         from harness.runner import run_suite
 
-        suite = load_suite(args.suite)
-        out = Path(args.out or Path("reports") / suite.name)
-        report = run_suite(suite, out, pg19=args.pg19, dry_run=args.dry_run)
+        report = run_suite(args.suite, args.out, pg19=args.pg19, dry_run=args.dry_run, only=args.only,
+                           retry_failed=args.retry_failed)
         if report:
             print(f"report: {report.resolve()}")
     elif args.command == "report":
@@ -80,14 +93,51 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f.write(text)
         return 1 if any(f.verdict == "regression" for f in findings) else 0
     elif args.command == "list":
+        from harness.attention import available
+        from harness.data.ruler import PAPER_TASKS
         from harness.finetune.methods import METHODS
         from harness.models import PRESETS
 
         print("model presets:", ", ".join(PRESETS))
         print("methods:", ", ".join(METHODS))
-        print("backends: full")
+        print("attention backends:")
+        for name, b in available().items():
+            opts = ", ".join(f"{k}={v['default']}" for k, v in b["options"].items())
+            print(f"  {name}: {b['description']} [{opts}]")
+        print("metrics: perplexity (protocols longlora, stride), ruler, efficiency")
+        print("ruler tasks:", ", ".join(PAPER_TASKS))
         print("suites:", ", ".join(str(p) for p in sorted(Path("suites").glob("*.yaml"))))
+    elif args.command == "cache":
+        _cache(args)
+    elif args.command == "bench":
+        from harness.attention.bench import bench_attention, format_rows
+
+        rows = bench_attention([(b, {}) for b in args.backends.split(",")],
+                               [int(n) for n in args.lengths.split(",")], heads=args.heads,
+                               head_dim=args.head_dim, repeats=args.repeats)
+        print(format_rows(rows))
     return 0
+
+
+def _cache(args: argparse.Namespace) -> None:
+    import shutil
+
+    from harness import cache
+
+    entries = cache.entries()
+    if args.action == "ls":
+        print(f"cache: {cache.cache_root()}")
+        for e in entries:
+            print(f"  {e['kind']:<11} {e['key']}  {e['size_mib']:8.1f} MiB  {e['created']}  {e['what']}")
+        return
+    if not args.all and not args.keys:
+        raise UserError("cache rm: name keys (or prefixes) to remove, or --all")
+    chosen = entries if args.all else [e for e in entries if any(e["key"].startswith(k) for k in args.keys)]
+    if not chosen:
+        raise UserError(f"cache rm: no entry matches {' '.join(args.keys)}; see `harness cache ls`")
+    for e in chosen:
+        shutil.rmtree(e["path"])
+        print(f"removed {e['kind']}/{e['key']}")
 
 
 if __name__ == "__main__":

@@ -1,153 +1,199 @@
-"""Runs a suite: pretrain (cached), fine-tune (cached), evaluate each cell, write records, render the report.
+"""Runs a suite: expand it into jobs and cells, run each job in its own process, render the report.
 
-Resume: a cell whose ok record (same cell id and config hash) is already in the
-results file is skipped, and pretrained models and adapters come from the cache, so
-an interrupted run picks up where it stopped. An out-of-memory error in one cell is
-recorded as status "oom" and the suite goes on.
+A job is one model variant (pretrained, or a method x backend fine-tune) with its cells
+(perplexity per context, RULER per task x length), or one backend's efficiency cells, or a
+pretraining. Each job runs in a child process (harness.job), so a crash or an OOM kill
+costs one cell: the parent records it ("error"/"oom"), and restarts the job for the cells
+left. A cell with no new record for `run.timeout` seconds is killed and recorded as
+"timeout". Resume: a cell whose record (same id and config hash) exists is not run again
+(`--retry-failed` reruns those that failed). Several GPUs: jobs run in parallel, one per device.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-
-import harness.finetune as finetune_module
 from harness import cache, results
-from harness.data import default_corpus, default_tokenizer, encode_corpus, load_pg19, random_windows
-from harness.data.tokenizer import tokenizer_fingerprint
-from harness.finetune.loop import TrainConfig, train
-from harness.finetune.methods import apply_method
-from harness.metrics.perplexity import evaluate_perplexity
-from harness.pretrain import pretrain_config, pretrained_model
-from harness.report import render_report
-from harness.suite import Suite
+from harness.suite import Suite, load_suite
 
-ADAPTER = "adapter"
+
+@dataclass
+class Job:
+    kind: str  # "pretrain" | "variant" | "efficiency"
+    name: str
+    spec: dict
+    cells: list[dict] = field(default_factory=list)
 
 
 def eval_corpus(suite: Suite, pg19: str | None):
     """PG-19 when configured (flag, suite field or $HARNESS_PG19_DIR), else the embedded corpus."""
+    from harness.data import default_corpus, load_pg19
+
     root = pg19 or suite.data.pg19 or os.environ.get("HARNESS_PG19_DIR")
     return load_pg19(root, suite.data.split) if root else default_corpus()
 
 
-def plan(suite: Suite) -> list[dict]:
-    """The cells of the suite, in run order."""
-    cells = []
-    for model in suite.models:
+def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
+    """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it."""
+    jobs, m = [], suite.metrics
+    for model in suite.models if (m.perplexity or m.ruler) else []:
         for seed in suite.seeds:
-            variants = [("pretrained", "none", "full")] + [
-                ("finetuned", m, b) for m in suite.methods for b in suite.backends]
+            base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
+            jobs.append(Job("pretrain", f"{model}/seed{seed}/pretrain", {**base},
+                            [_cell(f"{model}/seed{seed}/pretrain", "pretrain", base)]))
+            variants = [("pretrained", "none", None)] + [("finetuned", meth, b) for meth in suite.methods
+                                                         for b in suite.backends]
             for stage, method, backend in variants:
-                for ctx in suite.eval.contexts:
-                    cells.append({"model": model, "seed": seed, "stage": stage, "method": method,
-                                  "backend": backend, "eval_context": ctx,
-                                  "id": f"{model}/seed{seed}/{stage}-{method}-{backend}/ppl@{ctx}"})
-    return cells
+                label = "pretrained" if backend is None else f"{method}/{backend.label}"
+                prefix = f"{model}/seed{seed}/{label}"
+                det = {**base, "method": method, "backend": backend and backend.model_dump(exclude={"label"}),
+                       "finetune": suite.finetune.model_dump() if backend else None}
+                cells = [_cell(f"{prefix}/train", "train", det)] if backend else []
+                if m.perplexity:
+                    det_p = {**det, "metric": m.perplexity.model_dump(exclude={"contexts"}), "data": data_fingerprint}
+                    cells += [_cell(f"{prefix}/ppl@{c}", "perplexity", det_p, length=c) for c in m.perplexity.contexts]
+                if m.ruler:
+                    det_r = {**det, "metric": m.ruler.model_dump(exclude={"tasks", "lengths"}),
+                             "data": data_fingerprint}
+                    cells += [_cell(f"{prefix}/ruler/{t}@{n}", "ruler", det_r, length=n, task=t)
+                              for t in m.ruler.tasks for n in m.ruler.lengths]
+                spec = {**base, "stage": stage, "method": method, "backend": backend and backend.model_dump()}
+                jobs.append(Job("variant", prefix, spec, cells))
+    if m.efficiency:
+        for b in suite.backends:
+            det = {"backend": b.model_dump(exclude={"label"}), "metric": m.efficiency.model_dump(exclude={"lengths"})}
+            cells = [_cell(f"attention/{b.label}/efficiency@{n}", "efficiency", det, length=n)
+                     for n in m.efficiency.lengths]
+            jobs.append(Job("efficiency", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
+    return jobs
 
 
-def run_suite(suite: Suite, out: Path, pg19: str | None = None, dry_run: bool = False) -> Path | None:
-    cells = plan(suite)
+def _cell(cell_id: str, metric: str, determined_by: dict, **extra) -> dict:
+    return {"id": cell_id, "metric": metric, **extra, "hash": cache.fingerprint(determined_by, metric, extra)}
+
+
+def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,
+              only: str | None = None, retry_failed: bool = False) -> Path | None:
+    suite = load_suite(suite_path)
+    out = Path(out or Path("reports") / suite.name)
     corpus = eval_corpus(suite, pg19)
-    settings = suite.model_dump()
-    done = _finished(out)
-    todo = [c for c in cells if (c["id"], cache.fingerprint(settings, corpus.fingerprint)) not in done]
-    print(f"suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
-          f"evaluating on {corpus.name} ({corpus.source})")
+    jobs = plan(suite, corpus.fingerprint)
+    recorded = _recorded(out, retry_failed)
+    for job in jobs:
+        job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
+    todo = {job.name: [c for c in job.cells if (c["id"], c["hash"]) not in recorded] for job in jobs}
+    n_cells, n_todo = sum(len(j.cells) for j in jobs), sum(map(len, todo.values()))
+    print(f"suite {suite.name}: {n_cells} cells in {len(jobs)} jobs, {n_cells - n_todo} already recorded; "
+          f"evaluating on {corpus.name} ({corpus.source}); results in {out}")
     if dry_run:
-        for c in cells:
-            print(f"  {'todo' if c in todo else 'done'}  {c['id']}")
+        for job in jobs:
+            for c in job.cells:
+                print(f"  {'todo' if c in todo[job.name] else 'done'}  {c['id']}")
         return None
 
-    tok = default_tokenizer()
-    stream = encode_corpus(tok, corpus, suite.data.split if not corpus.embedded else "test",
-                           max_tokens=suite.eval.max_tokens)
-    dataset = {"name": corpus.name, "split": suite.data.split if not corpus.embedded else "test",
-               "hash": corpus.fingerprint, "tokens": int(stream.numel()), "embedded": corpus.embedded,
-               "tokenizer": tokenizer_fingerprint(tok)}
-    env = results.environment()
-    config_hash = cache.fingerprint(settings, corpus.fingerprint)
-    models: dict[tuple, torch.nn.Module] = {}
-    for cell in todo:
-        key = (cell["model"], cell["seed"], cell["stage"], cell["method"], cell["backend"])
-        if key not in models:
-            models.clear()
-            models[key] = _model_for(suite, cell, out, env, config_hash)
-        rec = results.Record(suite=suite.name, cell=cell["id"], metric="perplexity", stage=cell["stage"],
-                             model=models[key].harness_info, method=cell["method"], backend=cell["backend"],
-                             finetune_context=suite.finetune.context if cell["stage"] == "finetuned" else None,
-                             eval_context=cell["eval_context"], dataset=dataset, env=env,
-                             config_hash=config_hash, kernel="full via sdpa",
-                             settings={"protocol": suite.eval.protocol,
-                                       "max_windows": _windows(suite, cell["eval_context"]),
-                                       "pretrain_context": suite.pretrain.context, "seed": cell["seed"]})
-        t0 = time.perf_counter()
-        try:
-            res = evaluate_perplexity(models[key], stream, cell["eval_context"], suite.eval.protocol,
-                                      max_windows=_windows(suite, cell["eval_context"]), progress=True)
-            rec.values, rec.units = res.as_values(), res.units()
-            rec.settings.update(res.as_settings())
-        except torch.OutOfMemoryError as e:
-            rec.status, rec.error = "oom", str(e).splitlines()[0]
-        rec.seconds = round(time.perf_counter() - t0, 2)
-        results.append(out, rec)
-        if rec.status == "ok":
-            print(f"  {cell['id']}: perplexity {rec.values['perplexity']:.3f} ({rec.seconds:.1f} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
+              "pg19": pg19}
+    pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
+    rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
+    devices = _devices()
+    for phase in (pretrain, rest):
+        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+            slots = [devices[i % len(devices)] for i in range(len(phase))]
+            list(pool.map(lambda a: _supervise(*a, common, suite.run.timeout, out),
+                          [(j, todo[j.name], d) for j, d in zip(phase, slots, strict=True)]))
     notes = [] if not corpus.embedded else [
-        "PG-19 not configured: perplexity measured on the embedded corpus's held-out books "
-        f"({corpus.name}). Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
+        f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.name}). "
+        "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
+    from harness.report import render_report
+
     return render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
 
 
-def _windows(suite: Suite, context: int) -> int:
-    return max(1, suite.eval.tokens_per_length // context)
-
-
-def _finished(out: Path) -> set[tuple[str, str]]:
+def _recorded(out: Path, retry_failed: bool) -> set[tuple[str, str]]:
     if not (out / results.RESULTS_FILE).is_file():
         return set()
-    return {(r["cell"], r["config_hash"]) for r in results.load(out) if r["status"] == "ok"}
+    return {(r["cell"], r["config_hash"]) for r in results.load(out) if r["status"] == "ok" or not retry_failed}
 
 
-def _model_for(suite: Suite, cell: dict, out: Path, env: dict, config_hash: str) -> torch.nn.Module:
-    p = suite.pretrain
-    model, info = pretrained_model(cell["model"], pretrain_config(p.context, p.steps, p.batch_size, p.lr,
-                                                                  p.warmup_steps, cell["seed"]))
-    if cell["stage"] == "pretrained":
-        model.harness_info = info
-        return model.eval()
-    f = suite.finetune
-    cfg = TrainConfig(steps=f.steps, context=f.context, batch_size=f.batch_size, grad_accum=f.grad_accum,
-                      lr=f.lr, warmup_steps=f.warmup_steps, seed=cell["seed"])
-    key = cache.fingerprint(info["hash"], cell["method"], cell["backend"], asdict(cfg), f.rank, f.alpha,
-                            cache.code_version(finetune_module))
-    info = {**info, "adapter": key}
-    if (path := cache.lookup(ADAPTER, key)) is None:
-        model, summary = apply_method(model, cell["method"], rank=f.rank, alpha=f.alpha)
-        tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
-        workdir = cache.cache_root() / ADAPTER / f".work-{key}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        log = train(model, lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g), cfg, workdir=workdir,
-                    desc=f"fine-tune {cell['method']}/{cell['backend']} @ {cfg.context}")
-        with cache.build(ADAPTER, key, {"train": log.values(), **summary.values()}) as path:
-            model.save_pretrained(path)
-        path = cache.lookup(ADAPTER, key)
-    else:
-        model = PeftModel.from_pretrained(model, path)
-    train_cell = f"{cell['model']}/seed{cell['seed']}/finetuned-{cell['method']}-{cell['backend']}/train"
-    if (train_cell, config_hash) not in _finished(out):  # also when the adapter came from the cache
-        meta = json.loads((path / cache.META).read_text())
-        values = {**meta["train"], "trainable_params": meta["trainable_params"], "total_params": meta["total_params"]}
-        results.append(out, results.Record(
-            suite=suite.name, cell=train_cell, metric="train", stage="finetuned", model=info, method=cell["method"],
-            backend=cell["backend"], finetune_context=f.context, values=values,
-            units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}, env=env, config_hash=config_hash,
-            kernel="full via sdpa", settings=asdict(cfg), seconds=round(values["seconds"], 1)))
-    model.harness_info = info
-    return model.eval()
+def _devices() -> list[str | None]:
+    """One worker per visible CUDA device, or a single CPU worker."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except ImportError:
+        n = 0
+    if n <= 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(n)]
+
+
+def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path) -> None:
+    """Run `job` for `cells` in child processes until every cell has a record."""
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
+    remaining = list(cells)
+    path = out / results.RESULTS_FILE
+    start = path.stat().st_size if path.is_file() else 0  # only records written from now on count
+    while remaining:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({**common, **job.spec, "kind": job.kind, "cells": remaining}, f)
+        proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env, start_new_session=True)
+        status, last_count, last_change = None, 0, time.monotonic()
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                count = len(_done_ids(path, start) & {c["id"] for c in remaining})
+                if count != last_count:
+                    last_count, last_change = count, time.monotonic()
+                elif time.monotonic() - last_change > timeout:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    status = "timeout"
+        except BaseException:  # Ctrl-C: stop the child too; finished cells are already recorded
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            os.unlink(f.name)
+        done = _done_ids(path, start)
+        remaining = [c for c in remaining if c["id"] not in done]
+        if remaining and (status or proc.returncode != 0):
+            cell = remaining.pop(0)
+            killed = proc.returncode in (-signal.SIGKILL, 137) and status is None
+            status = status or ("oom" if killed else "error")
+            error = (f"no record within {timeout:.0f} s" if status == "timeout" else
+                     f"job process exited with code {proc.returncode}"
+                     + (" (killed: likely out of memory)" if killed else ""))
+            results.append(out, results.Record(suite=common["suite_name"], cell=cell["id"],
+                                               metric=cell["metric"], status=status, error=error,
+                                               config_hash=cell["hash"], eval_context=cell.get("length")))
+            print(f"  {cell['id']}: {status} ({error})", flush=True)
+        elif remaining:
+            raise RuntimeError(f"job {job.name} exited cleanly without recording {remaining[0]['id']}")
+
+
+def _done_ids(path: Path, start: int) -> set[str]:
+    """Cell ids of the records appended to `path` after byte offset `start`."""
+    if not path.is_file():
+        return set()
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    ids = set()
+    for line in lines:
+        try:
+            ids.add(json.loads(line)["cell"])
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return ids

@@ -1,13 +1,19 @@
-"""The declarative suite file (YAML): schema, validation with clear errors, expansion into cells."""
+"""The declarative suite file (YAML): schema and validation with errors that name file, line and field.
+
+Matrix axes: models x seeds x (pretrained + methods x backends) x metrics x lengths. A backend
+is a name, or a one-key mapping `{name: {options}}`; `grid: {option: [values]}` inside the
+options expands into one backend per combination (an SE-Attn S x k grid, say).
+"""
 
 from __future__ import annotations
 
 import difflib
+import itertools
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import UserError
 
@@ -29,20 +35,79 @@ class Finetune(_Strict):
     steps: int = Field(40, ge=1)
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(2, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    # None: the paper's LR per backend (2e-5 for s2_attn, else 2e-4); a number; or {default: x, <backend>: y}
+    lr: float | dict[str, float] | None = None
     warmup_steps: int = Field(20, ge=0)
     rank: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
+    gradient_checkpointing: bool = False
 
 
-class Eval(_Strict):
-    metric: Literal["perplexity"] = "perplexity"
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v):
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(x <= 0 for x in values):
+            raise ValueError("learning rates must be > 0")
+        return v
+
+    def lr_for(self, backend: str) -> float:
+        from harness.finetune.methods import default_lr
+
+        if isinstance(self.lr, dict):
+            return self.lr.get(backend, self.lr.get("default") or default_lr(backend))
+        return self.lr or default_lr(backend)
+
+
+class Perplexity(_Strict):
     protocol: Literal["longlora", "stride"] = "longlora"
     contexts: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096], min_length=1)
     # Windows per length = max(1, tokens_per_length // context), evenly spaced over the stream, so every
     # length scores about the same number of tokens (a fixed window count starves the short contexts).
     tokens_per_length: int = Field(65_536, ge=1)
     max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
+    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+
+    @field_validator("contexts")
+    @classmethod
+    def _at_least_two(cls, v: list[int]) -> list[int]:
+        if any(c < 2 for c in v):
+            raise ValueError("every context must be >= 2")
+        return v
+
+
+class Ruler(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["niah_single_1"], min_length=1)  # or ["all"]: the 11
+    lengths: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
+    samples: int = Field(10, ge=1)
+    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+    essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from harness.data.ruler import PAPER_TASKS, get_spec
+
+        if v == ["all"]:
+            return list(PAPER_TASKS)
+        for t in v:
+            _as_value_error(get_spec, t)  # did-you-mean
+        return v
+
+
+class Efficiency(_Strict):
+    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1)
+    heads: int = Field(4, ge=1)
+    head_dim: int = Field(32, ge=1)
+    batch: int = Field(1, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+
+
+class Metrics(_Strict):
+    perplexity: Perplexity | None = None
+    ruler: Ruler | None = None
+    efficiency: Efficiency | None = None
 
 
 class Data(_Strict):
@@ -50,32 +115,115 @@ class Data(_Strict):
     split: str = "test"
 
 
+class Run(_Strict):
+    timeout: float = Field(3600, gt=0)  # seconds one cell may take before it is recorded as "timeout"
+
+
+class Backend(BaseModel):
+    """One attention backend with fully resolved options and a short label for tables."""
+
+    name: str
+    options: dict[str, Any] = {}
+    label: str
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
     models: list[str] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
-    methods: list[Literal["lora"]] = Field(default_factory=lambda: ["lora"])
-    backends: list[Literal["full"]] = Field(default_factory=lambda: ["full"])
+    methods: list[str] = Field(default_factory=lambda: ["lora"])
+    backends: list[Any] = Field(default_factory=lambda: ["full"], validate_default=True)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     pretrain: Pretrain = Field(default_factory=Pretrain)
     finetune: Finetune = Field(default_factory=Finetune)
-    eval: Eval = Field(default_factory=Eval)
+    metrics: Metrics = Field(default_factory=lambda: Metrics(perplexity=Perplexity()))
     data: Data = Field(default_factory=Data)
+    run: Run = Field(default_factory=Run)
+
+    @field_validator("models")
+    @classmethod
+    def _presets(cls, v: list[str]) -> list[str]:
+        from harness.models import preset_config
+
+        for m in v:
+            _as_value_error(preset_config, m)
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        from harness.finetune.methods import METHODS
+
+        for m in v:
+            if m not in METHODS:
+                hint = difflib.get_close_matches(m, METHODS, n=1)
+                raise ValueError(f"unknown method {m!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                                 f"available: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[Any]) -> list[Backend]:
+        return [b for i, entry in enumerate(v) for b in expand_backend(entry, f"backends[{i}]")]
 
     @model_validator(mode="after")
-    def _contexts_fit(self) -> Suite:
-        if any(c < 2 for c in self.eval.contexts):
-            raise ValueError("eval.contexts: every context must be >= 2")
+    def _consistent(self) -> Suite:
+        if not any((self.metrics.perplexity, self.metrics.ruler, self.metrics.efficiency)):
+            raise ValueError("metrics: nothing to measure; add perplexity, ruler or efficiency")
+        for b in self.backends:
+            sizes = b.options.get("chunk_size")
+            if b.name == "se_attn" and max(sizes if isinstance(sizes, tuple) else [sizes]) > self.finetune.context:
+                raise ValueError(f"backends: {b.label} chunk_size exceeds finetune.context "
+                                 f"({self.finetune.context}); every token would sit in one chunk")
         return self
 
 
+def _as_value_error(check, value) -> None:
+    """Run a check that raises UserError, as a pydantic validation error (so the message gets file and line)."""
+    try:
+        check(value)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
+def expand_backend(entry: Any, where: str) -> list[Backend]:
+    """A suite's backend entry -> resolved backends (several if it has a `grid`)."""
+    from harness.attention.options import resolve
+
+    if isinstance(entry, str):
+        name, given = entry, {}
+    elif isinstance(entry, dict) and len(entry) == 1:
+        name, given = next(iter(entry.items()))
+        given = dict(given or {})
+    else:
+        raise ValueError(f"{where}: a backend is a name or a one-key mapping {{name: {{options}}}}")
+    grid = given.pop("grid", {})
+    if not isinstance(grid, dict) or not all(isinstance(vals, list) and vals for vals in grid.values()):
+        raise ValueError(f"{where}.grid: a mapping of option -> non-empty list of values")
+    out = []
+    for combo in itertools.product(*grid.values()):
+        options = {**given, **dict(zip(grid, combo, strict=True))}
+        try:
+            canonical, resolved = resolve(name, options)
+        except UserError as e:
+            raise ValueError(f"{where}: {e}") from None
+        shown = ",".join(f"{k}={_short(v)}" for k, v in options.items())
+        out.append(Backend(name=canonical, options=resolved, label=f"{name}({shown})" if shown else name))
+    return out
+
+
+def _short(v: Any) -> str:
+    return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+
 def load_suite(path: str | Path) -> Suite:
-    """Parse and validate a suite file; every problem becomes a UserError naming file and field."""
+    """Parse and validate a suite file; every problem becomes a UserError naming file, line and field."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: suite file not found (suites live in suites/*.yaml)")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: malformed YAML: {e}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -83,17 +231,44 @@ def load_suite(path: str | Path) -> Suite:
     try:
         return Suite.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        lines = _key_lines(text)
+        raise UserError(f"{path}: " + "; ".join(_describe(err, lines) for err in e.errors())) from None
 
 
-def _describe(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def _describe(err: dict, lines: dict[tuple, int]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    where = ".".join(loc) or "(top level)"
+    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+    where = f"line {line}: {where}" if line else where
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        field, parent = str(err["loc"][-1]), _model_at(err["loc"][:-1])
+        field, parent = loc[-1], _model_at(loc[:-1])
         hint = difflib.get_close_matches(field, list(parent.model_fields), n=1) if parent else []
         fix = f"did you mean {hint[0]!r}?" if hint else f"allowed: {', '.join(parent.model_fields)}" if parent else ""
         return f"{where}: unknown field ({fix})"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    got = f" (got {err['input']!r})" if err["type"] != "value_error" and "input" in err else ""
+    return f"{where}: {msg}{got}"
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Line number (1-based) of every mapping key path in the YAML text, for error messages."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                out[(*path, str(k.value))] = k.start_mark.line + 1
+                walk(v, (*path, str(k.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return out
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -101,6 +276,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann

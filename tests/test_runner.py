@@ -1,58 +1,93 @@
-"""End to end on a shrunken suite: pretrain, fine-tune, evaluate, report; then resume does nothing new."""
-
-import json
+"""End to end on a shrunken suite, each job in its own process: records, report, resume, failures."""
 
 import pytest
 
 from harness import results
 from harness.runner import run_suite
-from harness.suite import load_suite
 
 SMALL = """
 name: small
+methods: [lora]
+backends: [full, {se_attn: {chunk_size: 64, block_size: 16, top_k: 2}}]
 pretrain: {context: 64, steps: 3, batch_size: 2, warmup_steps: 1}
 finetune: {context: 256, steps: 2, warmup_steps: 1}
-eval: {contexts: [64, 256], tokens_per_length: 512, max_tokens: 20000}
+metrics:
+  perplexity: {contexts: [64, 256], tokens_per_length: 512, max_tokens: 20000}
+  efficiency: {lengths: [128], repeats: 2, warmup: 0}
 """
 
 
 @pytest.fixture
-def suite(tmp_path, monkeypatch):
+def suite_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
     (tmp_path / "s.yaml").write_text(SMALL)
-    return load_suite(tmp_path / "s.yaml")
+    return tmp_path / "s.yaml"
 
 
-def test_run_writes_records_and_report_then_resumes(suite, tmp_path, capsys):
+def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys):
     out = tmp_path / "out"
-    report = run_suite(suite, out)
+    report = run_suite(suite_file, out)
     recs = results.load(out)
-    ppl = [r for r in recs if r["metric"] == "perplexity"]
-    assert len(ppl) == 4 and all(r["status"] == "ok" and r["values"]["perplexity"] > 1 for r in ppl)
-    assert {r["stage"] for r in ppl} == {"pretrained", "finetuned"}
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs if r["error"]]
+    by_metric = {m: [r for r in recs if r["metric"] == m] for m in ("pretrain", "train", "perplexity", "efficiency")}
+    assert [len(v) for v in by_metric.values()] == [1, 2, 6, 2]
+    ppl = by_metric["perplexity"]
     assert {r["eval_context"]: r["values"]["windows"] for r in ppl} == {64: 8, 256: 2}  # 512 tokens per length
-    train = [r for r in recs if r["metric"] == "train"]
-    assert len(train) == 1 and train[0]["values"]["trainable_params"] > 0
-    assert ppl[0]["dataset"]["embedded"] and ppl[0]["kernel"] == "full via sdpa"
-    html = report.read_text()
-    assert "embedded corpus" in html and "data:image/png;base64" in html
+    assert {r["backend"] for r in ppl} == {"full", "se_attn(chunk_size=64,block_size=16,top_k=2)"}
+    assert all(r["kernel"] == "full via sdpa" for r in ppl)  # evaluation uses full attention by default
+    se_train = next(r for r in by_metric["train"] if r["backend"].startswith("se_attn"))
+    assert "se_attn via" in se_train["kernel"] and se_train["values"]["trainable_params"] > 0
+    assert ppl[0]["dataset"]["embedded"] and "embedded corpus" in report.read_text()
 
     capsys.readouterr()
-    run_suite(suite, out)  # everything cached and recorded: nothing new runs
-    assert "4 cells, 4 already done" in capsys.readouterr().out
+    run_suite(suite_file, out)  # everything recorded: nothing runs again
+    assert "11 already recorded" in capsys.readouterr().out
     assert len(results.load(out)) == len(recs)
 
-    other = tmp_path / "other"  # a new results dir reuses cached artefacts and still records the fine-tune
-    run_suite(suite, other)
-    assert "pretrain" not in capsys.readouterr().err
-    assert [r["values"]["trainable_params"] for r in results.load(other) if r["metric"] == "train"] == [
-        train[0]["values"]["trainable_params"]]
+
+FAULT = """
+import os, time
+import harness.attention.bench as bench
+real = bench.bench_attention
+def faulty(backends, lengths, **kw):
+    if backends[0][0] == "full":
+        {action}
+    return real(backends, lengths, **kw)
+bench.bench_attention = faulty
+"""
 
 
-def test_dry_run_lists_cells_without_running(suite, tmp_path, capsys):
-    assert run_suite(suite, tmp_path / "out", dry_run=True) is None
+def _inject(tmp_path, monkeypatch, action):
+    """Fault injection from outside the code: the child imports sitecustomize.py from PYTHONPATH at start-up."""
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT.replace("{action}", action))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fault"))
+
+
+def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, monkeypatch):
+    _inject(tmp_path, monkeypatch, "os._exit(3)")
+    suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
+    out = tmp_path / "out"
+    run_suite(suite_file, out, only="attention/*")
+    recs = {r["cell"]: r for r in results.load(out)}
+    assert recs["attention/full/efficiency@128"]["status"] == "error"
+    assert "exited with code 3" in recs["attention/full/efficiency@128"]["error"]
+    assert recs["attention/full/efficiency@64"]["status"] == "error"  # the restarted job crashed again
+    assert recs["attention/se_attn(chunk_size=64,block_size=16,top_k=2)/efficiency@128"]["status"] == "ok"
+
+
+def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, monkeypatch):
+    _inject(tmp_path, monkeypatch, "time.sleep(600)")
+    suite_file.write_text(SMALL + "run: {timeout: 15}\n")  # the timeout includes the child's start-up
+    out = tmp_path / "out"
+    run_suite(suite_file, out, only="attention/full/*")
+    (rec,) = results.load(out)
+    assert rec["status"] == "timeout" and rec["error"] == "no record within 15 s"
+
+
+def test_dry_run_lists_cells_without_running(suite_file, tmp_path, capsys):
+    assert run_suite(suite_file, tmp_path / "out", dry_run=True) is None
     out = capsys.readouterr().out
-    assert "todo  tiny-hybrid/seed0/finetuned-lora-full/ppl@256" in out
+    assert "todo  tiny-hybrid/seed0/lora/full/ppl@256" in out and "todo  attention/full/efficiency@128" in out
     assert not (tmp_path / "out").exists()
-    json.dumps(suite.model_dump())  # settings are serialisable for the config hash

@@ -12,20 +12,47 @@ def write(tmp_path, text):
 
 def test_defaults_fill_in(tmp_path):
     s = load_suite(write(tmp_path, "name: x\n"))
-    assert s.methods == ["lora"] and s.eval.protocol == "longlora" and s.finetune.context == 2048
+    assert s.methods == ["lora"] and s.metrics.perplexity.protocol == "longlora" and s.finetune.context == 2048
+    assert [b.label for b in s.backends] == ["full"]
 
 
-def test_unknown_field_suggests_fix(tmp_path):
-    with pytest.raises(UserError, match=r"s.yaml: finetune.stepz: unknown field \(did you mean 'steps'\?\)"):
-        load_suite(write(tmp_path, "name: x\nfinetune: {stepz: 3}\n"))
+def test_backend_options_and_grid_expand_and_resolve(tmp_path):
+    s = load_suite(write(tmp_path, """name: x
+backends:
+  - full
+  - sliding_window: {window: 1024}
+  - se_attn: {chunk_size: [256, 512], grid: {block_size: [16, 32], top_k: [4, 8]}}
+"""))
+    labels = [b.label for b in s.backends]
+    assert labels[:2] == ["full", "sliding_window(window=1024)"]
+    assert labels[2:] == [f"se_attn(chunk_size=256/512,block_size={b},top_k={k})" for b in (16, 32) for k in (4, 8)]
+    assert s.backends[2].options["chunk_size"] == (256, 512) and s.backends[2].options["retrieval"] == "relevancy"
+
+
+def test_ruler_all_means_the_papers_eleven(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\nmetrics: {ruler: {tasks: [all]}}\n"))
+    assert len(s.metrics.ruler.tasks) == 11 and s.metrics.perplexity is None
+
+
+def test_unknown_field_suggests_fix_with_line(tmp_path):
+    with pytest.raises(UserError, match=r"s.yaml: line 3: finetune.stepz: unknown field \(did you mean 'steps'\?\)"):
+        load_suite(write(tmp_path, "name: x\nfinetune:\n  stepz: 3\n"))
 
 
 @pytest.mark.parametrize("text, match", [
-    ("name: x\neval: {protocol: sliding}\n", "eval.protocol"),
+    ("name: x\nmetrics: {perplexity: {protocol: sliding}}\n", "metrics.perplexity.protocol"),
     ("name: x\nfinetune: {steps: 0}\n", "finetune.steps"),
     ("name: [unclosed\n", "malformed YAML"),
     ("- a\n- b\n", "YAML mapping"),
     ("description: no name\n", "name: Field required"),
+    ("name: x\nmodels: [tiny-hybrd]\n", "line 2: models: .*Did you mean .tiny-hybrid."),
+    ("name: x\nmethods: [hylorra]\n", "did you mean 'hylora'"),
+    ("name: x\nbackends: [se_atn]\n", "(?i)did you mean 'se_attn'"),
+    ("name: x\nbackends: [{sliding_window: {window: 0}}]\n", "window=0 is invalid"),
+    ("name: x\nbackends: [{se_attn: {top_k: -1}}]\n", "top_k"),
+    ("name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n", "chunk_size exceeds finetune.context"),
+    ("name: x\nmetrics: {ruler: {tasks: [niah_singel_1]}}\n", "niah_single_1"),
+    ("name: x\nmetrics: {}\n", "nothing to measure"),
 ])
 def test_bad_input_names_the_field(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
@@ -35,3 +62,10 @@ def test_bad_input_names_the_field(tmp_path, text, match):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_suite(tmp_path / "nope.yaml")
+
+
+def test_finetune_lr_per_backend(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\nfinetune: {lr: {default: 3.0e-3, s2_attn: 3.0e-4}}\n"))
+    assert s.finetune.lr_for("se_attn") == 3e-3 and s.finetune.lr_for("s2_attn") == 3e-4
+    paper = load_suite(write(tmp_path, "name: x\n")).finetune
+    assert paper.lr_for("s2_attn") == 2e-5 and paper.lr_for("full") == 2e-4  # the paper's appendix G

@@ -1,0 +1,105 @@
+"""The model variants a suite measures, built once and cached by content.
+
+- pretrained: a preset pretrained on the embedded corpus at a short context; key = config, corpus
+  and tokenizer fingerprints, recipe, seed and code version of the model and training loop.
+- finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
+  attention backend; key = base key, method, backend options, recipe and code version.
+Interrupted training resumes from its last checkpoint in the cache's work directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+
+import harness.attention as attention_module
+import harness.finetune as finetune_module
+import harness.models as models_module
+from harness import cache
+from harness.attention import register
+from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
+from harness.data.tokenizer import tokenizer_fingerprint
+from harness.finetune.loop import TrainConfig, TrainLog, train
+from harness.finetune.methods import apply_method, load_method, save_method
+from harness.models import HybridForCausalLM, preset_config
+from harness.suite import Backend, Suite
+
+PRETRAINED, ADAPTER = "pretrained", "adapter"
+
+
+def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
+    p = suite.pretrain
+    return TrainConfig(steps=p.steps, context=p.context, batch_size=p.batch_size, lr=p.lr,
+                       warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1, seed=seed)
+
+
+def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
+    f = suite.finetune
+    return TrainConfig(steps=f.steps, context=f.context, batch_size=f.batch_size, grad_accum=f.grad_accum,
+                       lr=f.lr_for(backend.name), warmup_steps=f.warmup_steps, seed=seed)
+
+
+def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
+    """(model in eval mode, info with its cache key and training log)."""
+    cfg = pretrain_config(suite, seed)
+    corpus, tok = default_corpus(), default_tokenizer()
+    config = preset_config(preset)
+    config.vocab_size = len(tok)
+    key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg),
+                            cache.code_version(models_module, finetune_module))
+    info = {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}
+    if (path := cache.lookup(PRETRAINED, key)) is None:
+        torch.manual_seed(seed)
+        model = HybridForCausalLM(config)
+        log = _train(model, cfg, PRETRAINED, key, f"pretrain {preset} @ {cfg.context}")
+        with cache.build(PRETRAINED, key, {**info, "train": log.values()}) as d:
+            model.save_pretrained(d)
+        path = cache.lookup(PRETRAINED, key)
+    meta = json.loads((path / cache.META).read_text())
+    return HybridForCausalLM.from_pretrained(path).eval(), {**info, "train": meta["train"]}
+
+
+def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backend) -> tuple[torch.nn.Module, dict]:
+    """(pretrained + `method` trained with `backend` at the fine-tuning context, info)."""
+    base, base_info = pretrained(suite, preset, seed)
+    f, cfg = suite.finetune, finetune_config(suite, backend, seed)
+    key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
+                            f.gradient_checkpointing, cache.code_version(finetune_module, attention_module))
+    info = {**base_info, "adapter": key, "train": None}
+    if (path := cache.lookup(ADAPTER, key)) is None:
+        base.set_attn_implementation(register(backend.name, **backend.options))
+        if f.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+        model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
+        with attention_module.recording() as kernels:
+            log = _train(model, cfg, ADAPTER, key, f"fine-tune {method}/{backend.label} @ {cfg.context}")
+        meta = {"train": {**log.values(), **summary.values(), "kernels": sorted(kernels)}}
+        with cache.build(ADAPTER, key, meta) as d:
+            save_method(model, d)
+        path = cache.lookup(ADAPTER, key)
+        base, _ = pretrained(suite, preset, seed)  # a fresh base: load_method applies the saved state to it
+    meta = json.loads((path / cache.META).read_text())
+    model = load_method(base, path)
+    return model.eval(), {**info, "train": meta["train"]}
+
+
+def _train(model: torch.nn.Module, cfg: TrainConfig, kind: str, key: str, desc: str) -> TrainLog:
+    tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
+    workdir = cache.cache_root() / kind / f".work-{key}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = train(model, lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g), cfg,
+                workdir=workdir, desc=desc)
+    for f in workdir.iterdir():
+        f.unlink()
+    workdir.rmdir()
+    return log
+
+
+def use_attention(model: torch.nn.Module, backend: Backend | None) -> str:
+    """Switch a model's attention to `backend` (None: full attention via SDPA); return the implementation name."""
+    name = "sdpa" if backend is None else register(backend.name, **backend.options)
+    model.set_attn_implementation(name)
+    return name
+
