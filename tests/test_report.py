@@ -54,7 +54,8 @@ def test_full_report(tmp_path):
     path = render_report(records, tmp_path / "rep", title="Smoke report", notes=[NOTE])
     assert path == tmp_path / "rep" / "index.html" and path.is_file()
     html = path.read_text()
-    for heading in ("Smoke report", "Perplexity", "Fine-tuning", "Failed cells", "Environment", "Kernels that ran"):
+    for heading in ("Smoke report", "Perplexity", "Pretraining and fine-tuning", "Failed cells", "Environment",
+                    "Kernels that ran"):
         assert f">{heading}</h" in html, heading
     assert NOTE in html and 'class="callout"' in html
     assert "kjv (validation, embedded" in html and "longlora (step 256)" in html
@@ -84,7 +85,7 @@ def test_perplexity_only_report_omits_empty_sections(tmp_path):
     records = synthetic_records(train=False, failure=False)
     html = render_report(records, tmp_path, title="PPL only").read_text()
     assert ">Perplexity</h2>" in html and ">Environment</h2>" in html
-    assert "Fine-tuning" not in html and "Failed cells" not in html
+    assert "Pretraining and fine-tuning" not in html and "Failed cells" not in html
     assert html.count("data:image/png;base64,") == 1
     assert "<strong>35.00</strong>" in html  # the finetuned variant is best at 16K
     assert "https://" not in html and "http://" not in html
@@ -101,7 +102,8 @@ def test_failure_only_variant_and_notes_are_escaped(tmp_path):
 
 def test_mixed_protocols_are_split_and_flagged():
     a = synthetic_records(train=False, failure=False)
-    b = [dict(r, settings={"protocol": "stride", "stride": 1024}) for r in a]
+    # another protocol is another config hash (same cell ids): both kept, not "latest wins"
+    b = [dict(r, settings={"protocol": "stride", "stride": 1024}, config_hash="stride") for r in a]
     ctx = build_context(a + b, title="t")
     assert any("not comparable" in n for n in ctx["header"]["notes"])
     ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")
@@ -117,3 +119,285 @@ def test_variant_labels():
     rec = synthetic_records(train=False, failure=False)
     assert variant_label(variant_key(rec[0])) == "pretrained"
     assert variant_label(variant_key(rec[-1])) == "finetuned: hylora / se_attn @ 8192"
+
+
+# ----------------------------------------------------------------------------- sections added with the job records
+
+SE = "se_attn(chunk_size=256/512,block_size=16,top_k=8)"
+
+
+def _section(records, sid, **kw):
+    ctx = build_context(records, title="t", **kw)
+    return next((s for s in ctx["sections"] if s["id"] == sid), None), ctx
+
+
+def _cells(section):
+    """Every table cell of a section as (row label, column, cell)."""
+    out = []
+    for b in section["blocks"]:
+        if b["type"] == "table":
+            for row in b["rows"]:
+                for col, c in zip(b["columns"], row, strict=True):
+                    out.append((row[0]["text"], col, c))
+    return out
+
+
+def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h"):
+    """What harness.runner writes when a job process dies: no variant, no env."""
+    return asdict(Record(suite="smoke", cell=cell_id, metric=metric, status=status, error="killed",
+                         config_hash=config_hash, eval_context=ctx))
+
+
+def test_latest_record_per_cell_and_hash_wins():
+    old = asdict(ppl_record("pretrained", "none", 2048, None, status="oom", error="first try"))
+    new = asdict(ppl_record("pretrained", "none", 2048, 31.25))
+    sec, ctx = _section([old, new], "perplexity")
+    texts = [c["text"] for _, _, c in _cells(sec)]
+    assert "31.25" in texts and "OOM" not in texts
+    assert "1 older record(s) of rerun cells superseded" in dict(ctx["header"]["facts"])["records"]
+    assert not any(s["id"] == "failures" for s in ctx["sections"])
+    # the other order: the rerun failed, so the cell is a failure now
+    sec, ctx = _section([new, old], "perplexity")
+    assert "OOM" in [c["text"] for _, _, c in _cells(sec)] and any(s["id"] == "failures" for s in ctx["sections"])
+    # another config hash is another measurement, not a rerun: both kept (averaged within a variant)
+    other = dict(new, config_hash="other", values=dict(new["values"], perplexity=33.25))
+    sec, _ = _section([new, other], "perplexity")
+    assert "32.25" in [c["text"] for _, _, c in _cells(sec)]
+
+
+def test_eval_attention_finetune_is_its_own_variant():
+    full = asdict(ppl_record("finetuned", "lora", 2048, 30.0, ft_ctx=2048))
+    ft = dict(full, config_hash="ft", settings={**full["settings"], "eval_attention": "finetune"},
+              values={**full["values"], "perplexity": 35.0})
+    pre = dict(asdict(ppl_record("pretrained", "none", 2048, 40.0)),
+               settings={**full["settings"], "eval_attention": "finetune"})  # pretrained: always full attention
+    sec, _ = _section([pre, full, ft], "perplexity")
+    rows = {label: c["text"] for label, col, c in _cells(sec) if col.startswith("2K")}
+    assert rows == {"pretrained": "40.00", "finetuned: lora / se_attn @ 2048": "30.00",
+                    "finetuned: lora / se_attn @ 2048, eval: finetune attention": "35.00",
+                    "tokens scored": "20,480"}
+
+
+def ruler_record(stage, method, task, n, acc, run=None, backend=SE, deviation=None, per_sample=None):
+    d = asdict(Record(
+        suite="smoke", cell=f"tiny/seed0/{'pretrained' if stage == 'pretrained' else method + '/' + backend}"
+                            f"/ruler/{task}@{n}",
+        metric="ruler", stage=stage, model={"preset": "tiny-hybrid"}, method=method,
+        backend="full" if stage == "pretrained" else backend, finetune_context=None if stage == "pretrained" else 2048,
+        eval_context=n, values={"accuracy": acc, "samples": 20, "per_sample": per_sample or {},
+                                "haystack_deviation": deviation},
+        settings={"task": task, "eval_attention": "full", "samples_file": "samples/x.jsonl"}, env=ENV,
+        config_hash=f"{stage}{method}{task}{n}"))
+    if run:
+        d["run"] = run
+    return d
+
+
+def _ruler_records():
+    from harness.data.ruler.tasks import PAPER_TASKS
+
+    recs = []
+    for i, task in enumerate(PAPER_TASKS):
+        for n in (1024, 2048):
+            base = 5.0 if task == "vt" else 60.0 - i  # vt: at chance (<= 5%) at both lengths
+            recs.append(ruler_record("pretrained", "none", task, n, base,
+                                     deviation="book text instead of Paul Graham essays" if i == 1 else None))
+            recs.append(ruler_record("finetuned", "lora", task, n, 40.0 + i))
+            recs.append(ruler_record("finetuned", "hylora", task, n, 50.0 + i - (20 if task == "vt" else 0)))
+    return recs
+
+
+def test_ruler_groups_heatmaps_and_chance_gate():
+    from harness.report.ruler import CHANCE_PCT, UNINFORMATIVE
+
+    sec, _ = _section(_ruler_records(), "ruler")
+    assert CHANCE_PCT == 5.0
+    figs = [b for b in sec["blocks"] if b["type"] == "figures"]
+    assert len(figs) == 1 and len(figs[0]["items"]) == 3  # one heatmap per variant
+    assert [i["caption"] for i in figs[0]["items"]] == [
+        "pretrained", f"finetuned: hylora / {SE} @ 2048", f"finetuned: lora / {SE} @ 2048"]
+    notes = [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
+    assert any("Essay haystack replaced by book text (book text instead of Paul Graham essays) in 2 cell(s)" in n
+               for n in notes)
+    assert any(b["type"] == "paragraph" and "Base model at chance (≤5%) on: vt at 1K, 2K." in b["text"]
+               for b in sec["blocks"])
+    tables = [b for b in sec["blocks"] if b["type"] == "table"]
+    groups, per_task = tables[0], tables[1:]
+    assert len(per_task) == 2 and per_task[0]["caption"].startswith("RULER accuracy (%) at 1K (1024)")
+    # per task at 1K: vt is uninformative for both fine-tuned variants, nothing bold; other rows: hylora bold
+    vt = next(r for r in per_task[0]["rows"] if r[0]["text"] == "vt")
+    assert [c["text"] for c in vt] == ["vt", "5.0", "38.0", "48.0"]
+    assert [c["note"] for c in vt[2:]] == [UNINFORMATIVE] * 2 and not any(c["bold"] for c in vt)
+    assert vt[1]["note"] == ""  # the base itself is not marked
+    s1 = next(r for r in per_task[0]["rows"] if r[0]["text"] == "niah_single_1")
+    assert [(c["text"], c["bold"], c["note"]) for c in s1[1:]] == [("60.0", False, ""), ("50.0", True, ""),
+                                                                  ("40.0", False, "")]
+    # groups (harness.metrics.ruler.group_scores): NIAH-S of hylora = mean(50, 51, 52); VT uninformative;
+    # average of lora = mean(40..50) = 45
+    by = {(r[0]["text"] or None, r[1]["text"]): r for r in groups["rows"]}
+    assert groups["columns"] == ["group", "variant", "1K (1024)", "2K (2048)"]
+    rows = groups["rows"]
+    names = [r[1]["text"] for r in rows]
+    assert names.count("pretrained") == 6  # NIAH-S, NIAH-M, NIAH-M-QV, VT, CF-WE, average
+    assert by[("NIAH-S", "pretrained")][2]["text"] == "59.0"
+    hy_niahs = rows[1]
+    assert hy_niahs[1]["text"].startswith("finetuned: hylora") and hy_niahs[2]["text"] == "51.0" and hy_niahs[2]["bold"]
+    vt_rows = [r for r in rows if rows.index(r) // 3 == 3]
+    assert vt_rows[0][0]["text"] == "VT"
+    assert all(c["note"] == UNINFORMATIVE and not c["bold"] for r in vt_rows[1:] for c in r[2:])
+    avg_lora = rows[-1]
+    assert avg_lora[1]["text"].startswith("finetuned: lora") and avg_lora[2]["text"] == "45.0"
+
+
+def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
+    recs = [r for r in _ruler_records() if r["stage"] != "pretrained"]
+    sec, _ = _section(recs, "ruler")
+    notes = [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
+    assert any("chance gate cannot be applied" in n for n in notes)
+    assert not any(c["note"] for _, _, c in _cells(sec))
+
+
+def test_training_section_pretrain_and_finetune():
+    pre = asdict(Record(suite="s", cell="tiny-hybrid/seed0/pretrain", metric="pretrain", stage="pretrained",
+                        model={"preset": "tiny-hybrid"}, kernel="full via sdpa", env=ENV,
+                        values={"loss_curve": [[1, 9.0], [2, 7.5], [3, 6.25]], "tokens": 3072, "seconds": 2.0,
+                                "peak_memory_gib": 0.5, "memory_kind": "process peak RSS", "tokens_per_s": 1536.0}))
+    train = asdict(Record(suite="s", cell=f"tiny-hybrid/seed0/hylora/{SE}/train", metric="train", stage="finetuned",
+                          model={"preset": "tiny-hybrid"}, method="hylora", backend=SE, finetune_context=2048,
+                          kernel="se_attn via sdpa", env=ENV, seconds=12.0,
+                          values={"loss_curve": [[s, 5.0 - s / 100] for s in range(1, 51)], "tokens": 102400,
+                                  "seconds": 12.0, "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
+                                  "tokens_per_s": 8533.3, "trainable_params": 250_000, "total_params": 1_000_000,
+                                  "trainable_by_group": {"lora": 200_000, "conv1d": 50_000}}))
+    sec, _ = _section([pre, train], "training")
+    assert sec["title"] == "Pretraining and fine-tuning"
+    assert [b["alt"] for b in sec["blocks"] if b["type"] == "figure"] == ["pretraining loss curves",
+                                                                        "fine-tuning loss curves"]
+    tbl = next(b for b in sec["blocks"] if b["type"] == "table")
+    p, t = tbl["rows"]
+    assert [c["text"] for c in p[:6]] == ["pretraining: tiny-hybrid", "3", "6.250", "3.07K", "1,536", "0.50"]
+    assert p[5]["note"] == "process peak RSS" and p[6]["text"] == "all"
+    assert [c["text"] for c in t] == [f"finetuned: hylora / {SE} @ 2048", "50", "4.500", "102K", "8,533", "2.25",
+                                      "250K", "se_attn via sdpa", "12"]
+    assert t[5]["note"] == "cuda allocator peak" and t[6]["note"] == "25.00% of 1M"
+    assert t[6]["title"] == "lora 200K, conv1d 50K"
+
+
+def eff_record(backend, n, t, status="ok", mem=None, run=None, gpu=None):
+    env = dict(ENV, **({"device": "cuda", "gpu": gpu, "cuda": "12.4"} if gpu else {}))
+    d = asdict(Record(suite="s", cell=f"attention/{backend}/efficiency@{n}", metric="efficiency", backend=backend,
+                      eval_context=n, status=status, env=env, kernel=f"{backend} via sdpa",
+                      values={} if status != "ok" else {"time_ms": t, "times_ms": [t, t * 1.1, t * 0.9],
+                                                        "peak_memory_gib": mem},
+                      settings={"batch": 1, "heads": 4, "head_dim": 32, "repeats": 3}))
+    if run:
+        d["run"] = run
+    return d
+
+
+def test_efficiency_section_cpu_and_cuda():
+    recs = [eff_record("full", 1024, 2.5), eff_record("full", 2048, 10.0),
+            parent_failure("attention/full/efficiency@4096", "efficiency", ctx=4096),
+            eff_record("se_attn", 1024, 2.0), eff_record("se_attn", 2048, 4.5), eff_record("se_attn", 4096, 125.25)]
+    sec, _ = _section(recs, "efficiency")
+    assert "Measured on cpu (x86_64, 2 threads)" in sec["blocks"][0]["text"]
+    assert sum(b["type"] == "figure" for b in sec["blocks"]) == 1  # no memory plot on CPU
+    tbl = next(b for b in sec["blocks"] if b["type"] == "table")
+    assert tbl["columns"] == ["backend", "1K (1024)", "2K (2048)", "4K (4096)", "kernel"]
+    assert [c["text"] for c in tbl["rows"][0]] == ["full", "2.50", "10.00", "OOM", "full via sdpa"]
+    assert [c["text"] for c in tbl["rows"][1]] == ["se_attn", "2.00", "4.50", "125.2", "se_attn via sdpa"]
+    cuda = [eff_record("full", 1024, 2.5, mem=1.5, gpu="NVIDIA H100"), eff_record("full", 2048, 9.0, mem=3.0,
+                                                                                  gpu="NVIDIA H100")]
+    sec, _ = _section(cuda, "efficiency")
+    assert "NVIDIA H100 (CUDA 12.4)" in sec["blocks"][0]["text"]
+    assert sum(b["type"] == "figure" for b in sec["blocks"]) == 2
+    assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]["note"] == "1.50 GiB"
+
+
+def test_paper_reference_numbers():
+    from harness.report import paper
+
+    sec, _ = _section(synthetic_records(), "paper")
+    assert any(b["type"] == "callouts" and "not comparable: different model and scale" in b["items"][0]
+               for b in sec["blocks"])
+    main = next(b for b in sec["blocks"] if b["type"] == "table")
+    assert [c["text"] for c in main["rows"][0]] == ["not fine-tuned", "10.72", "14.99", "19.35", "26.37", "64.9",
+                                                    "5.5", "0.2"]
+    assert [c["text"] for c in main["rows"][-1]] == ["SE-Attn", "10.99", "10.45", "11.14", "12.64", "71.9", "40.5",
+                                                     "28.2"]
+    texts = [c["text"] for _, _, c in _cells(sec)]
+    for v in ("26.1", "32.5", "31.6", "33.1", "182", "69", "81", "71"):
+        assert v in texts, v
+    assert paper.RUNTIME_MS == {"full": 182.0, "sliding_window": 69.0, "s2_attn": 81.0, "se_attn": 71.0}
+    # the paper's model: our numbers beside the paper's
+    r = asdict(ppl_record("finetuned", "hylora", 8192, 10.5, ft_ctx=8192))
+    r["model"], r["backend"] = {"preset": "mamba2attn-2.7b"}, SE
+    eff = eff_record(SE, 32768, 70.0, gpu="NVIDIA H100 80GB")
+    sec, _ = _section([r, eff], "paper")
+    main = next(b for b in sec["blocks"] if b["type"] == "table")
+    assert main["columns"][1:3] == ["PPL 2K paper", "PPL 2K ours"]
+    se = main["rows"][-1]
+    assert [c["text"] for c in se[3:5]] == ["10.45", "10.50"]  # PPL 8K: paper, ours
+    rt = [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"][-1]
+    assert rt[2]["text"] == "–" and "not an A100" in rt[2]["note"]
+
+
+def test_comparison_of_runs_and_single_run_unchanged():
+    a = [dict(r, run="base") for r in synthetic_records(failure=False)]
+    b = [dict(r, run="head", values={**r["values"], "perplexity": r["values"]["perplexity"] * 1.1})
+         if r["metric"] == "perplexity" else dict(r, run="head") for r in synthetic_records(failure=False)]
+    sec, ctx = _section(a + b, "comparison", runs=["base", "head"])
+    assert ("runs", "base (base) · head") in ctx["header"]["facts"]
+    tbl = next(x for x in sec["blocks"] if x["type"] == "table")
+    assert tbl["columns"] == ["cell", "base (base)", "head"]
+    row = next(r for r in tbl["rows"] if r[0]["text"] == "ppl-pretrained-none-2048")
+    assert row[1]["text"] == "31.25" and row[2]["text"] == "34.38" and row[2]["note"] == "+3.12 (+10.0%)"
+    assert row[2]["cls"] == "worse"
+    ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")
+    labels = [r[0]["text"] for r in next(x for x in ppl["blocks"] if x["type"] == "table")["rows"]]
+    assert "[base] pretrained" in labels and "[head] pretrained" in labels  # runs are never merged
+    # runs given in another order: head is the base
+    from harness.report.common import normalise
+    from harness.report.runs import comparison_section
+
+    sec = comparison_section(normalise(a + b, ["head", "base"])[0])
+    assert next(x for x in sec["blocks"] if x["type"] == "table")["columns"] == ["cell", "head (base)", "base"]
+    # one run, tagged or not: the same report, no comparison section
+    single = build_context(a, title="t")
+    plain = build_context(synthetic_records(failure=False), title="t")
+    assert [s["id"] for s in single["sections"]] == [s["id"] for s in plain["sections"]]
+    assert "comparison" not in [s["id"] for s in single["sections"]]
+    assert single["sections"] == plain["sections"]
+
+
+def test_ruler_comparison_uses_mcnemar():
+    ps_a = {str(i): 1.0 for i in range(20)}
+    ps_b = {str(i): float(i < 5) for i in range(20)}
+    a = ruler_record("pretrained", "none", "vt", 1024, 100.0, run="base", per_sample=ps_a)
+    b = ruler_record("pretrained", "none", "vt", 1024, 25.0, run="head", per_sample=ps_b)
+    sec, _ = _section([a, b], "comparison")
+    row = next(x for x in sec["blocks"] if x["type"] == "table")["rows"][0]
+    assert row[2]["text"] == "25.0" and row[2]["note"] == "-75.0 pts" and row[2]["cls"] == "worse"
+    assert "McNemar p=" in row[2]["title"]
+
+
+def test_parent_written_failures_get_their_variant_and_no_env_is_fine():
+    ok_rec = asdict(ppl_record("finetuned", "hylora", 2048, 30.0, ft_ctx=8192))
+    ok_rec["cell"] = f"tiny-hybrid/seed0/hylora/{SE}/ppl@2048"
+    ok_rec["backend"] = SE
+    fail = parent_failure(f"tiny-hybrid/seed0/hylora/{SE}/ppl@4096", "perplexity", ctx=4096)
+    orphan = parent_failure("tiny-hybrid/seed0/lora/full/ruler/vt@2048", "ruler", status="timeout", ctx=2048)
+    ctx = build_context([ok_rec, fail, orphan], title="t")
+    ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")
+    assert len([b for b in ppl["blocks"] if b["type"] == "table"]) == 1  # same dataset/protocol group
+    row = next(b for b in ppl["blocks"] if b["type"] == "table")["rows"][0]
+    assert [c["text"] for c in row] == [f"finetuned: hylora / {SE} @ 8192", "30.00", "OOM"]
+    fails = next(s for s in ctx["sections"] if s["id"] == "failures")
+    labels = [r[2]["text"] for r in fails["blocks"][1]["rows"]]
+    assert f"finetuned: hylora / {SE} @ 8192" in labels and "finetuned: lora / full" in labels
+    ruler = next(s for s in ctx["sections"] if s["id"] == "ruler")
+    assert "TIMEOUT" in [c["text"] for _, _, c in _cells(ruler)]
+    env = next(s for s in ctx["sections"] if s["id"] == "environment")
+    assert any(b["type"] == "paragraph" and b["text"].startswith("2 record(s) carry no environment")
+               for b in env["blocks"])
+    assert len(env["blocks"][0]["rows"]) == 8  # one environment: key/value rows, no "None" row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,10 @@ __all__ = ["render_report"]
 
 
 def render_report(records: list[dict[str, Any]], out: Path | str, *, title: str,
-                  notes: list[str] | None = None) -> Path:
+                  notes: list[str] | None = None, runs: Sequence[str] | None = None) -> Path:
     """Write ``out/index.html`` from result records (see ``harness.report.html``); imports
-    matplotlib only when called."""
+    matplotlib only when called. ``runs``: run names in order (first = base) when the records
+    come from several results directories and carry ``record["run"]``."""
     from harness.report.html import render_report as _render
 
-    return _render(records, out, title=title, notes=notes)
+    return _render(records, out, title=title, notes=notes, runs=runs)

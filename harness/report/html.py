@@ -15,84 +15,36 @@ preset only shows in labels when records hold more than one model.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from harness.report import plots
+from harness.report.common import (  # noqa: F401 - re-exported: the report's helpers live in common
+    Block,
+    Section,
+    Variant,
+    cell,
+    fail_cell,
+    fmt_count,
+    fmt_float,
+    fmt_int,
+    is_multi_run,
+    labeller,
+    length_column,
+    normalise,
+    ok,
+    paragraph,
+    table,
+    variant_key,
+    variant_label,
+    variant_sort,
+)
 
 TEMPLATE = "report.html.j2"
 ENV_KEYS = ("python", "torch", "transformers", "device", "gpu", "cuda", "cpu", "cpu_count", "threads", "git")
-
-Block = dict[str, Any]
-Section = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def cell(text: Any = "", *, bold: bool = False, cls: str = "", title: str = "", details: str = "") -> dict:
-    """A table cell; ``details`` is shown in a collapsible <details> under the text."""
-    return {"text": "" if text is None else str(text), "bold": bold, "cls": cls, "title": title,
-            "details": details}
-
-
-def table(columns: list[str], rows: list[list[dict]], caption: str = "", numeric_from: int = 1) -> Block:
-    return {"type": "table", "columns": columns, "rows": rows, "caption": caption, "numeric_from": numeric_from}
-
-
-def fmt_int(n: Any) -> str:
-    return f"{int(n):,}" if isinstance(n, (int, float)) and not _isnan(n) else "–"
-
-
-def fmt_count(n: Any) -> str:
-    """1_234_567 -> '1.23M'."""
-    if not isinstance(n, (int, float)) or _isnan(n):
-        return "–"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"
-
-
-def fmt_float(x: Any, digits: int = 2) -> str:
-    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) and not _isnan(x) else "–"
-
-
-def _isnan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
-def _model_name(r: dict) -> str:
-    m = r.get("model") or {}
-    return str(m.get("preset") or m.get("name") or "")
-
-
-def variant_key(r: dict) -> tuple:
-    stage = r.get("stage") or ("pretrained" if r.get("method") in (None, "", "none") else "finetuned")
-    if stage == "pretrained":
-        return (_model_name(r), "pretrained", "none", "", None)
-    return (_model_name(r), stage, r.get("method") or "none", r.get("backend") or "", r.get("finetune_context"))
-
-
-def variant_sort(key: tuple) -> tuple:
-    model, stage, method, backend, ctx = key
-    return (model, stage != "pretrained", stage, method, backend, ctx or 0)
-
-
-def variant_label(key: tuple, show_model: bool = False) -> str:
-    model, stage, method, backend, ctx = key
-    label = "pretrained" if stage == "pretrained" else f"{stage}: {method} / {backend}" + (
-        f" @ {ctx}" if ctx else "")
-    return f"{model} · {label}" if show_model and model else label
-
-
-def _labeller(records: Iterable[dict]) -> Callable[[dict], str]:
-    show_model = len({_model_name(r) for r in records}) > 1
-    return lambda r: variant_label(variant_key(r), show_model)
+_labeller, _ok = labeller, ok
 
 
 def protocol_label(settings: dict) -> str:
@@ -115,14 +67,11 @@ def dataset_label(ds: dict) -> str:
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
-def _ok(r: dict) -> bool:
-    return r.get("status", "ok") == "ok"
-
-
 # ----------------------------------------------------------------------------- header
 
 
-def build_header(records: list[dict], *, title: str, notes: list[str] | None) -> dict:
+def build_header(records: list[dict], *, title: str, notes: list[str] | None, runs: Sequence[str] = (),
+                 superseded: int = 0) -> dict:
     notes = list(notes or [])
     ppl = [r for r in records if r.get("metric") == "perplexity"]
     protocols = sorted({protocol_label(r.get("settings") or {}) for r in ppl})
@@ -136,8 +85,11 @@ def build_header(records: list[dict], *, title: str, notes: list[str] | None) ->
         ("suite", ", ".join(sorted({str(r.get("suite")) for r in records if r.get("suite")})) or "–"),
         ("dataset", "; ".join(datasets) or "–"),
         ("perplexity protocol", "; ".join(protocols) or "–"),
-        ("records", f"{len(records)} (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"),
+        ("records", f"{len(records)} (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"
+         + (f"; {superseded} older record(s) of rerun cells superseded by the latest" if superseded else "")),
     ]
+    if len(runs) > 1:
+        facts.insert(0, ("runs", " · ".join(f"{r} (base)" if i == 0 else r for i, r in enumerate(runs))))
     if created:
         facts.append(("measured", created[0] if created[0] == created[-1] else f"{created[0]} – {created[-1]}"))
     return {"title": title, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z").strip(), "notes": notes,
@@ -192,7 +144,7 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
                   if (s := r.get("settings") or {}).get("pretrain_context")})
     for p in pre:
         vlines.append(plots.VLine(p, f"pretraining context ({plots.tokens_label(p)})", plots.PRETRAIN_COLOR))
-    for ft in sorted({int(k[4]) for k in keys if k[4]}):
+    for ft in sorted({int(k.finetune_context) for k in keys if k.finetune_context}):
         vlines.append(plots.VLine(ft, f"fine-tuning context ({plots.tokens_label(ft)})", plots.FINETUNE_COLOR))
     src = plots.perplexity_vs_context(series, vlines)
 
@@ -235,33 +187,6 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
     ]
 
 
-def finetune_section(records: list[dict]) -> Section | None:
-    train = [r for r in records if r.get("metric") == "train" and _ok(r)]
-    if not train:
-        return None
-    label = _labeller(records)
-    train.sort(key=lambda r: variant_sort(variant_key(r)))
-    blocks: list[Block] = []
-    curves = [(label(r), (r.get("values") or {}).get("loss_curve") or []) for r in train]
-    if any(pts for _, pts in curves):
-        blocks.append({"type": "figure", "src": plots.loss_curves(curves), "alt": "training loss curves",
-                       "caption": "Training loss per optimisation step."})
-    rows = []
-    for r in train:
-        v = r.get("values") or {}
-        curve = v.get("loss_curve") or []
-        steps = v.get("steps", curve[-1][0] if curve else None)
-        final = v.get("final_loss", curve[-1][1] if curve else None)
-        rows.append([
-            cell(label(r), cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)),
-            cell(fmt_float(v.get("tokens_per_s"), 0)), cell(fmt_float(v.get("peak_memory_gib"), 2)),
-            cell(fmt_count(v.get("trainable_params"))), cell(fmt_float(r.get("seconds"), 0)),
-        ])
-    blocks.append(table(["variant", "steps", "final loss", "tokens/s", "peak memory (GiB)",
-                         "trainable params", "wall time (s)"], rows))
-    return {"id": "finetuning", "title": "Fine-tuning", "blocks": blocks}
-
-
 def failures_section(records: list[dict]) -> Section | None:
     bad = [r for r in records if not _ok(r)]
     if not bad:
@@ -273,9 +198,9 @@ def failures_section(records: list[dict]) -> Section | None:
         first = err.strip().splitlines()[-1] if err.strip() else ""
         short = first if len(first) <= 160 else first[:157] + "…"
         rows.append([
-            cell(r.get("cell"), cls="mono nowrap"), cell(r.get("metric")), cell(label(r), cls="label"),
+            cell(r.get("cell"), cls="mono wrap-any"), cell(r.get("metric")), cell(label(r), cls="label"),
             cell(r.get("eval_context") or "–"), cell(str(r.get("status")).upper(), cls="fail"),
-            cell(short, cls="mono", details=err if err.strip() != short else ""),
+            cell(short, cls="mono err", details=err if err.strip() != short else ""),
         ])
     text = f"{len(bad)} cell(s) produced no measurement."
     return {"id": "failures", "title": "Failed cells",
@@ -287,21 +212,32 @@ def failures_section(records: list[dict]) -> Section | None:
 def environment_section(records: list[dict]) -> Section | None:
     if not records:
         return None
+    multi = is_multi_run(records)
     envs: Counter = Counter()
+    missing = 0
     for r in records:
         env = r.get("env") or {}
-        envs[tuple((k, env.get(k)) for k in ENV_KEYS)] += 1
-    keys = [k for k in ENV_KEYS if any(dict(e).get(k) is not None for e in envs)]
+        if not env:
+            missing += 1
+            continue
+        run = ((("run", r.get("run")),) if multi else ())
+        envs[run + tuple((k, env.get(k)) for k in ENV_KEYS)] += 1
+    keys = (["run"] if multi else []) + [k for k in ENV_KEYS if any(dict(e).get(k) is not None for e in envs)]
     blocks: list[Block] = []
-    if keys:
+    if envs and keys:
         if len(envs) == 1:
             env = dict(next(iter(envs)))
             rows = [[cell(k, cls="label"), cell(env.get(k), cls="mono")] for k in keys]
             blocks.append(table(["", "value"], rows, numeric_from=99))
         else:
-            rows = [[cell(dict(e).get(k, "–"), cls="mono") for k in keys] + [cell(n)]
-                    for e, n in envs.most_common()]
+            rows = [[cell(dict(e).get(k) if dict(e).get(k) is not None else "–", cls="mono") for k in keys]
+                    + [cell(n)] for e, n in sorted(envs.items(), key=lambda kv: (str(dict(kv[0]).get("run")),
+                                                                                -kv[1]))]
             blocks.append(table(keys + ["records"], rows, numeric_from=len(keys)))
+    if missing:
+        blocks.append(paragraph(
+            f"{missing} record(s) carry no environment: failure records written by the runner when a job "
+            "process died (crash, out-of-memory kill or timeout)."))
     kernels: dict[str, Counter] = defaultdict(Counter)
     for r in records:
         if r.get("kernel"):
@@ -314,23 +250,34 @@ def environment_section(records: list[dict]) -> Section | None:
     return {"id": "environment", "title": "Environment", "blocks": blocks} if blocks else None
 
 
-SECTIONS: list[Callable[[list[dict]], Section | None]] = [
-    perplexity_section,
-    finetune_section,
-    failures_section,
-    environment_section,
-]
+def _sections() -> list[Callable[[list[dict]], Section | None]]:
+    from harness.report.efficiency import efficiency_section
+    from harness.report.paper import paper_section
+    from harness.report.ruler import ruler_section
+    from harness.report.runs import comparison_section
+    from harness.report.training import training_section
+
+    return [perplexity_section, ruler_section, efficiency_section, training_section, comparison_section,
+            paper_section, failures_section, environment_section]
+
+
+#: The report's sections in page order; each takes the normalised records (see ``common.normalise``).
+SECTIONS: list[Callable[[list[dict]], Section | None]] = _sections()
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
-def build_context(records: list[dict], *, title: str, notes: list[str] | None = None) -> dict:
+def build_context(records: list[dict], *, title: str, notes: list[str] | None = None,
+                  runs: Sequence[str] | None = None) -> dict:
+    records, names, superseded = normalise(records, runs)
     sections = [s for s in (build(records) for build in SECTIONS) if s]
-    return {"header": build_header(records, title=title, notes=notes), "sections": sections}
+    return {"header": build_header(records, title=title, notes=notes, runs=names, superseded=superseded),
+            "sections": sections}
 
 
-def render_html(records: list[dict], *, title: str, notes: list[str] | None = None) -> str:
+def render_html(records: list[dict], *, title: str, notes: list[str] | None = None,
+                runs: Sequence[str] | None = None) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
     env = Environment(
@@ -338,15 +285,21 @@ def render_html(records: list[dict], *, title: str, notes: list[str] | None = No
         autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    return env.get_template(TEMPLATE).render(**build_context(records, title=title, notes=notes))
+    return env.get_template(TEMPLATE).render(**build_context(records, title=title, notes=notes, runs=runs))
 
 
-def render_report(records: list[dict], out: Path | str, *, title: str, notes: list[str] | None = None) -> Path:
-    """Write ``out/index.html``, a single self-contained file, and return its path."""
+def render_report(records: list[dict], out: Path | str, *, title: str, notes: list[str] | None = None,
+                  runs: Sequence[str] | None = None) -> Path:
+    """Write ``out/index.html``, a single self-contained file, and return its path.
+
+    ``runs``: the run names in order (the first is the base of comparisons) when ``records`` come
+    from several results directories, each tagged with ``record["run"]``; by default the order in
+    which the records name them. With one run the report is the same as without run tags.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(records, title=title, notes=notes), encoding="utf-8")
+    tmp.write_text(render_html(records, title=title, notes=notes, runs=runs), encoding="utf-8")
     tmp.replace(path)
     return path

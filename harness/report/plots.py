@@ -47,6 +47,8 @@ class Series:
     x: list[float]
     y: list[float]
     failed: list[tuple[float, str]] = field(default_factory=list)  # (x, status) of cells with no value
+    color: str | None = None  # default: the palette colour of the series' position
+    linestyle: str = "-"
 
 
 @dataclass
@@ -62,7 +64,15 @@ FINETUNE_COLOR = "#b8860b"
 
 def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = (), *,
                           title: str = "") -> str:
-    """Perplexity (log y) against evaluation context (log2 x, ticks at measured lengths).
+    """Perplexity (log y) against evaluation context (log2 x, ticks at measured lengths)."""
+    return line_vs_length(series, vlines, ylabel="perplexity (log scale)", xlabel="evaluation context (tokens)",
+                          title=title)
+
+
+def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, ylabel: str,
+                   xlabel: str = "length (tokens)", logy: bool = True, ylim: tuple[float, float] | None = None,
+                   title: str = "") -> str:
+    """A value against sequence length (log2 x, ticks at the measured lengths; log y unless ``logy`` is False).
 
     Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes
     with the status written next to them, in the series' colour.
@@ -71,15 +81,17 @@ def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = ()
     ax = fig.add_subplot()
     xs = sorted({x for s in series for x in s.x} | {x for s in series for x, _ in s.failed})
     ys = [y for s in series for y in s.y]
-    for i, s in enumerate(series):
+    colors = [s.color or color(i) for i, s in enumerate(series)]
+    for s, c in zip(series, colors, strict=True):
         pts = sorted(zip(s.x, s.y, strict=True))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=5, lw=1.8,
-                    color=color(i), label=s.label)
+                    color=c, linestyle=s.linestyle, label=s.label)
         elif s.failed:
-            ax.plot([], [], marker="o", color=color(i), label=s.label)  # legend entry only
+            ax.plot([], [], marker="o", color=c, linestyle=s.linestyle, label=s.label)  # legend entry only
     ax.set_xscale("log", base=2)
-    if ys:
+    logy = logy and bool(ys) and min(ys) > 0
+    if logy:
         ax.set_yscale("log")
     if xs:
         lo, hi = min(xs + [v.x for v in vlines]), max(xs + [v.x for v in vlines])
@@ -87,27 +99,40 @@ def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = ()
         ax.xaxis.set_major_locator(FixedLocator(xs))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tokens_label(v)))
         ax.xaxis.set_minor_locator(NullLocator())
-    if ys:
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    elif ys and logy:
         lo, hi = min(ys), max(ys)
         ax.set_ylim(lo / 1.12, hi * 1.25)
         _readable_log_ticks(ax, lo / 1.12, hi * 1.25)
+    elif ys:
+        lo, hi = min(ys), max(ys)
+        pad = (hi - lo) * 0.15 or abs(hi) * 0.1 or 1.0
+        ax.set_ylim(min(0.0, lo - pad) if lo >= 0 else lo - pad, hi + 2 * pad)
     trans = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for v in vlines:  # labelled in the legend: text on the plot would collide with the data
         ax.axvline(v.x, ls=(0, (1.5, 2.5)), lw=1.6, color=v.color, zorder=0, label=v.label)
-    for i, s in enumerate(series):
+    for s, c in zip(series, colors, strict=True):
         for x, status in s.failed:
-            ax.plot([x], [0.94], marker="X", ms=9, color=color(i), transform=trans, clip_on=False,
-                    linestyle="none")
+            ax.plot([x], [0.94], marker="X", ms=9, color=c, transform=trans, clip_on=False, linestyle="none")
             ax.annotate(status.upper(), (x, 0.94), xycoords=trans, xytext=(6, -3),
-                        textcoords="offset points", fontsize=8, color=color(i))
-    ax.set_xlabel("evaluation context (tokens)")
-    ax.set_ylabel("perplexity (log scale)")
+                        textcoords="offset points", fontsize=8, color=c)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
     if series:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        legend(ax, [s.label for s in series] + [v.label for v in vlines])
     return png_data_uri(fig)
+
+
+def legend(ax, labels: Sequence[str]) -> None:
+    """Legend right of the axes, or under them when labels are long (variant labels with backend options)."""
+    if max((len(t) for t in labels), default=0) > 44:
+        ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False, ncol=1)
+    else:
+        ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def _readable_log_ticks(ax, lo: float, hi: float) -> None:
@@ -129,7 +154,7 @@ def _readable_log_ticks(ax, lo: float, hi: float) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]]) -> str:
+def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, title: str = "") -> str:
     """Training loss against step, one line per (label, [[step, loss], ...])."""
     fig = Figure(figsize=(8.2, 4.0))
     ax = fig.add_subplot()
@@ -140,5 +165,67 @@ def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]]) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    legend(ax, [label for label, pts in curves if pts])
     return png_data_uri(fig)
+
+
+def accuracy_heatmap(rows: Sequence[str], cols: Sequence[int], values: Sequence[Sequence[float | None]], *,
+                     texts: Sequence[Sequence[str]] | None = None, hatched: Sequence[Sequence[bool]] = (),
+                     title: str = "") -> str:
+    """Accuracy (%) of tasks (rows) x lengths (columns) on a fixed 0-100 colour scale, every cell annotated.
+
+    ``None`` values are drawn grey with ``texts[i][j]`` (e.g. "OOM", "–"); ``hatched`` cells
+    get a diagonal hatch (used for "uninformative: base model at chance").
+    """
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    fig = Figure(figsize=(1.9 + 0.72 * max(len(cols), 2), 0.9 + 0.36 * max(len(rows), 2)))
+    ax = fig.add_subplot()
+    cmap = _accuracy_cmap()
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    ax.set_facecolor("#e4e7ea")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = data[i, j]
+            if np.isnan(v):
+                text, fg = (texts[i][j] if texts else "–"), "#b3261e"
+                if text in ("–", ""):
+                    fg = "#5f6b76"
+            else:
+                text = f"{v:.0f}" if v in (0, 100) else f"{v:.1f}"
+                r, g, b, _ = cmap(v / 100)
+                fg = "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#ffffff"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=fg)
+            if hatched and hatched[i][j]:
+                ax.add_patch(_hatch_patch(j, i))
+    ax.set_xticks(range(len(cols)), [tokens_label(c) for c in cols])
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.tick_params(axis="both", labelsize=8, length=0)
+    ax.set_xlabel("length (tokens)", fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.2)
+    ax.tick_params(which="minor", length=0)
+    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+    cb.set_label("accuracy (%)", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return png_data_uri(fig)
+
+
+def _accuracy_cmap():
+    from matplotlib import colormaps
+
+    return colormaps["viridis"]
+
+
+def _hatch_patch(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#ffffff", linewidth=0, alpha=0.6)

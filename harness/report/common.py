@@ -1,0 +1,290 @@
+"""What every report section shares: input normalisation, model variants, table cells, number formats.
+
+Input normalisation (:func:`normalise`) runs once, before any section sees the records:
+
+* **latest record wins**: a rerun (``harness run --retry-failed``) appends a newer record for the
+  same cell, so of all records with the same (run, cell, config_hash) only the last one in file
+  order (``results.jsonl`` is append-only) is kept;
+* **runs**: records from several results directories carry ``record["run"]`` (the directory
+  name, set by ``harness report DIR1 DIR2``); with more than one run every variant is keyed and
+  labelled by its run, so nothing from different runs is merged; with one run the field is
+  ignored and the output is the same as without it;
+* **parent-written failure records** (status oom/timeout/error written by the runner when a job
+  process died) carry only cell, metric, status, error, config_hash and eval_context: their
+  variant (model, stage, method, backend), task and settings are filled in from an ok record of
+  the same job (same cell-id prefix) or, failing that, parsed from the cell id
+  (``{model}/seed{n}/pretrained/...``, ``{model}/seed{n}/{method}/{backend label}/...``,
+  ``attention/{backend label}/efficiency@{n}``).
+
+Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``; normalisation
+works on shallow copies and never changes the caller's records.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+Block = dict[str, Any]
+Section = dict[str, Any]
+
+RUN_KEY = "run"
+_RUN_INDEX = "_run_index"
+_INFERRED = "_inferred"
+_CELL_TAIL = re.compile(r"/(ppl@\d+|ruler/[^/]+@\d+|train)$")
+_RULER_CELL = re.compile(r"/ruler/(?P<task>[^/@]+)@\d+$")
+_EFFICIENCY_CELL = re.compile(r"^attention/(?P<backend>.+)/efficiency@\d+$")
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def run_names(records: Iterable[dict], runs: Sequence[str] | None = None) -> list[str]:
+    """The runs in order: ``runs`` first (the first one is the base of comparisons), then any other
+    ``record["run"]`` in order of first appearance."""
+    out = [str(r) for r in runs or ()]
+    for r in records:
+        name = r.get(RUN_KEY)
+        if name not in (None, "") and str(name) not in out:
+            out.append(str(name))
+    return out
+
+
+def latest(records: Iterable[dict]) -> list[dict]:
+    """Of the records with the same (run, cell, config_hash), the last one (file order = append order)."""
+    last: dict[tuple, int] = {}
+    records = list(records)
+    for i, r in enumerate(records):
+        last[(str(r.get(RUN_KEY) or ""), r.get("cell"), r.get("config_hash"))] = i
+    return [records[i] for i in sorted(last.values())]
+
+
+def normalise(records: Iterable[dict], runs: Sequence[str] | None = None) -> tuple[list[dict], list[str], int]:
+    """(normalised records, run names, number of superseded records dropped); see the module doc."""
+    records = [dict(r) for r in records]
+    names = run_names(records, runs)
+    kept = latest(records)
+    multi = len(names) > 1
+    for r in kept:
+        name = str(r.get(RUN_KEY) or "")
+        r[RUN_KEY] = name if multi else ""
+        r[_RUN_INDEX] = names.index(name) if multi and name in names else 0
+    _fill_failures(kept)
+    return kept, names if multi else names[:1], len(records) - len(kept)
+
+
+def _job_prefix(cell_id: str) -> str:
+    return _CELL_TAIL.sub("", cell_id)
+
+
+def _fill_failures(records: list[dict]) -> None:
+    by_job: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("status", "ok") == "ok" and r.get("cell"):
+            by_job.setdefault((r[RUN_KEY], _job_prefix(str(r["cell"])), r.get("metric")), r)
+            by_job.setdefault((r[RUN_KEY], _job_prefix(str(r["cell"])), None), r)
+    for r in records:
+        if r.get("status", "ok") == "ok" or r.get("stage") or r.get("model") or r.get("env"):
+            continue  # written by a job: complete
+        cell_id = str(r.get("cell") or "")
+        prefix = _job_prefix(cell_id)
+        sib = by_job.get((r[RUN_KEY], prefix, r.get("metric"))) or by_job.get((r[RUN_KEY], prefix, None))
+        if sib is not None:  # the record's stage/method/backend are Record defaults, not measurements
+            for k in ("stage", "model", "method", "backend", "finetune_context"):
+                r[k] = sib.get(k)
+            for k in ("dataset", "suite"):
+                if not r.get(k) and sib.get(k):
+                    r[k] = sib[k]
+            if r.get("metric") == sib.get("metric"):
+                settings = {k: v for k, v in (sib.get("settings") or {}).items()
+                            if k not in ("task", "samples_file")}
+                r["settings"] = {**settings, **(r.get("settings") or {})}
+        else:
+            _parse_cell_id(r, cell_id)
+        if not r.get("settings") and r.get("metric") in ("perplexity", "ruler"):
+            _settings_from_run(r, records)
+        if m := _RULER_CELL.search(cell_id):
+            r["settings"] = {**(r.get("settings") or {}), "task": m.group("task")}
+        r[_INFERRED] = True
+
+
+def _settings_from_run(r: dict, records: list[dict]) -> None:
+    """Dataset and settings of the run's ok records of the same metric, when they all agree."""
+    same = [o for o in records if o.get("status", "ok") == "ok" and o.get("metric") == r.get("metric")
+            and o.get(RUN_KEY) == r.get(RUN_KEY)]
+    drop = ("task", "samples_file", "max_windows", "seed")
+    shared = {repr(({k: v for k, v in (o.get("settings") or {}).items() if k not in drop}, o.get("dataset")))
+              for o in same}
+    if len(shared) == 1:
+        r["settings"] = {k: v for k, v in (same[0].get("settings") or {}).items() if k not in drop}
+        r["dataset"] = r.get("dataset") or same[0].get("dataset")
+
+
+def _parse_cell_id(r: dict, cell_id: str) -> None:
+    if m := _EFFICIENCY_CELL.match(cell_id):
+        r["backend"] = m.group("backend")
+        return
+    parts = _job_prefix(cell_id).split("/")
+    if len(parts) < 3 or not parts[1].startswith("seed"):
+        return
+    r["model"] = {"preset": parts[0]}
+    if parts[2] == "pretrained" or parts[2] == "pretrain":
+        r.update(stage="pretrained", method="none", backend="full")
+    elif len(parts) >= 4:
+        r.update(stage="finetuned", method=parts[2], backend="/".join(parts[3:]))
+
+
+def run_index(r: dict) -> int:
+    return int(r.get(_RUN_INDEX) or 0)
+
+
+def is_multi_run(records: Iterable[dict]) -> bool:
+    return any(r.get(RUN_KEY) for r in records)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class Variant(NamedTuple):
+    """A model variant; ``eval_attention`` is "finetune" when evaluated with the fine-tuning attention
+    (the paper's Table 2), else "" (full attention, the default); ``run`` is "" in single-run reports."""
+
+    run_index: int
+    run: str
+    model: str
+    stage: str
+    method: str
+    backend: str
+    finetune_context: int | None
+    eval_attention: str
+
+
+def model_name(r: dict) -> str:
+    m = r.get("model") or {}
+    return str(m.get("preset") or m.get("name") or "")
+
+
+def _stage(r: dict) -> str:
+    return r.get("stage") or ("pretrained" if r.get("method") in (None, "", "none") else "finetuned")
+
+
+def variant_key(r: dict) -> Variant:
+    run = (run_index(r), str(r.get(RUN_KEY) or ""))
+    stage = _stage(r)
+    if stage == "pretrained":  # evaluated with full attention whatever eval_attention says
+        return Variant(*run, model_name(r), "pretrained", "none", "", None, "")
+    ev = (r.get("settings") or {}).get("eval_attention")
+    return Variant(*run, model_name(r), stage, r.get("method") or "none", r.get("backend") or "",
+                   r.get("finetune_context"), "finetune" if ev == "finetune" else "")
+
+
+def variant_sort(key: Variant) -> tuple:
+    return (key.run_index, key.model, key.stage != "pretrained", key.stage, key.method, key.backend,
+            key.finetune_context or 0, key.eval_attention)
+
+
+def variant_label(key: Variant, show_model: bool = False) -> str:
+    if key.stage == "pretrained":
+        label = "pretrained"
+    else:
+        label = f"{key.stage}: {key.method} / {key.backend}" + (f" @ {key.finetune_context}"
+                                                                 if key.finetune_context else "")
+        if key.eval_attention == "finetune":
+            label += ", eval: finetune attention"
+    if show_model and key.model:
+        label = f"{key.model} · {label}"
+    return f"[{key.run}] {label}" if key.run else label
+
+
+def labeller(records: Iterable[dict]) -> Callable[[dict], str]:
+    """Variant labels, naming the model only when the records hold more than one; an efficiency
+    record (no model: one attention layer) is labelled by its backend."""
+    show_model = len({m for r in records if (m := model_name(r))}) > 1
+
+    def label(r: dict) -> str:
+        if r.get("metric") == "efficiency":
+            run = f"[{r[RUN_KEY]}] " if r.get(RUN_KEY) else ""
+            return f"{run}attention layer: {r.get('backend') or '?'}"
+        return variant_label(variant_key(r), show_model)
+
+    return label
+
+
+def ok(r: dict) -> bool:
+    return r.get("status", "ok") == "ok"
+
+
+def backend_name(label: str) -> str:
+    """'se_attn(chunk_size=256,...)' -> 'se_attn'."""
+    return str(label or "").split("(", 1)[0]
+
+
+# ----------------------------------------------------------------------------- blocks and formats
+
+
+def cell(text: Any = "", *, bold: bool = False, cls: str = "", title: str = "", details: str = "",
+         note: str = "") -> dict:
+    """A table cell; ``note`` is small text under the value, ``details`` a collapsible <details>."""
+    return {"text": "" if text is None else str(text), "bold": bold, "cls": cls, "title": title,
+            "details": details, "note": note}
+
+
+def table(columns: list[str], rows: list[list[dict]], caption: str = "", numeric_from: int = 1, *,
+          cls: str = "", summary: str = "") -> Block:
+    """A table; ``cls`` a CSS class of the <table> ("wrap-headers"), ``summary`` folds it into a <details>."""
+    return {"type": "table", "columns": columns, "rows": rows, "caption": caption, "numeric_from": numeric_from,
+            "cls": cls, "summary": summary}
+
+
+def paragraph(text: str) -> Block:
+    return {"type": "paragraph", "text": text}
+
+
+def heading(text: str) -> Block:
+    return {"type": "heading", "text": text}
+
+
+def figure(src: str, alt: str, caption: str = "") -> Block:
+    return {"type": "figure", "src": src, "alt": alt, "caption": caption}
+
+
+def callouts(items: list[str]) -> Block:
+    return {"type": "callouts", "items": items}
+
+
+def fail_cell(r: dict) -> dict:
+    return cell(str(r.get("status", "error")).upper(), cls="fail", title=str(r.get("error") or ""))
+
+
+def isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not isnan(x)
+
+
+def fmt_int(n: Any) -> str:
+    return f"{int(n):,}" if number(n) else "–"
+
+
+def fmt_count(n: Any) -> str:
+    """1_234_567 -> '1.23M'."""
+    if not number(n):
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def fmt_float(x: Any, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}" if number(x) else "–"
+
+
+def length_column(n: int) -> str:
+    from harness.report.plots import tokens_label
+
+    return f"{tokens_label(n)} ({n})" if n >= 1024 else str(n)

@@ -1,0 +1,190 @@
+"""The paper's headline numbers, as data, and the report section that shows them.
+
+Source: Nunez, Zancato, Bowman, Golatkar, Xia, Soatto, "Expansion Span: Combining Fading Memory
+and Retrieval in Hybrid State Space Models", NeuS 2025 (PMLR 288): Table 1 (PG-19 validation
+perplexity), Figure 2 (RULER average accuracy over the eleven tasks; 2a attention variants,
+2b LoRA variants), the SE-Attn ablations of Section 4.3, and the attention-layer runtime;
+transcribed in ``docs/METHODS.md`` ("Headline numbers to compare against"). Setting:
+Mamba-2-Hybrid 2.7B (``mamba2attn-2.7b``) pretrained at 2048, fine-tuned with HyLoRA at 8192
+(1000 steps, 8 x 8192 tokens per step), evaluated with full attention; runtime of one attention
+layer, forward + backward, at 32K tokens on an A100.
+
+Our numbers are put beside the paper's only when the records' model preset is the paper's
+model (:data:`PAPER_MODEL`); with any other model (the CPU smoke suites use a 0.9M-parameter
+hybrid) they are "not comparable: different model and scale".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from harness.report.common import (
+    Block,
+    Section,
+    backend_name,
+    callouts,
+    cell,
+    fmt_float,
+    heading,
+    model_name,
+    ok,
+    paragraph,
+    run_index,
+    table,
+    variant_key,
+)
+
+SOURCE = ("Nunez et al., \u201cExpansion Span: Combining Fading Memory and Retrieval in Hybrid State Space "
+          "Models\u201d, NeuS 2025 (PMLR 288): Table 1, Figure 2, Section 4.3 ablations and the attention runtime "
+          "comparison; as transcribed in docs/METHODS.md.")
+PAPER_MODEL = "mamba2attn-2.7b"
+PAPER_FINETUNE_CONTEXT = 8192
+NOT_COMPARABLE = "not comparable: different model and scale"
+
+PPL_CONTEXTS = (2048, 8192, 16384, 32768)
+RULER_LENGTHS = (2048, 8192, 16384)
+
+#: (row label, backend name of the fine-tuning attention or None for the pretrained model,
+#:  PG-19 perplexity by context, RULER average accuracy (%) by length). Fine-tuning method: HyLoRA.
+MAIN: list[tuple[str, str | None, dict[int, float], dict[int, float]]] = [
+    ("not fine-tuned", None, {2048: 10.72, 8192: 14.99, 16384: 19.35, 32768: 26.37},
+     {2048: 64.9, 8192: 5.5, 16384: 0.2}),
+    ("Full-Attn", "full", {2048: 10.99, 8192: 10.28, 16384: 10.39, 32768: 11.14},
+     {2048: 59.9, 8192: 39.2, 16384: 35.3}),
+    ("SW-Attn", "sliding_window", {2048: 10.98, 8192: 10.80, 16384: 11.82, 32768: 13.45},
+     {2048: 54.9, 8192: 21.0, 16384: 17.4}),
+    ("S\u00b2-Attn", "s2_attn", {2048: 10.87, 8192: 12.89, 16384: 14.67, 32768: 16.37},
+     {2048: 65.8, 8192: 24.6, 16384: 11.9}),
+    ("SE-Attn", "se_attn", {2048: 10.99, 8192: 10.45, 16384: 11.14, 32768: 12.64},
+     {2048: 71.9, 8192: 40.5, 16384: 28.2}),
+]
+
+#: RULER average at 8K: (label, method, backend name, backend label must contain, value).
+ABLATIONS: list[tuple[str, str, str, str, float]] = [
+    ("SE-Attn, no retrieval", "hylora", "se_attn_nomem", "", 26.1),
+    ("SE-Attn, random blocks", "hylora", "se_attn", "random", 32.5),
+    ("SE-Attn", "hylora", "se_attn", "", 40.5),
+    ("LoRA (SE-Attn)", "lora", "se_attn", "", 31.6),
+    ("LoRA+ (SE-Attn)", "lora_plus", "se_attn", "", 33.1),
+    ("HyLoRA (SE-Attn)", "hylora", "se_attn", "", 40.5),
+]
+ABLATION_LENGTH = 8192
+
+#: One attention layer, forward + backward, at RUNTIME_LENGTH tokens on RUNTIME_DEVICE (ms).
+RUNTIME_MS: dict[str, float] = {"full": 182.0, "sliding_window": 69.0, "s2_attn": 81.0, "se_attn": 71.0}
+RUNTIME_LABELS = {"full": "Full-Attn", "sliding_window": "SW-Attn", "s2_attn": "S\u00b2-Attn", "se_attn": "SE-Attn"}
+RUNTIME_LENGTH = 32768
+RUNTIME_DEVICE = "A100"
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+class Ours:
+    """Our numbers in the paper's setting (paper model, HyLoRA at 8192, full-attention evaluation, base run)."""
+
+    def __init__(self, records: list[dict]):
+        self.records = [r for r in records if ok(r) and run_index(r) == 0]
+
+    def _variant(self, r: dict, method: str | None, backend: str | None, contains: str = "") -> bool:
+        k = variant_key(r)
+        if k.model != PAPER_MODEL or k.eval_attention:
+            return False
+        if backend is None:
+            return k.stage == "pretrained"
+        label = k.backend
+        return (k.stage != "pretrained" and k.method == method and backend_name(label) == backend
+                and k.finetune_context == PAPER_FINETUNE_CONTEXT and (contains in label if contains
+                                                                       else "random" not in label))
+
+    def perplexity(self, backend: str | None, n: int) -> float | None:
+        return _mean([r["values"]["perplexity"] for r in self.records
+                      if r.get("metric") == "perplexity" and r.get("eval_context") == n
+                      and self._variant(r, "hylora", backend) and "perplexity" in (r.get("values") or {})])
+
+    def ruler_average(self, method: str, backend: str | None, n: int, contains: str = "") -> float | None:
+        from harness.data.ruler.tasks import TASKS
+        from harness.metrics.ruler import group_scores
+
+        by_task: dict[str, list[float]] = {}
+        for r in self.records:
+            if (r.get("metric") == "ruler" and r.get("eval_context") == n
+                    and (r.get("settings") or {}).get("task") in TASKS
+                    and self._variant(r, method, backend, contains)):
+                by_task.setdefault(r["settings"]["task"], []).append(float(r["values"]["accuracy"]))
+        return group_scores({t: sum(v) / len(v) for t, v in by_task.items()}).get("average")
+
+    def runtime(self, backend: str) -> tuple[float | None, str]:
+        recs = [r for r in self.records if r.get("metric") == "efficiency" and r.get("eval_context") == RUNTIME_LENGTH
+                and backend_name(str(r.get("backend"))) == backend and "random" not in str(r.get("backend"))]
+        if not recs:
+            return None, "not measured"
+        gpus = {str((r.get("env") or {}).get("gpu") or "CPU") for r in recs}
+        if not all(RUNTIME_DEVICE in g for g in gpus):
+            return None, f"not comparable: measured on {', '.join(sorted(gpus))}, not an {RUNTIME_DEVICE}"
+        return _mean([r["values"]["time_ms"] for r in recs]), ""
+
+
+def _pair(paper: float, ours: float | None, digits: int, why: str = "not measured") -> list[dict]:
+    return [cell(fmt_float(paper, digits)),
+            cell(fmt_float(ours, digits), cls="ours") if ours is not None else
+            cell("–", cls="missing", title=why, note=why if why != "not measured" else "")]
+
+
+def paper_section(records: list[dict]) -> Section | None:
+    if not any(r.get("metric") in ("perplexity", "ruler", "efficiency") for r in records):
+        return None
+    models = sorted({m for r in records if (m := model_name(r))})
+    comparable = PAPER_MODEL in models
+    blocks: list[Block] = [paragraph("Source: " + SOURCE)]
+    if comparable:
+        blocks.append(paragraph(
+            f"\u201cours\u201d: this report's {PAPER_MODEL} records (base run) in the paper's setting: fine-tuned "
+            f"with HyLoRA at {PAPER_FINETUNE_CONTEXT} tokens, evaluated with full attention. A dash: not measured "
+            "in that setting. Our perplexity is on the dataset and protocol in the header, which may differ from "
+            "the paper's PG-19 validation split with LongLoRA's protocol."))
+    else:
+        blocks.append(callouts([
+            f"Our numbers: {NOT_COMPARABLE}. The paper measured Mamba-2-Hybrid 2.7B ({PAPER_MODEL}) fine-tuned "
+            f"at 8192 tokens; this report's model(s): {', '.join(models) or 'not recorded'}. The paper's numbers are "
+            "shown for reference only."]))
+    ours = Ours(records) if comparable else None
+
+    def both(paper: float, get: Callable[[], float | None], digits: int) -> list[dict]:
+        return _pair(paper, get(), digits) if ours else [cell(fmt_float(paper, digits))]
+
+    sub = ["paper", "ours"] if ours else ["paper"]
+    blocks.append(heading("Perplexity and RULER average (Mamba-2-Hybrid 2.7B, HyLoRA at 8192, full-attention eval)"))
+    columns = ["method"] + [f"PPL {n // 1024}K" + (f" {s}" if ours else "") for n in PPL_CONTEXTS for s in sub] + [
+        f"RULER {n // 1024}K" + (f" {s}" if ours else "") for n in RULER_LENGTHS for s in sub]
+    rows = []
+    for label, backend, ppl, ruler in MAIN:
+        row = [cell(label, cls="label")]
+        for n in PPL_CONTEXTS:
+            row += both(ppl[n], lambda n=n, b=backend: ours.perplexity(b, n), 2)
+        for n in RULER_LENGTHS:
+            row += both(ruler[n], lambda n=n, b=backend: ours.ruler_average("hylora", b, n), 1)
+        rows.append(row)
+    blocks.append(table(columns, rows))
+
+    blocks.append(heading(f"Ablations: RULER average at {ABLATION_LENGTH // 1024}K"))
+    rows = []
+    for label, method, backend, contains, value in ABLATIONS:
+        rows.append([cell(label, cls="label")] + both(
+            value, lambda m=method, b=backend, c=contains: ours.ruler_average(m, b, ABLATION_LENGTH, c), 1))
+    blocks.append(table(["variant"] + [f"RULER avg {s}" for s in sub], rows))
+
+    blocks.append(heading(f"Attention runtime: one layer, forward + backward, {RUNTIME_LENGTH // 1024}K tokens, "
+                          f"{RUNTIME_DEVICE}"))
+    rows = []
+    for backend, ms in RUNTIME_MS.items():
+        row = [cell(RUNTIME_LABELS[backend], cls="label")]
+        if ours:
+            value, why = ours.runtime(backend)
+            row += _pair(ms, value, 0, why)
+        else:
+            row.append(cell(fmt_float(ms, 0)))
+        rows.append(row)
+    blocks.append(table(["attention"] + [f"time (ms) {s}" for s in sub], rows))
+    return {"id": "paper", "title": "Paper reference numbers", "blocks": blocks}

@@ -1,0 +1,228 @@
+"""Section "RULER": per-variant task x length heatmaps, the paper's groups, and the chance gate.
+
+Records: ``metric == "ruler"`` with ``settings.task``, ``eval_context`` (the length) and
+``values.accuracy`` (percent, RULER's score), ``values.samples``, ``values.haystack_deviation``.
+Several records of one (variant, task, length) (seeds) are averaged.
+
+**Chance gate.** The issue asks: "when the base model's accuracy on a task is at chance, the
+report marks comparisons of fine-tuning methods on that task as uninformative instead of
+ranking them". RULER's tasks are generative (the answer is a 7-digit number, a UUID, a list of
+words), so chance is ~0%. We call the base model *at chance* on a (task, length) when the
+pretrained variant's accuracy there is at most :data:`CHANCE_PCT` (5%): at ≤5% the base has
+essentially never solved the task and a difference between fine-tuning methods there measures
+what fine-tuning taught from nothing, not how well a method extends the base's ability, and
+with the few samples per cell of a smoke run (e.g. 10) it is one or two lucky samples. A fixed
+threshold was chosen over a binomial test against 0% because a test against an exact zero
+rejects after a single correct sample, which is not a useful definition of "above chance".
+For those cells the fine-tuned variants' values are still shown, but marked "uninformative
+(base at chance)", hatched in the heatmaps, and never bolded as best. A group (NIAH-S, ...) is
+uninformative at a length when all its tasks are.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from harness.report import plots
+from harness.report.common import (
+    Block,
+    Section,
+    Variant,
+    callouts,
+    cell,
+    fmt_float,
+    heading,
+    labeller,
+    length_column,
+    ok,
+    paragraph,
+    table,
+    variant_key,
+    variant_sort,
+)
+
+CHANCE_PCT = 5.0
+UNINFORMATIVE = "uninformative (base at chance)"
+
+
+def _task_order(tasks: set[str]) -> list[str]:
+    from harness.data.ruler.tasks import PAPER_TASKS, TASKS
+
+    known = [t for t in (*PAPER_TASKS, *TASKS) if t in tasks]
+    return list(dict.fromkeys(known)) + sorted(tasks - set(known))
+
+
+def base_of(k: Variant) -> Variant:
+    return Variant(k.run_index, k.run, k.model, "pretrained", "none", "", None, "")
+
+
+class RulerTable:
+    """Mean accuracy per (variant, task, length), failures, and the chance gate."""
+
+    def __init__(self, recs: list[dict]):
+        self.acc: dict[Variant, dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.failed: dict[Variant, dict[tuple[str, int], dict]] = defaultdict(dict)
+        self.samples: set[int] = set()
+        for r in recs:
+            k, tn = variant_key(r), (str(r["settings"]["task"]), int(r["eval_context"]))
+            acc = (r.get("values") or {}).get("accuracy")
+            if ok(r) and isinstance(acc, (int, float)):
+                self.acc[k][tn].append(float(acc))
+                if (r.get("values") or {}).get("samples"):
+                    self.samples.add(int(r["values"]["samples"]))
+            elif not ok(r):
+                self.failed[k][tn] = r
+        self.keys = sorted(set(self.acc) | set(self.failed), key=variant_sort)
+        self.tasks = _task_order({t for k in self.keys for t, _ in (*self.acc[k], *self.failed[k])})
+        self.lengths = sorted({n for k in self.keys for _, n in (*self.acc[k], *self.failed[k])})
+
+    def value(self, k: Variant, task: str, n: int) -> float | None:
+        vals = self.acc.get(k, {}).get((task, n))
+        return sum(vals) / len(vals) if vals else None
+
+    def has_base(self, k: Variant) -> bool:
+        return base_of(k) in self.acc
+
+    def at_chance(self, k: Variant, task: str, n: int) -> bool:
+        """The base model of ``k`` scores at most CHANCE_PCT on (task, n)."""
+        base = self.value(base_of(k), task, n)
+        return base is not None and base <= CHANCE_PCT
+
+    def uninformative(self, k: Variant, task: str, n: int) -> bool:
+        return k.stage != "pretrained" and self.at_chance(k, task, n)
+
+    def groups(self, k: Variant, n: int) -> dict[str, float]:
+        from harness.data.ruler.tasks import TASKS
+        from harness.metrics.ruler import group_scores
+
+        scores = {t: v for t in self.tasks if t in TASKS and (v := self.value(k, t, n)) is not None}
+        return group_scores(scores)
+
+
+def ruler_section(records: list[dict]) -> Section | None:
+    recs = [r for r in records if r.get("metric") == "ruler" and r.get("eval_context")
+            and (r.get("settings") or {}).get("task")]
+    if not recs:
+        return None
+    label = labeller(records)
+    tab = RulerTable(recs)
+    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in tab.keys}
+    samples = sorted(tab.samples)
+    n_text = (f"{samples[0]}" if len(samples) == 1 else f"{samples[0]}–{samples[-1]}") if samples else "?"
+    blocks: list[Block] = [paragraph(
+        f"RULER accuracy (%, RULER's string-match score) per task and length, {n_text} samples per cell. "
+        f"Chance gate: where the pretrained model scores at most {CHANCE_PCT:g}% on a task at a length, "
+        f"the fine-tuned variants' values there are marked \u201c{UNINFORMATIVE}\u201d (hatched in the heatmaps) "
+        "and no method is ranked best, since the base had nothing to extend and the difference between "
+        "methods is noise or learning from scratch.")]
+    deviations = sorted({str(d) for r in recs if (d := (r.get("values") or {}).get("haystack_deviation"))})
+    notes = [f"Essay haystack replaced by book text ({d}) in "
+             f"{sum((r.get('values') or {}).get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
+             "Paul Graham essays, which are not available offline." for d in deviations]
+    finetuned = [k for k in tab.keys if k.stage != "pretrained"]
+    if finetuned and not any(tab.has_base(k) for k in finetuned):
+        notes.append("No RULER records of the pretrained model: the chance gate cannot be applied, so "
+                     "comparisons between fine-tuning methods are shown without it.")
+    if notes:
+        blocks.append(callouts(notes))
+    chance = [(t, n) for t in tab.tasks for n in tab.lengths
+              if any(tab.uninformative(k, t, n) for k in finetuned)]
+    if chance:
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for t, n in chance:
+            by_task[t].append(n)
+        blocks.append(paragraph(f"Base model at chance (\u2264{CHANCE_PCT:g}%) on: " + "; ".join(
+            f"{t} at {', '.join(plots.tokens_label(n) for n in ns)}" for t, ns in by_task.items()) + "."))
+
+    blocks.append(heading("Accuracy by task and length"))
+    items = []
+    for k in tab.keys:
+        vals = [[tab.value(k, t, n) for n in tab.lengths] for t in tab.tasks]
+        texts = [[str(tab.failed[k][(t, n)].get("status", "error")).upper() if (t, n) in tab.failed[k] else "–"
+                  for n in tab.lengths] for t in tab.tasks]
+        hatched = [[tab.uninformative(k, t, n) for n in tab.lengths] for t in tab.tasks]
+        items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched),
+                      "alt": f"RULER accuracy heatmap: {names[k]}", "caption": names[k]})
+    blocks.append({"type": "figures", "items": items,
+                   "caption": "Colour scale fixed at 0–100%. Grey: no value (status written in red when the "
+                              "cell failed). Hatched: uninformative (base model at chance)."})
+
+    blocks.append(heading("Paper groups"))
+    blocks.extend(_groups_table(tab, names))
+    blocks.append(heading("Per task, by length"))
+    for n in tab.lengths:
+        blocks.append(_task_table(tab, names, n))
+    return {"id": "ruler", "title": "RULER", "blocks": blocks}
+
+
+def _best(tab: RulerTable, values: dict[Variant, float | None], gated: dict[Variant, bool]) -> set[Variant]:
+    """The best fine-tuned variant(s) of each (run, model), when two or more are comparable."""
+    fams: dict[tuple, list[Variant]] = defaultdict(list)
+    for k, v in values.items():
+        if k.stage != "pretrained" and v is not None and not gated[k]:
+            fams[(k.run_index, k.model)].append(k)
+    out = set()
+    for ks in fams.values():
+        if len(ks) >= 2:
+            top = max(values[k] for k in ks)
+            out |= {k for k in ks if values[k] == top}
+    return out
+
+
+def _value_cell(v: float | None, k: Variant, tab: RulerTable, fails: dict | None, gated: bool, best: bool,
+                title: str = "") -> dict:
+    if v is None:
+        return cell("–", cls="missing") if fails is None else cell(
+            str(fails.get("status", "error")).upper(), cls="fail", title=str(fails.get("error") or ""))
+    return cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=UNINFORMATIVE if gated else "",
+                title=title)
+
+
+def _groups_table(tab: RulerTable, names: dict[Variant, str]) -> list[Block]:
+    from harness.data.ruler.tasks import GROUPS
+
+    scores = {(k, n): tab.groups(k, n) for k in tab.keys for n in tab.lengths}
+    groups = [g for g in GROUPS if any(g in s for s in scores.values())]
+    rows = []
+    for g in groups:
+        gated = {(k, n): k.stage != "pretrained" and all(tab.uninformative(k, t, n) for t in GROUPS[g])
+                 for k in tab.keys for n in tab.lengths}
+        best = {n: _best(tab, {k: scores[(k, n)].get(g) for k in tab.keys}, {k: gated[(k, n)] for k in tab.keys})
+                for n in tab.lengths}
+        for i, k in enumerate(tab.keys):
+            row = [cell(g if i == 0 else "", cls="label group"), cell(names[k], cls="label")]
+            for n in tab.lengths:
+                v = scores[(k, n)].get(g)
+                row.append(_value_cell(v, k, tab, None, gated[(k, n)], k in best[n],
+                                       title=f"mean of {', '.join(GROUPS[g])}"))
+            rows.append(row)
+    out: list[Block] = []
+    if rows:
+        out.append(paragraph(
+            "The paper's Appendix I.4 groups: NIAH-S (niah_single_1–3), NIAH-M (niah_multikey_1–3), NIAH-M-QV "
+            "(niah_multivalue, niah_multiquery), VT, CF-WE (cwe, fwe) and the average of the eleven tasks; each "
+            "the unweighted mean of its tasks. A group is shown only where all its tasks were measured. Bold: the "
+            "best fine-tuned variant of each length (when two or more are comparable and the group is not "
+            "uninformative)."))
+        out.append(table(["group", "variant"] + [length_column(n) for n in tab.lengths], rows, numeric_from=2))
+    else:
+        out.append(paragraph("No group is complete (every group needs all its tasks measured): see the per-task "
+                             "tables."))
+    return out
+
+
+def _task_table(tab: RulerTable, names: dict[Variant, str], n: int) -> Block:
+    rows = []
+    for t in tab.tasks:
+        values = {k: tab.value(k, t, n) for k in tab.keys}
+        gated = {k: tab.uninformative(k, t, n) for k in tab.keys}
+        best = _best(tab, values, gated)
+        row = [cell(t, cls="label mono")]
+        for k in tab.keys:
+            row.append(_value_cell(values[k], k, tab, tab.failed[k].get((t, n)), gated[k], k in best))
+        rows.append(row)
+    tbl = table(["task"] + [names[k] for k in tab.keys], rows,
+                caption=f"RULER accuracy (%) at {length_column(n)} tokens. Bold: best fine-tuned variant of the "
+                        "row, where the base model is not at chance.")
+    tbl["cls"] = "wrap-headers"
+    return tbl

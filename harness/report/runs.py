@@ -1,0 +1,158 @@
+"""Section "Comparison of runs": shown only when the records come from two or more runs.
+
+``harness report DIR1 DIR2 ...`` tags every record with ``record["run"]`` (the directory name);
+the first run is the base. For perplexity and RULER: plots with one line per (run, variant)
+(colour = variant, line style = run) and a table cell x run with each run's difference to the
+base. Differences are coloured only when they are beyond noise, by the rules of
+``harness compare`` (:mod:`harness.report.compare`): perplexity beyond its relative tolerance,
+accuracy when the exact McNemar test over the samples both runs scored gives p < alpha.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from harness.report import plots
+from harness.report.common import (
+    Block,
+    Section,
+    Variant,
+    cell,
+    fail_cell,
+    fmt_float,
+    heading,
+    labeller,
+    ok,
+    paragraph,
+    run_index,
+    table,
+    variant_key,
+    variant_label,
+    variant_sort,
+)
+from harness.report.compare import Thresholds, mcnemar_exact
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def comparison_section(records: list[dict]) -> Section | None:
+    runs = sorted({(run_index(r), str(r.get("run"))) for r in records if r.get("run")})
+    if len(runs) < 2:
+        return None
+    names = [n for _, n in runs]
+    blocks: list[Block] = [paragraph(
+        f"{len(names)} runs: " + ", ".join(names) + f". Differences are to the base run, {names[0]}. In the plots "
+        "the colour is the variant and the line style the run (" + ", ".join(
+            f"{n}: {_style_name(LINESTYLES[i % 4])}" for i, n in enumerate(names)) + ").")]
+    th = Thresholds()
+    show_model = len({variant_key(r).model for r in records}) > 1
+    for metric, title in (("perplexity", "Perplexity"), ("ruler", "RULER")):
+        recs = [r for r in records if r.get("metric") == metric and r.get("eval_context")]
+        if not recs:
+            continue
+        blocks.append(heading(title))
+        blocks.append(_plot(recs, metric, show_model))
+        blocks.append(_table(recs, metric, names, th))
+    if len(blocks) == 1:
+        blocks.append(paragraph("No perplexity or RULER records to compare."))
+    return {"id": "comparison", "title": "Comparison of runs", "blocks": blocks}
+
+
+def _style_name(ls: str) -> str:
+    return {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}[ls]
+
+
+def _base_variant(k: Variant) -> Variant:
+    return k._replace(run_index=0, run="")
+
+
+def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
+    points: dict[Variant, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[Variant, dict[int, str]] = defaultdict(dict)
+    for r in recs:
+        k, n = variant_key(r), int(r["eval_context"])
+        if not ok(r):
+            failed[k][n] = str(r.get("status"))
+            continue
+        v = (r.get("values") or {}).get("perplexity" if metric == "perplexity" else "accuracy")
+        if isinstance(v, (int, float)):
+            points[k][n].append(float(v))
+    keys = sorted(set(points) | set(failed), key=variant_sort)
+    colours = {b: plots.color(i) for i, b in enumerate(dict.fromkeys(_base_variant(k) for k in keys))}
+    series = []
+    for k in keys:
+        xs = sorted(points[k])
+        series.append(plots.Series(
+            label=variant_label(k, show_model), x=xs, y=[sum(points[k][n]) / len(points[k][n]) for n in xs],
+            failed=[(n, s) for n, s in sorted(failed[k].items()) if n not in points[k]] if metric == "perplexity"
+            else [], color=colours[_base_variant(k)], linestyle=LINESTYLES[k.run_index % 4]))
+    if metric == "perplexity":
+        src = plots.perplexity_vs_context(series)
+        caption = "Mean perplexity per (run, variant)."
+    else:
+        src = plots.line_vs_length(series, ylabel="mean accuracy over measured tasks (%)", logy=False,
+                                   ylim=(0, 100))
+        caption = ("Mean RULER accuracy over the tasks each (run, variant) measured at a length; compare runs on the "
+                   "same tasks only (see the table).")
+    return {"type": "figure", "src": src, "alt": f"{metric} by run", "caption": caption}
+
+
+def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Block:
+    # rows: (cell id, variant without its run): the same cell id evaluated with the fine-tuning
+    # attention (another config hash) is another row; records are the latest per (run, cell, hash)
+    by_row: dict[tuple[str, Variant], dict[str, dict]] = defaultdict(dict)
+    for r in recs:
+        by_row[(str(r.get("cell")), _base_variant(variant_key(r)))][str(r.get("run"))] = r
+    label = labeller(recs)
+
+    def order(key: tuple[str, Variant]) -> tuple:
+        any_rec = next(iter(by_row[key].values()))
+        return (variant_sort(key[1]), str((any_rec.get("settings") or {}).get("task")), int(any_rec["eval_context"]))
+
+    field = "perplexity" if metric == "perplexity" else "accuracy"
+    rows = []
+    for key in sorted(by_row, key=order):
+        c, variant = key
+        base = by_row[key].get(runs[0])
+        name = label(dict(next(iter(by_row[key].values())), run=""))
+        row = [cell(c, cls="mono wrap-any", title=name,
+                    note="eval: finetune attention" if variant.eval_attention else "")]
+        for i, run in enumerate(runs):
+            r = by_row[key].get(run)
+            if r is None:
+                row.append(cell("–", cls="missing", title="no record in this run"))
+            elif not ok(r):
+                row.append(fail_cell(r))
+            elif i == 0 or base is None or not ok(base):
+                row.append(cell(fmt_float(r["values"].get(field), 2 if field == "perplexity" else 1)))
+            else:
+                row.append(_diff_cell(base, r, field, th))
+        rows.append(row)
+    caption = ("Perplexity per cell and run; under each later run its difference to the base (relative change; "
+               f"coloured beyond the {th.ppl_rtol:.1%} tolerance of harness compare)." if field == "perplexity" else
+               "RULER accuracy (%) per cell and run; under each later run its difference to the base in percentage "
+               f"points, coloured when McNemar's exact test over the shared samples gives p < {th.alpha}.")
+    return table(["cell"] + [f"{r} (base)" if i == 0 else r for i, r in enumerate(runs)], rows, caption=caption,
+                 summary=f"{len(rows)} cells: show the table" if len(rows) > 12 else "")
+
+
+def _diff_cell(base: dict, head: dict, field: str, th: Thresholds) -> dict:
+    b, h = base["values"].get(field), head["values"].get(field)
+    if not isinstance(b, (int, float)) or not isinstance(h, (int, float)):
+        return cell(fmt_float(h), cls="missing")
+    settings = "" if base.get("config_hash") == head.get("config_hash") else "; settings differ (config hash)"
+    if field == "perplexity":
+        rel = h / b - 1 if b else 0.0
+        cls = "worse" if rel > th.ppl_rtol else "better" if rel < -th.ppl_rtol else ""
+        return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.1%}){settings}", cls=cls)
+    ps_b, ps_h = base["values"].get("per_sample") or {}, head["values"].get("per_sample") or {}
+    shared = set(ps_b) & set(ps_h)
+    cls, title = "", ""
+    if shared:
+        lost = sum(ps_b[s] > ps_h[s] for s in shared)
+        won = sum(ps_h[s] > ps_b[s] for s in shared)
+        p = mcnemar_exact(lost, won)
+        title = f"McNemar p={p:.3g} over {len(shared)} shared samples"
+        if p < th.alpha and lost != won:
+            cls = "worse" if lost > won else "better"
+    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=cls, title=title)

@@ -1,0 +1,94 @@
+"""Section "Pretraining and fine-tuning": loss curves and a table of the training runs.
+
+Records: ``metric == "pretrain"`` (the pretrained model's training log) and ``metric == "train"``
+(one per fine-tuned variant: log + parameter counts, ``kernel`` = attention kernels used in
+training). Values as written by ``harness.finetune.loop.TrainLog.values`` (loss_curve, tokens,
+seconds, peak_memory_gib, memory_kind, tokens_per_s) and ``MethodSummary.values``
+(trainable_params, total_params, trainable_by_group).
+"""
+
+from __future__ import annotations
+
+from harness.report import plots
+from harness.report.common import (
+    Block,
+    Section,
+    cell,
+    fmt_count,
+    fmt_float,
+    fmt_int,
+    heading,
+    labeller,
+    model_name,
+    ok,
+    paragraph,
+    run_index,
+    table,
+    variant_key,
+    variant_sort,
+)
+
+COLUMNS = ["model / variant", "steps", "final loss", "tokens", "tokens/s", "peak memory (GiB)",
+           "trainable params", "kernels", "wall time (s)"]
+
+
+def training_section(records: list[dict]) -> Section | None:
+    pre = sorted((r for r in records if r.get("metric") == "pretrain" and ok(r)),
+                 key=lambda r: (run_index(r), model_name(r), str(r.get("cell"))))
+    train = sorted((r for r in records if r.get("metric") == "train" and ok(r)),
+                   key=lambda r: (variant_sort(variant_key(r)), str(r.get("cell"))))
+    if not pre and not train:
+        return None
+    label = labeller([r for r in records if r.get("metric") in ("train", "perplexity", "ruler")])
+    blocks: list[Block] = []
+    rows = []
+    if pre:
+        names = {id(r): _pretrain_label(r, pre) for r in pre}
+        curves = [(names[id(r)], (r.get("values") or {}).get("loss_curve") or []) for r in pre]
+        if any(pts for _, pts in curves):
+            blocks.append({"type": "figure", "alt": "pretraining loss curves",
+                           "src": plots.loss_curves(curves, title="Pretraining"),
+                           "caption": "Pretraining loss per optimisation step (the base model of every variant)."})
+        rows += [_row(names[id(r)], r) for r in pre]
+    if train:
+        curves = [(label(r), (r.get("values") or {}).get("loss_curve") or []) for r in train]
+        if any(pts for _, pts in curves):
+            blocks.append({"type": "figure", "alt": "fine-tuning loss curves",
+                           "src": plots.loss_curves(curves, title="Fine-tuning"),
+                           "caption": "Fine-tuning loss per optimisation step, one line per variant."})
+        rows += [_row(label(r), r) for r in train]
+    blocks.append(heading("Training runs"))
+    blocks.append(paragraph(
+        "Steps and final loss from the loss curve; tokens/s over the whole run; peak memory as the run "
+        "measured it (the kind is written under the number: CUDA allocator peak on GPU, process peak RSS "
+        "on CPU, which are not comparable); trainable parameters with their share of the model."))
+    blocks.append(table(COLUMNS, rows))
+    return {"id": "training", "title": "Pretraining and fine-tuning", "blocks": blocks}
+
+
+def _pretrain_label(r: dict, pre: list[dict]) -> str:
+    seed = (r.get("settings") or {}).get("seed")
+    parts = str(r.get("cell") or "").split("/")
+    seed_part = next((p for p in parts if p.startswith("seed")), f"seed{seed}" if seed is not None else "")
+    name = f"pretraining: {model_name(r) or 'model'}" + (f" ({seed_part})" if seed_part and len(pre) > 1 else "")
+    return f"[{r['run']}] {name}" if r.get("run") else name
+
+
+def _row(name: str, r: dict) -> list[dict]:
+    v = r.get("values") or {}
+    curve = v.get("loss_curve") or []
+    steps = v.get("steps", curve[-1][0] if curve else (r.get("settings") or {}).get("steps"))
+    final = v.get("final_loss", curve[-1][1] if curve else None)
+    trainable, total = v.get("trainable_params"), v.get("total_params")
+    share = f"{100 * trainable / total:.2f}% of {fmt_count(total)}" if trainable and total else ""
+    groups = v.get("trainable_by_group") or {}
+    group_text = ", ".join(f"{k} {fmt_count(n)}" for k, n in groups.items() if n)
+    kernels = str(r.get("kernel") or "")
+    return [
+        cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
+        cell(fmt_float(v.get("tokens_per_s"), 0)),
+        cell(fmt_float(v.get("peak_memory_gib"), 2), note=str(v.get("memory_kind") or "")),
+        cell(fmt_count(trainable) if trainable is not None else "all" if r.get("metric") == "pretrain" else "–",
+             note=share, title=group_text),
+        cell(kernels or "–", cls="mono small left"), cell(fmt_float(r.get("seconds") or v.get("seconds"), 0)),
+    ]
