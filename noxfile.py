@@ -66,9 +66,17 @@ for _name, _path in SUITES.items():
 
 @nox.session(**VENV)
 def report(session: nox.Session) -> None:
-    """Render the report of results directories (several: a comparison): `nox -s report -- reports/pg19`."""
-    install(session)
-    session.run("harness", "report", *(session.posargs or ["reports/pg19"]))
+    """Render reports: `nox -s report -- reports/pg19 [reports/other ...]` (several: a comparison).
+
+    With no arguments: render the demo report (reports/demo) and check it in headless Chromium
+    (needs Debian's chromium) with a screenshot under .nox/report-shots/.
+    """
+    install(session, "dev")
+    if session.posargs:
+        session.run("harness", "report", *session.posargs)
+        return
+    session.run("python", "-m", "harness.report.demo", "reports/demo")
+    session.run("pytest", "-q", "-m", "slow", "tests/test_report_render.py", "--basetemp", ".nox/report-shots")
 
 
 @nox.session(**VENV)

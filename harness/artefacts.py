@@ -75,7 +75,8 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
         model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
         with attention_module.recording() as kernels:
             log = _train(model, cfg, ADAPTER, key, f"fine-tune {method}/{backend.label} @ {cfg.context}")
-        meta = {"train": {**log.values(), **summary.values(), "kernels": sorted(kernels)}}
+        meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
+                          "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:
             save_method(model, d)
         path = cache.lookup(ADAPTER, key)

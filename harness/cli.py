@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as oom/timeout/error")
     val = sub.add_parser("validate", help="check a suite file")
     val.add_argument("suite")
-    rep = sub.add_parser("report", help="render the HTML report of a results directory")
-    rep.add_argument("dir")
+    rep = sub.add_parser("report", help="render the HTML report of results directories (several: a comparison)")
+    rep.add_argument("dirs", nargs="+", help="results directories; the first is the base of a comparison")
+    rep.add_argument("--out", help="where to write index.html (default: the only directory, or reports/compare)")
     cmp = sub.add_parser("compare", help="regression gate: compare HEAD results against BASE, exit 1 on regression")
     cmp.add_argument("base")
     cmp.add_argument("head")
@@ -77,7 +78,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness import results
         from harness.report import render_report
 
-        path = render_report(results.load(args.dir), args.dir, title=f"Results in {args.dir}")
+        if len(args.dirs) == 1:
+            out, runs, records = args.out or args.dirs[0], None, results.load(args.dirs[0])
+        else:
+            runs = [Path(d).name or str(d) for d in args.dirs]
+            if len(set(runs)) != len(runs):
+                runs = [str(d) for d in args.dirs]
+            records = [{**r, "run": run} for d, run in zip(args.dirs, runs, strict=True) for r in results.load(d)]
+            out = args.out or "reports/compare"
+        path = render_report(records, out, title=f"Results: {', '.join(args.dirs)}", runs=runs)
         print(f"report: {Path(path).resolve()}")
     elif args.command == "compare":
         from harness import results

@@ -17,3 +17,15 @@ def test_console_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "validate", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not found" in proc.stderr
+
+
+def test_report_of_two_dirs_is_a_comparison(tmp_path):
+    from harness import results
+
+    for run, ppl in (("base", 10.0), ("head", 12.0)):
+        results.append(tmp_path / run, results.Record(suite="s", cell="m/seed0/pretrained/ppl@256",
+                                                      metric="perplexity", stage="pretrained", eval_context=256,
+                                                      values={"perplexity": ppl}, config_hash="h"))
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "head"), "--out", str(tmp_path / "cmp")]) == 0
+    html = (tmp_path / "cmp" / "index.html").read_text()
+    assert "Comparison" in html and "[head]" in html

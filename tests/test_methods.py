@@ -181,3 +181,20 @@ def test_paper_defaults():
     assert default_lr("s2_attn") == 2e-5 and default_lr("se_attn") == default_lr("full") == 2e-4
     assert PAPER_DEFAULTS["mamba2attn-2.7b"]["rank"] == 32 and PAPER_DEFAULTS["mamba2attn-2.7b"]["alpha"] == 64
     assert (PAPER_DEFAULTS["llama-7b"]["rank"], PAPER_DEFAULTS["llama-7b"]["alpha"]) == (8, 16)
+
+
+@pytest.mark.parametrize("method", ["lora", "hylora"])
+def test_gradient_checkpointing_still_reaches_every_trainable_parameter(method):
+    # With frozen embeddings, reentrant checkpointing would cut the graph before the adapters.
+    torch.manual_seed(0)
+    model = HybridForCausalLM(HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1],
+                                           ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
+                                           attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
+    model.gradient_checkpointing_enable()
+    peft_model, _ = apply_method(model, method, rank=4, alpha=8)
+    peft_model.train()
+    ids = torch.randint(0, 64, (2, 16))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and "lora_A" not in name:  # lora_B starts at 0, so A's first gradient is 0
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
