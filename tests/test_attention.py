@@ -222,6 +222,8 @@ def test_available_lists_backends_options_kernels():
     assert set(info["se_attn"]["options"]) >= {"chunk_size", "block_size", "top_k", "retrieval", "per_head", "seed"}
     assert info["se_attn"]["options"]["per_head"]["default"] is True
     assert "flash" in info["full"]["kernels"] and "decode" in info["s2_attn"]["capabilities"]
+    assert info["se_attn_nomem"]["options"]["retrieval"]["default"] == "none"  # aliases show what they fix
+    assert info["se_attn_random"]["options"]["retrieval"]["default"] == "random"
 
 
 def test_bench_rows_have_kernel_and_times():

@@ -34,7 +34,8 @@ def available() -> dict:
             "capabilities": dict(spec.capabilities),
         }
     for alias, (target, fixed) in ALIASES.items():
-        out[alias] = {**out[target], "description": f"{target} with {fixed}"}
+        options = {k: {**v, "default": fixed.get(k, v["default"])} for k, v in out[target]["options"].items()}
+        out[alias] = {**out[target], "description": f"{target} with {fixed}", "options": options}
     return out
 
 
