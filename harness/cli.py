@@ -1,12 +1,13 @@
 """`harness run | validate | report | list`: the command-line front door.
 
-Errors the user can fix (UserError) print one line and exit 2; Ctrl-C exits 130
+Errors the user can fix (UserError) print one line and exit 2; Ctrl-C (or SIGTERM) exits 130
 after saying that finished work is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--head-dim", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a run like Ctrl-C: child jobs stopped, work kept
     try:
         return _dispatch(args)
     except UserError as e:
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished cells and artefacts are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ crashes and timeouts are recorded by the parent (harness.runner).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -160,5 +162,18 @@ def _eval_stream(suite: Suite, spec: dict, max_tokens: int):
     return stream, {**dataset, "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
 
 
+def _exit_with_parent() -> None:
+    """End this process when the runner that started it dies (killed, not just interrupted)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == "__main__":
+    _exit_with_parent()
     run_job(json.loads(Path(sys.argv[1]).read_text()))

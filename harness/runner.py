@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,10 +109,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
     devices = _devices()
     for phase in (pretrain, rest):
-        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-            slots = [devices[i % len(devices)] for i in range(len(phase))]
-            list(pool.map(lambda a: _supervise(*a, common, suite.run.timeout, out),
-                          [(j, todo[j.name], d) for j, d in zip(phase, slots, strict=True)]))
+        _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
     notes = [] if not corpus.embedded else [
         f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.name}). "
         "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
@@ -140,8 +138,30 @@ def _devices() -> list[str | None]:
     return visible.split(",") if visible else [str(i) for i in range(n)]
 
 
-def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path) -> None:
-    """Run `job` for `cells` in child processes until every cell has a record."""
+def _run_phase(jobs: list[tuple[Job, list[dict]]], devices: list[str | None], common: dict, timeout: float,
+               out: Path) -> None:
+    """Run (job, cells) pairs, one device each at a time; Ctrl-C or SIGTERM stops every child job."""
+    if len(devices) == 1:  # in this thread, so that KeyboardInterrupt reaches _supervise directly
+        for job, cells in jobs:
+            _supervise(job, cells, devices[0], common, timeout, out)
+        return
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        futures = [pool.submit(_supervise, job, cells, devices[i % len(devices)], common, timeout, out, stop)
+                   for i, (job, cells) in enumerate(jobs)]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            stop.set()  # the workers kill their children and return; the pool's exit then waits for them
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path,
+               stop: threading.Event | None = None) -> None:
+    """Run `job` for `cells` in child processes until every cell has a record (or `stop` is set)."""
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
     remaining = list(cells)
     path = out / results.RESULTS_FILE
@@ -154,6 +174,8 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 count = len(_done_ids(path, start) & {c["id"] for c in remaining})
                 if count != last_count:
                     last_count, last_change = count, time.monotonic()

@@ -1,5 +1,12 @@
 """End to end on a shrunken suite, each job in its own process: records, report, resume, failures."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from harness import results
@@ -91,3 +98,42 @@ def test_dry_run_lists_cells_without_running(suite_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "todo  tiny-hybrid/seed0/lora/full/ppl@256" in out and "todo  attention/full/efficiency@128" in out
     assert not (tmp_path / "out").exists()
+
+
+def _start_hung_run(suite_file, tmp_path, monkeypatch):
+    """`harness run` in a subprocess whose job hangs in its first cell; returns (runner, job pid)."""
+    pidfile = tmp_path / "job.pid"
+    _inject(tmp_path, monkeypatch, f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ["PYTHONPATH"], str(Path.cwd())])}
+    runner = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(suite_file), "--out",
+                               str(tmp_path / "out"), "--only", "attention/full/*"], env=env)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline and runner.poll() is None, "the job never started"
+        time.sleep(0.2)
+    return runner, int(pidfile.read_text())
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_stops_the_runner_and_its_job(suite_file, tmp_path, monkeypatch):
+    runner, job = _start_hung_run(suite_file, tmp_path, monkeypatch)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 130
+    assert _gone(job)
+
+
+def test_a_job_ends_when_its_runner_is_killed(suite_file, tmp_path, monkeypatch):
+    runner, job = _start_hung_run(suite_file, tmp_path, monkeypatch)
+    runner.kill()
+    runner.wait(timeout=30)
+    assert _gone(job)  # the job is in its own session: it must notice the runner is gone by itself
