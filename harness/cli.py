@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name, b in available().items():
             opts = ", ".join(f"{k}={v['default']}" for k, v in b["options"].items())
             print(f"  {name}: {b['description']} [{opts}]")
-        print("metrics: perplexity (protocols longlora, stride), ruler, efficiency")
+        print("metrics: perplexity (protocols longlora, stride), ruler, lm_eval (lm-eval tasks), efficiency")
         print("ruler tasks:", ", ".join(PAPER_TASKS))
         print("suites:", ", ".join(str(p) for p in sorted(Path("suites").glob("*.yaml"))))
     elif args.command == "cache":

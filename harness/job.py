@@ -41,7 +41,8 @@ def run_job(spec: dict) -> None:
             rec.status, rec.error = "error", f"{type(e).__name__}: {e}"
         rec.seconds = rec.seconds or round(time.perf_counter() - t0, 2)
         results.append(out, rec)
-        shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "time_ms", "tokens_per_s")}
+        shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
+                                                               "tokens_per_s")}
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
 
 
@@ -100,6 +101,23 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
                 rec.values, rec.units = res.as_values(), res.units()
                 rec.settings = {**res.as_settings(), "max_windows": windows, "eval_attention": p.eval_attention,
                                 "pretrain_context": suite.pretrain.context, "seed": spec["seed"]}
+        elif cell["metric"] == "lm_eval":
+            def fn(rec, cell=cell):
+                from harness.data import default_tokenizer
+                from harness.metrics.lm_eval import evaluate_lm_eval, task_manager
+
+                m, info = model()
+                c = suite.metrics.lm_eval
+                use_attention(m, (backend if c.eval_attention == "finetune" else None)
+                              or Backend(name="full", label="full"))
+                if "tasks" not in state:  # one task index per job: building it takes seconds
+                    state["tasks"] = task_manager(c.tasks, c.include_path)
+                res = evaluate_lm_eval(m, default_tokenizer(), cell["task"], state["tasks"], limit=c.limit,
+                                       num_fewshot=c.num_fewshot, batch_size=c.batch_size, max_length=c.max_length)
+                rec.model, rec.dataset, rec.values = info, res.dataset, res.values
+                rec.settings = {**res.settings, "samples_file": _write_samples(spec, cell, res.samples),
+                                "include_path": c.include_path, "eval_attention": c.eval_attention,
+                                "pretrain_context": suite.pretrain.context}
         else:  # ruler
             def fn(rec, cell=cell):
                 from harness.data import default_tokenizer
@@ -113,12 +131,9 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
                 haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
                 values, samples = evaluate_ruler(m, default_tokenizer(), cell["task"], cell["length"], r.samples,
                                                  spec["seed"], haystack, r.essay_file)
-                path = Path(spec["out"]) / "samples" / f"{cell['hash']}.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(json.dumps(s) + "\n" for s in samples))
                 rec.model, rec.dataset, rec.values = info, dataset, values
                 rec.units = {"accuracy": "%"}
-                rec.settings = {"task": cell["task"], "samples_file": str(path.relative_to(spec["out"])),
+                rec.settings = {"task": cell["task"], "samples_file": _write_samples(spec, cell, samples),
                                 "eval_attention": r.eval_attention, "pretrain_context": suite.pretrain.context}
         yield cell, rec, fn
 
@@ -142,6 +157,14 @@ def _efficiency(suite: Suite, spec: dict, backend: Backend):
             rec.settings = {**e.model_dump(), "backend_options": backend.options, "pass": "forward+backward"}
 
         yield cell, rec, fn
+
+
+def _write_samples(spec: dict, cell: dict, samples: list[dict]) -> str:
+    """Write a cell's per-sample records to OUT/samples/HASH.jsonl; return the path relative to OUT."""
+    path = Path(spec["out"]) / "samples" / f"{cell['hash']}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
+    return str(path.relative_to(spec["out"]))
 
 
 def _eval_corpus(suite: Suite, spec: dict):

@@ -1,8 +1,8 @@
 """Runs a suite: expand it into jobs and cells, run each job in its own process, render the report.
 
 A job is one model variant (pretrained, or a method x backend fine-tune) with its cells
-(perplexity per context, RULER per task x length), or one backend's efficiency cells, or a
-pretraining. Each job runs in a child process (harness.job), so a crash or an OOM kill
+(perplexity per context, RULER per task x length, lm-eval per task), or one backend's
+efficiency cells, or a pretraining. Each job runs in a child process (harness.job), so a crash or an OOM kill
 costs one cell: the parent records it ("error"/"oom"), and restarts the job for the cells
 left. A cell with no new record for `run.timeout` seconds is killed and recorded as
 "timeout". Resume: a cell whose record (same id and config hash) exists is not run again
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import cache, results
+from harness.metrics.lm_eval import local_tasks_fingerprint
 from harness.suite import Suite, load_suite
 
 
@@ -47,7 +48,7 @@ def eval_corpus(suite: Suite, pg19: str | None):
 def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
     """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it."""
     jobs, m = [], suite.metrics
-    for model in suite.models if (m.perplexity or m.ruler) else []:
+    for model in suite.models if (m.perplexity or m.ruler or m.lm_eval) else []:
         for seed in suite.seeds:
             base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
             jobs.append(Job("pretrain", f"{model}/seed{seed}/pretrain", {**base},
@@ -68,6 +69,10 @@ def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
                              "data": data_fingerprint}
                     cells += [_cell(f"{prefix}/ruler/{t}@{n}", "ruler", det_r, length=n, task=t)
                               for t in m.ruler.tasks for n in m.ruler.lengths]
+                if m.lm_eval:
+                    det_l = {**det, "metric": m.lm_eval.model_dump(exclude={"tasks"}),
+                             "local_tasks": local_tasks_fingerprint(m.lm_eval.include_path)}
+                    cells += [_cell(f"{prefix}/lm_eval/{t}", "lm_eval", det_l, task=t) for t in m.lm_eval.tasks]
                 spec = {**base, "stage": stage, "method": method, "backend": backend and backend.model_dump()}
                 jobs.append(Job("variant", prefix, spec, cells))
     if m.efficiency:

@@ -95,6 +95,34 @@ class Ruler(_Strict):
         return v
 
 
+class LmEval(_Strict):
+    """lm-eval tasks through its HFLM wrapper. Task names are checked when the metric runs (that needs lm-eval's
+    task index, an optional extra and seconds to build); this checks what is cheap."""
+
+    tasks: list[str] = Field(min_length=1)  # lm-eval task or group names, or tasks of YAML files in include_path
+    limit: int | None = Field(None, ge=1)  # first N documents of each task; None: all
+    num_fewshot: int | None = Field(None, ge=0)  # None: the task's own default
+    batch_size: int = Field(1, ge=1)  # loglikelihood requests per forward; generation always runs one at a time
+    max_length: int | None = Field(None, ge=16)  # tokens a request may use; None: finetune.context
+    include_path: str | None = None  # a directory of local task YAMLs (relative to the working directory)
+    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v) or len(set(v)) != len(v):
+            raise ValueError("task names must be non-empty and distinct")
+        return v
+
+    @field_validator("include_path")
+    @classmethod
+    def _directory(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"no directory {v!r} (relative paths are taken from the working directory, "
+                             f"here {Path.cwd()})")
+        return v
+
+
 class Efficiency(_Strict):
     lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1)
     heads: int = Field(4, ge=1)
@@ -107,6 +135,7 @@ class Efficiency(_Strict):
 class Metrics(_Strict):
     perplexity: Perplexity | None = None
     ruler: Ruler | None = None
+    lm_eval: LmEval | None = None
     efficiency: Efficiency | None = None
 
 
@@ -168,8 +197,11 @@ class Suite(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Suite:
-        if not any((self.metrics.perplexity, self.metrics.ruler, self.metrics.efficiency)):
-            raise ValueError("metrics: nothing to measure; add perplexity, ruler or efficiency")
+        m = self.metrics
+        if not any((m.perplexity, m.ruler, m.lm_eval, m.efficiency)):
+            raise ValueError("metrics: nothing to measure; add perplexity, ruler, lm_eval or efficiency")
+        if m.lm_eval and m.lm_eval.max_length is None:
+            m.lm_eval.max_length = self.finetune.context
         for b in self.backends:
             sizes = b.options.get("chunk_size")
             if b.name == "se_attn" and max(sizes if isinstance(sizes, tuple) else [sizes]) > self.finetune.context:

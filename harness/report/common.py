@@ -33,8 +33,8 @@ Section = dict[str, Any]
 RUN_KEY = "run"
 _RUN_INDEX = "_run_index"
 _INFERRED = "_inferred"
-_CELL_TAIL = re.compile(r"/(ppl@\d+|ruler/[^/]+@\d+|train)$")
-_RULER_CELL = re.compile(r"/ruler/(?P<task>[^/@]+)@\d+$")
+_CELL_TAIL = re.compile(r"/(ppl@\d+|ruler/[^/]+@\d+|lm_eval/[^/]+|train)$")
+_TASK_CELL = re.compile(r"/(ruler/(?P<task>[^/@]+)@\d+|lm_eval/(?P<lm_eval_task>[^/]+))$")
 _EFFICIENCY_CELL = re.compile(r"^attention/(?P<backend>.+)/efficiency@\d+$")
 
 
@@ -105,8 +105,8 @@ def _fill_failures(records: list[dict]) -> None:
             _parse_cell_id(r, cell_id)
         if not r.get("settings") and r.get("metric") in ("perplexity", "ruler"):
             _settings_from_run(r, records)
-        if m := _RULER_CELL.search(cell_id):
-            r["settings"] = {**(r.get("settings") or {}), "task": m.group("task")}
+        if m := _TASK_CELL.search(cell_id):
+            r["settings"] = {**(r.get("settings") or {}), "task": m.group("task") or m.group("lm_eval_task")}
         r[_INFERRED] = True
 
 

@@ -252,13 +252,14 @@ def environment_section(records: list[dict]) -> Section | None:
 
 def _sections() -> list[Callable[[list[dict]], Section | None]]:
     from harness.report.efficiency import efficiency_section
+    from harness.report.lm_eval import lm_eval_section
     from harness.report.paper import paper_section
     from harness.report.ruler import ruler_section
     from harness.report.runs import comparison_section
     from harness.report.training import training_section
 
-    return [perplexity_section, ruler_section, efficiency_section, training_section, comparison_section,
-            paper_section, failures_section, environment_section]
+    return [perplexity_section, ruler_section, lm_eval_section, efficiency_section, training_section,
+            comparison_section, paper_section, failures_section, environment_section]
 
 
 #: The report's sections in page order; each takes the normalised records (see ``common.normalise``).

@@ -1,0 +1,85 @@
+"""Section "lm-eval": downstream task metrics per variant, value ± standard error.
+
+Records: ``metric == "lm_eval"`` with ``settings.task`` and ``values`` as written by
+``harness.metrics.lm_eval`` (``acc``, ``acc_stderr``, ..., ``samples``, a group's ``subtasks``). One row per
+(task, metric), a group's subtasks in rows after it, one column per variant. Several records of one
+(variant, task) (seeds) show their mean, without a stderr.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from harness.report.common import (
+    Block,
+    Section,
+    Variant,
+    cell,
+    fail_cell,
+    fmt_float,
+    labeller,
+    number,
+    ok,
+    paragraph,
+    table,
+    variant_key,
+    variant_sort,
+)
+
+COUNTS = ("samples", "samples_available")
+
+
+def _metrics(values: dict) -> list[str]:
+    return [k for k, v in values.items() if k not in COUNTS and not k.endswith("_stderr") and number(v)]
+
+
+def lm_eval_section(records: list[dict]) -> Section | None:
+    recs = [r for r in records if r.get("metric") == "lm_eval" and (r.get("settings") or {}).get("task")]
+    if not recs:
+        return None
+    label = labeller(records)
+    good: dict[tuple[Variant, str], list[dict]] = defaultdict(list)  # values per (variant, task or subtask row)
+    failed: dict[tuple[Variant, str], dict] = {}
+    subtasks: dict[str, dict[str, None]] = defaultdict(dict)  # a group's subtasks, in order
+    notes: dict[str, set[str]] = defaultdict(set)
+    better: dict[str, bool] = {}
+    for r in recs:
+        k, task, values = variant_key(r), str(r["settings"]["task"]), r.get("values") or {}
+        if not ok(r):
+            failed[(k, task)] = r
+            continue
+        good[(k, task)].append(values)
+        for sub, sub_values in (values.get("subtasks") or {}).items():
+            subtasks[task][sub] = None
+            good[(k, f"{task} \u203a {sub}")].append(sub_values)
+        notes[task].add(f"{values.get('samples')} samples, {r['settings'].get('num_fewshot')}-shot")
+        better.update(r["settings"].get("higher_is_better") or {})
+    keys = sorted({variant_key(r) for r in recs}, key=variant_sort)
+    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in keys}
+    rows = []
+    for task in dict.fromkeys(str(r["settings"]["task"]) for r in recs):
+        for row_label in [task] + [f"{task} \u203a {sub}" for sub in subtasks[task]]:
+            found = [v for k in keys for v in good.get((k, row_label), [])]
+            metrics = list(dict.fromkeys(m for v in found for m in _metrics(v))) or ["\u2013"]
+            note = "; ".join(sorted(notes[task])) if row_label == task else ""
+            for i, m in enumerate(metrics):
+                arrow = {True: " \u2191", False: " \u2193"}.get(better.get(m.split("/")[0]), "")
+                row = [cell(row_label if i == 0 else "", cls="label mono", note=note if i == 0 else ""),
+                       cell(f"{m}{arrow}", cls="mono")]
+                rows.append(row + [_value(good.get((k, row_label), []), m, failed.get((k, task))) for k in keys])
+    blocks: list[Block] = [paragraph(
+        "lm-eval (EleutherAI lm-evaluation-harness) tasks, through its HFLM wrapper: each metric with its "
+        "standard error (\u00b1) as lm-eval computes it. \u2191 / \u2193: higher / lower is better. Under each task: "
+        "the documents evaluated and the few-shot count; a group's subtasks follow it (\u203a)."),
+        table(["task", "metric"] + [names[k] for k in keys], rows, numeric_from=2, cls="wrap-headers")]
+    return {"id": "lm-eval", "title": "lm-eval", "blocks": blocks}
+
+
+def _value(found: list[dict], metric: str, fails: dict | None) -> dict:
+    vals = [v[metric] for v in found if number(v.get(metric))]
+    if not vals:
+        return fail_cell(fails) if fails else cell("\u2013", cls="missing")
+    if len(vals) > 1:
+        return cell(fmt_float(sum(vals) / len(vals), 3), title=f"mean of {len(vals)} records")
+    se = found[0].get(f"{metric}_stderr")
+    return cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))

@@ -1,0 +1,205 @@
+"""The lm_eval metric: local offline lm-eval tasks on a tiny random hybrid, the suite field, the report table."""
+
+import os
+
+# Offline before `datasets` is first imported (it reads these at import): nothing here may touch the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from harness.data import default_tokenizer  # noqa: E402
+from harness.errors import UserError  # noqa: E402
+from harness.metrics.lm_eval import evaluate_lm_eval, local_tasks_fingerprint, task_manager  # noqa: E402
+from harness.models import HybridForCausalLM, preset_config  # noqa: E402
+from harness.report.lm_eval import lm_eval_section  # noqa: E402
+from harness.runner import plan  # noqa: E402
+from harness.suite import load_suite  # noqa: E402
+
+TASKS = Path(__file__).parent / "data" / "lm_eval"
+ROWS = {"harness_mc": 6, "harness_gen": 3}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    config = preset_config("tiny-hybrid")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    return HybridForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def manager():
+    return task_manager(list(ROWS), str(TASKS))
+
+
+@pytest.fixture(scope="module")
+def mc(model, tok, manager):
+    # batch_size 4: loglikelihood batches are right-padded (several continuation lengths per batch)
+    return evaluate_lm_eval(model, tok, "harness_mc", manager, batch_size=4, max_length=128)
+
+
+@torch.inference_mode()
+def _loglikelihood(model, tok, context: str, continuation: str) -> float:
+    ctx, whole = tok.encode(context), tok.encode(context + continuation)
+    logprobs = model(torch.tensor([whole])).logits[0, :-1].log_softmax(-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+def test_multiple_choice_records_metrics_and_counts(mc, manager):
+    assert set(manager.all_tasks) == set(ROWS)  # the local tasks alone: lm-eval's own were not indexed
+    assert set(mc.values) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples", "samples_available"}
+    assert mc.values["samples"] == mc.values["samples_available"] == ROWS["harness_mc"] == len(mc.samples)
+    assert 0 <= mc.values["acc"] <= 1 and 0 <= mc.values["acc_norm"] <= 1 and mc.values["acc_stderr"] > 0
+    assert mc.settings["output_type"] == "multiple_choice" and mc.settings["num_fewshot"] == 0
+    assert mc.dataset == {"name": "harness_mc (custom dataset)", "split": "test"}
+
+
+def test_loglikelihoods_are_the_models(mc, model, tok):
+    """lm-eval's scores of every choice equal the model's own, and acc follows from them."""
+    correct = []
+    for s in mc.samples:
+        doc = _rows("multiple_choice.jsonl")[s["doc_id"]]
+        context = f"Question: {doc['question']}\nAnswer:"
+        ours = [_loglikelihood(model, tok, context, f" {c}") for c in doc["choices"]]
+        theirs = [ll for ll, _greedy in s["response"]]
+        assert theirs == pytest.approx(ours, abs=1e-4)
+        correct.append(max(range(len(ours)), key=ours.__getitem__) == doc["answer"] == s["target"])
+    assert mc.values["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_a_lora_wrapped_model_is_scored_as_itself(tok, manager):
+    """A fine-tuned variant is a PeftModel around the hybrid: HFLM must score through the adapter."""
+    from harness.finetune.methods import apply_method
+
+    config = preset_config("tiny-hybrid")
+    config.vocab_size = len(tok)
+    torch.manual_seed(1)
+    peft_model, _ = apply_method(HybridForCausalLM(config), "lora")
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero (the adapter a no-op): make it count
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.eval()
+    res = evaluate_lm_eval(peft_model, tok, "harness_mc", manager, limit=1, max_length=128)
+    doc = _rows("multiple_choice.jsonl")[0]
+    with peft_model.disable_adapter():
+        base = _loglikelihood(peft_model, tok, f"Question: {doc['question']}\nAnswer:", f" {doc['choices'][0]}")
+    ours = _loglikelihood(peft_model, tok, f"Question: {doc['question']}\nAnswer:", f" {doc['choices'][0]}")
+    assert res.samples[0]["response"][0][0] == pytest.approx(ours, abs=1e-4) and abs(ours - base) > 1e-2
+
+
+def test_generation_runs_unbatched_and_matches_greedy_decoding(model, tok, manager):
+    # batch_size 3 would left-pad the prompts, which HybridModel rejects: generation must run one at a time
+    res = evaluate_lm_eval(model, tok, "harness_gen", manager, batch_size=3, max_length=128)
+    assert set(res.values) == {"exact_match", "exact_match_stderr", "samples", "samples_available"}
+    assert res.values["samples"] == ROWS["harness_gen"] and 0 <= res.values["exact_match"] <= 1
+    for s in res.samples:
+        ids = torch.tensor([tok.encode(_rows("generation.jsonl")[s["doc_id"]]["prompt"])])
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert s["response"] == [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]]
+
+
+def test_limit_and_unknown_task(model, tok, manager):
+    res = evaluate_lm_eval(model, tok, "harness_mc", manager, limit=2, max_length=128)
+    assert res.values["samples"] == 2 and res.values["samples_available"] == ROWS["harness_mc"]
+    with pytest.raises(UserError, match=r"unknown task 'harness_mcq' \(did you mean 'harness_mc'\?\).*include_path"):
+        evaluate_lm_eval(model, tok, "harness_mcq", manager)
+
+
+def test_missing_lm_eval_names_the_extra(monkeypatch, model, tok, manager):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'harness\[lm-eval\]'"):
+        evaluate_lm_eval(model, tok, "harness_mc", manager)
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (TASKS / name).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- suite and report
+
+SUITE = f"""name: x
+finetune: {{context: 512}}
+metrics:
+  lm_eval: {{tasks: [harness_mc, harness_gen], limit: 4, include_path: {TASKS}}}
+"""
+
+
+def test_suite_plans_one_cell_per_stage_and_task(tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    s = load_suite(tmp_path / "s.yaml")
+    c = s.metrics.lm_eval
+    assert (c.max_length, c.batch_size, c.num_fewshot, c.eval_attention) == (512, 1, None, "full")
+    cells = [cell for job in plan(s, "data") for cell in job.cells if cell["metric"] == "lm_eval"]
+    assert [cell["id"] for cell in cells] == [f"tiny-hybrid/seed0/{v}/lm_eval/{t}" for v in ("pretrained", "lora/full")
+                                              for t in ("harness_mc", "harness_gen")]
+    assert local_tasks_fingerprint(str(TASKS)) == local_tasks_fingerprint(str(TASKS))
+
+
+@pytest.mark.parametrize("field, match", [
+    ("limits: 4", r"line 4: metrics.lm_eval.limits: unknown field \(did you mean 'limit'\?\)"),
+    ("limit: 0", r"metrics.lm_eval.limit: Input should be greater than or equal to 1"),
+    ("include_path: no/such/dir", r"metrics.lm_eval.include_path: no directory 'no/such/dir'"),
+    ("eval_attention: sliding", r"metrics.lm_eval.eval_attention"),
+])
+def test_bad_lm_eval_field_is_named(tmp_path, field, match):
+    (tmp_path / "s.yaml").write_text(f"name: x\nmetrics:\n  lm_eval:\n    {field}\n    tasks: [harness_mc]\n")
+    with pytest.raises(UserError, match=match):
+        load_suite(tmp_path / "s.yaml")
+
+
+def test_report_tabulates_tasks_by_variant():
+    def rec(stage, method, task, values, status="ok"):
+        return {"metric": "lm_eval", "status": status, "stage": stage, "method": method, "backend": "full",
+                "cell": f"m/seed0/{method}/lm_eval/{task}", "model": {"preset": "m"}, "values": values,
+                "settings": {"task": task, "num_fewshot": 0}}
+
+    section = lm_eval_section([
+        rec("pretrained", "none", "harness_mc", {"acc": 0.5, "acc_stderr": 0.2, "samples": 6}),
+        rec("finetuned", "lora", "harness_mc", {"acc": 0.75, "acc_stderr": 0.1, "samples": 6}),
+        rec("finetuned", "lora", "harness_gen", {}, status="error"),
+        rec("pretrained", "none", "group", {"samples": 6, "subtasks": {"harness_mc": {"acc": 0.5}}}),
+    ])
+    (tbl,) = [b for b in section["blocks"] if b["type"] == "table"]
+    rows = {tuple(c["text"] for c in row[:2]): [c["text"] for c in row[2:]] for row in tbl["rows"]}
+    assert rows[("harness_mc", "acc")] == ["0.500 ± 0.200", "0.750 ± 0.100"]
+    assert rows[("harness_gen", "–")] == ["–", "ERROR"]
+    assert rows[("group", "–")] == ["–", "–"]  # a group without an aggregate: its subtasks' rows follow
+    assert rows[("group › harness_mc", "acc")] == ["0.500", "–"]
+    assert lm_eval_section([]) is None
+
+
+
+def test_suite_cells_run_through_the_job_into_the_report(tmp_path, monkeypatch):
+    """The variant job of harness.job (run in-process here; the runner runs it in a child) records each task."""
+    from harness import results
+    from harness.job import run_job
+    from harness.report.html import render_html
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(f"""name: x
+methods: []
+pretrain: {{context: 64, steps: 1, batch_size: 1, warmup_steps: 0}}
+metrics:
+  lm_eval: {{tasks: [harness_mc, harness_gen], batch_size: 2, include_path: {TASKS}}}
+""")
+    (job,) = [j for j in plan(load_suite(tmp_path / "s.yaml"), "data") if j.kind == "variant"]
+    run_job({"suite": str(tmp_path / "s.yaml"), "out": str(tmp_path), **job.spec, "kind": job.kind,
+             "cells": job.cells})
+    recs = {r["settings"]["task"]: r for r in results.load(tmp_path)}
+    assert [r["status"] for r in recs.values()] == ["ok", "ok"], [r["error"] for r in recs.values()]
+    assert recs["harness_mc"]["values"]["samples"] == ROWS["harness_mc"] and recs["harness_mc"]["stage"] == "pretrained"
+    assert recs["harness_mc"]["settings"]["max_length"] == 2048 and recs["harness_mc"]["kernel"] == "full via sdpa"
+    assert (tmp_path / recs["harness_gen"]["settings"]["samples_file"]).read_text().count("\n") == ROWS["harness_gen"]
+    html = render_html(list(recs.values()), title="t")
+    assert 'id="lm-eval"' in html and "harness_gen" in html
