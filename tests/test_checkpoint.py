@@ -7,6 +7,8 @@ from harness.errors import UserError
 from harness.models import HybridConfig, HybridForCausalLM
 from harness.models.checkpoint import load_mamba_ssm_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # config.json as mamba_ssm's MambaLMHeadModel.save_pretrained writes it: json.dump(MambaConfig.__dict__), i.e.
 # exactly these fields, the sub-configs as the user gave them (no defaults filled in), no model_type.
 MAMBA_SSM_CONFIG = {
@@ -19,14 +21,6 @@ MAMBA_SSM_CONFIG = {
     "tie_embeddings": True,
 }
 IDS = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_checkpoint(path, fmt="bin", config=MAMBA_SSM_CONFIG, edit=None):

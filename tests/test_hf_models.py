@@ -17,6 +17,8 @@ from harness.errors import UserError
 from harness.finetune.methods import METHODS, apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 128
 MODELS = {
     "bamba": lambda: T.BambaForCausalLM(T.BambaConfig(
@@ -45,15 +47,6 @@ MODELS = {
 # The attention projections by name: q/k/v/o_proj everywhere, our hybrid's attention layer's in_proj/out_proj.
 ATTN_PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj)$|^backbone\.layers\.1\.mixer\.(in_proj|out_proj)$")
 IDS = torch.randint(0, V, (1, 32), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build(arch):

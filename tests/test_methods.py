@@ -12,6 +12,8 @@ from harness.finetune.methods import (
 )
 from harness.models import HybridConfig, HybridForCausalLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny(fused=True, attn_conv=0, seed=0, d_intermediate=0):
     cfg = HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1], d_intermediate=d_intermediate,
@@ -20,15 +22,6 @@ def tiny(fused=True, attn_conv=0, seed=0, d_intermediate=0):
                                  "d_conv": attn_conv})
     torch.manual_seed(seed)
     return HybridForCausalLM(cfg)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
