@@ -1,6 +1,7 @@
 """The model variants a suite measures, built once and cached by content.
 
-- pretrained: a preset pretrained on the embedded corpus at a short context; key = config, corpus
+- pretrained: a preset pretrained at a short context on the embedded corpus mixed with synthetic recall
+  documents (harness.data.recall), its attention induction-initialised; key = config, corpus
   and tokenizer fingerprints, recipe, seed and code version of the model and training loop.
 - finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
   attention backend; key = base key, method, backend options, recipe and code version.
@@ -15,15 +16,18 @@ from dataclasses import asdict
 import torch
 
 import harness.attention as attention_module
+import harness.data.recall as recall_module
 import harness.finetune as finetune_module
 import harness.models as models_module
 from harness import cache
 from harness.attention import register
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
+from harness.data.recall import RecallDocuments, recall_batches
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridForCausalLM, preset_config
+from harness.models.induction import induction_init
 from harness.suite import Backend, Suite
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
@@ -47,13 +51,24 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     corpus, tok = default_corpus(), default_tokenizer()
     config = preset_config(preset)
     config.vocab_size = len(tok)
-    key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg),
-                            cache.code_version(models_module, finetune_module))
+    p = suite.pretrain
+    recipe = {"recall": p.recall, "answer_weight": p.answer_weight, "induction_init": p.induction_init}
+    key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg), recipe,
+                            cache.code_version(models_module, finetune_module, recall_module))
     info = {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}
     if (path := cache.lookup(PRETRAINED, key)) is None:
         torch.manual_seed(seed)
         model = HybridForCausalLM(config)
-        log = _train(model, cfg, PRETRAINED, key, f"pretrain {preset} @ {cfg.context}")
+        if p.induction_init is not None:
+            induction_init(model, p.induction_init)
+        tokens = encode_corpus(tok, corpus, "train")
+        if p.recall > 0:
+            text = "\n".join(d.text for d in corpus.split("train"))
+            documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
+            batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)
+        else:
+            batches = _windows(tokens, cfg)
+        log = _train(model, cfg, batches, PRETRAINED, key, f"pretrain {preset} @ {cfg.context}")
         with cache.build(PRETRAINED, key, {**info, "train": log.values()}) as d:
             model.save_pretrained(d)
         path = cache.lookup(PRETRAINED, key)
@@ -74,7 +89,9 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
             base.gradient_checkpointing_enable()
         model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
         with attention_module.recording() as kernels:
-            log = _train(model, cfg, ADAPTER, key, f"fine-tune {method}/{backend.label} @ {cfg.context}")
+            tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
+            log = _train(model, cfg, _windows(tokens, cfg), ADAPTER, key,
+                         f"fine-tune {method}/{backend.label} @ {cfg.context}")
         meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
                           "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:
@@ -86,12 +103,14 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
     return model.eval(), {**info, "train": meta["train"]}
 
 
-def _train(model: torch.nn.Module, cfg: TrainConfig, kind: str, key: str, desc: str) -> TrainLog:
-    tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
+def _windows(tokens: torch.Tensor, cfg: TrainConfig):
+    return lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g)
+
+
+def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str) -> TrainLog:
     workdir = cache.cache_root() / kind / f".work-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
-    log = train(model, lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g), cfg,
-                workdir=workdir, desc=desc)
+    log = train(model, batches, cfg, workdir=workdir, desc=desc)
     for f in workdir.iterdir():
         f.unlink()
     workdir.rmdir()

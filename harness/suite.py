@@ -23,11 +23,17 @@ class _Strict(BaseModel):
 
 
 class Pretrain(_Strict):
-    context: int = Field(256, ge=16)
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(16, ge=1)
+    context: int = Field(512, ge=16)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
+    # Retrieval (harness.data.recall, harness.models.induction): the share of each batch's rows that are
+    # synthetic recall documents (0: book text only), the loss weight of their answers, and the scale of
+    # the induction-head init of the attention blocks (null: the model's default init).
+    recall: float = Field(0.5, ge=0, le=1)
+    answer_weight: float = Field(5.0, gt=0)
+    induction_init: float | None = Field(4.0, gt=0)
 
 
 class Finetune(_Strict):

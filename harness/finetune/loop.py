@@ -69,12 +69,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def train(
     model: torch.nn.Module,
-    next_batch: Callable[[torch.Generator], torch.Tensor],
+    next_batch: Callable[[torch.Generator], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     workdir: Path | None = None,
     desc: str = "train",
 ) -> TrainLog:
-    """Train `model` in place on batches of token ids from `next_batch(generator)`.
+    """Train `model` in place on batches of token ids from `next_batch(generator)`, or (ids, per-token loss
+    weights) pairs for a weighted loss (:func:`weighted_lm_loss`).
 
     With a `workdir`, state (weights, optimizer, data generator, log) is saved every
     `checkpoint_every` steps and a later call with the same workdir resumes from it.
@@ -100,9 +101,14 @@ def train(
         t0 = time.perf_counter()
         total = 0.0
         for _ in range(cfg.grad_accum):
-            ids = next_batch(gen).to(device)
+            batch = next_batch(gen)
+            ids, weights = batch if isinstance(batch, tuple) else (batch, None)
+            ids = ids.to(device)
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                if weights is None:
+                    loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                else:
+                    loss = weighted_lm_loss(model(input_ids=ids).logits, ids, weights.to(device)) / cfg.grad_accum
             loss.backward()
             total += loss.item()
             log.tokens += ids.numel()
@@ -120,6 +126,15 @@ def train(
     model.eval()
     log.peak_memory_gib, log.memory_kind = peak_memory_gib(device)
     return log
+
+
+def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged with `weights` of the predicted tokens: sum(w * nll) / sum(w).
+    With all weights 1 it equals the model's own causal-LM loss."""
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                            reduction="none")
+    w = weights[:, 1:].flatten()
+    return (nll * w).sum() / w.sum()
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:

@@ -1,0 +1,67 @@
+"""Synthetic recall documents: answers follow their facts, weights mark them, batches are reproducible."""
+
+import re
+from random import Random
+
+import torch
+
+from harness.data import default_corpus, default_tokenizer
+from harness.data.recall import RecallDocuments, recall_batches
+from harness.finetune.loop import weighted_lm_loss
+from harness.models import HybridForCausalLM, preset_config
+
+TEXT = "And the earth was without form, and void; and darkness was upon the face of the deep. " * 20
+
+
+def _documents(**kw) -> RecallDocuments:
+    return RecallDocuments(default_tokenizer(), TEXT, **kw)
+
+
+def test_every_answer_is_the_value_of_a_fact_stated_before_it():
+    docs, tok = _documents(answer_weight=7.0), default_tokenizer()
+    for seed in range(30):
+        ids, weights = docs.document(Random(seed))
+        assert len(ids) == len(weights) and set(weights) == {1.0, 7.0}
+        text = tok.decode(ids)
+        answers = tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0]).split()
+        for answer in answers:
+            value = answer.rstrip(".")
+            fact = text.find(value)
+            assert 0 <= fact < text.rfind(value), (value, text)  # stated in a fact, then asked for
+
+
+def test_no_ruler_phrasing_in_training_documents():
+    docs, tok = _documents(), default_tokenizer()
+    text = "".join(tok.decode(docs.document(Random(s))[0]) for s in range(200)).lower()
+    for ruler in ("special magic", "the grass is green", "the sky is blue", "here we go", "there and back again"):
+        assert ruler not in text
+
+
+def test_batches_mix_rows_and_are_reproducible():
+    tokens = torch.arange(5000) % 300
+    next_batch = recall_batches(tokens, _documents(), fraction=0.5, context=400, batch_size=4)
+    ids, weights = next_batch(torch.Generator().manual_seed(3))
+    again, _ = next_batch(torch.Generator().manual_seed(3))
+    assert ids.shape == weights.shape == (4, 400) and torch.equal(ids, again)
+    assert (weights[:2] > 1).any() and (weights[2:] == 1).all()  # 2 recall rows, then 2 book windows
+    assert all((row[1:] - row[:-1] == 1).sum() > 390 for row in ids[2:] % 300)  # contiguous windows of the stream
+
+
+def test_weighted_loss_with_unit_weights_is_the_models_loss():
+    torch.manual_seed(0)
+    cfg = preset_config("tiny-hybrid")
+    cfg.vocab_size = 300
+    model = HybridForCausalLM(cfg)
+    ids = torch.randint(0, 300, (2, 40))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.allclose(weighted_lm_loss(out.logits, ids, torch.ones(2, 40)), out.loss, atol=1e-5)
+    weights = torch.ones(2, 40)
+    weights[:, 20:] = 0
+    nll = torch.nn.functional.cross_entropy(out.logits[:, :19].flatten(0, 1), ids[:, 1:20].flatten())
+    assert torch.allclose(weighted_lm_loss(out.logits, ids, weights), nll, atol=1e-5)
+
+
+def test_corpus_words_and_sentences():
+    docs = RecallDocuments(default_tokenizer(), "\n".join(d.text for d in default_corpus().split("train")[:2]))
+    assert len(docs.words) > 500 and all(re.fullmatch(r"[a-z]{3,10}", w) for w in docs.words[:50])
+    assert len(docs.sentences) > 100
