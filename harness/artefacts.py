@@ -117,9 +117,12 @@ def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: st
     return log
 
 
-def use_attention(model: torch.nn.Module, backend: Backend | None) -> str:
-    """Switch a model's attention to `backend` (None: full attention via SDPA); return the implementation name."""
-    name = "sdpa" if backend is None else register(backend.name, **backend.options)
+def use_attention(model: torch.nn.Module, backend: Backend | None, eval_attention: str) -> str:
+    """Switch a model's attention for evaluation: its fine-tuning `backend` when `eval_attention` is "finetune"
+    (None: a pretrained model, which has none), else full attention; return the implementation name. Both go
+    through register(), so the kernel that ran is recorded."""
+    chosen = backend if eval_attention == "finetune" and backend is not None else Backend(name="full", label="full")
+    name = register(chosen.name, **chosen.options)
     model.set_attn_implementation(name)
     return name
 

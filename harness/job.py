@@ -92,8 +92,7 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
 
                 m, info = model()
                 p = suite.metrics.perplexity
-                attn = backend if p.eval_attention == "finetune" else None
-                use_attention(m, attn or Backend(name="full", label="full"))
+                use_attention(m, backend, p.eval_attention)
                 stream, dataset = _eval_stream(suite, spec, p.max_tokens)
                 windows = max(1, p.tokens_per_length // cell["length"])
                 res = evaluate_perplexity(m, stream, cell["length"], p.protocol, max_windows=windows, progress=True)
@@ -108,8 +107,7 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
 
                 m, info = model()
                 c = suite.metrics.lm_eval
-                use_attention(m, (backend if c.eval_attention == "finetune" else None)
-                              or Backend(name="full", label="full"))
+                use_attention(m, backend, c.eval_attention)
                 if "tasks" not in state:  # one task index per job: building it takes seconds
                     state["tasks"] = task_manager(c.tasks, c.include_path)
                 res = evaluate_lm_eval(m, default_tokenizer(), cell["task"], state["tasks"], limit=c.limit,
@@ -125,8 +123,7 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
 
                 m, info = model()
                 r = suite.metrics.ruler
-                use_attention(m, (backend if r.eval_attention == "finetune" else None)
-                              or Backend(name="full", label="full"))
+                use_attention(m, backend, r.eval_attention)
                 corpus, dataset = _eval_corpus(suite, spec)
                 haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
                 values, samples = evaluate_ruler(m, default_tokenizer(), cell["task"], cell["length"], r.samples,
