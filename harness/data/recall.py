@@ -89,6 +89,8 @@ class RecallDocuments:
 
     def document(self, rng: Random) -> tuple[list[int], list[float]]:
         facts: dict[str, str] = {}
+        # A fresh draw per pass: the document stops at n facts with probability n / max_facts, so longer lists
+        # are likelier than under one uniform draw (the measured recipe; changing it changes the cached model).
         while len(facts) < rng.randint(1, self.max_facts):
             facts[self._key(rng)] = self._value(rng)
         attribute = rng.choice(ATTRIBUTES)
