@@ -88,7 +88,6 @@ class Backend:
             if not bool((mask | ~causal).all()):
                 raise UserError(f"attention backend {self.name!r} got a padding attention mask; it supports "
                                 "unpadded (or packed) batches only at prefill/training. Use 'full' for padded batches.")
-        if mask is not None and self.name != "full":
             mask = None  # the mask is plain causal: the backend's own pattern applies
         kernel = self.kernel_for(q, masked=mask is not None)
         out = self._run(kernel, q, k, v, scale, mask, self.plan(training, module))
