@@ -4,13 +4,15 @@
   documents (harness.data.recall), its attention induction-initialised; key = config, corpus
   and tokenizer fingerprints, recipe, seed and code version of the model and training loop.
 - finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
-  attention backend; key = base key, method, backend options, recipe and code version.
+  attention backend; key = base key, method, backend options, recipe, seed and code version (this module's
+  included: it says how adapters are built).
 Interrupted training resumes from its last checkpoint in the cache's work directory.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 
 import torch
@@ -81,12 +83,14 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
     base, base_info = pretrained(suite, preset, seed)
     f, cfg = suite.finetune, finetune_config(suite, backend, seed)
     key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
-                            f.gradient_checkpointing, cache.code_version(finetune_module, attention_module))
+                            f.gradient_checkpointing,
+                            cache.code_version(finetune_module, attention_module, sys.modules[__name__]))
     info = {**base_info, "adapter": key, "train": None}
     if (path := cache.lookup(ADAPTER, key)) is None:
         base.set_attn_implementation(register(backend.name, **backend.options))
         if f.gradient_checkpointing:
             base.gradient_checkpointing_enable()
+        torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
         model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
         with attention_module.recording() as kernels:
             tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
