@@ -20,6 +20,7 @@ import torch
 import harness.attention as attention_module
 import harness.data.recall as recall_module
 import harness.finetune as finetune_module
+import harness.finetune.loop as loop_module
 import harness.models as models_module
 from harness import cache
 from harness.attention import register
@@ -44,7 +45,8 @@ def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
 def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
     f = suite.finetune
     return TrainConfig(steps=f.steps, context=f.context, batch_size=f.batch_size, grad_accum=f.grad_accum,
-                       lr=f.lr_for(backend.name), warmup_steps=f.warmup_steps, seed=seed)
+                       lr=f.lr_for(backend.name), extra_lr_scale=f.extra_lr_scale, warmup_steps=f.warmup_steps,
+                       seed=seed)
 
 
 def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
@@ -56,7 +58,7 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     p = suite.pretrain
     recipe = {"recall": p.recall, "answer_weight": p.answer_weight, "induction_init": p.induction_init}
     key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg), recipe,
-                            cache.code_version(models_module, finetune_module, recall_module))
+                            cache.code_version(models_module, loop_module, recall_module))
     info = {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}
     if (path := cache.lookup(PRETRAINED, key)) is None:
         torch.manual_seed(seed)

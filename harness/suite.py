@@ -44,6 +44,9 @@ class Finetune(_Strict):
     # None: the paper's LR per backend (2e-5 for s2_attn, else 2e-4); a number; or {default: x, <backend>: y}
     lr: float | dict[str, float] | None = None
     warmup_steps: int = Field(20, ge=0)
+    # LR of what LoRA+ / HyLoRA train fully (embeddings, norms, conv1d) as a multiple of lr (1: LongLoRA's
+    # single LR). On small models the LR that suits the adapters can be too high for the embeddings.
+    extra_lr_scale: float = Field(1.0, gt=0)
     rank: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     gradient_checkpointing: bool = False

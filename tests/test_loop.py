@@ -46,3 +46,22 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert log2.loss_curve == log.loss_curve and log2.tokens == log.tokens
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_extra_lr_scale_slows_only_the_fully_trained_parameters():
+    from harness.finetune.methods import apply_method
+
+    def one_step(scale):
+        model, _ = apply_method(tiny(), "lora_plus", rank=4, alpha=8)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        train(model, batches, TrainConfig(steps=1, context=16, batch_size=2, lr=1e-2, warmup_steps=0,
+                                          grad_clip=1e9, extra_lr_scale=scale))
+        return {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if n in before}
+
+    full, scaled = one_step(1.0), one_step(0.1)
+    assert {n for n in full if ".lora_" not in n} and any(".lora_B" in n for n in full)
+    for n in full:
+        if ".lora_B" in n:  # B gets the first step's gradient (A does not: B starts at zero)
+            assert scaled[n] == pytest.approx(full[n], rel=1e-4) and full[n] > 0, n
+        elif ".lora_" not in n:  # Adam's first step moves each weight by about lr: here lr x 0.1
+            assert scaled[n] == pytest.approx(0.1 * full[n], rel=1e-3) and full[n] > 0, n

@@ -35,6 +35,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
+    # LR of the parameters trained fully beside LoRA adapters (LoRA+'s embeddings and norms, HyLoRA's conv1d),
+    # as a multiple of `lr`; 1 is LongLoRA's single LR. A model without adapters trains everything at `lr`.
+    extra_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
@@ -84,7 +87,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     log, start = TrainLog(), 0
@@ -126,6 +129,17 @@ def train(
     model.eval()
     log.peak_memory_gib, log.memory_kind = peak_memory_gib(device)
     return log
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: LoRA adapters at `cfg.lr`, the other trainable parameters at
+    `cfg.lr * cfg.extra_lr_scale` when both kinds train, else one group at `cfg.lr`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for n, p in named if ".lora_" in n]
+    rest = [p for n, p in named if ".lora_" not in n]
+    if lora and rest:
+        return [{"params": lora}, {"params": rest, "lr": cfg.lr * cfg.extra_lr_scale}]
+    return [{"params": lora or rest}]
 
 
 def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
