@@ -212,6 +212,14 @@ def labeller(records: Iterable[dict]) -> Callable[[dict], str]:
     return label
 
 
+def variant_names(recs: Iterable[dict], label: Callable[[dict], str]) -> dict[Variant, str]:
+    """The variants of `recs` in report order (:func:`variant_sort`), each with the label of its first record."""
+    first: dict[Variant, dict] = {}
+    for r in recs:
+        first.setdefault(variant_key(r), r)
+    return {k: label(first[k]) for k in sorted(first, key=variant_sort)}
+
+
 def ok(r: dict) -> bool:
     return r.get("status", "ok") == "ok"
 

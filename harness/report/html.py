@@ -39,6 +39,7 @@ from harness.report.common import (  # noqa: F401 - re-exported: the report's he
     table,
     variant_key,
     variant_label,
+    variant_names,
     variant_sort,
 )
 
@@ -116,8 +117,8 @@ def perplexity_section(records: list[dict]) -> Section | None:
 
 
 def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, proto: str) -> list[Block]:
-    keys = sorted({variant_key(r) for r in recs}, key=variant_sort)
-    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in keys}
+    names = variant_names(recs, label)
+    keys = list(names)
     contexts = sorted({int(r["eval_context"]) for r in recs})
     ok: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     failed: dict[tuple, dict[int, dict]] = defaultdict(dict)

@@ -23,7 +23,7 @@ from harness.report.common import (
     paragraph,
     table,
     variant_key,
-    variant_sort,
+    variant_names,
 )
 
 COUNTS = ("samples", "samples_available")
@@ -54,8 +54,8 @@ def lm_eval_section(records: list[dict]) -> Section | None:
             good[(k, f"{task} \u203a {sub}")].append(sub_values)
         notes[task].add(f"{values.get('samples')} samples, {r['settings'].get('num_fewshot')}-shot")
         better.update(r["settings"].get("higher_is_better") or {})
-    keys = sorted({variant_key(r) for r in recs}, key=variant_sort)
-    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in keys}
+    names = variant_names(recs, label)
+    keys = list(names)
     rows = []
     for task in dict.fromkeys(str(r["settings"]["task"]) for r in recs):
         for row_label in [task] + [f"{task} \u203a {sub}" for sub in subtasks[task]]:

@@ -38,6 +38,7 @@ from harness.report.common import (
     paragraph,
     table,
     variant_key,
+    variant_names,
     variant_sort,
 )
 
@@ -106,7 +107,7 @@ def ruler_section(records: list[dict]) -> Section | None:
         return None
     label = labeller(records)
     tab = RulerTable(recs)
-    names = {k: label(next(r for r in recs if variant_key(r) == k)) for k in tab.keys}
+    names = variant_names(recs, label)
     samples = sorted(tab.samples)
     n_text = (f"{samples[0]}" if len(samples) == 1 else f"{samples[0]}–{samples[-1]}") if samples else "?"
     blocks: list[Block] = [paragraph(
