@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.attention import recording, register, registered_backend
 from harness.models import HybridConfig, HybridForCausalLM
+from harness.models.cache_args import output_cache
 
 BACKENDS = [
     ("full", {}),
@@ -62,7 +63,7 @@ def test_set_attn_implementation_switches_backend_and_decode_is_reported():
     assert model.config._attn_implementation == name
     with torch.no_grad(), recording() as kernels:
         out = model(IDS[:, :20], use_cache=True)
-        model(IDS[:, 20:23], past_key_values=out.past_key_values, use_cache=True)
+        model(IDS[:, 20:23], past_key_values=output_cache(out), use_cache=True)
     assert kernels == {"se_attn via blockwise", "full via sdpa (decode)"}
 
 

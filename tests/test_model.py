@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from harness.errors import UserError
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
+from harness.models.cache_args import output_cache
 
 
 def _config(fused=True, mlp=0, kv=4, rotary=8, attn_conv=4, **kw):
@@ -70,15 +71,16 @@ def test_eager_equals_sdpa(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_cached_steps_match_full_forward(name, attn):
+@pytest.mark.parametrize("arg", ["cache", "past_key_values"])  # transformers >= 5.24 / <= 5.23
+def test_cached_steps_match_full_forward(name, attn, arg):
     model, ids = _model(name, attn), _ids(l=19)
     full = model(ids).logits
     out = model(ids[:, :11], use_cache=True)  # prefill
-    cache, steps = out.past_key_values, [out.logits]
-    out = model(ids[:, 11:14], past_key_values=cache, use_cache=True)  # several tokens on top of a cache
+    cache, steps = output_cache(out), [out.logits]
+    out = model(ids[:, 11:14], **{arg: cache}, use_cache=True)  # several tokens on top of a cache
     steps.append(out.logits)
     for t in range(14, 19):  # one token at a time
-        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(model(ids[:, t : t + 1], **{arg: cache}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -92,6 +94,15 @@ def test_greedy_generate_matches_teacher_forcing(name):
     assert lengths == [9] + [1] * 11  # the cache is used: one token per step
     logits = model(gen).logits
     torch.testing.assert_close(logits[:, 8:-1].argmax(-1), gen[:, 9:])
+
+
+def test_a_cache_under_an_unknown_name_is_refused():
+    model, ids = _model("fused", "sdpa"), _ids(l=5)
+    cache = output_cache(model(ids, use_cache=True))
+    with pytest.raises(TypeError, match="'layer_past', which this model does not read"):
+        model(ids[:, -1:], layer_past=cache, use_cache=True)
+    with pytest.raises(TypeError, match="several names"):
+        model(ids[:, -1:], cache=cache, past_key_values=cache, use_cache=True)
 
 
 def test_custom_registered_attention_backend():

@@ -12,6 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import Attention
+from .cache_args import CACHE_NAMES, OUTPUT_FIELD, take_cache
 from .config import HybridConfig
 from .mamba2 import Mamba2, RMSNorm
 
@@ -54,12 +55,12 @@ class Block(GradientCheckpointingLayer):
         hidden = norm(residual.to(norm.weight.dtype))
         return hidden, residual.float() if self.residual_in_fp32 else residual
 
-    def forward(self, hidden_states, residual=None, past_key_values=None, position_ids=None):
+    def forward(self, hidden_states, residual=None, cache=None, position_ids=None):
         hidden_states, residual = self._add_norm(hidden_states, residual, self.norm)
         if isinstance(self.mixer, Attention):
-            hidden_states = self.mixer(hidden_states, past_key_values, position_ids)
+            hidden_states = self.mixer(hidden_states, cache, position_ids)
         else:
-            hidden_states = self.mixer(hidden_states, past_key_values)
+            hidden_states = self.mixer(hidden_states, cache)
         if hasattr(self, "mlp"):
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm2)
             hidden_states = self.mlp(hidden_states)
@@ -72,7 +73,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -134,16 +135,18 @@ class HybridModel(HybridPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding = value
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
-                output_hidden_states=None, position_ids=None, inputs_embeds=None, return_dict=True, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, output_hidden_states=None,
+                position_ids=None, inputs_embeds=None, return_dict=True, **kwargs):
+        """The cache comes as `cache` or `past_key_values` (see cache_args); other kwargs are ignored."""
         _check_padding(attention_mask)
+        cache = take_cache(kwargs)
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         all_hidden = [hidden] if output_hidden_states else None
         residual = None
         for i, block in enumerate(self.layers):
-            hidden, residual = block(hidden, residual, past_key_values=past_key_values, position_ids=position_ids)
+            hidden, residual = block(hidden, residual, cache=cache, position_ids=position_ids)
             if all_hidden is not None and i < len(self.layers) - 1:
                 all_hidden.append(hidden + residual)
         residual = hidden + residual
@@ -151,8 +154,8 @@ class HybridModel(HybridPreTrainedModel):
         if all_hidden is not None:
             all_hidden.append(hidden)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{OUTPUT_FIELD: cache if use_cache else None},
         )
 
 
@@ -188,13 +191,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
-                output_hidden_states=None, logits_to_keep=0, return_dict=True, position_ids=None,
-                inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, output_hidden_states=None,
+                logits_to_keep=0, return_dict=True, position_ids=None, inputs_embeds=None, **kwargs):
         """Logits for the last `logits_to_keep` positions (0: all); `labels` give the mean shifted CE loss;
-        `hidden_states[-1]` is the final hidden state after norm_f."""
+        `hidden_states[-1]` is the final hidden state after norm_f. The cache comes as `cache` or
+        `past_key_values` and goes out under the installed transformers' field name (see cache_args)."""
         out = self.backbone(
-            input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache,
+            input_ids, attention_mask=attention_mask, cache=take_cache(kwargs), use_cache=use_cache,
             output_hidden_states=output_hidden_states, position_ids=position_ids, inputs_embeds=inputs_embeds,
         )
         hidden = out.last_hidden_state
@@ -209,6 +212,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         result = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{OUTPUT_FIELD: getattr(out, OUTPUT_FIELD)},
         )
         return result if return_dict else result.to_tuple()
