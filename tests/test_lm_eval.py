@@ -116,6 +116,17 @@ def test_limit_and_unknown_task(model, tok, manager):
         evaluate_lm_eval(model, tok, "harness_mcq", manager)
 
 
+def test_dropped_cache_fails_before_any_request(tok, manager, drop_cache):
+    from harness.metrics.decode_check import CacheMismatchError
+
+    config = preset_config("tiny-hybrid")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    broken = drop_cache(HybridForCausalLM(config).eval())
+    with pytest.raises(CacheMismatchError, match="cache is not reaching HybridForCausalLM"):
+        evaluate_lm_eval(broken, tok, "harness_gen", manager, max_length=128)
+
+
 def test_missing_lm_eval_names_the_extra(monkeypatch, model, tok, manager):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(UserError, match=r"pip install 'harness\[lm-eval\]'"):

@@ -32,3 +32,14 @@ def kernel_log() -> dict[str, int]:
 
 def reset_kernel_log() -> None:
     _totals.clear()
+
+
+@contextmanager
+def unrecorded():
+    """Kernels used inside are left out of the open `recording()` scopes (a self-check, not the measurement)."""
+    scopes = _scopes[:]
+    _scopes.clear()
+    try:
+        yield
+    finally:
+        _scopes[:] = scopes

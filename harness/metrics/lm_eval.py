@@ -84,14 +84,18 @@ def evaluate_lm_eval(model, tokenizer, task: str, manager, *, limit: int | None 
     """One lm-eval task (or group) on `model` (a HybridForCausalLM, or a PeftModel around one).
 
     `max_length` is the context HFLM allows (it left-truncates longer prompts, and windows rolling
-    loglikelihoods by it); our tokenizer sets no limit of its own, so it must be given.
+    loglikelihoods by it); our tokenizer sets no limit of its own, so it must be given. A CacheMismatchError
+    first if cached decoding is broken for this model (harness.metrics.decode_check).
     """
+    from harness.metrics.decode_check import check_cached_decoding
+
     lm_eval = _lm_eval()
     if task not in manager.all_tasks:
         hint = difflib.get_close_matches(task, manager.all_tasks, n=1)
         raise UserError(f"lm_eval: unknown task {task!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + "; name an lm-eval task or group (`lm-eval ls tasks`), or a task of a local YAML "
                         "file in a directory given as metrics.lm_eval.include_path")
+    check_cached_decoding(model, tokenizer)
     lm = _hybrid_lm()(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                       max_length=max_length)
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,

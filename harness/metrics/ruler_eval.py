@@ -6,13 +6,17 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.data.ruler import generate
+from harness.metrics.decode_check import check_cached_decoding
 from harness.metrics.ruler import per_sample, score
 
 
 @torch.inference_mode()
 def evaluate_ruler(model, tokenizer, task: str, length: int, n: int, seed: int, haystack_text: str | None = None,
                    essay_file: str | None = None) -> tuple[dict, list[dict]]:
-    """(values for a Record, one dict per sample: prompt hash, expected, predicted, correct)."""
+    """(values for a Record, one dict per sample: prompt hash, expected, predicted, correct).
+
+    A CacheMismatchError first if cached decoding is broken for this model (harness.metrics.decode_check)."""
+    check_cached_decoding(model, tokenizer)
     samples = generate(task, length, tokenizer, n, seed, haystack_text, essay_file=essay_file)
     device = next(model.parameters()).device
     predictions = []
