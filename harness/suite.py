@@ -91,6 +91,8 @@ class Ruler(_Strict):
     samples: int = Field(10, ge=1)
     eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
     essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
+    # The data of the opt-in QA tasks, which is not shipped: {qa_1: SQuAD 2.0 dev JSON, qa_2: HotpotQA dev JSON}
+    qa_files: dict[str, str] = {}
 
     @field_validator("tasks")
     @classmethod
@@ -102,6 +104,25 @@ class Ruler(_Strict):
         for t in v:
             _as_value_error(get_spec, t)  # did-you-mean
         return v
+
+    @model_validator(mode="after")
+    def _qa_data(self) -> Ruler:
+        from harness.data.ruler import TASKS
+        from harness.data.ruler.qa import FORMATS
+
+        opt_in = [t for t in TASKS if TASKS[t].opt_in]
+        for task, path in self.qa_files.items():
+            if task not in opt_in:
+                raise ValueError(f"qa_files: {task!r} is not a task that needs a data file ({', '.join(opt_in)})")
+            if not Path(path).is_file():
+                raise ValueError(f"qa_files.{task}: no file {path!r} (relative paths are taken from the working "
+                                 f"directory, here {Path.cwd()})")
+        for task in self.tasks:
+            if TASKS[task].opt_in and task not in self.qa_files:
+                fmt = FORMATS[TASKS[task].args["dataset"]]
+                raise ValueError(f"tasks: {task} needs its data, which is not shipped: set qa_files.{task} to the "
+                                 f"path of the {fmt}")
+        return self
 
 
 class LmEval(_Strict):

@@ -69,3 +69,16 @@ def test_finetune_lr_per_backend(tmp_path):
     assert s.finetune.lr_for("se_attn") == 3e-3 and s.finetune.lr_for("s2_attn") == 3e-4
     paper = load_suite(write(tmp_path, "name: x\n")).finetune
     assert paper.lr_for("s2_attn") == 2e-5 and paper.lr_for("full") == 2e-4  # the paper's appendix G
+
+
+def test_qa_tasks_need_their_data_file(tmp_path):
+    with pytest.raises(UserError, match=r"metrics.ruler: tasks: qa_1 needs its data.*set qa_files.qa_1 .*SQuAD 2.0"):
+        load_suite(write(tmp_path, "name: x\nmetrics: {ruler: {tasks: [niah_single_1, qa_1]}}\n"))
+    with pytest.raises(UserError, match=r"qa_files.qa_2: no file 'nowhere.json'"):
+        load_suite(write(tmp_path, "name: x\nmetrics: {ruler: {tasks: [qa_2], qa_files: {qa_2: nowhere.json}}}\n"))
+    with pytest.raises(UserError, match=r"qa_files: 'vt' is not a task that needs a data file"):
+        load_suite(write(tmp_path, f"name: x\nmetrics: {{ruler: {{qa_files: {{vt: {tmp_path / 's.yaml'}}}}}}}\n"))
+    squad = tmp_path / "squad.json"
+    squad.write_text("{}")
+    s = load_suite(write(tmp_path, f"name: x\nmetrics: {{ruler: {{tasks: [qa_1], qa_files: {{qa_1: {squad}}}}}}}\n"))
+    assert s.metrics.ruler.qa_files == {"qa_1": str(squad)}

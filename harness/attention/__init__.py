@@ -16,10 +16,10 @@ import torch
 from .backend import Backend
 from .hf import implementation_name, register, registered_backend
 from .options import ALIASES, ALLOWED, SPECS, resolve
-from .recording import kernel_log, recording, reset_kernel_log
+from .recording import kernel_log, recording
 
 __all__ = ["Backend", "attend", "available", "implementation_name", "kernel_log", "recording", "register",
-           "registered_backend", "reset_kernel_log"]
+           "registered_backend"]
 
 
 def available() -> dict:

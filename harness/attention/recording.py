@@ -30,10 +30,6 @@ def kernel_log() -> dict[str, int]:
     return dict(_totals)
 
 
-def reset_kernel_log() -> None:
-    _totals.clear()
-
-
 @contextmanager
 def unrecorded():
     """Kernels used inside are left out of the open `recording()` scopes (a self-check, not the measurement)."""

@@ -1,6 +1,6 @@
-"""Metrics: perplexity (``harness.metrics.perplexity``); RULER scoring and efficiency live beside it.
+"""Metrics: perplexity, RULER (scoring, evaluation), lm-eval, and the decoding self-check; one module each.
 
-Names are imported lazily so that ``import harness.metrics.<sibling>`` does not pull in torch.
+The perplexity names are imported lazily so that ``import harness.metrics.<sibling>`` does not pull in torch.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ from harness.metrics.ruler import per_sample, score
 
 @torch.inference_mode()
 def evaluate_ruler(model, tokenizer, task: str, length: int, n: int, seed: int, haystack_text: str | None = None,
-                   essay_file: str | None = None) -> tuple[dict, list[dict]]:
+                   essay_file: str | None = None, qa_file: str | None = None) -> tuple[dict, list[dict]]:
     """(values for a Record, one dict per sample: prompt hash, expected, predicted, correct).
 
     A CacheMismatchError first if cached decoding is broken for this model (harness.metrics.decode_check)."""
     check_cached_decoding(model, tokenizer)
-    samples = generate(task, length, tokenizer, n, seed, haystack_text, essay_file=essay_file)
+    samples = generate(task, length, tokenizer, n, seed, haystack_text, essay_file=essay_file, qa_file=qa_file)
     device = next(model.parameters()).device
     predictions = []
     for s in tqdm(samples, desc=f"ruler {task} @ {length}", unit="sample", mininterval=2.0):

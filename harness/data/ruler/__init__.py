@@ -8,7 +8,6 @@ constants), ``haystack`` (word lists, sentence splitter, sizing), ``niah``, ``vt
 
 from harness.data.ruler.tasks import (
     GROUPS,
-    OPT_IN_TASKS,
     PAPER_TASKS,
     TASKS,
     Sample,
@@ -17,4 +16,4 @@ from harness.data.ruler.tasks import (
     get_spec,
 )
 
-__all__ = ["GROUPS", "OPT_IN_TASKS", "PAPER_TASKS", "TASKS", "Sample", "TaskSpec", "generate", "get_spec"]
+__all__ = ["GROUPS", "PAPER_TASKS", "TASKS", "Sample", "TaskSpec", "generate", "get_spec"]

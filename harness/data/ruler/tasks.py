@@ -80,8 +80,6 @@ _SPECS = [
 TASKS: dict[str, TaskSpec] = {s.name: s for s in _SPECS}
 #: The eleven tasks the paper reports (QA excluded), in RULER's order.
 PAPER_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if not s.opt_in)
-#: Opt-in tasks that need user-supplied data files.
-OPT_IN_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.opt_in)
 
 #: Paper Appendix I.4: five groups; "average" is the mean of the eleven tasks.
 GROUPS: dict[str, tuple[str, ...]] = {
