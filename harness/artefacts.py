@@ -2,27 +2,22 @@
 
 - pretrained: a preset pretrained at a short context on the embedded corpus mixed with synthetic recall
   documents (harness.data.recall), its attention induction-initialised; key = config, corpus
-  and tokenizer fingerprints, recipe, seed and code version of the model and training loop.
+  and tokenizer fingerprints, recipe, seed and the code that builds it (provenance.PRETRAINED).
 - finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
-  attention backend; key = base key, method, backend options, recipe, seed and code version (this module's
-  included: it says how adapters are built).
+  attention backend; key = base key, method, backend options, recipe, seed and the code that builds it
+  (provenance.ADAPTER, this module included: it says how adapters are built).
 Interrupted training resumes from its last checkpoint in the cache's work directory.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 
 import torch
 
 import harness.attention as attention_module
-import harness.data.recall as recall_module
-import harness.finetune as finetune_module
-import harness.finetune.loop as loop_module
-import harness.models as models_module
-from harness import cache
+from harness import cache, provenance
 from harness.attention import register
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
 from harness.data.recall import RecallDocuments, recall_batches
@@ -58,7 +53,7 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     p = suite.pretrain
     recipe = {"recall": p.recall, "answer_weight": p.answer_weight, "induction_init": p.induction_init}
     key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg), recipe,
-                            cache.code_version(models_module, loop_module, recall_module))
+                            provenance.artefact_fingerprint(provenance.PRETRAINED))
     info = {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}
     if (path := cache.lookup(PRETRAINED, key)) is None:
         torch.manual_seed(seed)
@@ -86,7 +81,7 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
     f, cfg = suite.finetune, finetune_config(suite, backend, seed)
     key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
                             f.gradient_checkpointing,
-                            cache.code_version(finetune_module, attention_module, sys.modules[__name__]))
+                            provenance.artefact_fingerprint(provenance.ADAPTER))
     info = {**base_info, "adapter": key, "train": None}
     if (path := cache.lookup(ADAPTER, key)) is None:
         base.set_attn_implementation(register(backend.name, **backend.options))

@@ -46,13 +46,19 @@ def file_sha256(path: str | Path) -> str:
 
 def code_version(*modules: ModuleType) -> str:
     """Hash of the source files of the given modules (or packages: every .py under them)."""
+    files = []
+    for m in modules:
+        path = Path(m.__file__)
+        files += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    return source_version(*files)
+
+
+def source_version(*files: Path) -> str:
+    """Hash of source files: their names and contents, in order."""
     h = hashlib.sha256()
-    for module in modules:
-        path = Path(module.__file__)
-        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-        for f in files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from harness import results
+from harness import provenance, results
 from harness.attention import recording
 from harness.suite import Backend, Suite, load_suite
 
@@ -29,6 +29,7 @@ def run_job(spec: dict) -> None:
     measure = {"pretrain": _pretrain, "variant": _variant, "efficiency": _efficiency}[spec["kind"]]
     for cell, rec, fn in measure(suite, spec, backend):
         rec.cell, rec.suite, rec.env, rec.config_hash = cell["id"], suite.name, env, cell["hash"]
+        rec.variant, rec.code = cell["variant"], provenance.code(cell["metric"])
         t0 = time.perf_counter()
         try:
             with recording() as kernels:
@@ -127,7 +128,7 @@ def _variant(suite: Suite, spec: dict, backend: Backend | None):
                 corpus, dataset = _eval_corpus(suite, spec)
                 haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
                 values, samples = evaluate_ruler(m, default_tokenizer(), cell["task"], cell["length"], r.samples,
-                                                 spec["seed"], haystack, r.essay_file)
+                                                 spec["seed"], haystack, r.essay_file, r.qa_files.get(cell["task"]))
                 rec.model, rec.dataset, rec.values = info, dataset, values
                 rec.units = {"accuracy": "%"}
                 rec.settings = {"task": cell["task"], "samples_file": _write_samples(spec, cell, samples),

@@ -1,8 +1,13 @@
 """Result records: one JSON object per measured cell, stored as JSONL.
 
 A record is self-describing: what was measured (metric, values with units),
-on what (model stage, method, backend, contexts, dataset), how (kernel that ran,
-protocol), where (environment) and whether it worked (status).
+on what (its variant: model, seed, method, backend, contexts; dataset), how (kernel that ran,
+protocol, the code that computed it), where (environment) and whether it worked (status).
+
+`results.jsonl` is append-only: a cell measured again gets a new record, and :func:`current` keeps
+the last one per cell, the rule that the runner, the report and `harness compare` all apply.
+Schema 2 added `variant`, `code` and `eval-finetune/` cell ids (harness.cells); :func:`load`
+migrates schema-1 records.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 from harness.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "timeout", "error")
 RESULTS_FILE = "results.jsonl"
 
@@ -26,9 +31,10 @@ RESULTS_FILE = "results.jsonl"
 @dataclass
 class Record:
     suite: str
-    cell: str  # stable id of the cell within the suite
+    cell: str  # stable id of the cell within the suite (harness.cells.Cell.id)
     metric: str  # "perplexity" | "train" | ...
     status: str = "ok"
+    variant: dict[str, Any] | None = None  # harness.cells.Variant.as_dict(); None for efficiency cells
     stage: str = ""  # model stage: "pretrained" or "finetuned"
     model: dict[str, Any] = field(default_factory=dict)  # preset, hash
     method: str = "none"  # fine-tuning method, "none" for the pretrained model
@@ -42,6 +48,7 @@ class Record:
     kernel: str = ""  # what actually ran, e.g. "full via sdpa"
     config_hash: str = ""
     env: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, Any] = field(default_factory=dict)  # package version, git commit, fingerprint (provenance)
     seconds: float = 0.0
     error: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -65,14 +72,14 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": "cpu",
-        "git": _git_revision(),
+        "git": git_revision(),
     }
     if torch.cuda.is_available():
         env.update(device="cuda", gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return env
 
 
-def _git_revision() -> str | None:
+def git_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -94,7 +101,8 @@ def append(out_dir: str | Path, record: Record) -> None:
 
 
 def load(out_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a results directory (a truncated last line from a kill is skipped)."""
+    """All records of a results directory, in append order, at the current schema (a truncated last line
+    from a kill is skipped)."""
     path = Path(out_dir) / RESULTS_FILE
     if not path.is_file():
         raise UserError(f"{path}: no results file here; run a suite first (harness run SUITE --out {out_dir})")
@@ -104,13 +112,47 @@ def load(out_dir: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if rec.get("schema") == 1:
+            rec = _migrate_v1(rec)
         if rec.get("schema") != SCHEMA_VERSION:
             raise UserError(
-                f"{path}: record has schema {rec.get('schema')}, this harness reads {SCHEMA_VERSION}; "
+                f"{path}: record has schema {rec.get('schema')}, this harness reads 1 to {SCHEMA_VERSION}; "
                 "rerun the suite into a new --out directory"
             )
         records.append(rec)
     return records
+
+
+def _migrate_v1(rec: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record at schema 2: its variant from its cell id (the runner's failure records held no
+    more), the id of a cell evaluated with the fine-tuning attention marked so, no code fingerprint (such a
+    cell counts as stale and is measured again)."""
+    from harness.cells import Cell
+
+    rec = {**rec, "schema": SCHEMA_VERSION, "code": {}}
+    try:
+        cell = Cell.parse(rec.get("cell") or "", rec.get("finetune_context"))
+    except ValueError:
+        return {**rec, "variant": None}
+    settings = dict(rec.get("settings") or {})
+    if cell.variant is not None and cell.variant.stage == "finetuned" and settings.get("eval_attention") == "finetune":
+        cell = Cell(cell.metric, cell.variant, cell.length, cell.task, "finetune")
+    if cell.task and "task" not in settings:
+        settings["task"] = cell.task
+    rec.update(cell=cell.id, settings=settings, variant=cell.variant and cell.variant.as_dict())
+    if cell.variant is not None and not rec.get("stage"):  # a runner-written failure: fill in its variant
+        v = cell.variant
+        rec.update(stage=v.stage, method=v.method, backend=v.backend, model={"preset": v.model})
+    if cell.metric == "efficiency":
+        rec["backend"] = cell.backend
+    return rec
+
+
+def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The record that stands for each cell: the last one appended for its (run, cell id), whatever its
+    settings; every earlier one is superseded. `run` is set by `harness report DIR1 DIR2`."""
+    last = {(str(r.get("run") or ""), r.get("cell")): i for i, r in enumerate(records)}
+    return [records[i] for i in sorted(last.values())]
 
 
 def to_frame(records: list[dict[str, Any]]):

@@ -20,11 +20,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import cache, results
+from harness import cache, provenance, results
+from harness.cells import FINETUNED, Cell, Variant
 from harness.metrics.lm_eval import local_tasks_fingerprint
 from harness.suite import Suite, load_suite
 
@@ -46,46 +48,58 @@ def eval_corpus(suite: Suite, pg19: str | None):
 
 
 def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
-    """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it."""
+    """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it
+    and the fingerprint of the code that measures it (harness.provenance)."""
     jobs, m = [], suite.metrics
     for model in suite.models if (m.perplexity or m.ruler or m.lm_eval) else []:
         for seed in suite.seeds:
             base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
-            jobs.append(Job("pretrain", f"{model}/seed{seed}/pretrain", {**base},
-                            [_cell(f"{model}/seed{seed}/pretrain", "pretrain", base)]))
-            variants = [("pretrained", "none", None)] + [("finetuned", meth, b) for meth in suite.methods
-                                                         for b in suite.backends]
-            for stage, method, backend in variants:
-                label = "pretrained" if backend is None else f"{method}/{backend.label}"
-                prefix = f"{model}/seed{seed}/{label}"
-                det = {**base, "method": method, "backend": backend and backend.model_dump(exclude={"label"}),
+            pretrain = Cell("pretrain", Variant(model, seed))
+            jobs.append(Job("pretrain", pretrain.id, {**base}, [_cell(pretrain, base)]))
+            variants = [(Variant(model, seed), None)] + [
+                (Variant(model, seed, meth, b.label, suite.finetune.context), b)
+                for meth in suite.methods for b in suite.backends]
+            for variant, backend in variants:
+                det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
                        "finetune": suite.finetune.model_dump() if backend else None}
-                cells = [_cell(f"{prefix}/train", "train", det)] if backend else []
-                if m.perplexity:
-                    det_p = {**det, "metric": m.perplexity.model_dump(exclude={"contexts"}), "data": data_fingerprint}
-                    cells += [_cell(f"{prefix}/ppl@{c}", "perplexity", det_p, length=c) for c in m.perplexity.contexts]
-                if m.ruler:
-                    det_r = {**det, "metric": m.ruler.model_dump(exclude={"tasks", "lengths"}),
-                             "data": data_fingerprint}
-                    cells += [_cell(f"{prefix}/ruler/{t}@{n}", "ruler", det_r, length=n, task=t)
-                              for t in m.ruler.tasks for n in m.ruler.lengths]
-                if m.lm_eval:
-                    det_l = {**det, "metric": m.lm_eval.model_dump(exclude={"tasks"}),
-                             "local_tasks": local_tasks_fingerprint(m.lm_eval.include_path)}
-                    cells += [_cell(f"{prefix}/lm_eval/{t}", "lm_eval", det_l, task=t) for t in m.lm_eval.tasks]
-                spec = {**base, "stage": stage, "method": method, "backend": backend and backend.model_dump()}
-                jobs.append(Job("variant", prefix, spec, cells))
+                cells = [_cell(Cell("train", variant), det)] if backend else []
+                cells += _eval_cells(m, variant, det, data_fingerprint)
+                spec = {**base, "stage": variant.stage, "method": variant.method,
+                        "backend": backend and backend.model_dump()}
+                jobs.append(Job("variant", variant.id, spec, cells))
     if m.efficiency:
         for b in suite.backends:
             det = {"backend": b.model_dump(exclude={"label"}), "metric": m.efficiency.model_dump(exclude={"lengths"})}
-            cells = [_cell(f"attention/{b.label}/efficiency@{n}", "efficiency", det, length=n)
-                     for n in m.efficiency.lengths]
+            cells = [_cell(Cell("efficiency", length=n, backend=b.label), det, length=n) for n in m.efficiency.lengths]
             jobs.append(Job("efficiency", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
     return jobs
 
 
-def _cell(cell_id: str, metric: str, determined_by: dict, **extra) -> dict:
-    return {"id": cell_id, "metric": metric, **extra, "hash": cache.fingerprint(determined_by, metric, extra)}
+def _eval_cells(m, variant: Variant, det: dict, data_fingerprint: str) -> list[dict]:
+    """A variant's perplexity, RULER and lm-eval cells (the pretrained model is always evaluated with full
+    attention; a fine-tuned one with the metric's eval_attention)."""
+    def ev(config) -> str:
+        return config.eval_attention if variant.stage == FINETUNED else "full"
+
+    cells = []
+    if p := m.perplexity:
+        hashed = {**det, "metric": p.model_dump(exclude={"contexts"}), "data": data_fingerprint}
+        cells += [_cell(Cell("perplexity", variant, c, eval_attention=ev(p)), hashed, length=c) for c in p.contexts]
+    if r := m.ruler:
+        hashed = {**det, "metric": r.model_dump(exclude={"tasks", "lengths"}), "data": data_fingerprint}
+        cells += [_cell(Cell("ruler", variant, n, t, ev(r)), hashed, length=n, task=t)
+                  for t in r.tasks for n in r.lengths]
+    if lm := m.lm_eval:
+        hashed = {**det, "metric": lm.model_dump(exclude={"tasks"}),
+                  "local_tasks": local_tasks_fingerprint(lm.include_path)}
+        cells += [_cell(Cell("lm_eval", variant, task=t, eval_attention=ev(lm)), hashed, task=t) for t in lm.tasks]
+    return cells
+
+
+def _cell(cell: Cell, determined_by: dict, **hashed) -> dict:
+    """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint."""
+    return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, hashed),
+            "code": provenance.fingerprint(cell.metric)}
 
 
 def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,
@@ -94,17 +108,19 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     out = Path(out or Path("reports") / suite.name)
     corpus = eval_corpus(suite, pg19)
     jobs = plan(suite, corpus.fingerprint)
-    recorded = _recorded(out, retry_failed)
+    recorded = _current_records(out)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
-    todo = {job.name: [c for c in job.cells if (c["id"], c["hash"]) not in recorded] for job in jobs}
-    n_cells, n_todo = sum(len(j.cells) for j in jobs), sum(map(len, todo.values()))
-    print(f"suite {suite.name}: {n_cells} cells in {len(jobs)} jobs, {n_cells - n_todo} already recorded; "
-          f"evaluating on {corpus.name} ({corpus.source}); results in {out}")
+    state = {c["id"]: cell_state(c, recorded.get(c["id"]), retry_failed) for j in jobs for c in j.cells}
+    todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
+    counts = Counter(state.values())
+    print(f"suite {suite.name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
+          + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
+          + f"; evaluating on {corpus.name} ({corpus.source}); results in {out}")
     if dry_run:
         for job in jobs:
             for c in job.cells:
-                print(f"  {'todo' if c in todo[job.name] else 'done'}  {c['id']}")
+                print(f"  {state[c['id']]:<8} {c['id']}")
         return None
 
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +139,29 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     return render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
 
 
-def _recorded(out: Path, retry_failed: bool) -> set[tuple[str, str]]:
+#: Why a recorded cell is measured again, by its state.
+STALE = {"changed": "with changed settings (measured again)",
+         "stale": "stale: measured by other code (measured again)",
+         "failed": "failed (measured again: --retry-failed)"}
+
+
+def cell_state(cell: dict, current: dict | None, retry_failed: bool = False) -> str:
+    """"done" if the cell's current record was measured with its settings (config hash) by the same code
+    (fingerprint) and worked (or failed, without `retry_failed`); else why it is to be measured: "todo"
+    (never), "changed", "stale", "failed"."""
+    if current is None:
+        return "todo"
+    if current.get("config_hash") != cell["hash"]:
+        return "changed"
+    if (current.get("code") or {}).get("fingerprint") != cell["code"]:
+        return "stale"
+    return "failed" if retry_failed and current.get("status") != "ok" else "done"
+
+
+def _current_records(out: Path) -> dict[str, dict]:
     if not (out / results.RESULTS_FILE).is_file():
-        return set()
-    return {(r["cell"], r["config_hash"]) for r in results.load(out) if r["status"] == "ok" or not retry_failed}
+        return {}
+    return {r["cell"]: r for r in results.current(results.load(out))}
 
 
 def _devices() -> list[str | None]:
@@ -202,12 +237,22 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
             error = (f"no record within {timeout:.0f} s" if status == "timeout" else
                      f"job process exited with code {proc.returncode}"
                      + (" (killed: likely out of memory)" if killed else ""))
-            results.append(out, results.Record(suite=common["suite_name"], cell=cell["id"],
-                                               metric=cell["metric"], status=status, error=error,
-                                               config_hash=cell["hash"], eval_context=cell.get("length")))
+            results.append(out, failure_record(common["suite_name"], cell, status, error))
             print(f"  {cell['id']}: {status} ({error})", flush=True)
         elif remaining:
             raise RuntimeError(f"job {job.name} exited cleanly without recording {remaining[0]['id']}")
+
+
+def failure_record(suite: str, cell: dict, status: str, error: str) -> results.Record:
+    """The record of a cell whose job process died: everything the cell says about itself, no values."""
+    v = cell["variant"] or {}
+    settings = {"eval_attention": cell["eval_attention"], **({"task": cell["task"]} if cell["task"] else {})}
+    return results.Record(
+        suite=suite, cell=cell["id"], metric=cell["metric"], status=status, error=error, variant=cell["variant"],
+        stage=v.get("stage", ""), model={"preset": v["model"]} if v else {}, method=v.get("method", "none"),
+        backend=v.get("backend") or cell["backend"] or "full", finetune_context=v.get("finetune_context"),
+        eval_context=cell["length"], settings=settings, config_hash=cell["hash"],
+        code=provenance.code(cell["metric"]) | {"fingerprint": cell["code"]})
 
 
 def _done_ids(path: Path, start: int) -> set[str]:

@@ -28,6 +28,14 @@ def test_failed_missing_and_changed_settings():
                                     ("perplexity", "skipped")]
 
 
+def test_only_current_records_are_judged():
+    # base: a cell that failed, then was rerun and worked; head: a good record superseded by a regression
+    base = [rec("a", {}, status="oom"), rec("a", {"perplexity": 10.0})]
+    head = [rec("a", {"perplexity": 10.0}), rec("a", {"perplexity": 12.0})]
+    assert verdicts(base, head) == [("perplexity", "regression")]
+    assert verdicts(head, base) == [("perplexity", "improvement")]
+
+
 def test_mcnemar_exact_values():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # two-sided

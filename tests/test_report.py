@@ -102,8 +102,8 @@ def test_failure_only_variant_and_notes_are_escaped(tmp_path):
 
 def test_mixed_protocols_are_split_and_flagged():
     a = synthetic_records(train=False, failure=False)
-    # another protocol is another config hash (same cell ids): both kept, not "latest wins"
-    b = [dict(r, settings={"protocol": "stride", "stride": 1024}, config_hash="stride") for r in a]
+    b = [dict(r, cell=r["cell"] + "-stride", settings={"protocol": "stride", "stride": 1024}, config_hash="stride")
+         for r in a]
     ctx = build_context(a + b, title="t")
     assert any("not comparable" in n for n in ctx["header"]["notes"])
     ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")
@@ -142,13 +142,17 @@ def _cells(section):
     return out
 
 
-def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h"):
-    """What harness.runner writes when a job process dies: no variant, no env."""
-    return asdict(Record(suite="smoke", cell=cell_id, metric=metric, status=status, error="killed",
-                         config_hash=config_hash, eval_context=ctx))
+def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h", ft_ctx=None):
+    """What harness.runner writes when a job process dies: the cell's own fields, no env, values or dataset."""
+    from harness.cells import Cell
+    from harness.runner import failure_record
+
+    cell = {**Cell.parse(cell_id, ft_ctx).as_dict(), "hash": config_hash, "code": "f"}
+    assert cell["metric"] == metric and cell["length"] == ctx
+    return asdict(failure_record("smoke", cell, status, "killed"))
 
 
-def test_latest_record_per_cell_and_hash_wins():
+def test_the_current_record_per_cell_wins():
     old = asdict(ppl_record("pretrained", "none", 2048, None, status="oom", error="first try"))
     new = asdict(ppl_record("pretrained", "none", 2048, 31.25))
     sec, ctx = _section([old, new], "perplexity")
@@ -159,15 +163,17 @@ def test_latest_record_per_cell_and_hash_wins():
     # the other order: the rerun failed, so the cell is a failure now
     sec, ctx = _section([new, old], "perplexity")
     assert "OOM" in [c["text"] for _, _, c in _cells(sec)] and any(s["id"] == "failures" for s in ctx["sections"])
-    # another config hash is another measurement, not a rerun: both kept (averaged within a variant)
+    # rerun with changed settings (another config hash): the new record replaces the old, never averaged with it
     other = dict(new, config_hash="other", values=dict(new["values"], perplexity=33.25))
-    sec, _ = _section([new, other], "perplexity")
-    assert "32.25" in [c["text"] for _, _, c in _cells(sec)]
+    sec, ctx = _section([new, other], "perplexity")
+    assert "33.25" in [c["text"] for _, _, c in _cells(sec)] and "32.25" not in [c["text"] for _, _, c in _cells(sec)]
+    assert "1 older record(s) of rerun cells superseded" in dict(ctx["header"]["facts"])["records"]
 
 
 def test_eval_attention_finetune_is_its_own_variant():
     full = asdict(ppl_record("finetuned", "lora", 2048, 30.0, ft_ctx=2048))
-    ft = dict(full, config_hash="ft", settings={**full["settings"], "eval_attention": "finetune"},
+    ft = dict(full, cell="eval-finetune/" + full["cell"], config_hash="ft",
+              settings={**full["settings"], "eval_attention": "finetune"},
               values={**full["values"], "perplexity": 35.0})
     pre = dict(asdict(ppl_record("pretrained", "none", 2048, 40.0)),
                settings={**full["settings"], "eval_attention": "finetune"})  # pretrained: always full attention
@@ -385,7 +391,7 @@ def test_parent_written_failures_get_their_variant_and_no_env_is_fine():
     ok_rec = asdict(ppl_record("finetuned", "hylora", 2048, 30.0, ft_ctx=8192))
     ok_rec["cell"] = f"tiny-hybrid/seed0/hylora/{SE}/ppl@2048"
     ok_rec["backend"] = SE
-    fail = parent_failure(f"tiny-hybrid/seed0/hylora/{SE}/ppl@4096", "perplexity", ctx=4096)
+    fail = parent_failure(f"tiny-hybrid/seed0/hylora/{SE}/ppl@4096", "perplexity", ctx=4096, ft_ctx=8192)
     orphan = parent_failure("tiny-hybrid/seed0/lora/full/ruler/vt@2048", "ruler", status="timeout", ctx=2048)
     ctx = build_context([ok_rec, fail, orphan], title="t")
     ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")

@@ -23,3 +23,33 @@ def test_bad_status_and_old_schema_are_errors(tmp_path):
         results.load(tmp_path)
     with pytest.raises(UserError, match="no results file"):
         results.load(tmp_path / "nowhere")
+
+
+SE = "se_attn(chunk_size=64)"
+
+
+def test_schema_1_records_are_migrated(tmp_path):
+    ok = {"schema": 1, "suite": "s", "cell": f"tiny/seed0/lora/{SE}/ppl@512", "metric": "perplexity", "status": "ok",
+          "stage": "finetuned", "model": {"preset": "tiny"}, "method": "lora", "backend": SE, "finetune_context": 2048,
+          "settings": {"eval_attention": "finetune"}, "env": {"device": "cpu"}, "values": {"perplexity": 3.0}}
+    failed = {"schema": 1, "suite": "s", "cell": "tiny/seed1/pretrained/ruler/vt@1024", "metric": "ruler",
+              "status": "oom", "stage": "", "model": {}, "method": "none", "backend": "full", "settings": {}}
+    eff = {"schema": 1, "suite": "s", "cell": "attention/full/efficiency@64", "metric": "efficiency", "status": "error",
+           "stage": "", "model": {}, "backend": "full", "settings": {}}
+    (tmp_path / results.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in (ok, failed, eff)))
+    a, b, c = results.load(tmp_path)
+    assert all(r["schema"] == results.SCHEMA_VERSION and r["code"] == {} for r in (a, b, c))
+    # evaluated with the fine-tuning attention: another cell now
+    assert a["cell"] == f"tiny/seed0/lora/{SE}/eval-finetune/ppl@512"
+    assert a["variant"] == {"model": "tiny", "seed": 0, "method": "lora", "backend": SE, "finetune_context": 2048,
+                            "stage": "finetuned"}
+    # a runner-written failure held nothing but its id: its variant and task come from it
+    assert (b["stage"], b["model"], b["variant"]["seed"], b["settings"]["task"]) == ("pretrained", {"preset": "tiny"},
+                                                                                     1, "vt")
+    assert c["variant"] is None and c["backend"] == "full"
+
+
+def test_current_is_the_last_record_per_run_and_cell():
+    recs = [{"cell": "a", "v": 1}, {"cell": "b", "v": 2}, {"cell": "a", "v": 3, "config_hash": "new"},
+            {"cell": "a", "v": 4, "run": "other"}]
+    assert [r["v"] for r in results.current(recs)] == [2, 3, 4]

@@ -2,19 +2,18 @@
 
 Input normalisation (:func:`normalise`) runs once, before any section sees the records:
 
-* **latest record wins**: a rerun (``harness run --retry-failed``) appends a newer record for the
-  same cell, so of all records with the same (run, cell, config_hash) only the last one in file
-  order (``results.jsonl`` is append-only) is kept;
+* **the current record per cell**: a rerun appends a newer record for the same cell (a retry, or
+  changed settings or code), so only the last one per (run, cell) is kept (``results.current``,
+  the rule of the runner and of ``harness compare`` too);
 * **runs**: records from several results directories carry ``record["run"]`` (the directory
   name, set by ``harness report DIR1 DIR2``); with more than one run every variant is keyed and
   labelled by its run, so nothing from different runs is merged; with one run the field is
   ignored and the output is the same as without it;
 * **parent-written failure records** (status oom/timeout/error written by the runner when a job
-  process died) carry only cell, metric, status, error, config_hash and eval_context: their
-  variant (model, stage, method, backend), task and settings are filled in from an ok record of
-  the same job (same cell-id prefix) or, failing that, parsed from the cell id
-  (``{model}/seed{n}/pretrained/...``, ``{model}/seed{n}/{method}/{backend label}/...``,
-  ``attention/{backend label}/efficiency@{n}``).
+  process died) carry their cell's variant, task and eval attention but no measured settings or
+  dataset: those are filled in from an ok record of the same variant and metric, or failing that
+  from the run's ok records of the metric when they all agree, so the failure lands in the right
+  table.
 
 Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``; normalisation
 works on shallow copies and never changes the caller's records.
@@ -23,7 +22,6 @@ works on shallow copies and never changes the caller's records.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,10 +30,6 @@ Section = dict[str, Any]
 
 RUN_KEY = "run"
 _RUN_INDEX = "_run_index"
-_INFERRED = "_inferred"
-_CELL_TAIL = re.compile(r"/(ppl@\d+|ruler/[^/]+@\d+|lm_eval/[^/]+|train)$")
-_TASK_CELL = re.compile(r"/(ruler/(?P<task>[^/@]+)@\d+|lm_eval/(?P<lm_eval_task>[^/]+))$")
-_EFFICIENCY_CELL = re.compile(r"^attention/(?P<backend>.+)/efficiency@\d+$")
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -52,20 +46,13 @@ def run_names(records: Iterable[dict], runs: Sequence[str] | None = None) -> lis
     return out
 
 
-def latest(records: Iterable[dict]) -> list[dict]:
-    """Of the records with the same (run, cell, config_hash), the last one (file order = append order)."""
-    last: dict[tuple, int] = {}
-    records = list(records)
-    for i, r in enumerate(records):
-        last[(str(r.get(RUN_KEY) or ""), r.get("cell"), r.get("config_hash"))] = i
-    return [records[i] for i in sorted(last.values())]
-
-
 def normalise(records: Iterable[dict], runs: Sequence[str] | None = None) -> tuple[list[dict], list[str], int]:
     """(normalised records, run names, number of superseded records dropped); see the module doc."""
+    from harness.results import current
+
     records = [dict(r) for r in records]
     names = run_names(records, runs)
-    kept = latest(records)
+    kept = current(records)
     multi = len(names) > 1
     for r in kept:
         name = str(r.get(RUN_KEY) or "")
@@ -75,39 +62,22 @@ def normalise(records: Iterable[dict], runs: Sequence[str] | None = None) -> tup
     return kept, names if multi else names[:1], len(records) - len(kept)
 
 
-def _job_prefix(cell_id: str) -> str:
-    return _CELL_TAIL.sub("", cell_id)
-
-
 def _fill_failures(records: list[dict]) -> None:
-    by_job: dict[tuple, dict] = {}
+    siblings: dict[tuple, dict] = {}
     for r in records:
-        if r.get("status", "ok") == "ok" and r.get("cell"):
-            by_job.setdefault((r[RUN_KEY], _job_prefix(str(r["cell"])), r.get("metric")), r)
-            by_job.setdefault((r[RUN_KEY], _job_prefix(str(r["cell"])), None), r)
+        if r.get("status", "ok") == "ok":
+            siblings.setdefault((variant_key(r), r.get("metric")), r)
     for r in records:
-        if r.get("status", "ok") == "ok" or r.get("stage") or r.get("model") or r.get("env"):
+        if r.get("status", "ok") == "ok" or r.get("env"):
             continue  # written by a job: complete
-        cell_id = str(r.get("cell") or "")
-        prefix = _job_prefix(cell_id)
-        sib = by_job.get((r[RUN_KEY], prefix, r.get("metric"))) or by_job.get((r[RUN_KEY], prefix, None))
-        if sib is not None:  # the record's stage/method/backend are Record defaults, not measurements
-            for k in ("stage", "model", "method", "backend", "finetune_context"):
-                r[k] = sib.get(k)
-            for k in ("dataset", "suite"):
-                if not r.get(k) and sib.get(k):
-                    r[k] = sib[k]
-            if r.get("metric") == sib.get("metric"):
-                settings = {k: v for k, v in (sib.get("settings") or {}).items()
-                            if k not in ("task", "samples_file")}
-                r["settings"] = {**settings, **(r.get("settings") or {})}
-        else:
-            _parse_cell_id(r, cell_id)
-        if not r.get("settings") and r.get("metric") in ("perplexity", "ruler"):
+        sib = siblings.get((variant_key(r), r.get("metric")))
+        if sib is not None:
+            if not r.get("dataset") and sib.get("dataset"):
+                r["dataset"] = sib["dataset"]
+            settings = {k: v for k, v in (sib.get("settings") or {}).items() if k not in ("task", "samples_file")}
+            r["settings"] = {**settings, **(r.get("settings") or {})}
+        elif r.get("metric") in ("perplexity", "ruler"):
             _settings_from_run(r, records)
-        if m := _TASK_CELL.search(cell_id):
-            r["settings"] = {**(r.get("settings") or {}), "task": m.group("task") or m.group("lm_eval_task")}
-        r[_INFERRED] = True
 
 
 def _settings_from_run(r: dict, records: list[dict]) -> None:
@@ -118,22 +88,9 @@ def _settings_from_run(r: dict, records: list[dict]) -> None:
     shared = {repr(({k: v for k, v in (o.get("settings") or {}).items() if k not in drop}, o.get("dataset")))
               for o in same}
     if len(shared) == 1:
-        r["settings"] = {k: v for k, v in (same[0].get("settings") or {}).items() if k not in drop}
+        settings = {k: v for k, v in (same[0].get("settings") or {}).items() if k not in drop}
+        r["settings"] = {**settings, **(r.get("settings") or {})}
         r["dataset"] = r.get("dataset") or same[0].get("dataset")
-
-
-def _parse_cell_id(r: dict, cell_id: str) -> None:
-    if m := _EFFICIENCY_CELL.match(cell_id):
-        r["backend"] = m.group("backend")
-        return
-    parts = _job_prefix(cell_id).split("/")
-    if len(parts) < 3 or not parts[1].startswith("seed"):
-        return
-    r["model"] = {"preset": parts[0]}
-    if parts[2] == "pretrained" or parts[2] == "pretrain":
-        r.update(stage="pretrained", method="none", backend="full")
-    elif len(parts) >= 4:
-        r.update(stage="finetuned", method=parts[2], backend="/".join(parts[3:]))
 
 
 def run_index(r: dict) -> int:

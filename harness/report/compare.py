@@ -1,6 +1,8 @@
 """`harness compare BASE HEAD`: a regression gate between two results directories.
 
-Cells are matched by id. Each value is judged by its kind:
+Cells are matched by id, and only each side's current record per cell counts (`results.current`: a
+superseded record is never judged). Each value is judged by its kind, by the functions here, which the
+report's run comparison uses too:
 - perplexity (deterministic under fixed model, data and settings): relative tolerance;
 - accuracy with per-sample outcomes (`values.per_sample`: {sample id: 0/1}): exact McNemar test
   over the samples both runs scored, a regression only if head is lower and p < alpha;
@@ -46,10 +48,12 @@ class Finding:
 
 
 def compare(base: list[dict], head: list[dict], th: Thresholds = Thresholds()) -> list[Finding]:
-    """Judge every cell of `base` against the same cell in `head`."""
-    head_by_cell = {r["cell"]: r for r in head}
+    """Judge the current record of every cell of `base` against the current record of the same cell in `head`."""
+    from harness.results import current
+
+    head_by_cell = {r["cell"]: r for r in current(head)}
     findings = []
-    for b in base:
+    for b in current(base):
         if b["status"] != "ok":
             continue
         h = head_by_cell.get(b["cell"])
@@ -69,8 +73,7 @@ def _judge(b: dict, h: dict, th: Thresholds) -> list[Finding]:
     same_device = _device(b) == _device(h)
     if "perplexity" in bv:
         base, new = bv["perplexity"], hv["perplexity"]
-        verdict = ("regression" if new > base * (1 + th.ppl_rtol)
-                   else "improvement" if new < base * (1 - th.ppl_rtol) else "ok")
+        verdict = judge_perplexity(base, new, th)
         out.append(Finding(cell, "perplexity", base, new, verdict, f"tolerance {th.ppl_rtol:.1%}"))
     if "per_sample" in bv:
         out.append(_accuracy(cell, bv["per_sample"], hv.get("per_sample", {}), th))
@@ -88,16 +91,32 @@ def _judge(b: dict, h: dict, th: Thresholds) -> list[Finding]:
     return out
 
 
-def _accuracy(cell: str, base: dict, head: dict, th: Thresholds) -> Finding:
-    shared = sorted(set(base) & set(head))
+def judge_perplexity(base: float, head: float, th: Thresholds) -> str:
+    """Perplexity is deterministic: a change beyond the relative tolerance is a verdict."""
+    if head > base * (1 + th.ppl_rtol):
+        return "regression"
+    return "improvement" if head < base * (1 - th.ppl_rtol) else "ok"
+
+
+def judge_accuracy(base: dict, head: dict, th: Thresholds) -> tuple[str, float, int]:
+    """(verdict, McNemar p, shared samples) for per-sample outcomes {sample id: 0/1}; "skipped" if none shared."""
+    shared = set(base) & set(head)
     if not shared:
+        return "skipped", 1.0, 0
+    lost = sum(base[s] > head[s] for s in shared)  # right before, wrong now
+    won = sum(head[s] > base[s] for s in shared)
+    p = mcnemar_exact(lost, won)
+    verdict = "ok" if p >= th.alpha or lost == won else "regression" if lost > won else "improvement"
+    return verdict, p, len(shared)
+
+
+def _accuracy(cell: str, base: dict, head: dict, th: Thresholds) -> Finding:
+    verdict, p, n = judge_accuracy(base, head, th)
+    if verdict == "skipped":
         return Finding(cell, "accuracy", None, None, "skipped", "no shared samples")
-    b = sum(base[s] > head[s] for s in shared)  # right before, wrong now
-    c = sum(head[s] > base[s] for s in shared)
-    p = mcnemar_exact(b, c)
-    acc_b, acc_h = (100 * sum(x[s] for s in shared) / len(shared) for x in (base, head))
-    verdict = "ok" if p >= th.alpha or b == c else "regression" if b > c else "improvement"
-    return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {len(shared)} samples")
+    shared = set(base) & set(head)
+    acc_b, acc_h = (100 * sum(x[s] for s in shared) / n for x in (base, head))
+    return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {n} samples")
 
 
 def _timing(cell: str, base: list[float], head: list[float], th: Thresholds) -> Finding:

@@ -18,6 +18,7 @@ import hashlib
 import sys
 from dataclasses import asdict
 
+from harness.cells import Cell, Variant
 from harness.results import Record
 
 MODEL = "tiny-hybrid"
@@ -36,11 +37,16 @@ def _hash(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def _variants() -> list[tuple[str, str, str, int | None, str]]:
-    """(label in cell ids, stage, method, backend label, finetune context)."""
-    return [("pretrained", "pretrained", "none", "full", None),
-            (f"lora/{SE}", "finetuned", "lora", SE, 2048),
-            (f"hylora/{SE}", "finetuned", "hylora", SE, 2048)]
+def _variants() -> list[Variant]:
+    return [Variant(MODEL, 0), Variant(MODEL, 0, "lora", SE, 2048), Variant(MODEL, 0, "hylora", SE, 2048)]
+
+
+def _failure(cell: Cell) -> Record:
+    """A failure as the runner writes it when a job process is killed."""
+    from harness.runner import failure_record
+
+    spec = {**cell.as_dict(), "hash": _hash(cell.id), "code": "demo"}
+    return failure_record("demo", spec, "oom", "job process exited with code -9 (killed: likely out of memory)")
 
 
 def _ruler_accuracy(task_index: int, task: str, stage: str, method: str, length: int, shift: float) -> float:
@@ -61,20 +67,22 @@ def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
         recs: list[Record] = []
         model = {"preset": MODEL, "hash": "m0", "pretrain_context": 512, "corpus": "kjv"}
         recs.append(Record(
-            suite="demo", cell=f"{MODEL}/seed0/pretrain", metric="pretrain", stage="pretrained", model=model,
+            suite="demo", cell=Cell("pretrain", Variant(MODEL, 0)).id, metric="pretrain", stage="pretrained",
+            model=model, variant=Variant(MODEL, 0).as_dict(),
             values={"loss_curve": [[s, round(10.5 * 0.93 ** s + 4.2, 4)] for s in range(1, 201)], "tokens": 409600,
                     "seconds": 95.0, "peak_memory_gib": 1.12, "memory_kind": "process peak RSS",
                     "tokens_per_s": 4311.6},
             units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}, kernel="full via sdpa",
             settings={"steps": 200, "context": 512}, env=ENV, seconds=95.0))
-        for label, stage, method, backend, ft in _variants():
-            prefix = f"{MODEL}/seed0/{label}"
-            common = {"suite": "demo", "stage": stage, "method": method, "backend": backend, "finetune_context": ft,
-                      "model": {**model, **({"adapter": _hash(label)} if ft else {})}, "env": ENV}
+        for v in _variants():
+            stage, method, ft = v.stage, v.method, v.finetune_context
+            common = {"suite": "demo", "stage": stage, "method": method, "backend": v.backend, "finetune_context": ft,
+                      "model": {**model, **({"adapter": _hash(v.id)} if ft else {})}, "env": ENV,
+                      "variant": v.as_dict()}
             if stage == "finetuned":
                 slope = 0.012 if method == "hylora" else 0.008
                 recs.append(Record(
-                    cell=f"{prefix}/train", metric="train", **common,
+                    cell=Cell("train", v).id, metric="train", **common,
                     values={"loss_curve": [[s, round(4.6 - slope * s + 0.05 * ((s * 7) % 5) / 5, 4)]
                                            for s in range(1, 101)],
                             "tokens": 204800, "seconds": 160.0 + 20 * (method == "hylora"),
@@ -84,20 +92,17 @@ def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
                             "trainable_by_group": {"lora": 12_544} if method == "lora" else
                             {"lora": 12_544, "embeddings": 98_304, "norms": 1_536, "conv1d": 28_416}},
                     units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}, kernel="se_attn via sdpa",
-                    settings={"steps": 100, "context": 2048}, config_hash=_hash(prefix, "train"), seconds=170.0))
-            # a suite with eval_attention: finetune writes the same cell ids under another config hash
+                    settings={"steps": 100, "context": 2048}, config_hash=_hash(v.id, "train"), seconds=170.0))
             for ev in ["full"] + (["finetune"] if method == "hylora" else []):
                 for c in PPL_CONTEXTS:
-                    cid = f"{prefix}/ppl@{c}"
+                    cid = Cell("perplexity", v, c, eval_attention=ev).id
                     base = 30.0 + 0.004 * c if stage == "pretrained" else 29.0 - 0.001 * c - (method == "hylora")
                     ppl = round(base + (0.8 if ev == "finetune" else 0.0) + 0.15 * ri, 3)
                     settings = {"protocol": "longlora", "step": 256, "eval_attention": ev, "pretrain_context": 512,
                                 "max_windows": max(1, 16384 // c), "seed": 0}
                     if method == "hylora" and ev == "full" and c == 4096:
                         # a failed attempt, superseded by its rerun in the base run; still failing in head
-                        recs.append(Record(cell=cid, metric="perplexity", suite="demo", status="oom",
-                                           error="job process exited with code -9 (killed: likely out of memory)",
-                                           config_hash=_hash(cid, ev), eval_context=c))
+                        recs.append(_failure(Cell("perplexity", v, c, eval_attention=ev)))
                         if ri > 0:
                             continue
                     recs.append(Record(
@@ -109,7 +114,7 @@ def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
                         seconds=12.0))
             for ti, task in enumerate(PAPER_TASKS):
                 for n in RULER_LENGTHS:
-                    cid = f"{prefix}/ruler/{task}@{n}"
+                    cid = Cell("ruler", v, n, task).id
                     acc = _ruler_accuracy(ti, task, stage, method, n, shift)
                     k = round(acc / 10)
                     per_sample = {_hash(task, n, i): float(i < k) for i in range(10)}
@@ -123,11 +128,9 @@ def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
                         seconds=4.0))
         for name, label, base_ms in (("full", "full", 3.0), ("se_attn", SE, 2.2)):
             for n in EFF_LENGTHS:
-                cid = f"attention/{label}/efficiency@{n}"
+                cid = Cell("efficiency", length=n, backend=label).id
                 if n == EFF_LENGTHS[-1] and name == "full":
-                    recs.append(Record(cell=cid, metric="efficiency", suite="demo", status="oom",
-                                       error="job process exited with code -9 (killed: likely out of memory)",
-                                       config_hash=_hash(cid), eval_context=n))
+                    recs.append(_failure(Cell("efficiency", length=n, backend=label)))
                     continue
                 t = base_ms * (n / 1024) ** (2 if name == "full" else 1.2) * (1 + 0.05 * ri)
                 recs.append(Record(

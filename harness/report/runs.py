@@ -30,9 +30,10 @@ from harness.report.common import (
     variant_label,
     variant_sort,
 )
-from harness.report.compare import Thresholds, mcnemar_exact
+from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
 
 LINESTYLES = ("-", "--", ":", "-.")
+_CLASS = {"regression": "worse", "improvement": "better", "ok": "", "skipped": ""}
 
 
 def comparison_section(records: list[dict]) -> Section | None:
@@ -98,8 +99,7 @@ def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
 
 
 def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Block:
-    # rows: (cell id, variant without its run): the same cell id evaluated with the fine-tuning
-    # attention (another config hash) is another row; records are the latest per (run, cell, hash)
+    # rows: (cell id, variant without its run); records are the current ones per (run, cell)
     by_row: dict[tuple[str, Variant], dict[str, dict]] = defaultdict(dict)
     for r in recs:
         by_row[(str(r.get("cell")), _base_variant(variant_key(r)))][str(r.get("run"))] = r
@@ -143,16 +143,8 @@ def _diff_cell(base: dict, head: dict, field: str, th: Thresholds) -> dict:
     settings = "" if base.get("config_hash") == head.get("config_hash") else "; settings differ (config hash)"
     if field == "perplexity":
         rel = h / b - 1 if b else 0.0
-        cls = "worse" if rel > th.ppl_rtol else "better" if rel < -th.ppl_rtol else ""
+        cls = _CLASS[judge_perplexity(b, h, th)]
         return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.1%}){settings}", cls=cls)
-    ps_b, ps_h = base["values"].get("per_sample") or {}, head["values"].get("per_sample") or {}
-    shared = set(ps_b) & set(ps_h)
-    cls, title = "", ""
-    if shared:
-        lost = sum(ps_b[s] > ps_h[s] for s in shared)
-        won = sum(ps_h[s] > ps_b[s] for s in shared)
-        p = mcnemar_exact(lost, won)
-        title = f"McNemar p={p:.3g} over {len(shared)} shared samples"
-        if p < th.alpha and lost != won:
-            cls = "worse" if lost > won else "better"
-    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=cls, title=title)
+    verdict, p, n = judge_accuracy(base["values"].get("per_sample") or {}, head["values"].get("per_sample") or {}, th)
+    title = f"McNemar p={p:.3g} over {n} shared samples" if n else ""
+    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict], title=title)

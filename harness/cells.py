@@ -1,0 +1,111 @@
+"""What a suite measures, as types: a model `Variant`, and a `Cell` (one measurement of one variant).
+
+A cell's id is derived here and parsed back here, nowhere else:
+
+    {model}/seed{n}/pretrain                                   the pretraining run
+    {model}/seed{n}/pretrained/{measurement}                   the pretrained model
+    {model}/seed{n}/{method}/{backend label}/{measurement}     a fine-tuned model
+    attention/{backend label}/efficiency@{length}              one attention layer
+
+where a measurement is `train`, `ppl@{length}`, `ruler/{task}@{length}` or `lm_eval/{task}`, preceded by
+`eval-finetune/` when a fine-tuned variant is evaluated with its fine-tuning attention instead of full
+attention (another measurement, so another cell). Backend labels may hold "/" ("chunk_size=256/512").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+PRETRAINED, FINETUNED = "pretrained", "finetuned"
+_EVAL_FINETUNE = "eval-finetune"
+_MEASUREMENT = re.compile(r"/(?:(?P<ev>eval-finetune)/)?(?:(?P<train>train)|ppl@(?P<ppl>\d+)|"
+                          r"ruler/(?P<ruler_task>[^/@]+)@(?P<ruler>\d+)|lm_eval/(?P<lm_eval>[^/]+))$")
+_EFFICIENCY = re.compile(r"^attention/(?P<backend>.+)/efficiency@(?P<length>\d+)$")
+_PRETRAIN = re.compile(r"^(?P<model>[^/]+)/seed(?P<seed>-?\d+)/pretrain$")
+_VARIANT = re.compile(r"^(?P<model>[^/]+)/seed(?P<seed>-?\d+)/(?:(?P<pretrained>pretrained)|"
+                      r"(?P<method>[^/]+)/(?P<backend>.+))$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model variant: a pretrained preset, or that preset fine-tuned with `method` under `backend`."""
+
+    model: str
+    seed: int
+    method: str = "none"  # "none": the pretrained model
+    backend: str = "full"  # label of the fine-tuning attention backend; "full" for the pretrained model
+    finetune_context: int | None = None
+
+    @property
+    def stage(self) -> str:
+        return PRETRAINED if self.method == "none" else FINETUNED
+
+    @property
+    def id(self) -> str:
+        tail = PRETRAINED if self.stage == PRETRAINED else f"{self.method}/{self.backend}"
+        return f"{self.model}/seed{self.seed}/{tail}"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stage": self.stage}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Variant:
+        return cls(model=d["model"], seed=int(d["seed"]), method=d.get("method") or "none",
+                   backend=d.get("backend") or "full", finetune_context=d.get("finetune_context"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: `metric` of `variant` (None for efficiency: one attention layer of `backend`) at
+    `length` and/or on `task`; `eval_attention` "finetune" when a fine-tuned variant is evaluated with its
+    fine-tuning attention."""
+
+    metric: str  # pretrain | train | perplexity | ruler | lm_eval | efficiency
+    variant: Variant | None = None
+    length: int | None = None
+    task: str | None = None
+    eval_attention: str = "full"
+    backend: str | None = None  # efficiency cells: the backend label
+
+    @property
+    def id(self) -> str:
+        if self.metric == "efficiency":
+            return f"attention/{self.backend}/efficiency@{self.length}"
+        if self.metric == "pretrain":
+            return f"{self.variant.model}/seed{self.variant.seed}/pretrain"
+        measurement = {"train": "train", "perplexity": f"ppl@{self.length}",
+                       "ruler": f"ruler/{self.task}@{self.length}", "lm_eval": f"lm_eval/{self.task}"}[self.metric]
+        ev = f"{_EVAL_FINETUNE}/" if self.eval_attention == "finetune" else ""
+        return f"{self.variant.id}/{ev}{measurement}"
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "metric": self.metric, "variant": self.variant and self.variant.as_dict(),
+                "length": self.length, "task": self.task, "eval_attention": self.eval_attention,
+                "backend": self.backend}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Cell:
+        variant = d.get("variant")
+        return cls(metric=d["metric"], variant=Variant.from_dict(variant) if variant else None,
+                   length=d.get("length"), task=d.get("task"), eval_attention=d.get("eval_attention") or "full",
+                   backend=d.get("backend"))
+
+    @classmethod
+    def parse(cls, cell_id: str, finetune_context: int | None = None) -> Cell:
+        """The cell of an id (ValueError if it is not one); ids hold no fine-tuning context, pass it."""
+        if m := _EFFICIENCY.match(cell_id):
+            return cls("efficiency", length=int(m["length"]), backend=m["backend"])
+        if m := _PRETRAIN.match(cell_id):
+            return cls("pretrain", Variant(m["model"], int(m["seed"])))
+        m = _MEASUREMENT.search(cell_id)
+        v = _VARIANT.match(cell_id[: m.start()]) if m else None
+        if v is None:
+            raise ValueError(f"not a cell id: {cell_id!r}")
+        variant = (Variant(v["model"], int(v["seed"])) if v["pretrained"] else
+                   Variant(v["model"], int(v["seed"]), v["method"], v["backend"], finetune_context))
+        metric = next(k for k in ("train", "ppl", "ruler", "lm_eval") if m[k] is not None)
+        metric = {"ppl": "perplexity"}.get(metric, metric)
+        length = m["ppl"] or m["ruler"]
+        return cls(metric, variant, int(length) if length else None, m["ruler_task"] or m["lm_eval"],
+                   "finetune" if m["ev"] else "full")

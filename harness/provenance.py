@@ -1,0 +1,68 @@
+"""The code behind an artefact or a record: which modules determine it, and their fingerprint.
+
+- Cache keys (harness.artefacts) hash the modules that build the artefact: `PRETRAINED` for a pretrained
+  model, `ADAPTER` on top for a fine-tune. Code that builds nothing (loading outside checkpoints,
+  benchmarking one attention layer) is left out, so editing it rebuilds nothing.
+- A record's `code` field holds the package version, the git commit and the fingerprint of the modules
+  behind its cell (`MODULES`: those that build the variant and those that compute the metric), so a fix to,
+  say, `metrics/perplexity.py` marks every perplexity cell of an existing results directory stale, and the
+  next `harness run` into it measures them again, while its RULER cells stay done.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from harness import cache
+
+_ROOT = Path(__file__).parent
+# Modules inside the packages below that determine no artefact: loading mamba_ssm checkpoints, timing a layer.
+_NOT_BUILDING = ("harness.models.checkpoint", "harness.attention.bench")
+
+PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens")
+ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens")
+_VARIANT = (*PRETRAINED, *ADAPTER, "harness.job")  # build or load a variant, evaluate it (artefacts.use_attention)
+_EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19", "harness.data.tokenizer")
+MODULES: dict[str, tuple[str, ...]] = {
+    "pretrain": (*PRETRAINED, "harness.job"),
+    "train": _VARIANT,
+    "perplexity": (*_VARIANT, *_EVAL_DATA, "harness.metrics.perplexity"),
+    "ruler": (*_VARIANT, *_EVAL_DATA, "harness.data.ruler", "harness.metrics.ruler", "harness.metrics.ruler_eval",
+              "harness.metrics.decode_check"),
+    "lm_eval": (*_VARIANT, "harness.data.tokenizer", "harness.metrics.lm_eval", "harness.metrics.decode_check"),
+    "efficiency": ("harness.attention", "harness.job"),
+}
+
+
+def _files(module: str) -> list[Path]:
+    """The source files of a harness module, or of every module of a package, found without importing it."""
+    path = _ROOT.joinpath(*module.split(".")[1:])
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+
+
+def source_fingerprint(modules: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
+    """Hash of the source of `modules` (packages: all their modules), less `exclude`."""
+    skip = {f for name in exclude for f in _files(name)}
+    files = dict.fromkeys(f for name in modules for f in _files(name) if f not in skip)  # ordered, no repeats
+    return cache.source_version(*files)
+
+
+def artefact_fingerprint(modules: tuple[str, ...]) -> str:
+    """The code part of a cache key: `modules` less those that determine no artefact."""
+    return source_fingerprint(modules, exclude=_NOT_BUILDING)
+
+
+@functools.cache
+def fingerprint(metric: str) -> str:
+    """Hash of the source of the modules behind a cell of `metric`."""
+    exclude = () if metric == "efficiency" else _NOT_BUILDING
+    return source_fingerprint(MODULES[metric], exclude)
+
+
+def code(metric: str) -> dict:
+    """A record's `code` field: package version, git commit (None outside a checkout), fingerprint."""
+    from harness import __version__
+    from harness.results import git_revision
+
+    return {"version": __version__, "git": git_revision(), "fingerprint": fingerprint(metric)}

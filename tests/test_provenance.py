@@ -1,0 +1,59 @@
+"""A record's code fingerprint covers the modules behind its metric, and only those."""
+
+import shutil
+from pathlib import Path
+
+import harness
+from harness import provenance
+
+
+def test_editing_a_metric_module_changes_that_metric_only(tmp_path, monkeypatch):
+    tree = tmp_path / "harness"
+    shutil.copytree(Path(harness.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "_ROOT", tree)
+    provenance.fingerprint.cache_clear()
+    before = {m: provenance.fingerprint(m) for m in provenance.MODULES}
+    with open(tree / "metrics" / "perplexity.py", "a") as f:
+        f.write("\n# a fix\n")
+    provenance.fingerprint.cache_clear()
+    after = {m: provenance.fingerprint(m) for m in provenance.MODULES}
+    assert [m for m in before if before[m] != after[m]] == ["perplexity"]
+    with open(tree / "models" / "ssd.py", "a") as f:  # the model: every cell of a model variant
+        f.write("\n# a fix\n")
+    provenance.fingerprint.cache_clear()
+    changed = {m for m, fp in after.items() if provenance.fingerprint(m) != fp}
+    assert changed == {"pretrain", "train", "perplexity", "ruler", "lm_eval"}
+    provenance.fingerprint.cache_clear()
+
+
+def test_every_listed_module_exists():
+    for modules in [*provenance.MODULES.values(), provenance.PRETRAINED, provenance.ADAPTER]:
+        for name in modules:
+            assert all(f.is_file() for f in provenance._files(name)) and provenance._files(name), name
+
+
+def test_cache_keys_skip_code_that_builds_nothing(tmp_path, monkeypatch):
+    tree = tmp_path / "harness"
+    shutil.copytree(Path(harness.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "_ROOT", tree)
+
+    def keys():
+        return tuple(provenance.artefact_fingerprint(m) for m in (provenance.PRETRAINED, provenance.ADAPTER))
+
+    before = keys()
+    for name in ("models/checkpoint.py", "attention/bench.py", "metrics/perplexity.py"):
+        with open(tree / name, "a") as f:
+            f.write("\n# an edit\n")
+    assert keys() == before
+    with open(tree / "attention" / "blockwise.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert keys()[0] == before[0] and keys()[1] != before[1]
+    with open(tree / "data" / "tokens.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert keys()[0] != before[0]
+
+
+def test_code_names_version_commit_and_fingerprint():
+    code = provenance.code("ruler")
+    assert code == {"version": harness.__version__, "git": code["git"], "fingerprint": provenance.fingerprint("ruler")}
+    assert code["git"] is None or len(code["git"]) >= 7
