@@ -7,7 +7,8 @@ A cell's id is derived here and parsed back here, nowhere else:
     {model}/seed{n}/{method}/{backend label}/{measurement}     a fine-tuned model
     attention/{backend label}/efficiency@{length}              one attention layer
 
-where a measurement is `train`, `ppl@{length}`, `ruler/{task}@{length}` or `lm_eval/{task}`, preceded by
+where a measurement is `train`, `ppl@{length}`, `ruler/{task}@{length}` or `lm_eval/{task}` for the built-in
+metrics and `{metric}[:{task}][@{length}]` for any other (a plugin's; efficiency is one), preceded by
 `eval-finetune/` when a fine-tuned variant is evaluated with its fine-tuning attention instead of full
 attention (another measurement, so another cell). Backend labels may hold "/" ("chunk_size=256/512").
 """
@@ -21,7 +22,11 @@ PRETRAINED, FINETUNED = "pretrained", "finetuned"
 _EVAL_FINETUNE = "eval-finetune"
 _MEASUREMENT = re.compile(r"/(?:(?P<ev>eval-finetune)/)?(?:(?P<train>train)|ppl@(?P<ppl>\d+)|"
                           r"ruler/(?P<ruler_task>[^/@]+)@(?P<ruler>\d+)|lm_eval/(?P<lm_eval>[^/]+))$")
-_EFFICIENCY = re.compile(r"^attention/(?P<backend>.+)/efficiency@(?P<length>\d+)$")
+_GENERIC = re.compile(r"/(?:(?P<ev>eval-finetune)/)?(?P<metric>[A-Za-z_]\w*)(?::(?P<task>[^/@]+))?"
+                      r"(?:@(?P<length>\d+))?$")
+_BACKEND = re.compile(r"^attention/(?P<backend>.+)(?P<segment>/[^/]+)$")
+#: What the built-in metrics' ids start their measurement with; no other metric may be named so.
+RESERVED = ("train", "ppl", "perplexity", "ruler", "lm_eval", "pretrain", "pretrained", "eval-finetune")
 _PRETRAIN = re.compile(r"^(?P<model>[^/]+)/seed(?P<seed>-?\d+)/pretrain$")
 _VARIANT = re.compile(r"^(?P<model>[^/]+)/seed(?P<seed>-?\d+)/(?:(?P<pretrained>pretrained)|"
                       r"(?P<method>[^/]+)/(?P<backend>.+))$")
@@ -70,12 +75,14 @@ class Cell:
 
     @property
     def id(self) -> str:
-        if self.metric == "efficiency":
-            return f"attention/{self.backend}/efficiency@{self.length}"
         if self.metric == "pretrain":
             return f"{self.variant.model}/seed{self.variant.seed}/pretrain"
-        measurement = {"train": "train", "perplexity": f"ppl@{self.length}",
-                       "ruler": f"ruler/{self.task}@{self.length}", "lm_eval": f"lm_eval/{self.task}"}[self.metric]
+        builtin = {"train": "train", "perplexity": f"ppl@{self.length}", "ruler": f"ruler/{self.task}@{self.length}",
+                   "lm_eval": f"lm_eval/{self.task}"}
+        measurement = builtin.get(self.metric) or (self.metric + (f":{self.task}" if self.task else "")
+                                                   + (f"@{self.length}" if self.length is not None else ""))
+        if self.variant is None:
+            return f"attention/{self.backend}/{measurement}"
         ev = f"{_EVAL_FINETUNE}/" if self.eval_attention == "finetune" else ""
         return f"{self.variant.id}/{ev}{measurement}"
 
@@ -94,18 +101,20 @@ class Cell:
     @classmethod
     def parse(cls, cell_id: str, finetune_context: int | None = None) -> Cell:
         """The cell of an id (ValueError if it is not one); ids hold no fine-tuning context, pass it."""
-        if m := _EFFICIENCY.match(cell_id):
-            return cls("efficiency", length=int(m["length"]), backend=m["backend"])
+        if (b := _BACKEND.match(cell_id)) and (m := _GENERIC.fullmatch(b["segment"])) and not m["ev"]:
+            return cls(m["metric"], None, int(m["length"]) if m["length"] else None, m["task"], backend=b["backend"])
         if m := _PRETRAIN.match(cell_id):
             return cls("pretrain", Variant(m["model"], int(m["seed"])))
-        m = _MEASUREMENT.search(cell_id)
+        m = _MEASUREMENT.search(cell_id) or _GENERIC.search(cell_id)
         v = _VARIANT.match(cell_id[: m.start()]) if m else None
-        if v is None:
+        if v is None or (m.re is _GENERIC and m["metric"] in RESERVED):
             raise ValueError(f"not a cell id: {cell_id!r}")
         variant = (Variant(v["model"], int(v["seed"])) if v["pretrained"] else
                    Variant(v["model"], int(v["seed"]), v["method"], v["backend"], finetune_context))
+        ev = "finetune" if m["ev"] else "full"
+        if m.re is _GENERIC:
+            return cls(m["metric"], variant, int(m["length"]) if m["length"] else None, m["task"], ev)
         metric = next(k for k in ("train", "ppl", "ruler", "lm_eval") if m[k] is not None)
-        metric = {"ppl": "perplexity"}.get(metric, metric)
         length = m["ppl"] or m["ruler"]
-        return cls(metric, variant, int(length) if length else None, m["ruler_task"] or m["lm_eval"],
-                   "finetune" if m["ev"] else "full")
+        return cls({"ppl": "perplexity"}.get(metric, metric), variant, int(length) if length else None,
+                   m["ruler_task"] or m["lm_eval"], ev)

@@ -119,7 +119,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name, b in available().items():
             opts = ", ".join(f"{k}={v['default']}" for k, v in b["options"].items())
             print(f"  {name}: {b['description']} [{opts}]")
-        print("metrics: perplexity (protocols longlora, stride), ruler, lm_eval (lm-eval tasks), efficiency")
+        from harness.metrics.base import builtin
+
+        print("metrics:", ", ".join(name for name, m in builtin().items() if m.config is not None),
+              "(keys of a suite's `metrics:`; a metric of your own through `plugins:`)")
         print("ruler tasks:", ", ".join(PAPER_TASKS))
         print("suites:", ", ".join(str(p) for p in sorted(Path("suites").glob("*.yaml"))))
     elif args.command == "cache":

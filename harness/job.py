@@ -1,5 +1,7 @@
 """One job, run in its own process by the runner: build or load one model variant and measure its cells.
 
+Each cell is measured by its metric's plugin (harness.metrics.base), given a `Context`.
+
 `python -m harness.job SPEC.json`. Each cell appends its record as soon as it is measured; a
 failing cell is recorded ("oom" or "error") and the job goes on with the next one. Hard
 crashes and timeouts are recorded by the parent (harness.runner).
@@ -17,23 +19,26 @@ from pathlib import Path
 
 import torch
 
-from harness import provenance, results
+from harness import results
 from harness.attention import recording
+from harness.metrics.base import Measurement, get
 from harness.suite import Backend, Suite, load_suite
 
 
 def run_job(spec: dict) -> None:
     suite = load_suite(spec["suite"])
     out, env = Path(spec["out"]), results.environment()
-    backend = Backend(**spec["backend"]) if spec.get("backend") else None
-    measure = {"pretrain": _pretrain, "variant": _variant, "efficiency": _efficiency}[spec["kind"]]
-    for cell, rec, fn in measure(suite, spec, backend):
-        rec.cell, rec.suite, rec.env, rec.config_hash = cell["id"], suite.name, env, cell["hash"]
-        rec.variant, rec.code = cell["variant"], provenance.code(cell["metric"])
+    ctx = Context(suite, spec)
+    for cell in spec["cells"]:
+        rec = results.cell_record(suite.name, cell, env=env)
         t0 = time.perf_counter()
         try:
             with recording() as kernels:
-                fn(rec)
+                if cell["metric"] == "pretrain":
+                    _pretrain(rec, ctx)
+                else:
+                    metric = get(cell["metric"])
+                    _fill(rec, metric.measure(ctx, cell, getattr(suite.metrics, metric.name, None)))
             rec.kernel = rec.kernel or ", ".join(sorted(kernels))
         except torch.OutOfMemoryError as e:
             rec.status, rec.error = "oom", str(e).splitlines()[0]
@@ -47,140 +52,69 @@ def run_job(spec: dict) -> None:
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
 
 
-def _pretrain(suite: Suite, spec: dict, _backend):
+def _fill(rec: results.Record, m: Measurement) -> None:
+    rec.values, rec.units, rec.settings, rec.dataset, rec.model = m.values, m.units, m.settings, m.dataset, m.model
+    rec.kernel, rec.seconds = m.kernel, m.seconds or 0.0
+
+
+def _pretrain(rec: results.Record, ctx: Context) -> None:
     from harness.artefacts import pretrained
 
-    (cell,) = spec["cells"]
-    rec = results.Record(suite="", cell="", metric="pretrain", stage="pretrained",
-                         units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"})
-
-    def fn(rec):
-        _, info = pretrained(suite, spec["model"], spec["seed"])
-        rec.model, rec.values = info, info.pop("train")
-        rec.settings = suite.pretrain.model_dump()
-
-    yield cell, rec, fn
+    _, info = pretrained(ctx.suite, ctx.spec["model"], ctx.seed)
+    rec.model, rec.values = info, info.pop("train")
+    rec.units = {"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}
+    rec.settings = ctx.suite.pretrain.model_dump()
 
 
-def _variant(suite: Suite, spec: dict, backend: Backend | None):
-    from harness.artefacts import finetuned, pretrained, use_attention
+class Context:
+    """What a metric's `measure` gets from the job: the suite, the variant's model (built or loaded once per job),
+    its fine-tuning backend, the evaluation data, and a place for per-sample outputs."""
 
-    state: dict = {}
+    def __init__(self, suite: Suite, spec: dict):
+        self.suite, self.spec, self.seed = suite, spec, spec.get("seed", 0)
+        self.backend = Backend(**spec["backend"]) if spec.get("backend") else None
+        self.state: dict = {}  # per job: whatever a metric wants to build once (lm-eval's task index, say)
 
-    def model():
-        if "model" not in state:
-            if backend is None:
-                state["model"], state["info"] = pretrained(suite, spec["model"], spec["seed"])
-            else:
-                state["model"], state["info"] = finetuned(suite, spec["model"], spec["seed"], spec["method"], backend)
-        return state["model"], state["info"]
+    def model(self):
+        """(model, info): the pretrained model, or its fine-tune with this job's method and backend."""
+        from harness.artefacts import finetuned, pretrained
 
-    common = {"stage": spec["stage"], "method": spec["method"], "backend": backend.label if backend else "full",
-              "finetune_context": suite.finetune.context if backend else None}
-    for cell in spec["cells"]:
-        rec = results.Record(suite="", cell="", metric=cell["metric"], eval_context=cell.get("length"), **common)
-        if cell["metric"] == "train":
-            def fn(rec):
-                _, info = model()
-                rec.model, rec.values = info, dict(info["train"])
-                rec.kernel = ", ".join(rec.values.pop("kernels", []))
-                rec.units = {"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}
-                rec.settings = {**suite.finetune.model_dump(), "backend_options": backend.options}
-                rec.seconds = round(rec.values.get("seconds", 0.0), 1)
-        elif cell["metric"] == "perplexity":
-            def fn(rec, cell=cell):
-                from harness.metrics.perplexity import evaluate_perplexity
+        if "model" not in self.state:
+            s = self.spec
+            self.state["model"] = (pretrained(self.suite, s["model"], s["seed"]) if self.backend is None else
+                                   finetuned(self.suite, s["model"], s["seed"], s["method"], self.backend))
+        return self.state["model"]
 
-                m, info = model()
-                p = suite.metrics.perplexity
-                use_attention(m, backend, p.eval_attention)
-                stream, dataset = _eval_stream(suite, spec, p.max_tokens)
-                windows = max(1, p.tokens_per_length // cell["length"])
-                res = evaluate_perplexity(m, stream, cell["length"], p.protocol, max_windows=windows, progress=True)
-                rec.model, rec.dataset = info, dataset
-                rec.values, rec.units = res.as_values(), res.units()
-                rec.settings = {**res.as_settings(), "max_windows": windows, "eval_attention": p.eval_attention,
-                                "pretrain_context": suite.pretrain.context, "seed": spec["seed"]}
-        elif cell["metric"] == "lm_eval":
-            def fn(rec, cell=cell):
-                from harness.data import default_tokenizer
-                from harness.metrics.lm_eval import evaluate_lm_eval, task_manager
+    def use_attention(self, eval_attention: str) -> str:
+        """Evaluate with full attention, or ("finetune") with the fine-tuning backend (harness.artefacts)."""
+        from harness.artefacts import use_attention
 
-                m, info = model()
-                c = suite.metrics.lm_eval
-                use_attention(m, backend, c.eval_attention)
-                if "tasks" not in state:  # one task index per job: building it takes seconds
-                    state["tasks"] = task_manager(c.tasks, c.include_path)
-                res = evaluate_lm_eval(m, default_tokenizer(), cell["task"], state["tasks"], limit=c.limit,
-                                       num_fewshot=c.num_fewshot, batch_size=c.batch_size, max_length=c.max_length)
-                rec.model, rec.dataset, rec.values = info, res.dataset, res.values
-                rec.settings = {**res.settings, "samples_file": _write_samples(spec, cell, res.samples),
-                                "include_path": c.include_path, "eval_attention": c.eval_attention,
-                                "pretrain_context": suite.pretrain.context}
-        else:  # ruler
-            def fn(rec, cell=cell):
-                from harness.data import default_tokenizer
-                from harness.metrics.ruler_eval import evaluate_ruler
+        return use_attention(self.model()[0], self.backend, eval_attention)
 
-                m, info = model()
-                r = suite.metrics.ruler
-                use_attention(m, backend, r.eval_attention)
-                corpus, dataset = _eval_corpus(suite, spec)
-                haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
-                values, samples = evaluate_ruler(m, default_tokenizer(), cell["task"], cell["length"], r.samples,
-                                                 spec["seed"], haystack, r.essay_file, r.qa_files.get(cell["task"]))
-                rec.model, rec.dataset, rec.values = info, dataset, values
-                rec.units = {"accuracy": "%"}
-                rec.settings = {"task": cell["task"], "samples_file": _write_samples(spec, cell, samples),
-                                "eval_attention": r.eval_attention, "pretrain_context": suite.pretrain.context}
-        yield cell, rec, fn
+    def eval_corpus(self):
+        """(corpus, dataset fields of a record): PG-19 when configured, else the embedded corpus's test split."""
+        from harness.runner import eval_corpus
 
+        corpus = eval_corpus(self.suite, self.spec.get("pg19"))
+        split = "test" if corpus.embedded else self.suite.data.split
+        return corpus, {"name": corpus.name, "split": split, "hash": corpus.fingerprint, "embedded": corpus.embedded}
 
-def _efficiency(suite: Suite, spec: dict, backend: Backend):
-    from harness.attention.bench import bench_attention
+    def eval_stream(self, max_tokens: int):
+        """(token stream of the evaluation split, dataset fields with its token count and tokenizer)."""
+        from harness.data import default_tokenizer, encode_corpus
+        from harness.data.tokenizer import tokenizer_fingerprint
 
-    e = suite.metrics.efficiency
-    cuda = torch.cuda.is_available()
-    for cell in spec["cells"]:
-        rec = results.Record(suite="", cell="", metric="efficiency", backend=backend.label,
-                             eval_context=cell["length"], units={"time_ms": "ms", "peak_memory_gib": "GiB"})
+        corpus, dataset = self.eval_corpus()
+        tok = default_tokenizer()
+        stream = encode_corpus(tok, corpus, dataset["split"], max_tokens=max_tokens)
+        return stream, {**dataset, "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
 
-        def fn(rec, cell=cell):
-            (row,) = bench_attention([(backend.name, backend.options)], [cell["length"]], heads=e.heads,
-                                     head_dim=e.head_dim, batch=e.batch, repeats=e.repeats, warmup=e.warmup,
-                                     dtype=torch.bfloat16 if cuda else torch.float32,
-                                     device="cuda" if cuda else "cpu")
-            rec.values = {"time_ms": row["time_ms"], "times_ms": row["times_ms"], "peak_memory_gib": row["peak_gib"]}
-            rec.kernel = row["kernel"]
-            rec.settings = {**e.model_dump(), "backend_options": backend.options, "pass": "forward+backward"}
-
-        yield cell, rec, fn
-
-
-def _write_samples(spec: dict, cell: dict, samples: list[dict]) -> str:
-    """Write a cell's per-sample records to OUT/samples/HASH.jsonl; return the path relative to OUT."""
-    path = Path(spec["out"]) / "samples" / f"{cell['hash']}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
-    return str(path.relative_to(spec["out"]))
-
-
-def _eval_corpus(suite: Suite, spec: dict):
-    from harness.runner import eval_corpus
-
-    corpus = eval_corpus(suite, spec.get("pg19"))
-    split = "test" if corpus.embedded else suite.data.split
-    return corpus, {"name": corpus.name, "split": split, "hash": corpus.fingerprint, "embedded": corpus.embedded}
-
-
-def _eval_stream(suite: Suite, spec: dict, max_tokens: int):
-    from harness.data import default_tokenizer, encode_corpus
-    from harness.data.tokenizer import tokenizer_fingerprint
-
-    corpus, dataset = _eval_corpus(suite, spec)
-    tok = default_tokenizer()
-    stream = encode_corpus(tok, corpus, dataset["split"], max_tokens=max_tokens)
-    return stream, {**dataset, "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
+    def write_samples(self, cell: dict, samples: list[dict]) -> str:
+        """Write a cell's per-sample records to OUT/samples/HASH.jsonl; return the path relative to OUT."""
+        path = Path(self.spec["out"]) / "samples" / f"{cell['hash']}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
+        return str(path.relative_to(self.spec["out"]))
 
 
 def _exit_with_parent() -> None:

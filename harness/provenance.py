@@ -4,7 +4,7 @@
   model, `ADAPTER` on top for a fine-tune. Code that builds nothing (loading outside checkpoints,
   benchmarking one attention layer) is left out, so editing it rebuilds nothing.
 - A record's `code` field holds the package version, the git commit and the fingerprint of the modules
-  behind its cell (`MODULES`: those that build the variant and those that compute the metric), so a fix to,
+  behind its cell (`modules`: those that build the variant and those that compute the metric), so a fix to,
   say, `metrics/perplexity.py` marks every perplexity cell of an existing results directory stale, and the
   next `harness run` into it measures them again, while its RULER cells stay done.
 """
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 from harness import cache
@@ -22,21 +23,27 @@ _NOT_BUILDING = ("harness.models.checkpoint", "harness.attention.bench")
 
 PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens")
 ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens")
-_VARIANT = (*PRETRAINED, *ADAPTER, "harness.job")  # build or load a variant, evaluate it (artefacts.use_attention)
-_EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19", "harness.data.tokenizer")
-MODULES: dict[str, tuple[str, ...]] = {
-    "pretrain": (*PRETRAINED, "harness.job"),
-    "train": _VARIANT,
-    "perplexity": (*_VARIANT, *_EVAL_DATA, "harness.metrics.perplexity"),
-    "ruler": (*_VARIANT, *_EVAL_DATA, "harness.data.ruler", "harness.metrics.ruler", "harness.metrics.ruler_eval",
-              "harness.metrics.decode_check"),
-    "lm_eval": (*_VARIANT, "harness.data.tokenizer", "harness.metrics.lm_eval", "harness.metrics.decode_check"),
-    "efficiency": ("harness.attention", "harness.job"),
-}
+# Build or load a variant and run its cells (harness.job, the metric plugin base); a backend's cells have no model.
+_VARIANT = (*PRETRAINED, *ADAPTER, "harness.job", "harness.metrics.base")
+_BACKEND = ("harness.attention", "harness.job", "harness.metrics.base")
+
+
+def modules(metric: str) -> tuple[str, ...]:
+    """The modules behind a cell of `metric`: those that build its variant, the metric's plugin module and the
+    modules it names (harness.metrics.base.Metric.modules)."""
+    if metric == "pretrain":
+        return (*PRETRAINED, "harness.job")
+    from harness.metrics.base import get
+
+    m = get(metric)
+    return (*(_BACKEND if m.kind == "backend" else _VARIANT), type(m).__module__, *m.modules)
 
 
 def _files(module: str) -> list[Path]:
-    """The source files of a harness module, or of every module of a package, found without importing it."""
+    """The source files of a module, or of every module of a package; harness's found without importing them."""
+    if not module.startswith("harness."):  # a plugin of the user's, imported by load_suite
+        path = Path(sys.modules[module].__file__)
+        return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
     path = _ROOT.joinpath(*module.split(".")[1:])
     return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
 
@@ -56,8 +63,8 @@ def artefact_fingerprint(modules: tuple[str, ...]) -> str:
 @functools.cache
 def fingerprint(metric: str) -> str:
     """Hash of the source of the modules behind a cell of `metric`."""
-    exclude = () if metric == "efficiency" else _NOT_BUILDING
-    return source_fingerprint(MODULES[metric], exclude)
+    names = modules(metric)
+    return source_fingerprint(names, exclude=tuple(m for m in _NOT_BUILDING if m not in names))
 
 
 def code(metric: str) -> dict:

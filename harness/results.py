@@ -59,6 +59,22 @@ class Record:
             raise ValueError(f"status {self.status!r} not in {STATUSES}")
 
 
+def cell_record(suite: str, cell: dict, **fields: Any) -> Record:
+    """A cell's record with everything the cell says about itself (its id, variant, length, task, evaluation
+    attention, settings hash) and the code that writes it: the job starts every measured record so, and the
+    runner writes one so, with `status` and `error`, for a cell whose job process died."""
+    from harness.provenance import code
+
+    v = cell["variant"] or {}
+    settings = {"eval_attention": cell["eval_attention"], **({"task": cell["task"]} if cell["task"] else {})}
+    return Record(
+        suite=suite, cell=cell["id"], metric=cell["metric"], variant=cell["variant"], stage=v.get("stage", ""),
+        model={"preset": v["model"]} if v else {}, method=v.get("method", "none"),
+        backend=v.get("backend") or cell["backend"] or "full", finetune_context=v.get("finetune_context"),
+        eval_context=cell["length"], settings=settings, config_hash=cell["hash"], code=code(cell["metric"]),
+        **fields)
+
+
 def environment() -> dict[str, Any]:
     """The software and hardware a result was measured on."""
     import torch

@@ -1,12 +1,12 @@
 """Runs a suite: expand it into jobs and cells, run each job in its own process, render the report.
 
-A job is one model variant (pretrained, or a method x backend fine-tune) with its cells
-(perplexity per context, RULER per task x length, lm-eval per task), or one backend's
-efficiency cells, or a pretraining. Each job runs in a child process (harness.job), so a crash or an OOM kill
+A job is one model variant (pretrained, or a method x backend fine-tune) with its cells (each metric's
+plugin says which: perplexity per context, RULER per task x length, ...), or one backend's cells
+(efficiency), or a pretraining. Each job runs in a child process (harness.job), so a crash or an OOM kill
 costs one cell: the parent records it ("error"/"oom"), and restarts the job for the cells
 left. A cell with no new record for `run.timeout` seconds is killed and recorded as
-"timeout". Resume: a cell whose record (same id and config hash) exists is not run again
-(`--retry-failed` reruns those that failed). Several GPUs: jobs run in parallel, one per device.
+"timeout". Resume: a cell is done when its current record has its settings hash and code fingerprint
+(`cell_state`; `--retry-failed` reruns those that failed). Several GPUs: jobs run in parallel, one per device.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import cache, provenance, results
-from harness.cells import FINETUNED, Cell, Variant
-from harness.metrics.lm_eval import local_tasks_fingerprint
-from harness.suite import Suite, load_suite
+from harness.cells import Cell, Variant
+from harness.metrics.base import builtin
+from harness.suite import Backend, Suite, load_suite
 
 
 @dataclass
 class Job:
-    kind: str  # "pretrain" | "variant" | "efficiency"
+    kind: str  # "pretrain" | "variant" (a model variant's cells) | "backend" (an attention backend's cells)
     name: str
     spec: dict
     cells: list[dict] = field(default_factory=list)
@@ -47,11 +47,25 @@ def eval_corpus(suite: Suite, pg19: str | None):
     return load_pg19(root, suite.data.split) if root else default_corpus()
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """What a metric's `cells` may need besides its config and the variant."""
+
+    suite: Suite
+    data_fingerprint: str  # of the evaluation corpus
+    backend: Backend | None = None  # metrics of kind "backend": the backend whose cells these are
+
+
 def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
     """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it
     and the fingerprint of the code that measures it (harness.provenance)."""
-    jobs, m = [], suite.metrics
-    for model in suite.models if (m.perplexity or m.ruler or m.lm_eval) else []:
+    configured = [(m, getattr(suite.metrics, m.name, None)) for m in builtin().values()]
+    configured = [(m, c) for m, c in configured if c is not None or m.config is None]
+    # a fine-tune's own cells (train) first: its record is written as soon as the fine-tuning ends
+    per_variant = sorted([(m, c) for m, c in configured if m.kind == "variant"],
+                         key=lambda mc: not mc[0].finetuned_only)
+    jobs, ctx = [], PlanContext(suite, data_fingerprint)
+    for model in suite.models if any(c is not None for _, c in per_variant) else []:
         for seed in suite.seeds:
             base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
             pretrain = Cell("pretrain", Variant(model, seed))
@@ -62,43 +76,25 @@ def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
             for variant, backend in variants:
                 det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
                        "finetune": suite.finetune.model_dump() if backend else None}
-                cells = [_cell(Cell("train", variant), det)] if backend else []
-                cells += _eval_cells(m, variant, det, data_fingerprint)
+                cells = [_cell(cell, {**det, **hashed}) for m, config in per_variant
+                         if backend is not None or not m.finetuned_only
+                         for cell, hashed in m.cells(config, variant, ctx)]
                 spec = {**base, "stage": variant.stage, "method": variant.method,
                         "backend": backend and backend.model_dump()}
                 jobs.append(Job("variant", variant.id, spec, cells))
-    if m.efficiency:
-        for b in suite.backends:
-            det = {"backend": b.model_dump(exclude={"label"}), "metric": m.efficiency.model_dump(exclude={"lengths"})}
-            cells = [_cell(Cell("efficiency", length=n, backend=b.label), det, length=n) for n in m.efficiency.lengths]
-            jobs.append(Job("efficiency", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
+    per_backend = [(m, c) for m, c in configured if m.kind == "backend"]
+    for b in suite.backends if per_backend else []:
+        det, bctx = {"backend": b.model_dump(exclude={"label"})}, PlanContext(suite, data_fingerprint, b)
+        cells = [_cell(cell, {**det, **hashed}) for m, config in per_backend
+                 for cell, hashed in m.cells(config, None, bctx)]
+        jobs.append(Job("backend", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
     return jobs
 
 
-def _eval_cells(m, variant: Variant, det: dict, data_fingerprint: str) -> list[dict]:
-    """A variant's perplexity, RULER and lm-eval cells (the pretrained model is always evaluated with full
-    attention; a fine-tuned one with the metric's eval_attention)."""
-    def ev(config) -> str:
-        return config.eval_attention if variant.stage == FINETUNED else "full"
-
-    cells = []
-    if p := m.perplexity:
-        hashed = {**det, "metric": p.model_dump(exclude={"contexts"}), "data": data_fingerprint}
-        cells += [_cell(Cell("perplexity", variant, c, eval_attention=ev(p)), hashed, length=c) for c in p.contexts]
-    if r := m.ruler:
-        hashed = {**det, "metric": r.model_dump(exclude={"tasks", "lengths"}), "data": data_fingerprint}
-        cells += [_cell(Cell("ruler", variant, n, t, ev(r)), hashed, length=n, task=t)
-                  for t in r.tasks for n in r.lengths]
-    if lm := m.lm_eval:
-        hashed = {**det, "metric": lm.model_dump(exclude={"tasks"}),
-                  "local_tasks": local_tasks_fingerprint(lm.include_path)}
-        cells += [_cell(Cell("lm_eval", variant, task=t, eval_attention=ev(lm)), hashed, task=t) for t in lm.tasks]
-    return cells
-
-
-def _cell(cell: Cell, determined_by: dict, **hashed) -> dict:
+def _cell(cell: Cell, determined_by: dict) -> dict:
     """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint."""
-    return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, hashed),
+    extra = {k: v for k, v in (("length", cell.length), ("task", cell.task)) if v is not None}
+    return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, extra),
             "code": provenance.fingerprint(cell.metric)}
 
 
@@ -237,22 +233,10 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
             error = (f"no record within {timeout:.0f} s" if status == "timeout" else
                      f"job process exited with code {proc.returncode}"
                      + (" (killed: likely out of memory)" if killed else ""))
-            results.append(out, failure_record(common["suite_name"], cell, status, error))
+            results.append(out, results.cell_record(common["suite_name"], cell, status=status, error=error))
             print(f"  {cell['id']}: {status} ({error})", flush=True)
         elif remaining:
             raise RuntimeError(f"job {job.name} exited cleanly without recording {remaining[0]['id']}")
-
-
-def failure_record(suite: str, cell: dict, status: str, error: str) -> results.Record:
-    """The record of a cell whose job process died: everything the cell says about itself, no values."""
-    v = cell["variant"] or {}
-    settings = {"eval_attention": cell["eval_attention"], **({"task": cell["task"]} if cell["task"] else {})}
-    return results.Record(
-        suite=suite, cell=cell["id"], metric=cell["metric"], status=status, error=error, variant=cell["variant"],
-        stage=v.get("stage", ""), model={"preset": v["model"]} if v else {}, method=v.get("method", "none"),
-        backend=v.get("backend") or cell["backend"] or "full", finetune_context=v.get("finetune_context"),
-        eval_context=cell["length"], settings=settings, config_hash=cell["hash"],
-        code=provenance.code(cell["metric"]) | {"fingerprint": cell["code"]})
 
 
 def _done_ids(path: Path, start: int) -> set[str]:

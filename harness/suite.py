@@ -3,23 +3,26 @@
 Matrix axes: models x seeds x (pretrained + methods x backends) x metrics x lengths. A backend
 is a name, or a one-key mapping `{name: {options}}`; `grid: {option: [values]}` inside the
 options expands into one backend per combination (an SE-Attn S x k grid, say).
+
+The `metrics:` block has one optional field per registered metric (harness.metrics.base), each with the
+metric's own config model; `plugins:` names modules of metrics of one's own, imported before validation.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from harness.errors import UserError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from harness.metrics.base import METRICS, builtin
+from harness.metrics.base import Strict as _Strict
 
 
 class Pretrain(_Strict):
@@ -68,107 +71,6 @@ class Finetune(_Strict):
         return self.lr or default_lr(backend)
 
 
-class Perplexity(_Strict):
-    protocol: Literal["longlora", "stride"] = "longlora"
-    contexts: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096], min_length=1)
-    # Windows per length = max(1, tokens_per_length // context), evenly spaced over the stream, so every
-    # length scores about the same number of tokens (a fixed window count starves the short contexts).
-    tokens_per_length: int = Field(65_536, ge=1)
-    max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
-
-    @field_validator("contexts")
-    @classmethod
-    def _at_least_two(cls, v: list[int]) -> list[int]:
-        if any(c < 2 for c in v):
-            raise ValueError("every context must be >= 2")
-        return v
-
-
-class Ruler(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["niah_single_1"], min_length=1)  # or ["all"]: the 11
-    lengths: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
-    samples: int = Field(10, ge=1)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
-    essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
-    # The data of the opt-in QA tasks, which is not shipped: {qa_1: SQuAD 2.0 dev JSON, qa_2: HotpotQA dev JSON}
-    qa_files: dict[str, str] = {}
-
-    @field_validator("tasks")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        from harness.data.ruler import PAPER_TASKS, get_spec
-
-        if v == ["all"]:
-            return list(PAPER_TASKS)
-        for t in v:
-            _as_value_error(get_spec, t)  # did-you-mean
-        return v
-
-    @model_validator(mode="after")
-    def _qa_data(self) -> Ruler:
-        from harness.data.ruler import TASKS
-        from harness.data.ruler.qa import FORMATS
-
-        opt_in = [t for t in TASKS if TASKS[t].opt_in]
-        for task, path in self.qa_files.items():
-            if task not in opt_in:
-                raise ValueError(f"qa_files: {task!r} is not a task that needs a data file ({', '.join(opt_in)})")
-            if not Path(path).is_file():
-                raise ValueError(f"qa_files.{task}: no file {path!r} (relative paths are taken from the working "
-                                 f"directory, here {Path.cwd()})")
-        for task in self.tasks:
-            if TASKS[task].opt_in and task not in self.qa_files:
-                fmt = FORMATS[TASKS[task].args["dataset"]]
-                raise ValueError(f"tasks: {task} needs its data, which is not shipped: set qa_files.{task} to the "
-                                 f"path of the {fmt}")
-        return self
-
-
-class LmEval(_Strict):
-    """lm-eval tasks through its HFLM wrapper. Task names are checked when the metric runs (that needs lm-eval's
-    task index, an optional extra and seconds to build); this checks what is cheap."""
-
-    tasks: list[str] = Field(min_length=1)  # lm-eval task or group names, or tasks of YAML files in include_path
-    limit: int | None = Field(None, ge=1)  # first N documents of each task; None: all
-    num_fewshot: int | None = Field(None, ge=0)  # None: the task's own default
-    batch_size: int = Field(1, ge=1)  # loglikelihood requests per forward; generation always runs one at a time
-    max_length: int | None = Field(None, ge=16)  # tokens a request may use; None: finetune.context
-    include_path: str | None = None  # a directory of local task YAMLs (relative to the working directory)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
-
-    @field_validator("tasks")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        if any(not t.strip() for t in v) or len(set(v)) != len(v):
-            raise ValueError("task names must be non-empty and distinct")
-        return v
-
-    @field_validator("include_path")
-    @classmethod
-    def _directory(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_dir():
-            raise ValueError(f"no directory {v!r} (relative paths are taken from the working directory, "
-                             f"here {Path.cwd()})")
-        return v
-
-
-class Efficiency(_Strict):
-    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1)
-    heads: int = Field(4, ge=1)
-    head_dim: int = Field(32, ge=1)
-    batch: int = Field(1, ge=1)
-    repeats: int = Field(5, ge=1)
-    warmup: int = Field(1, ge=0)
-
-
-class Metrics(_Strict):
-    perplexity: Perplexity | None = None
-    ruler: Ruler | None = None
-    lm_eval: LmEval | None = None
-    efficiency: Efficiency | None = None
-
-
 class Data(_Strict):
     pg19: str | None = None  # PG-19 root; None -> $HARNESS_PG19_DIR, else the embedded corpus
     split: str = "test"
@@ -195,7 +97,8 @@ class Suite(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     pretrain: Pretrain = Field(default_factory=Pretrain)
     finetune: Finetune = Field(default_factory=Finetune)
-    metrics: Metrics = Field(default_factory=lambda: Metrics(perplexity=Perplexity()))
+    metrics: Any = None  # a model with one field per registered metric: see suite_model()
+    plugins: list[str] = []  # modules of metrics of one's own (imported by load_suite)
     data: Data = Field(default_factory=Data)
     run: Run = Field(default_factory=Run)
 
@@ -227,17 +130,34 @@ class Suite(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Suite:
-        m = self.metrics
-        if not any((m.perplexity, m.ruler, m.lm_eval, m.efficiency)):
-            raise ValueError("metrics: nothing to measure; add perplexity, ruler, lm_eval or efficiency")
-        if m.lm_eval and m.lm_eval.max_length is None:
-            m.lm_eval.max_length = self.finetune.context
+        configured = {name: c for name, c in dict(self.metrics or {}).items() if c is not None}
+        if not configured:
+            raise ValueError(f"metrics: nothing to measure; add one of {', '.join(_configurable())}")
+        for name, config in configured.items():
+            METRICS[name].check(config, self)
         for b in self.backends:
             sizes = b.options.get("chunk_size")
             if b.name == "se_attn" and max(sizes if isinstance(sizes, tuple) else [sizes]) > self.finetune.context:
                 raise ValueError(f"backends: {b.label} chunk_size exceeds finetune.context "
                                  f"({self.finetune.context}); every token would sit in one chunk")
         return self
+
+
+def _configurable() -> list[str]:
+    return [name for name, m in builtin().items() if m.config is not None]
+
+
+@functools.cache
+def _suite_model(metric_names: tuple[str, ...]) -> type[Suite]:
+    fields = {name: (METRICS[name].config | None, None) for name in metric_names}
+    metrics = create_model("Metrics", __base__=_Strict, **fields)
+    default = {"perplexity": {}} if "perplexity" in fields else {}
+    return create_model("Suite", __base__=Suite, metrics=(metrics, Field(default_factory=lambda: metrics(**default))))
+
+
+def suite_model() -> type[Suite]:
+    """The Suite model for the metrics registered now (the built-in ones, and those of imported plugins)."""
+    return _suite_model(tuple(_configurable()))
 
 
 def _as_value_error(check, value) -> None:
@@ -290,21 +210,37 @@ def load_suite(path: str | Path) -> Suite:
         raise UserError(f"{path}: malformed YAML: {e}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a suite must be a YAML mapping with at least `name:`")
+    _import_plugins(path, raw.get("plugins"), _key_lines(text))
+    model = suite_model()
     try:
-        return Suite.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         lines = _key_lines(text)
-        raise UserError(f"{path}: " + "; ".join(_describe(err, lines) for err in e.errors())) from None
+        raise UserError(f"{path}: " + "; ".join(_describe(err, lines, model) for err in e.errors())) from None
 
 
-def _describe(err: dict, lines: dict[tuple, int]) -> str:
+def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
+    if plugins is None:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise UserError(f"{path}: plugins: a list of module names (importable from the working directory)")
+    for i, name in enumerate(plugins):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import is the user's to fix, named here
+            where = f"line {lines[('plugins', str(i))]}: " if ("plugins", str(i)) in lines else ""
+            raise UserError(f"{path}: {where}plugins[{i}]: cannot import {name!r} ({type(e).__name__}: {e}); "
+                            f"the module must be importable from the working directory, here {Path.cwd()}") from None
+
+
+def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"])
     where = ".".join(loc) or "(top level)"
     line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
     where = f"line {line}: {where}" if line else where
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        field, parent = loc[-1], _model_at(loc[:-1])
+        field, parent = loc[-1], _model_at(model, loc[:-1])
         hint = difflib.get_close_matches(field, list(parent.model_fields), n=1) if parent else []
         fix = f"did you mean {hint[0]!r}?" if hint else f"allowed: {', '.join(parent.model_fields)}" if parent else ""
         return f"{where}: unknown field ({fix})"
@@ -333,8 +269,7 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return out
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Suite
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)

@@ -16,6 +16,10 @@ CELLS = [
     (Cell("ruler", FT, 1024, "vt", "finetune"), f"tiny-hybrid/seed3/hylora/{SE}/eval-finetune/ruler/vt@1024"),
     (Cell("lm_eval", PRE, task="harness_mc"), "tiny-hybrid/seed0/pretrained/lm_eval/harness_mc"),
     (Cell("efficiency", length=8192, backend=SE), f"attention/{SE}/efficiency@8192"),
+    # a plugin's metrics: {metric}[:{task}][@{length}]
+    (Cell("toy", PRE, 3, "a"), "tiny-hybrid/seed0/pretrained/toy:a@3"),
+    (Cell("toy", FT, eval_attention="finetune"), f"tiny-hybrid/seed3/hylora/{SE}/eval-finetune/toy"),
+    (Cell("flops", length=8, backend=SE), f"attention/{SE}/flops@8"),
 ]
 
 
@@ -32,7 +36,8 @@ def test_variant_stage_and_dict():
 
 
 @pytest.mark.parametrize("bad", ["", "ppl@512", "tiny/seed0/ppl@512", "tiny/s0/pretrained/ppl@512",
-                                 "tiny/seed0/pretrained/ppl@x", "attention/full/efficiency"])
+                                 "tiny/seed0/pretrained/ppl@x", "attention/full",
+                                 "tiny/seed0/lora/full/ppl", "tiny/seed0/pretrained/train@3"])
 def test_what_is_not_a_cell_id_is_refused(bad):
     with pytest.raises(ValueError, match="not a cell id"):
         Cell.parse(bad)

@@ -145,11 +145,11 @@ def _cells(section):
 def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h", ft_ctx=None):
     """What harness.runner writes when a job process dies: the cell's own fields, no env, values or dataset."""
     from harness.cells import Cell
-    from harness.runner import failure_record
+    from harness.results import cell_record
 
     cell = {**Cell.parse(cell_id, ft_ctx).as_dict(), "hash": config_hash, "code": "f"}
     assert cell["metric"] == metric and cell["length"] == ctx
-    return asdict(failure_record("smoke", cell, status, "killed"))
+    return asdict(cell_record("smoke", cell, status=status, error="killed"))
 
 
 def test_the_current_record_per_cell_wins():

@@ -43,10 +43,11 @@ def _variants() -> list[Variant]:
 
 def _failure(cell: Cell) -> Record:
     """A failure as the runner writes it when a job process is killed."""
-    from harness.runner import failure_record
+    from harness.results import cell_record
 
     spec = {**cell.as_dict(), "hash": _hash(cell.id), "code": "demo"}
-    return failure_record("demo", spec, "oom", "job process exited with code -9 (killed: likely out of memory)")
+    error = "job process exited with code -9 (killed: likely out of memory)"
+    return cell_record("demo", spec, status="oom", error=error)
 
 
 def _ruler_accuracy(task_index: int, task: str, stage: str, method: str, length: int, shift: float) -> float:

@@ -1,11 +1,11 @@
 """A self-contained HTML report (one file, plots embedded as PNG data URIs, inline CSS, no JS).
 
 Shape: ``render_report`` builds a header and a list of sections, then renders
-``templates/report.html.j2``. Each section is built by one function of ``SECTIONS``
+``templates/report.html.j2``. Each section is built by one function of ``sections()``
 taking the records and returning ``None`` (nothing to show: section omitted) or a dict
 ``{"id", "title", "blocks": [...]}``. Blocks are generic (``heading``, ``paragraph``,
 ``figure``, ``table``, ``list``, ``callouts``) and the template has one macro per block
-type, so a new section (RULER heatmaps, efficiency) is one new function here and no
+type, so a new section is one new function (a metric plugin's ``section``) and no
 template change.
 
 Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``.
@@ -251,20 +251,16 @@ def environment_section(records: list[dict]) -> Section | None:
     return {"id": "environment", "title": "Environment", "blocks": blocks} if blocks else None
 
 
-def _sections() -> list[Callable[[list[dict]], Section | None]]:
-    from harness.report.efficiency import efficiency_section
-    from harness.report.lm_eval import lm_eval_section
+def sections() -> list[Callable[[list[dict]], Section | None]]:
+    """The report's sections in page order, each taking the normalised records (see ``common.normalise``): one per
+    registered metric (its plugin's ``section``), then the comparison of runs, the paper's numbers, the failed
+    cells and the environment."""
+    from harness.metrics.base import builtin
     from harness.report.paper import paper_section
-    from harness.report.ruler import ruler_section
     from harness.report.runs import comparison_section
-    from harness.report.training import training_section
 
-    return [perplexity_section, ruler_section, lm_eval_section, efficiency_section, training_section,
-            comparison_section, paper_section, failures_section, environment_section]
-
-
-#: The report's sections in page order; each takes the normalised records (see ``common.normalise``).
-SECTIONS: list[Callable[[list[dict]], Section | None]] = _sections()
+    return [m.section for m in builtin().values()] + [comparison_section, paper_section, failures_section,
+                                                     environment_section]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -273,9 +269,9 @@ SECTIONS: list[Callable[[list[dict]], Section | None]] = _sections()
 def build_context(records: list[dict], *, title: str, notes: list[str] | None = None,
                   runs: Sequence[str] | None = None) -> dict:
     records, names, superseded = normalise(records, runs)
-    sections = [s for s in (build(records) for build in SECTIONS) if s]
+    built = [s for s in (build(records) for build in sections()) if s]
     return {"header": build_header(records, title=title, notes=notes, runs=names, superseded=superseded),
-            "sections": sections}
+            "sections": built}
 
 
 def render_html(records: list[dict], *, title: str, notes: list[str] | None = None,

@@ -1,0 +1,112 @@
+"""What a metric is to the harness: a plugin with its suite config, its cells, its measurement, its report section.
+
+    @register
+    class Toy(Metric):
+        name = "toy"                      # the key under a suite's `metrics:`
+        config = ToyConfig                # a pydantic model: the suite block, validated with file/line errors
+        def cells(self, config, variant, plan): return [(Cell("toy", variant, length=n), {"metric": ...}), ...]
+        def measure(self, ctx, cell, config): return Measurement(values={...})
+        def section(self, records): return None or {"id", "title", "blocks"}
+
+`cells` gives each cell with what determines it beyond the variant (hashed into the cell's config hash), and
+runs in the runner's process; `measure` runs in the job's process (harness.job.Context gives it the model, the
+evaluation data and the results directory) and must import heavy modules (torch) itself, so that loading a
+suite stays fast. A metric of `kind` "backend" makes cells per attention backend (no model: `variant` None).
+A metric module outside this package is named in the suite's `plugins:` list, which imports it in every process.
+The code behind a cell (harness.provenance) is the metric's module plus `modules`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from harness.errors import UserError
+
+# The modules that load evaluation data (corpora, tokenizer): part of the code behind an evaluation cell.
+EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19", "harness.data.tokenizer")
+
+
+class Strict(BaseModel):
+    """A suite block: unknown fields are errors (with a did-you-mean)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def eval_attention(config, variant) -> str:
+    """The attention a cell is evaluated with: the config's for a fine-tuned variant; a pretrained model has no
+    fine-tuning attention, so always full."""
+    return config.eval_attention if variant.stage == "finetuned" else "full"
+
+
+@dataclass
+class Measurement:
+    """What `measure` returns; the job writes it into the cell's record."""
+
+    values: dict[str, Any]
+    units: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # the variant's info (cache keys, training log)
+    kernel: str = ""  # empty: the attention kernels recorded while measuring
+    seconds: float | None = None  # None: the wall time of `measure`
+
+
+class Metric:
+    name: ClassVar[str]
+    config: ClassVar[type[BaseModel] | None] = None  # None: always measured, not configured in suites
+    kind: ClassVar[str] = "variant"  # "variant": cells of each model variant; "backend": of each attention backend
+    modules: ClassVar[tuple[str, ...]] = ()  # harness modules that compute it, besides its own
+    finetuned_only: ClassVar[bool] = False
+
+    def cells(self, config, variant, plan) -> list[tuple[Any, dict]]:
+        """[(harness.cells.Cell, what determines it)] for `variant` (kind "backend": for `plan.backend`)."""
+        raise NotImplementedError
+
+    def measure(self, ctx, cell: dict, config) -> Measurement:
+        raise NotImplementedError
+
+    def check(self, config, suite) -> None:
+        """Cross-field checks against the whole suite (raise ValueError); may fill in defaults."""
+
+    def section(self, records: list[dict]):
+        """The report section of this metric's records (harness.report), or None."""
+        return None
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(cls: type[Metric]) -> type[Metric]:
+    """Class decorator: make a metric known under `cls.name` (report order = registration order)."""
+    from harness.cells import RESERVED
+
+    builtin_module = cls.__module__.startswith("harness.metrics.plugins.")
+    if not cls.name.isidentifier() or (cls.name in RESERVED and not builtin_module):
+        raise UserError(f"metric name {cls.name!r} ({cls.__module__}): use an identifier that is not one of the "
+                        f"names cell ids reserve ({', '.join(RESERVED)})")
+    METRICS[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Metric:
+    builtin()
+    if name not in METRICS:
+        hint = difflib.get_close_matches(name, METRICS, n=1)
+        raise UserError(f"unknown metric {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; known: {', '.join(METRICS)}; a metric of your own is named in the suite's `plugins:`")
+    return METRICS[name]
+
+
+def builtin() -> dict[str, Metric]:
+    """Every registered metric in report order: the built-in ones, then plugins' in order of registration."""
+    from harness.metrics.plugins import BUILTIN
+
+    for name in BUILTIN:
+        importlib.import_module(f"harness.metrics.plugins.{name}")
+    rank = {name: i for i, name in enumerate(BUILTIN)}
+    return dict(sorted(METRICS.items(), key=lambda item: rank.get(item[0], len(rank))))

@@ -1,0 +1,56 @@
+"""Perplexity against context length (harness.metrics.perplexity): one cell per evaluation context."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from harness.cells import Cell
+from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, eval_attention, register
+
+
+class PerplexityConfig(Strict):
+    protocol: Literal["longlora", "stride"] = "longlora"
+    contexts: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096], min_length=1)
+    # Windows per length = max(1, tokens_per_length // context), evenly spaced over the stream, so every
+    # length scores about the same number of tokens (a fixed window count starves the short contexts).
+    tokens_per_length: int = Field(65_536, ge=1)
+    max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
+    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+
+    @field_validator("contexts")
+    @classmethod
+    def _at_least_two(cls, v: list[int]) -> list[int]:
+        if any(c < 2 for c in v):
+            raise ValueError("every context must be >= 2")
+        return v
+
+
+@register
+class Perplexity(Metric):
+    name = "perplexity"
+    config = PerplexityConfig
+    modules = ("harness.metrics.perplexity", *EVAL_DATA)
+
+    def cells(self, config: PerplexityConfig, variant, plan):
+        hashed = {"metric": config.model_dump(exclude={"contexts"}), "data": plan.data_fingerprint}
+        ev = eval_attention(config, variant)
+        return [(Cell(self.name, variant, c, eval_attention=ev), hashed) for c in config.contexts]
+
+    def measure(self, ctx, cell: dict, config: PerplexityConfig) -> Measurement:
+        from harness.metrics.perplexity import evaluate_perplexity
+
+        model, info = ctx.model()
+        ctx.use_attention(config.eval_attention)
+        stream, dataset = ctx.eval_stream(config.max_tokens)
+        windows = max(1, config.tokens_per_length // cell["length"])
+        res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True)
+        settings = {**res.as_settings(), "max_windows": windows, "eval_attention": config.eval_attention,
+                    "pretrain_context": ctx.suite.pretrain.context, "seed": ctx.seed}
+        return Measurement(res.as_values(), res.units(), settings, dataset, info)
+
+    def section(self, records):
+        from harness.report.html import perplexity_section
+
+        return perplexity_section(records)

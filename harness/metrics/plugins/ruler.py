@@ -1,0 +1,87 @@
+"""RULER accuracy (harness.metrics.ruler_eval): one cell per task and length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from harness.cells import Cell
+from harness.errors import UserError
+from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, eval_attention, register
+
+
+class RulerConfig(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["niah_single_1"], min_length=1)  # or ["all"]: the 11
+    lengths: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
+    samples: int = Field(10, ge=1)
+    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+    essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
+    # The data of the opt-in QA tasks, which is not shipped: {qa_1: SQuAD 2.0 dev JSON, qa_2: HotpotQA dev JSON}
+    qa_files: dict[str, str] = {}
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from harness.data.ruler import PAPER_TASKS, get_spec
+
+        if v == ["all"]:
+            return list(PAPER_TASKS)
+        for t in v:
+            try:
+                get_spec(t)  # did-you-mean
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _qa_data(self) -> RulerConfig:
+        from harness.data.ruler import TASKS
+        from harness.data.ruler.qa import FORMATS
+
+        opt_in = [t for t in TASKS if TASKS[t].opt_in]
+        for task, path in self.qa_files.items():
+            if task not in opt_in:
+                raise ValueError(f"qa_files: {task!r} is not a task that needs a data file ({', '.join(opt_in)})")
+            if not Path(path).is_file():
+                raise ValueError(f"qa_files.{task}: no file {path!r} (relative paths are taken from the working "
+                                 f"directory, here {Path.cwd()})")
+        for task in self.tasks:
+            if TASKS[task].opt_in and task not in self.qa_files:
+                fmt = FORMATS[TASKS[task].args["dataset"]]
+                raise ValueError(f"tasks: {task} needs its data, which is not shipped: set qa_files.{task} to the "
+                                 f"path of the {fmt}")
+        return self
+
+
+@register
+class Ruler(Metric):
+    name = "ruler"
+    config = RulerConfig
+    modules = ("harness.data.ruler", "harness.metrics.ruler", "harness.metrics.ruler_eval",
+               "harness.metrics.decode_check", *EVAL_DATA)
+
+    def cells(self, config: RulerConfig, variant, plan):
+        hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint}
+        ev = eval_attention(config, variant)
+        return [(Cell(self.name, variant, n, t, ev), hashed) for t in config.tasks for n in config.lengths]
+
+    def measure(self, ctx, cell: dict, config: RulerConfig) -> Measurement:
+        from harness.data import default_tokenizer
+        from harness.metrics.ruler_eval import evaluate_ruler
+
+        model, info = ctx.model()
+        ctx.use_attention(config.eval_attention)
+        corpus, dataset = ctx.eval_corpus()
+        haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
+        values, samples = evaluate_ruler(model, default_tokenizer(), cell["task"], cell["length"], config.samples,
+                                         ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]))
+        settings = {"task": cell["task"], "samples_file": ctx.write_samples(cell, samples),
+                    "eval_attention": config.eval_attention, "pretrain_context": ctx.suite.pretrain.context}
+        return Measurement(values, {"accuracy": "%"}, settings, dataset, info)
+
+    def section(self, records):
+        from harness.report.ruler import ruler_section
+
+        return ruler_section(records)

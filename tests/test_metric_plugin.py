@@ -1,0 +1,91 @@
+"""A metric of one's own in one file: named in a suite's `plugins:`, it is planned, measured in the job's process,
+recorded with its code fingerprint, and reported in its own section."""
+
+import pytest
+
+from harness import results
+from harness.errors import UserError
+from harness.runner import run_suite
+from harness.suite import load_suite
+
+PLUGIN = '''
+"""A toy metric: the number of parameters of each variant, scaled by `factor`, per length."""
+
+from pydantic import Field
+
+from harness.cells import Cell
+from harness.metrics.base import Measurement, Metric, Strict, register
+
+
+class ToyConfig(Strict):
+    lengths: list[int] = Field(min_length=1)
+    factor: float = 1.0
+
+
+@register
+class Toy(Metric):
+    name = "toy"
+    config = ToyConfig
+
+    def cells(self, config, variant, plan):
+        return [(Cell("toy", variant, n), {"metric": config.model_dump(exclude={"lengths"})})
+                for n in config.lengths]
+
+    def measure(self, ctx, cell, config):
+        model, info = ctx.model()
+        params = sum(p.numel() for p in model.parameters())
+        values = {"scaled_params": params * config.factor * cell["length"]}
+        return Measurement(values, settings={"factor": config.factor}, model=info)
+
+    def section(self, records):
+        from harness.report.common import paragraph
+
+        mine = [r for r in records if r["metric"] == "toy"]
+        if not mine:
+            return None
+        text = "; ".join(f"{r['eval_context']}: {r['values'].get('scaled_params')}" for r in mine)
+        return {"id": "toy", "title": "Toy metric", "blocks": [paragraph(text)]}
+'''
+
+SUITE = """
+name: toy
+plugins: [toy_metric]
+methods: []
+pretrain: {context: 32, steps: 2, batch_size: 1, warmup_steps: 0, recall: 0, induction_init: null}
+metrics:
+  toy: {lengths: [1, 2], factor: 0.5}
+"""
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "toy_metric.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "plugins"))  # the job processes import it too
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    return tmp_path
+
+
+def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, capsys):
+    (plugin_dir / "s.yaml").write_text(SUITE)
+    report = run_suite(plugin_dir / "s.yaml", plugin_dir / "out")
+    recs = [r for r in results.load(plugin_dir / "out") if r["metric"] == "toy"]
+    assert all(r["status"] == "ok" and r["code"]["fingerprint"] for r in recs), [r["error"] for r in recs]
+    one, two = (r["values"]["scaled_params"] for r in recs)
+    assert two == 2 * one > 0 and recs[0]["settings"] == {"factor": 0.5}
+    html = report.read_text()
+    assert ">Toy metric</h" in html and f"1: {one}" in html
+    capsys.readouterr()
+    run_suite(plugin_dir / "s.yaml", plugin_dir / "out", dry_run=True)
+    assert "3 cells in 2 jobs, 3 already recorded" in capsys.readouterr().out
+
+
+def test_a_plugin_config_is_validated_like_any_suite_field(plugin_dir):
+    (plugin_dir / "s.yaml").write_text(SUITE.replace("factor: 0.5", "factr: 0.5"))
+    with pytest.raises(UserError, match=r"line 7: metrics.toy.factr: unknown field \(did you mean 'factor'\?\)"):
+        load_suite(plugin_dir / "s.yaml")
+    (plugin_dir / "s.yaml").write_text(SUITE.replace("[toy_metric]", "[toy_metrc]"))
+    with pytest.raises(UserError, match=r"line 3: plugins\[0\]: cannot import 'toy_metrc'"):
+        load_suite(plugin_dir / "s.yaml")
