@@ -104,8 +104,9 @@ def is_multi_run(records: Iterable[dict]) -> bool:
 # ----------------------------------------------------------------------------- variants
 
 
-class Variant(NamedTuple):
-    """A model variant; ``eval_attention`` is "finetune" when evaluated with the fine-tuning attention
+class VariantKey(NamedTuple):
+    """A model variant as the report groups records (harness.cells.Variant, plus the run and the evaluation
+    attention, less the seed); ``eval_attention`` is "finetune" when evaluated with the fine-tuning attention
     (the paper's Table 2), else "" (full attention, the default); ``run`` is "" in single-run reports."""
 
     run_index: int
@@ -127,22 +128,22 @@ def _stage(r: dict) -> str:
     return r.get("stage") or ("pretrained" if r.get("method") in (None, "", "none") else "finetuned")
 
 
-def variant_key(r: dict) -> Variant:
+def variant_key(r: dict) -> VariantKey:
     run = (run_index(r), str(r.get(RUN_KEY) or ""))
     stage = _stage(r)
     if stage == "pretrained":  # evaluated with full attention whatever eval_attention says
-        return Variant(*run, model_name(r), "pretrained", "none", "", None, "")
+        return VariantKey(*run, model_name(r), "pretrained", "none", "", None, "")
     ev = (r.get("settings") or {}).get("eval_attention")
-    return Variant(*run, model_name(r), stage, r.get("method") or "none", r.get("backend") or "",
+    return VariantKey(*run, model_name(r), stage, r.get("method") or "none", r.get("backend") or "",
                    r.get("finetune_context"), "finetune" if ev == "finetune" else "")
 
 
-def variant_sort(key: Variant) -> tuple:
+def variant_sort(key: VariantKey) -> tuple:
     return (key.run_index, key.model, key.stage != "pretrained", key.stage, key.method, key.backend,
             key.finetune_context or 0, key.eval_attention)
 
 
-def variant_label(key: Variant, show_model: bool = False) -> str:
+def variant_label(key: VariantKey, show_model: bool = False) -> str:
     if key.stage == "pretrained":
         label = "pretrained"
     else:
@@ -156,7 +157,7 @@ def variant_label(key: Variant, show_model: bool = False) -> str:
 
 
 def labeller(records: Iterable[dict]) -> Callable[[dict], str]:
-    """Variant labels, naming the model only when the records hold more than one; an efficiency
+    """VariantKey labels, naming the model only when the records hold more than one; an efficiency
     record (no model: one attention layer) is labelled by its backend."""
     show_model = len({m for r in records if (m := model_name(r))}) > 1
 
@@ -169,9 +170,9 @@ def labeller(records: Iterable[dict]) -> Callable[[dict], str]:
     return label
 
 
-def variant_names(recs: Iterable[dict], label: Callable[[dict], str]) -> dict[Variant, str]:
+def variant_names(recs: Iterable[dict], label: Callable[[dict], str]) -> dict[VariantKey, str]:
     """The variants of `recs` in report order (:func:`variant_sort`), each with the label of its first record."""
-    first: dict[Variant, dict] = {}
+    first: dict[VariantKey, dict] = {}
     for r in recs:
         first.setdefault(variant_key(r), r)
     return {k: label(first[k]) for k in sorted(first, key=variant_sort)}

@@ -24,7 +24,7 @@ from harness.report import plots
 from harness.report.common import (  # noqa: F401 - re-exported: the report's helpers live in common
     Block,
     Section,
-    Variant,
+    VariantKey,
     cell,
     fail_cell,
     fmt_count,

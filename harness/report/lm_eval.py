@@ -13,7 +13,7 @@ from collections import defaultdict
 from harness.report.common import (
     Block,
     Section,
-    Variant,
+    VariantKey,
     cell,
     fail_cell,
     fmt_float,
@@ -38,8 +38,8 @@ def lm_eval_section(records: list[dict]) -> Section | None:
     if not recs:
         return None
     label = labeller(records)
-    good: dict[tuple[Variant, str], list[dict]] = defaultdict(list)  # values per (variant, task or subtask row)
-    failed: dict[tuple[Variant, str], dict] = {}
+    good: dict[tuple[VariantKey, str], list[dict]] = defaultdict(list)  # values per (variant, task or subtask row)
+    failed: dict[tuple[VariantKey, str], dict] = {}
     subtasks: dict[str, dict[str, None]] = defaultdict(dict)  # a group's subtasks, in order
     notes: dict[str, set[str]] = defaultdict(set)
     better: dict[str, bool] = {}

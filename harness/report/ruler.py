@@ -27,7 +27,7 @@ from harness.report import plots
 from harness.report.common import (
     Block,
     Section,
-    Variant,
+    VariantKey,
     callouts,
     cell,
     fmt_float,
@@ -53,16 +53,16 @@ def _task_order(tasks: set[str]) -> list[str]:
     return list(dict.fromkeys(known)) + sorted(tasks - set(known))
 
 
-def base_of(k: Variant) -> Variant:
-    return Variant(k.run_index, k.run, k.model, "pretrained", "none", "", None, "")
+def base_of(k: VariantKey) -> VariantKey:
+    return VariantKey(k.run_index, k.run, k.model, "pretrained", "none", "", None, "")
 
 
 class RulerTable:
     """Mean accuracy per (variant, task, length), failures, and the chance gate."""
 
     def __init__(self, recs: list[dict]):
-        self.acc: dict[Variant, dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.failed: dict[Variant, dict[tuple[str, int], dict]] = defaultdict(dict)
+        self.acc: dict[VariantKey, dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.failed: dict[VariantKey, dict[tuple[str, int], dict]] = defaultdict(dict)
         self.samples: set[int] = set()
         for r in recs:
             k, tn = variant_key(r), (str(r["settings"]["task"]), int(r["eval_context"]))
@@ -77,22 +77,22 @@ class RulerTable:
         self.tasks = _task_order({t for k in self.keys for t, _ in (*self.acc[k], *self.failed[k])})
         self.lengths = sorted({n for k in self.keys for _, n in (*self.acc[k], *self.failed[k])})
 
-    def value(self, k: Variant, task: str, n: int) -> float | None:
+    def value(self, k: VariantKey, task: str, n: int) -> float | None:
         vals = self.acc.get(k, {}).get((task, n))
         return sum(vals) / len(vals) if vals else None
 
-    def has_base(self, k: Variant) -> bool:
+    def has_base(self, k: VariantKey) -> bool:
         return base_of(k) in self.acc
 
-    def at_chance(self, k: Variant, task: str, n: int) -> bool:
+    def at_chance(self, k: VariantKey, task: str, n: int) -> bool:
         """The base model of ``k`` scores at most CHANCE_PCT on (task, n)."""
         base = self.value(base_of(k), task, n)
         return base is not None and base <= CHANCE_PCT
 
-    def uninformative(self, k: Variant, task: str, n: int) -> bool:
+    def uninformative(self, k: VariantKey, task: str, n: int) -> bool:
         return k.stage != "pretrained" and self.at_chance(k, task, n)
 
-    def groups(self, k: Variant, n: int) -> dict[str, float]:
+    def groups(self, k: VariantKey, n: int) -> dict[str, float]:
         from harness.data.ruler.tasks import TASKS
         from harness.metrics.ruler import group_scores
 
@@ -156,9 +156,9 @@ def ruler_section(records: list[dict]) -> Section | None:
     return {"id": "ruler", "title": "RULER", "blocks": blocks}
 
 
-def _best(tab: RulerTable, values: dict[Variant, float | None], gated: dict[Variant, bool]) -> set[Variant]:
+def _best(tab: RulerTable, values: dict[VariantKey, float | None], gated: dict[VariantKey, bool]) -> set[VariantKey]:
     """The best fine-tuned variant(s) of each (run, model), when two or more are comparable."""
-    fams: dict[tuple, list[Variant]] = defaultdict(list)
+    fams: dict[tuple, list[VariantKey]] = defaultdict(list)
     for k, v in values.items():
         if k.stage != "pretrained" and v is not None and not gated[k]:
             fams[(k.run_index, k.model)].append(k)
@@ -170,7 +170,7 @@ def _best(tab: RulerTable, values: dict[Variant, float | None], gated: dict[Vari
     return out
 
 
-def _value_cell(v: float | None, k: Variant, tab: RulerTable, fails: dict | None, gated: bool, best: bool,
+def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: dict | None, gated: bool, best: bool,
                 title: str = "") -> dict:
     if v is None:
         return cell("–", cls="missing") if fails is None else cell(
@@ -179,7 +179,7 @@ def _value_cell(v: float | None, k: Variant, tab: RulerTable, fails: dict | None
                 title=title)
 
 
-def _groups_table(tab: RulerTable, names: dict[Variant, str]) -> list[Block]:
+def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
     from harness.data.ruler.tasks import GROUPS
 
     scores = {(k, n): tab.groups(k, n) for k in tab.keys for n in tab.lengths}
@@ -212,7 +212,7 @@ def _groups_table(tab: RulerTable, names: dict[Variant, str]) -> list[Block]:
     return out
 
 
-def _task_table(tab: RulerTable, names: dict[Variant, str], n: int) -> Block:
+def _task_table(tab: RulerTable, names: dict[VariantKey, str], n: int) -> Block:
     rows = []
     for t in tab.tasks:
         values = {k: tab.value(k, t, n) for k in tab.keys}

@@ -16,7 +16,7 @@ from harness.report import plots
 from harness.report.common import (
     Block,
     Section,
-    Variant,
+    VariantKey,
     cell,
     fail_cell,
     fmt_float,
@@ -63,13 +63,13 @@ def _style_name(ls: str) -> str:
     return {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}[ls]
 
 
-def _base_variant(k: Variant) -> Variant:
+def _base_variant(k: VariantKey) -> VariantKey:
     return k._replace(run_index=0, run="")
 
 
 def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
-    points: dict[Variant, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    failed: dict[Variant, dict[int, str]] = defaultdict(dict)
+    points: dict[VariantKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[VariantKey, dict[int, str]] = defaultdict(dict)
     for r in recs:
         k, n = variant_key(r), int(r["eval_context"])
         if not ok(r):
@@ -100,12 +100,12 @@ def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
 
 def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Block:
     # rows: (cell id, variant without its run); records are the current ones per (run, cell)
-    by_row: dict[tuple[str, Variant], dict[str, dict]] = defaultdict(dict)
+    by_row: dict[tuple[str, VariantKey], dict[str, dict]] = defaultdict(dict)
     for r in recs:
         by_row[(str(r.get("cell")), _base_variant(variant_key(r)))][str(r.get("run"))] = r
     label = labeller(recs)
 
-    def order(key: tuple[str, Variant]) -> tuple:
+    def order(key: tuple[str, VariantKey]) -> tuple:
         any_rec = next(iter(by_row[key].values()))
         return (variant_sort(key[1]), str((any_rec.get("settings") or {}).get("task")), int(any_rec["eval_context"]))
 
