@@ -1,11 +1,15 @@
-"""RULER evaluation: KV-cache greedy generation equals a cache-free greedy decode, on our hybrid and on Llama."""
+"""RULER evaluation: KV-cache greedy generation equals a cache-free greedy decode, on our hybrid and on Llama;
+the self-check before generation metrics passes on working models and fails a cell whose cache is dropped."""
 
 import pytest
 import torch
 import transformers
 
+from harness.attention import recording, register
 from harness.data import default_tokenizer
 from harness.data.ruler import generate
+from harness.finetune.methods import apply_method
+from harness.metrics.decode_check import CacheMismatchError, check_cached_decoding
 from harness.metrics.ruler_eval import evaluate_ruler
 from harness.models import HybridForCausalLM, preset_config
 
@@ -50,3 +54,27 @@ def test_generation_and_records(build):
         reference = _greedy_without_cache(model, ids, sample.max_new_tokens, tok.eos_token_id)
         assert rec["predicted"] == tok.decode(reference, skip_special_tokens=True)
         assert rec["correct"] == float(sample.outputs[0].lower() in rec["predicted"].lower())
+
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["hybrid", "llama"])
+def test_working_cache_passes(build):
+    torch.manual_seed(0)
+    assert check_cached_decoding(build().eval(), default_tokenizer()) < 1e-4
+
+
+def test_passes_on_a_lora_model_under_another_backend_restores_it_and_records_no_kernel():
+    torch.manual_seed(0)
+    model, _ = apply_method(_hybrid(), "lora", rank=4, alpha=8)
+    name = register("sliding_window", window=16)  # prefill 32 > 16: cached decoding (full) would differ
+    model.set_attn_implementation(name)
+    with recording() as kernels:
+        assert check_cached_decoding(model.eval(), default_tokenizer()) < 1e-4
+    assert model.config._attn_implementation == name and kernels == set()
+
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["hybrid", "llama"])
+def test_dropped_cache_fails_the_ruler_cell(build, drop_cache):
+    torch.manual_seed(0)
+    model = drop_cache(build().eval())
+    with pytest.raises(CacheMismatchError, match=rf"transformers {transformers.__version__}.*constraints"):
+        evaluate_ruler(model, default_tokenizer(), "niah_single_1", 320, 1, seed=0)
