@@ -93,7 +93,7 @@ class Context:
 
     def eval_corpus(self):
         """(corpus, dataset fields of a record): PG-19 when configured, else the embedded corpus's test split."""
-        from harness.runner import eval_corpus
+        from harness.plan import eval_corpus
 
         corpus = eval_corpus(self.suite, self.spec.get("pg19"))
         split = "test" if corpus.embedded else self.suite.data.split

@@ -17,8 +17,8 @@ from harness.data import default_tokenizer  # noqa: E402
 from harness.errors import UserError  # noqa: E402
 from harness.metrics.lm_eval import evaluate_lm_eval, local_tasks_fingerprint, task_manager  # noqa: E402
 from harness.models import HybridForCausalLM, preset_config  # noqa: E402
+from harness.plan import plan  # noqa: E402
 from harness.report.lm_eval import lm_eval_section  # noqa: E402
-from harness.runner import plan  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval"

@@ -1,0 +1,105 @@
+"""A suite as jobs and cells: what each job measures, what determines each cell, and whether it is done.
+
+A job is one model variant (pretrained, or a method x backend fine-tune) with the cells its metrics' plugins
+make for it, one attention backend's cells (metrics of kind "backend", as efficiency), or a pretraining. A cell
+carries the hash of what determines it (settings) and the fingerprint of the code that measures it
+(harness.provenance); `cell_state` compares both with the cell's current record.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from harness import cache, provenance
+from harness.cells import Cell, Variant
+from harness.metrics.base import builtin
+from harness.suite import Backend, Suite
+
+
+@dataclass
+class Job:
+    kind: str  # "pretrain" | "variant" (a model variant's cells) | "backend" (an attention backend's cells)
+    name: str
+    spec: dict
+    cells: list[dict] = field(default_factory=list)
+
+
+def eval_corpus(suite: Suite, pg19: str | None):
+    """PG-19 when configured (flag, suite field or $HARNESS_PG19_DIR), else the embedded corpus."""
+    from harness.data import default_corpus, load_pg19
+
+    root = pg19 or suite.data.pg19 or os.environ.get("HARNESS_PG19_DIR")
+    return load_pg19(root, suite.data.split) if root else default_corpus()
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a metric's `cells` may need besides its config and the variant."""
+
+    suite: Suite
+    data_fingerprint: str  # of the evaluation corpus
+    backend: Backend | None = None  # metrics of kind "backend": the backend whose cells these are
+
+
+def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
+    """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it
+    and the fingerprint of the code that measures it (harness.provenance)."""
+    configured = [(m, getattr(suite.metrics, m.name, None)) for m in builtin().values()]
+    configured = [(m, c) for m, c in configured if c is not None or m.config is None]
+    # a fine-tune's own cells (train) first: its record is written as soon as the fine-tuning ends
+    per_variant = sorted([(m, c) for m, c in configured if m.kind == "variant"],
+                         key=lambda mc: not mc[0].finetuned_only)
+    jobs, ctx = [], PlanContext(suite, data_fingerprint)
+    for model in suite.models if any(c is not None for _, c in per_variant) else []:
+        for seed in suite.seeds:
+            base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
+            pretrain = Cell("pretrain", Variant(model, seed))
+            jobs.append(Job("pretrain", pretrain.id, {**base}, [_cell(pretrain, base)]))
+            variants = [(Variant(model, seed), None)] + [
+                (Variant(model, seed, meth, b.label, suite.finetune.context), b)
+                for meth in suite.methods for b in suite.backends]
+            for variant, backend in variants:
+                det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
+                       "finetune": suite.finetune.model_dump() if backend else None}
+                cells = [_cell(cell, {**det, **hashed}) for m, config in per_variant
+                         if backend is not None or not m.finetuned_only
+                         for cell, hashed in m.cells(config, variant, ctx)]
+                spec = {**base, "stage": variant.stage, "method": variant.method,
+                        "backend": backend and backend.model_dump()}
+                jobs.append(Job("variant", variant.id, spec, cells))
+    per_backend = [(m, c) for m, c in configured if m.kind == "backend"]
+    for b in suite.backends if per_backend else []:
+        det, bctx = {"backend": b.model_dump(exclude={"label"})}, PlanContext(suite, data_fingerprint, b)
+        cells = [_cell(cell, {**det, **hashed}) for m, config in per_backend
+                 for cell, hashed in m.cells(config, None, bctx)]
+        jobs.append(Job("backend", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
+    return jobs
+
+
+def _cell(cell: Cell, determined_by: dict) -> dict:
+    """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint."""
+    extra = {k: v for k, v in (("length", cell.length), ("task", cell.task)) if v is not None}
+    return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, extra),
+            "code": provenance.fingerprint(cell.metric)}
+
+
+#: Why a recorded cell is measured again, by its state.
+STALE = {"changed": "with changed settings (measured again)",
+         "stale": "stale: measured by other code (measured again)",
+         "failed": "failed (measured again: --retry-failed)"}
+
+
+def cell_state(cell: dict, current: dict | None, retry_failed: bool = False) -> str:
+    """"done" if the cell's current record was measured with its settings (config hash) by the same code
+    (fingerprint) and worked (or failed, without `retry_failed`); else why it is to be measured: "todo"
+    (never), "changed", "stale", "failed"."""
+    if current is None:
+        return "todo"
+    if current.get("config_hash") != cell["hash"]:
+        return "changed"
+    if (current.get("code") or {}).get("fingerprint") != cell["code"]:
+        return "stale"
+    return "failed" if retry_failed and current.get("status") != "ok" else "done"
+
+
