@@ -275,7 +275,9 @@ def test_training_section_pretrain_and_finetune():
                                   "seconds": 12.0, "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
                                   "tokens_per_s": 8533.3, "trainable_params": 250_000, "total_params": 1_000_000,
                                   "trainable_by_group": {"lora": 200_000, "conv1d": 50_000}}))
-    sec, _ = _section([pre, train], "training")
+    # the same fine-tune rerun with another recipe (another config hash) supersedes the first: one row, not two
+    older = dict(train, config_hash="older recipe", values={**train["values"], "tokens_per_s": 1.0})
+    sec, _ = _section([pre, older, train], "training")
     assert sec["title"] == "Pretraining and fine-tuning"
     assert [b["alt"] for b in sec["blocks"] if b["type"] == "figure"] == ["pretraining loss curves",
                                                                         "fine-tuning loss curves"]
