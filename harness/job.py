@@ -1,6 +1,6 @@
-"""One job, run in its own process by the runner: build or load one model variant and measure its cells.
-
-Each cell is measured by its metric's plugin (harness.metrics.base), given a `Context`.
+"""One job, run in its own process by the runner: a pretraining, the cells of one model variant (built or loaded
+once), or the cells of one attention backend. Each cell is measured by its metric's plugin
+(harness.metrics.base), given a `Context`.
 
 `python -m harness.job SPEC.json`. Each cell appends its record as soon as it is measured; a
 failing cell is recorded ("oom" or "error") and the job goes on with the next one. Hard
