@@ -53,7 +53,10 @@ def run_job(spec: dict) -> None:
 
 
 def _fill(rec: results.Record, m: Measurement) -> None:
-    rec.values, rec.units, rec.settings, rec.dataset, rec.model = m.values, m.units, m.settings, m.dataset, m.model
+    """A measurement into the cell's record: what the cell said of itself (its task and evaluation attention in
+    `settings`, its model preset) stays unless the measurement says more."""
+    rec.values, rec.units, rec.dataset = m.values, m.units, m.dataset
+    rec.settings, rec.model = {**rec.settings, **m.settings}, m.model or rec.model
     rec.kernel, rec.seconds = m.kernel, m.seconds or 0.0
 
 

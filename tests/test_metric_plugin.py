@@ -74,7 +74,7 @@ def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, caps
     recs = [r for r in results.load(plugin_dir / "out") if r["metric"] == "toy"]
     assert all(r["status"] == "ok" and r["code"]["fingerprint"] for r in recs), [r["error"] for r in recs]
     one, two = (r["values"]["scaled_params"] for r in recs)
-    assert two == 2 * one > 0 and recs[0]["settings"] == {"factor": 0.5}
+    assert two == 2 * one > 0 and recs[0]["settings"] == {"eval_attention": "full", "factor": 0.5}
     html = report.read_text()
     assert ">Toy metric</h" in html and f"1: {one}" in html
     capsys.readouterr()
