@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from harness.errors import UserError
-from harness.metrics.base import METRICS, builtin
+from harness.metrics.base import METRICS, as_value_error, builtin
 from harness.metrics.base import Strict as _Strict
 
 
@@ -108,7 +108,7 @@ class Suite(_Strict):
         from harness.models import preset_config
 
         for m in v:
-            _as_value_error(preset_config, m)
+            as_value_error(preset_config, m)
         return v
 
     @field_validator("methods")
@@ -158,14 +158,6 @@ def _suite_model(metric_names: tuple[str, ...]) -> type[Suite]:
 def suite_model() -> type[Suite]:
     """The Suite model for the metrics registered now (the built-in ones, and those of imported plugins)."""
     return _suite_model(tuple(_configurable()))
-
-
-def _as_value_error(check, value) -> None:
-    """Run a check that raises UserError, as a pydantic validation error (so the message gets file and line)."""
-    try:
-        check(value)
-    except UserError as e:
-        raise ValueError(str(e)) from None
 
 
 def expand_backend(entry: Any, where: str) -> list[Backend]:

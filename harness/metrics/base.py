@@ -37,6 +37,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def as_value_error(check, value) -> None:
+    """Run a check that raises UserError, as a pydantic validation error (so the message gets file and line)."""
+    try:
+        check(value)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
 def eval_attention(config, variant) -> str:
     """The attention a cell is evaluated with: the config's for a fine-tuned variant; a pretrained model has no
     fine-tuning attention, so always full."""

@@ -51,8 +51,8 @@ def check_cached_decoding(model, tokenizer) -> float:
     """Raise CacheMismatchError unless `NEW_TOKENS` greedy steps of `model.generate` (with its cache) after
     `PROMPT` give the logits of a cache-free forward over the same tokens; return the largest error (in std
     units of the logits)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)[:PROMPT_TOKENS]], device=device)
+    param = next(model.parameters())
+    ids = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)[:PROMPT_TOKENS]], device=param.device)
     with _full_attention(model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                              min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
@@ -61,12 +61,12 @@ def check_cached_decoding(model, tokenizer) -> float:
         full = model(input_ids=out.sequences, use_cache=False).logits[0, ids.shape[1] - 1 : -1].float()
     errors = (cached - full).abs().amax(-1) / full.std(-1).clamp_min(1e-12)
     worst, step = float(errors.max()), int(errors.argmax())
-    dtype = next(model.parameters()).dtype
-    if worst > TOLERANCE.get(dtype, HALF_TOLERANCE):
+    allowed = TOLERANCE.get(param.dtype, HALF_TOLERANCE)
+    if worst > allowed:
         raise CacheMismatchError(
             f"cached greedy decoding disagrees with a cache-free forward of the same tokens (step {step + 1} of "
-            f"{NEW_TOKENS}: max logit error {worst:.3g} std, allowed {TOLERANCE.get(dtype, HALF_TOLERANCE)} for "
-            f"{dtype}). The cache is not reaching {type(model).__name__}, so generation would score garbage. "
+            f"{NEW_TOKENS}: max logit error {worst:.3g} std, allowed {allowed} for {param.dtype}). The cache is not "
+            f"reaching {type(model).__name__}, so generation would score garbage. "
             f"transformers {transformers.__version__}, torch {torch.__version__}: install the pinned versions "
             "(pip install -c constraints.txt ...; nox does this) or report the incompatibility")
     return worst

@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.cells import Cell
-from harness.errors import UserError
-from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, eval_attention, register
+from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, as_value_error, eval_attention, register
 
 
 class RulerConfig(Strict):
@@ -29,10 +28,7 @@ class RulerConfig(Strict):
         if v == ["all"]:
             return list(PAPER_TASKS)
         for t in v:
-            try:
-                get_spec(t)  # did-you-mean
-            except UserError as e:
-                raise ValueError(str(e)) from None
+            as_value_error(get_spec, t)  # did-you-mean
         return v
 
     @model_validator(mode="after")
