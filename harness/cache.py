@@ -46,11 +46,12 @@ def file_sha256(path: str | Path) -> str:
 
 def code_version(*modules: ModuleType) -> str:
     """Hash of the source files of the given modules (or packages: every .py under them)."""
-    files = []
-    for m in modules:
-        path = Path(m.__file__)
-        files += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-    return source_version(*files)
+    return source_version(*(f for m in modules for f in module_files(Path(m.__file__))))
+
+
+def module_files(path: Path) -> list[Path]:
+    """A module's source file; for a package's `__init__.py`, every .py under the package."""
+    return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
 
 
 def source_version(*files: Path) -> str:

@@ -42,10 +42,9 @@ def modules(metric: str) -> tuple[str, ...]:
 def _files(module: str) -> list[Path]:
     """The source files of a module, or of every module of a package; harness's found without importing them."""
     if not module.startswith("harness."):  # a plugin of the user's, imported by load_suite
-        path = Path(sys.modules[module].__file__)
-        return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        return cache.module_files(Path(sys.modules[module].__file__))
     path = _ROOT.joinpath(*module.split(".")[1:])
-    return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+    return cache.module_files(path / "__init__.py" if path.is_dir() else path.with_suffix(".py"))
 
 
 def source_fingerprint(modules: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
