@@ -135,11 +135,13 @@ class Suite(_Strict):
             raise ValueError(f"metrics: nothing to measure; add one of {', '.join(_configurable())}")
         for name, config in configured.items():
             METRICS[name].check(config, self)
+        from harness.attention.options import spec
+
         for b in self.backends:
-            sizes = b.options.get("chunk_size")
-            if b.name == "se_attn" and max(sizes if isinstance(sizes, tuple) else [sizes]) > self.finetune.context:
-                raise ValueError(f"backends: {b.label} chunk_size exceeds finetune.context "
-                                 f"({self.finetune.context}); every token would sit in one chunk")
+            need = spec(b.name).min_context(b.options)
+            if need > self.finetune.context:
+                raise ValueError(f"backends: {b.label} needs finetune.context >= {need} (it is "
+                                 f"{self.finetune.context}); shrink its options or lengthen the context")
         return self
 
 

@@ -226,6 +226,19 @@ def test_available_lists_backends_options_kernels():
     assert info["se_attn_random"]["options"]["retrieval"]["default"] == "random"
 
 
+def test_every_registered_backend_is_tested_and_runs_on_cpu():
+    from harness.attention.backends import SPECS
+    from harness.attention.options import ALIASES
+
+    assert set(SPECS) | set(ALIASES) <= {b for b, _ in CASES}  # a new backend joins CASES, so the equivalence runs
+    for spec in SPECS.values():
+        assert spec.auto[-1] in spec.kernels and set(spec.auto) <= set(spec.kernels)
+        assert set(spec.defaults) == set(spec.allowed)
+        q = torch.zeros(1, 1, 4, 8)
+        out, kernel = Backend(spec.name)(q, q, q)
+        assert kernel == f"{spec.name} via {spec.auto[-1]}" and out.shape == q.shape
+
+
 def test_bench_rows_have_kernel_and_times():
     from harness.attention.bench import bench_attention
 

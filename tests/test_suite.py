@@ -50,7 +50,7 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: x\nbackends: [se_atn]\n", "(?i)did you mean 'se_attn'"),
     ("name: x\nbackends: [{sliding_window: {window: 0}}]\n", "window=0 is invalid"),
     ("name: x\nbackends: [{se_attn: {top_k: -1}}]\n", "top_k"),
-    ("name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n", "chunk_size exceeds finetune.context"),
+    ("name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n", r"needs finetune.context >= 4096 \(it is 2048\)"),
     ("name: x\nmetrics: {ruler: {tasks: [niah_singel_1]}}\n", "niah_single_1"),
     ("name: x\nmetrics: {}\n", "nothing to measure"),
 ])

@@ -5,8 +5,8 @@
     with recording() as kernels: model(ids)                                    # {"se_attn via blockwise"}
     available()                                                               # backends, options, kernels
 
-Options are validated (UserError naming the option and its allowed range); see options.py for each
-backend's exact definition and reference.py for its pattern as an explicit mask.
+Options are validated (UserError naming the option and its allowed range); each backend is one
+Spec in backends/ (its definition, options, reference mask and kernels); reference.py holds the masks.
 """
 
 from functools import lru_cache
@@ -14,8 +14,9 @@ from functools import lru_cache
 import torch
 
 from .backend import Backend
+from .backends import SPECS
 from .hf import implementation_name, register, registered_backend
-from .options import ALIASES, ALLOWED, SPECS, resolve
+from .options import ALIASES, COMMON, COMMON_ALLOWED, resolve
 from .recording import kernel_log, recording
 
 __all__ = ["Backend", "attend", "available", "implementation_name", "kernel_log", "recording", "register",
@@ -26,12 +27,17 @@ def available() -> dict:
     """{backend: {description, options: {name: {default, allowed}}, kernels, capabilities}} (aliases included)."""
     out = {}
     for name, spec in SPECS.items():
-        opts = {**spec.defaults, "kernel": "auto", "fallback": False}
+        allowed = {**spec.allowed, **COMMON_ALLOWED}
         out[name] = {
             "description": spec.description,
-            "options": {k: {"default": v, "allowed": ALLOWED[k]} for k, v in opts.items()},
+            "options": {k: {"default": v, "allowed": allowed[k]} for k, v in {**spec.defaults, **COMMON}.items()},
             "kernels": ["auto", "reference", *spec.kernels],
-            "capabilities": dict(spec.capabilities),
+            "capabilities": {
+                "training": True, "prefill": True, "gqa": True,
+                "decode": "q_len < k_len (KV cache): full causal attention aligned to the last key, "
+                          "reported '(decode)'",
+                "padding_mask": True if spec.padding_mask else "decode only; a padding mask at prefill is an error",
+                **spec.capabilities},
         }
     for alias, (target, fixed) in ALIASES.items():
         options = {k: {**v, "default": fixed.get(k, v["default"])} for k, v in out[target]["options"].items()}

@@ -18,20 +18,14 @@ import torch
 
 from ..errors import UserError
 from . import blockwise, gpu, recording
-from .options import resolve
-from .reference import causal_mask, dense_attention, reference_attention
-
-_AUTO = {  # preference order per backend on CUDA; the last entry runs everywhere
-    "full": ("flash", "sdpa"),
-    "sliding_window": ("flash", "flex", "blockwise"),
-    "s2_attn": ("flash", "blockwise"),
-    "se_attn": ("blockwise",),  # flex is opt-in for se_attn: it rebuilds a block mask every call
-}
+from .options import resolve, spec
+from .reference import causal_mask, dense_attention
 
 
 class Backend:
     def __init__(self, name: str, **options):
         self.name, self.options = resolve(name, options)
+        self.spec = spec(self.name)
         self._generator = torch.Generator().manual_seed(self.options.get("seed", 0))
         self._seeds: dict[int, deque] = {}
 
@@ -53,24 +47,21 @@ class Backend:
                 raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} is not available here "
                                 f"(device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + fp16/bf16, "
                                 "flex needs CUDA); pass fallback=True to allow the automatic choice")
-        return next(k for k in _AUTO[self.name] if ok(k))
+        return next(k for k in self.spec.auto if ok(k))
 
     def plan(self, training: bool, module=None) -> dict:
-        """Per-call choices: chunk size and the seed of random retrieval."""
-        if self.name != "se_attn":
+        """Per-call choices (se_attn: chunk size and the seed of random retrieval)."""
+        if self.spec.plan is None:
             return {}
-        sizes = self.options["chunk_size"]
-        sizes = (sizes,) if isinstance(sizes, int) else sizes
         if not training:
-            return {"chunk_size": max(sizes), "call_seed": self.options["seed"]}
+            return self.spec.plan(self.options, self.options.get("seed", 0), False)
         stack = self._seeds.setdefault(id(module), deque(maxlen=256))
         if torch._C._current_graph_task_id() != -1 and stack:  # recomputation inside backward
             call_seed = stack.pop()
         else:
             call_seed = int(torch.randint(0, 2**62, (), generator=self._generator))
             stack.append(call_seed)
-        pick = torch.Generator().manual_seed(call_seed)
-        return {"chunk_size": sizes[int(torch.randint(0, len(sizes), (), generator=pick))], "call_seed": call_seed}
+        return self.spec.plan(self.options, call_seed, True)
 
     def __call__(self, q, k, v, scale=None, mask=None, training=False, module=None):
         """q (B, Hq, Lq, d), k/v (B, Hkv, Lk, d), Lq <= Lk; returns ((B, Hq, Lq, d), kernel string)."""
@@ -83,7 +74,7 @@ class Backend:
             mask = mask == 0  # additive float mask: 0 where attending
         if q.shape[2] < k.shape[2]:
             return blockwise.full_sdpa(q, k, v, scale, mask), recording.record("full via sdpa (decode)")
-        if mask is not None and self.name != "full":
+        if mask is not None and not self.spec.padding_mask:
             causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
             if not bool((mask | ~causal).all()):
                 raise UserError(f"attention backend {self.name!r} got a padding attention mask; it supports "
@@ -94,20 +85,8 @@ class Backend:
         return out, recording.record(f"{self.name} via {kernel}")
 
     def _run(self, kernel, q, k, v, scale, mask, plan):
-        o, name = self.options, self.name
         if kernel == "reference":
-            if mask is not None:  # only `full` gets here with a mask
+            if mask is not None:  # only a backend that takes padding masks gets here with one
                 return dense_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device) & mask, scale)
-            return reference_attention(name, q, k, v, scale, o, plan)
-        if name == "full":
-            return gpu.full_flash(q, k, v, scale) if kernel == "flash" else blockwise.full_sdpa(q, k, v, scale, mask)
-        if name == "sliding_window":
-            fn = {"flash": gpu.sliding_window_flash, "flex": gpu.sliding_window_flex}.get(kernel,
-                                                                                        blockwise.sliding_window)
-            return fn(q, k, v, scale, o["window"])
-        if name == "s2_attn":
-            fn = gpu.s2_attn_flash if kernel == "flash" else blockwise.s2_attn
-            return fn(q, k, v, scale, o["group_ratio"])
-        fn = gpu.se_attn_flex if kernel == "flex" else blockwise.se_attn
-        return fn(q, k, v, scale, plan["chunk_size"], o["block_size"], o["top_k"], o["retrieval"], o["per_head"],
-                  plan["call_seed"])
+            return dense_attention(q, k, v, self.spec.mask(q, k, v, scale, self.options, plan), scale)
+        return self.spec.kernels[kernel](q, k, v, scale, self.options, plan, mask)

@@ -104,21 +104,3 @@ def se_attn_mask(retrieved: torch.Tensor, length: int, chunk_size: int, block_si
     # retrieved[b, h, chunk_of[query], block_of[key]] for every (query, key) pair
     seen = retrieved[:, :, chunk_of][:, :, :, block_of]
     return own | seen
-
-
-def reference_mask(backend: str, q, k, v, scale, opts: dict, plan: dict) -> torch.Tensor:
-    """The boolean mask of `backend` for q_len == k_len; `plan` holds per-call choices (chunk size, seed)."""
-    length = q.shape[2]
-    if backend == "full":
-        return causal_mask(length, length, q.device)
-    if backend == "sliding_window":
-        return sliding_window_mask(length, opts["window"], q.device)
-    if backend == "s2_attn":
-        return s2_mask(length, q.shape[1], opts["group_ratio"], q.device)
-    retrieved = se_attn_retrieval(q, k, v, scale, plan["chunk_size"], opts["block_size"], opts["top_k"],
-                                  opts["retrieval"], opts["per_head"], plan["call_seed"])
-    return se_attn_mask(retrieved, length, plan["chunk_size"], opts["block_size"])
-
-
-def reference_attention(backend: str, q, k, v, scale, opts: dict, plan: dict) -> torch.Tensor:
-    return dense_attention(q, k, v, reference_mask(backend, q, k, v, scale, opts, plan), scale)

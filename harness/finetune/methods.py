@@ -43,6 +43,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from harness.attention.options import spec
 from harness.errors import UserError
 
 METHODS = ("lora", "lora_plus", "hylora", "full")
@@ -69,8 +70,8 @@ EXTRA_FILE = "trainable_params.safetensors"
 
 
 def default_lr(backend: str) -> float:
-    """The paper's fine-tuning LR (appendix G): LongLoRA's 2e-5 for S2-Attn, 2e-4 for every other attention."""
-    return 2e-5 if backend == "s2_attn" else 2e-4
+    """The paper's fine-tuning LR with `backend` (appendix G; each backend's Spec holds it)."""
+    return spec(backend).lr
 
 
 @dataclass
