@@ -17,7 +17,7 @@ class Spec:
     name: str
     description: str
     defaults: dict  # option -> default (beyond the common `kernel` and `fallback`)
-    allowed: dict  # option -> its allowed range, in words (errors and `harness backends` show it)
+    allowed: dict  # option -> its allowed range, in words (errors and `harness list` show it)
     validate: Callable[[dict], dict]  # complete options -> normalised options; raises UserError (see `bad`)
     mask: Callable  # (q, k, v, scale, opts, plan) -> bool (B|1, Hq|1, L, L), True = may attend
     kernels: dict  # kernel name -> fn(q, k, v, scale, opts, plan, mask); mask is None unless padding_mask

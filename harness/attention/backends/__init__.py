@@ -1,4 +1,4 @@
-"""The registered attention backends, in the order `harness backends` lists them. Add one: a module here
+"""The registered attention backends, in the order `harness list` lists them. Add one: a module here
 with a `SPEC` (see ../spec.py), listed below."""
 
 from ..spec import Spec
