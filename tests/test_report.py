@@ -152,6 +152,21 @@ def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h", ft_
     return asdict(cell_record("smoke", cell, status=status, error="killed"))
 
 
+def test_pivot_places_values_failures_and_gaps():
+    from harness.report.common import Pivot
+
+    recs = [asdict(ppl_record("pretrained", "none", 2048, 30.0)), asdict(ppl_record("pretrained", "none", 2048, 32.0)),
+            asdict(ppl_record("pretrained", "none", 4096, None, status="oom")),
+            asdict(ppl_record("finetuned", "lora", 4096, 20.0, ft_ctx=2048))]
+    recs[1]["cell"] += "-seed1"
+    pv = Pivot(recs, lambda r: r["values"].get("perplexity"))
+    pre, fine = pv.rows  # pretrained first
+    assert pv.columns == [2048, 4096] and pv.mean(pre, 2048) == 31.0 and pv.mean(pre, 4096) is None
+    assert pv.failures(pre) == [(4096, "oom")] and pv.failures(fine) == [] and pv.measured(fine) == [4096]
+    shown = [pv.cell(k, c, lambda k, c: {"text": str(pv.mean(k, c))})["text"] for k in pv.rows for c in pv.columns]
+    assert shown == ["31.0", "OOM", "–", "20.0"]
+
+
 def test_the_current_record_per_cell_wins():
     old = asdict(ppl_record("pretrained", "none", 2048, None, status="oom", error="first try"))
     new = asdict(ppl_record("pretrained", "none", 2048, 31.25))

@@ -22,6 +22,7 @@ works on shallow copies and never changes the caller's records.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -180,6 +181,62 @@ def variant_names(recs: Iterable[dict], label: Callable[[dict], str]) -> dict[Va
 
 def ok(r: dict) -> bool:
     return r.get("status", "ok") == "ok"
+
+
+def length(r: dict) -> int:
+    return int(r["eval_context"])
+
+
+class Pivot:
+    """Records laid out as rows x columns (by default variant x evaluation length): per place, the ok records
+    whose ``value`` is a number (several: seeds, shown as their mean) and the failure, if any. Every section
+    builds its tables and plots from one, so a place is ok, failed or missing by the same rule everywhere."""
+
+    def __init__(self, recs: Iterable[dict], value: Callable[[dict], Any], *, row: Callable[[dict], Any] = variant_key,
+                 column: Callable[[dict], Any] = length, order: Callable[[Any], Any] | None = variant_sort):
+        self._value = value
+        good: dict[Any, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
+        failed: dict[Any, dict[Any, dict]] = defaultdict(dict)
+        for r in recs:
+            k, c = row(r), column(r)
+            if not ok(r):
+                failed[k][c] = r
+            elif number(value(r)):
+                good[k][c].append(r)
+        self.good = {k: dict(by) for k, by in good.items()}
+        self.failed = {k: dict(by) for k, by in failed.items()}
+        self.rows = sorted(set(self.good) | set(self.failed), key=order)
+        self.columns = sorted({c for by in (*self.good.values(), *self.failed.values()) for c in by})
+
+    def records(self, k: Any, c: Any) -> list[dict]:
+        return self.good.get(k, {}).get(c, [])
+
+    def values(self, k: Any, c: Any) -> list[float]:
+        return [float(self._value(r)) for r in self.records(k, c)]
+
+    def mean(self, k: Any, c: Any) -> float | None:
+        vals = self.values(k, c)
+        return sum(vals) / len(vals) if vals else None
+
+    def failure(self, k: Any, c: Any) -> dict | None:
+        return self.failed.get(k, {}).get(c)
+
+    def measured(self, k: Any) -> list[Any]:
+        """The columns of row ``k`` with a value, in order."""
+        return sorted(self.good.get(k, {}))
+
+    def failures(self, k: Any) -> list[tuple[Any, str]]:
+        """(column, status) of row ``k``'s failures where it has no value: the ✕ marks of a plot."""
+        return [(c, str(r.get("status", "error"))) for c, r in sorted(self.failed.get(k, {}).items())
+                if c not in self.good.get(k, {})]
+
+    def cell(self, k: Any, c: Any, show: Callable[[Any, Any], dict]) -> dict:
+        """``show(k, c)`` where there are values, else the failure's status, else a dash."""
+        if self.records(k, c):
+            return show(k, c)
+        if c in self.failed.get(k, {}):
+            return fail_cell(self.failed[k][c])
+        return cell("–", cls="missing")
 
 
 def backend_name(label: str) -> str:

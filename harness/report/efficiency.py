@@ -8,18 +8,16 @@ Records: ``metric == "efficiency"``, ``backend`` (label), ``eval_context`` (the 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 
 from harness.report import plots
 from harness.report.common import (
     Block,
+    Pivot,
     Section,
     cell,
-    fail_cell,
     fmt_float,
     length_column,
     number,
-    ok,
     paragraph,
     run_index,
     table,
@@ -40,17 +38,10 @@ def efficiency_section(records: list[dict]) -> Section | None:
     recs = [r for r in records if r.get("metric") == "efficiency" and r.get("eval_context")]
     if not recs:
         return None
-    keys = sorted({(run_index(r), str(r.get("run") or ""), str(r.get("backend") or "?")) for r in recs})
+    pv = Pivot(recs, lambda r: (r.get("values") or {}).get("time_ms"), order=None,
+               row=lambda r: (run_index(r), str(r.get("run") or ""), str(r.get("backend") or "?")))
+    keys, lengths = pv.rows, pv.columns
     names = {k: (f"[{k[1]}] {k[2]}" if k[1] else k[2]) for k in keys}
-    lengths = sorted({int(r["eval_context"]) for r in recs})
-    good: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    failed: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for r in recs:
-        k = (run_index(r), str(r.get("run") or ""), str(r.get("backend") or "?"))
-        if ok(r) and number((r.get("values") or {}).get("time_ms")):
-            good[k][int(r["eval_context"])].append(r)
-        elif not ok(r):
-            failed[k][int(r["eval_context"])] = r
 
     def med(rs: list[dict], field: str) -> float | None:
         vals = [r["values"][field] for r in rs if number((r.get("values") or {}).get(field))]
@@ -59,12 +50,9 @@ def efficiency_section(records: list[dict]) -> Section | None:
     def series(field: str) -> list[plots.Series]:
         out = []
         for k in keys:
-            xs = [n for n in sorted(good[k]) if med(good[k][n], field) is not None]
-            out.append(plots.Series(
-                label=names[k], x=xs, y=[med(good[k][n], field) for n in xs],
-                failed=[(n, str(failed[k][n].get("status", "error"))) for n in sorted(failed[k])
-                        if n not in good[k]],
-                linestyle=("-", "--", ":", "-.")[k[0] % 4]))
+            xs = [n for n in pv.measured(k) if med(pv.records(k, n), field) is not None]
+            out.append(plots.Series(label=names[k], x=xs, y=[med(pv.records(k, n), field) for n in xs],
+                                    failed=pv.failures(k), linestyle=("-", "--", ":", "-.")[k[0] % 4]))
         return out
 
     devices = sorted({d for r in recs if (d := _device(r))})
@@ -78,30 +66,25 @@ def efficiency_section(records: list[dict]) -> Section | None:
     blocks.append({"type": "figure", "src": plots.line_vs_length(series("time_ms"), ylabel="time (ms, log scale)"),
                    "alt": "attention time vs length",
                    "caption": "Median forward+backward time; ✕ at the top: the cell failed (status next to it)."})
-    has_memory = any(med(rs, "peak_memory_gib") is not None for k in keys for rs in good[k].values())
+    has_memory = any(med(pv.records(k, n), "peak_memory_gib") is not None for k in keys for n in lengths)
     if has_memory:
         blocks.append({"type": "figure", "alt": "attention peak memory vs length",
                        "src": plots.line_vs_length(series("peak_memory_gib"), ylabel="peak memory (GiB, log scale)"),
                        "caption": "CUDA allocator peak during one forward+backward."})
     else:
         blocks.append(paragraph("No peak-memory values: memory is measured on CUDA only."))
-    rows = []
-    for k in keys:
-        row = [cell(names[k], cls="label mono")]
-        for n in lengths:
-            if good[k].get(n):
-                t, m = med(good[k][n], "time_ms"), med(good[k][n], "peak_memory_gib")
-                times = [x for r in good[k][n] for x in (r["values"].get("times_ms") or [])]
-                spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
-                row.append(cell(fmt_float(t, 2 if t < 100 else 1), title=spread,
-                                note=f"{m:.2f} GiB" if m is not None else ""))
-            elif n in failed[k]:
-                row.append(fail_cell(failed[k][n]))
-            else:
-                row.append(cell("–", cls="missing"))
-        kernels = sorted({str(r.get("kernel")) for rs in good[k].values() for r in rs if r.get("kernel")})
-        row.append(cell("; ".join(kernels) or "–", cls="mono small left"))
-        rows.append(row)
+
+    def show(k: tuple, n: int) -> dict:
+        t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
+        times = [x for r in pv.records(k, n) for x in (r["values"].get("times_ms") or [])]
+        spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
+        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{m:.2f} GiB" if m is not None else "")
+
+    def kernels(k: tuple) -> dict:
+        ran = sorted({str(r.get("kernel")) for n in pv.measured(k) for r in pv.records(k, n) if r.get("kernel")})
+        return cell("; ".join(ran) or "–", cls="mono small left")
+
+    rows = [[cell(names[k], cls="label mono"), *(pv.cell(k, n, show) for n in lengths), kernels(k)] for k in keys]
     blocks.append(table(["backend"] + [length_column(n) for n in lengths] + ["kernel"], rows,
                         caption="Median time (ms) per length" + (", peak memory under it" if has_memory else "")
                                 + "; hover a time for the spread of the repeats."))

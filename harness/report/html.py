@@ -23,6 +23,7 @@ from pathlib import Path
 from harness.report import plots
 from harness.report.common import (  # noqa: F401 - re-exported: the report's helpers live in common
     Block,
+    Pivot,
     Section,
     VariantKey,
     cell,
@@ -118,28 +119,12 @@ def perplexity_section(records: list[dict]) -> Section | None:
 
 def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, proto: str) -> list[Block]:
     names = variant_names(recs, label)
-    keys = list(names)
-    contexts = sorted({int(r["eval_context"]) for r in recs})
-    ok: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    failed: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for r in recs:
-        k, c = variant_key(r), int(r["eval_context"])
-        if _ok(r) and isinstance((r.get("values") or {}).get("perplexity"), (int, float)):
-            ok[k][c].append(r)
-        elif not _ok(r):
-            failed[k][c] = r
-
-    def mean_ppl(rs: list[dict]) -> float:
-        return sum(r["values"]["perplexity"] for r in rs) / len(rs)
+    pv = Pivot(recs, lambda r: (r.get("values") or {}).get("perplexity"))
+    keys, contexts = pv.rows, pv.columns
 
     # plot
-    series = []
-    for k in keys:
-        xs = sorted(ok[k])
-        series.append(plots.Series(
-            label=names[k], x=xs, y=[mean_ppl(ok[k][c]) for c in xs],
-            failed=[(c, failed[k][c].get("status", "error")) for c in sorted(failed[k]) if c not in ok[k]],
-        ))
+    series = [plots.Series(label=names[k], x=pv.measured(k), y=[pv.mean(k, c) for c in pv.measured(k)],
+                           failed=pv.failures(k)) for k in keys]
     vlines = []
     pre = sorted({int(s["pretrain_context"]) for r in recs
                   if (s := r.get("settings") or {}).get("pretrain_context")})
@@ -150,31 +135,23 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
     src = plots.perplexity_vs_context(series, vlines)
 
     # table
-    best = {c: min((mean_ppl(ok[k][c]) for k in keys if ok[k].get(c)), default=None) for c in contexts}
-    rows = []
-    for k in keys:
-        row = [cell(names[k], cls="label")]
-        for c in contexts:
-            if ok[k].get(c):
-                v = mean_ppl(ok[k][c])
-                n = len(ok[k][c])
-                row.append(cell(fmt_float(v), bold=v == best[c], title=f"mean of {n} records" if n > 1 else ""))
-            elif c in failed[k]:
-                r = failed[k][c]
-                row.append(cell(str(r.get("status", "error")).upper(), cls="fail", title=r.get("error") or ""))
-            else:
-                row.append(cell("–", cls="missing"))
-        rows.append(row)
+    best = {c: min((v for k in keys if (v := pv.mean(k, c)) is not None), default=None) for c in contexts}
+
+    def show(k: VariantKey, c: int) -> dict:
+        v, n = pv.mean(k, c), len(pv.values(k, c))
+        return cell(fmt_float(v), bold=v == best[c], title=f"mean of {n} records" if n > 1 else "")
+
+    rows = [[cell(names[k], cls="label")] + [pv.cell(k, c, show) for c in contexts] for k in keys]
     scored_row = [cell("tokens scored", cls="label foot")]
     windows_note = False
     for c in contexts:
-        vals = sorted({r["values"].get("tokens_scored") for k in keys for r in ok[k].get(c, [])} - {None})
+        vals = sorted({r["values"].get("tokens_scored") for k in keys for r in pv.records(k, c)} - {None})
         text = fmt_int(vals[0]) if len(vals) == 1 else (f"{fmt_int(vals[0])}–{fmt_int(vals[-1])}" if vals else "–")
         scored_row.append(cell(text, cls="foot"))
         windows_note |= any(r["values"].get("windows_total", 0) > r["values"].get("windows", 0)
-                            for k in keys for r in ok[k].get(c, []))
+                            for k in keys for r in pv.records(k, c))
     rows.append(scored_row)
-    columns = ["variant"] + [f"{plots.tokens_label(c)} ({c})" if c >= 1024 else str(c) for c in contexts]
+    columns = ["variant"] + [length_column(c) for c in contexts]
     text = (f"Perplexity on {ds}, protocol {proto}, by evaluation context length (tokens). "
             "Lower is better; the best value of each column is in bold; failed cells show their status.")
     if windows_note:

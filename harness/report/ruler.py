@@ -26,6 +26,7 @@ from collections import defaultdict
 from harness.report import plots
 from harness.report.common import (
     Block,
+    Pivot,
     Section,
     VariantKey,
     callouts,
@@ -34,12 +35,9 @@ from harness.report.common import (
     heading,
     labeller,
     length_column,
-    ok,
     paragraph,
     table,
-    variant_key,
     variant_names,
-    variant_sort,
 )
 
 CHANCE_PCT = 5.0
@@ -57,32 +55,22 @@ def base_of(k: VariantKey) -> VariantKey:
     return VariantKey(k.run_index, k.run, k.model, "pretrained", "none", "", None, "")
 
 
-class RulerTable:
-    """Mean accuracy per (variant, task, length), failures, and the chance gate."""
+class RulerTable(Pivot):
+    """Mean accuracy per (variant, (task, length)), failures, and the chance gate."""
 
     def __init__(self, recs: list[dict]):
-        self.acc: dict[VariantKey, dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.failed: dict[VariantKey, dict[tuple[str, int], dict]] = defaultdict(dict)
-        self.samples: set[int] = set()
-        for r in recs:
-            k, tn = variant_key(r), (str(r["settings"]["task"]), int(r["eval_context"]))
-            acc = (r.get("values") or {}).get("accuracy")
-            if ok(r) and isinstance(acc, (int, float)):
-                self.acc[k][tn].append(float(acc))
-                if (r.get("values") or {}).get("samples"):
-                    self.samples.add(int(r["values"]["samples"]))
-            elif not ok(r):
-                self.failed[k][tn] = r
-        self.keys = sorted(set(self.acc) | set(self.failed), key=variant_sort)
-        self.tasks = _task_order({t for k in self.keys for t, _ in (*self.acc[k], *self.failed[k])})
-        self.lengths = sorted({n for k in self.keys for _, n in (*self.acc[k], *self.failed[k])})
+        super().__init__(recs, lambda r: (r.get("values") or {}).get("accuracy"),
+                         column=lambda r: (str(r["settings"]["task"]), int(r["eval_context"])))
+        self.samples = {int(r["values"]["samples"]) for by in self.good.values() for rs in by.values() for r in rs
+                        if r["values"].get("samples")}
+        self.tasks = _task_order({t for t, _ in self.columns})
+        self.lengths = sorted({n for _, n in self.columns})
 
     def value(self, k: VariantKey, task: str, n: int) -> float | None:
-        vals = self.acc.get(k, {}).get((task, n))
-        return sum(vals) / len(vals) if vals else None
+        return self.mean(k, (task, n))
 
     def has_base(self, k: VariantKey) -> bool:
-        return base_of(k) in self.acc
+        return base_of(k) in self.good
 
     def at_chance(self, k: VariantKey, task: str, n: int) -> bool:
         """The base model of ``k`` scores at most CHANCE_PCT on (task, n)."""
@@ -120,7 +108,7 @@ def ruler_section(records: list[dict]) -> Section | None:
     notes = [f"Essay haystack replaced by book text ({d}) in "
              f"{sum((r.get('values') or {}).get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
-    finetuned = [k for k in tab.keys if k.stage != "pretrained"]
+    finetuned = [k for k in tab.rows if k.stage != "pretrained"]
     if finetuned and not any(tab.has_base(k) for k in finetuned):
         notes.append("No RULER records of the pretrained model: the chance gate cannot be applied, so "
                      "comparisons between fine-tuning methods are shown without it.")
@@ -137,9 +125,9 @@ def ruler_section(records: list[dict]) -> Section | None:
 
     blocks.append(heading("Accuracy by task and length"))
     items = []
-    for k in tab.keys:
+    for k in tab.rows:
         vals = [[tab.value(k, t, n) for n in tab.lengths] for t in tab.tasks]
-        texts = [[str(tab.failed[k][(t, n)].get("status", "error")).upper() if (t, n) in tab.failed[k] else "–"
+        texts = [[str(f.get("status", "error")).upper() if (f := tab.failure(k, (t, n))) else "–"
                   for n in tab.lengths] for t in tab.tasks]
         hatched = [[tab.uninformative(k, t, n) for n in tab.lengths] for t in tab.tasks]
         items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched),
@@ -182,15 +170,15 @@ def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: dict | N
 def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
     from harness.data.ruler.tasks import GROUPS
 
-    scores = {(k, n): tab.groups(k, n) for k in tab.keys for n in tab.lengths}
+    scores = {(k, n): tab.groups(k, n) for k in tab.rows for n in tab.lengths}
     groups = [g for g in GROUPS if any(g in s for s in scores.values())]
     rows = []
     for g in groups:
         gated = {(k, n): k.stage != "pretrained" and all(tab.uninformative(k, t, n) for t in GROUPS[g])
-                 for k in tab.keys for n in tab.lengths}
-        best = {n: _best(tab, {k: scores[(k, n)].get(g) for k in tab.keys}, {k: gated[(k, n)] for k in tab.keys})
+                 for k in tab.rows for n in tab.lengths}
+        best = {n: _best(tab, {k: scores[(k, n)].get(g) for k in tab.rows}, {k: gated[(k, n)] for k in tab.rows})
                 for n in tab.lengths}
-        for i, k in enumerate(tab.keys):
+        for i, k in enumerate(tab.rows):
             row = [cell(g if i == 0 else "", cls="label group"), cell(names[k], cls="label")]
             for n in tab.lengths:
                 v = scores[(k, n)].get(g)
@@ -215,14 +203,14 @@ def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
 def _task_table(tab: RulerTable, names: dict[VariantKey, str], n: int) -> Block:
     rows = []
     for t in tab.tasks:
-        values = {k: tab.value(k, t, n) for k in tab.keys}
-        gated = {k: tab.uninformative(k, t, n) for k in tab.keys}
+        values = {k: tab.value(k, t, n) for k in tab.rows}
+        gated = {k: tab.uninformative(k, t, n) for k in tab.rows}
         best = _best(tab, values, gated)
         row = [cell(t, cls="label mono")]
-        for k in tab.keys:
-            row.append(_value_cell(values[k], k, tab, tab.failed[k].get((t, n)), gated[k], k in best))
+        for k in tab.rows:
+            row.append(_value_cell(values[k], k, tab, tab.failure(k, (t, n)), gated[k], k in best))
         rows.append(row)
-    tbl = table(["task"] + [names[k] for k in tab.keys], rows,
+    tbl = table(["task"] + [names[k] for k in tab.rows], rows,
                 caption=f"RULER accuracy (%) at {length_column(n)} tokens. Bold: best fine-tuned variant of the "
                         "row, where the base model is not at chance.")
     tbl["cls"] = "wrap-headers"

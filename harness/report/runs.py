@@ -15,6 +15,7 @@ from collections import defaultdict
 from harness.report import plots
 from harness.report.common import (
     Block,
+    Pivot,
     Section,
     VariantKey,
     cell,
@@ -68,25 +69,13 @@ def _base_variant(k: VariantKey) -> VariantKey:
 
 
 def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
-    points: dict[VariantKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    failed: dict[VariantKey, dict[int, str]] = defaultdict(dict)
-    for r in recs:
-        k, n = variant_key(r), int(r["eval_context"])
-        if not ok(r):
-            failed[k][n] = str(r.get("status"))
-            continue
-        v = (r.get("values") or {}).get("perplexity" if metric == "perplexity" else "accuracy")
-        if isinstance(v, (int, float)):
-            points[k][n].append(float(v))
-    keys = sorted(set(points) | set(failed), key=variant_sort)
-    colours = {b: plots.color(i) for i, b in enumerate(dict.fromkeys(_base_variant(k) for k in keys))}
-    series = []
-    for k in keys:
-        xs = sorted(points[k])
-        series.append(plots.Series(
-            label=variant_label(k, show_model), x=xs, y=[sum(points[k][n]) / len(points[k][n]) for n in xs],
-            failed=[(n, s) for n, s in sorted(failed[k].items()) if n not in points[k]] if metric == "perplexity"
-            else [], color=colours[_base_variant(k)], linestyle=LINESTYLES[k.run_index % 4]))
+    field = "perplexity" if metric == "perplexity" else "accuracy"
+    pv = Pivot(recs, lambda r: (r.get("values") or {}).get(field))
+    colours = {b: plots.color(i) for i, b in enumerate(dict.fromkeys(_base_variant(k) for k in pv.rows))}
+    series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
+                           y=[pv.mean(k, n) for n in pv.measured(k)],
+                           failed=pv.failures(k) if metric == "perplexity" else [],
+                           color=colours[_base_variant(k)], linestyle=LINESTYLES[k.run_index % 4]) for k in pv.rows]
     if metric == "perplexity":
         src = plots.perplexity_vs_context(series)
         caption = "Mean perplexity per (run, variant)."
