@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from harness.errors import UserError
@@ -90,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             runs = [Path(d).name or str(d) for d in args.dirs]
             if len(set(runs)) != len(runs):
                 runs = [str(d) for d in args.dirs]
-            records = [{**r, "run": run} for d, run in zip(args.dirs, runs, strict=True) for r in results.load(d)]
+            records = [replace(r, run=run) for d, run in zip(args.dirs, runs, strict=True) for r in results.load(d)]
             out = args.out or "reports/compare"
         path = render_report(records, out, title=f"Results: {', '.join(args.dirs)}", runs=runs)
         print(f"report: {Path(path).resolve()}")

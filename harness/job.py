@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,38 +36,37 @@ def run_job(spec: dict) -> None:
         try:
             with recording() as kernels:
                 if cell["metric"] == "pretrain":
-                    _pretrain(rec, ctx)
+                    rec = _pretrain(rec, ctx)
                 else:
                     metric = get(cell["metric"])
-                    _fill(rec, metric.measure(ctx, cell, getattr(suite.metrics, metric.name, None)))
-            rec.kernel = rec.kernel or ", ".join(sorted(kernels))
+                    rec = _fill(rec, metric.measure(ctx, cell, getattr(suite.metrics, metric.name, None)))
+            rec = replace(rec, kernel=rec.kernel or ", ".join(sorted(kernels)))
         except torch.OutOfMemoryError as e:
-            rec.status, rec.error = "oom", str(e).splitlines()[0]
+            rec = replace(rec, status="oom", error=str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - one cell's failure is a recorded result, not the end of the job
             traceback.print_exc()
-            rec.status, rec.error = "error", f"{type(e).__name__}: {e}"
-        rec.seconds = rec.seconds or round(time.perf_counter() - t0, 2)
+            rec = replace(rec, status="error", error=f"{type(e).__name__}: {e}")
+        rec = replace(rec, seconds=rec.seconds or round(time.perf_counter() - t0, 2))
         results.append(out, rec)
         shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
                                                                "tokens_per_s")}
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
 
 
-def _fill(rec: results.Record, m: Measurement) -> None:
+def _fill(rec: results.Record, m: Measurement) -> results.Record:
     """A measurement into the cell's record: what the cell said of itself (its task and evaluation attention in
     `settings`, its model preset) stays unless the measurement says more."""
-    rec.values, rec.units, rec.dataset = m.values, m.units, m.dataset
-    rec.settings, rec.model = {**rec.settings, **m.settings}, m.model or rec.model
-    rec.kernel, rec.seconds = m.kernel, m.seconds or 0.0
+    return replace(rec, values=m.values, units=m.units, dataset=m.dataset, settings={**rec.settings, **m.settings},
+                   model=m.model or rec.model, kernel=m.kernel, seconds=m.seconds or 0.0)
 
 
-def _pretrain(rec: results.Record, ctx: Context) -> None:
+def _pretrain(rec: results.Record, ctx: Context) -> results.Record:
     from harness.artefacts import pretrained
 
     _, info = pretrained(ctx.suite, ctx.spec["model"], ctx.seed)
-    rec.model, rec.values = info, info.pop("train")
-    rec.units = {"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"}
-    rec.settings = ctx.suite.pretrain.model_dump()
+    values = info.pop("train")
+    return replace(rec, model=info, values=values, units={"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"},
+                   settings=ctx.suite.pretrain.model_dump())
 
 
 class Context:

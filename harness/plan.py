@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from harness import cache, provenance
 from harness.cells import Cell, Variant
 from harness.metrics.base import builtin
+from harness.results import Record
 from harness.suite import Backend, Suite
 
 
@@ -90,16 +91,16 @@ STALE = {"changed": "with changed settings (measured again)",
          "failed": "failed (measured again: --retry-failed)"}
 
 
-def cell_state(cell: dict, current: dict | None, retry_failed: bool = False) -> str:
+def cell_state(cell: dict, current: Record | None, retry_failed: bool = False) -> str:
     """"done" if the cell's current record was measured with its settings (config hash) by the same code
     (fingerprint) and worked (or failed, without `retry_failed`); else why it is to be measured: "todo"
     (never), "changed", "stale", "failed"."""
     if current is None:
         return "todo"
-    if current.get("config_hash") != cell["hash"]:
+    if current.config_hash != cell["hash"]:
         return "changed"
-    if (current.get("code") or {}).get("fingerprint") != cell["code"]:
+    if current.code.get("fingerprint") != cell["code"]:
         return "stale"
-    return "failed" if retry_failed and current.get("status") != "ok" else "done"
+    return "failed" if retry_failed and current.status != "ok" else "done"
 
 

@@ -6,8 +6,8 @@ protocol, the code that computed it), where (environment) and whether it worked 
 
 `results.jsonl` is append-only: a cell measured again gets a new record, and :func:`current` keeps
 the last one per cell, the rule that the runner, the report and `harness compare` all apply.
-Schema 2 added `variant`, `code` and `eval-finetune/` cell ids (harness.cells); :func:`load`
-migrates schema-1 records.
+:func:`load` returns `Record`s (frozen: `dataclasses.replace` makes a changed copy). Schema 2 added
+`variant`, `code` and `eval-finetune/` cell ids (harness.cells); :func:`load` migrates schema-1 records.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ STATUSES = ("ok", "oom", "timeout", "error")
 RESULTS_FILE = "results.jsonl"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Record:
     suite: str
     cell: str  # stable id of the cell within the suite (harness.cells.Cell.id)
@@ -53,13 +53,32 @@ class Record:
     error: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     schema: int = SCHEMA_VERSION
+    # Which results directory the record was read from, when a report reads several (`harness report A B`:
+    # the directory's name and its position, 0 being the base); not stored.
+    run: str = ""
+    run_index: int = 0
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} not in {STATUSES}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The record as stored: every field but `run` and `run_index`."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_STORED}
 
-def cell_record(suite: str, cell: dict, **fields: Any) -> Record:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        unknown = set(d) - _FIELDS
+        if unknown:
+            raise ValueError(f"record {d.get('cell')!r}: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+_FIELDS = {f.name for f in fields(Record)}
+_NOT_STORED = ("run", "run_index")
+
+
+def cell_record(suite: str, cell: dict, **given: Any) -> Record:
     """A cell's record with everything the cell says about itself (its id, variant, length, task, evaluation
     attention, settings hash) and the code that writes it: the job starts every measured record so, and the
     runner writes one so, with `status` and `error`, for a cell whose job process died."""
@@ -72,7 +91,7 @@ def cell_record(suite: str, cell: dict, **fields: Any) -> Record:
         model={"preset": v["model"]} if v else {}, method=v.get("method", "none"),
         backend=v.get("backend") or cell["backend"] or "full", finetune_context=v.get("finetune_context"),
         eval_context=cell["length"], settings=settings, config_hash=cell["hash"], code=code(cell["metric"]),
-        **fields)
+        **given)
 
 
 def environment() -> dict[str, Any]:
@@ -111,12 +130,12 @@ def append(out_dir: str | Path, record: Record) -> None:
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(asdict(record), default=str) + "\n")
+        f.write(json.dumps(record.as_dict(), default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def load(out_dir: str | Path) -> list[dict[str, Any]]:
+def load(out_dir: str | Path) -> list[Record]:
     """All records of a results directory, in append order, at the current schema (a truncated last line
     from a kill is skipped)."""
     path = Path(out_dir) / RESULTS_FILE
@@ -135,7 +154,10 @@ def load(out_dir: str | Path) -> list[dict[str, Any]]:
                 f"{path}: record has schema {rec.get('schema')}, this harness reads 1 to {SCHEMA_VERSION}; "
                 "rerun the suite into a new --out directory"
             )
-        records.append(rec)
+        try:
+            records.append(Record.from_dict(rec))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: {e}; this harness cannot read it (written by another version?)") from None
     return records
 
 
@@ -164,16 +186,15 @@ def _migrate_v1(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def current(records: list[Record]) -> list[Record]:
     """The record that stands for each cell: the last one appended for its (run, cell id), whatever its
-    settings; every earlier one is superseded. `run` is set by `harness report DIR1 DIR2`."""
-    last = {(str(r.get("run") or ""), r.get("cell")): i for i, r in enumerate(records)}
+    settings; every earlier one is superseded."""
+    last = {(r.run, r.cell): i for i, r in enumerate(records)}
     return [records[i] for i in sorted(last.values())]
 
 
-def to_frame(records: list[dict[str, Any]]):
+def to_frame(records: list[Record]):
     """Records as a pandas DataFrame, one row per record, `values` flattened to columns."""
     import pandas as pd
 
-    rows = [{**{k: v for k, v in r.items() if k != "values"}, **r.get("values", {})} for r in records]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{**{k: v for k, v in asdict(r).items() if k != "values"}, **r.values} for r in records])

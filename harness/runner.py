@@ -64,10 +64,10 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     return render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
 
 
-def _current_records(out: Path) -> dict[str, dict]:
+def _current_records(out: Path) -> dict[str, results.Record]:
     if not (out / results.RESULTS_FILE).is_file():
         return {}
-    return {r["cell"]: r for r in results.current(results.load(out))}
+    return {r.cell: r for r in results.current(results.load(out))}
 
 
 def _devices() -> list[str | None]:

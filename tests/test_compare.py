@@ -6,8 +6,8 @@ from harness.report.compare import Thresholds, compare, markdown, mcnemar_exact,
 
 
 def rec(cell, values, status="ok", device="cpu", metric="perplexity", config_hash="h"):
-    return {"cell": cell, "metric": metric, "status": status, "values": values, "config_hash": config_hash,
-            "env": {"device": device, "cpu": "x86_64"}, "error": None}
+    return results.Record(suite="s", cell=cell, metric=metric, status=status, values=values, config_hash=config_hash,
+                          env={"device": device, "cpu": "x86_64"})
 
 
 def verdicts(base, head, **th):

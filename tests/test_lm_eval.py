@@ -170,10 +170,12 @@ def test_bad_lm_eval_field_is_named(tmp_path, field, match):
 
 
 def test_report_tabulates_tasks_by_variant():
+    from harness import results
+
     def rec(stage, method, task, values, status="ok"):
-        return {"metric": "lm_eval", "status": status, "stage": stage, "method": method, "backend": "full",
-                "cell": f"m/seed0/{method}/lm_eval/{task}", "model": {"preset": "m"}, "values": values,
-                "settings": {"task": task, "num_fewshot": 0}}
+        return results.Record(suite="s", metric="lm_eval", status=status, stage=stage, method=method,
+                              cell=f"m/seed0/{method}/lm_eval/{task}", model={"preset": "m"}, values=values,
+                              settings={"task": task, "num_fewshot": 0})
 
     section = lm_eval_section([
         rec("pretrained", "none", "harness_mc", {"acc": 0.5, "acc_stderr": 0.2, "samples": 6}),
@@ -207,10 +209,10 @@ metrics:
     (job,) = [j for j in plan(load_suite(tmp_path / "s.yaml"), "data") if j.kind == "variant"]
     run_job({"suite": str(tmp_path / "s.yaml"), "out": str(tmp_path), **job.spec, "kind": job.kind,
              "cells": job.cells})
-    recs = {r["settings"]["task"]: r for r in results.load(tmp_path)}
-    assert [r["status"] for r in recs.values()] == ["ok", "ok"], [r["error"] for r in recs.values()]
-    assert recs["harness_mc"]["values"]["samples"] == ROWS["harness_mc"] and recs["harness_mc"]["stage"] == "pretrained"
-    assert recs["harness_mc"]["settings"]["max_length"] == 2048 and recs["harness_mc"]["kernel"] == "full via sdpa"
-    assert (tmp_path / recs["harness_gen"]["settings"]["samples_file"]).read_text().count("\n") == ROWS["harness_gen"]
+    recs = {r.settings["task"]: r for r in results.load(tmp_path)}
+    assert [r.status for r in recs.values()] == ["ok", "ok"], [r.error for r in recs.values()]
+    assert recs["harness_mc"].values["samples"] == ROWS["harness_mc"] and recs["harness_mc"].stage == "pretrained"
+    assert recs["harness_mc"].settings["max_length"] == 2048 and recs["harness_mc"].kernel == "full via sdpa"
+    assert (tmp_path / recs["harness_gen"].settings["samples_file"]).read_text().count("\n") == ROWS["harness_gen"]
     html = render_html(list(recs.values()), title="t")
     assert 'id="lm-eval"' in html and "harness_gen" in html

@@ -40,10 +40,10 @@ class Toy(Metric):
     def section(self, records):
         from harness.report.common import paragraph
 
-        mine = [r for r in records if r["metric"] == "toy"]
+        mine = [r for r in records if r.metric == "toy"]
         if not mine:
             return None
-        text = "; ".join(f"{r['eval_context']}: {r['values'].get('scaled_params')}" for r in mine)
+        text = "; ".join(f"{r.eval_context}: {r.values.get('scaled_params')}" for r in mine)
         return {"id": "toy", "title": "Toy metric", "blocks": [paragraph(text)]}
 '''
 
@@ -71,10 +71,10 @@ def plugin_dir(tmp_path, monkeypatch):
 def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, capsys):
     (plugin_dir / "s.yaml").write_text(SUITE)
     report = run_suite(plugin_dir / "s.yaml", plugin_dir / "out")
-    recs = [r for r in results.load(plugin_dir / "out") if r["metric"] == "toy"]
-    assert all(r["status"] == "ok" and r["code"]["fingerprint"] for r in recs), [r["error"] for r in recs]
-    one, two = (r["values"]["scaled_params"] for r in recs)
-    assert two == 2 * one > 0 and recs[0]["settings"] == {"eval_attention": "full", "factor": 0.5}
+    recs = [r for r in results.load(plugin_dir / "out") if r.metric == "toy"]
+    assert all(r.status == "ok" and r.code["fingerprint"] for r in recs), [r.error for r in recs]
+    one, two = (r.values["scaled_params"] for r in recs)
+    assert two == 2 * one > 0 and recs[0].settings == {"eval_attention": "full", "factor": 0.5}
     html = report.read_text()
     assert ">Toy metric</h" in html and f"1: {one}" in html
     capsys.readouterr()

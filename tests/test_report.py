@@ -50,7 +50,7 @@ def synthetic_records(train=True, failure=True):
 
 def test_full_report(tmp_path):
     records = synthetic_records()
-    assert len(to_frame(records)) == len(records)  # the records are what the store produces
+    assert len(to_frame([Record.from_dict(r) for r in records])) == len(records)  # what the store produces
     path = render_report(records, tmp_path / "rep", title="Smoke report", notes=[NOTE])
     assert path == tmp_path / "rep" / "index.html" and path.is_file()
     html = path.read_text()
@@ -116,7 +116,7 @@ def test_tokens_label(n, label):
 
 
 def test_variant_labels():
-    rec = synthetic_records(train=False, failure=False)
+    rec = [Record.from_dict(r) for r in synthetic_records(train=False, failure=False)]
     assert variant_label(variant_key(rec[0])) == "pretrained"
     assert variant_label(variant_key(rec[-1])) == "finetuned: hylora / se_attn @ 8192"
 
@@ -155,11 +155,10 @@ def parent_failure(cell_id, metric, status="oom", ctx=None, config_hash="h", ft_
 def test_pivot_places_values_failures_and_gaps():
     from harness.report.common import Pivot
 
-    recs = [asdict(ppl_record("pretrained", "none", 2048, 30.0)), asdict(ppl_record("pretrained", "none", 2048, 32.0)),
-            asdict(ppl_record("pretrained", "none", 4096, None, status="oom")),
-            asdict(ppl_record("finetuned", "lora", 4096, 20.0, ft_ctx=2048))]
-    recs[1]["cell"] += "-seed1"
-    pv = Pivot(recs, lambda r: r["values"].get("perplexity"))
+    recs = [ppl_record("pretrained", "none", 2048, 30.0), ppl_record("pretrained", "none", 2048, 32.0),
+            ppl_record("pretrained", "none", 4096, None, status="oom"),
+            ppl_record("finetuned", "lora", 4096, 20.0, ft_ctx=2048)]
+    pv = Pivot(recs, lambda r: r.values.get("perplexity"))
     pre, fine = pv.rows  # pretrained first
     assert pv.columns == [2048, 4096] and pv.mean(pre, 2048) == 31.0 and pv.mean(pre, 4096) is None
     assert pv.failures(pre) == [(4096, "oom")] and pv.failures(fine) == [] and pv.measured(fine) == [4096]

@@ -11,7 +11,7 @@ def test_append_load_roundtrip_skips_truncated_line(tmp_path):
     with open(tmp_path / results.RESULTS_FILE, "a") as f:
         f.write('{"schema": 1, "cell": "trunc')  # a kill mid-write
     recs = results.load(tmp_path)
-    assert [r["cell"] for r in recs] == ["c1"]
+    assert [r.cell for r in recs] == ["c1"] and isinstance(recs[0], results.Record)
     assert results.to_frame(recs)["perplexity"].tolist() == [3.0]
 
 
@@ -38,18 +38,34 @@ def test_schema_1_records_are_migrated(tmp_path):
            "stage": "", "model": {}, "backend": "full", "settings": {}}
     (tmp_path / results.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in (ok, failed, eff)))
     a, b, c = results.load(tmp_path)
-    assert all(r["schema"] == results.SCHEMA_VERSION and r["code"] == {} for r in (a, b, c))
+    assert all(r.schema == results.SCHEMA_VERSION and r.code == {} for r in (a, b, c))
     # evaluated with the fine-tuning attention: another cell now
-    assert a["cell"] == f"tiny/seed0/lora/{SE}/eval-finetune/ppl@512"
-    assert a["variant"] == {"model": "tiny", "seed": 0, "method": "lora", "backend": SE, "finetune_context": 2048,
+    assert a.cell == f"tiny/seed0/lora/{SE}/eval-finetune/ppl@512"
+    assert a.variant == {"model": "tiny", "seed": 0, "method": "lora", "backend": SE, "finetune_context": 2048,
                             "stage": "finetuned"}
     # a runner-written failure held nothing but its id: its variant and task come from it
-    assert (b["stage"], b["model"], b["variant"]["seed"], b["settings"]["task"]) == ("pretrained", {"preset": "tiny"},
+    assert (b.stage, b.model, b.variant["seed"], b.settings["task"]) == ("pretrained", {"preset": "tiny"},
                                                                                      1, "vt")
-    assert c["variant"] is None and c["backend"] == "full"
+    assert c.variant is None and c.backend == "full"
 
 
 def test_current_is_the_last_record_per_run_and_cell():
-    recs = [{"cell": "a", "v": 1}, {"cell": "b", "v": 2}, {"cell": "a", "v": 3, "config_hash": "new"},
-            {"cell": "a", "v": 4, "run": "other"}]
-    assert [r["v"] for r in results.current(recs)] == [2, 3, 4]
+    def rec(cell, v, **kw):
+        return results.Record(suite="s", cell=cell, metric="m", values={"v": v}, **kw)
+
+    recs = [rec("a", 1), rec("b", 2), rec("a", 3, config_hash="new"), rec("a", 4, run="other")]
+    assert [r.values["v"] for r in results.current(recs)] == [2, 3, 4]
+
+
+def test_a_record_with_an_unknown_field_is_a_clear_error(tmp_path):
+    results.append(tmp_path, results.Record(suite="s", cell="c1", metric="perplexity"))
+    with open(tmp_path / results.RESULTS_FILE, "a") as f:
+        f.write(json.dumps({**results.Record(suite="s", cell="c2", metric="m").as_dict(), "colour": "red"}) + "\n")
+    with pytest.raises(UserError, match=r"results.jsonl: record 'c2': unknown field\(s\) colour"):
+        results.load(tmp_path)
+
+
+def test_run_tags_are_not_stored(tmp_path):
+    results.append(tmp_path, results.Record(suite="s", cell="c", metric="m", run="base", run_index=1))
+    (r,) = results.load(tmp_path)
+    assert (r.run, r.run_index) == ("", 0)

@@ -38,19 +38,19 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys):
     out = tmp_path / "out"
     report = run_suite(suite_file, out)
     recs = results.load(out)
-    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs if r["error"]]
-    by_metric = {m: [r for r in recs if r["metric"] == m] for m in ("pretrain", "train", "perplexity", "efficiency")}
+    assert all(r.status == "ok" for r in recs), [r.error for r in recs if r.error]
+    by_metric = {m: [r for r in recs if r.metric == m] for m in ("pretrain", "train", "perplexity", "efficiency")}
     assert [len(v) for v in by_metric.values()] == [1, 2, 6, 2]
     ppl = by_metric["perplexity"]
-    assert {r["eval_context"]: r["values"]["windows"] for r in ppl} == {64: 8, 256: 2}  # 512 tokens per length
-    assert {r["backend"] for r in ppl} == {"full", "se_attn(chunk_size=64,block_size=16,top_k=2)"}
-    assert all(r["kernel"] == "full via sdpa" for r in ppl)  # evaluation uses full attention by default
-    se_train = next(r for r in by_metric["train"] if r["backend"].startswith("se_attn"))
-    assert "se_attn via" in se_train["kernel"] and se_train["values"]["trainable_params"] > 0
-    assert ppl[0]["dataset"]["embedded"] and "embedded corpus" in report.read_text()
+    assert {r.eval_context: r.values["windows"] for r in ppl} == {64: 8, 256: 2}  # 512 tokens per length
+    assert {r.backend for r in ppl} == {"full", "se_attn(chunk_size=64,block_size=16,top_k=2)"}
+    assert all(r.kernel == "full via sdpa" for r in ppl)  # evaluation uses full attention by default
+    se_train = next(r for r in by_metric["train"] if r.backend.startswith("se_attn"))
+    assert "se_attn via" in se_train.kernel and se_train.values["trainable_params"] > 0
+    assert ppl[0].dataset["embedded"] and "embedded corpus" in report.read_text()
 
-    assert all(r["code"]["fingerprint"] for r in recs)
-    assert all(r["variant"] for r in recs if r["metric"] != "efficiency")
+    assert all(r.code["fingerprint"] for r in recs)
+    assert all(r.variant for r in recs if r.metric != "efficiency")
 
     capsys.readouterr()
     run_suite(suite_file, out)  # everything recorded: nothing runs again
@@ -67,7 +67,7 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys):
     run_suite(suite_file, out)
     assert "8 already recorded, 3 stale: measured by other code (measured again)" in capsys.readouterr().out
     new = results.load(out)[len(old):]
-    assert sorted(r["cell"] for r in new) == sorted(r["cell"] for r in old if r["cell"].endswith("/ppl@64"))
+    assert sorted(r.cell for r in new) == sorted(r["cell"] for r in old if r["cell"].endswith("/ppl@64"))
     assert {len(results.current(results.load(out)))} == {11}
 
 
@@ -95,11 +95,11 @@ def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path,
     suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
     out = tmp_path / "out"
     run_suite(suite_file, out, only="attention/*")
-    recs = {r["cell"]: r for r in results.load(out)}
-    assert recs["attention/full/efficiency@128"]["status"] == "error"
-    assert "exited with code 3" in recs["attention/full/efficiency@128"]["error"]
-    assert recs["attention/full/efficiency@64"]["status"] == "error"  # the restarted job crashed again
-    assert recs["attention/se_attn(chunk_size=64,block_size=16,top_k=2)/efficiency@128"]["status"] == "ok"
+    recs = {r.cell: r for r in results.load(out)}
+    assert recs["attention/full/efficiency@128"].status == "error"
+    assert "exited with code 3" in recs["attention/full/efficiency@128"].error
+    assert recs["attention/full/efficiency@64"].status == "error"  # the restarted job crashed again
+    assert recs["attention/se_attn(chunk_size=64,block_size=16,top_k=2)/efficiency@128"].status == "ok"
 
 
 def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, mon
     out = tmp_path / "out"
     run_suite(suite_file, out, only="attention/full/*")
     (rec,) = results.load(out)
-    assert rec["status"] == "timeout" and rec["error"] == "no record within 15 s"
+    assert rec.status == "timeout" and rec.error == "no record within 15 s"
 
 
 def test_dry_run_lists_cells_without_running(suite_file, tmp_path, capsys):

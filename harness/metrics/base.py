@@ -81,8 +81,8 @@ class Metric:
     def check(self, config, suite) -> None:
         """Cross-field checks against the whole suite (raise ValueError); may fill in defaults."""
 
-    def section(self, records: list[dict]):
-        """The report section of this metric's records (harness.report), or None."""
+    def section(self, records: list):
+        """The report section of the records (harness.results.Record, all metrics'; pick yours), or None."""
         return None
 
 

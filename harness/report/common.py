@@ -5,18 +5,18 @@ Input normalisation (:func:`normalise`) runs once, before any section sees the r
 * **the current record per cell**: a rerun appends a newer record for the same cell (a retry, or
   changed settings or code), so only the last one per (run, cell) is kept (``results.current``,
   the rule of the runner and of ``harness compare`` too);
-* **runs**: records from several results directories carry ``record["run"]`` (the directory
-  name, set by ``harness report DIR1 DIR2``); with more than one run every variant is keyed and
-  labelled by its run, so nothing from different runs is merged; with one run the field is
-  ignored and the output is the same as without it;
+* **runs**: records from several results directories carry ``run`` (the directory name, set by
+  ``harness report DIR1 DIR2``) and get ``run_index`` (its position; 0 is the base); with more than
+  one run every variant is keyed and labelled by its run, so nothing from different runs is merged;
+  with one run the field is ignored and the output is the same as without it;
 * **parent-written failure records** (status oom/timeout/error written by the runner when a job
   process died) carry their cell's variant, task and eval attention but no measured settings or
   dataset: those are filled in from an ok record of the same variant and metric, or failing that
   from the run's ok records of the metric when they all agree, so the failure lands in the right
   table.
 
-Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``; normalisation
-works on shallow copies and never changes the caller's records.
+Sections get ``harness.results.Record``s (the report also takes records as dicts, as stored);
+normalisation makes changed copies and never changes the caller's records.
 """
 
 from __future__ import annotations
@@ -24,82 +24,74 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
+
+from harness.results import Record
 
 Block = dict[str, Any]
 Section = dict[str, Any]
-
-RUN_KEY = "run"
-_RUN_INDEX = "_run_index"
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
-def run_names(records: Iterable[dict], runs: Sequence[str] | None = None) -> list[str]:
+def run_names(records: Iterable[Record], runs: Sequence[str] | None = None) -> list[str]:
     """The runs in order: ``runs`` first (the first one is the base of comparisons), then any other
-    ``record["run"]`` in order of first appearance."""
+    record's ``run`` in order of first appearance."""
     out = [str(r) for r in runs or ()]
     for r in records:
-        name = r.get(RUN_KEY)
-        if name not in (None, "") and str(name) not in out:
-            out.append(str(name))
+        if r.run and r.run not in out:
+            out.append(r.run)
     return out
 
 
-def normalise(records: Iterable[dict], runs: Sequence[str] | None = None) -> tuple[list[dict], list[str], int]:
+def normalise(records: Iterable[Record | dict], runs: Sequence[str] | None = None) -> tuple[list[Record], list[str],
+                                                                                            int]:
     """(normalised records, run names, number of superseded records dropped); see the module doc."""
     from harness.results import current
 
-    records = [dict(r) for r in records]
+    records = [r if isinstance(r, Record) else Record.from_dict(r) for r in records]
     names = run_names(records, runs)
     kept = current(records)
     multi = len(names) > 1
-    for r in kept:
-        name = str(r.get(RUN_KEY) or "")
-        r[RUN_KEY] = name if multi else ""
-        r[_RUN_INDEX] = names.index(name) if multi and name in names else 0
-    _fill_failures(kept)
-    return kept, names if multi else names[:1], len(records) - len(kept)
+    kept = [replace(r, run=r.run if multi else "", run_index=names.index(r.run) if multi and r.run in names else 0)
+            for r in kept]
+    return _fill_failures(kept), names if multi else names[:1], len(records) - len(kept)
 
 
-def _fill_failures(records: list[dict]) -> None:
-    siblings: dict[tuple, dict] = {}
+def _fill_failures(records: list[Record]) -> list[Record]:
+    siblings: dict[tuple, Record] = {}
     for r in records:
-        if r.get("status", "ok") == "ok":
-            siblings.setdefault((variant_key(r), r.get("metric")), r)
+        if ok(r):
+            siblings.setdefault((variant_key(r), r.metric), r)
+    out = []
     for r in records:
-        if r.get("status", "ok") == "ok" or r.get("env"):
-            continue  # written by a job: complete
-        sib = siblings.get((variant_key(r), r.get("metric")))
-        if sib is not None:
-            if not r.get("dataset") and sib.get("dataset"):
-                r["dataset"] = sib["dataset"]
-            settings = {k: v for k, v in (sib.get("settings") or {}).items() if k not in ("task", "samples_file")}
-            r["settings"] = {**settings, **(r.get("settings") or {})}
-        elif r.get("metric") in ("perplexity", "ruler"):
-            _settings_from_run(r, records)
+        sib = siblings.get((variant_key(r), r.metric))
+        if ok(r) or r.env:
+            pass  # written by a job: complete
+        elif sib is not None:
+            settings = {k: v for k, v in sib.settings.items() if k not in ("task", "samples_file")}
+            r = replace(r, dataset=r.dataset or sib.dataset, settings={**settings, **r.settings})
+        elif r.metric in ("perplexity", "ruler"):
+            r = _settings_from_run(r, records)
+        out.append(r)
+    return out
 
 
-def _settings_from_run(r: dict, records: list[dict]) -> None:
+def _settings_from_run(r: Record, records: list[Record]) -> Record:
     """Dataset and settings of the run's ok records of the same metric, when they all agree."""
-    same = [o for o in records if o.get("status", "ok") == "ok" and o.get("metric") == r.get("metric")
-            and o.get(RUN_KEY) == r.get(RUN_KEY)]
+    same = [o for o in records if ok(o) and o.metric == r.metric and o.run == r.run]
     drop = ("task", "samples_file", "max_windows", "seed")
-    shared = {repr(({k: v for k, v in (o.get("settings") or {}).items() if k not in drop}, o.get("dataset")))
-              for o in same}
-    if len(shared) == 1:
-        settings = {k: v for k, v in (same[0].get("settings") or {}).items() if k not in drop}
-        r["settings"] = {**settings, **(r.get("settings") or {})}
-        r["dataset"] = r.get("dataset") or same[0].get("dataset")
+    shared = {repr(({k: v for k, v in o.settings.items() if k not in drop}, o.dataset)) for o in same}
+    if len(shared) != 1:
+        return r
+    settings = {k: v for k, v in same[0].settings.items() if k not in drop}
+    return replace(r, settings={**settings, **r.settings}, dataset=r.dataset or same[0].dataset)
 
 
-def run_index(r: dict) -> int:
-    return int(r.get(_RUN_INDEX) or 0)
-
-
-def is_multi_run(records: Iterable[dict]) -> bool:
-    return any(r.get(RUN_KEY) for r in records)
+def is_multi_run(records: Iterable[Record]) -> bool:
+    return any(r.run for r in records)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -120,23 +112,22 @@ class VariantKey(NamedTuple):
     eval_attention: str
 
 
-def model_name(r: dict) -> str:
-    m = r.get("model") or {}
-    return str(m.get("preset") or m.get("name") or "")
+def model_name(r: Record) -> str:
+    return str(r.model.get("preset") or r.model.get("name") or "")
 
 
-def _stage(r: dict) -> str:
-    return r.get("stage") or ("pretrained" if r.get("method") in (None, "", "none") else "finetuned")
+def _stage(r: Record) -> str:
+    return r.stage or ("pretrained" if r.method in ("", "none") else "finetuned")
 
 
-def variant_key(r: dict) -> VariantKey:
-    run = (run_index(r), str(r.get(RUN_KEY) or ""))
+def variant_key(r: Record) -> VariantKey:
+    run = (r.run_index, r.run)
     stage = _stage(r)
     if stage == "pretrained":  # evaluated with full attention whatever eval_attention says
         return VariantKey(*run, model_name(r), "pretrained", "none", "", None, "")
-    ev = (r.get("settings") or {}).get("eval_attention")
-    return VariantKey(*run, model_name(r), stage, r.get("method") or "none", r.get("backend") or "",
-                   r.get("finetune_context"), "finetune" if ev == "finetune" else "")
+    ev = r.settings.get("eval_attention")
+    return VariantKey(*run, model_name(r), stage, r.method or "none", r.backend or "", r.finetune_context,
+                      "finetune" if ev == "finetune" else "")
 
 
 def variant_sort(key: VariantKey) -> tuple:
@@ -157,34 +148,34 @@ def variant_label(key: VariantKey, show_model: bool = False) -> str:
     return f"[{key.run}] {label}" if key.run else label
 
 
-def labeller(records: Iterable[dict]) -> Callable[[dict], str]:
+def labeller(records: Iterable[Record]) -> Callable[[Record], str]:
     """VariantKey labels, naming the model only when the records hold more than one; an efficiency
     record (no model: one attention layer) is labelled by its backend."""
     show_model = len({m for r in records if (m := model_name(r))}) > 1
 
-    def label(r: dict) -> str:
-        if r.get("metric") == "efficiency":
-            run = f"[{r[RUN_KEY]}] " if r.get(RUN_KEY) else ""
-            return f"{run}attention layer: {r.get('backend') or '?'}"
+    def label(r: Record) -> str:
+        if r.metric == "efficiency":
+            run = f"[{r.run}] " if r.run else ""
+            return f"{run}attention layer: {r.backend or '?'}"
         return variant_label(variant_key(r), show_model)
 
     return label
 
 
-def variant_names(recs: Iterable[dict], label: Callable[[dict], str]) -> dict[VariantKey, str]:
+def variant_names(recs: Iterable[Record], label: Callable[[Record], str]) -> dict[VariantKey, str]:
     """The variants of `recs` in report order (:func:`variant_sort`), each with the label of its first record."""
-    first: dict[VariantKey, dict] = {}
+    first: dict[VariantKey, Record] = {}
     for r in recs:
         first.setdefault(variant_key(r), r)
     return {k: label(first[k]) for k in sorted(first, key=variant_sort)}
 
 
-def ok(r: dict) -> bool:
-    return r.get("status", "ok") == "ok"
+def ok(r: Record) -> bool:
+    return r.status == "ok"
 
 
-def length(r: dict) -> int:
-    return int(r["eval_context"])
+def length(r: Record) -> int:
+    return int(r.eval_context)
 
 
 class Pivot:
@@ -192,11 +183,12 @@ class Pivot:
     whose ``value`` is a number (several: seeds, shown as their mean) and the failure, if any. Every section
     builds its tables and plots from one, so a place is ok, failed or missing by the same rule everywhere."""
 
-    def __init__(self, recs: Iterable[dict], value: Callable[[dict], Any], *, row: Callable[[dict], Any] = variant_key,
-                 column: Callable[[dict], Any] = length, order: Callable[[Any], Any] | None = variant_sort):
+    def __init__(self, recs: Iterable[Record], value: Callable[[Record], Any], *,
+                 row: Callable[[Record], Any] = variant_key, column: Callable[[Record], Any] = length,
+                 order: Callable[[Any], Any] | None = variant_sort):
         self._value = value
-        good: dict[Any, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
-        failed: dict[Any, dict[Any, dict]] = defaultdict(dict)
+        good: dict[Any, dict[Any, list[Record]]] = defaultdict(lambda: defaultdict(list))
+        failed: dict[Any, dict[Any, Record]] = defaultdict(dict)
         for r in recs:
             k, c = row(r), column(r)
             if not ok(r):
@@ -208,7 +200,7 @@ class Pivot:
         self.rows = sorted(set(self.good) | set(self.failed), key=order)
         self.columns = sorted({c for by in (*self.good.values(), *self.failed.values()) for c in by})
 
-    def records(self, k: Any, c: Any) -> list[dict]:
+    def records(self, k: Any, c: Any) -> list[Record]:
         return self.good.get(k, {}).get(c, [])
 
     def values(self, k: Any, c: Any) -> list[float]:
@@ -218,7 +210,7 @@ class Pivot:
         vals = self.values(k, c)
         return sum(vals) / len(vals) if vals else None
 
-    def failure(self, k: Any, c: Any) -> dict | None:
+    def failure(self, k: Any, c: Any) -> Record | None:
         return self.failed.get(k, {}).get(c)
 
     def measured(self, k: Any) -> list[Any]:
@@ -227,7 +219,7 @@ class Pivot:
 
     def failures(self, k: Any) -> list[tuple[Any, str]]:
         """(column, status) of row ``k``'s failures where it has no value: the ✕ marks of a plot."""
-        return [(c, str(r.get("status", "error"))) for c, r in sorted(self.failed.get(k, {}).items())
+        return [(c, r.status) for c, r in sorted(self.failed.get(k, {}).items())
                 if c not in self.good.get(k, {})]
 
     def cell(self, k: Any, c: Any, show: Callable[[Any, Any], dict]) -> dict:
@@ -277,8 +269,8 @@ def callouts(items: list[str]) -> Block:
     return {"type": "callouts", "items": items}
 
 
-def fail_cell(r: dict) -> dict:
-    return cell(str(r.get("status", "error")).upper(), cls="fail", title=str(r.get("error") or ""))
+def fail_cell(r: Record) -> dict:
+    return cell(r.status.upper(), cls="fail", title=r.error or "")
 
 
 def isnan(x: Any) -> bool:

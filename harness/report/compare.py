@@ -20,6 +20,8 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from harness.results import Record
+
 VERDICTS = ("regression", "improvement", "ok", "skipped")
 
 
@@ -47,29 +49,29 @@ class Finding:
         return f"{(self.head / self.base - 1) * 100:+.2f}%"
 
 
-def compare(base: list[dict], head: list[dict], th: Thresholds = Thresholds()) -> list[Finding]:
+def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds()) -> list[Finding]:
     """Judge the current record of every cell of `base` against the current record of the same cell in `head`."""
     from harness.results import current
 
-    head_by_cell = {r["cell"]: r for r in current(head)}
+    head_by_cell = {r.cell: r for r in current(head)}
     findings = []
     for b in current(base):
-        if b["status"] != "ok":
+        if b.status != "ok":
             continue
-        h = head_by_cell.get(b["cell"])
-        if h is None or h["status"] != "ok":
-            why = "missing in head" if h is None else f"head status {h['status']}: {h.get('error') or ''}".strip()
-            findings.append(Finding(b["cell"], b["metric"], None, None, "regression", why))
+        h = head_by_cell.get(b.cell)
+        if h is None or h.status != "ok":
+            why = "missing in head" if h is None else f"head status {h.status}: {h.error or ''}".strip()
+            findings.append(Finding(b.cell, b.metric, None, None, "regression", why))
             continue
-        if b.get("config_hash") != h.get("config_hash"):
-            findings.append(Finding(b["cell"], b["metric"], None, None, "skipped", "settings differ (config hash)"))
+        if b.config_hash != h.config_hash:
+            findings.append(Finding(b.cell, b.metric, None, None, "skipped", "settings differ (config hash)"))
             continue
         findings += _judge(b, h, th)
     return findings
 
 
-def _judge(b: dict, h: dict, th: Thresholds) -> list[Finding]:
-    bv, hv, cell, out = b["values"], h["values"], b["cell"], []
+def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
+    bv, hv, cell, out = b.values, h.values, b.cell, []
     same_device = _device(b) == _device(h)
     if "perplexity" in bv:
         base, new = bv["perplexity"], hv["perplexity"]
@@ -80,7 +82,7 @@ def _judge(b: dict, h: dict, th: Thresholds) -> list[Finding]:
     if "times_ms" in bv:
         out.append(_timing(cell, bv["times_ms"], hv.get("times_ms", []), th) if same_device else
                    Finding(cell, "time", None, None, "skipped", f"devices differ: {_device(b)} vs {_device(h)}"))
-    if "peak_memory_gib" in bv and b["metric"] != "train":
+    if "peak_memory_gib" in bv and b.metric != "train":
         base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
         if not same_device or new is None:
             out.append(Finding(cell, "peak memory", base, new, "skipped", "devices differ or no value"))
@@ -161,8 +163,8 @@ def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, 
     return hits / total
 
 
-def _device(r: dict) -> str:
-    env = r.get("env", {})
+def _device(r: Record) -> str:
+    env = r.env
     return env.get("gpu") or f"{env.get('device', 'cpu')}:{env.get('cpu', '')}"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 
 from harness.cells import Cell, Variant
 from harness.results import Record
@@ -57,11 +57,11 @@ def _ruler_accuracy(task_index: int, task: str, stage: str, method: str, length:
     return round(min(100.0, max(0.0, 70.0 - 5 * task_index - 0.005 * length + gain + shift)), 1)
 
 
-def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
-    """Records as dicts (``dataclasses.asdict``), each tagged with ``run`` when ``runs`` > 1."""
+def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[Record]:
+    """The records, each tagged with its ``run`` when ``runs`` > 1."""
     from harness.data.ruler.tasks import PAPER_TASKS
 
-    out: list[dict] = []
+    out: list[Record] = []
     for ri in range(runs):
         run = ("base", "head", "third")[ri] if runs > 1 else None
         shift = seed_run_shift * ri
@@ -141,11 +141,7 @@ def records(runs: int = 2, seed_run_shift: float = -8.0) -> list[dict]:
                     units={"time_ms": "ms", "peak_memory_gib": "GiB"}, kernel=f"{name} via torch", env=ENV,
                     settings={"batch": 1, "heads": 4, "head_dim": 32, "repeats": 3, "warmup": 1,
                               "pass": "forward+backward"}, config_hash=_hash(cid), seconds=1.0))
-        for r in recs:
-            d = asdict(r)
-            if run:
-                d["run"] = run
-            out.append(d)
+        out += [replace(r, run=run) for r in recs] if run else recs
     return out
 
 

@@ -19,13 +19,13 @@ from harness.report.common import (
     length_column,
     number,
     paragraph,
-    run_index,
     table,
 )
+from harness.results import Record
 
 
-def _device(r: dict) -> str:
-    env = r.get("env") or {}
+def _device(r: Record) -> str:
+    env = r.env
     if env.get("gpu"):
         return f"{env['gpu']} (CUDA {env.get('cuda') or '?'})"
     if env.get("device"):
@@ -34,17 +34,17 @@ def _device(r: dict) -> str:
     return ""
 
 
-def efficiency_section(records: list[dict]) -> Section | None:
-    recs = [r for r in records if r.get("metric") == "efficiency" and r.get("eval_context")]
+def efficiency_section(records: list[Record]) -> Section | None:
+    recs = [r for r in records if r.metric == "efficiency" and r.eval_context]
     if not recs:
         return None
-    pv = Pivot(recs, lambda r: (r.get("values") or {}).get("time_ms"), order=None,
-               row=lambda r: (run_index(r), str(r.get("run") or ""), str(r.get("backend") or "?")))
+    pv = Pivot(recs, lambda r: r.values.get("time_ms"), order=None,
+               row=lambda r: (r.run_index, r.run, str(r.backend or "?")))
     keys, lengths = pv.rows, pv.columns
     names = {k: (f"[{k[1]}] {k[2]}" if k[1] else k[2]) for k in keys}
 
-    def med(rs: list[dict], field: str) -> float | None:
-        vals = [r["values"][field] for r in rs if number((r.get("values") or {}).get(field))]
+    def med(rs: list[Record], field: str) -> float | None:
+        vals = [r.values[field] for r in rs if number(r.values.get(field))]
         return statistics.median(vals) if vals else None
 
     def series(field: str) -> list[plots.Series]:
@@ -56,7 +56,7 @@ def efficiency_section(records: list[dict]) -> Section | None:
         return out
 
     devices = sorted({d for r in recs if (d := _device(r))})
-    settings = next((r.get("settings") or {} for r in recs if r.get("settings")), {})
+    settings = next((r.settings for r in recs if r.settings), {})
     shape = ", ".join(f"{k} {settings[k]}" for k in ("batch", "heads", "head_dim", "repeats", "warmup")
                       if settings.get(k) is not None)
     blocks: list[Block] = [paragraph(
@@ -76,12 +76,12 @@ def efficiency_section(records: list[dict]) -> Section | None:
 
     def show(k: tuple, n: int) -> dict:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
-        times = [x for r in pv.records(k, n) for x in (r["values"].get("times_ms") or [])]
+        times = [x for r in pv.records(k, n) for x in (r.values.get("times_ms") or [])]
         spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
         return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{m:.2f} GiB" if m is not None else "")
 
     def kernels(k: tuple) -> dict:
-        ran = sorted({str(r.get("kernel")) for n in pv.measured(k) for r in pv.records(k, n) if r.get("kernel")})
+        ran = sorted({r.kernel for n in pv.measured(k) for r in pv.records(k, n) if r.kernel})
         return cell("; ".join(ran) or "–", cls="mono small left")
 
     rows = [[cell(names[k], cls="label mono"), *(pv.cell(k, n, show) for n in lengths), kernels(k)] for k in keys]

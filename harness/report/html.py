@@ -8,7 +8,7 @@ taking the records and returning ``None`` (nothing to show: section omitted) or 
 type, so a new section is one new function (a metric plugin's ``section``) and no
 template change.
 
-Records are dicts as written by ``dataclasses.asdict(harness.results.Record)``.
+Sections get ``harness.results.Record``s, normalised (``common.normalise``).
 A model *variant* is (model preset, stage, method, backend, finetune_context); the model
 preset only shows in labels when records hold more than one model.
 """
@@ -43,6 +43,7 @@ from harness.report.common import (  # noqa: F401 - re-exported: the report's he
     variant_names,
     variant_sort,
 )
+from harness.results import Record
 
 TEMPLATE = "report.html.j2"
 ENV_KEYS = ("python", "torch", "transformers", "device", "gpu", "cuda", "cpu", "cpu_count", "threads", "git")
@@ -72,19 +73,19 @@ def dataset_label(ds: dict) -> str:
 # ----------------------------------------------------------------------------- header
 
 
-def build_header(records: list[dict], *, title: str, notes: list[str] | None, runs: Sequence[str] = (),
+def build_header(records: list[Record], *, title: str, notes: list[str] | None, runs: Sequence[str] = (),
                  superseded: int = 0) -> dict:
     notes = list(notes or [])
-    ppl = [r for r in records if r.get("metric") == "perplexity"]
-    protocols = sorted({protocol_label(r.get("settings") or {}) for r in ppl})
-    datasets = sorted({dataset_label(r.get("dataset") or {}) for r in records if r.get("dataset")})
-    if len({(r.get("settings") or {}).get("protocol") for r in ppl}) > 1:
+    ppl = [r for r in records if r.metric == "perplexity"]
+    protocols = sorted({protocol_label(r.settings) for r in ppl})
+    datasets = sorted({dataset_label(r.dataset) for r in records if r.dataset})
+    if len({r.settings.get("protocol") for r in ppl}) > 1:
         notes.append("Perplexities were measured with different protocols; they are shown in separate "
                      "plots and tables and are not comparable across them.")
-    status = Counter(r.get("status", "ok") for r in records)
-    created = sorted(r.get("created", "") for r in records if r.get("created"))
+    status = Counter(r.status for r in records)
+    created = sorted(r.created for r in records if r.created)
     facts = [
-        ("suite", ", ".join(sorted({str(r.get("suite")) for r in records if r.get("suite")})) or "–"),
+        ("suite", ", ".join(sorted({r.suite for r in records if r.suite})) or "–"),
         ("dataset", "; ".join(datasets) or "–"),
         ("perplexity protocol", "; ".join(protocols) or "–"),
         ("records", f"{len(records)} (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"
@@ -101,14 +102,14 @@ def build_header(records: list[dict], *, title: str, notes: list[str] | None, ru
 # ----------------------------------------------------------------------------- sections
 
 
-def perplexity_section(records: list[dict]) -> Section | None:
-    ppl = [r for r in records if r.get("metric") == "perplexity" and r.get("eval_context")]
+def perplexity_section(records: list[Record]) -> Section | None:
+    ppl = [r for r in records if r.metric == "perplexity" and r.eval_context]
     if not ppl:
         return None
     label = _labeller(records)
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in ppl:
-        groups[(dataset_label(r.get("dataset") or {}), protocol_label(r.get("settings") or {}))].append(r)
+        groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
     blocks: list[Block] = []
     for (ds, proto), recs in sorted(groups.items()):
         if len(groups) > 1:
@@ -117,9 +118,9 @@ def perplexity_section(records: list[dict]) -> Section | None:
     return {"id": "perplexity", "title": "Perplexity", "blocks": blocks}
 
 
-def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, proto: str) -> list[Block]:
+def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: str, proto: str) -> list[Block]:
     names = variant_names(recs, label)
-    pv = Pivot(recs, lambda r: (r.get("values") or {}).get("perplexity"))
+    pv = Pivot(recs, lambda r: r.values.get("perplexity"))
     keys, contexts = pv.rows, pv.columns
 
     # plot
@@ -127,7 +128,7 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
                            failed=pv.failures(k)) for k in keys]
     vlines = []
     pre = sorted({int(s["pretrain_context"]) for r in recs
-                  if (s := r.get("settings") or {}).get("pretrain_context")})
+                  if (s := r.settings).get("pretrain_context")})
     for p in pre:
         vlines.append(plots.VLine(p, f"pretraining context ({plots.tokens_label(p)})", plots.PRETRAIN_COLOR))
     for ft in sorted({int(k.finetune_context) for k in keys if k.finetune_context}):
@@ -145,10 +146,10 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
     scored_row = [cell("tokens scored", cls="label foot")]
     windows_note = False
     for c in contexts:
-        vals = sorted({r["values"].get("tokens_scored") for k in keys for r in pv.records(k, c)} - {None})
+        vals = sorted({r.values.get("tokens_scored") for k in keys for r in pv.records(k, c)} - {None})
         text = fmt_int(vals[0]) if len(vals) == 1 else (f"{fmt_int(vals[0])}–{fmt_int(vals[-1])}" if vals else "–")
         scored_row.append(cell(text, cls="foot"))
-        windows_note |= any(r["values"].get("windows_total", 0) > r["values"].get("windows", 0)
+        windows_note |= any(r.values.get("windows_total", 0) > r.values.get("windows", 0)
                             for k in keys for r in pv.records(k, c))
     rows.append(scored_row)
     columns = ["variant"] + [length_column(c) for c in contexts]
@@ -165,19 +166,19 @@ def _perplexity_group(recs: list[dict], label: Callable[[dict], str], ds: str, p
     ]
 
 
-def failures_section(records: list[dict]) -> Section | None:
+def failures_section(records: list[Record]) -> Section | None:
     bad = [r for r in records if not _ok(r)]
     if not bad:
         return None
     label = _labeller(records)
     rows = []
-    for r in sorted(bad, key=lambda r: (str(r.get("metric")), r.get("eval_context") or 0, str(r.get("cell")))):
-        err = str(r.get("error") or "")
+    for r in sorted(bad, key=lambda r: (r.metric, r.eval_context or 0, r.cell)):
+        err = str(r.error or "")
         first = err.strip().splitlines()[-1] if err.strip() else ""
         short = first if len(first) <= 160 else first[:157] + "…"
         rows.append([
-            cell(r.get("cell"), cls="mono wrap-any"), cell(r.get("metric")), cell(label(r), cls="label"),
-            cell(r.get("eval_context") or "–"), cell(str(r.get("status")).upper(), cls="fail"),
+            cell(r.cell, cls="mono wrap-any"), cell(r.metric), cell(label(r), cls="label"),
+            cell(r.eval_context or "–"), cell(r.status.upper(), cls="fail"),
             cell(short, cls="mono err", details=err if err.strip() != short else ""),
         ])
     text = f"{len(bad)} cell(s) produced no measurement."
@@ -187,18 +188,18 @@ def failures_section(records: list[dict]) -> Section | None:
                              numeric_from=99)]}
 
 
-def environment_section(records: list[dict]) -> Section | None:
+def environment_section(records: list[Record]) -> Section | None:
     if not records:
         return None
     multi = is_multi_run(records)
     envs: Counter = Counter()
     missing = 0
     for r in records:
-        env = r.get("env") or {}
+        env = r.env
         if not env:
             missing += 1
             continue
-        run = ((("run", r.get("run")),) if multi else ())
+        run = ((("run", r.run),) if multi else ())
         envs[run + tuple((k, env.get(k)) for k in ENV_KEYS)] += 1
     keys = (["run"] if multi else []) + [k for k in ENV_KEYS if any(dict(e).get(k) is not None for e in envs)]
     blocks: list[Block] = []
@@ -218,8 +219,8 @@ def environment_section(records: list[dict]) -> Section | None:
             "process died (crash, out-of-memory kill or timeout)."))
     kernels: dict[str, Counter] = defaultdict(Counter)
     for r in records:
-        if r.get("kernel"):
-            kernels[r["kernel"]][str(r.get("metric"))] += 1
+        if r.kernel:
+            kernels[r.kernel][r.metric] += 1
     if kernels:
         blocks.append({"type": "heading", "text": "Kernels that ran"})
         blocks.append({"type": "list", "mono": True, "items": [
@@ -228,7 +229,7 @@ def environment_section(records: list[dict]) -> Section | None:
     return {"id": "environment", "title": "Environment", "blocks": blocks} if blocks else None
 
 
-def sections() -> list[Callable[[list[dict]], Section | None]]:
+def sections() -> list[Callable[[list[Record]], Section | None]]:
     """The report's sections in page order, each taking the normalised records (see ``common.normalise``): one per
     registered metric (its plugin's ``section``), then the comparison of runs, the paper's numbers, the failed
     cells and the environment."""
@@ -243,7 +244,7 @@ def sections() -> list[Callable[[list[dict]], Section | None]]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def build_context(records: list[dict], *, title: str, notes: list[str] | None = None,
+def build_context(records: list[Record], *, title: str, notes: list[str] | None = None,
                   runs: Sequence[str] | None = None) -> dict:
     records, names, superseded = normalise(records, runs)
     built = [s for s in (build(records) for build in sections()) if s]
@@ -251,7 +252,7 @@ def build_context(records: list[dict], *, title: str, notes: list[str] | None = 
             "sections": built}
 
 
-def render_html(records: list[dict], *, title: str, notes: list[str] | None = None,
+def render_html(records: list[Record], *, title: str, notes: list[str] | None = None,
                 runs: Sequence[str] | None = None) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
@@ -263,12 +264,12 @@ def render_html(records: list[dict], *, title: str, notes: list[str] | None = No
     return env.get_template(TEMPLATE).render(**build_context(records, title=title, notes=notes, runs=runs))
 
 
-def render_report(records: list[dict], out: Path | str, *, title: str, notes: list[str] | None = None,
+def render_report(records: list[Record], out: Path | str, *, title: str, notes: list[str] | None = None,
                   runs: Sequence[str] | None = None) -> Path:
     """Write ``out/index.html``, a single self-contained file, and return its path.
 
     ``runs``: the run names in order (the first is the base of comparisons) when ``records`` come
-    from several results directories, each tagged with ``record["run"]``; by default the order in
+    from several results directories, each tagged with its ``run``; by default the order in
     which the records name them. With one run the report is the same as without run tags.
     """
     out = Path(out)

@@ -25,6 +25,7 @@ from harness.report.common import (
     variant_key,
     variant_names,
 )
+from harness.results import Record
 
 COUNTS = ("samples", "samples_available")
 
@@ -33,8 +34,8 @@ def _metrics(values: dict) -> list[str]:
     return [k for k, v in values.items() if k not in COUNTS and not k.endswith("_stderr") and number(v)]
 
 
-def lm_eval_section(records: list[dict]) -> Section | None:
-    recs = [r for r in records if r.get("metric") == "lm_eval" and (r.get("settings") or {}).get("task")]
+def lm_eval_section(records: list[Record]) -> Section | None:
+    recs = [r for r in records if r.metric == "lm_eval" and r.settings.get("task")]
     if not recs:
         return None
     label = labeller(records)
@@ -44,7 +45,7 @@ def lm_eval_section(records: list[dict]) -> Section | None:
     notes: dict[str, set[str]] = defaultdict(set)
     better: dict[str, bool] = {}
     for r in recs:
-        k, task, values = variant_key(r), str(r["settings"]["task"]), r.get("values") or {}
+        k, task, values = variant_key(r), str(r.settings["task"]), r.values
         if not ok(r):
             failed[(k, task)] = r
             continue
@@ -52,12 +53,12 @@ def lm_eval_section(records: list[dict]) -> Section | None:
         for sub, sub_values in (values.get("subtasks") or {}).items():
             subtasks[task][sub] = None
             good[(k, f"{task} \u203a {sub}")].append(sub_values)
-        notes[task].add(f"{values.get('samples')} samples, {r['settings'].get('num_fewshot')}-shot")
-        better.update(r["settings"].get("higher_is_better") or {})
+        notes[task].add(f"{values.get('samples')} samples, {r.settings.get('num_fewshot')}-shot")
+        better.update(r.settings.get("higher_is_better") or {})
     names = variant_names(recs, label)
     keys = list(names)
     rows = []
-    for task in dict.fromkeys(str(r["settings"]["task"]) for r in recs):
+    for task in dict.fromkeys(str(r.settings["task"]) for r in recs):
         for row_label in [task] + [f"{task} \u203a {sub}" for sub in subtasks[task]]:
             found = [v for k in keys for v in good.get((k, row_label), [])]
             metrics = list(dict.fromkeys(m for v in found for m in _metrics(v))) or ["\u2013"]
@@ -75,7 +76,7 @@ def lm_eval_section(records: list[dict]) -> Section | None:
     return {"id": "lm-eval", "title": "lm-eval", "blocks": blocks}
 
 
-def _value(found: list[dict], metric: str, fails: dict | None) -> dict:
+def _value(found: list[dict], metric: str, fails: Record | None) -> dict:
     vals = [v[metric] for v in found if number(v.get(metric))]
     if not vals:
         return fail_cell(fails) if fails else cell("\u2013", cls="missing")

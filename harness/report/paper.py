@@ -29,10 +29,10 @@ from harness.report.common import (
     model_name,
     ok,
     paragraph,
-    run_index,
     table,
     variant_key,
 )
+from harness.results import Record
 
 SOURCE = ("Nunez et al., \u201cExpansion Span: Combining Fading Memory and Retrieval in Hybrid State Space "
           "Models\u201d, NeuS 2025 (PMLR 288): Table 1, Figure 2, Section 4.3 ablations and the attention runtime "
@@ -84,10 +84,10 @@ def _mean(xs: list[float]) -> float | None:
 class Ours:
     """Our numbers in the paper's setting (paper model, HyLoRA at 8192, full-attention evaluation, base run)."""
 
-    def __init__(self, records: list[dict]):
-        self.records = [r for r in records if ok(r) and run_index(r) == 0]
+    def __init__(self, records: list[Record]):
+        self.records = [r for r in records if ok(r) and r.run_index == 0]
 
-    def _variant(self, r: dict, method: str | None, backend: str | None, contains: str = "") -> bool:
+    def _variant(self, r: Record, method: str | None, backend: str | None, contains: str = "") -> bool:
         k = variant_key(r)
         if k.model != PAPER_MODEL or k.eval_attention:
             return False
@@ -99,9 +99,9 @@ class Ours:
                                                                        else "random" not in label))
 
     def perplexity(self, backend: str | None, n: int) -> float | None:
-        return _mean([r["values"]["perplexity"] for r in self.records
-                      if r.get("metric") == "perplexity" and r.get("eval_context") == n
-                      and self._variant(r, "hylora", backend) and "perplexity" in (r.get("values") or {})])
+        return _mean([r.values["perplexity"] for r in self.records
+                      if r.metric == "perplexity" and r.eval_context == n
+                      and self._variant(r, "hylora", backend) and "perplexity" in r.values])
 
     def ruler_average(self, method: str, backend: str | None, n: int, contains: str = "") -> float | None:
         from harness.data.ruler.tasks import TASKS
@@ -109,21 +109,21 @@ class Ours:
 
         by_task: dict[str, list[float]] = {}
         for r in self.records:
-            if (r.get("metric") == "ruler" and r.get("eval_context") == n
-                    and (r.get("settings") or {}).get("task") in TASKS
+            if (r.metric == "ruler" and r.eval_context == n
+                    and r.settings.get("task") in TASKS
                     and self._variant(r, method, backend, contains)):
-                by_task.setdefault(r["settings"]["task"], []).append(float(r["values"]["accuracy"]))
+                by_task.setdefault(r.settings["task"], []).append(float(r.values["accuracy"]))
         return group_scores({t: sum(v) / len(v) for t, v in by_task.items()}).get("average")
 
     def runtime(self, backend: str) -> tuple[float | None, str]:
-        recs = [r for r in self.records if r.get("metric") == "efficiency" and r.get("eval_context") == RUNTIME_LENGTH
-                and backend_name(str(r.get("backend"))) == backend and "random" not in str(r.get("backend"))]
+        recs = [r for r in self.records if r.metric == "efficiency" and r.eval_context == RUNTIME_LENGTH
+                and backend_name(str(r.backend)) == backend and "random" not in str(r.backend)]
         if not recs:
             return None, "not measured"
-        gpus = {str((r.get("env") or {}).get("gpu") or "CPU") for r in recs}
+        gpus = {str(r.env.get("gpu") or "CPU") for r in recs}
         if not all(RUNTIME_DEVICE in g for g in gpus):
             return None, f"not comparable: measured on {', '.join(sorted(gpus))}, not an {RUNTIME_DEVICE}"
-        return _mean([r["values"]["time_ms"] for r in recs]), ""
+        return _mean([r.values["time_ms"] for r in recs]), ""
 
 
 def _pair(paper: float, ours: float | None, digits: int, why: str = "not measured") -> list[dict]:
@@ -132,8 +132,8 @@ def _pair(paper: float, ours: float | None, digits: int, why: str = "not measure
             cell("–", cls="missing", title=why, note=why if why != "not measured" else "")]
 
 
-def paper_section(records: list[dict]) -> Section | None:
-    if not any(r.get("metric") in ("perplexity", "ruler", "efficiency") for r in records):
+def paper_section(records: list[Record]) -> Section | None:
+    if not any(r.metric in ("perplexity", "ruler", "efficiency") for r in records):
         return None
     models = sorted({m for r in records if (m := model_name(r))})
     comparable = PAPER_MODEL in models

@@ -39,6 +39,7 @@ from harness.report.common import (
     table,
     variant_names,
 )
+from harness.results import Record
 
 CHANCE_PCT = 5.0
 UNINFORMATIVE = "uninformative (base at chance)"
@@ -58,11 +59,11 @@ def base_of(k: VariantKey) -> VariantKey:
 class RulerTable(Pivot):
     """Mean accuracy per (variant, (task, length)), failures, and the chance gate."""
 
-    def __init__(self, recs: list[dict]):
-        super().__init__(recs, lambda r: (r.get("values") or {}).get("accuracy"),
-                         column=lambda r: (str(r["settings"]["task"]), int(r["eval_context"])))
-        self.samples = {int(r["values"]["samples"]) for by in self.good.values() for rs in by.values() for r in rs
-                        if r["values"].get("samples")}
+    def __init__(self, recs: list[Record]):
+        super().__init__(recs, lambda r: r.values.get("accuracy"),
+                         column=lambda r: (str(r.settings["task"]), int(r.eval_context)))
+        self.samples = {int(r.values["samples"]) for by in self.good.values() for rs in by.values() for r in rs
+                        if r.values.get("samples")}
         self.tasks = _task_order({t for t, _ in self.columns})
         self.lengths = sorted({n for _, n in self.columns})
 
@@ -88,9 +89,9 @@ class RulerTable(Pivot):
         return group_scores(scores)
 
 
-def ruler_section(records: list[dict]) -> Section | None:
-    recs = [r for r in records if r.get("metric") == "ruler" and r.get("eval_context")
-            and (r.get("settings") or {}).get("task")]
+def ruler_section(records: list[Record]) -> Section | None:
+    recs = [r for r in records if r.metric == "ruler" and r.eval_context
+            and r.settings.get("task")]
     if not recs:
         return None
     label = labeller(records)
@@ -104,9 +105,9 @@ def ruler_section(records: list[dict]) -> Section | None:
         f"the fine-tuned variants' values there are marked \u201c{UNINFORMATIVE}\u201d (hatched in the heatmaps) "
         "and no method is ranked best, since the base had nothing to extend and the difference between "
         "methods is noise or learning from scratch.")]
-    deviations = sorted({str(d) for r in recs if (d := (r.get("values") or {}).get("haystack_deviation"))})
+    deviations = sorted({str(d) for r in recs if (d := r.values.get("haystack_deviation"))})
     notes = [f"Essay haystack replaced by book text ({d}) in "
-             f"{sum((r.get('values') or {}).get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
+             f"{sum(r.values.get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
     finetuned = [k for k in tab.rows if k.stage != "pretrained"]
     if finetuned and not any(tab.has_base(k) for k in finetuned):
@@ -127,7 +128,7 @@ def ruler_section(records: list[dict]) -> Section | None:
     items = []
     for k in tab.rows:
         vals = [[tab.value(k, t, n) for n in tab.lengths] for t in tab.tasks]
-        texts = [[str(f.get("status", "error")).upper() if (f := tab.failure(k, (t, n))) else "–"
+        texts = [[f.status.upper() if (f := tab.failure(k, (t, n))) else "–"
                   for n in tab.lengths] for t in tab.tasks]
         hatched = [[tab.uninformative(k, t, n) for n in tab.lengths] for t in tab.tasks]
         items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched),
@@ -158,11 +159,11 @@ def _best(tab: RulerTable, values: dict[VariantKey, float | None], gated: dict[V
     return out
 
 
-def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: dict | None, gated: bool, best: bool,
+def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: Record | None, gated: bool, best: bool,
                 title: str = "") -> dict:
     if v is None:
         return cell("–", cls="missing") if fails is None else cell(
-            str(fails.get("status", "error")).upper(), cls="fail", title=str(fails.get("error") or ""))
+            str(fails.status).upper(), cls="fail", title=str(fails.error or ""))
     return cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=UNINFORMATIVE if gated else "",
                 title=title)
 

@@ -1,6 +1,6 @@
 """Section "Comparison of runs": shown only when the records come from two or more runs.
 
-``harness report DIR1 DIR2 ...`` tags every record with ``record["run"]`` (the directory name);
+``harness report DIR1 DIR2 ...`` tags every record with its ``run`` (the directory name);
 the first run is the base. For perplexity and RULER: plots with one line per (run, variant)
 (colour = variant, line style = run) and a table cell x run with each run's difference to the
 base. Differences are coloured only when they are beyond noise, by the rules of
@@ -11,6 +11,7 @@ accuracy when the exact McNemar test over the samples both runs scored gives p <
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from harness.report import plots
 from harness.report.common import (
@@ -25,20 +26,20 @@ from harness.report.common import (
     labeller,
     ok,
     paragraph,
-    run_index,
     table,
     variant_key,
     variant_label,
     variant_sort,
 )
 from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
+from harness.results import Record
 
 LINESTYLES = ("-", "--", ":", "-.")
 _CLASS = {"regression": "worse", "improvement": "better", "ok": "", "skipped": ""}
 
 
-def comparison_section(records: list[dict]) -> Section | None:
-    runs = sorted({(run_index(r), str(r.get("run"))) for r in records if r.get("run")})
+def comparison_section(records: list[Record]) -> Section | None:
+    runs = sorted({(r.run_index, r.run) for r in records if r.run})
     if len(runs) < 2:
         return None
     names = [n for _, n in runs]
@@ -49,7 +50,7 @@ def comparison_section(records: list[dict]) -> Section | None:
     th = Thresholds()
     show_model = len({variant_key(r).model for r in records}) > 1
     for metric, title in (("perplexity", "Perplexity"), ("ruler", "RULER")):
-        recs = [r for r in records if r.get("metric") == metric and r.get("eval_context")]
+        recs = [r for r in records if r.metric == metric and r.eval_context]
         if not recs:
             continue
         blocks.append(heading(title))
@@ -68,9 +69,9 @@ def _base_variant(k: VariantKey) -> VariantKey:
     return k._replace(run_index=0, run="")
 
 
-def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
+def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
     field = "perplexity" if metric == "perplexity" else "accuracy"
-    pv = Pivot(recs, lambda r: (r.get("values") or {}).get(field))
+    pv = Pivot(recs, lambda r: r.values.get(field))
     colours = {b: plots.color(i) for i, b in enumerate(dict.fromkeys(_base_variant(k) for k in pv.rows))}
     series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
                            y=[pv.mean(k, n) for n in pv.measured(k)],
@@ -87,23 +88,23 @@ def _plot(recs: list[dict], metric: str, show_model: bool) -> Block:
     return {"type": "figure", "src": src, "alt": f"{metric} by run", "caption": caption}
 
 
-def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Block:
+def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> Block:
     # rows: (cell id, variant without its run); records are the current ones per (run, cell)
     by_row: dict[tuple[str, VariantKey], dict[str, dict]] = defaultdict(dict)
     for r in recs:
-        by_row[(str(r.get("cell")), _base_variant(variant_key(r)))][str(r.get("run"))] = r
+        by_row[(r.cell, _base_variant(variant_key(r)))][r.run] = r
     label = labeller(recs)
 
     def order(key: tuple[str, VariantKey]) -> tuple:
         any_rec = next(iter(by_row[key].values()))
-        return (variant_sort(key[1]), str((any_rec.get("settings") or {}).get("task")), int(any_rec["eval_context"]))
+        return (variant_sort(key[1]), str(any_rec.settings.get("task")), int(any_rec.eval_context))
 
     field = "perplexity" if metric == "perplexity" else "accuracy"
     rows = []
     for key in sorted(by_row, key=order):
         c, variant = key
         base = by_row[key].get(runs[0])
-        name = label(dict(next(iter(by_row[key].values())), run=""))
+        name = label(replace(next(iter(by_row[key].values())), run=""))
         row = [cell(c, cls="mono wrap-any", title=name,
                     note="eval: finetune attention" if variant.eval_attention else "")]
         for i, run in enumerate(runs):
@@ -113,7 +114,7 @@ def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Bl
             elif not ok(r):
                 row.append(fail_cell(r))
             elif i == 0 or base is None or not ok(base):
-                row.append(cell(fmt_float(r["values"].get(field), 2 if field == "perplexity" else 1)))
+                row.append(cell(fmt_float(r.values.get(field), 2 if field == "perplexity" else 1)))
             else:
                 row.append(_diff_cell(base, r, field, th))
         rows.append(row)
@@ -125,15 +126,15 @@ def _table(recs: list[dict], metric: str, runs: list[str], th: Thresholds) -> Bl
                  summary=f"{len(rows)} cells: show the table" if len(rows) > 12 else "")
 
 
-def _diff_cell(base: dict, head: dict, field: str, th: Thresholds) -> dict:
-    b, h = base["values"].get(field), head["values"].get(field)
+def _diff_cell(base: Record, head: Record, field: str, th: Thresholds) -> dict:
+    b, h = base.values.get(field), head.values.get(field)
     if not isinstance(b, (int, float)) or not isinstance(h, (int, float)):
         return cell(fmt_float(h), cls="missing")
-    settings = "" if base.get("config_hash") == head.get("config_hash") else "; settings differ (config hash)"
+    settings = "" if base.config_hash == head.config_hash else "; settings differ (config hash)"
     if field == "perplexity":
         rel = h / b - 1 if b else 0.0
         cls = _CLASS[judge_perplexity(b, h, th)]
         return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.1%}){settings}", cls=cls)
-    verdict, p, n = judge_accuracy(base["values"].get("per_sample") or {}, head["values"].get("per_sample") or {}, th)
+    verdict, p, n = judge_accuracy(base.values.get("per_sample") or {}, head.values.get("per_sample") or {}, th)
     title = f"McNemar p={p:.3g} over {n} shared samples" if n else ""
     return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict], title=title)

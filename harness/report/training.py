@@ -22,36 +22,36 @@ from harness.report.common import (
     model_name,
     ok,
     paragraph,
-    run_index,
     table,
     variant_key,
     variant_sort,
 )
+from harness.results import Record
 
 COLUMNS = ["model / variant", "steps", "final loss", "tokens", "tokens/s", "peak memory (GiB)",
            "trainable params", "kernels", "wall time (s)"]
 
 
-def training_section(records: list[dict]) -> Section | None:
-    pre = sorted((r for r in records if r.get("metric") == "pretrain" and ok(r)),
-                 key=lambda r: (run_index(r), model_name(r), str(r.get("cell"))))
-    train = sorted((r for r in records if r.get("metric") == "train" and ok(r)),
-                   key=lambda r: (variant_sort(variant_key(r)), str(r.get("cell"))))
+def training_section(records: list[Record]) -> Section | None:
+    pre = sorted((r for r in records if r.metric == "pretrain" and ok(r)),
+                 key=lambda r: (r.run_index, model_name(r), r.cell))
+    train = sorted((r for r in records if r.metric == "train" and ok(r)),
+                   key=lambda r: (variant_sort(variant_key(r)), r.cell))
     if not pre and not train:
         return None
-    label = labeller([r for r in records if r.get("metric") in ("train", "perplexity", "ruler")])
+    label = labeller([r for r in records if r.metric in ("train", "perplexity", "ruler")])
     blocks: list[Block] = []
     rows = []
     if pre:
         names = {id(r): _pretrain_label(r, pre) for r in pre}
-        curves = [(names[id(r)], (r.get("values") or {}).get("loss_curve") or []) for r in pre]
+        curves = [(names[id(r)], r.values.get("loss_curve") or []) for r in pre]
         if any(pts for _, pts in curves):
             blocks.append({"type": "figure", "alt": "pretraining loss curves",
                            "src": plots.loss_curves(curves, title="Pretraining"),
                            "caption": "Pretraining loss per optimisation step (the base model of every variant)."})
         rows += [_row(names[id(r)], r) for r in pre]
     if train:
-        curves = [(label(r), (r.get("values") or {}).get("loss_curve") or []) for r in train]
+        curves = [(label(r), r.values.get("loss_curve") or []) for r in train]
         if any(pts for _, pts in curves):
             blocks.append({"type": "figure", "alt": "fine-tuning loss curves",
                            "src": plots.loss_curves(curves, title="Fine-tuning"),
@@ -66,29 +66,29 @@ def training_section(records: list[dict]) -> Section | None:
     return {"id": "training", "title": "Pretraining and fine-tuning", "blocks": blocks}
 
 
-def _pretrain_label(r: dict, pre: list[dict]) -> str:
-    seed = (r.get("settings") or {}).get("seed")
-    parts = str(r.get("cell") or "").split("/")
+def _pretrain_label(r: Record, pre: list[Record]) -> str:
+    seed = r.settings.get("seed")
+    parts = str(r.cell or "").split("/")
     seed_part = next((p for p in parts if p.startswith("seed")), f"seed{seed}" if seed is not None else "")
     name = f"pretraining: {model_name(r) or 'model'}" + (f" ({seed_part})" if seed_part and len(pre) > 1 else "")
-    return f"[{r['run']}] {name}" if r.get("run") else name
+    return f"[{r.run}] {name}" if r.run else name
 
 
-def _row(name: str, r: dict) -> list[dict]:
-    v = r.get("values") or {}
+def _row(name: str, r: Record) -> list[dict]:
+    v = r.values
     curve = v.get("loss_curve") or []
-    steps = v.get("steps", curve[-1][0] if curve else (r.get("settings") or {}).get("steps"))
+    steps = v.get("steps", curve[-1][0] if curve else r.settings.get("steps"))
     final = v.get("final_loss", curve[-1][1] if curve else None)
     trainable, total = v.get("trainable_params"), v.get("total_params")
     share = f"{100 * trainable / total:.2f}% of {fmt_count(total)}" if trainable and total else ""
     groups = v.get("trainable_by_group") or {}
     group_text = ", ".join(f"{k} {fmt_count(n)}" for k, n in groups.items() if n)
-    kernels = str(r.get("kernel") or "")
+    kernels = str(r.kernel or "")
     return [
         cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
         cell(fmt_float(v.get("tokens_per_s"), 0)),
         cell(fmt_float(v.get("peak_memory_gib"), 2), note=str(v.get("memory_kind") or "")),
-        cell(fmt_count(trainable) if trainable is not None else "all" if r.get("metric") == "pretrain" else "–",
+        cell(fmt_count(trainable) if trainable is not None else "all" if r.metric == "pretrain" else "–",
              note=share, title=group_text),
-        cell(kernels or "–", cls="mono small left"), cell(fmt_float(r.get("seconds") or v.get("seconds"), 0)),
+        cell(kernels or "–", cls="mono small left"), cell(fmt_float(r.seconds or v.get("seconds"), 0)),
     ]
