@@ -51,7 +51,7 @@ def eval_attention(config, variant) -> str:
     return config.eval_attention if variant.stage == "finetuned" else "full"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Measurement:
     """What `measure` returns; the job writes it into the cell's record."""
 
