@@ -16,7 +16,10 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from harness.errors import UserError
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "timeout", "error")
 RESULTS_FILE = "results.jsonl"
+LOCK_FILE = ".harness-run.lock"
 
 
 @dataclass(frozen=True)
@@ -126,38 +130,80 @@ def git_revision() -> str | None:
 
 
 def append(out_dir: str | Path, record: Record) -> None:
-    """Append one record (one line, flushed) so an interruption never loses finished cells."""
+    """Append one record as one line, flushed to disk, so an interruption never loses finished cells. A last line
+    cut off by a kill is ended first, so that the new record never joins it."""
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record.as_dict(), default=str) + "\n")
+    line = json.dumps(record.as_dict(), default=str) + "\n"
+    with open(path, "ab+") as f:  # writes go to the end whatever the position
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
 
 
+@contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold the results directory for one `harness run` at a time; a second one gets a UserError saying who
+    holds it (the lock is the kernel's: it goes away with the process, however it ends)."""
+    import fcntl
+
+    with open(Path(out_dir) / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{out_dir} is in use by another harness run ({f.read().strip() or 'unknown'}); wait "
+                            "for it to finish, or pass another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
+
+
+def read_lines(path: Path, start: int = 0) -> Iterator[tuple[int, dict | None]]:
+    """(line number, JSON object) of each line of a results file from byte offset `start`; the object is None
+    where the line holds none (a write cut off by a kill, damaged bytes)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            obj = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        yield n, obj if isinstance(obj, dict) else None
+
+
 def load(out_dir: str | Path) -> list[Record]:
-    """All records of a results directory, in append order, at the current schema (a truncated last line
-    from a kill is skipped)."""
+    """All records of a results directory, in append order, at the current schema. Lines that hold no record (a
+    write cut off by a kill) are skipped with a warning naming them: their cells count as not measured."""
     path = Path(out_dir) / RESULTS_FILE
     if not path.is_file():
         raise UserError(f"{path}: no results file here; run a suite first (harness run SUITE --out {out_dir})")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+    records, unreadable = [], []
+    for n, rec in read_lines(path):
+        if rec is None:
+            unreadable.append(n)
             continue
         if rec.get("schema") == 1:
             rec = _migrate_v1(rec)
         if rec.get("schema") != SCHEMA_VERSION:
-            raise UserError(
-                f"{path}: record has schema {rec.get('schema')}, this harness reads 1 to {SCHEMA_VERSION}; "
-                "rerun the suite into a new --out directory"
-            )
+            raise UserError(f"{path}: line {n}: record has schema {rec.get('schema')}, this harness reads 1 to "
+                            f"{SCHEMA_VERSION}; rerun the suite into a new --out directory")
         try:
             records.append(Record.from_dict(rec))
         except (TypeError, ValueError) as e:
-            raise UserError(f"{path}: {e}; this harness cannot read it (written by another version?)") from None
+            raise UserError(f"{path}: line {n}: {e}; this harness cannot read it (written by another version?)"
+                            ) from None
+    if unreadable:
+        shown = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
+        print(f"warning: {path}: {len(unreadable)} line(s) hold no record (line {shown}): a write cut off by a kill, "
+              "or damaged bytes; ignored, so their cells count as not measured", file=sys.stderr)
     return records
 
 

@@ -20,48 +20,75 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness import results
+from harness import cache, results
+from harness.errors import UserError
 from harness.plan import STALE, Job, cell_state, eval_corpus, plan
 from harness.suite import load_suite
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a run left: the report, the number of cells planned, and how many of them have a failed current
+    record, by status."""
+
+    report: Path
+    cells: int
+    failed: dict[str, int]
+
+
 def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,
-              only: str | None = None, retry_failed: bool = False) -> Path | None:
+              only: str | None = None, retry_failed: bool = False) -> Outcome | None:
     suite = load_suite(suite_path)
     out = Path(out or Path("reports") / suite.name)
     corpus = eval_corpus(suite, pg19)
     jobs = plan(suite, corpus.fingerprint)
-    recorded = _current_records(out)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
-    state = {c["id"]: cell_state(c, recorded.get(c["id"]), retry_failed) for j in jobs for c in j.cells}
-    todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
-    counts = Counter(state.values())
-    print(f"suite {suite.name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
-          + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
-          + f"; evaluating on {corpus.name} ({corpus.source}); results in {out}")
+    ids = [c["id"] for j in jobs for c in j.cells]
+    if not ids:
+        raise UserError(f"--only {only!r} matches none of the suite's cells; `harness run {suite_path} --dry-run` "
+                        "lists their ids")
     if dry_run:
+        state = _states(jobs, out, retry_failed, suite.name, corpus)
         for job in jobs:
             for c in job.cells:
                 print(f"  {state[c['id']]:<8} {c['id']}")
         return None
-
+    cache.check_writable()
     out.mkdir(parents=True, exist_ok=True)
-    common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
-              "pg19": pg19}
-    pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
-    rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
-    devices = _devices()
-    for phase in (pretrain, rest):
-        _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
-    notes = [] if not corpus.embedded else [
-        f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.name}). "
-        "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
-    from harness.report import render_report
+    with results.exclusive(out):
+        state = _states(jobs, out, retry_failed, suite.name, corpus)
+        todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
+        common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
+                  "pg19": pg19}
+        pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
+        rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
+        devices = _devices()
+        for phase in (pretrain, rest):
+            _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
+        notes = [] if not corpus.embedded else [
+            f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.name}). "
+            "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
+        from harness.report import render_report
 
-    return render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
+        report = render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
+    recorded = _current_records(out)
+    failed = Counter(recorded[i].status for i in ids if i in recorded and recorded[i].status != "ok")
+    return Outcome(report, len(ids), dict(failed))
+
+
+def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -> dict[str, str]:
+    """Each cell's state (plan.cell_state) against the records in `out`, with a one-line summary printed."""
+    recorded = _current_records(out)
+    state = {c["id"]: cell_state(c, recorded.get(c["id"]), retry_failed) for j in jobs for c in j.cells}
+    counts = Counter(state.values())
+    print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
+          + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
+          + f"; evaluating on {corpus.name} ({corpus.source}); results in {out}")
+    return state
 
 
 def _current_records(out: Path) -> dict[str, results.Record]:
@@ -151,15 +178,4 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
 
 def _done_ids(path: Path, start: int) -> set[str]:
     """Cell ids of the records appended to `path` after byte offset `start`."""
-    if not path.is_file():
-        return set()
-    with open(path, "rb") as f:
-        f.seek(start)
-        lines = f.read().decode(errors="replace").splitlines()
-    ids = set()
-    for line in lines:
-        try:
-            ids.add(json.loads(line)["cell"])
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return ids
+    return {rec.get("cell") for _, rec in results.read_lines(path, start) if rec} if path.is_file() else set()
