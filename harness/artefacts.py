@@ -22,6 +22,7 @@ from harness.attention import register
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
 from harness.data.recall import RecallDocuments, recall_batches
 from harness.data.tokenizer import tokenizer_fingerprint
+from harness.errors import UserError
 from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridForCausalLM, preset_config
@@ -72,7 +73,7 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
             model.save_pretrained(d)
         path = cache.lookup(PRETRAINED, key)
     meta = json.loads((path / cache.META).read_text())
-    return HybridForCausalLM.from_pretrained(path).eval(), {**info, "train": meta["train"]}
+    return _load(path, lambda: HybridForCausalLM.from_pretrained(path)).eval(), {**info, "train": meta["train"]}
 
 
 def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backend) -> tuple[torch.nn.Module, dict]:
@@ -100,8 +101,17 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
         path = cache.lookup(ADAPTER, key)
         base, _ = pretrained(suite, preset, seed)  # a fresh base: load_method applies the saved state to it
     meta = json.loads((path / cache.META).read_text())
-    model = load_method(base, path)
+    model = _load(path, lambda: load_method(base, path))
     return model.eval(), {**info, "train": meta["train"]}
+
+
+def _load(path, load):
+    """`load()` of a cached artefact; a failure names the entry and how to rebuild it."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - whatever the loader raised, the fix is the same
+        raise UserError(f"cache entry {path.parent.name}/{path.name} ({path}) cannot be loaded ({type(e).__name__}: "
+                        f"{e}); remove it with `harness cache rm {path.name}` and rerun to rebuild it") from e
 
 
 def _windows(tokens: torch.Tensor, cfg: TrainConfig):

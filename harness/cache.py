@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,20 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "harness"
+
+
+def check_writable() -> None:
+    """Raise a UserError naming the cache directory if artefacts cannot be written there."""
+    from harness.errors import UserError
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise UserError(f"the artefact cache {root} is not writable ({e.strerror}); set HARNESS_CACHE to a "
+                        "writable directory") from None
 
 
 def fingerprint(*parts: object) -> str:
@@ -64,9 +80,52 @@ def source_version(*files: Path) -> str:
 
 
 def lookup(kind: str, key: str) -> Path | None:
-    """The directory of a finished artefact, or None if it was never completed."""
+    """The directory of a finished artefact, or None if it was never completed. An artefact whose files differ
+    from what its build recorded (truncated, overwritten, missing) is removed, with a warning, so that it gets
+    rebuilt instead of failing every cell that loads it."""
     path = cache_root() / kind / key
-    return path if (path / META).is_file() else None
+    if not (path / META).is_file():
+        return None
+    problem = _damage(path)
+    if problem is None:
+        return path
+    print(f"warning: cache entry {kind}/{key} is damaged ({problem}); removing it to rebuild it", file=sys.stderr)
+    shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _manifest(directory: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file of an artefact (its meta.json apart)."""
+    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(directory.rglob("*")) if f.is_file() and f.name != META}
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a finished artefact, or None. Entries from before manifests were recorded are trusted."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{META} unreadable: {e}"
+    if not isinstance(meta, dict):
+        return f"{META} is not a JSON object"
+    files = meta.get("files") or {}
+    missing = next((name for name in files if not (path / name).is_file()), None)
+    if missing:
+        return f"{missing} is missing"
+    stats = (str(path), *((name, (path / name).stat().st_size, (path / name).stat().st_mtime_ns) for name in files))
+    if stats in _VERIFIED:  # hashed once per process
+        return None
+    for name, want in files.items():
+        size = (path / name).stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, its build wrote {want['size']}"
+        if file_sha256(path / name) != want["sha256"]:
+            return f"{name} differs from what its build wrote (sha256)"
+    _VERIFIED.add(stats)
+    return None
+
+
+_VERIFIED: set[tuple] = set()
 
 
 @contextmanager
@@ -78,7 +137,8 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        record = {"kind": kind, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+        record = {"kind": kind, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
+                  "files": _manifest(tmp)}
         (tmp / META).write_text(json.dumps(record, indent=2, default=str))
         if final.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
@@ -93,9 +153,16 @@ def entries() -> list[dict]:
     """Every finished artefact: kind, key, size, creation time and a one-line description."""
     out = []
     for meta_file in sorted(cache_root().glob(f"*/*/{META}")):
-        meta, path = json.loads(meta_file.read_text()), meta_file.parent
+        path = meta_file.parent
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+        if not isinstance(meta, dict) or not meta:
+            meta = {"what": f"(damaged {META}: `harness cache rm {path.name}`)"}
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        what = " ".join(f"{k}={meta[k]}" for k in ("preset", "corpus", "split", "vocab_size") if k in meta)
+        what = meta.get("what") or " ".join(f"{k}={meta[k]}" for k in ("preset", "corpus", "split", "vocab_size")
+                                            if k in meta)
         out.append({"kind": path.parent.name, "key": path.name, "path": path, "size_mib": size / 2**20,
                     "created": meta.get("created", ""), "what": what})
     return out
