@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from harness import arguments as arg
 from harness.errors import UserError
 
 
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite, then render its report")
     run.add_argument("suite", help="suite YAML file, e.g. suites/pg19.yaml")
-    run.add_argument("--out", help="results/report directory (default reports/<suite name>)")
-    run.add_argument("--pg19", help="PG-19 root directory (overrides the suite and $HARNESS_PG19_DIR)")
+    run.add_argument("--out", type=arg.directory, help="results/report directory (default reports/<suite name>)")
+    run.add_argument("--pg19", type=arg.existing_directory,
+                     help="PG-19 root directory (overrides the suite and $HARNESS_PG19_DIR)")
     run.add_argument("--dry-run", action="store_true", help="list the cells and what is already done")
     run.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches this glob, e.g. '*ppl@2048'")
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as oom/timeout/error")
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("suite")
     rep = sub.add_parser("report", help="render the HTML report of results directories (several: a comparison)")
     rep.add_argument("dirs", nargs="+", help="results directories; the first is the base of a comparison")
-    rep.add_argument("--out", help="where to write index.html (default: the only directory, or reports/compare)")
+    rep.add_argument("--out", type=arg.directory,
+                     help="where to write index.html (default: the only directory, or reports/compare)")
     cmp = sub.add_parser("compare", help="regression gate: compare HEAD results against BASE, exit 1 on regression")
     cmp.add_argument("base")
     cmp.add_argument("head")
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio")
     cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio")
     cmp.add_argument("--alpha", type=float, default=0.05, help="significance level of the statistical tests")
-    cmp.add_argument("--summary", help="also write the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+    cmp.add_argument("--summary", type=arg.new_file_in_existing_directory,
+                     help="also append the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
@@ -45,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     cache_p.add_argument("--all", action="store_true")
     bench = sub.add_parser("bench", help="micro-benchmarks")
     bench.add_argument("what", choices=["attention"])
-    bench.add_argument("--backends", default="full,sliding_window,s2_attn,se_attn",
+    bench.add_argument("--backends", type=arg.backend_names, default="full,sliding_window,s2_attn,se_attn",
                        help="comma-separated backend names (default options)")
-    bench.add_argument("--lengths", default="1024,4096")
-    bench.add_argument("--heads", type=int, default=4)
-    bench.add_argument("--head-dim", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--lengths", type=arg.positive_ints, default="1024,4096", help="comma-separated lengths")
+    bench.add_argument("--heads", type=arg.positive_int, default=4)
+    bench.add_argument("--head-dim", type=arg.positive_int, default=32)
+    bench.add_argument("--repeats", type=arg.positive_int, default=5)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a run like Ctrl-C: child jobs stopped, work kept
     try:
@@ -77,10 +81,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "run":
         from harness.runner import run_suite
 
-        report = run_suite(args.suite, args.out, pg19=args.pg19, dry_run=args.dry_run, only=args.only,
-                           retry_failed=args.retry_failed)
-        if report:
-            print(f"report: {report.resolve()}")
+        outcome = run_suite(args.suite, args.out, pg19=args.pg19, dry_run=args.dry_run, only=args.only,
+                            retry_failed=args.retry_failed)
+        if outcome:
+            print(f"report: {outcome.report.resolve()}")
+        if outcome and outcome.failed:
+            n = sum(outcome.failed.values())
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(outcome.failed.items()))
+            print(f"error: {n} of {outcome.cells} cells failed ({kinds}); their errors are in the report's "
+                  f"\"Failed cells\" section and in {outcome.report.parent / 'results.jsonl'}; after a fix, rerun "
+                  "with --retry-failed", file=sys.stderr)
+            return 1
     elif args.command == "report":
         from harness import results
         from harness.report import render_report
@@ -102,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
                         alpha=args.alpha)
         findings = compare(results.load(args.base), results.load(args.head), th)
+        if not any(f.verdict != "skipped" for f in findings):
+            raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {args.base} has no ok record "
+                            f"of a cell that {args.head} measured with the same settings; a gate that compares "
+                            "nothing cannot pass")
         text = markdown(findings, args.base, args.head)
         print(text)
         if args.summary:
@@ -131,8 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from harness.attention.bench import bench_attention, format_rows
 
-        rows = bench_attention([(b, {}) for b in args.backends.split(",")],
-                               [int(n) for n in args.lengths.split(",")], heads=args.heads,
+        rows = bench_attention([(b, {}) for b in args.backends], args.lengths, heads=args.heads,
                                head_dim=args.head_dim, repeats=args.repeats)
         print(format_rows(rows))
     return 0
@@ -151,6 +165,8 @@ def _cache(args: argparse.Namespace) -> None:
         return
     if not args.all and not args.keys:
         raise UserError("cache rm: name keys (or prefixes) to remove, or --all")
+    if any(not k.strip() for k in args.keys):
+        raise UserError("cache rm: an empty key would match every entry; name keys (or prefixes), or pass --all")
     chosen = entries if args.all else [e for e in entries if any(e["key"].startswith(k) for k in args.keys)]
     if not chosen:
         raise UserError(f"cache rm: no entry matches {' '.join(args.keys)}; see `harness cache ls`")

@@ -32,6 +32,17 @@ class Thresholds:
     memory_ratio: float = 1.05
     alpha: float = 0.05
 
+    def __post_init__(self) -> None:
+        from harness.errors import UserError
+
+        rules = {"ppl_rtol": (lambda x: x > 0, "> 0"), "time_ratio": (lambda x: x >= 1, ">= 1"),
+                 "memory_ratio": (lambda x: x >= 1, ">= 1"), "alpha": (lambda x: 0 < x < 1, "in (0, 1)")}
+        for name, (ok, allowed) in rules.items():
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and ok(value)):
+                raise UserError(f"compare threshold {name} (--{name.replace('_', '-')}) = {value!r}: must be a "
+                                f"finite number {allowed}")
+
 
 @dataclass
 class Finding:
