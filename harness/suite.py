@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from harness.errors import UserError
-from harness.metrics.base import METRICS, as_value_error, builtin
+from harness.metrics.base import METRICS, as_value_error, builtin, distinct
 from harness.metrics.base import Strict as _Strict
 
 
@@ -102,6 +103,14 @@ class Suite(_Strict):
     data: Data = Field(default_factory=Data)
     run: Run = Field(default_factory=Run)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r}: a suite name names its results directory (reports/<name>): use letters, "
+                             "digits, '.', '_' and '-', starting with a letter or digit")
+        return v
+
     @field_validator("models")
     @classmethod
     def _presets(cls, v: list[str]) -> list[str]:
@@ -109,7 +118,12 @@ class Suite(_Strict):
 
         for m in v:
             as_value_error(preset_config, m)
-        return v
+        return distinct(v)
+
+    @field_validator("seeds", "plugins")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return distinct(v)
 
     @field_validator("methods")
     @classmethod
@@ -121,12 +135,14 @@ class Suite(_Strict):
                 hint = difflib.get_close_matches(m, METHODS, n=1)
                 raise ValueError(f"unknown method {m!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
                                  f"available: {', '.join(METHODS)}")
-        return v
+        return distinct(v)
 
     @field_validator("backends")
     @classmethod
     def _backends(cls, v: list[Any]) -> list[Backend]:
-        return [b for i, entry in enumerate(v) for b in expand_backend(entry, f"backends[{i}]")]
+        backends = [b for i, entry in enumerate(v) for b in expand_backend(entry, f"backends[{i}]")]
+        distinct([b.label for b in backends])
+        return backends
 
     @model_validator(mode="after")
     def _consistent(self) -> Suite:
@@ -135,8 +151,17 @@ class Suite(_Strict):
             raise ValueError(f"metrics: nothing to measure; add one of {', '.join(_configurable())}")
         for name, config in configured.items():
             METRICS[name].check(config, self)
-        from harness.attention.options import spec
+        from harness.attention.backends import SPECS
+        from harness.attention.options import ALIASES, spec
 
+        for key in self.finetune.lr if isinstance(self.finetune.lr, dict) else ():
+            if key in ALIASES:
+                raise ValueError(f"finetune.lr.{key}: an alias takes the LR of the backend it fixes; write "
+                                 f"{ALIASES[key][0]!r}")
+            if key != "default" and key not in SPECS:
+                hint = difflib.get_close_matches(key, [*SPECS, "default"], n=1)
+                raise ValueError(f"finetune.lr.{key}: not a backend (keys: default, {', '.join(SPECS)})"
+                                 + (f"; did you mean {hint[0]!r}?" if hint else ""))
         for b in self.backends:
             need = spec(b.name).min_context(b.options)
             if need > self.finetune.context:

@@ -45,6 +45,14 @@ def as_value_error(check, value) -> None:
         raise ValueError(str(e)) from None
 
 
+def distinct(values: list) -> list:
+    """Validator of a list whose items must not repeat (lengths, tasks, models, ...): a repeat is an error."""
+    repeated = sorted({repr(v) for i, v in enumerate(values) if v in values[:i]})
+    if repeated:
+        raise ValueError(f"each value may appear once; repeated: {', '.join(repeated)}")
+    return values
+
+
 def eval_attention(config, variant) -> str:
     """The attention a cell is evaluated with: the config's for a fine-tuned variant; a pretrained model has no
     fine-tuning attention, so always full."""

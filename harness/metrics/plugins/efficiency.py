@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 from harness.cells import Cell
-from harness.metrics.base import Measurement, Metric, Strict, register
+from harness.metrics.base import Measurement, Metric, Strict, distinct, register
 
 
 class EfficiencyConfig(Strict):
-    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1)
+    lengths: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(distinct)] = Field(
+        default_factory=lambda: [1024, 2048, 4096], min_length=1)
     heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=1)
     batch: int = Field(1, ge=1)

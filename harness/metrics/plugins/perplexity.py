@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from harness.cells import Cell
-from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, eval_attention, register
+from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, distinct, eval_attention, register
 
 
 class PerplexityConfig(Strict):
@@ -24,7 +24,14 @@ class PerplexityConfig(Strict):
     def _at_least_two(cls, v: list[int]) -> list[int]:
         if any(c < 2 for c in v):
             raise ValueError("every context must be >= 2")
-        return v
+        return distinct(v)
+
+    @model_validator(mode="after")
+    def _fits_the_stream(self) -> PerplexityConfig:
+        if max(self.contexts) > self.max_tokens:
+            raise ValueError(f"contexts: {max(self.contexts)} is longer than the evaluation stream (max_tokens "
+                             f"{self.max_tokens}); raise max_tokens or drop the length")
+        return self
 
 
 @register

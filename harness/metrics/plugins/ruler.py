@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from harness.cells import Cell
-from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, as_value_error, eval_attention, register
+from harness.metrics.base import (
+    EVAL_DATA,
+    Measurement,
+    Metric,
+    Strict,
+    as_value_error,
+    distinct,
+    eval_attention,
+    register,
+)
 
 
 class RulerConfig(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["niah_single_1"], min_length=1)  # or ["all"]: the 11
-    lengths: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
+    lengths: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(distinct)] = Field(
+        default_factory=lambda: [256, 512], min_length=1)
     samples: int = Field(10, ge=1)
     eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
     essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
@@ -29,6 +40,13 @@ class RulerConfig(Strict):
             return list(PAPER_TASKS)
         for t in v:
             as_value_error(get_spec, t)  # did-you-mean
+        return distinct(v)
+
+    @field_validator("essay_file")
+    @classmethod
+    def _essay_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"no file {v!r} (relative paths are taken from the working directory, here {Path.cwd()})")
         return v
 
     @model_validator(mode="after")
@@ -59,6 +77,9 @@ class Ruler(Metric):
                "harness.metrics.decode_check", *EVAL_DATA)
 
     def cells(self, config: RulerConfig, variant, plan):
+        for task in config.tasks:  # where the user is, not an error per cell at run time
+            for n in {min(config.lengths), max(config.lengths)}:
+                _fits(task, n, config.essay_file, config.qa_files.get(task))
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint}
         ev = eval_attention(config, variant)
         return [(Cell(self.name, variant, n, t, ev), hashed) for t in config.tasks for n in config.lengths]
@@ -81,3 +102,19 @@ class Ruler(Metric):
         from harness.report.ruler import ruler_section
 
         return ruler_section(records)
+
+
+@functools.cache
+def _fits(task: str, length: int, essay_file: str | None, qa_file: str | None) -> None:
+    """Raise a UserError naming the suite field if one sample of `task` cannot be built at `length` tokens."""
+    from harness.data import default_tokenizer
+    from harness.data.ruler.tasks import generate
+    from harness.errors import UserError
+
+    try:
+        generate(task, length, default_tokenizer(), 1, haystack_text=_FILLER, essay_file=essay_file, qa_file=qa_file)
+    except UserError as e:
+        raise UserError(f"metrics.ruler.lengths: {e}") from None
+
+
+_FILLER = "The grass is green and the sky is blue. " * 4000  # stands in for the haystack text when checking fit
