@@ -69,6 +69,14 @@ class Backend:
                 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[2] > k.shape[2]:
             raise UserError(f"attention expects q (B, Hq, Lq, d) and k, v (B, Hkv, Lk, d) with Hq a multiple of Hkv "
                             f"and Lq <= Lk; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+            raise UserError(f"attention expects q, k, v of one floating-point dtype; got {q.dtype}, {k.dtype}, "
+                            f"{v.dtype}")
+        if not bool(torch.stack([torch.isfinite(x).all() for x in (q, k, v)]).all()):
+            bad = [n for n, x in zip("qkv", (q, k, v), strict=True) if not bool(torch.isfinite(x).all())]
+            raise UserError(f"attention backend {self.name!r} got NaN or inf in {', '.join(bad)}: the model diverged "
+                            "(lower the learning rate, or use bf16/fp32 instead of fp16) or its inputs hold NaN; "
+                            "kernels would spread it to outputs that never attend to it")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if mask is not None and mask.dtype != torch.bool:
             mask = mask == 0  # additive float mask: 0 where attending

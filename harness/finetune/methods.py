@@ -187,10 +187,11 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
     train fully in addition. Anything that would match nothing is a UserError.
     """
     if method not in METHODS:
-        hint = difflib.get_close_matches(method, METHODS, n=1)
+        hint = difflib.get_close_matches(str(method), METHODS, n=1)
         raise UserError(f"unknown fine-tuning method {method!r}"
                         f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; available: {', '.join(METHODS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not alpha > 0:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or isinstance(alpha, bool) \
+            or not isinstance(alpha, int | float) or not alpha > 0:
         raise UserError(f"{method}: LoRA rank must be an integer >= 1 and alpha > 0 (got rank={rank!r}, "
                         f"alpha={alpha!r})")
     groups = parameter_groups(model)
