@@ -70,7 +70,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, capsys):
     (plugin_dir / "s.yaml").write_text(SUITE)
-    report = run_suite(plugin_dir / "s.yaml", plugin_dir / "out")
+    report = run_suite(plugin_dir / "s.yaml", plugin_dir / "out").report
     recs = [r for r in results.load(plugin_dir / "out") if r.metric == "toy"]
     assert all(r.status == "ok" and r.code["fingerprint"] for r in recs), [r.error for r in recs]
     one, two = (r.values["scaled_params"] for r in recs)

@@ -61,7 +61,7 @@ def test_a_record_with_an_unknown_field_is_a_clear_error(tmp_path):
     results.append(tmp_path, results.Record(suite="s", cell="c1", metric="perplexity"))
     with open(tmp_path / results.RESULTS_FILE, "a") as f:
         f.write(json.dumps({**results.Record(suite="s", cell="c2", metric="m").as_dict(), "colour": "red"}) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl: record 'c2': unknown field\(s\) colour"):
+    with pytest.raises(UserError, match=r"results.jsonl: line 2: record 'c2': unknown field\(s\) colour"):
         results.load(tmp_path)
 
 

@@ -36,7 +36,7 @@ def suite_file(tmp_path, monkeypatch):
 
 def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys):
     out = tmp_path / "out"
-    report = run_suite(suite_file, out)
+    report = run_suite(suite_file, out).report
     recs = results.load(out)
     assert all(r.status == "ok" for r in recs), [r.error for r in recs if r.error]
     by_metric = {m: [r for r in recs if r.metric == m] for m in ("pretrain", "train", "perplexity", "efficiency")}
@@ -94,7 +94,8 @@ def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path,
     _inject(tmp_path, monkeypatch, "os._exit(3)")
     suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
     out = tmp_path / "out"
-    run_suite(suite_file, out, only="attention/*")
+    outcome = run_suite(suite_file, out, only="attention/*")
+    assert (outcome.cells, outcome.failed) == (4, {"error": 2})  # the CLI exits 1 and says so
     recs = {r.cell: r for r in results.load(out)}
     assert recs["attention/full/efficiency@128"].status == "error"
     assert "exited with code 3" in recs["attention/full/efficiency@128"].error
@@ -106,7 +107,7 @@ def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, mon
     _inject(tmp_path, monkeypatch, "time.sleep(600)")
     suite_file.write_text(SMALL + "run: {timeout: 15}\n")  # the timeout includes the child's start-up
     out = tmp_path / "out"
-    run_suite(suite_file, out, only="attention/full/*")
+    assert run_suite(suite_file, out, only="attention/full/*").failed == {"timeout": 1}
     (rec,) = results.load(out)
     assert rec.status == "timeout" and rec.error == "no record within 15 s"
 
