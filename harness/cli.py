@@ -33,15 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("dirs", nargs="+", help="results directories; the first is the base of a comparison")
     rep.add_argument("--out", type=arg.directory,
                      help="where to write index.html (default: the only directory, or reports/compare)")
-    cmp = sub.add_parser("compare", help="regression gate: compare HEAD results against BASE, exit 1 on regression")
-    cmp.add_argument("base")
-    cmp.add_argument("head")
+    cmp = sub.add_parser("compare", help="regression gate: HEAD results against BASE (or timing against a git "
+                                         "revision with --rev), exit 1 on regression")
+    cmp.add_argument("dirs", nargs="*", metavar="BASE HEAD", help="two results directories (not with --rev)")
     cmp.add_argument("--ppl-rtol", type=float, default=0.005, help="allowed relative perplexity rise")
     cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio")
     cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio")
-    cmp.add_argument("--alpha", type=float, default=0.05, help="significance level of the statistical tests")
+    cmp.add_argument("--alpha", type=float, help="significance level (default 0.05; with --rev/--calibrate 0.002)")
     cmp.add_argument("--summary", type=arg.new_file_in_existing_directory,
                      help="also append the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+    cmp.add_argument("--rev", help="time the suite's efficiency cells on this git revision and on the working tree, "
+                                   "interleaved in one job")
+    cmp.add_argument("--calibrate", action="store_true",
+                     help="time the working tree against itself: false-positive rate and smallest detectable slowdown")
+    cmp.add_argument("--suite", help="with --rev/--calibrate: the suite whose efficiency cells are timed "
+                                     "(default suites/efficiency.yaml)")
+    cmp.add_argument("--only", metavar="PATTERN", help="with --rev/--calibrate: only cells whose id matches")
+    cmp.add_argument("--min-repeats", type=arg.positive_int, default=20, help="samples per side, at least")
+    cmp.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per side, at least")
+    cmp.add_argument("--fail-on-time", action="store_true", help="let CPU timings fail the gate (CUDA ones do)")
+    cmp.add_argument("--inject", help=argparse.SUPPRESS)  # tests: a module imported into head's timing worker
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
@@ -106,12 +117,26 @@ def _dispatch(args: argparse.Namespace) -> int:
             out = args.out or "reports/compare"
         path = render_report(records, out, title=f"Results: {', '.join(args.dirs)}", runs=runs)
         print(f"report: {Path(path).resolve()}")
+    elif args.command == "compare" and (args.rev or args.calibrate):
+        from harness.timing.gate import default_suite, timing_gate
+        from harness.timing.interleave import Settings
+
+        if args.dirs or (args.rev and args.calibrate):
+            raise UserError("compare: --rev REV times against a revision, --calibrate against itself; neither takes "
+                            "results directories, and they do not go together")
+        s = Settings(min_repeats=args.min_repeats, min_seconds=args.min_seconds, time_ratio=args.time_ratio,
+                     alpha=0.002 if args.alpha is None else args.alpha)
+        return timing_gate(args.rev, args.suite or default_suite(), s, calibrate=args.calibrate,
+                           fail_on_time=args.fail_on_time, only=args.only, summary=args.summary, inject=args.inject)
     elif args.command == "compare":
         from harness import results
         from harness.report.compare import Thresholds, compare, markdown
 
+        if len(args.dirs) != 2:
+            raise UserError(f"compare: give two results directories, BASE HEAD (got {len(args.dirs)}), or --rev REV")
         th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
-                        alpha=args.alpha)
+                        alpha=0.05 if args.alpha is None else args.alpha)
+        args.base, args.head = args.dirs
         findings = compare(results.load(args.base), results.load(args.head), th)
         if not any(f.verdict != "skipped" for f in findings):
             raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {args.base} has no ok record "

@@ -1,0 +1,98 @@
+"""The timing gate: its statistics against scipy's, its rules, and `harness compare --rev/--calibrate` end to end
+on a tiny suite (the rates it achieves are a benchmark: benchmarks/gate.py)."""
+
+import random
+import statistics
+
+import pytest
+
+from harness.cli import main
+from harness.timing.interleave import Settings, judge, smallest_detectable
+from harness.timing.stats import mann_whitney, median_ratio_interval
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+rng = random.Random(0)
+BASE = [10 + rng.gauss(0, 0.3) for _ in range(20)]
+SLOW = [x * 1.25 for x in BASE[::-1]]
+TIED = [1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 5.0]
+TIED_HEAD = [2.0, 3.0, 3.0, 4.0, 5.0, 5.0]
+
+
+@pytest.mark.parametrize("base,head", [(BASE, SLOW), (SLOW, BASE), (BASE, BASE[::-1]), (TIED, TIED_HEAD)],
+                         ids=["slower", "faster", "same", "ties"])
+def test_mann_whitney_matches_scipy(base, head):
+    u, p = mann_whitney(base, head)
+    ref = scipy_stats.mannwhitneyu(head, base, alternative="greater", method="asymptotic", use_continuity=True)
+    assert u == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
+
+
+def test_median_ratio_interval_agrees_with_scipys_bootstrap():
+    head = [x * 1.1 + rng.gauss(0, 0.3) for x in BASE]
+    lo, hi = median_ratio_interval(BASE, head)
+    ref = scipy_stats.bootstrap((head, BASE), lambda h, b: statistics.median(h) / statistics.median(b),
+                                vectorized=False, method="percentile", n_resamples=2000, random_state=0)
+    assert lo < statistics.median(head) / statistics.median(BASE) < hi
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.01)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.01)
+
+
+def test_a_regression_needs_both_the_ratio_and_the_rank_test():
+    s = Settings()
+    assert judge(BASE, SLOW, s).verdict == "regression"
+    assert judge(SLOW, BASE, s).verdict == "improvement"
+    assert judge(BASE, [x * 1.05 for x in BASE], s).verdict == "ok"  # significant but below the ratio
+    few = [BASE[0], BASE[1], BASE[2]]
+    assert judge(few, [x * 1.25 for x in few], s).verdict == "ok"  # the ratio but three samples prove nothing
+    v = judge(BASE, SLOW, s)
+    assert v.ratio == pytest.approx(1.25) and v.interval[0] < v.ratio < v.interval[1] and v.p < 1e-6
+
+
+def test_smallest_detectable_slowdown_of_an_a_a_pair():
+    quiet = [10 + rng.gauss(0, 0.05) for _ in range(20)]
+    other = [10 + rng.gauss(0, 0.05) for _ in range(20)]
+    assert smallest_detectable(quiet, other, Settings()) in (0.10, 0.11)  # the ratio threshold, not the noise
+    noisy = [10 * rng.lognormvariate(0, 0.5) for _ in range(20)]
+    noisy2 = [10 * rng.lognormvariate(0, 0.5) for _ in range(20)]
+    assert smallest_detectable(noisy, noisy2, Settings()) > 0.3
+
+
+TINY = """name: tiny
+backends: [full, {sliding_window: {window: 16}}]
+metrics:
+  efficiency: {lengths: [32, 64], heads: 2, head_dim: 8}
+"""
+
+
+def test_calibrate_and_rev_end_to_end(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    fast = ["--suite", str(tmp_path / "tiny.yaml"), "--min-repeats", "5", "--min-seconds", "0"]
+    assert main(["compare", "--calibrate", *fast]) == 0
+    out = capsys.readouterr().out
+    assert "A/A calibration" in out and "False positives:" in out and "Smallest slowdown" in out
+    assert out.count("| `attention/") == 4
+    summary = tmp_path / "summary.md"
+    assert main(["compare", "--rev", "HEAD", *fast, "--summary", str(summary)]) == 0  # CPU: reported, not gating
+    out = capsys.readouterr().out
+    assert "HEAD → working tree" in out and "not gating" in out and "| `attention/full/efficiency@64` |" in out
+    assert "HEAD → working tree" in summary.read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rev", "no-such-rev"], "--rev no-such-rev: not a commit of"),
+    (["--rev", "HEAD", "a", "b"], "neither takes results directories"),
+    (["--rev", "HEAD", "--calibrate"], "they do not go together"),
+    (["a"], "give two results directories, BASE HEAD (got 1), or --rev REV"),
+    (["--calibrate", "--only", "nothing*"], "--only 'nothing*' matches none"),
+    (["--calibrate", "--min-seconds", "-1"], "timing settings out of range"),
+])
+def test_bad_timing_arguments(tmp_path, capsys, argv, message):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    assert main(["compare", *argv, "--suite", str(tmp_path / "tiny.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_suite_without_efficiency_cells(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("name: x\n")
+    assert main(["compare", "--calibrate", "--suite", str(tmp_path / "s.yaml")]) == 2
+    assert "no metrics.efficiency block" in capsys.readouterr().err
