@@ -4,7 +4,7 @@
 
 Before (stored baseline, `harness compare A B` of two separate `harness run`s of the efficiency suite):
 consecutive runs r0..rN of unchanged code, A/A pairs (r_i, r_i+1); then N runs with the full backend slowed down
-(tests/slow_attention.py as a suite plugin), each against r_i. After (`harness compare --rev`/`--calibrate`, both
+(benchmarks/slow_attention.py as a suite plugin), each against r_i. After (`harness compare --rev`/`--calibrate`, both
 sides timed interleaved in one job): N A/A compares of the working tree against itself, and N with the slowed-down
 full backend on the head side only. A false positive is a timing verdict other than "ok" in an A/A compare; a
 detection is a run whose full-backend cells are all flagged as regressions and no other cell is flagged.
@@ -23,7 +23,7 @@ from harness.report.compare import Thresholds, compare
 from harness.timing.interleave import REPO, Settings, interleaved, suite_cells
 
 SUITE = REPO / "suites" / "efficiency.yaml"
-SLOW = "tests.slow_attention"
+SLOW = "benchmarks.slow_attention"
 
 
 def _rates(runs: list[dict[str, str]], aa: bool) -> str:
