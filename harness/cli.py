@@ -136,13 +136,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"compare: give two results directories, BASE HEAD (got {len(args.dirs)}), or --rev REV")
         th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
                         alpha=0.05 if args.alpha is None else args.alpha)
-        args.base, args.head = args.dirs
-        findings = compare(results.load(args.base), results.load(args.head), th)
+        base, head = args.dirs
+        findings = compare(results.load(base), results.load(head), th)
         if not any(f.verdict != "skipped" for f in findings):
-            raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {args.base} has no ok record "
-                            f"of a cell that {args.head} measured with the same settings; a gate that compares "
+            raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {base} has no ok record "
+                            f"of a cell that {head} measured with the same settings; a gate that compares "
                             "nothing cannot pass")
-        text = markdown(findings, args.base, args.head)
+        text = markdown(findings, base, head)
         print(text)
         if args.summary:
             with open(args.summary, "a") as f:
