@@ -4,7 +4,8 @@
   documents (harness.data.recall), its attention induction-initialised; key = config, corpus
   and tokenizer fingerprints, recipe, seed and the code that builds it (provenance.PRETRAINED).
 - finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
-  attention backend; key = base key, method, backend options, recipe, seed and the code that builds it
+  attention backend on the suite's `data.train` text; key = base key, method, backend options, recipe, seed,
+  the text's fingerprint and the code that builds it
   (provenance.ADAPTER, this module included: it says how adapters are built).
 Interrupted training resumes from its last checkpoint in the cache's work directory.
 """
@@ -21,7 +22,9 @@ from harness import cache, provenance
 from harness.attention import register
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
 from harness.data.recall import RecallDocuments, recall_batches
+from harness.data.sources import Documents
 from harness.data.tokenizer import tokenizer_fingerprint
+from harness.data.tokens import token_stream
 from harness.errors import UserError
 from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
@@ -76,14 +79,15 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     return _load(path, lambda: HybridForCausalLM.from_pretrained(path)).eval(), {**info, "train": meta["train"]}
 
 
-def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backend) -> tuple[torch.nn.Module, dict]:
-    """(pretrained + `method` trained with `backend` at the fine-tuning context, info)."""
+def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backend,
+              data: Documents) -> tuple[torch.nn.Module, dict]:
+    """(pretrained + `method` trained with `backend` at the fine-tuning context on `data`, info)."""
     base, base_info = pretrained(suite, preset, seed)
     f, cfg = suite.finetune, finetune_config(suite, backend, seed)
     key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
-                            f.gradient_checkpointing,
+                            f.gradient_checkpointing, data.fingerprint,
                             provenance.artefact_fingerprint(provenance.ADAPTER))
-    info = {**base_info, "adapter": key, "train": None}
+    info = {**base_info, "adapter": key, "train": None, "finetune_data": data.description}
     if (path := cache.lookup(ADAPTER, key)) is None:
         base.set_attn_implementation(register(backend.name, **backend.options))
         if f.gradient_checkpointing:
@@ -91,7 +95,7 @@ def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backen
         torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
         model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
         with attention_module.recording() as kernels:
-            tokens = encode_corpus(default_tokenizer(), default_corpus(), "train")
+            tokens = token_stream(default_tokenizer(), data)
             log = _train(model, cfg, _windows(tokens, cfg), ADAPTER, key,
                          f"fine-tune {method}/{backend.label} @ {cfg.context}")
         meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
@@ -114,7 +118,7 @@ def _load(path, load):
                         f"{e}); remove it with `harness cache rm {path.name}` and rerun to rebuild it") from e
 
 
-def _windows(tokens: torch.Tensor, cfg: TrainConfig):
+def _windows(tokens, cfg: TrainConfig):
     return lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g)
 
 

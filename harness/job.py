@@ -85,7 +85,8 @@ class Context:
         if "model" not in self.state:
             s = self.spec
             self.state["model"] = (pretrained(self.suite, s["model"], s["seed"]) if self.backend is None else
-                                   finetuned(self.suite, s["model"], s["seed"], s["method"], self.backend))
+                                   finetuned(self.suite, s["model"], s["seed"], s["method"], self.backend,
+                                             self.documents("train")))
         return self.state["model"]
 
     def use_attention(self, eval_attention: str) -> str:
@@ -94,23 +95,23 @@ class Context:
 
         return use_attention(self.model()[0], self.backend, eval_attention)
 
-    def eval_corpus(self):
-        """(corpus, dataset fields of a record): PG-19 when configured, else the embedded corpus's test split."""
-        from harness.plan import eval_corpus
+    def documents(self, role: str):
+        """The documents of the suite's `role` ("train" or "eval") source (harness.data.sources)."""
+        from harness.plan import documents
 
-        corpus = eval_corpus(self.suite, self.spec.get("pg19"))
-        split = "test" if corpus.embedded else self.suite.data.split
-        return corpus, {"name": corpus.name, "split": split, "hash": corpus.fingerprint, "embedded": corpus.embedded}
+        if role not in self.state.setdefault("documents", {}):
+            self.state["documents"][role] = documents(self.suite, role, self.spec.get("pg19"))
+        return self.state["documents"][role]
 
     def eval_stream(self, max_tokens: int):
-        """(token stream of the evaluation split, dataset fields with its token count and tokenizer)."""
-        from harness.data import default_tokenizer, encode_corpus
+        """(token stream of the evaluation documents, dataset fields with its token count and tokenizer)."""
+        from harness.data import default_tokenizer
         from harness.data.tokenizer import tokenizer_fingerprint
+        from harness.data.tokens import as_long, token_stream
 
-        corpus, dataset = self.eval_corpus()
-        tok = default_tokenizer()
-        stream = encode_corpus(tok, corpus, dataset["split"], max_tokens=max_tokens)
-        return stream, {**dataset, "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
+        docs, tok = self.documents("eval"), default_tokenizer()
+        stream = as_long(token_stream(tok, docs, max_tokens))
+        return stream, {**docs.dataset(), "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
 
     def write_samples(self, cell: dict, samples: list[dict]) -> str:
         """Write a cell's per-sample records to OUT/samples/HASH.jsonl; return the path relative to OUT."""

@@ -8,7 +8,6 @@ carries the hash of what determines it (settings) and the fingerprint of the cod
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from harness import cache, provenance
@@ -26,12 +25,11 @@ class Job:
     cells: list[dict] = field(default_factory=list)
 
 
-def eval_corpus(suite: Suite, pg19: str | None):
-    """PG-19 when configured (flag, suite field or $HARNESS_PG19_DIR), else the embedded corpus."""
-    from harness.data import default_corpus, load_pg19
+def documents(suite: Suite, role: str, pg19: str | None = None):
+    """The documents of the suite's `role` ("train" or "eval") source (harness.data.sources; `pg19`: --pg19)."""
+    from harness.data.sources import open_source
 
-    root = pg19 or suite.data.pg19 or os.environ.get("HARNESS_PG19_DIR")
-    return load_pg19(root, suite.data.split) if root else default_corpus()
+    return open_source(suite.data.source(role, pg19), f"data.{role}")
 
 
 @dataclass(frozen=True)
@@ -39,13 +37,14 @@ class PlanContext:
     """What a metric's `cells` may need besides its config and the variant."""
 
     suite: Suite
-    data_fingerprint: str  # of the evaluation corpus
+    data_fingerprint: str  # of the evaluation documents
     backend: Backend | None = None  # metrics of kind "backend": the backend whose cells these are
 
 
-def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
+def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = None) -> list[Job]:
     """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it
-    and the fingerprint of the code that measures it (harness.provenance)."""
+    (`data_fingerprint`: of the evaluation documents; `train_fingerprint`: of the fine-tuning text) and the
+    fingerprint of the code that measures it (harness.provenance)."""
     configured = [(m, getattr(suite.metrics, m.name, None)) for m in builtin().values()]
     configured = [(m, c) for m, c in configured if c is not None or m.config is None]
     # a fine-tune's own cells (train) first: its record is written as soon as the fine-tuning ends
@@ -62,7 +61,8 @@ def plan(suite: Suite, data_fingerprint: str) -> list[Job]:
                 for meth in suite.methods for b in suite.backends]
             for variant, backend in variants:
                 det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
-                       "finetune": suite.finetune.model_dump() if backend else None}
+                       "finetune": suite.finetune.model_dump() if backend else None,
+                       **({"train_data": train_fingerprint} if backend and train_fingerprint else {})}
                 cells = [_cell(cell, {**det, **hashed}) for m, config in per_variant
                          if backend is not None or not m.finetuned_only
                          for cell, hashed in m.cells(config, variant, ctx)]

@@ -21,8 +21,9 @@ _ROOT = Path(__file__).parent
 # Modules inside the packages below that determine no artefact: loading mamba_ssm checkpoints, timing a layer.
 _NOT_BUILDING = ("harness.models.checkpoint", "harness.attention.bench")
 
-PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens")
-ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens")
+PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens",
+              "harness.data.sources")
+ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens", "harness.data.sources")
 # Build or load a variant and run its cells (harness.job, the metric plugin base); a backend's cells have no model.
 _VARIANT = (*PRETRAINED, *ADAPTER, "harness.job", "harness.metrics.base")
 _BACKEND = ("harness.attention", "harness.job", "harness.metrics.base")

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import cache, results
+from harness.cells import FINETUNED
 from harness.errors import UserError
-from harness.plan import STALE, Job, cell_state, eval_corpus, plan
+from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
 
 
@@ -43,8 +44,9 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
               only: str | None = None, retry_failed: bool = False) -> Outcome | None:
     suite = load_suite(suite_path)
     out = Path(out or Path("reports") / suite.name)
-    corpus = eval_corpus(suite, pg19)
-    jobs = plan(suite, corpus.fingerprint)
+    corpus = documents(suite, "eval", pg19)
+    train = documents(suite, "train", pg19) if suite.methods and suite.backends else None
+    jobs = plan(suite, corpus.fingerprint, train and train.fingerprint)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]
@@ -64,13 +66,15 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
                   "pg19": pg19}
+        if train is not None and any(j.spec.get("stage") == FINETUNED and todo[j.name] for j in jobs):
+            _tokenize(train)
         pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
         devices = _devices()
         for phase in (pretrain, rest):
             _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
         notes = [] if not corpus.embedded else [
-            f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.name}). "
+            f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
             "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
         from harness.report import render_report
 
@@ -80,6 +84,15 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     return Outcome(report, len(ids), dict(failed))
 
 
+def _tokenize(train) -> None:
+    """Tokenize the fine-tuning text before any job (cached): text that cannot be read stops the run here, with
+    its message, instead of failing every fine-tune; and jobs on several devices do not tokenize it side by side."""
+    from harness.data import default_tokenizer
+    from harness.data.tokens import token_stream
+
+    token_stream(default_tokenizer(), train)
+
+
 def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -> dict[str, str]:
     """Each cell's state (plan.cell_state) against the records in `out`, with a one-line summary printed."""
     recorded = _current_records(out)
@@ -87,7 +100,7 @@ def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -
     counts = Counter(state.values())
     print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
-          + f"; evaluating on {corpus.name} ({corpus.source}); results in {out}")
+          + f"; evaluating on {corpus.description}; results in {out}")
     return state
 
 

@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib
 import itertools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from harness.data.sources import SPLIT, Source
 from harness.errors import UserError
 from harness.metrics.base import METRICS, as_value_error, builtin, distinct
 from harness.metrics.base import Strict as _Strict
@@ -73,8 +75,24 @@ class Finetune(_Strict):
 
 
 class Data(_Strict):
-    pg19: str | None = None  # PG-19 root; None -> $HARNESS_PG19_DIR, else the embedded corpus
-    split: str = "test"
+    """Where the text comes from (harness.data.sources): `train` is what fine-tunes read (pretraining presets
+    read the embedded corpus, always), `eval` what perplexity and RULER's haystacks read."""
+
+    pg19: str | None = None  # PG-19 root of `pg19` sources without a path (after --pg19; else $HARNESS_PG19_DIR)
+    train: Source = Field(default_factory=Source)  # default: the embedded corpus's train split
+    eval: Source | None = None  # default: PG-19's test split where a PG-19 root is set, else the embedded one
+
+    def source(self, role: str, pg19: str | None = None) -> Source:
+        """The `role` ("train" or "eval") source with its defaults filled in: the role's split, and for PG-19 the
+        root from `pg19` (the --pg19 flag), the source's path, `data.pg19` or $HARNESS_PG19_DIR, in that order."""
+        from harness.data.pg19 import ENV
+
+        src = self.train if role == "train" else self.eval
+        root = pg19 or (src.path if src is not None else None) or self.pg19 or os.environ.get(ENV)
+        if src is None:
+            src = Source(source="pg19" if root else "embedded")
+        fill = {"split": src.split or ("train" if role == "train" else "test")} if src.source in SPLIT else {}
+        return src.model_copy(update={**fill, **({"path": root} if src.source == "pg19" else {})})
 
 
 class Run(_Strict):

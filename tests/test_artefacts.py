@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import artefacts, cache
+from harness.plan import documents
 from harness.suite import load_suite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +32,8 @@ def test_finetune_is_reproducible_whatever_the_global_rng_state(tmp_path, monkey
         # The pretrained model comes from the cache and the global RNG starts elsewhere, as in a new process.
         shutil.rmtree(cache.cache_root() / artefacts.ADAPTER, ignore_errors=True)
         torch.manual_seed(global_seed)
-        model, info = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0])
+        model, info = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0],
+                                          documents(suite, "train"))
         built.append((model.state_dict(), info["train"]["loss_curve"]))
     (a, curve_a), (b, curve_b) = built
     assert curve_a == curve_b

@@ -122,6 +122,20 @@ def test_only_matching_nothing_is_an_error(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- data directories
 
+@pytest.mark.parametrize("rows,message", [
+    ('{"text": "a"}\n{"body": "b"}\n', r"t.jsonl:2: no text field 'text' \(fields: body\)"),
+    ("\n", r"no text to tokenize"),
+], ids=["line without the field", "empty source"])
+def test_bad_training_text_stops_the_run_before_any_job(tmp_path, capsys, rows, message):
+    (tmp_path / "t.jsonl").write_text(rows)
+    body = "name: x\nmethods: [lora]\nmetrics: {perplexity: {contexts: [64]}}\n" \
+           f"data: {{train: {{source: jsonl, path: {tmp_path / 't.jsonl'}}}}}\n"
+    code, out = cli(capsys, "run", suite_file(tmp_path, body))
+    assert code == 2 and "Traceback" not in out and re.search(message, out), out
+    assert not (tmp_path / "reports" / "x" / results.RESULTS_FILE).exists()  # nothing ran
+    assert not list((tmp_path / "cache" / "tokens").glob("*"))  # nothing half-written
+
+
 @pytest.mark.parametrize("setting,message", [
     ({"flag": "emptypg"}, r"PG-19 split folder .*emptypg/test not found \(splits present: none\)"),
     ({"env": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist; fix: set HARNESS_PG19_DIR"),
@@ -133,7 +147,7 @@ def test_bad_pg19_directory(tmp_path, capsys, monkeypatch, setting, message):
     (tmp_path / "pg" / "test").mkdir(parents=True)
     (tmp_path / "pg" / "test" / "1.txt").write_text("A book.")
     body = PLAIN + (f"data: {{pg19: {setting['suite']}}}\n" if "suite" in setting else "") \
-        + (f"data: {{split: {setting['split']}}}\n" if "split" in setting else "")
+        + (f"data: {{eval: {{source: pg19, split: {setting['split']}}}}}\n" if "split" in setting else "")
     if "env" in setting:
         monkeypatch.setenv("HARNESS_PG19_DIR", setting["env"])
     argv = ["run", suite_file(tmp_path, body), "--dry-run"] + (["--pg19", setting["flag"]] if "flag" in setting else [])

@@ -21,7 +21,6 @@ from harness.data import (
     embedded,
     encode_corpus,
     load_pg19,
-    load_pg19_hf,
     random_windows,
     train_tokenizer,
 )
@@ -222,13 +221,6 @@ def test_pg19_errors(tmp_path, monkeypatch):
         load_pg19(root)
     for err in (UserError,):
         assert "\n" not in str(pytest.raises(err, load_pg19, missing).value)
-
-
-def test_pg19_hf_needs_datasets(monkeypatch):
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed; the missing-package error cannot be shown")
-    with pytest.raises(UserError, match="pip install datasets"):
-        load_pg19_hf("test")
 
 
 @needs_pg19

@@ -2,7 +2,7 @@
 
 from harness.data.corpus import Corpus, Document
 from harness.data.embedded import default_corpus
-from harness.data.pg19 import load_pg19, load_pg19_hf
+from harness.data.pg19 import load_pg19
 from harness.data.tokenizer import default_tokenizer, tokenizer_fingerprint, train_tokenizer
 from harness.data.tokens import encode_corpus, random_windows
 
@@ -13,7 +13,6 @@ __all__ = [
     "default_tokenizer",
     "encode_corpus",
     "load_pg19",
-    "load_pg19_hf",
     "random_windows",
     "tokenizer_fingerprint",
     "train_tokenizer",

@@ -10,8 +10,10 @@ The fingerprint hashes every loaded file's name, size and full SHA-256. Hashing 
 the bytes already read for loading, so it costs ~0.1 s for the 36 MB test split (measured);
 no size+mtime shortcut is needed.
 
-Alternative: :func:`load_pg19_hf` loads ``deepmind/pg19`` through the optional ``datasets``
-package (a multi-GB download on first use; not used by the tests or the default suites).
+Suites read PG-19 through :mod:`harness.data.sources` (``source: pg19``), which streams the books one at a
+time from :func:`split_files`; :func:`load_pg19` holds a split in memory. The hub's ``deepmind/pg19`` is a
+loading script, which ``datasets`` >= 4 no longer runs: download the official copy (``gsutil -m cp -r
+gs://deepmind-gutenberg DIR``) or read a copy in a plain format with ``source: hf``.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def _resolve_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_pg19(root: str | os.PathLike | None = None, split: str = "test", max_documents: int | None = None) -> Corpus:
-    """Load one PG-19 split (books sorted by numeric id; the first ``max_documents`` if given)."""
+def split_files(root: str | os.PathLike | None, split: str) -> tuple[Path, list[Path], str]:
+    """(split folder, its books sorted by numeric id, a description that says how complete the copy is)."""
     base = _resolve_root(root)
     folder = base / split
     if not folder.is_dir():
@@ -71,10 +73,28 @@ def load_pg19(root: str | os.PathLike | None = None, split: str = "test", max_do
     files = sorted(folder.glob("*.txt"), key=_sort_key)
     if not files:
         raise UserError(f"PG-19 split folder {folder} has no .txt books; fix: {_FIX}")
+    source = f"PG-19 {split} split from {base}: {len(files)} books"
+    ids_file = base / f"{split}_ids.txt"
+    if not ids_file.is_file():
+        ids_file = folder / f"{split}_ids.txt"
+    if ids_file.is_file():
+        official = [line.strip() for line in ids_file.read_text(encoding="utf-8").split() if line.strip()]
+        have = {p.stem for p in files}
+        missing = [i for i in official if i not in have]
+        source += f" (copy has {len(official) - len(missing)} of {len(official)} official books"
+        source += f"; missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})" if missing else ")"
+    return folder, files, source
+
+
+def load_pg19(root: str | os.PathLike | None = None, split: str = "test", max_documents: int | None = None) -> Corpus:
+    """Load one PG-19 split into memory (books sorted by numeric id; the first ``max_documents`` if given)."""
+    base = _resolve_root(root)
+    _, files, source = split_files(base, split)
     if max_documents is not None:
         if max_documents < 1:
             raise UserError(f"max_documents={max_documents} must be at least 1")
         files = files[:max_documents]
+        source += f", first {max_documents} by id"
 
     titles = _titles(base)
     docs, hashes = [], []
@@ -88,19 +108,6 @@ def load_pg19(root: str | os.PathLike | None = None, split: str = "test", max_do
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         docs.append(Document(id=path.stem, title=titles.get(path.stem, path.stem), text=text))
 
-    source = f"PG-19 {split} split from {base}: {len(docs)} books"
-    ids_file = base / f"{split}_ids.txt"
-    if not ids_file.is_file():
-        ids_file = folder / f"{split}_ids.txt"
-    if ids_file.is_file():
-        official = [line.strip() for line in ids_file.read_text(encoding="utf-8").split() if line.strip()]
-        have = {p.stem for p in folder.glob("*.txt")}
-        missing = [i for i in official if i not in have]
-        source += f" (copy has {len(official) - len(missing)} of {len(official)} official books"
-        source += f"; missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})" if missing else ")"
-    if max_documents is not None:
-        source += f", first {max_documents} by id"
-
     return Corpus(
         name="pg19",
         splits={split: docs},
@@ -108,31 +115,4 @@ def load_pg19(root: str | os.PathLike | None = None, split: str = "test", max_do
         fingerprint=fingerprint("pg19", split, hashes),
         embedded=False,
         meta={"root": str(base), "files": len(docs), "bytes": sum(h[1] for h in hashes)},
-    )
-
-
-def load_pg19_hf(split: str = "test") -> Corpus:
-    """Documented alternative: PG-19 from the ``deepmind/pg19`` dataset via ``datasets``.
-
-    Downloads several GB on first use, so it is never used implicitly (tests, default suites).
-    """
-    try:
-        import datasets  # optional dependency, imported lazily
-    except ImportError:
-        raise UserError(
-            "load_pg19_hf needs the optional package 'datasets'; fix: pip install datasets, "
-            f"or use a local copy via {ENV}"
-        ) from None
-    ds = datasets.load_dataset("deepmind/pg19", split=split)
-    docs = [
-        Document(id=str(row.get("_id", i)), title=row.get("short_book_title", ""), text=row["text"])
-        for i, row in enumerate(ds)
-    ]
-    docs.sort(key=lambda d: (0, int(d.id), d.id) if d.id.isdigit() else (1, 0, d.id))
-    return Corpus(
-        name="pg19",
-        splits={split: docs},
-        source=f"PG-19 {split} split from datasets deepmind/pg19 ({len(docs)} books)",
-        fingerprint=fingerprint("pg19-hf", split, getattr(ds, "_fingerprint", None)),
-        embedded=False,
     )

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict
 from harness.errors import UserError
 
 # The modules that load evaluation data (corpora, tokenizer): part of the code behind an evaluation cell.
-EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19", "harness.data.tokenizer")
+EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19", "harness.data.sources",
+             "harness.data.tokenizer")
 
 
 class Strict(BaseModel):

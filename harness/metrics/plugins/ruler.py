@@ -90,8 +90,8 @@ class Ruler(Metric):
 
         model, info = ctx.model()
         ctx.use_attention(config.eval_attention)
-        corpus, dataset = ctx.eval_corpus()
-        haystack = "\n\n".join(d.text for d in corpus.split(dataset["split"]))
+        docs = ctx.documents("eval")
+        haystack, dataset = docs.text(HAYSTACK_CHARS), docs.dataset()
         values, samples = evaluate_ruler(model, default_tokenizer(), cell["task"], cell["length"], config.samples,
                                          ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]))
         settings = {"task": cell["task"], "samples_file": ctx.write_samples(cell, samples),
@@ -117,4 +117,5 @@ def _fits(task: str, length: int, essay_file: str | None, qa_file: str | None) -
         raise UserError(f"metrics.ruler.lengths: {e}") from None
 
 
+HAYSTACK_CHARS = 64_000_000  # RULER's haystack: the evaluation documents up to this many characters
 _FILLER = "The grass is green and the sky is blue. " * 4000  # stands in for the haystack text when checking fit

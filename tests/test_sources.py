@@ -1,0 +1,173 @@
+"""Text sources of a suite (harness.data.sources) and their memory-mapped token streams (harness.data.tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness.data import default_tokenizer, random_windows
+from harness.data.sources import Source, open_source
+from harness.data.tokens import as_long, stream_dtype, token_stream
+from harness.errors import UserError
+from harness.plan import documents, plan
+from harness.suite import load_suite
+
+DOCS = ["First book.\r\nIt has two lines.\n", "Second book,\n\nwith a blank line.", "Third. " * 3000]
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # its own cache of the local json
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def write_sources(root):
+    """The same documents as a text directory, a jsonl file and a json file for datasets."""
+    (root / "books").mkdir()
+    for i, text in enumerate(DOCS):  # names sort naturally: 2 before 10
+        (root / "books" / f"{[2, 10, 11][i]}.txt").write_bytes(text.encode())
+    rows = "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(DOCS))
+    (root / "books.jsonl").write_text(rows)
+    return {"text": Source(source="text", path=str(root / "books")),
+            "jsonl": Source(source="jsonl", path=str(root / "books.jsonl"), field="body"),
+            "hf": Source(source="hf", path="json", data_files=str(root / "books.jsonl"), field="body")}
+
+
+def test_text_jsonl_and_hf_give_the_same_tokens(tmp_path, tmp_cache, tok):
+    streams = {}
+    for name, src in write_sources(tmp_path).items():
+        docs = open_source(src, "data.train")
+        assert [d.text for d in docs] == [t.replace("\r\n", "\n") for t in DOCS], name
+        streams[name] = token_stream(tok, docs)
+    text = streams["text"]
+    assert isinstance(text, np.memmap) and text.dtype == np.uint16
+    assert all(np.array_equal(text, s) for s in streams.values())
+    eos = tok.eos_token_id
+    assert int((text == eos).sum()) == len(DOCS) - 1
+    assert tok.decode(as_long(text).tolist()).split(tok.eos_token) == [t.replace("\r\n", "\n") for t in DOCS]
+    assert len(list((tmp_cache / "tokens").iterdir())) == 3  # one entry per source fingerprint
+
+
+def test_max_tokens_caps_the_stream_and_the_key(tmp_path, tmp_cache, tok):
+    src = write_sources(tmp_path)["text"]
+    whole = token_stream(tok, open_source(src, "data.train"))
+    capped = open_source(src.model_copy(update={"max_tokens": 50}), "data.train")
+    assert capped.fingerprint != open_source(src, "data.train").fingerprint
+    assert np.array_equal(token_stream(tok, capped), whole[:50])
+    assert len(token_stream(tok, capped, max_tokens=20)) == 20  # the smaller of the two caps
+    with pytest.raises(UserError, match="max_tokens"):
+        token_stream(tok, capped, max_tokens=0)
+
+
+def test_a_changed_file_is_a_new_stream(tmp_path, tmp_cache, tok):
+    src = write_sources(tmp_path)["text"]
+    before = open_source(src, "data.train")
+    (tmp_path / "books" / "2.txt").write_text("A different first book, longer than before.")
+    after = open_source(src, "data.train")
+    assert before.fingerprint != after.fingerprint
+    assert tok.decode(as_long(token_stream(tok, after)[:9]).tolist()).startswith("A different first book")
+    with pytest.raises(UserError, match="2.txt changed since its source was opened"):
+        token_stream(tok, before)  # its fingerprint says what the file was, not what it is now
+
+
+def test_random_windows_read_a_memory_mapped_stream_like_a_tensor(tmp_path, tmp_cache, tok):
+    stream = token_stream(tok, open_source(write_sources(tmp_path)["text"], "data.train"))
+    a = random_windows(stream, 16, 4, torch.Generator().manual_seed(3))
+    b = random_windows(as_long(stream), 16, 4, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.long and a.shape == (4, 16) and torch.equal(a, b)
+
+
+def test_wide_vocabularies_are_stored_as_uint32():
+    class Wide:
+        def __len__(self):
+            return 70_000
+
+    assert stream_dtype(Wide()) == np.uint32
+
+
+@pytest.mark.parametrize(("setup", "src", "message"), [
+    (None, {"source": "text", "path": "{tmp}/nowhere"}, r"data.train.path: .*nowhere does not exist"),
+    ("empty_dir", {"source": "text", "path": "{tmp}/d"}, r"holds no \*.txt files"),
+    ("empty_files", {"source": "text", "path": "{tmp}/d"}, "no text to tokenize"),
+    ("bad_utf8", {"source": "text", "path": "{tmp}/d"}, r"1.txt is not UTF-8"),
+    ("no_field", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"},
+     r"x.jsonl:2: no text field 'body' \(fields: other\)"),
+    ("not_json", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"}, r"x.jsonl:2: not JSON"),
+    ("no_field", {"source": "hf", "path": "json", "data_files": "{tmp}/x.jsonl", "field": "txt"},
+     r"data.train.field: json has no column 'txt' \(columns: body"),
+    (None, {"source": "hf", "path": "no-such-org/no-such-dataset"}, r"load_dataset.*fix: without network"),
+])
+def test_bad_sources_are_named_and_leave_no_cache_entry(tmp_path, tmp_cache, tok, monkeypatch, setup, src, message):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tmp_path / "d"
+    if setup in ("empty_dir", "empty_files", "bad_utf8"):
+        d.mkdir()
+    if setup == "empty_files":
+        (d / "1.txt").write_text("")
+    if setup == "bad_utf8":
+        (d / "1.txt").write_bytes(b"ok \xff\xfe")
+    if setup in ("no_field", "not_json"):
+        second = '{"other": "b"}' if setup == "no_field" else "{not json"
+        (tmp_path / "x.jsonl").write_text('{"body": "a"}\n' + second + "\n")
+    source = Source(**{k: v.format(tmp=tmp_path) for k, v in src.items()})
+    with pytest.raises(UserError, match=message) as e:
+        token_stream(tok, open_source(source, "data.train"))
+    assert "\n" not in str(e.value)
+    assert not list((tmp_cache / "tokens").glob("*")) if (tmp_cache / "tokens").exists() else True
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("train: {source: text}", "source text needs a path"),
+    ("train: {source: text, path: x, split: train}", "split: a text source is one split"),
+    ("train: {source: embedded, field: text}", "field: not an option of source embedded"),
+    ("eval: {source: parquet}", r"data.eval.source: Input should be 'embedded', 'pg19'"),
+    ("split: test", r"data.split: unknown field \(allowed: pg19, train, eval\)"),
+])
+def test_bad_data_blocks_fail_validation(tmp_path, data, message):
+    (tmp_path / "s.yaml").write_text(f"name: s\ndata:\n  {data}\n")
+    with pytest.raises(UserError, match=message):
+        load_suite(tmp_path / "s.yaml")
+
+
+def test_defaults_and_the_pg19_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    (tmp_path / "s.yaml").write_text("name: s\n")
+    data = load_suite(tmp_path / "s.yaml").data
+    assert data.source("train") == Source(source="embedded", split="train")
+    assert data.source("eval") == Source(source="embedded", split="test")
+    monkeypatch.setenv("HARNESS_PG19_DIR", "/env")
+    assert data.source("eval") == Source(source="pg19", split="test", path="/env")
+    assert data.source("eval", pg19="/flag").path == "/flag"
+    (tmp_path / "s.yaml").write_text("name: s\ndata:\n  pg19: /suite\n  train: {source: pg19}\n"
+                                     "  eval: {source: pg19, split: validation, path: /own}\n")
+    data = load_suite(tmp_path / "s.yaml").data
+    assert data.source("train") == Source(source="pg19", split="train", path="/suite")
+    assert data.source("eval") == Source(source="pg19", split="validation", path="/own")
+    assert data.source("eval", pg19="/flag").path == "/flag"
+
+
+def test_the_training_text_determines_the_finetuned_cells_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    srcs = write_sources(tmp_path)
+    hashes = {}
+    for name, train in (("embedded", ""), ("text", f"data:\n  train: {{source: text, path: {srcs['text'].path}}}\n")):
+        (tmp_path / "s.yaml").write_text("name: s\nmethods: [lora]\n" + train)
+        suite = load_suite(tmp_path / "s.yaml")
+        jobs = plan(suite, documents(suite, "eval").fingerprint, documents(suite, "train").fingerprint)
+        hashes[name] = {c["id"]: c["hash"] for j in jobs for c in j.cells}
+    assert hashes["embedded"].keys() == hashes["text"].keys()
+    changed = {i for i in hashes["text"] if hashes["text"][i] != hashes["embedded"][i]}
+    assert changed and all("/lora/" in i for i in changed)
+    assert all(hashes["text"][i] == hashes["embedded"][i] for i in hashes["text"] if "/pretrain" in i)
