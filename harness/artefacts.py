@@ -12,6 +12,7 @@ Interrupted training resumes from its last checkpoint in the cache's work direct
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 
@@ -20,6 +21,7 @@ import torch
 import harness.attention as attention_module
 from harness import cache, provenance
 from harness.attention import register
+from harness.attention.hf import uses_attention_interface
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
 from harness.data.recall import RecallDocuments, recall_batches
 from harness.data.sources import Documents
@@ -30,6 +32,7 @@ from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
+from harness.models.sources import Checkpoint, load_model, load_tokenizer, resolve
 from harness.suite import Backend, Suite
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
@@ -48,8 +51,35 @@ def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
                        seed=seed)
 
 
+def device() -> torch.device:
+    """Where variants are trained and evaluated: the job's GPU (the runner gives each job one), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tokenizer(model: str | Checkpoint):
+    """The tokenizer of a `models:` entry: the embedded one for presets, the checkpoint's own otherwise (loaded
+    once per process)."""
+    return default_tokenizer() if isinstance(model, str) else _checkpoint_tokenizer(model.model_dump_json())
+
+
+@functools.cache
+def _checkpoint_tokenizer(entry: str):
+    return load_tokenizer(resolve(Checkpoint.model_validate_json(entry)))
+
+
+def base(suite: Suite, model: str | Checkpoint, seed: int) -> tuple[torch.nn.Module, dict]:
+    """(the variant fine-tunes start from, in eval mode on `device()`, info with its "hash"): a preset pretrained
+    by the recipe, or a checkpoint as loaded."""
+    if isinstance(model, str):
+        return pretrained(suite, model, seed)
+    resolved = resolve(model)
+    loaded = load_model(resolved)
+    load_tokenizer(resolved, loaded)  # its vocabulary must fit the embedding
+    return loaded.to(device()), {**resolved.info(), "train": None}
+
+
 def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
-    """(model in eval mode, info with its cache key and training log)."""
+    """(model in eval mode on `device()`, info with its cache key and training log)."""
     cfg = pretrain_config(suite, seed)
     corpus, tok = default_corpus(), default_tokenizer()
     config = preset_config(preset)
@@ -64,6 +94,7 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
         model = HybridForCausalLM(config)
         if p.induction_init is not None:
             induction_init(model, p.induction_init)
+        model.to(device())
         tokens = encode_corpus(tok, corpus, "train")
         if p.recall > 0:
             text = "\n".join(d.text for d in corpus.split("train"))
@@ -76,37 +107,37 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
             model.save_pretrained(d)
         path = cache.lookup(PRETRAINED, key)
     meta = json.loads((path / cache.META).read_text())
-    return _load(path, lambda: HybridForCausalLM.from_pretrained(path)).eval(), {**info, "train": meta["train"]}
+    model = _load(path, lambda: HybridForCausalLM.from_pretrained(path)).to(device())
+    return model.eval(), {**info, "train": meta["train"]}
 
 
-def finetuned(suite: Suite, preset: str, seed: int, method: str, backend: Backend,
+def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,
               data: Documents) -> tuple[torch.nn.Module, dict]:
-    """(pretrained + `method` trained with `backend` at the fine-tuning context on `data`, info)."""
-    base, base_info = pretrained(suite, preset, seed)
+    """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info)."""
+    start, base_info = base(suite, model, seed)
     f, cfg = suite.finetune, finetune_config(suite, backend, seed)
     key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
                             f.gradient_checkpointing, data.fingerprint,
                             provenance.artefact_fingerprint(provenance.ADAPTER))
     info = {**base_info, "adapter": key, "train": None, "finetune_data": data.description}
     if (path := cache.lookup(ADAPTER, key)) is None:
-        base.set_attn_implementation(register(backend.name, **backend.options))
+        use_attention(start, backend, "finetune")
         if f.gradient_checkpointing:
-            base.gradient_checkpointing_enable()
+            start.gradient_checkpointing_enable()
         torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
-        model, summary = apply_method(base, method, rank=f.rank, alpha=f.alpha)
+        trained, summary = apply_method(start, method, rank=f.rank, alpha=f.alpha)
         with attention_module.recording() as kernels:
-            tokens = token_stream(default_tokenizer(), data)
-            log = _train(model, cfg, _windows(tokens, cfg), ADAPTER, key,
+            tokens = token_stream(tokenizer(model), data)
+            log = _train(trained, cfg, _windows(tokens, cfg), ADAPTER, key,
                          f"fine-tune {method}/{backend.label} @ {cfg.context}")
         meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
                           "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:
-            save_method(model, d)
+            save_method(trained, d)
         path = cache.lookup(ADAPTER, key)
-        base, _ = pretrained(suite, preset, seed)  # a fresh base: load_method applies the saved state to it
+        start, _ = base(suite, model, seed)  # a fresh base: load_method applies the saved state to it
     meta = json.loads((path / cache.META).read_text())
-    model = _load(path, lambda: load_method(base, path))
-    return model.eval(), {**info, "train": meta["train"]}
+    return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}
 
 
 def _load(path, load):
@@ -133,10 +164,16 @@ def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: st
 
 
 def use_attention(model: torch.nn.Module, backend: Backend | None, eval_attention: str) -> str:
-    """Switch a model's attention for evaluation: its fine-tuning `backend` when `eval_attention` is "finetune"
-    (None: a pretrained model, which has none), else full attention; return the implementation name. Both go
-    through register(), so the kernel that ran is recorded."""
+    """Switch a model's attention: its fine-tuning `backend` when `eval_attention` is "finetune" (None: a
+    pretrained model, which has none), else full attention; return the implementation name. Both go through
+    register(), so the kernel that ran is recorded. A model whose attention does not go through transformers'
+    AttentionInterface keeps its own ("native"), which is full attention; any other backend is an error."""
     chosen = backend if eval_attention == "finetune" and backend is not None else Backend(name="full", label="full")
+    if not uses_attention_interface(model):
+        if chosen.name != "full":
+            raise UserError(f"backend {chosen.label}: {type(model).__name__} ({model.config.model_type}) computes "
+                            "attention itself, not through transformers' AttentionInterface; only `full` applies")
+        return "native"
     name = register(chosen.name, **chosen.options)
     model.set_attn_implementation(name)
     return name

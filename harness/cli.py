@@ -152,9 +152,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.attention import available
         from harness.data.ruler import PAPER_TASKS
         from harness.finetune.methods import METHODS
-        from harness.models import PRESETS
+        from harness.models.presets import PRETRAINABLE
+        from harness.models.sources import NAMED
 
-        print("model presets:", ", ".join(PRESETS))
+        print("model presets (the harness pretrains them):", ", ".join(PRETRAINABLE))
+        print("named checkpoints:", ", ".join(f"{k} ({v['path']})" for k, v in NAMED.items()))
         print("methods:", ", ".join(METHODS))
         print("attention backends:")
         for name, b in available().items():

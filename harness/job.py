@@ -79,15 +79,29 @@ class Context:
         self.state: dict = {}  # per job: whatever a metric wants to build once (lm-eval's task index, say)
 
     def model(self):
-        """(model, info): the pretrained model, or its fine-tune with this job's method and backend."""
-        from harness.artefacts import finetuned, pretrained
+        """(model, info): the base (a pretrained preset or a checkpoint), or its fine-tune with this job's method
+        and backend."""
+        from harness.artefacts import base, finetuned
 
         if "model" not in self.state:
-            s = self.spec
-            self.state["model"] = (pretrained(self.suite, s["model"], s["seed"]) if self.backend is None else
-                                   finetuned(self.suite, s["model"], s["seed"], s["method"], self.backend,
+            s, entry = self.spec, self.suite.model(self.spec["model"])
+            self.state["model"] = (base(self.suite, entry, s["seed"]) if self.backend is None else
+                                   finetuned(self.suite, entry, s["seed"], s["method"], self.backend,
                                              self.documents("train")))
         return self.state["model"]
+
+    def tokenizer(self):
+        """The model's tokenizer (harness.artefacts.tokenizer)."""
+        from harness.artefacts import tokenizer
+
+        if "tokenizer" not in self.state:
+            self.state["tokenizer"] = tokenizer(self.suite.model(self.spec["model"]))
+        return self.state["tokenizer"]
+
+    @property
+    def pretrain_context(self) -> int:
+        """The model's pretraining context: the suite's pretraining recipe for presets, a checkpoint's own."""
+        return self.model()[1].get("pretrain_context") or self.suite.pretrain.context
 
     def use_attention(self, eval_attention: str) -> str:
         """Evaluate with full attention, or ("finetune") with the fine-tuning backend (harness.artefacts)."""
@@ -105,11 +119,10 @@ class Context:
 
     def eval_stream(self, max_tokens: int):
         """(token stream of the evaluation documents, dataset fields with its token count and tokenizer)."""
-        from harness.data import default_tokenizer
         from harness.data.tokenizer import tokenizer_fingerprint
         from harness.data.tokens import as_long, token_stream
 
-        docs, tok = self.documents("eval"), default_tokenizer()
+        docs, tok = self.documents("eval"), self.tokenizer()
         stream = as_long(token_stream(tok, docs, max_tokens))
         return stream, {**docs.dataset(), "tokens": int(stream.numel()), "tokenizer": tokenizer_fingerprint(tok)}
 

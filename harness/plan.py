@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from harness import cache, provenance
 from harness.cells import Cell, Variant
 from harness.metrics.base import builtin
+from harness.models.sources import label
 from harness.results import Record
 from harness.suite import Backend, Suite
 
@@ -41,21 +42,27 @@ class PlanContext:
     backend: Backend | None = None  # metrics of kind "backend": the backend whose cells these are
 
 
-def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = None) -> list[Job]:
+def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = None,
+         checkpoints: dict[str, str] | None = None) -> list[Job]:
     """Every job and cell of the suite, pretraining first; each cell carries the hash of what determines it
-    (`data_fingerprint`: of the evaluation documents; `train_fingerprint`: of the fine-tuning text) and the
-    fingerprint of the code that measures it (harness.provenance)."""
+    (`data_fingerprint`: of the evaluation documents; `train_fingerprint`: of the fine-tuning text;
+    `checkpoints`: each checkpoint's fingerprint by name, harness.models.sources.resolve) and the fingerprint of
+    the code that measures it (harness.provenance). Presets get a pretraining job; checkpoints are as loaded."""
     configured = [(m, getattr(suite.metrics, m.name, None)) for m in builtin().values()]
     configured = [(m, c) for m, c in configured if c is not None or m.config is None]
     # a fine-tune's own cells (train) first: its record is written as soon as the fine-tuning ends
     per_variant = sorted([(m, c) for m, c in configured if m.kind == "variant"],
                          key=lambda mc: not mc[0].finetuned_only)
     jobs, ctx = [], PlanContext(suite, data_fingerprint)
-    for model in suite.models if any(c is not None for _, c in per_variant) else []:
+    for entry in suite.models if any(c is not None for _, c in per_variant) else []:
+        model = label(entry)
         for seed in suite.seeds:
-            base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
-            pretrain = Cell("pretrain", Variant(model, seed))
-            jobs.append(Job("pretrain", pretrain.id, {**base}, [_cell(pretrain, base)]))
+            if isinstance(entry, str):
+                base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
+                pretrain = Cell("pretrain", Variant(model, seed))
+                jobs.append(Job("pretrain", pretrain.id, {**base}, [_cell(pretrain, base)]))
+            else:
+                base = {"model": model, "seed": seed, "checkpoint": (checkpoints or {})[model]}
             variants = [(Variant(model, seed), None)] + [
                 (Variant(model, seed, meth, b.label, suite.finetune.context), b)
                 for meth in suite.methods for b in suite.backends]

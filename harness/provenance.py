@@ -18,8 +18,8 @@ from pathlib import Path
 from harness import cache
 
 _ROOT = Path(__file__).parent
-# Modules inside the packages below that determine no artefact: loading mamba_ssm checkpoints, timing a layer.
-_NOT_BUILDING = ("harness.models.checkpoint", "harness.attention.bench")
+# Modules inside the packages below that determine no artefact: loading checkpoints, timing a layer.
+_NOT_BUILDING = ("harness.models.checkpoint", "harness.models.sources", "harness.attention.bench")
 
 PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens",
               "harness.data.sources")

@@ -26,6 +26,7 @@ from pathlib import Path
 from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
+from harness.models.sources import Checkpoint, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
 
@@ -44,9 +45,14 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
               only: str | None = None, retry_failed: bool = False) -> Outcome | None:
     suite = load_suite(suite_path)
     out = Path(out or Path("reports") / suite.name)
-    corpus = documents(suite, "eval", pg19)
-    train = documents(suite, "train", pg19) if suite.methods and suite.backends else None
-    jobs = plan(suite, corpus.fingerprint, train and train.fingerprint)
+    missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
+    corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval")
+    finetunes = bool(suite.methods and suite.backends)
+    train = _present(lambda: documents(suite, "train", pg19), missing, "data.train") if finetunes else None
+    checkpoints = {m.name: getattr(_present(lambda m=m: resolve(m), missing, "model"), "fingerprint", MISSING)
+                   for m in suite.models if isinstance(m, Checkpoint)}
+    jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING) if finetunes
+                else None, checkpoints)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]
@@ -58,6 +64,8 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         for job in jobs:
             for c in job.cells:
                 print(f"  {state[c['id']]:<8} {c['id']}")
+        if missing:
+            raise UserError(f"missing on this machine: {', '.join(missing)} (said above); a run would stop there")
         return None
     cache.check_writable()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +74,9 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
                   "pg19": pg19}
-        if train is not None and any(j.spec.get("stage") == FINETUNED and todo[j.name] for j in jobs):
-            _tokenize(train)
+        finetunes = {j.spec["model"] for j in jobs if j.spec.get("stage") == FINETUNED and todo[j.name]}
+        for model in finetunes if train is not None else ():
+            _tokenize(train, suite.model(model))
         pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
         devices = _devices()
@@ -84,13 +93,31 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     return Outcome(report, len(ids), dict(failed))
 
 
-def _tokenize(train) -> None:
-    """Tokenize the fine-tuning text before any job (cached): text that cannot be read stops the run here, with
-    its message, instead of failing every fine-tune; and jobs on several devices do not tokenize it side by side."""
-    from harness.data import default_tokenizer
+MISSING = "missing"  # the fingerprint of what a dry run could not find
+
+
+def _present(find, missing: list | None, what: str):
+    """`find()` (data or a checkpoint). In a dry run (`missing`: the list to note it in), what is not on this
+    machine is said (what is missing, how to get it) and None returned, so the cells are still listed; a run stops
+    there."""
+    try:
+        return find()
+    except UserError as e:
+        if missing is None:
+            raise
+        print(f"missing {what}: {e}")
+        missing.append(what)
+        return None
+
+
+def _tokenize(train, model) -> None:
+    """Tokenize the fine-tuning text with `model`'s tokenizer before any job (cached): text that cannot be read
+    stops the run here, with its message, instead of failing every fine-tune; and jobs on several devices do not
+    tokenize it side by side."""
+    from harness.artefacts import tokenizer
     from harness.data.tokens import token_stream
 
-    token_stream(default_tokenizer(), train)
+    token_stream(tokenizer(model), train)
 
 
 def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -> dict[str, str]:
@@ -100,7 +127,7 @@ def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -
     counts = Counter(state.values())
     print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
-          + f"; evaluating on {corpus.description}; results in {out}")
+          + f"; evaluating on {getattr(corpus, 'description', '(missing)')}; results in {out}")
     return state
 
 

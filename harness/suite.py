@@ -24,8 +24,9 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 
 from harness.data.sources import SPLIT, Source
 from harness.errors import UserError
-from harness.metrics.base import METRICS, as_value_error, builtin, distinct
+from harness.metrics.base import METRICS, builtin, distinct
 from harness.metrics.base import Strict as _Strict
+from harness.models.sources import Checkpoint, label, model_entry
 
 
 class Pretrain(_Strict):
@@ -110,7 +111,7 @@ class Backend(BaseModel):
 class Suite(_Strict):
     name: str
     description: str = ""
-    models: list[str] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
+    models: list[str | Checkpoint] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["lora"])
     backends: list[Any] = Field(default_factory=lambda: ["full"], validate_default=True)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -131,12 +132,14 @@ class Suite(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _presets(cls, v: list[str]) -> list[str]:
-        from harness.models import preset_config
+    def _models(cls, v: list[str | Checkpoint]) -> list[str | Checkpoint]:
+        v = [model_entry(m) if isinstance(m, str) else m for m in v]
+        distinct([label(m) for m in v])
+        return v
 
-        for m in v:
-            as_value_error(preset_config, m)
-        return distinct(v)
+    def model(self, name: str) -> str | Checkpoint:
+        """The `models:` entry labelled `name`: a preset's name, or a Checkpoint."""
+        return next(m for m in self.models if label(m) == name)
 
     @field_validator("seeds", "plugins")
     @classmethod

@@ -58,7 +58,7 @@ SUITES = [
     ("unknown nested field", "name: x\nfinetune: {stepz: 3}\n", r"finetune\.stepz: unknown field \(did you mean"),
     ("wrong type", "name: x\nfinetune: {steps: many}\n", r"finetune\.steps: .*integer.*'many'"),
     ("zero steps", "name: x\nfinetune: {steps: 0}\n", r"finetune\.steps: .*greater than or equal to 1"),
-    ("unknown preset", "name: x\nmodels: [tiny-hybrd]\n", r"models: .*Did you mean .tiny-hybrid"),
+    ("unknown preset", "name: x\nmodels: [tiny-hybrd]\n", r"models: unknown model 'tiny-hybrd' \(did you mean"),
     ("unknown method", "name: x\nmethods: [hylorra]\n", r"did you mean 'hylora'"),
     ("unknown backend", "name: x\nbackends: [se_atn]\n", r"(?i)did you mean 'se_attn'"),
     ("bad backend option", "name: x\nbackends: [{se_attn: {chunk_size: 64, block_size: 0}}]\n",

@@ -45,7 +45,7 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: [unclosed\n", "malformed YAML"),
     ("- a\n- b\n", "YAML mapping"),
     ("description: no name\n", "name: Field required"),
-    ("name: x\nmodels: [tiny-hybrd]\n", "line 2: models: .*Did you mean .tiny-hybrid."),
+    ("name: x\nmodels: [tiny-hybrd]\n", "line 2: models: .*did you mean .tiny-hybrid."),
     ("name: x\nmethods: [hylorra]\n", "did you mean 'hylora'"),
     ("name: x\nbackends: [se_atn]\n", "(?i)did you mean 'se_attn'"),
     ("name: x\nbackends: [{sliding_window: {window: 0}}]\n", "window=0 is invalid"),

@@ -29,6 +29,16 @@ def implementation_name(backend: str, **options) -> str:
     return f"harness_{name}_{hashlib.sha1(canonical.encode()).hexdigest()[:8]}"
 
 
+def uses_attention_interface(model) -> bool:
+    """Whether the model's attention modules look their kernel up in transformers' AttentionInterface (so that
+    `set_attn_implementation(register(...))` reaches them): a module whose class name holds "Attention" is
+    defined next to ALL_ATTENTION_FUNCTIONS."""
+    import sys
+
+    return any("Attention" in type(m).__name__ and hasattr(sys.modules[type(m).__module__], "ALL_ATTENTION_FUNCTIONS")
+               for m in model.modules())
+
+
 def registered_backend(impl_name: str) -> Backend | None:
     """The Backend behind an implementation name returned by `register`, or None."""
     return _registered.get(impl_name)

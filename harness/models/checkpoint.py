@@ -3,8 +3,8 @@
 Such a directory holds mamba_ssm's `config.json` (MambaConfig's fields: d_model, n_layer, vocab_size,
 ssm_cfg, attn_layer_idx, attn_cfg, d_intermediate, rms_norm, residual_in_fp32, fused_add_norm,
 pad_vocab_size_multiple, tie_embeddings; no model_type) and the weights of MambaLMHeadModel in
-`model.safetensors` or `pytorch_model.bin`, whose parameter names are ours. Loading is strict: every
-missing, unexpected or misshapen tensor is reported. A tied lm_head may be absent from the file
+`model.safetensors` or `pytorch_model.bin` (or shards listed by an index), whose parameter names are ours.
+Loading is strict: every missing, unexpected or misshapen tensor is reported. A tied lm_head may be absent from the file
 (safetensors drops shared tensors); if present it must equal the embedding.
 """
 
@@ -22,6 +22,7 @@ from .modeling import HybridForCausalLM
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # first found wins
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded: these list the shards
 
 
 def load_mamba_ssm_config(path: str | Path) -> HybridConfig:
@@ -43,27 +44,43 @@ def load_mamba_ssm_config(path: str | Path) -> HybridConfig:
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file named in errors, every tensor): one weights file, or every shard an index lists."""
+    for name in INDEXES:
+        index = path / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})") from None
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise UserError(f"{index} lists {shard}, which is missing; fix: download every shard")
+                state.update(_read_file(path / shard))
+            return index, state
     for name in WEIGHTS:
-        file = path / name
-        if file.is_file():
-            break
-    else:
-        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise UserError(f"{path}: no weights ({' or '.join(WEIGHTS)}; found {found}). "
-                        "Sharded checkpoints are not supported.")
+        if (path / name).is_file():
+            return path / name, _read_file(path / name)
+    found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    raise UserError(f"{path}: no weights ({' or '.join(WEIGHTS)}, or a shard index; found {found})")
+
+
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return file, load_file(str(file))
-        return file, torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt or truncated file, pickle with disallowed objects, ...
         raise UserError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
 
 
-def load_mamba_ssm_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> HybridForCausalLM:
+def load_mamba_ssm_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
+                              keep_fp32: tuple[str, ...] = ()) -> HybridForCausalLM:
     """HybridForCausalLM with the weights of a mamba_ssm checkpoint directory, in eval mode.
 
-    dtype: the model's dtype (default: the checkpoint's, e.g. bf16 stays bf16).
+    dtype: the model's dtype (default: the checkpoint's first floating dtype, e.g. bf16 stays bf16); parameters
+    whose name ends in one of `keep_fp32` stay float32 (mamba_ssm keeps A_log, D and dt_bias so).
     """
     path = Path(path)
     config = load_mamba_ssm_config(path)
@@ -96,7 +113,8 @@ def load_mamba_ssm_checkpoint(path: str | Path, dtype: torch.dtype | None = None
     if tied and state[head] is not state[emb] and not torch.equal(state[head], state[emb]):
         raise UserError(f"{file}: {head} differs from {emb} but {CONFIG} has tie_embeddings=true")
 
-    state = {k: v.to(dtype) for k, v in state.items()}
+    state = {k: v.to(torch.float32 if k.rsplit(".", 1)[-1] in keep_fp32 and v.is_floating_point() else dtype)
+             for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.backbone.embedding.weight

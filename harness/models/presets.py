@@ -28,6 +28,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The presets a suite may name to have the harness pretrain them (on a CPU, in minutes); the others are layouts
+# (tests, parameter counts). A suite's `mamba2attn-2.7b` is the paper's checkpoint (harness.models.sources.NAMED).
+PRETRAINABLE = ("tiny-hybrid",)
+
+
 def preset_config(name: str) -> HybridConfig:
     """The HybridConfig of a named preset; UserError with a suggestion for an unknown name."""
     if name not in PRESETS:

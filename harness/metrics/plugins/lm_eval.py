@@ -58,19 +58,18 @@ class LmEval(Metric):
         return [(Cell(self.name, variant, task=t, eval_attention=ev), hashed) for t in config.tasks]
 
     def measure(self, ctx, cell: dict, config: LmEvalConfig) -> Measurement:
-        from harness.data import default_tokenizer
         from harness.metrics.lm_eval import evaluate_lm_eval, task_manager
 
         model, info = ctx.model()
         ctx.use_attention(config.eval_attention)
         if "lm_eval_tasks" not in ctx.state:  # one task index per job: building it takes seconds
             ctx.state["lm_eval_tasks"] = task_manager(config.tasks, config.include_path)
-        res = evaluate_lm_eval(model, default_tokenizer(), cell["task"], ctx.state["lm_eval_tasks"],
+        res = evaluate_lm_eval(model, ctx.tokenizer(), cell["task"], ctx.state["lm_eval_tasks"],
                                limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
                                max_length=config.max_length)
         settings = {**res.settings, "samples_file": ctx.write_samples(cell, res.samples),
                     "include_path": config.include_path, "eval_attention": config.eval_attention,
-                    "pretrain_context": ctx.suite.pretrain.context}
+                    "pretrain_context": ctx.pretrain_context}
         return Measurement(res.values, {}, settings, res.dataset, info)
 
     def section(self, records):

@@ -54,7 +54,7 @@ class Perplexity(Metric):
         windows = max(1, config.tokens_per_length // cell["length"])
         res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True)
         settings = {**res.as_settings(), "max_windows": windows, "eval_attention": config.eval_attention,
-                    "pretrain_context": ctx.suite.pretrain.context, "seed": ctx.seed}
+                    "pretrain_context": ctx.pretrain_context, "seed": ctx.seed}
         return Measurement(res.as_values(), res.units(), settings, dataset, info)
 
     def section(self, records):

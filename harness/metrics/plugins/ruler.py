@@ -77,25 +77,31 @@ class Ruler(Metric):
                "harness.metrics.decode_check", *EVAL_DATA)
 
     def cells(self, config: RulerConfig, variant, plan):
-        for task in config.tasks:  # where the user is, not an error per cell at run time
+        from harness.artefacts import tokenizer
+        from harness.errors import UserError
+
+        try:
+            tok = tokenizer(plan.suite.model(variant.model))  # lengths are in the model's tokens
+        except UserError:  # a checkpoint not on this machine: the runner said so (a dry run goes on without it)
+            tok = None
+        for task in config.tasks if tok is not None else ():  # where the user is, not an error per cell at run time
             for n in {min(config.lengths), max(config.lengths)}:
-                _fits(task, n, config.essay_file, config.qa_files.get(task))
+                _fits(task, n, tok, config.essay_file, config.qa_files.get(task))
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint}
         ev = eval_attention(config, variant)
         return [(Cell(self.name, variant, n, t, ev), hashed) for t in config.tasks for n in config.lengths]
 
     def measure(self, ctx, cell: dict, config: RulerConfig) -> Measurement:
-        from harness.data import default_tokenizer
         from harness.metrics.ruler_eval import evaluate_ruler
 
         model, info = ctx.model()
         ctx.use_attention(config.eval_attention)
         docs = ctx.documents("eval")
         haystack, dataset = docs.text(HAYSTACK_CHARS), docs.dataset()
-        values, samples = evaluate_ruler(model, default_tokenizer(), cell["task"], cell["length"], config.samples,
+        values, samples = evaluate_ruler(model, ctx.tokenizer(), cell["task"], cell["length"], config.samples,
                                          ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]))
         settings = {"task": cell["task"], "samples_file": ctx.write_samples(cell, samples),
-                    "eval_attention": config.eval_attention, "pretrain_context": ctx.suite.pretrain.context}
+                    "eval_attention": config.eval_attention, "pretrain_context": ctx.pretrain_context}
         return Measurement(values, {"accuracy": "%"}, settings, dataset, info)
 
     def section(self, records):
@@ -105,14 +111,13 @@ class Ruler(Metric):
 
 
 @functools.cache
-def _fits(task: str, length: int, essay_file: str | None, qa_file: str | None) -> None:
+def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None) -> None:
     """Raise a UserError naming the suite field if one sample of `task` cannot be built at `length` tokens."""
-    from harness.data import default_tokenizer
     from harness.data.ruler.tasks import generate
     from harness.errors import UserError
 
     try:
-        generate(task, length, default_tokenizer(), 1, haystack_text=_FILLER, essay_file=essay_file, qa_file=qa_file)
+        generate(task, length, tokenizer, 1, haystack_text=_FILLER, essay_file=essay_file, qa_file=qa_file)
     except UserError as e:
         raise UserError(f"metrics.ruler.lengths: {e}") from None
 

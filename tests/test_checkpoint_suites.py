@@ -1,0 +1,291 @@
+"""Suites on checkpoints (harness.models.sources): tiny ones written here in each format, each through a whole
+run (one method x two backends, perplexity at two lengths, niah_single_1, report), the bad entries, and the
+pretrained perplexity of a Llama against plain transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+from harness import results
+from harness.cli import main
+from harness.data import default_corpus, train_tokenizer
+from harness.errors import UserError
+from harness.models import HybridConfig, HybridForCausalLM
+from harness.models.sources import Checkpoint, load_model, load_tokenizer, resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 512  # the tokenizer's vocabulary; every model here has exactly as many embeddings
+MAMBA_SSM = {"d_model": 32, "d_intermediate": 0, "n_layer": 3, "vocab_size": V, "attn_layer_idx": [1],
+             "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 16},
+             "attn_cfg": {"causal": True, "d_conv": 4, "head_dim": 16, "num_heads": 2, "rotary_emb_dim": 8},
+             "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
+             "tie_embeddings": True}
+HF = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512)),
+    "bamba": lambda: T.BambaForCausalLM(T.BambaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, max_position_embeddings=512)),
+    "zamba2": lambda: T.Zamba2ForCausalLM(T.Zamba2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1, chunk_size=16,
+        layers_block_type=["mamba", "hybrid", "mamba"], num_mem_blocks=1, intermediate_size=64,
+        max_position_embeddings=512)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(default_corpus(), V).save_pretrained(path)
+    return path
+
+
+def write_mamba_ssm(path, sharded: bool):
+    """A random HybridForCausalLM saved as mamba_ssm does (config.json without model_type): one pytorch_model.bin,
+    or two safetensors shards and their index."""
+    torch.manual_seed(0)
+    model = HybridForCausalLM(HybridConfig(**MAMBA_SSM))
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(MAMBA_SSM))
+    state = model.state_dict()
+    if not sharded:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    from safetensors.torch import save_file
+
+    state.pop("lm_head.weight")  # tied: safetensors drops shared tensors
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(path / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def write_hf(path, arch, tokenizer_dir):
+    torch.manual_seed(0)
+    HF[arch]().save_pretrained(path)
+    T.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+
+
+def entry(tmp_path, kind, tokenizer_dir) -> dict:
+    """The `models:` mapping of a tiny checkpoint of `kind`, written under tmp_path."""
+    path = tmp_path / kind
+    if kind.startswith("mamba_ssm"):
+        write_mamba_ssm(path, sharded=kind.endswith("sharded"))
+        return {"name": kind.replace("_", "-"), "path": str(path), "tokenizer": str(tokenizer_dir), "context": 32}
+    write_hf(path, kind, tokenizer_dir)
+    return {"name": kind, "path": str(path), "context": 32}
+
+
+SUITE = """\
+name: ckpt
+models: [{model}]
+methods: [lora]
+backends: [full, {{sliding_window: {{window: 16}}}}]
+finetune: {{context: 64, steps: 2, batch_size: 1, grad_accum: 1, warmup_steps: 0}}
+data:
+  train: {{source: embedded, max_tokens: 4000}}
+  eval: {{source: embedded, split: test, max_tokens: 3000}}
+metrics:
+  perplexity: {{contexts: [32, 64], tokens_per_length: 256}}
+  ruler: {{tasks: [niah_single_1], lengths: [512], samples: 2}}
+"""
+
+
+def run(tmp_path, capsys, model: dict, *extra) -> tuple[int, str]:
+    (tmp_path / "s.yaml").write_text(SUITE.format(model=json.dumps(model)))
+    code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+
+
+@pytest.mark.parametrize("kind", ["mamba_ssm", "mamba_ssm_sharded", "llama", "bamba", "zamba2"])
+def test_a_whole_suite_runs_on_a_checkpoint(tmp_path, capsys, isolated, tokenizer_dir, kind):
+    model = entry(tmp_path, kind, tokenizer_dir)
+    code, out = run(tmp_path, capsys, model)
+    assert code == 0, out
+    records = results.current(results.load(tmp_path / "out"))
+    by_cell = {r.cell: r for r in records}
+    name = model["name"]
+    expected = {f"{name}/seed0/{v}/{m}" for v in ("pretrained", "lora/full", "lora/sliding_window(window=16)")
+                for m in ("ppl@32", "ppl@64", "ruler/niah_single_1@512")} | {
+        f"{name}/seed0/lora/{b}/train" for b in ("full", "sliding_window(window=16)")}
+    assert set(by_cell) == expected, sorted(by_cell)
+    assert all(r.status == "ok" for r in records), [(r.cell, r.error) for r in records if r.status != "ok"]
+    assert f"{name}/seed0/pretrain" not in by_cell  # a checkpoint is not pretrained
+    ppl = by_cell[f"{name}/seed0/pretrained/ppl@32"]
+    assert ppl.model["name"] == name and ppl.model["pretrain_context"] == 32 and len(ppl.model["hash"]) == 16
+    assert math.isfinite(ppl.values["perplexity"]) and ppl.values["perplexity"] > 1
+    assert (tmp_path / "out" / "index.html").is_file()
+    code, out = run(tmp_path, capsys, model, "--dry-run")  # everything recorded: nothing left to do
+    assert code is None or code == 0
+    assert "0 already recorded" not in out and f"{len(expected)} already recorded" in out, out
+
+
+def longlora_windows(n: int, context: int, step: int, budget: int) -> list[int]:
+    """LongLoRA's window starts (every `step` while a window fits), thinned to `budget` evenly spaced ones."""
+    starts = list(range(0, n - context + 1, step))
+    if len(starts) <= budget:
+        return starts
+    return [starts[round(i * (len(starts) - 1) / (budget - 1))] for i in range(budget)]
+
+
+def test_llama_perplexity_matches_plain_transformers(tmp_path, capsys, isolated, tokenizer_dir):
+    model = entry(tmp_path, "llama", tokenizer_dir)
+    code, out = run(tmp_path, capsys, model, "--only", "*/pretrained/ppl@64")
+    assert code == 0, out
+    (rec,) = results.current(results.load(tmp_path / "out"))
+    # independently: the documents tokenized one by one, joined by eos, windows scored by the plain model
+    tok = T.AutoTokenizer.from_pretrained(tmp_path / "llama")
+    ids: list[int] = []
+    for doc in default_corpus().split("test"):
+        ids += ([tok.eos_token_id] if ids else []) + tok(doc.text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 3000:
+            break
+    stream = torch.tensor(ids[:3000])
+    llama = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    for s in longlora_windows(len(stream), 64, 256, 256 // 64):
+        with torch.no_grad():
+            logits = llama(stream[None, s:s + 64]).logits[0, :-1].double()
+        nll += F.cross_entropy(logits, stream[s + 1:s + 64], reduction="sum").item()
+        count += 63
+    assert rec.values["tokens_scored"] == count
+    assert rec.values["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing path", r"models.m.path: .*nowhere does not exist"),
+    ("no config", r"models.m: .* has no config.json"),
+    ("bad config", r"models.m: .*config.json is unreadable"),
+    ("unknown config key", r"models.m: .*HybridConfig: unknown field 'd_modle'"),
+    ("missing weights", r"models.m: .* has no weights"),
+    ("unexpected weights", r"models.m: .* does not match .* unexpected \(1\): extra.weight"),
+    ("missing keys", r"models.m: .* missing \(1\): backbone.norm_f.weight"),
+    ("no tokenizer", r"models.m: no tokenizer in .*mamba_ssm directory ships none: set `tokenizer:`"),
+    ("tokenizer too large", r"models.m: the tokenizer has 512 tokens, more than the model's 256 embeddings"),
+    ("hub id not cached", r"models.m.path: no-such-org/no-such-model is not a directory and not in the HF cache"),
+    ("no context", r"models.m: set `context:`"),
+])
+def test_bad_checkpoints_are_named(tmp_path, monkeypatch, isolated, tokenizer_dir, case, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "m"
+    fields = {"name": "m", "path": str(path), "tokenizer": str(tokenizer_dir), "context": 32}
+    if case not in ("missing path", "hub id not cached"):
+        write_mamba_ssm(path, sharded=False)
+    state = lambda: torch.load(path / "pytorch_model.bin", weights_only=True)  # noqa: E731
+    if case == "missing path":
+        fields["path"] = str(tmp_path / "nowhere")
+    elif case == "hub id not cached":
+        fields["path"] = "no-such-org/no-such-model"
+    elif case == "no config":
+        (path / "config.json").unlink()
+    elif case == "bad config":
+        (path / "config.json").write_text("{not json")
+    elif case == "unknown config key":
+        (path / "config.json").write_text(json.dumps({**MAMBA_SSM, "d_modle": 3}))
+    elif case == "missing weights":
+        (path / "pytorch_model.bin").unlink()
+    elif case == "unexpected weights":
+        torch.save({**state(), "extra.weight": torch.zeros(1)}, path / "pytorch_model.bin")
+    elif case == "missing keys":
+        s = state()
+        del s["backbone.norm_f.weight"]
+        torch.save(s, path / "pytorch_model.bin")
+    elif case == "no tokenizer":
+        del fields["tokenizer"]
+    elif case == "tokenizer too large":
+        small = {**MAMBA_SSM, "vocab_size": 256}
+        (path / "config.json").write_text(json.dumps(small))
+        torch.manual_seed(0)
+        torch.save(HybridForCausalLM(HybridConfig(**small)).state_dict(), path / "pytorch_model.bin")
+    elif case == "no context":
+        del fields["context"]
+    with pytest.raises(UserError, match=message) as e:
+        r = resolve(Checkpoint(**fields))
+        load_tokenizer(r, load_model(r))
+    assert "\n" not in str(e.value)
+
+
+def test_the_fingerprint_follows_the_weights_not_the_name(tmp_path, isolated, tokenizer_dir):
+    write_mamba_ssm(tmp_path / "a", sharded=False)
+    fields = {"name": "m", "tokenizer": str(tokenizer_dir), "context": 32}
+    a = resolve(Checkpoint(path=str(tmp_path / "a"), **fields))
+    assert resolve(Checkpoint(path=str(tmp_path / "a"), **{**fields, "name": "other"})).fingerprint == a.fingerprint
+    state = torch.load(tmp_path / "a" / "pytorch_model.bin", weights_only=True)
+    state["backbone.norm_f.weight"] += 1  # same shapes, same sizes, other weights
+    torch.save(state, tmp_path / "a" / "pytorch_model.bin")
+    assert resolve(Checkpoint(path=str(tmp_path / "a"), **fields)).fingerprint != a.fingerprint
+    assert resolve(Checkpoint(path=str(tmp_path / "a"), **{**fields, "context": 64})).fingerprint != a.fingerprint
+
+
+def test_suite_models_accept_presets_named_checkpoints_and_mappings(tmp_path):
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
+        name: s
+        models: [tiny-hybrid, mamba2attn-2.7b, {name: mine, path: /ckpt}]
+        """))
+    models = load_suite(tmp_path / "s.yaml").models
+    assert models[0] == "tiny-hybrid"
+    assert models[1].path == "state-spaces/mamba2attn-2.7b" and models[1].context == 2048
+    assert models[2] == Checkpoint(name="mine", path="/ckpt")
+    for bad, message in (("[tiny-hybrd]", "did you mean 'tiny-hybrid'"),
+                         ("[{name: a/b, path: x}]", "a model name is part of every cell id"),
+                         ("[{name: x, path: y, formt: hf}]", "unknown field"),
+                         ("[tiny-hybrid, {name: tiny-hybrid, path: y}]", "each value may appear once")):
+        (tmp_path / "s.yaml").write_text(f"name: s\nmodels: {bad}\n")
+        with pytest.raises(UserError, match=message):
+            load_suite(tmp_path / "s.yaml")
+
+
+def test_the_paper_suite_dry_runs_without_its_checkpoint_and_data(tmp_path, capsys, isolated, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    paper = Path(__file__).resolve().parents[1] / "suites" / "paper.yaml"
+    code = main(["run", str(paper), "--dry-run", "--out", str(tmp_path / "out")])
+    out = "".join(capsys.readouterr())
+    assert code == 2 and "error: missing on this machine: data.eval, data.train, model (said above)" in out, out
+    assert "missing model: models.mamba2attn-2.7b.path: state-spaces/mamba2attn-2.7b is not a directory" in out
+    assert "`hf download state-spaces/mamba2attn-2.7b`" in out
+    assert "missing data.train: PG-19 location not set" in out and "missing data.eval:" in out
+    cells = [line.split()[1] for line in out.splitlines() if line.startswith("  todo ")]
+    variants = 1 + 2 * 4  # pretrained + {lora_plus, hylora} x {full, sliding window, s2, se_attn (chunk from a set)}
+    assert len(cells) == variants * (4 + 11 * 8) + 2 * 4  # ppl at 4 lengths, RULER 11 x 8, a train cell per fine-tune
+    assert "mamba2attn-2.7b/seed0/hylora/se_attn(chunk_size=2048/4096,block_size=32,top_k=8)/ppl@32768" in cells
+
+
+def test_lm_eval_runs_on_a_checkpoint_with_its_tokenizer(tmp_path, capsys, isolated, tokenizer_dir):
+    from pathlib import Path
+
+    tasks = Path(__file__).parent / "data" / "lm_eval"
+    model = entry(tmp_path, "llama", tokenizer_dir)
+    (tmp_path / "s.yaml").write_text(f"name: ckpt\nmodels: [{json.dumps(model)}]\nmethods: []\nmetrics:\n"
+                                     f"  lm_eval: {{tasks: [harness_mc], limit: 4, include_path: {tasks}}}\n")
+    code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    (rec,) = results.current(results.load(tmp_path / "out"))
+    assert rec.cell == "llama/seed0/pretrained/lm_eval/harness_mc" and rec.status == "ok", rec.error
+    assert 0 <= rec.values["acc"] <= 1 and rec.model["name"] == "llama"
