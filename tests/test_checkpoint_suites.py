@@ -171,6 +171,9 @@ def test_llama_perplexity_matches_plain_transformers(tmp_path, capsys, isolated,
         count += 63
     assert rec.values["tokens_scored"] == count
     assert rec.values["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    text_bytes = len(tok.decode(ids[:3000], skip_special_tokens=True).encode("utf-8"))
+    assert rec.dataset["bytes"] == text_bytes and rec.dataset["tokens"] == 3000
+    assert rec.values["bits_per_byte"] == pytest.approx(nll / count / math.log(2) * 3000 / text_bytes, rel=1e-5)
 
 
 @pytest.mark.parametrize(("case", "message"), [

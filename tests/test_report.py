@@ -423,3 +423,23 @@ def test_parent_written_failures_get_their_variant_and_no_env_is_fine():
     assert any(b["type"] == "paragraph" and b["text"].startswith("2 record(s) carry no environment")
                for b in env["blocks"])
     assert len(env["blocks"][0]["rows"]) == 8  # one environment: key/value rows, no "None" row
+
+
+def test_models_with_different_tokenizers_compare_in_bits_per_byte():
+    from dataclasses import replace
+
+    recs = []
+    for model, tokenizer, ppl, bpb in (("a", "tok-a", 20.0, 1.5), ("b", "tok-b", 30.0, 1.25)):
+        for ctx in (2048, 4096):
+            r = ppl_record("pretrained", "none", ctx, ppl)
+            recs.append(replace(r, cell=f"{model}-{ctx}", model={"name": model, "hash": model},
+                                values={**r.values, "bits_per_byte": bpb},
+                                dataset={**DATASET, "tokenizer": tokenizer}))
+    section, _ = _section(recs, "perplexity")
+    text = " ".join(b.get("text", "") for b in section["blocks"])
+    assert "Bits per byte (the models' tokenizers differ" in text
+    shown = {(row, col): c["text"] for row, col, c in _cells(section) if col != "variant"}
+    assert {v for (row, _), v in shown.items() if row != "tokens scored"} == {"1.50", "1.25"}
+    same = [replace(r, dataset={**DATASET, "tokenizer": "tok-a"}) for r in recs]
+    section, _ = _section(same, "perplexity")
+    assert "Perplexity on" in " ".join(b.get("text", "") for b in section["blocks"])

@@ -120,7 +120,10 @@ def perplexity_section(records: list[Record]) -> Section | None:
 
 def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: str, proto: str) -> list[Block]:
     names = variant_names(recs, label)
-    pv = Pivot(recs, lambda r: r.values.get("perplexity"))
+    # Models with different tokenizers compare per byte, not per token.
+    per_byte = len({r.dataset.get("tokenizer") for r in recs}) > 1
+    measure = "bits_per_byte" if per_byte else "perplexity"
+    pv = Pivot(recs, lambda r: r.values.get(measure))
     keys, contexts = pv.rows, pv.columns
 
     # plot
@@ -133,7 +136,8 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
         vlines.append(plots.VLine(p, f"pretraining context ({plots.tokens_label(p)})", plots.PRETRAIN_COLOR))
     for ft in sorted({int(k.finetune_context) for k in keys if k.finetune_context}):
         vlines.append(plots.VLine(ft, f"fine-tuning context ({plots.tokens_label(ft)})", plots.FINETUNE_COLOR))
-    src = plots.perplexity_vs_context(series, vlines)
+    src = (plots.line_vs_length(series, vlines, ylabel="bits per byte", xlabel="evaluation context (tokens)",
+                                logy=False) if per_byte else plots.perplexity_vs_context(series, vlines))
 
     # table
     best = {c: min((v for k in keys if (v := pv.mean(k, c)) is not None), default=None) for c in contexts}
@@ -153,13 +157,15 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
                             for k in keys for r in pv.records(k, c))
     rows.append(scored_row)
     columns = ["variant"] + [length_column(c) for c in contexts]
-    text = (f"Perplexity on {ds}, protocol {proto}, by evaluation context length (tokens). "
+    what = ("Bits per byte (the models' tokenizers differ, so perplexities per token do not compare)" if per_byte
+            else "Perplexity")
+    text = (f"{what} on {ds}, protocol {proto}, by evaluation context length (tokens). "
             "Lower is better; the best value of each column is in bold; failed cells show their status.")
     if windows_note:
         text += " Some cells evaluated an evenly spaced subset of the windows (max_windows)."
     return [
         {"type": "paragraph", "text": text},
-        {"type": "figure", "src": src, "alt": f"perplexity vs evaluation context ({ds}, {proto})",
+        {"type": "figure", "src": src, "alt": f"{measure.replace('_', ' ')} vs evaluation context ({ds}, {proto})",
          "caption": "Dotted vertical lines: pretraining and fine-tuning context lengths. "
                     "✕ at the top: a failed cell (status written next to it)."},
         table(columns, rows),

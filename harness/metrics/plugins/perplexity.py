@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -34,6 +35,9 @@ class PerplexityConfig(Strict):
         return self
 
 
+PER_BYTE_UNITS = {"bits_per_byte": "bits/byte", "bytes_per_token": "bytes/token"}
+
+
 @register
 class Perplexity(Metric):
     name = "perplexity"
@@ -55,7 +59,12 @@ class Perplexity(Metric):
         res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True)
         settings = {**res.as_settings(), "max_windows": windows, "eval_attention": config.eval_attention,
                     "pretrain_context": ctx.pretrain_context, "seed": ctx.seed}
-        return Measurement(res.as_values(), res.units(), settings, dataset, info)
+        # Per byte, models with different tokenizers compare: the mean NLL in bits times the stream's tokens per
+        # byte (exact for the stream; for a subset of windows it assumes their text has the stream's ratio).
+        per_byte = {"bits_per_byte": res.nll / math.log(2) * dataset["tokens"] / dataset["bytes"],
+                    "bytes_per_token": dataset["bytes"] / dataset["tokens"]} if dataset["bytes"] else {}
+        units = {**res.units(), **{k: PER_BYTE_UNITS[k] for k in per_byte}}
+        return Measurement({**res.as_values(), **per_byte}, units, settings, dataset, info)
 
     def section(self, records):
         from harness.report.html import perplexity_section
