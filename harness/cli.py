@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per side, at least")
     cmp.add_argument("--fail-on-time", action="store_true", help="let CPU timings fail the gate (CUDA ones do)")
     cmp.add_argument("--inject", help=argparse.SUPPRESS)  # tests: a module imported into head's timing worker
+    exp = sub.add_parser("export", help="write a fine-tuned variant of a run as base + PEFT adapter (or merged)")
+    exp.add_argument("run_dir", type=Path, help="the run's results directory")
+    exp.add_argument("variant", help="the variant's id, e.g. tiny-hybrid/seed0/lora/full")
+    exp.add_argument("out_dir", type=arg.directory, help="a new directory")
+    exp.add_argument("--merge", action="store_true", help="fold the adapter in: one model directory")
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
@@ -148,6 +153,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             with open(args.summary, "a") as f:
                 f.write(text)
         return 1 if any(f.verdict == "regression" for f in findings) else 0
+    elif args.command == "export":
+        from harness.export import export
+
+        out = export(args.run_dir, args.variant, Path(args.out_dir), merge=args.merge)
+        print(f"exported {args.variant} to {out}" + ("" if args.merge else " (base/ and adapter/)"))
     elif args.command == "list":
         from harness.attention import available
         from harness.data.ruler import PAPER_TASKS

@@ -292,3 +292,36 @@ def test_lm_eval_runs_on_a_checkpoint_with_its_tokenizer(tmp_path, capsys, isola
     (rec,) = results.current(results.load(tmp_path / "out"))
     assert rec.cell == "llama/seed0/pretrained/lm_eval/harness_mc" and rec.status == "ok", rec.error
     assert 0 <= rec.values["acc"] <= 1 and rec.model["name"] == "llama"
+
+
+@pytest.mark.parametrize("method", ["lora", "hylora"])
+def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isolated, tokenizer_dir, method):
+    from peft import PeftModel
+
+    from harness import artefacts
+    from harness.plan import documents
+    from harness.suite import load_suite
+
+    model = entry(tmp_path, "bamba", tokenizer_dir)
+    (tmp_path / "s.yaml").write_text(SUITE.format(model=json.dumps(model)).replace("[lora]", f"[{method}]"))
+    code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--only", "*/train"])
+    assert code == 0, "".join(capsys.readouterr())
+    suite = load_suite(tmp_path / "s.yaml")
+    variant = f"bamba/seed0/{method}/full"
+    tuned, _ = artefacts.finetuned(suite, suite.models[0], 0, method, suite.backends[0], documents(suite, "train"))
+    ids = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tuned(ids).logits
+    assert main(["export", str(tmp_path / "out"), variant, str(tmp_path / "exp")]) == 0
+    base = T.AutoModelForCausalLM.from_pretrained(tmp_path / "exp" / "base")
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, tmp_path / "exp" / "adapter").eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert main(["export", str(tmp_path / "out"), variant, str(tmp_path / "merged"), "--merge"]) == 0
+    with torch.no_grad():
+        merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "merged").vocab_size == V
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out"), "bamba/seed0/nope/full", str(tmp_path / "x")]) == 2
+    assert f"the fine-tuned variants there: {variant}" in capsys.readouterr().err

@@ -267,20 +267,33 @@ def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) ->
 
     merge=True folds the LoRA weights into the base layers and returns a plain model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    meta = _meta(path)
+    model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
+    load_fully_trained(model.get_base_model() if meta["peft"] else model, path)
+    if merge and meta["peft"]:
+        model = model.merge_and_unload()
+    return model.eval()
 
+
+def _meta(path: str | Path) -> dict:
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise UserError(f"{path}: not a saved fine-tuning method ({META_FILE} missing)")
-    meta = json.loads((path / META_FILE).read_text())
-    model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
-    target = model.get_base_model() if meta["peft"] else model
+    return json.loads((path / META_FILE).read_text())
+
+
+def load_fully_trained(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy the fully trained parameters of a `save_method` directory (embeddings, norms, conv1d: not the LoRA
+    adapter) into `model`, a plain base model (or a PEFT model's base)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, meta = Path(path), _meta(path)
     try:
         state = load_file(str(path / EXTRA_FILE)) if (path / EXTRA_FILE).is_file() else {}
     except SafetensorError as e:
         raise UserError(f"{path / EXTRA_FILE}: unreadable ({e})") from None
-    params = dict(target.named_parameters())
+    params = dict(model.named_parameters())
     missing = sorted(set(meta["extra_params"]) - set(state))
     unknown = sorted(set(state) - set(params))
     shapes = [f"{n}: saved {tuple(v.shape)} vs model {tuple(params[n].shape)}"
@@ -291,6 +304,4 @@ def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) ->
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v)
-    if merge and meta["peft"]:
-        model = model.merge_and_unload()
-    return model.eval()
+    return model

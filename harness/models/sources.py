@@ -104,7 +104,8 @@ class Resolved:
     def info(self) -> dict:
         """The `model` fields of a record measured on it."""
         return {"name": self.entry.name, "path": str(self.directory), "format": self.format,
-                "model_type": self.model_type, "hash": self.fingerprint, "pretrain_context": self.context}
+                "model_type": self.model_type, "tokenizer": str(self.tokenizer), "dtype": self.entry.dtype,
+                "hash": self.fingerprint, "pretrain_context": self.context}
 
 
 def resolve(entry: Checkpoint) -> Resolved:

@@ -1,0 +1,86 @@
+"""`harness export RUN_DIR VARIANT OUT_DIR [--merge]`: a fine-tuned variant of a run as files others load.
+
+    OUT_DIR/base/      the base model with the method's fully trained tensors (embeddings, norms, conv1d) in
+                       place, and its tokenizer: `from_pretrained` loads it
+    OUT_DIR/adapter/   the LoRA adapter in PEFT's format, its base_model_name_or_path pointing at OUT_DIR/base
+
+so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/base), OUT/adapter)` is the variant, as is
+lm-eval's `--model hf --model_args pretrained=OUT/base,peft=OUT/adapter`. With --merge, OUT_DIR is one model
+directory with the adapter folded in. The variant comes from the run's records (which adapter, which base) and
+the artefact cache. Presets and mamba_ssm checkpoints are saved as this package's model type (`import
+harness.models` registers it with transformers' Auto classes); HF checkpoints keep their own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from harness import cache, results
+from harness.errors import UserError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export(run_dir: Path, variant: str, out: Path, merge: bool = False) -> Path:
+    from harness.artefacts import ADAPTER
+    from harness.finetune.methods import load_fully_trained, load_method
+
+    info = _variant_info(run_dir, variant)
+    adapter = cache.lookup(ADAPTER, info["adapter"])
+    if adapter is None:
+        raise UserError(f"{variant}: its adapter ({info['adapter']}) is not in the cache ({cache.cache_root()}); "
+                        f"rerun the suite into {run_dir} to rebuild it")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; fix: choose a new directory")
+    model, tokenizer = _base(info)
+    peft = json.loads((adapter / "harness_method.json").read_text())["peft"]
+    if merge or not peft:
+        load_method(model, adapter, merge=True).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+    load_fully_trained(model, adapter).save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    (out / "adapter").mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copy(adapter / name, out / "adapter" / name)
+    config = json.loads((out / "adapter" / ADAPTER_FILES[0]).read_text())
+    config["base_model_name_or_path"] = str((out / "base").resolve())
+    (out / "adapter" / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _variant_info(run_dir: Path, variant: str) -> dict:
+    """The `model` field of the variant's records: which base and which adapter."""
+    if not (run_dir / results.RESULTS_FILE).is_file():
+        raise UserError(f"{run_dir}: no {results.RESULTS_FILE}; fix: the results directory of a `harness run`")
+    records = results.current(results.load(run_dir))
+    found = [r.model for r in records if r.cell.startswith(variant.rstrip("/") + "/") and r.model.get("adapter")]
+    if not found:
+        tuned = sorted({r.cell.rsplit("/", 1)[0] for r in records if r.model.get("adapter") and r.metric == "train"})
+        raise UserError(f"{run_dir}: no fine-tuned variant {variant!r}; the fine-tuned variants there: "
+                        f"{', '.join(tuned) or 'none'}")
+    return found[0]
+
+
+def _base(info: dict):
+    """(the base model on `device()`, its tokenizer) of a variant's records; a checkpoint must still be the one
+    the run measured."""
+    from harness.artefacts import PRETRAINED, device
+    from harness.data import default_tokenizer
+    from harness.models import HybridForCausalLM
+    from harness.models.sources import Checkpoint, load_model, load_tokenizer, resolve
+
+    if "preset" in info:
+        path = cache.lookup(PRETRAINED, info["hash"])
+        if path is None:
+            raise UserError(f"the pretrained {info['preset']} ({info['hash']}) is not in the cache; rerun the suite")
+        return HybridForCausalLM.from_pretrained(path).to(device()), default_tokenizer()
+    entry = Checkpoint(name=info["name"], path=info["path"], format=info["format"], tokenizer=info["tokenizer"],
+                       dtype=info["dtype"], context=info["pretrain_context"])
+    r = resolve(entry)
+    if r.fingerprint != info["hash"]:
+        raise UserError(f"checkpoint {info['name']} at {info['path']} is not the one the run measured (its files "
+                        "changed); fix: export from a run on these files")
+    return load_model(r).to(device()), load_tokenizer(r)
