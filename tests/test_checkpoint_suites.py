@@ -325,3 +325,17 @@ def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isola
     capsys.readouterr()
     assert main(["export", str(tmp_path / "out"), "bamba/seed0/nope/full", str(tmp_path / "x")]) == 2
     assert f"the fine-tuned variants there: {variant}" in capsys.readouterr().err
+
+
+def test_hf_weights_that_do_not_match_their_config_are_listed(tmp_path, isolated, tokenizer_dir):
+    from safetensors.torch import load_file, save_file
+
+    write_hf(tmp_path / "llama", "llama", tokenizer_dir)
+    weights = tmp_path / "llama" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.norm.weight"]
+    save_file({**state, "model.extra.weight": torch.zeros(2)}, str(weights), metadata={"format": "pt"})
+    r = resolve(Checkpoint(name="m", path=str(tmp_path / "llama")))
+    with pytest.raises(UserError, match=r"models.m: the weights in .* do not match its config.json: "
+                                        r"missing keys \(1\): model.norm.weight; unexpected keys \(1\): model.extra"):
+        load_model(r)
