@@ -74,8 +74,8 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
                   "pg19": pg19}
-        finetunes = {j.spec["model"] for j in jobs if j.spec.get("stage") == FINETUNED and todo[j.name]}
-        for model in finetunes if train is not None else ():
+        tuned = {j.spec["model"] for j in jobs if j.spec.get("stage") == FINETUNED and todo[j.name]}
+        for model in tuned if train is not None else ():
             _tokenize(train, suite.model(model))
         pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
