@@ -118,3 +118,19 @@ def test_save_load_round_trip(tmp_path, arch):
         assert torch.equal(load_method(build(arch), tmp_path)(input_ids=IDS).logits, ref)
         torch.testing.assert_close(load_method(build(arch), tmp_path, merge=True)(input_ids=IDS).logits, ref,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["zamba2", "bamba", "harness_hybrid"])
+def test_one_attention_layer_is_one_unshared_block(arch):
+    v = apply_method(build(arch), "lora")[1].values()
+    assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 1, False)
+
+
+def test_zamba2s_tied_attention_block_is_reported_as_shared():
+    torch.manual_seed(0)
+    model = T.Zamba2ForCausalLM(T.Zamba2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+        mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1, chunk_size=16,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1, intermediate_size=64))
+    v = apply_method(model, "hylora")[1].values()
+    assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 2, True)

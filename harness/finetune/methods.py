@@ -82,10 +82,16 @@ class MethodSummary:
     trainable_names: list[str]
     groups: dict[str, int] = field(default_factory=dict)  # trainable parameter count per group (GROUPS)
     group_names: dict[str, list[str]] = field(default_factory=dict)
+    # Attention blocks, and the layers that call them: more calls than blocks means blocks are shared across
+    # layers (Zamba2), so one adapter serves several layers.
+    attention_blocks: int = 0
+    attention_layers: int = 0
 
     def values(self) -> dict:
         return {"trainable_params": self.trainable_params, "total_params": self.total_params,
-                "trainable_by_group": dict(self.groups)}
+                "trainable_by_group": dict(self.groups), "attention_blocks": self.attention_blocks,
+                "attention_layers": self.attention_layers,
+                "shared_attention": self.attention_layers > self.attention_blocks}
 
 
 # --- discovery -------------------------------------------------------------------------------------------
@@ -236,9 +242,16 @@ def summarize(model: nn.Module, method: str, groups: dict | None = None) -> Meth
         names[g].append(n)
         counts[g] += p.numel()
         trainable.append(n)
+    # Blocks by their weights: a block shared across layers is one module reached from several (named_modules
+    # drops repeats by default) or, as in Zamba2, one module per layer with the weights tied.
+    calls = [next(lin.weight for c in m.children() if isinstance(lin := getattr(c, "base_layer", c), nn.Linear))
+             for _, m in base.named_modules(remove_duplicate=False) if "attention" in type(m).__name__.lower()
+             and any(isinstance(getattr(c, "base_layer", c), nn.Linear) for c in m.children())]  # LoRA-wrapped too
+    calls = [id(w) for w in calls]
     return MethodSummary(method=method, trainable_params=sum(counts.values()),
                          total_params=sum(p.numel() for p in model.parameters()), trainable_names=trainable,
-                         groups=counts, group_names=names)
+                         groups=counts, group_names=names, attention_blocks=len(set(calls)),
+                         attention_layers=len(calls))
 
 
 # --- saving for evaluation -------------------------------------------------------------------------------
