@@ -439,7 +439,7 @@ def test_models_with_different_tokenizers_compare_in_bits_per_byte():
     text = " ".join(b.get("text", "") for b in section["blocks"])
     assert "Bits per byte (the models' tokenizers differ" in text
     shown = {(row, col): c["text"] for row, col, c in _cells(section) if col != "variant"}
-    assert {v for (row, _), v in shown.items() if row != "tokens scored"} == {"1.50", "1.25"}
+    assert {v for (row, _), v in shown.items() if row != "tokens scored"} == {"1.500", "1.250"}
     same = [replace(r, dataset={**DATASET, "tokenizer": "tok-a"}) for r in recs]
     section, _ = _section(same, "perplexity")
     assert "Perplexity on" in " ".join(b.get("text", "") for b in section["blocks"])

@@ -223,6 +223,9 @@ def load_tokenizer(r: Resolved, model: torch.nn.Module | None = None):
         fix = ("a mamba_ssm directory ships none: set `tokenizer:` (state-spaces models use EleutherAI/gpt-neox-20b)"
                if r.format == "mamba_ssm" and not name else "point `tokenizer:` at a tokenizer directory or hub id")
         raise UserError(f"{where}: no tokenizer in {directory} ({type(e).__name__}); fix: {fix}") from None
+    if not tok.is_fast:
+        raise UserError(f"{where}: the tokenizer in {directory} is a slow (Python) one; the harness streams text "
+                        "through a fast tokenizer (tokenizer.json); fix: point `tokenizer:` at a fast one")
     tok.model_max_length = sys.maxsize  # the harness windows long streams itself
     if model is not None and len(tok) > model.get_input_embeddings().num_embeddings:
         raise UserError(f"{where}: the tokenizer has {len(tok)} tokens, more than the model's "

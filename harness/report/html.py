@@ -144,7 +144,8 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
 
     def show(k: VariantKey, c: int) -> dict:
         v, n = pv.mean(k, c), len(pv.values(k, c))
-        return cell(fmt_float(v), bold=v == best[c], title=f"mean of {n} records" if n > 1 else "")
+        shown = fmt_float(v, 3 if per_byte else 2)
+        return cell(shown, bold=v == best[c], title=f"mean of {n} records" if n > 1 else "")
 
     rows = [[cell(names[k], cls="label")] + [pv.cell(k, c, show) for c in contexts] for k in keys]
     scored_row = [cell("tokens scored", cls="label foot")]
