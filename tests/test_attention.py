@@ -26,6 +26,8 @@ CASES = [
     ("se_attn", {"chunk_size": 6, "block_size": 6, "top_k": 5}),
     ("se_attn", {"chunk_size": 10, "block_size": 4, "top_k": 100}),  # fewer past blocks than top_k
     ("se_attn", {"chunk_size": 64, "block_size": 8, "top_k": 3}),  # longer than some sequences
+    ("se_attn", {"chunk_size": 8, "block_size": 4, "top_k": 2, "selection": "previous"}),
+    ("se_attn", {"chunk_size": 16, "block_size": 3, "top_k": 1, "per_head": False, "selection": "previous"}),
     ("se_attn_random", {"chunk_size": 8, "block_size": 2, "top_k": 3, "seed": 5}),
     ("se_attn_random", {"chunk_size": 12, "block_size": 4, "top_k": 2, "per_head": False}),
     ("se_attn_nomem", {"chunk_size": 7, "block_size": 7}),
@@ -138,6 +140,26 @@ def test_se_attn_never_sees_the_future(options):
                                    atol=0, rtol=0)
     # Note: by the paper's definition a chunk's relevancy sums ALL its queries, so which blocks a query's chunk
     # retrieves can depend on later queries of the same chunk (selection only; no value from the future).
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_previous_chunk_selection_is_strictly_causal_and_the_papers_is_not(per_head):
+    """With selection="previous" no output depends on any later token, queries included; with the paper's
+    "chunk" a later query of a chunk changes what its earlier positions see."""
+    q, k, v = _qkv((1, 4, 2, 64, 8), seed=5)
+    opts = dict(chunk_size=16, block_size=4, top_k=1, per_head=per_head)
+    moved = {"chunk": 0.0, "previous": 0.0}
+    for selection in moved:
+        for kernel in ("blockwise", "reference"):
+            out = attend(q, k, v, "se_attn", selection=selection, kernel=kernel, **opts)
+            for p in (20, 37, 50):  # inside chunks 1-3: tokens after p, of p's own chunk and later
+                q2, k2, v2 = (x.clone() for x in (q, k, v))
+                for x in (q2, k2, v2):
+                    x[:, :, p + 1:] = torch.randn_like(x[:, :, p + 1:]) * 10
+                diff = (attend(q2, k2, v2, "se_attn", selection=selection, kernel=kernel, **opts) - out)[:, :, :p + 1]
+                moved[selection] = max(moved[selection], diff.abs().max().item())
+    assert moved["previous"] == 0
+    assert moved["chunk"] > 1e-3
 
 
 def test_random_chunk_size_in_training_is_seeded_and_eval_uses_largest():

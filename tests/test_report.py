@@ -196,6 +196,11 @@ def test_eval_attention_finetune_is_its_own_variant():
     assert rows == {"pretrained": "40.00", "finetuned: lora / se_attn @ 2048": "30.00",
                     "finetuned: lora / se_attn @ 2048, eval: finetune attention": "35.00",
                     "tokens scored": "20,480"}
+    notes = [b["text"] for b in sec["blocks"] if b["type"] == "paragraph" and b["text"].startswith("Note:")]
+    assert len(notes) == 1 and "not strictly causal" in notes[0]
+    causal = dict(ft, backend="se_attn(selection=previous)")
+    sec, _ = _section([pre, full, causal], "perplexity")
+    assert not any(b.get("text", "").startswith("Note:") for b in sec["blocks"])
 
 
 def ruler_record(stage, method, task, n, acc, run=None, backend=SE, deviation=None, per_sample=None):

@@ -85,7 +85,7 @@ def s2_attn(q, k, v, scale, group_ratio):
 
 
 @torch.no_grad()
-def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed):
+def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed, selection="chunk"):
     """Vectorised SE-Attn retrieval. Returns (index (B, Hq, T, kk) of retrieved blocks, valid (B, Hq, T, kk)),
     kk = min(top_k, number of complete blocks). Only complete blocks can ever be candidates (a block is a
     candidate of chunk i iff it ends at or before the chunk's start, and a partial block ends at L)."""
@@ -103,6 +103,8 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
         blocks = [x[:, :, :n_full * s].reshape(b, hq * n_full, s, d) for x in (q, kx, vx)]
         summaries = F.scaled_dot_product_attention(*blocks, scale=scale).mean(dim=2).reshape(b, hq, n_full, d)
         chunk_sums = _pad_to(q, n_chunks * m).reshape(b, hq, n_chunks, m, d).sum(dim=3)
+        if selection == "previous":  # chunk i ranks with chunk i-1's queries (chunk 0 has no candidates)
+            chunk_sums = torch.cat([chunk_sums[:, :, :1], chunk_sums[:, :, :-1]], dim=2)
         scores = chunk_sums @ summaries.transpose(-1, -2)  # (B, Hq, T, U_full)
         if not per_head:
             scores = scores.sum(dim=1, keepdim=True)
@@ -115,7 +117,7 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
     return index.expand(b, hq, n_chunks, kk), valid.expand(b, hq, n_chunks, kk)
 
 
-def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0):
+def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0, selection="chunk"):
     """Select blocks, gather them per chunk, then one SDPA call over all chunks with keys
     [retrieved blocks (all visible) ; own chunk (causal)]. Memory O(L * (top_k*S + M))."""
     b, hq, length, d = q.shape
@@ -123,7 +125,7 @@ def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, 
     s = block_size
     m = min(chunk_size, length)  # a chunk longer than the sequence is the whole sequence
     n_chunks = math.ceil(length / m)
-    index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed)
+    index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
 
     def chunks(x):
         return _pad_to(x, n_chunks * m).reshape(b, hq * n_chunks, m, d)

@@ -85,13 +85,14 @@ def sliding_window_flex(q, k, v, scale, window):
     return _flex(q, k, v, scale, mask_mod)
 
 
-def se_attn_flex(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0):
+def se_attn_flex(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0,
+                 selection="chunk"):
     """Retrieval as in blockwise (vectorised), then one FlexAttention call with the SE-Attn block mask."""
     b, hq, length, _ = q.shape
     m, s = min(chunk_size, length), block_size
     n_chunks, n_blocks = math.ceil(length / m), math.ceil(length / s)
     retrieved = torch.zeros(b, hq, n_chunks, n_blocks, dtype=torch.bool, device=q.device)
-    index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed)
+    index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
     if index is not None:
         retrieved.scatter_(-1, index, valid)
 

@@ -58,12 +58,16 @@ def random_scores(batch: int, heads: int, chunks: int, blocks: int, call_seed: i
 
 
 @torch.no_grad()
-def se_attn_retrieval(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0):
+def se_attn_retrieval(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0,
+                      selection="chunk"):
     """SE-Attn's retrieval, computed explicitly. Returns a bool tensor (B, Hq, T, U): chunk i retrieves block j.
 
     1. blocks of S tokens (the last may be shorter): summary c_j = mean over the block's rows of the non-causal
        in-block attention softmax(Q_j K_j^T * scale) V_j;
-    2. relevancy R_ij = (sum of chunk i's queries) . c_j, per query head; summed over heads when not per_head;
+    2. relevancy R_ij = (sum of chunk i's queries) . c_j, per query head; summed over heads when not per_head.
+       selection="previous" ranks with the sum of chunk i-1's queries instead (chunk 0 has no candidates):
+       then what a chunk retrieves depends on no token of the chunk, so no output depends on a later token.
+       With the paper's "chunk", a query's blocks depend on the later queries of its chunk;
     3. candidates: blocks entirely before chunk i ((j+1)*S <= i*M); the top_k highest-scoring candidates are
        retrieved (all candidates when fewer exist). retrieval="random" ranks by `random_scores` instead,
        retrieval="none" retrieves nothing.
@@ -79,7 +83,8 @@ def se_attn_retrieval(q, k, v, scale, chunk_size, block_size, top_k, retrieval, 
         a = ((q[:, :, sl] @ k[:, :, sl].transpose(-1, -2)) * scale).softmax(-1) @ v[:, :, sl]
         summaries.append(a.mean(dim=2))
     summaries = torch.stack(summaries, dim=2)  # (B, Hq, U, d)
-    chunk_sums = torch.stack([q[:, :, i * m:(i + 1) * m].sum(dim=2) for i in range(n_chunks)], dim=2)
+    ranked_by = [max(i - 1, 0) if selection == "previous" else i for i in range(n_chunks)]  # chunk 0: no candidates
+    chunk_sums = torch.stack([q[:, :, r * m:(r + 1) * m].sum(dim=2) for r in ranked_by], dim=2)
     relevancy = chunk_sums @ summaries.transpose(-1, -2)  # (B, Hq, T, U)
     if not per_head:
         relevancy = relevancy.sum(dim=1, keepdim=True)

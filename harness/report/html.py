@@ -111,6 +111,12 @@ def perplexity_section(records: list[Record]) -> Section | None:
     for r in ppl:
         groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
     blocks: list[Block] = []
+    if any(r.settings.get("eval_attention") == "finetune" and r.backend.startswith("se_attn")
+           and "selection=previous" not in r.backend for r in ppl):
+        blocks.append({"type": "paragraph", "text": (
+            "Note: some cells are evaluated with SE-Attn and the paper's block selection, which ranks a chunk's "
+            "memory blocks with all of the chunk's queries; an early position's blocks then depend on later tokens "
+            "of its chunk, so those perplexities are not strictly causal scores (selection: previous is).")})
     for (ds, proto), recs in sorted(groups.items()):
         if len(groups) > 1:
             blocks.append({"type": "heading", "text": f"{ds} — {proto}"})

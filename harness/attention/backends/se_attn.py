@@ -7,6 +7,7 @@ from ..reference import se_attn_mask, se_attn_retrieval
 from ..spec import Spec, bad, is_int
 
 RETRIEVALS = ("relevancy", "random", "none")
+SELECTIONS = ("chunk", "previous")
 
 
 def _sizes(opts: dict) -> tuple:
@@ -25,7 +26,7 @@ def _check(opts: dict) -> dict:
     if not (is_int(opts["top_k"]) and opts["top_k"] >= 0):
         raise bad(SPEC, "top_k", opts["top_k"])
     for option, ok in (("retrieval", opts["retrieval"] in RETRIEVALS), ("per_head", isinstance(opts["per_head"], bool)),
-                       ("seed", is_int(opts["seed"]))):
+                       ("seed", is_int(opts["seed"])), ("selection", opts["selection"] in SELECTIONS)):
         if not ok:
             raise bad(SPEC, option, opts[option])
     return {**opts, "chunk_size": sizes[0] if len(set(sizes)) == 1 else tuple(sorted(set(sizes)))}
@@ -42,14 +43,14 @@ def _plan(opts: dict, call_seed: int, training: bool) -> dict:
 
 def _mask(q, k, v, scale, opts, plan):
     retrieved = se_attn_retrieval(q, k, v, scale, plan["chunk_size"], opts["block_size"], opts["top_k"],
-                                  opts["retrieval"], opts["per_head"], plan["call_seed"])
+                                  opts["retrieval"], opts["per_head"], plan["call_seed"], opts["selection"])
     return se_attn_mask(retrieved, q.shape[2], plan["chunk_size"], opts["block_size"])
 
 
 def _kernel(fn):
     def run(q, k, v, scale, opts, plan, mask):
         return fn(q, k, v, scale, plan["chunk_size"], opts["block_size"], opts["top_k"], opts["retrieval"],
-                  opts["per_head"], plan["call_seed"])
+                  opts["per_head"], plan["call_seed"], opts["selection"])
     return run
 
 
@@ -62,8 +63,12 @@ SPEC = Spec(
     # else; summing relevancy over heads (per_head=False) mixes scores from unrelated subspaces. With
     # grouped kv heads, "per head" means per QUERY head: head h ranks blocks with its own queries and
     # summaries (its queries against kv head h // (Hq/Hkv)) and gathers those blocks from that kv head.
+    # selection="chunk" is the paper's: a chunk's blocks are ranked with the sum of all its queries, so the
+    # blocks an early query of the chunk sees depend on the chunk's later tokens (a non-causal dependence: at
+    # evaluation with the fine-tuning attention, perplexity is then not a strictly causal score).
+    # "previous" ranks with the previous chunk's queries: causal.
     defaults={"chunk_size": (2048, 4096), "block_size": 32, "top_k": 8, "retrieval": "relevancy", "per_head": True,
-              "seed": 0},
+              "seed": 0, "selection": "chunk"},
     allowed={
         "chunk_size": "int >= 1, or a non-empty list/tuple/set of them (drawn per forward call in training; the "
                       "largest is used in eval)",
@@ -72,6 +77,8 @@ SPEC = Spec(
         "retrieval": f"one of {list(RETRIEVALS)}",
         "per_head": "bool (True: each query head retrieves its own blocks; False: one selection shared by all heads)",
         "seed": "int (seeds chunk-size draws and random retrieval)",
+        "selection": f"one of {list(SELECTIONS)} (chunk: the paper's, ranked by the chunk's own queries, which "
+                     "makes early queries depend on later ones; previous: ranked by the previous chunk's, causal)",
     },
     validate=_check,
     mask=_mask,
