@@ -171,8 +171,8 @@ def use_attention(model: torch.nn.Module, backend: Backend | None, eval_attentio
     chosen = backend if eval_attention == "finetune" and backend is not None else Backend(name="full", label="full")
     if not uses_attention_interface(model):
         if chosen.name != "full":
-            raise UserError(f"backend {chosen.label}: {type(model).__name__} ({model.config.model_type}) computes "
-                            "attention itself, not through transformers' AttentionInterface; only `full` applies")
+            raise UserError(f"backend {chosen.label}: {type(model).__name__} ({model.config.model_type}) has no "
+                            "attention that goes through transformers' AttentionInterface; only `full` applies")
         return "native"
     name = register(chosen.name, **chosen.options)
     model.set_attn_implementation(name)

@@ -339,3 +339,18 @@ def test_hf_weights_that_do_not_match_their_config_are_listed(tmp_path, isolated
     with pytest.raises(UserError, match=r"models.m: the weights in .* do not match its config.json: "
                                         r"missing keys \(1\): model.norm.weight; unexpected keys \(1\): model.extra"):
         load_model(r)
+
+
+def test_a_backend_needs_attention_that_goes_through_the_interface():
+    from harness.artefacts import use_attention
+    from harness.suite import expand_backend
+
+    mamba = T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_heads=4,
+                                               head_dim=16, state_size=8, n_groups=1, chunk_size=16, expand=2))
+    (full,), (window,) = expand_backend("full", "b"), expand_backend({"sliding_window": {"window": 16}}, "b")
+    assert use_attention(mamba, full, "finetune") == "native"
+    with pytest.raises(UserError, match=r"backend sliding_window\(window=16\): Mamba2ForCausalLM \(mamba2\) has no "
+                                        "attention that goes through transformers' AttentionInterface"):
+        use_attention(mamba, window, "finetune")
+    llama = HF["llama"]()
+    assert use_attention(llama, window, "finetune").startswith("harness_sliding_window_")
