@@ -32,7 +32,7 @@ from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
-from harness.models.sources import Checkpoint, load_model, load_tokenizer, resolve
+from harness.models.sources import Checkpoint, check_vocabulary, load_model, load_tokenizer, resolve
 from harness.suite import Backend, Suite
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
@@ -74,7 +74,7 @@ def base(suite: Suite, model: str | Checkpoint, seed: int) -> tuple[torch.nn.Mod
         return pretrained(suite, model, seed)
     resolved = resolve(model)
     loaded = load_model(resolved)
-    load_tokenizer(resolved, loaded)  # its vocabulary must fit the embedding
+    check_vocabulary(resolved, tokenizer(model), loaded)
     return loaded.to(device()), {**resolved.info(), "train": None}
 
 

@@ -227,8 +227,14 @@ def load_tokenizer(r: Resolved, model: torch.nn.Module | None = None):
         raise UserError(f"{where}: the tokenizer in {directory} is a slow (Python) one; the harness streams text "
                         "through a fast tokenizer (tokenizer.json); fix: point `tokenizer:` at a fast one")
     tok.model_max_length = sys.maxsize  # the harness windows long streams itself
-    if model is not None and len(tok) > model.get_input_embeddings().num_embeddings:
-        raise UserError(f"{where}: the tokenizer has {len(tok)} tokens, more than the model's "
-                        f"{model.get_input_embeddings().num_embeddings} embeddings; fix: the tokenizer it was "
-                        "trained with")
+    if model is not None:
+        check_vocabulary(r, tok, model)
     return tok
+
+
+def check_vocabulary(r: Resolved, tok, model: torch.nn.Module) -> None:
+    """A UserError if the tokenizer has ids the model has no embedding for."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise UserError(f"models.{r.entry.name}: the tokenizer has {len(tok)} tokens, more than the model's {rows} "
+                        "embeddings; fix: the tokenizer it was trained with")
