@@ -25,7 +25,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def export(run_dir: Path, variant: str, out: Path, merge: bool = False) -> Path:
     from harness.artefacts import ADAPTER
-    from harness.finetune.methods import load_fully_trained, load_method
+    from harness.finetune.methods import META_FILE, load_fully_trained, load_method
 
     info = _variant_info(run_dir, variant)
     adapter = cache.lookup(ADAPTER, info["adapter"])
@@ -35,7 +35,7 @@ def export(run_dir: Path, variant: str, out: Path, merge: bool = False) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; fix: choose a new directory")
     model, tokenizer = _base(info)
-    peft = json.loads((adapter / "harness_method.json").read_text())["peft"]
+    peft = json.loads((adapter / META_FILE).read_text())["peft"]
     if merge or not peft:
         load_method(model, adapter, merge=True).save_pretrained(out)
         tokenizer.save_pretrained(out)
