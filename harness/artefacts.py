@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -28,9 +30,10 @@ from harness.data.sources import Documents
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.data.tokens import token_stream
 from harness.errors import UserError
+from harness.finetune.distributed import SINGLE, World, full_state, wrap
 from harness.finetune.loop import TrainConfig, TrainLog, train
 from harness.finetune.methods import apply_method, load_method, save_method
-from harness.models import HybridForCausalLM, preset_config
+from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
 from harness.models.sources import Checkpoint, check_vocabulary, load_model, load_tokenizer, resolve
 from harness.suite import Backend, Suite
@@ -78,8 +81,13 @@ def base(suite: Suite, model: str | Checkpoint, seed: int) -> tuple[torch.nn.Mod
     return loaded.to(device()), {**resolved.info(), "train": None}
 
 
-def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
-    """(model in eval mode on `device()`, info with its cache key and training log)."""
+def base_info(suite: Suite, model: str | Checkpoint, seed: int) -> dict:
+    """`base`'s info less the training log, without loading (or pretraining) the model."""
+    return _pretrained_spec(suite, model, seed)[0] if isinstance(model, str) else resolve(model).info()
+
+
+def _pretrained_spec(suite: Suite, preset: str, seed: int) -> tuple[dict, HybridConfig, TrainConfig]:
+    """(info with the cache key as "hash", model config, training config) of a preset's pretraining."""
     cfg = pretrain_config(suite, seed)
     corpus, tok = default_corpus(), default_tokenizer()
     config = preset_config(preset)
@@ -88,7 +96,13 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     recipe = {"recall": p.recall, "answer_weight": p.answer_weight, "induction_init": p.induction_init}
     key = cache.fingerprint(config.to_dict(), corpus.fingerprint, tokenizer_fingerprint(tok), asdict(cfg), recipe,
                             provenance.artefact_fingerprint(provenance.PRETRAINED))
-    info = {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}
+    return {"preset": preset, "hash": key, "pretrain_context": cfg.context, "corpus": corpus.name}, config, cfg
+
+
+def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
+    """(model in eval mode on `device()`, info with its cache key and training log)."""
+    info, config, cfg = _pretrained_spec(suite, preset, seed)
+    key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
     if (path := cache.lookup(PRETRAINED, key)) is None:
         torch.manual_seed(seed)
         model = HybridForCausalLM(config)
@@ -112,32 +126,60 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
 
 
 def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,
-              data: Documents) -> tuple[torch.nn.Module, dict]:
-    """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info)."""
-    start, base_info = base(suite, model, seed)
-    f, cfg = suite.finetune, finetune_config(suite, backend, seed)
-    key = cache.fingerprint(base_info["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
-                            f.gradient_checkpointing, data.fingerprint,
-                            provenance.artefact_fingerprint(provenance.ADAPTER))
-    info = {**base_info, "adapter": key, "train": None, "finetune_data": data.description}
+              data: Documents, launch: Callable[[], None] | None = None) -> tuple[torch.nn.Module, dict]:
+    """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info). Where it is not
+    cached, `launch` (given when `run.nproc` > 1) builds it on several processes; else it is built here."""
+    key, info = adapter_key(suite, model, seed, method, backend, data)
     if (path := cache.lookup(ADAPTER, key)) is None:
-        use_attention(start, backend, "finetune")
-        if f.gradient_checkpointing:
-            start.gradient_checkpointing_enable()
-        torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
-        trained, summary = apply_method(start, method, rank=f.rank, alpha=f.alpha)
-        with attention_module.recording() as kernels:
-            tokens = token_stream(tokenizer(model), data)
-            log = _train(trained, cfg, _windows(tokens, cfg), ADAPTER, key,
-                         f"fine-tune {method}/{backend.label} @ {cfg.context}")
+        if launch is None:
+            build_adapter(suite, model, seed, method, backend, data)
+        else:
+            launch()
+        path = cache.lookup(ADAPTER, key)
+        if path is None:
+            raise RuntimeError(f"the fine-tune {method}/{backend.label} finished without its cache entry {key}")
+    start, _ = base(suite, model, seed)
+    meta = json.loads((path / cache.META).read_text())
+    return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}
+
+
+def adapter_key(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,
+                data: Documents) -> tuple[str, dict]:
+    """(cache key of a fine-tune, its info without the training log), known without loading the model."""
+    start = base_info(suite, model, seed)
+    f, cfg, run = suite.finetune, finetune_config(suite, backend, seed), suite.run
+    parallel = [] if run.nproc == 1 else [run.nproc, run.strategy]  # the order of the gradient sums
+    key = cache.fingerprint(start["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
+                            f.gradient_checkpointing, data.fingerprint, *parallel,
+                            provenance.artefact_fingerprint(provenance.ADAPTER))
+    global_batch = {"nproc": run.nproc, "global_batch": cfg.batch_size * cfg.grad_accum * run.nproc,
+                    **({"strategy": run.strategy} if run.nproc > 1 else {})}
+    return key, {**start, "adapter": key, "train": None, "finetune_data": data.description, **global_batch}
+
+
+def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend, data: Documents,
+                  world: World = SINGLE) -> None:
+    """Train the fine-tune `adapter_key` names and write it into the cache (on several ranks: this rank's share;
+    rank 0 writes)."""
+    key, _ = adapter_key(suite, model, seed, method, backend, data)
+    start, _ = base(suite, model, seed)
+    f, cfg = suite.finetune, finetune_config(suite, backend, seed)
+    use_attention(start, backend, "finetune")
+    if f.gradient_checkpointing:
+        start.gradient_checkpointing_enable()
+    torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
+    trained, summary = apply_method(start, method, rank=f.rank, alpha=f.alpha)
+    with attention_module.recording() as kernels:
+        tokens = token_stream(tokenizer(model), data)
+        log = _train(wrap(trained, world), cfg, world.shard(_windows(tokens, cfg)), ADAPTER, key,
+                     f"fine-tune {method}/{backend.label} @ {cfg.context}", world)
+    state = full_state(trained)  # every rank takes part; rank 0 gets it
+    if world.main:
         meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
                           "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:
-            save_method(trained, d)
-        path = cache.lookup(ADAPTER, key)
-        start, _ = base(suite, model, seed)  # a fresh base: load_method applies the saved state to it
-    meta = json.loads((path / cache.META).read_text())
-    return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}
+            save_method(trained, d, state)
+    world.barrier()
 
 
 def _load(path, load):
@@ -153,13 +195,14 @@ def _windows(tokens, cfg: TrainConfig):
     return lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g)
 
 
-def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str) -> TrainLog:
+def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str,
+           world: World = SINGLE) -> TrainLog:
     workdir = cache.cache_root() / kind / f".work-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
-    log = train(model, batches, cfg, workdir=workdir, desc=desc)
-    for f in workdir.iterdir():
-        f.unlink()
-    workdir.rmdir()
+    log = train(model, batches, cfg, workdir=workdir, desc=desc, world=world)
+    world.barrier()
+    if world.main:
+        shutil.rmtree(workdir)
     return log
 
 

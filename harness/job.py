@@ -82,12 +82,14 @@ class Context:
         """(model, info): the base (a pretrained preset or a checkpoint), or its fine-tune with this job's method
         and backend."""
         from harness.artefacts import base, finetuned
+        from harness.finetune import distributed
 
         if "model" not in self.state:
-            s, entry = self.spec, self.suite.model(self.spec["model"])
+            s, entry, run = self.spec, self.suite.model(self.spec["model"]), self.suite.run
+            launch = None if run.nproc == 1 else lambda: distributed.launch(s, run.nproc, run.strategy)
             self.state["model"] = (base(self.suite, entry, s["seed"]) if self.backend is None else
                                    finetuned(self.suite, entry, s["seed"], s["method"], self.backend,
-                                             self.documents("train")))
+                                             self.documents("train"), launch))
         return self.state["model"]
 
     def tokenizer(self):

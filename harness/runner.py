@@ -79,7 +79,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
             _tokenize(train, suite.model(model))
         pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
-        devices = _devices()
+        devices = _devices(suite.run.nproc)
         for phase in (pretrain, rest):
             _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
         notes = [] if not corpus.embedded else [
@@ -137,18 +137,23 @@ def _current_records(out: Path) -> dict[str, results.Record]:
     return {r.cell: r for r in results.current(results.load(out))}
 
 
-def _devices() -> list[str | None]:
-    """One worker per visible CUDA device, or a single CPU worker."""
+def _devices(nproc: int = 1) -> list[str | None]:
+    """One worker per `nproc` visible CUDA devices (its CUDA_VISIBLE_DEVICES), or a single CPU worker."""
     try:
         import torch
 
         n = torch.cuda.device_count()
     except ImportError:
         n = 0
-    if n <= 1:
+    if 0 < n < nproc:
+        raise UserError(f"run.nproc: {nproc} processes per fine-tune, but {n} CUDA device(s) are visible; lower "
+                        "run.nproc or make more devices visible (CUDA_VISIBLE_DEVICES)")
+    workers = n // nproc
+    if workers <= 1:
         return [None]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",") if visible else [str(i) for i in range(n)]
+    ids = visible.split(",") if visible else [str(i) for i in range(n)]
+    return [",".join(ids[w * nproc:(w + 1) * nproc]) for w in range(workers)]
 
 
 def _run_phase(jobs: list[tuple[Job, list[dict]]], devices: list[str | None], common: dict, timeout: float,

@@ -17,7 +17,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
@@ -98,6 +98,10 @@ class Data(_Strict):
 
 class Run(_Strict):
     timeout: float = Field(3600, gt=0)  # seconds one cell may take before it is recorded as "timeout"
+    # Processes per fine-tune (torchrun; harness.finetune.distributed): the global batch is
+    # finetune.batch_size x grad_accum x nproc. strategy: ddp, or fsdp (FSDP2, one unit per decoder block).
+    nproc: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class Backend(BaseModel):

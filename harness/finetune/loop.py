@@ -3,7 +3,9 @@
 AdamW with linear warm-up then either a constant LR (LongLoRA's fine-tuning recipe)
 or cosine decay (pretraining), gradient accumulation, gradient clipping, bf16
 autocast on CUDA, and periodic checkpoints so an interrupted run resumes where it
-stopped instead of starting over.
+stopped instead of starting over. Given a `World` (harness.finetune.distributed) of
+several processes, each rank trains on its share of every step's micro-batches, the
+gradients are reduced on a step's last micro-batch, and rank 0 alone writes checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
+
+from harness.finetune.distributed import SINGLE, World
 
 CHECKPOINT = "train-state.pt"
 
@@ -76,12 +81,15 @@ def train(
     cfg: TrainConfig,
     workdir: Path | None = None,
     desc: str = "train",
+    world: World = SINGLE,
 ) -> TrainLog:
     """Train `model` in place on batches of token ids from `next_batch(generator)`, or (ids, per-token loss
     weights) pairs for a weighted loss (:func:`weighted_lm_loss`).
 
     With a `workdir`, state (weights, optimizer, data generator, log) is saved every
     `checkpoint_every` steps and a later call with the same workdir resumes from it.
+    On several ranks, `model` is wrapped (distributed.wrap), `next_batch` gives this rank's micro-batches
+    (World.shard) and `cfg.grad_accum` counts this rank's micro-batches per step; the log is the global one.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,19 +111,21 @@ def train(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             batch = next_batch(gen)
             ids, weights = batch if isinstance(batch, tuple) else (batch, None)
             ids = ids.to(device)
-            with autocast:
-                if weights is None:
-                    loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
-                else:
-                    loss = weighted_lm_loss(model(input_ids=ids).logits, ids, weights.to(device)) / cfg.grad_accum
-            loss.backward()
+            with world.sync(model, last=i + 1 == cfg.grad_accum):
+                with autocast:
+                    if weights is None:
+                        loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                    else:
+                        loss = weighted_lm_loss(model(input_ids=ids).logits, ids, weights.to(device)) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
-            log.tokens += ids.numel()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            log.tokens += ids.numel() * world.size
+        total = world.mean(total, device)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP2: over the DTensor shards, a global norm
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -124,7 +134,7 @@ def train(
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}", refresh=False)
         bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
         if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log)
+            _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log, world)
     bar.close()
     model.eval()
     log.peak_memory_gib, log.memory_kind = peak_memory_gib(device)
@@ -158,22 +168,26 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
 
 
-def _save(path: Path, step, model, opt, sched, gen, log) -> None:
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    state = {"step": step, "params": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "gen": gen.get_state(), "log": asdict(log)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+# Trainable weights and optimizer state by parameter name, gathered whole on rank 0 (DDP, FSDP2 or one process).
+_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def _save(path: Path, step, model, opt, sched, gen, log, world: World) -> None:
+    params, optim = get_state_dict(model, opt, options=_STATE)  # collective: every rank takes part
+    if world.main:
+        state = {"step": step, "params": params, "opt": optim, "sched": sched.state_dict(), "gen": gen.get_state(),
+                 "log": asdict(log)}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    world.barrier()
 
 
 def _restore(path: Path, model, opt, sched, gen) -> tuple[int, TrainLog]:
+    """Every rank reads the checkpoint (the data generator and schedule are the same on all of them)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(state["opt"])
+    set_state_dict(model, opt, model_state_dict=state["params"], optim_state_dict=state["opt"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
     sched.load_state_dict(state["sched"])
     gen.set_state(state["gen"])
     log = TrainLog(**{**state["log"], "loss_curve": [tuple(x) for x in state["log"]["loss_curve"]]})

@@ -256,19 +256,22 @@ def summarize(model: nn.Module, method: str, groups: dict | None = None) -> Meth
 
 # --- saving for evaluation -------------------------------------------------------------------------------
 
-def save_method(model: nn.Module, path: str | Path) -> Path:
+def save_method(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Save what fine-tuning changed: the PEFT adapter (if any) and every fully trained base parameter
-    (those with requires_grad, outside the adapter) by base-model name, plus a small JSON description."""
+    (those with requires_grad, outside the adapter) by base-model name, plus a small JSON description.
+    `state`: the trainable parameters by their names in `model` (distributed.full_state, for a sharded model);
+    default: read from `model`."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model, PeftModel)
-    base = model.get_base_model() if is_peft else model
+    if state is None:
+        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if is_peft:
-        model.save_pretrained(path)
-    extra = {n: p.detach().to("cpu").contiguous() for n, p in base.named_parameters()
-             if p.requires_grad and ".lora_" not in n}
+        model.save_pretrained(path, state_dict=state)
+    prefix = "base_model.model." if is_peft else ""
+    extra = {n.removeprefix(prefix): p.to("cpu").contiguous() for n, p in state.items() if ".lora_" not in n}
     save_file(extra, str(path / EXTRA_FILE))
     meta = {"format": 1, **getattr(model, "harness_method", {}), "peft": is_peft, "extra_params": sorted(extra)}
     (path / META_FILE).write_text(json.dumps(meta, indent=2))

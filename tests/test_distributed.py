@@ -1,0 +1,153 @@
+"""Fine-tuning on 2 processes (torchrun, gloo on the CPU) trains like 1 process with the same global batch:
+DDP and FSDP2, straight through or interrupted and resumed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.finetune.distributed import full_state
+from harness.finetune.loop import TrainConfig, train
+from harness.finetune.methods import apply_method
+from harness.models import HybridConfig, HybridForCausalLM
+
+WORKER = """
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_distributed import STEPS, batches, cfg, model
+from harness.finetune.distributed import full_state, join, wrap
+from harness.finetune.loop import train
+
+strategy, out, die_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+world = join(strategy)
+(out / "work").mkdir(exist_ok=True)
+m, calls = model(), {{"n": 0}}
+
+def dying(g):
+    calls["n"] += 1
+    if calls["n"] == die_at:
+        raise KeyboardInterrupt  # every rank, at the same draw
+    return batches(g)
+
+log = train(wrap(m, world), world.shard(dying), cfg(grad_accum=1), workdir=out / "work", world=world)
+state = full_state(m)
+if world.main:
+    torch.save({{"curve": log.loss_curve, "tokens": log.tokens, "state": state, "draws": calls["n"]}},
+               out / "result.pt")
+torch.distributed.destroy_process_group()
+"""
+
+STEPS = 4
+
+
+def model():
+    torch.manual_seed(0)
+    base = HybridForCausalLM(HybridConfig(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=[1],
+                                          ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
+                                          attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
+    return apply_method(base, "hylora", rank=4, alpha=8)[0]  # adapters + fully trained embeddings, norms, conv1d
+
+
+def batches(g):
+    return torch.randint(0, 64, (1, 16), generator=g)
+
+
+def cfg(grad_accum):
+    return TrainConfig(steps=STEPS, context=16, batch_size=1, grad_accum=grad_accum, lr=1e-2, warmup_steps=1,
+                       checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    m = model()
+    log = train(m, batches, cfg(grad_accum=2))
+    return {"curve": log.loss_curve, "tokens": log.tokens, "state": full_state(m)}
+
+
+def two_processes(tmp_path, strategy, die_at=10**9):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           strategy, str(tmp_path), str(die_at)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_same_training(result, reference):
+    (steps, losses), (ref_steps, ref_losses) = zip(*result["curve"], strict=True), zip(*reference["curve"], strict=True)
+    assert steps == ref_steps and result["tokens"] == reference["tokens"]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert set(result["state"]) == set(reference["state"]) and any(".lora_B" in n for n in reference["state"])
+    for name, want in reference["state"].items():  # relative to the tensor's norm: elements near 0 carry the
+        got = result["state"][name]                  # rounding of another order of summation
+        assert got.shape == want.shape and (got - want).norm() <= 1e-5 * want.norm(), name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, strategy, one_process):
+    run = two_processes(tmp_path, strategy)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_training(torch.load(tmp_path / "result.pt", weights_only=False), one_process)
+
+
+def test_an_interrupted_two_process_fine_tune_resumes(tmp_path, one_process):
+    died = two_processes(tmp_path, "fsdp", die_at=5)  # each step draws 2 (one per rank): draw 5 is step 3's
+    assert died.returncode != 0 and not (tmp_path / "result.pt").exists()
+    assert (tmp_path / "work" / "train-state.pt").is_file()  # written at step 2
+    resumed = two_processes(tmp_path, "fsdp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["draws"] == 2 * (STEPS - 2)  # steps 3 and 4 only: the first two came from the checkpoint
+    assert_same_training(result, one_process)
+
+
+SUITE = """
+name: dist
+methods: [lora]
+backends: [full]
+pretrain: {{context: 64, steps: 3, batch_size: 2, warmup_steps: 1}}
+finetune: {{context: 128, steps: 3, warmup_steps: 1, grad_accum: {accum}}}
+run: {{nproc: {nproc}}}
+metrics:
+  perplexity: {{contexts: [64], tokens_per_length: 256, max_tokens: 20000}}
+"""
+
+
+def test_a_suite_fine_tuned_on_two_processes_measures_like_one(tmp_path, monkeypatch):
+    from harness import results
+    from harness.runner import run_suite
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    recorded = {}
+    for nproc, accum in ((1, 2), (2, 1)):
+        (tmp_path / f"{nproc}.yaml").write_text(SUITE.format(nproc=nproc, accum=accum))
+        run_suite(tmp_path / f"{nproc}.yaml", tmp_path / f"out{nproc}")
+        recs = results.load(tmp_path / f"out{nproc}")
+        assert all(r.status == "ok" for r in recs), [r.error for r in recs]
+        recorded[nproc] = {r.cell: r for r in recs}
+    one, two = (recorded[n]["tiny-hybrid/seed0/lora/full/train"] for n in (1, 2))
+    assert [(r.model["nproc"], r.model["global_batch"]) for r in (one, two)] == [(1, 2), (2, 2)]
+    assert two.model["strategy"] == "ddp" and one.model["adapter"] != two.model["adapter"]
+    assert [s for s, _ in one.values["loss_curve"]] == [s for s, _ in two.values["loss_curve"]] == [1, 2, 3]
+    assert [x for _, x in two.values["loss_curve"]] == pytest.approx([x for _, x in one.values["loss_curve"]],
+                                                                      rel=1e-5)
+    ppl = "tiny-hybrid/seed0/lora/full/ppl@64"
+    assert recorded[2][ppl].values["perplexity"] == pytest.approx(recorded[1][ppl].values["perplexity"], rel=1e-5)
+
+
+def test_jobs_get_nproc_devices_each(monkeypatch):
+    from harness.errors import UserError
+    from harness.runner import _devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert _devices(1) == list("01234567")
+    assert _devices(4) == ["0,1,2,3", "4,5,6,7"] and _devices(8) == [None]
+    with pytest.raises(UserError, match="run.nproc: 16 processes per fine-tune, but 8 CUDA device"):
+        _devices(16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _devices(2) == [None]  # the CPU: gloo processes
