@@ -98,6 +98,15 @@ for _name, _path in SUITES.items():
     nox.session(name=_name, **VENV)(_suite_session(_path))
 
 
+@nox.session(name="gpu-check", venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """`harness check gpu` with this machine's Python and packages as they are (GPU machines have no network, so
+    nothing is installed): the GPU tests, attention at the paper's shape, a fine-tune per backend and method."""
+    session.run("python", "-m", "harness.cli", "check", "gpu", *session.posargs,
+                env={"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                 os.environ.get("PYTHONPATH")]))})
+
+
 @nox.session(**VENV)
 def report(session: nox.Session) -> None:
     """Render reports: `nox -s report -- reports/pg19 [reports/other ...]` (several: a comparison).

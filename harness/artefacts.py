@@ -102,27 +102,30 @@ def _pretrained_spec(suite: Suite, preset: str, seed: int) -> tuple[dict, Hybrid
 def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
     """(model in eval mode on `device()`, info with its cache key and training log)."""
     info, config, cfg = _pretrained_spec(suite, preset, seed)
-    key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
-    if (path := cache.lookup(PRETRAINED, key)) is None:
-        torch.manual_seed(seed)
-        model = HybridForCausalLM(config)
-        if p.induction_init is not None:
-            induction_init(model, p.induction_init)
-        model.to(device())
-        tokens = encode_corpus(tok, corpus, "train")
-        if p.recall > 0:
-            text = "\n".join(d.text for d in corpus.split("train"))
-            documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
-            batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)
-        else:
-            batches = _windows(tokens, cfg)
-        log = _train(model, cfg, batches, PRETRAINED, key, f"pretrain {preset} @ {cfg.context}")
-        with cache.build(PRETRAINED, key, {**info, "train": log.values()}) as d:
-            model.save_pretrained(d)
-        path = cache.lookup(PRETRAINED, key)
+    path = cache.ensure(PRETRAINED, info["hash"], lambda: _pretrain(suite, info, config, cfg, seed))
     meta = json.loads((path / cache.META).read_text())
     model = _load(path, lambda: HybridForCausalLM.from_pretrained(path)).to(device())
     return model.eval(), {**info, "train": meta["train"]}
+
+
+def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig, seed: int) -> None:
+    """Pretrain a preset by the suite's recipe and write it into the cache under `info["hash"]`."""
+    key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
+    torch.manual_seed(seed)
+    model = HybridForCausalLM(config)
+    if p.induction_init is not None:
+        induction_init(model, p.induction_init)
+    model.to(device())
+    tokens = encode_corpus(tok, corpus, "train")
+    if p.recall > 0:
+        text = "\n".join(d.text for d in corpus.split("train"))
+        documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
+        batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)
+    else:
+        batches = _windows(tokens, cfg)
+    log = _train(model, cfg, batches, PRETRAINED, key, f"pretrain {info['preset']} @ {cfg.context}")
+    with cache.build(PRETRAINED, key, {**info, "train": log.values()}) as d:
+        model.save_pretrained(d)
 
 
 def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,
@@ -130,14 +133,7 @@ def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, bac
     """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info). Where it is not
     cached, `launch` (given when `run.nproc` > 1) builds it on several processes; else it is built here."""
     key, info = adapter_key(suite, model, seed, method, backend, data)
-    if (path := cache.lookup(ADAPTER, key)) is None:
-        if launch is None:
-            build_adapter(suite, model, seed, method, backend, data)
-        else:
-            launch()
-        path = cache.lookup(ADAPTER, key)
-        if path is None:
-            raise RuntimeError(f"the fine-tune {method}/{backend.label} finished without its cache entry {key}")
+    path = cache.ensure(ADAPTER, key, launch or (lambda: build_adapter(suite, model, seed, method, backend, data)))
     start, _ = base(suite, model, seed)
     meta = json.loads((path / cache.META).read_text())
     return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}

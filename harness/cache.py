@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -126,6 +126,26 @@ def _damage(path: Path) -> str | None:
 
 
 _VERIFIED: set[tuple] = set()
+
+
+def ensure(kind: str, key: str, make: Callable[[], None]) -> Path:
+    """The artefact `kind/key`, made by `make()` (which writes it with `build`) if it is not there yet. Makers of
+    one key take turns on a lock (flock, which holds across nodes where the filesystem supports it), so that two
+    jobs never build the same artefact: the second finds the first's."""
+    import fcntl
+
+    if (path := lookup(kind, key)) is not None:
+        return path
+    lock = cache_root() / kind / f".lock-{key}"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        if (path := lookup(kind, key)) is None:
+            make()
+            path = lookup(kind, key)
+    if path is None:
+        raise RuntimeError(f"building cache entry {kind}/{key} finished without writing it")
+    return path
 
 
 @contextmanager

@@ -27,6 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true", help="list the cells and what is already done")
     run.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches this glob, e.g. '*ppl@2048'")
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as oom/timeout/error")
+    run.add_argument("--status", action="store_true", help="list the suite's jobs: cells done, latest attempt's state")
+    scale = run.add_argument_group("where jobs run (override the suite's `run` block)")
+    scale.add_argument("--executor", choices=["local", "submitit-local", "slurm"])
+    scale.add_argument("--max-parallel", type=arg.positive_int, help="jobs at once")
+    scale.add_argument("--nproc", type=arg.positive_int, help="processes per fine-tune (torchrun)")
+    scale.add_argument("--strategy", choices=["ddp", "fsdp"], help="how a multi-process fine-tune shards")
+    scale.add_argument("--partition", help="Slurm partition")
+    scale.add_argument("--account", help="Slurm account")
+    scale.add_argument("--gpus-per-node", type=int, help="Slurm GPUs per job")
+    scale.add_argument("--cpus-per-task", type=arg.positive_int, help="Slurm CPUs per job")
+    scale.add_argument("--time-min", type=arg.positive_int, help="Slurm time limit per job, minutes")
     val = sub.add_parser("validate", help="check a suite file")
     val.add_argument("suite")
     rep = sub.add_parser("report", help="render the HTML report of results directories (several: a comparison)")
@@ -58,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("variant", help="the variant's id, e.g. tiny-hybrid/seed0/lora/full")
     exp.add_argument("out_dir", type=arg.directory, help="a new directory")
     exp.add_argument("--merge", action="store_true", help="fold the adapter in: one model directory")
+    check = sub.add_parser("check", help="`check gpu`: the GPU tests, attention at the paper's shape and a fine-tune "
+                                         "per backend and method, on a CUDA machine (harness.gpu_check)")
+    check.add_argument("what", choices=["gpu"])
+    check.add_argument("--out", type=arg.directory, default=Path("reports/gpu-check"),
+                       help="where the results and gpu-check.{json,md} go (default reports/gpu-check)")
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
@@ -84,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _run_overrides(args: argparse.Namespace) -> dict:
+    """The `run` settings given on the command line (harness.suite.load_suite merges them)."""
+    top = {k: getattr(args, k) for k in ("executor", "max_parallel", "nproc", "strategy")}
+    slurm = {k: getattr(args, k) for k in ("partition", "account", "gpus_per_node", "cpus_per_task", "time_min")}
+    out = {k: v for k, v in top.items() if v is not None}
+    if slurm := {k: v for k, v in slurm.items() if v is not None}:
+        out["slurm"] = slurm
+    return out
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -98,7 +124,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.runner import run_suite
 
         outcome = run_suite(args.suite, args.out, pg19=args.pg19, dry_run=args.dry_run, only=args.only,
-                            retry_failed=args.retry_failed)
+                            retry_failed=args.retry_failed, run=_run_overrides(args), status=args.status)
         if outcome:
             print(f"report: {outcome.report.resolve()}")
         if outcome and outcome.failed:
@@ -108,6 +134,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"\"Failed cells\" section and in {outcome.report.parent / 'results.jsonl'}; after a fix, rerun "
                   "with --retry-failed", file=sys.stderr)
             return 1
+    elif args.command == "check":
+        from harness.gpu_check import check_gpu
+
+        return check_gpu(Path(args.out))
     elif args.command == "report":
         from harness import results
         from harness.report import render_report

@@ -27,7 +27,7 @@ from harness.suite import Backend, Suite, load_suite
 
 
 def run_job(spec: dict) -> None:
-    suite = load_suite(spec["suite"])
+    suite = load_suite(spec["suite"], spec.get("run"))
     out, env = Path(spec["out"]), results.environment()
     ctx = Context(suite, spec)
     for cell in spec["cells"]:

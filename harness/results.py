@@ -130,12 +130,20 @@ def git_revision() -> str | None:
 
 
 def append(out_dir: str | Path, record: Record) -> None:
-    """Append one record as one line, flushed to disk, so an interruption never loses finished cells. A last line
-    cut off by a kill is ended first, so that the new record never joins it."""
+    """Append one record as one line, flushed to disk, so an interruption never loses finished cells."""
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record.as_dict(), default=str) + "\n"
+    locked_append(path, json.dumps(record.as_dict(), default=str) + "\n")
+
+
+def locked_append(path: Path, line: str) -> None:
+    """Append `line` to `path` under an exclusive lock, so that jobs finishing at once (on other nodes too, where
+    the filesystem supports locks) never interleave, and flush it to disk. A last line cut off by a kill is ended
+    first, so that the new line never joins it."""
+    import fcntl
+
     with open(path, "ab+") as f:  # writes go to the end whatever the position
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         if f.seek(0, os.SEEK_END):
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":

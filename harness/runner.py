@@ -1,21 +1,18 @@
 """Runs a suite: plan its jobs and cells (harness.plan), run each job in its own process, render the report.
 
-Each job runs in a child process (harness.job), so a crash or an OOM kill costs one cell: the parent records
-it ("error"/"oom"), and restarts the job for the cells left. A cell with no new record for `run.timeout`
-seconds is killed and recorded as "timeout". Resume: a cell is done when its current record has its settings
-hash and code fingerprint (`plan.cell_state`; `--retry-failed` reruns those that failed). Several GPUs: jobs
-run in parallel, one per device.
+Each job runs in a process of its own (harness.job; where, harness.executors: a child process, a submitit job,
+a Slurm job), so a crash or an OOM kill costs one cell: the parent records it ("error"/"oom"), and starts the
+job again for the cells left. A cell with no new record for `run.timeout` seconds (counted from the job's start,
+not its time in a queue) is killed and recorded as "timeout". Resume: a cell is done when its current record
+has its settings hash and code fingerprint (`plan.cell_state`; `--retry-failed` reruns those that failed).
+Pretraining jobs finish before any other starts. Several GPUs: jobs run in parallel, one per `run.nproc`
+devices; on Slurm, `run.max_parallel` at once (default: all of a phase).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,6 +23,7 @@ from pathlib import Path
 from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
+from harness.executors import ACTIVE, Executor, ledger, live_state
 from harness.models.sources import Checkpoint, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
@@ -42,8 +40,10 @@ class Outcome:
 
 
 def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,
-              only: str | None = None, retry_failed: bool = False) -> Outcome | None:
-    suite = load_suite(suite_path)
+              only: str | None = None, retry_failed: bool = False, run: dict | None = None,
+              status: bool = False) -> Outcome | None:
+    """Run (or with `dry_run` list, with `status` show the jobs of) a suite; `run` overrides its `run` block."""
+    suite = load_suite(suite_path, run)
     out = Path(out or Path("reports") / suite.name)
     missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
     corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval")
@@ -59,6 +59,9 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     if not ids and only is not None:
         raise UserError(f"--only {only!r} matches none of the suite's cells; `harness run {suite_path} --dry-run` "
                         "lists their ids")
+    if status:
+        _print_status(jobs, out, retry_failed)
+        return None
     if dry_run:
         state = _states(jobs, out, retry_failed, suite.name, corpus)
         for job in jobs:
@@ -73,15 +76,17 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         state = _states(jobs, out, retry_failed, suite.name, corpus)
         todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
-                  "pg19": pg19}
+                  "pg19": pg19, "run": suite.run.model_dump()}
         tuned = {j.spec["model"] for j in jobs if j.spec.get("stage") == FINETUNED and todo[j.name]}
         for model in tuned if train is not None else ():
             _tokenize(train, suite.model(model))
         pretrain = [j for j in jobs if j.kind == "pretrain" and todo[j.name]]
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
-        devices = _devices(suite.run.nproc)
+        _check_no_earlier_jobs_active([j.name for j in pretrain + rest], out)
+        executor = Executor(suite.run, out)
         for phase in (pretrain, rest):
-            _run_phase([(j, todo[j.name]) for j in phase], devices, common, suite.run.timeout, out)
+            _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common, suite.run.timeout,
+                       out, executor)
         notes = [] if not corpus.embedded else [
             f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
             "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
@@ -137,6 +142,37 @@ def _current_records(out: Path) -> dict[str, results.Record]:
     return {r.cell: r for r in results.current(results.load(out))}
 
 
+def _print_status(jobs: list[Job], out: Path, retry_failed: bool) -> None:
+    """Each job of the plan: how many of its cells are done, and its latest attempt (OUT/jobs.jsonl) now."""
+    recorded, attempts = _current_records(out), ledger(out)
+    for job in jobs:
+        done = sum(cell_state(c, recorded.get(c["id"]), retry_failed) == "done" for c in job.cells)
+        entry = attempts.get(job.name)
+        seen = f"{entry['executor']} {entry['id']} {live_state(entry, out)}" if entry else "never started"
+        mark = "done" if done == len(job.cells) else "todo"
+        print(f"  {mark:<5} {done:>3}/{len(job.cells):<3} {job.name:<40} {seen}")
+
+
+def _check_no_earlier_jobs_active(names: list[str], out: Path) -> None:
+    """Refuse to start jobs whose earlier attempt (a runner that was killed, say) is still queued or running:
+    both would measure the same cells."""
+    attempts = ledger(out)
+    active = [f"{n} ({attempts[n]['executor']} {attempts[n]['id']})" for n in names
+              if n in attempts and "state" not in attempts[n] and live_state(attempts[n], out).split()[0] in ACTIVE]
+    if active:
+        raise UserError(f"jobs of an earlier run into {out} are still queued or running: {', '.join(active)}; wait "
+                        "for them (`harness run SUITE --status`) or cancel them (scancel / kill), then rerun")
+
+
+def _slots(run, jobs: int) -> list[str | None]:
+    """The device (group) of each of the jobs that may run at once: one per `run.nproc` visible GPUs, or
+    `run.max_parallel`; on Slurm the allocation brings its own devices, and all of a phase may be queued."""
+    if run.executor == "slurm":
+        return [None] * (run.max_parallel or max(1, jobs))
+    devices = _devices(run.nproc)
+    return [devices[i % len(devices)] for i in range(run.max_parallel or len(devices))]
+
+
 def _devices(nproc: int = 1) -> list[str | None]:
     """One worker per `nproc` visible CUDA devices (its CUDA_VISIBLE_DEVICES), or a single CPU worker."""
     try:
@@ -156,65 +192,69 @@ def _devices(nproc: int = 1) -> list[str | None]:
     return [",".join(ids[w * nproc:(w + 1) * nproc]) for w in range(workers)]
 
 
-def _run_phase(jobs: list[tuple[Job, list[dict]]], devices: list[str | None], common: dict, timeout: float,
-               out: Path) -> None:
-    """Run (job, cells) pairs, one device each at a time; Ctrl-C or SIGTERM stops every child job."""
-    if len(devices) == 1:  # in this thread, so that KeyboardInterrupt reaches _supervise directly
+def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], common: dict, timeout: float,
+               out: Path, executor: Executor) -> None:
+    """Run (job, cells) pairs, as many at once as there are `slots` (each a device group, or None); Ctrl-C or
+    SIGTERM stops every job."""
+    if len(slots) == 1:  # in this thread, so that KeyboardInterrupt reaches _supervise directly
         for job, cells in jobs:
-            _supervise(job, cells, devices[0], common, timeout, out)
+            _supervise(job, cells, slots[0], common, timeout, out, executor)
         return
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        futures = [pool.submit(_supervise, job, cells, devices[i % len(devices)], common, timeout, out, stop)
-                   for i, (job, cells) in enumerate(jobs)]
+    stop, free = threading.Event(), list(slots)
+    lock = threading.Lock()
+
+    def one(job, cells):
+        with lock:
+            slot = free.pop(0)
+        try:
+            _supervise(job, cells, slot, common, timeout, out, executor, stop)
+        finally:
+            with lock:
+                free.append(slot)
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        futures = [pool.submit(one, job, cells) for job, cells in jobs]
         try:
             for f in futures:
                 f.result()
         except BaseException:
-            stop.set()  # the workers kill their children and return; the pool's exit then waits for them
+            stop.set()  # the workers kill their jobs and return; the pool's exit then waits for them
             for f in futures:
                 f.cancel()
             raise
 
 
 def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path,
-               stop: threading.Event | None = None) -> None:
-    """Run `job` for `cells` in child processes until every cell has a record (or `stop` is set)."""
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
+               executor: Executor, stop: threading.Event | None = None) -> None:
+    """Run `job` for `cells`, attempt after attempt, until every cell has a record (or `stop` is set)."""
     remaining = list(cells)
     path = out / results.RESULTS_FILE
     start = path.stat().st_size if path.is_file() else 0  # only records written from now on count
     while remaining:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({**common, **job.spec, "kind": job.kind, "cells": remaining}, f)
-        proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env, start_new_session=True)
-        status, last_count, last_change = None, 0, time.monotonic()
+        attempt = executor.start(job.name, {**common, **job.spec, "kind": job.kind, "cells": remaining}, device)
+        timed_out, last_count, last_change = False, 0, time.monotonic()
         try:
-            while proc.poll() is None:
+            while attempt.poll() is None:
                 time.sleep(0.5)
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
                 count = len(_done_ids(path, start) & {c["id"] for c in remaining})
-                if count != last_count:
+                if count != last_count or not attempt.started():  # time in a queue is not the job's
                     last_count, last_change = count, time.monotonic()
                 elif time.monotonic() - last_change > timeout:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    status = "timeout"
-        except BaseException:  # Ctrl-C: stop the child too; finished cells are already recorded
-            os.killpg(proc.pid, signal.SIGKILL)
+                    attempt.kill()
+                    timed_out = True
+        except BaseException:  # Ctrl-C: stop the job too; finished cells are already recorded
+            attempt.kill()
+            executor.ended(job.name, attempt, "CANCELLED")
             raise
-        finally:
-            os.unlink(f.name)
         done = _done_ids(path, start)
         remaining = [c for c in remaining if c["id"] not in done]
-        if remaining and (status or proc.returncode != 0):
+        failed = bool(remaining) and (timed_out or attempt.poll() != 0)
+        executor.ended(job.name, attempt, "TIMEOUT" if timed_out else "FAILED" if failed else "COMPLETED")
+        if failed:
             cell = remaining.pop(0)
-            killed = proc.returncode in (-signal.SIGKILL, 137) and status is None
-            status = status or ("oom" if killed else "error")
-            error = (f"no record within {timeout:.0f} s" if status == "timeout" else
-                     f"job process exited with code {proc.returncode}"
-                     + (" (killed: likely out of memory)" if killed else ""))
+            status, error = ("timeout", f"no record within {timeout:.0f} s") if timed_out else attempt.failure()
             results.append(out, results.cell_record(common["suite_name"], cell, status=status, error=error))
             print(f"  {cell['id']}: {status} ({error})", flush=True)
         elif remaining:

@@ -96,12 +96,28 @@ class Data(_Strict):
         return src.model_copy(update={**fill, **({"path": root} if src.source == "pg19" else {})})
 
 
+class Slurm(_Strict):
+    """sbatch settings of `executor: slurm` (one Slurm job per harness job; `time_min` also bounds a
+    submitit-local job)."""
+
+    partition: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    time_min: int = Field(240, ge=1)
+    account: str | None = None
+    additional: dict[str, Any] = {}  # any other sbatch option, e.g. {qos: high, constraint: h100}
+
+
 class Run(_Strict):
     timeout: float = Field(3600, gt=0)  # seconds one cell may take before it is recorded as "timeout"
     # Processes per fine-tune (torchrun; harness.finetune.distributed): the global batch is
     # finetune.batch_size x grad_accum x nproc. strategy: ddp, or fsdp (FSDP2, one unit per decoder block).
     nproc: int = Field(1, ge=1)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Where jobs run (harness.executors): local child processes, submitit's LocalExecutor, or Slurm jobs.
+    executor: Literal["local", "submitit-local", "slurm"] = "local"
+    slurm: Slurm = Field(default_factory=Slurm)
+    max_parallel: int | None = Field(None, ge=1)  # jobs at once; default: one per device group (slurm: all)
 
 
 class Backend(BaseModel):
@@ -242,8 +258,9 @@ def _short(v: Any) -> str:
     return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Parse and validate a suite file; every problem becomes a UserError naming file, line and field."""
+def load_suite(path: str | Path, run: dict | None = None) -> Suite:
+    """Parse and validate a suite file; every problem becomes a UserError naming file, line and field. `run`:
+    settings that override the file's `run` block (the command line's; `slurm` merged key by key)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: suite file not found (suites live in suites/*.yaml)")
@@ -257,10 +274,18 @@ def load_suite(path: str | Path) -> Suite:
     _import_plugins(path, raw.get("plugins"), _key_lines(text))
     model = suite_model()
     try:
-        return model.model_validate(raw)
+        suite = model.model_validate(raw)
     except ValidationError as e:
         lines = _key_lines(text)
         raise UserError(f"{path}: " + "; ".join(_describe(err, lines, model) for err in e.errors())) from None
+    if not run:
+        return suite
+    merged = {**suite.run.model_dump(), **run, "slurm": {**suite.run.slurm.model_dump(), **run.get("slurm", {})}}
+    try:
+        return suite.model_copy(update={"run": Run.model_validate(merged)})
+    except ValidationError as e:
+        raise UserError("run settings from the command line: " + "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
 
 
 def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:

@@ -27,3 +27,29 @@ def drop_cache():
         return model
 
     return drop
+
+
+FAULT = """
+import os, time
+import harness.attention.bench as bench
+real = bench.bench_attention
+def faulty(backends, lengths, **kw):
+    if backends[0][0] == "full":
+        {action}
+    return real(backends, lengths, **kw)
+bench.bench_attention = faulty
+"""
+
+
+@pytest.fixture
+def inject_fault(tmp_path, monkeypatch):
+    """`inject_fault(action)`: job processes started from now on run `action` (Python) when they time the full
+    attention backend. Fault injection from outside the code: a child imports sitecustomize.py from PYTHONPATH at
+    start-up."""
+
+    def inject(action: str) -> None:
+        (tmp_path / "fault").mkdir(exist_ok=True)
+        (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT.replace("{action}", action))
+        monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fault"))
+
+    return inject

@@ -71,27 +71,8 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys):
     assert {len(results.current(results.load(out)))} == {11}
 
 
-FAULT = """
-import os, time
-import harness.attention.bench as bench
-real = bench.bench_attention
-def faulty(backends, lengths, **kw):
-    if backends[0][0] == "full":
-        {action}
-    return real(backends, lengths, **kw)
-bench.bench_attention = faulty
-"""
-
-
-def _inject(tmp_path, monkeypatch, action):
-    """Fault injection from outside the code: the child imports sitecustomize.py from PYTHONPATH at start-up."""
-    (tmp_path / "fault").mkdir()
-    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT.replace("{action}", action))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fault"))
-
-
-def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, monkeypatch):
-    _inject(tmp_path, monkeypatch, "os._exit(3)")
+def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, inject_fault):
+    inject_fault("os._exit(3)")
     suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
     out = tmp_path / "out"
     outcome = run_suite(suite_file, out, only="attention/*")
@@ -103,8 +84,8 @@ def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path,
     assert recs["attention/se_attn(chunk_size=64,block_size=16,top_k=2)/efficiency@128"].status == "ok"
 
 
-def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, monkeypatch):
-    _inject(tmp_path, monkeypatch, "time.sleep(600)")
+def test_a_hung_cell_is_killed_and_recorded_as_timeout(suite_file, tmp_path, inject_fault):
+    inject_fault("time.sleep(600)")
     suite_file.write_text(SMALL + "run: {timeout: 15}\n")  # the timeout includes the child's start-up
     out = tmp_path / "out"
     assert run_suite(suite_file, out, only="attention/full/*").failed == {"timeout": 1}
@@ -120,10 +101,10 @@ def test_dry_run_lists_cells_without_running(suite_file, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _start_hung_run(suite_file, tmp_path, monkeypatch):
+def _start_hung_run(suite_file, tmp_path, inject_fault):
     """`harness run` in a subprocess whose job hangs in its first cell; returns (runner, job pid)."""
     pidfile = tmp_path / "job.pid"
-    _inject(tmp_path, monkeypatch, f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    inject_fault(f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ["PYTHONPATH"], str(Path.cwd())])}
     runner = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(suite_file), "--out",
                                str(tmp_path / "out"), "--only", "attention/full/*"], env=env)
@@ -145,15 +126,15 @@ def _gone(pid: int, within: float = 10.0) -> bool:
     return False
 
 
-def test_sigterm_stops_the_runner_and_its_job(suite_file, tmp_path, monkeypatch):
-    runner, job = _start_hung_run(suite_file, tmp_path, monkeypatch)
+def test_sigterm_stops_the_runner_and_its_job(suite_file, tmp_path, inject_fault):
+    runner, job = _start_hung_run(suite_file, tmp_path, inject_fault)
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=30) == 130
     assert _gone(job)
 
 
-def test_a_job_ends_when_its_runner_is_killed(suite_file, tmp_path, monkeypatch):
-    runner, job = _start_hung_run(suite_file, tmp_path, monkeypatch)
+def test_a_job_ends_when_its_runner_is_killed(suite_file, tmp_path, inject_fault):
+    runner, job = _start_hung_run(suite_file, tmp_path, inject_fault)
     runner.kill()
     runner.wait(timeout=30)
     assert _gone(job)  # the job is in its own session: it must notice the runner is gone by itself

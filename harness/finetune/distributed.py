@@ -168,7 +168,7 @@ def _rank_main(spec: dict) -> None:
 
     world = join(spec["strategy"])
     try:
-        suite = load_suite(spec["suite"])
+        suite = load_suite(spec["suite"], spec.get("run"))
         build_adapter(suite, suite.model(spec["model"]), spec["seed"], spec["method"], Backend(**spec["backend"]),
                       documents(suite, "train", spec.get("pg19")), world)
     finally:

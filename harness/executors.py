@@ -1,0 +1,222 @@
+"""Where a suite's jobs run (`run.executor`): each attempt at a job is a child process on this machine (`local`),
+a job of submitit's LocalExecutor (`submitit-local`: tests and single boxes), or one Slurm job through submitit
+(`slurm`). The runner (harness.runner) supervises attempts alike: it polls them, counts the records they write,
+kills one that stops writing, and starts another for the cells left.
+
+Every attempt is noted in OUT/jobs.jsonl (`harness run SUITE --status` reads it), so a rerun never submits a job
+again while an earlier submission of it is still queued or running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from harness.errors import UserError
+
+LEDGER = "jobs.jsonl"
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+# Filesystems of one node: a cache or results directory there is not seen by jobs on other nodes.
+NODE_LOCAL = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs")
+
+
+class LocalAttempt:
+    """One job attempt as a child process of the runner (`python -m harness.job SPEC.json`)."""
+
+    def __init__(self, spec: dict, device: str | None):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(spec, f)
+        self._spec_file = f.name
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
+        self._proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env,
+                                      start_new_session=True)
+        self.id = str(self._proc.pid)
+
+    def poll(self) -> int | None:
+        code = self._proc.poll()
+        if code is not None and os.path.exists(self._spec_file):
+            os.unlink(self._spec_file)
+        return code
+
+    def started(self) -> bool:
+        return True
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
+        self.poll()
+
+    def failure(self) -> tuple[str, str]:
+        """(status, error) of an attempt that ended with cells left."""
+        code = self._proc.returncode
+        killed = code in (-9, 137)
+        return ("oom" if killed else "error",
+                f"job process exited with code {code}" + (" (killed: likely out of memory)" if killed else ""))
+
+
+class SubmititAttempt:
+    """One job attempt submitted through submitit (its LocalExecutor, or Slurm)."""
+
+    def __init__(self, job, executor: str):
+        self._job, self.executor, self.id = job, executor, str(job.job_id)
+
+    def poll(self) -> int | None:
+        if not self._job.done():
+            return None
+        return 0 if self._job.exception() is None else 1
+
+    def started(self) -> bool:
+        return self._job.state not in ("PENDING", "UNKNOWN", "REQUEUED", "CONFIGURING")
+
+    def kill(self) -> None:
+        self._job.cancel(check=False)
+
+    def failure(self) -> tuple[str, str]:
+        state = self._job.state
+        exc = self._job.exception()
+        first = str(exc).strip().splitlines()[-1] if exc is not None else "no exception"
+        status = "oom" if state == "OUT_OF_MEMORY" else "timeout" if state == "TIMEOUT" else "error"
+        return status, f"{self.executor} job {self.id} ended {state}: {first[:300]}"
+
+
+class Executor:
+    """Starts attempts at jobs (`start`) and keeps OUT/jobs.jsonl."""
+
+    def __init__(self, run, out: Path):
+        self.kind, self.run, self.out = run.executor, run, out
+        self._lock = threading.Lock()
+        self._submitit = None
+        if self.kind != "local":
+            self._submitit = _submitit_executor(run, out)
+
+    def start(self, name: str, spec: dict, device: str | None):
+        if self._submitit is None:
+            attempt = LocalAttempt(spec, device)
+        else:
+            from harness.job import run_job
+
+            params = {"job_name": f"harness-{name}"} if self.kind == "slurm" else {
+                "visible_gpus": tuple(int(d) for d in device.split(",")) if device is not None else ()}
+            with self._lock:  # the parameters are the executor's: one submission at a time
+                self._submitit.update_parameters(**params)
+                try:
+                    job = self._submitit.submit(run_job, spec)
+                except Exception as e:  # noqa: BLE001 - sbatch refusing (a bad partition, say) is the user's to fix
+                    raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
+            attempt = SubmititAttempt(job, self.kind)
+        self._note({"job": name, "id": attempt.id, "executor": self.kind, "cells": len(spec["cells"]),
+                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return attempt
+
+    def ended(self, name: str, attempt, state: str) -> None:
+        self._note({"job": name, "id": attempt.id, "executor": self.kind, "state": state,
+                    "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def _note(self, entry: dict) -> None:
+        from harness.results import locked_append
+
+        locked_append(self.out / LEDGER, json.dumps(entry) + "\n")
+
+
+def _submitit_executor(run, out: Path):
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"run.executor {run.executor} needs submitit: pip install 'harness[cluster]'") from None
+    folder = out / "submitit" / "%j"
+    if run.executor == "submitit-local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=run.slurm.time_min)
+        return ex
+    if missing := [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]:
+        raise UserError(f"run.executor slurm: no `{'`, `'.join(missing)}` on PATH; run harness from a Slurm login "
+                        "node (or use executor: submitit-local on one machine)")
+    for what, path in (("the artefact cache", _cache_root()), ("the results directory", out)):
+        if (kind := filesystem_type(path)) in NODE_LOCAL:
+            print(f"warning: {what} {path} is on a node-local filesystem ({kind}): jobs on other nodes will not see "
+                  "it; put it on a shared filesystem" + (" (set HARNESS_CACHE)" if "cache" in what else " (--out)"),
+                  file=sys.stderr)
+    s = run.slurm
+    ex = submitit.SlurmExecutor(folder=folder)
+    ex.update_parameters(partition=s.partition, gpus_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task,
+                         time=s.time_min, account=s.account, additional_parameters=dict(s.additional) or None)
+    return ex
+
+
+def _cache_root() -> Path:
+    from harness.cache import cache_root
+
+    return cache_root()
+
+
+def _sbatch_error(e: Exception) -> str:
+    """sbatch's own message out of submitit's exception (it quotes the command's output)."""
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else type(e).__name__)[:500]
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem `path` is on (the longest mount point above it in /proc/mounts)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target, best = str(Path(path).resolve()), (None, "")
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
+            if len(parts[1]) > len(best[1]):
+                best = (parts[2], parts[1])
+    return best[0]
+
+
+def ledger(out: Path) -> dict[str, dict]:
+    """Each job's latest attempt in OUT/jobs.jsonl: {job: {id, executor, cells, submitted, state?, ended?}}."""
+    path = out / LEDGER
+    latest: dict[str, dict] = {}
+    if not path.is_file():
+        return latest
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "submitted" in entry:
+            latest[entry["job"]] = entry
+        elif entry.get("job") in latest and latest[entry["job"]]["id"] == entry.get("id"):
+            latest[entry["job"]].update(entry)
+    return latest
+
+
+def live_state(entry: dict, out: Path) -> str:
+    """The state of a ledger entry's attempt now: its final state if the runner saw it end, else asked of the
+    executor (Slurm's accounting, or whether the process is alive)."""
+    if "state" in entry:
+        return entry["state"]
+    if entry["executor"] == "slurm":
+        try:
+            import submitit
+
+            return submitit.SlurmJob(out / "submitit" / "%j", entry["id"]).state
+        except Exception as e:  # noqa: BLE001 - no sacct here: say so instead of guessing
+            return f"UNKNOWN ({type(e).__name__})"
+    try:
+        os.kill(int(entry["id"]), 0)
+        return "RUNNING"
+    except (ProcessLookupError, ValueError):
+        return "GONE (its runner stopped before it ended)"
+    except PermissionError:
+        return "RUNNING"

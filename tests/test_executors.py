@@ -1,0 +1,171 @@
+"""Jobs through submitit (its LocalExecutor here; Slurm's submission checked against a stand-in sbatch): the same
+records as the local runner, failures recorded and resumed, concurrent records kept, clear errors."""
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.errors import UserError
+from harness.executors import Executor, filesystem_type, ledger
+from harness.runner import run_suite
+from harness.suite import load_suite
+
+SUITE = """
+name: exec
+methods: []
+backends: [full, sliding_window]
+pretrain: {context: 64, steps: 3, batch_size: 2, warmup_steps: 1}
+metrics:
+  perplexity: {contexts: [64], tokens_per_length: 256, max_tokens: 20000}
+  efficiency: {lengths: [64], repeats: 2, warmup: 0}
+"""
+
+
+@pytest.fixture
+def suite_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    (tmp_path / "s.yaml").write_text(SUITE)
+    return tmp_path / "s.yaml"
+
+
+def test_submitit_local_records_what_the_local_runner_records(suite_file, tmp_path, capsys):
+    for executor in ("submitit-local", "local"):
+        outcome = run_suite(suite_file, tmp_path / executor, run={"executor": executor})
+        assert outcome.failed == {}
+    local, sub = ({r.cell: r for r in results.load(tmp_path / e)} for e in ("local", "submitit-local"))
+    assert sorted(local) == sorted(sub) and len(local) == 4
+    for cell, rec in local.items():
+        other = sub[cell]
+        assert (rec.status, rec.config_hash, rec.code, rec.variant) == (other.status, other.config_hash,
+                                                                          other.code, other.variant), cell
+        if rec.metric != "efficiency":  # timings differ run to run; everything else is the same
+            assert rec.values == other.values, cell
+    jobs = ledger(tmp_path / "submitit-local")
+    assert {e["state"] for e in jobs.values()} == {"COMPLETED"} and len(jobs) == 4
+    capsys.readouterr()
+    run_suite(suite_file, tmp_path / "submitit-local", status=True)
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == 4 and all(line.split()[:2] == ["done", "1/1"] for line in shown)
+    assert f"submitit-local {jobs['tiny-hybrid/seed0/pretrain']['id']} COMPLETED" in "\n".join(shown)
+
+
+def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tmp_path, inject_fault):
+    suite_file.write_text(SUITE.replace("lengths: [64]", "lengths: [64, 32]"))
+    inject_fault("os._exit(3)")
+    out = tmp_path / "out"
+    outcome = run_suite(suite_file, out, only="attention/*", run={"executor": "submitit-local"})
+    assert outcome.failed == {"error": 2}  # both full-attention cells: the job died in each
+    recs = {r.cell: r for r in results.load(out)}
+    assert recs["attention/full/efficiency@64"].status == "error"
+    assert "submitit-local job" in recs["attention/full/efficiency@64"].error
+    assert recs["attention/sliding_window/efficiency@64"].status == "ok"
+    os.environ.pop("PYTHONPATH")  # the fault is fixed
+    assert run_suite(suite_file, out, only="attention/*", retry_failed=True,
+                     run={"executor": "submitit-local"}).failed == {}
+    assert {r.cell for r in results.current(results.load(out)) if r.status == "ok"} == set(recs)
+
+
+def test_jobs_at_once_all_keep_their_records(suite_file, tmp_path):
+    many = "backends: [full, sliding_window, s2_attn, {se_attn: {chunk_size: 32, block_size: 16, top_k: 1}}]"
+    suite_file.write_text(SUITE.replace("backends: [full, sliding_window]", many))
+    out = tmp_path / "out"
+    run_suite(suite_file, out, only="attention/*", run={"executor": "submitit-local", "max_parallel": 4})
+    recs = results.load(out)
+    assert sorted(r.cell.split("/")[1][:7] for r in recs) == ["full", "s2_attn", "se_attn", "sliding"]
+    assert all(r.status == "ok" for r in recs)
+
+
+def test_records_appended_at_once_by_many_processes_are_all_whole(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(tmp_path, i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    lines = (tmp_path / results.RESULTS_FILE).read_text().splitlines()
+    assert len(lines) == 4 * 200 and all(json.loads(line)["suite"] == "s" for line in lines)
+    assert len({json.loads(line)["cell"] for line in lines}) == 800
+
+
+def _append_many(out: Path, writer: int) -> None:
+    for i in range(200):
+        results.append(out, results.Record(suite="s", cell=f"w{writer}/c{i}", metric="x", values={"pad": "x" * 3000}))
+
+
+def test_an_earlier_submission_still_running_is_not_submitted_again(suite_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    entry = {"job": "attention/full", "id": str(os.getpid()), "executor": "submitit-local", "cells": 1,
+             "submitted": "2026-01-01T00:00:00"}  # a process that is alive: this one
+    (out / "jobs.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(UserError, match=r"still queued or running: attention/full \(submitit-local \d+\)"):
+        run_suite(suite_file, out, only="attention/*", run={"executor": "submitit-local"})
+
+
+SBATCH = """#!/bin/sh
+cp "$1" {log}
+{answer}
+"""
+
+
+def fake_sbatch(tmp_path, monkeypatch, answer="echo 'Submitted batch job 4242'"):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(SBATCH.format(log=tmp_path / "submitted.sh", answer=answer))
+    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit looks for it; the job script would call it
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def slurm_run(suite_file):
+    settings = {"executor": "slurm", "slurm": {"partition": "gpu", "gpus_per_node": 8, "cpus_per_task": 16,
+                                               "time_min": 240, "account": "lab", "additional": {"qos": "high"}}}
+    return load_suite(suite_file, settings).run
+
+
+def test_a_slurm_job_is_submitted_with_the_suites_settings(suite_file, tmp_path, monkeypatch):
+    fake_sbatch(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    attempt = Executor(slurm_run(suite_file), out).start("attention/full", {"cells": [{"id": "c"}]}, None)
+    assert attempt.id == "4242"
+    script = (tmp_path / "submitted.sh").read_text()
+    for option in ("--partition=gpu", "--gpus-per-node=8", "--cpus-per-task=16", "--time=240", "--account=lab",
+                   "--qos=high", "--job-name=harness-attention/full"):
+        assert f"#SBATCH {option}\n" in script, option
+    assert ledger(out)["attention/full"]["id"] == "4242"
+
+
+def test_slurm_refusing_a_partition_is_one_clear_error(suite_file, tmp_path, monkeypatch):
+    fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: invalid partition specified: gpu' >&2; exit 1")
+    with pytest.raises(UserError, match="job attention/full: slurm refused the submission: sbatch: error: invalid "
+                                        "partition specified: gpu"):
+        Executor(slurm_run(suite_file), tmp_path / "out").start("attention/full", {"cells": [{"id": "c"}]}, None)
+
+
+def test_slurm_without_its_tools_or_a_shared_cache_says_so(suite_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    with pytest.raises(UserError, match="no `sbatch`, `srun` on PATH; run harness from a Slurm login node"):
+        Executor(slurm_run(suite_file), tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(UserError, match=r"needs submitit: pip install 'harness\[cluster\]'"):
+        Executor(slurm_run(suite_file), tmp_path / "out")
+    monkeypatch.delitem(sys.modules, "submitit")
+    fake_sbatch(tmp_path, monkeypatch)
+    monkeypatch.setattr("harness.executors.filesystem_type", lambda path: "nfs4" if path.name == "out" else "tmpfs")
+    Executor(slurm_run(suite_file), tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "the artefact cache" in err and "node-local filesystem (tmpfs)" in err and "HARNESS_CACHE" in err
+    assert "results directory" not in err  # that one is shared
+
+
+def test_filesystem_type_reads_the_mount_table():
+    assert filesystem_type(Path("/proc")) == "proc"
