@@ -73,7 +73,7 @@ def lock(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("-c", str(CONSTRAINTS), "ruff")
-    session.run("ruff", "check", "harness", "tests", "noxfile.py")
+    session.run("ruff", "check", "harness", "tests", "benchmarks", "noxfile.py")
 
 
 SUITES = {

@@ -57,7 +57,8 @@ def main() -> None:
             seconds.append(time.perf_counter() - t0)
         after = peak_rss_gib()
     median = statistics.median(seconds)
-    print(f"{len(books)} books, {size / 1e6:.1f} MB -> {tokens:,} tokens ({args.source} source, {os.cpu_count()} cores)")
+    print(f"{len(books)} books, {size / 1e6:.1f} MB -> {tokens:,} tokens "
+          f"({args.source} source, {os.cpu_count()} cores)")
     print(f"  {size / 1e6 / median:.2f} MB/s (median of {args.repeats}: "
           f"{', '.join(f'{s:.1f}' for s in seconds)} s), {tokens / median / 1e6:.2f} M tokens/s")
     print(f"  peak RSS: {before:.2f} GiB before tokenizing, {after:.2f} GiB after")

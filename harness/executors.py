@@ -30,6 +30,8 @@ NODE_LOCAL = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs",
 class LocalAttempt:
     """One job attempt as a child process of the runner (`python -m harness.job SPEC.json`)."""
 
+    poll_every = 0.5  # seconds between the runner's looks at it
+
     def __init__(self, spec: dict, device: str | None):
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(spec, f)
@@ -68,6 +70,8 @@ class LocalAttempt:
 
 class SubmititAttempt:
     """One job attempt submitted through submitit (its LocalExecutor, or Slurm)."""
+
+    poll_every = 2.0  # its state comes from Slurm's accounting, which submitit asks at most every few seconds
 
     def __init__(self, job, executor: str):
         self._job, self.executor, self.id = job, executor, str(job.job_id)

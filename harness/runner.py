@@ -99,6 +99,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
 
 
 MISSING = "missing"  # the fingerprint of what a dry run could not find
+MAX_QUEUED = 64  # Slurm jobs at once when run.max_parallel is not set
 
 
 def _present(find, missing: list | None, what: str):
@@ -156,7 +157,7 @@ def _print_status(jobs: list[Job], out: Path, retry_failed: bool) -> None:
 def _check_no_earlier_jobs_active(names: list[str], out: Path) -> None:
     """Refuse to start jobs whose earlier attempt (a runner that was killed, say) is still queued or running:
     both would measure the same cells."""
-    attempts = ledger(out)
+    attempts = {n: e for n, e in ledger(out).items() if e["executor"] != "local"}  # local ones die with their runner
     active = [f"{n} ({attempts[n]['executor']} {attempts[n]['id']})" for n in names
               if n in attempts and "state" not in attempts[n] and live_state(attempts[n], out).split()[0] in ACTIVE]
     if active:
@@ -168,7 +169,7 @@ def _slots(run, jobs: int) -> list[str | None]:
     """The device (group) of each of the jobs that may run at once: one per `run.nproc` visible GPUs, or
     `run.max_parallel`; on Slurm the allocation brings its own devices, and all of a phase may be queued."""
     if run.executor == "slurm":
-        return [None] * (run.max_parallel or max(1, jobs))
+        return [None] * (run.max_parallel or min(MAX_QUEUED, max(1, jobs)))
     devices = _devices(run.nproc)
     return [devices[i % len(devices)] for i in range(run.max_parallel or len(devices))]
 
@@ -235,7 +236,7 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
         timed_out, last_count, last_change = False, 0, time.monotonic()
         try:
             while attempt.poll() is None:
-                time.sleep(0.5)
+                time.sleep(attempt.poll_every)
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
                 count = len(_done_ids(path, start) & {c["id"] for c in remaining})

@@ -117,7 +117,7 @@ class Run(_Strict):
     # Where jobs run (harness.executors): local child processes, submitit's LocalExecutor, or Slurm jobs.
     executor: Literal["local", "submitit-local", "slurm"] = "local"
     slurm: Slurm = Field(default_factory=Slurm)
-    max_parallel: int | None = Field(None, ge=1)  # jobs at once; default: one per device group (slurm: all)
+    max_parallel: int | None = Field(None, ge=1)  # jobs at once; default: one per device group (slurm: 64)
 
 
 class Backend(BaseModel):

@@ -24,3 +24,31 @@ def test_build_is_atomic_and_lookup_finds_finished_artefacts():
         (d / "w.txt").write_text("done")
     path = cache.lookup("model", "k1")
     assert path is not None and (path / "w.txt").read_text() == "done"
+
+
+def test_two_processes_ensuring_one_artefact_build_it_once(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ensure_slowly, args=(tmp_path,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "builds").read_text() == "built\n"  # the second found the first's
+    assert (cache.lookup("kind", "key") / "x").read_text() == "x"
+
+
+def _ensure_slowly(tmp_path):
+    import time
+
+    def make():
+        with open(tmp_path / "builds", "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to be waiting on the lock
+        with cache.build("kind", "key") as d:
+            (d / "x").write_text("x")
+
+    cache.ensure("kind", "key", make)
