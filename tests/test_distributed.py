@@ -22,10 +22,10 @@ from test_distributed import STEPS, batches, cfg, model
 from harness.finetune.distributed import full_state, join, wrap
 from harness.finetune.loop import train
 
-strategy, out, die_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+strategy, out, die_at, arch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 world = join(strategy)
 (out / "work").mkdir(exist_ok=True)
-m, calls = model(), {{"n": 0}}
+m, calls = model(arch), {{"n": 0}}
 
 def dying(g):
     calls["n"] += 1
@@ -44,12 +44,26 @@ torch.distributed.destroy_process_group()
 STEPS = 4
 
 
-def model():
-    torch.manual_seed(0)
-    base = HybridForCausalLM(HybridConfig(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=[1],
-                                          ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
-                                          attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
-    return apply_method(base, "hylora", rank=4, alpha=8)[0]  # adapters + fully trained embeddings, norms, conv1d
+def model(arch="tiny"):
+    """HyLoRA (adapters + fully trained embeddings, norms, conv1d) on our tiny hybrid or an HF one."""
+    if arch == "tiny":
+        torch.manual_seed(0)
+        base = HybridForCausalLM(HybridConfig(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=[1],
+                                              ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
+                                              attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
+    elif arch == "zamba2-shared":  # two hybrid layers share one attention block
+        import transformers as T
+
+        torch.manual_seed(0)
+        base = T.Zamba2ForCausalLM(T.Zamba2Config(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+            mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1, chunk_size=16,
+            layers_block_type=["mamba", "hybrid", "hybrid"], num_mem_blocks=1, intermediate_size=64))
+    else:
+        from test_hf_models import build
+
+        base = build(arch)
+    return apply_method(base, "hylora", rank=4, alpha=8)[0]
 
 
 def batches(g):
@@ -68,11 +82,11 @@ def one_process():
     return {"curve": log.loss_curve, "tokens": log.tokens, "state": full_state(m)}
 
 
-def two_processes(tmp_path, strategy, die_at=10**9):
+def two_processes(tmp_path, strategy, die_at=10**9, arch="tiny"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           strategy, str(tmp_path), str(die_at)]
+           strategy, str(tmp_path), str(die_at), arch]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -91,6 +105,17 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, strat
     run = two_processes(tmp_path, strategy)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_training(torch.load(tmp_path / "result.pt", weights_only=False), one_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["bamba", "zamba2", "zamba2-shared", "nemotron_h", "falcon_h1"])
+def test_hf_hybrids_shard_by_decoder_block_and_train_like_one_process(tmp_path, arch):
+    m = model(arch)
+    log = train(m, batches, cfg(grad_accum=2))
+    run = two_processes(tmp_path, "fsdp", arch=arch)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_training(torch.load(tmp_path / "result.pt", weights_only=False),
+                         {"curve": log.loss_curve, "tokens": log.tokens, "state": full_state(m)})
 
 
 def test_an_interrupted_two_process_fine_tune_resumes(tmp_path, one_process):

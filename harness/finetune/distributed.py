@@ -118,10 +118,36 @@ def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
     if not units:
         raise UserError(f"run.strategy fsdp: {type(_inner(model)).__name__} names no decoder block class "
                         "(_no_split_modules) to shard by; use strategy: ddp")
-    for unit in units:
-        fully_shard(unit, mp_policy=policy)
+    for group in _groups(model, units):
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def _groups(model: torch.nn.Module, units: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+    """The FSDP groups of `units`, inner ones first (Zamba2's hybrid layer holds a Mamba layer, which must be
+    sharded before it). Units whose own parameters (those of no unit inside them) overlap form one group, as
+    FSDP2 requires: Zamba2's hybrid layers share one attention block's weights."""
+    name = {id(m): n for n, m in model.named_modules()}
+    own = []
+    for u in units:
+        inner = [v for v in units if v is not u and name[id(v)].startswith(name[id(u)] + ".")]
+        own.append({id(p) for p in u.parameters()} - {id(p) for v in inner for p in v.parameters()})
+    group = list(range(len(units)))  # union-find over the units
+    for i in range(len(units)):
+        for j in range(i):
+            if own[i] & own[j]:
+                group[_root(group, i)] = _root(group, j)
+    members: dict[int, list[torch.nn.Module]] = {}
+    for i, u in enumerate(units):
+        members.setdefault(_root(group, i), []).append(u)
+    return sorted(members.values(), key=lambda g: -max(name[id(u)].count(".") for u in g))
+
+
+def _root(group: list[int], i: int) -> int:
+    while group[i] != i:
+        i = group[i]
+    return i
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
