@@ -6,8 +6,10 @@
 - finetuned: the pretrained model + a method (LoRA, ...) trained at the fine-tuning context with an
   attention backend on the suite's `data.train` text; key = base key, method, backend options, recipe, seed,
   the text's fingerprint and the code that builds it
-  (provenance.ADAPTER, this module included: it says how adapters are built).
-Interrupted training resumes from its last checkpoint in the cache's work directory.
+  (provenance.ADAPTER, this module included: it says how adapters are built); with `run.nproc` > 1 it is
+  trained on that many processes (harness.finetune.distributed), whose count and strategy are in the key.
+Interrupted training resumes from its last checkpoint in the cache's work directory. Builders of one key take
+turns (cache.ensure), so two jobs never build the same artefact.
 """
 
 from __future__ import annotations
