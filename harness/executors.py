@@ -79,7 +79,7 @@ class SubmititAttempt:
     def poll(self) -> int | None:
         if not self._job.done():
             return None
-        return 0 if self._job.exception() is None else 1
+        return 0 if self._error() is None else 1
 
     def started(self) -> bool:
         return self._job.state not in ("PENDING", "UNKNOWN", "REQUEUED", "CONFIGURING")
@@ -89,10 +89,19 @@ class SubmititAttempt:
 
     def failure(self) -> tuple[str, str]:
         state = self._job.state
-        exc = self._job.exception()
-        first = str(exc).strip().splitlines()[-1] if exc is not None else "no exception"
         status = "oom" if state == "OUT_OF_MEMORY" else "timeout" if state == "TIMEOUT" else "error"
-        return status, f"{self.executor} job {self.id} ended {state}: {first[:300]}"
+        return status, f"{self.executor} job {self.id} ended {state}: {(self._error() or 'no error')[:300]}"
+
+    def _error(self) -> str | None:
+        """None if the job returned; else the last line of what it raised or wrote to stderr. A job that died
+        without a result (killed, os._exit) is told by the missing result file at once: submitit itself would wait
+        for the file in case a shared filesystem is slow, which only a job Slurm says COMPLETED can need."""
+        job = self._job
+        if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
+            err = job.paths.stderr.read_text(errors="replace").strip() if job.paths.stderr.exists() else ""
+            return (err.splitlines() or ["died without a result or a message"])[-1]
+        exc = job.exception()
+        return None if exc is None else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 class Executor:
