@@ -53,3 +53,12 @@ def inject_fault(tmp_path, monkeypatch):
         monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fault"))
 
     return inject
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """An empty artefact cache under tmp_path, and no PG-19 root from the environment: suites run on the embedded
+    corpus."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+    return tmp_path / "cache"

@@ -141,12 +141,10 @@ metrics:
 """
 
 
-def test_a_suite_fine_tuned_on_two_processes_measures_like_one(tmp_path, monkeypatch):
+def test_a_suite_fine_tuned_on_two_processes_measures_like_one(tmp_path, isolated_cache):
     from harness import results
     from harness.runner import run_suite
 
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
     recorded = {}
     for nproc, accum in ((1, 2), (2, 1)):
         (tmp_path / f"{nproc}.yaml").write_text(SUITE.format(nproc=nproc, accum=accum))

@@ -27,9 +27,7 @@ metrics:
 
 
 @pytest.fixture
-def suite_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+def suite_file(tmp_path, isolated_cache):
     (tmp_path / "s.yaml").write_text(SUITE)
     return tmp_path / "s.yaml"
 
@@ -55,7 +53,7 @@ def test_submitit_local_records_what_the_local_runner_records(suite_file, tmp_pa
     assert f"submitit-local {jobs['tiny-hybrid/seed0/pretrain']['id']} COMPLETED" in "\n".join(shown)
 
 
-def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tmp_path, inject_fault):
+def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tmp_path, inject_fault, monkeypatch):
     suite_file.write_text(SUITE.replace("lengths: [64]", "lengths: [64, 32]"))
     inject_fault("os._exit(3)")
     out = tmp_path / "out"
@@ -65,7 +63,7 @@ def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tm
     assert recs["attention/full/efficiency@64"].status == "error"
     assert "submitit-local job" in recs["attention/full/efficiency@64"].error
     assert recs["attention/sliding_window/efficiency@64"].status == "ok"
-    os.environ.pop("PYTHONPATH")  # the fault is fixed
+    monkeypatch.delenv("PYTHONPATH")  # the fault is fixed
     assert run_suite(suite_file, out, only="attention/*", retry_failed=True,
                      run={"executor": "submitit-local"}).failed == {}
     assert {r.cell for r in results.current(results.load(out)) if r.status == "ok"} == set(recs)

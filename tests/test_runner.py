@@ -27,9 +27,7 @@ metrics:
 
 
 @pytest.fixture
-def suite_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
+def suite_file(tmp_path, isolated_cache):
     (tmp_path / "s.yaml").write_text(SMALL)
     return tmp_path / "s.yaml"
 
