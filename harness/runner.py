@@ -6,7 +6,7 @@ job again for the cells left. A cell with no new record for `run.timeout` second
 not its time in a queue) is killed and recorded as "timeout". Resume: a cell is done when its current record
 has its settings hash and code fingerprint (`plan.cell_state`; `--retry-failed` reruns those that failed).
 Pretraining jobs finish before any other starts. Several GPUs: jobs run in parallel, one per `run.nproc`
-devices; on Slurm, `run.max_parallel` at once (default: all of a phase).
+devices; on Slurm, `run.max_parallel` at once (default: MAX_QUEUED).
 """
 
 from __future__ import annotations
