@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,6 @@ class LocalAttempt:
         return True
 
     def kill(self) -> None:
-        import signal
-
         try:
             os.killpg(self._proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -75,6 +74,7 @@ class SubmititAttempt:
 
     def __init__(self, job, executor: str):
         self._job, self.executor, self.id = job, executor, str(job.job_id)
+        self._outcome: tuple[str | None] | None = None  # (error or None,) once the job is done
 
     def poll(self) -> int | None:
         if not self._job.done():
@@ -93,22 +93,26 @@ class SubmititAttempt:
         return status, f"{self.executor} job {self.id} ended {state}: {(self._error() or 'no error')[:300]}"
 
     def _error(self) -> str | None:
-        """None if the job returned; else the last line of what it raised or wrote to stderr. A job that died
-        without a result (killed, os._exit) is told by the missing result file at once: submitit itself would wait
-        for the file in case a shared filesystem is slow, which only a job Slurm says COMPLETED can need."""
-        job = self._job
-        if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
-            err = job.paths.stderr.read_text(errors="replace").strip() if job.paths.stderr.exists() else ""
-            return (err.splitlines() or ["died without a result or a message"])[-1]
-        exc = job.exception()
-        return None if exc is None else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        """None if the done job returned; else the last line of what it raised or wrote to stderr (read once). A
+        job that died without a result (killed, os._exit) is told by the missing result file at once: submitit
+        itself would wait for the file in case a shared filesystem is slow, which only a job Slurm says COMPLETED
+        can need."""
+        if self._outcome is None:
+            job = self._job
+            if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
+                err = job.paths.stderr.read_text(errors="replace").strip() if job.paths.stderr.exists() else ""
+                self._outcome = ((err.splitlines() or ["died without a result or a message"])[-1],)
+            else:
+                exc = job.exception()
+                self._outcome = (None if exc is None else (str(exc).strip().splitlines() or [type(exc).__name__])[-1],)
+        return self._outcome[0]
 
 
 class Executor:
     """Starts attempts at jobs (`start`) and keeps OUT/jobs.jsonl."""
 
     def __init__(self, run, out: Path):
-        self.kind, self.run, self.out = run.executor, run, out
+        self.kind, self.out = run.executor, out
         self._lock = threading.Lock()
         self._submitit = None
         if self.kind != "local":
