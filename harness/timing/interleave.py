@@ -8,7 +8,10 @@ a regression needs the median ratio above `time_ratio` AND the rank test at `alp
 
 Defaults and why: 20 samples per side at least (with 5, the smallest p a rank test can reach is about 0.004-0.02,
 so any drift passed as significant); alpha 0.002 (16 cells per run at 0.05 would cry wolf in over half the runs);
-a median ratio of 1.10 (smaller changes are within what one machine drifts by in a CI job).
+a median ratio of 1.10 (smaller changes are within what one machine drifts by in a CI job); one untimed call
+before each sample (on the 2-core CPU machine the first call after the other worker ran took 11 ms against 7.3 ms
+warm, for full attention at 1024: half the samples cold made both sides bimodal, and their medians jumped between
+the modes, so a 25% slowdown read anywhere from 1.02 to 1.33).
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ class Settings:
     min_seconds: float = 1.0  # timed seconds per side, at least
     max_repeats: int = 400  # per side, at most (a cell of microseconds reaches min_seconds late)
     warmup: int = 2  # untimed calls per side before the first sample
+    rewarm: int = 1  # untimed calls per side before each sample (the other side ran in between)
     alpha: float = 0.002  # the rank test's level
     time_ratio: float = 1.10  # the median ratio a regression must exceed
 
     def __post_init__(self) -> None:
         if not (self.min_repeats >= 3 and self.max_repeats >= self.min_repeats and self.min_seconds >= 0
-                and self.warmup >= 0 and 0 < self.alpha < 1 and self.time_ratio >= 1):
+                and self.warmup >= 0 and self.rewarm >= 0 and 0 < self.alpha < 1 and self.time_ratio >= 1):
             raise UserError(f"timing settings out of range: {self}; need min_repeats >= 3, max_repeats >= "
-                            "min_repeats, min_seconds >= 0, warmup >= 0, alpha in (0, 1), time_ratio >= 1")
+                            "min_repeats, min_seconds >= 0, warmup >= 0, rewarm >= 0, alpha in (0, 1), time_ratio >= 1")
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def interleaved(base_tree: Path, head_tree: Path, cells: list[Cell], s: Settings
                     min(len(t.base_s), len(t.head_s)) < s.min_repeats
                     or min(sum(t.base_s), sum(t.head_s)) < s.min_seconds):
                 for worker, samples in sides:
-                    samples += worker.ask({"time": 1})["seconds"]
+                    samples += worker.ask({"time": 1, "rewarm": s.rewarm})["seconds"]
                 sides.reverse()  # A B then B A: drift within a pair falls on both sides
             out.append(t)
             v = t.judge(s)

@@ -5,7 +5,8 @@ worktree, or this checkout), so `import harness` is that tree's code; this file 
 the stable `harness.attention.Backend(name, **options)(q, k, v, training=True)` API. Protocol: one JSON object per
 line on stdin, one reply per line on stdout:
     {"setup": {backend, options, length, heads, head_dim, batch, dtype, device, warmup, seed}} -> {"kernel": ...}
-    {"time": n} -> {"seconds": [n forward+backward times]}
+    {"time": n, "rewarm": w} -> {"seconds": [n forward+backward times]}, after w untimed calls (the other
+        worker ran since this one's last call: its caches and threads are cold)
 An optional {"inject": module} first imports a module (tests use it to slow one backend down on purpose).
 """
 
@@ -56,6 +57,8 @@ def main() -> None:
             state = {"backend": backend, "qkv": (q, k, v), "device": device}
             reply = {"kernel": kernel}
         else:
+            for _ in range(msg.get("rewarm", 0)):
+                _timed(state["backend"], *state["qkv"], state["device"])
             times = [_timed(state["backend"], *state["qkv"], state["device"])[0] for _ in range(msg["time"])]
             reply = {"seconds": times}
         print(json.dumps(reply), flush=True)
