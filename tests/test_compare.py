@@ -1,8 +1,6 @@
-import pytest
-
 from harness import results
 from harness.cli import main
-from harness.report.compare import Thresholds, compare, markdown, mcnemar_exact, permutation_p
+from harness.report.compare import Thresholds, compare, markdown, permutation_p
 
 
 def rec(cell, values, status="ok", device="cpu", metric="perplexity", config_hash="h"):
@@ -34,12 +32,6 @@ def test_only_current_records_are_judged():
     head = [rec("a", {"perplexity": 10.0}), rec("a", {"perplexity": 12.0})]
     assert verdicts(base, head) == [("perplexity", "regression")]
     assert verdicts(head, base) == [("perplexity", "improvement")]
-
-
-def test_mcnemar_exact_values():
-    assert mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # two-sided
-    assert mcnemar_exact(3, 3) == 1.0
 
 
 def test_accuracy_is_paired_over_shared_samples():

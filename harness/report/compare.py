@@ -20,6 +20,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from harness.report.significance import mcnemar_exact
 from harness.results import Record
 
 VERDICTS = ("regression", "improvement", "ok", "skipped")
@@ -144,15 +145,6 @@ def _timing(cell: str, base: list[float], head: list[float], th: Thresholds) -> 
         verdict = "ok"
     return Finding(cell, "time (median ms)", mb, mh, verdict,
                    f"ratio threshold {th.time_ratio}, permutation p={min(p_slower, p_faster):.3g}")
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, seed: int = 0) -> float:

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import scipy.stats as st
+
+from harness.report.significance import (
+    mcnemar_exact,
+    mean_sd,
+    paired_samples,
+    paired_t,
+    t_central,
+    t_quantile,
+    wilson,
+)
+
+
+def test_mcnemar_exact_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # two-sided
+    assert mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(2, 9) == pytest.approx(st.binomtest(2, 11).pvalue)
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (17, 60), (0.5, 3)])
+def test_wilson_matches_statsmodels_formula(k, n):
+    lo, hi = wilson(k, n)
+    if float(k).is_integer():
+        ci = st.binomtest(int(k), n).proportion_ci(method="wilson")
+        assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert 0 <= lo <= k / n <= hi <= 1
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10, 30])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 7.0])
+def test_t_distribution_matches_scipy(df, t):
+    assert t_central(t, df) == pytest.approx(st.t.cdf(t, df) - st.t.cdf(-t, df), abs=1e-12)
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 19])
+def test_t_quantile_matches_scipy(df):
+    assert t_quantile(0.975, df) == pytest.approx(st.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_paired_t_matches_scipy():
+    d = [-1.2, -1.0, -0.9]
+    r = paired_t(d)
+    ref = st.ttest_1samp(d, 0.0)
+    ci = ref.confidence_interval(0.95)
+    assert r.p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (r.low, r.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert r.significant and r.sign == -1
+    one = paired_t([0.5])
+    assert one.p == 1.0 and math.isinf(one.low) and one.sign == 0
+    assert paired_t([]) is None
+
+
+def test_paired_samples_uses_only_shared_samples():
+    a = {"s1": 1.0, "s2": 0.0, "s3": 1.0, "x": 1.0}
+    b = {"s1": 1.0, "s2": 1.0, "s3": 0.0, "y": 0.0}
+    r = paired_samples(a, b)
+    assert r.n == 3 and r.estimate == 0 and r.p == 1.0 and r.sign == 0
+    won = {f"s{i}": 1.0 for i in range(12)}
+    lost = {f"s{i}": 0.0 for i in range(12)}
+    r = paired_samples(lost, won)
+    assert r.estimate == 1 and r.p == pytest.approx(2 / 2**12) and r.sign == 1
+    assert paired_samples({"a": 1.0}, {"b": 1.0}) is None
+
+
+def test_mean_sd():
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_sd([4.0]) == (4.0, None)
