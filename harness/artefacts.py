@@ -44,9 +44,11 @@ PRETRAINED, ADAPTER = "pretrained", "adapter"
 
 
 def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
+    """The pretraining recipe of the variants of `seed` (`pretrain.seed`, where set, instead)."""
     p = suite.pretrain
     return TrainConfig(steps=p.steps, context=p.context, batch_size=p.batch_size, lr=p.lr,
-                       warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1, seed=seed)
+                       warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1,
+                       seed=seed if p.seed is None else p.seed)
 
 
 def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
@@ -104,16 +106,16 @@ def _pretrained_spec(suite: Suite, preset: str, seed: int) -> tuple[dict, Hybrid
 def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM, dict]:
     """(model in eval mode on `device()`, info with its cache key and training log)."""
     info, config, cfg = _pretrained_spec(suite, preset, seed)
-    path = cache.ensure(PRETRAINED, info["hash"], lambda: _pretrain(suite, info, config, cfg, seed))
+    path = cache.ensure(PRETRAINED, info["hash"], lambda: _pretrain(suite, info, config, cfg))
     meta = json.loads((path / cache.META).read_text())
     model = _load(path, lambda: HybridForCausalLM.from_pretrained(path)).to(device())
     return model.eval(), {**info, "train": meta["train"]}
 
 
-def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig, seed: int) -> None:
+def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) -> None:
     """Pretrain a preset by the suite's recipe and write it into the cache under `info["hash"]`."""
     key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     model = HybridForCausalLM(config)
     if p.induction_init is not None:
         induction_init(model, p.induction_init)

@@ -58,7 +58,9 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
         model = label(entry)
         for seed in suite.seeds:
             if isinstance(entry, str):
-                base = {"model": model, "seed": seed, "pretrain": suite.pretrain.model_dump()}
+                # an unset pretrain.seed stays out of the hashes: cells keep the hashes they had before it existed
+                recipe = suite.pretrain.model_dump(exclude={"seed"} if suite.pretrain.seed is None else None)
+                base = {"model": model, "seed": seed, "pretrain": recipe}
                 pretrain = Cell("pretrain", Variant(model, seed))
                 jobs.append(Job("pretrain", pretrain.id, {**base}, [_cell(pretrain, base)]))
             else:

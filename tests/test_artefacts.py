@@ -40,3 +40,16 @@ def test_finetune_is_reproducible_whatever_the_global_rng_state(tmp_path, monkey
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_fixed_pretrain_seed_shares_one_pretrained_model_over_seeds(tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE + "seeds: [0, 1]\n")
+    own = load_suite(tmp_path / "s.yaml")
+    assert artefacts.base_info(own, "tiny-hybrid", 0)["hash"] != artefacts.base_info(own, "tiny-hybrid", 1)["hash"]
+    (tmp_path / "s.yaml").write_text(SUITE.replace("warmup_steps: 1}", "warmup_steps: 1, seed: 0}", 1)
+                                     + "seeds: [0, 1]\n")
+    shared = load_suite(tmp_path / "s.yaml")
+    assert artefacts.base_info(shared, "tiny-hybrid", 1) == artefacts.base_info(own, "tiny-hybrid", 0)
+    a, b = (artefacts.adapter_key(shared, "tiny-hybrid", s, "lora", shared.backends[0],
+                                  documents(shared, "train"))[0] for s in (0, 1))
+    assert a != b  # the fine-tunes still differ by seed
