@@ -43,6 +43,7 @@ from harness.report.common import (  # noqa: F401 - re-exported: the report's he
     variant_names,
     variant_sort,
 )
+from harness.report.significance import mean_sd
 from harness.results import Record
 
 TEMPLATE = "report.html.j2"
@@ -133,8 +134,12 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     keys, contexts = pv.rows, pv.columns
 
     # plot
-    series = [plots.Series(label=names[k], x=pv.measured(k), y=[pv.mean(k, c) for c in pv.measured(k)],
-                           failed=pv.failures(k)) for k in keys]
+    spread = {(k, c): mean_sd(pv.values(k, c)) for k in keys for c in pv.measured(k)}
+    seeded = any(sd is not None for _, sd in spread.values())
+    series = [plots.Series(label=names[k], x=pv.measured(k), y=[spread[(k, c)][0] for c in pv.measured(k)],
+                           failed=pv.failures(k),
+                           yerr=[spread[(k, c)][1] or 0.0 for c in pv.measured(k)] if seeded else None)
+              for k in keys]
     vlines = []
     pre = sorted({int(s["pretrain_context"]) for r in recs
                   if (s := r.settings).get("pretrain_context")})
@@ -149,9 +154,9 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     best = {c: min((v for k in keys if (v := pv.mean(k, c)) is not None), default=None) for c in contexts}
 
     def show(k: VariantKey, c: int) -> dict:
-        v, n = pv.mean(k, c), len(pv.values(k, c))
-        shown = fmt_float(v, 3 if per_byte else 2)
-        return cell(shown, bold=v == best[c], title=f"mean of {n} records" if n > 1 else "")
+        (v, sd), n, digits = spread[(k, c)], len(pv.values(k, c)), 3 if per_byte else 2
+        return cell(fmt_float(v, digits), bold=v == best[c], note=f"\u00b1 {sd:.{digits}f}" if sd is not None else "",
+                    title=f"mean \u00b1 sd of {n} seeds" if n > 1 else "")
 
     rows = [[cell(names[k], cls="label")] + [pv.cell(k, c, show) for c in contexts] for k in keys]
     scored_row = [cell("tokens scored", cls="label foot")]
@@ -168,6 +173,9 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
             else "Perplexity")
     text = (f"{what} on {ds}, protocol {proto}, by evaluation context length (tokens). "
             "Lower is better; the best value of each column is in bold; failed cells show their status.")
+    if seeded:
+        text += (" Where a variant was run with several seeds: the mean, with \u00b1 one sample standard deviation "
+                 "over seeds under it (error bars in the plot).")
     if windows_note:
         text += " Some cells evaluated an evenly spaced subset of the windows (max_windows)."
     return [

@@ -49,6 +49,7 @@ class Series:
     failed: list[tuple[float, str]] = field(default_factory=list)  # (x, status) of cells with no value
     color: str | None = None  # default: the palette colour of the series' position
     linestyle: str = "-"
+    yerr: list[float] | None = None  # error bars (one sd over seeds), aligned with y
 
 
 @dataclass
@@ -83,10 +84,13 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     ys = [y for s in series for y in s.y]
     colors = [s.color or color(i) for i, s in enumerate(series)]
     for s, c in zip(series, colors, strict=True):
-        pts = sorted(zip(s.x, s.y, strict=True))
+        pts = sorted(zip(s.x, s.y, s.yerr or [0.0] * len(s.y), strict=True))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=5, lw=1.8,
                     color=c, linestyle=s.linestyle, label=s.label)
+            if s.yerr is not None:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="none",
+                            ecolor=c, elinewidth=1.2, capsize=3)
         elif s.failed:
             ax.plot([], [], marker="o", color=c, linestyle=s.linestyle, label=s.label)  # legend entry only
     ax.set_xscale("log", base=2)

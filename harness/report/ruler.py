@@ -17,13 +17,17 @@ rejects after a single correct sample, which is not a useful definition of "abov
 For those cells the fine-tuned variants' values are still shown, but marked "uninformative
 (base at chance)", hatched in the heatmaps, and never bolded as best. A group (NIAH-S, ...) is
 uninformative at a length when all its tasks are.
+
+**Uncertainty** (harness.report.significance): each accuracy has a Wilson 95% interval over its
+samples, pooled over seeds; a fine-tuned variant's difference from the pretrained model on the same
+samples (same task, length and seed) is marked ▲ / ▼ where McNemar's exact test gives p < 0.05.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from harness.report import plots
+from harness.report import plots, significance
 from harness.report.common import (
     Block,
     Pivot,
@@ -81,6 +85,25 @@ class RulerTable(Pivot):
     def uninformative(self, k: VariantKey, task: str, n: int) -> bool:
         return k.stage != "pretrained" and self.at_chance(k, task, n)
 
+    def outcomes(self, k: VariantKey, columns: list[tuple[str, int]]) -> dict[str, float]:
+        """Per-sample scores (0-1) of `k` in `columns`, pooled over its records (seeds); {} where a record has
+        none (written before they were kept)."""
+        recs = [r for c in columns for r in self.records(k, c)]
+        if not recs or any(not r.values.get("per_sample") for r in recs):
+            return {}
+        return {s: float(v) for r in recs for s, v in r.values["per_sample"].items()}
+
+    def interval(self, k: VariantKey, columns: list[tuple[str, int]]) -> tuple[float, float] | None:
+        """Wilson 95% interval (%) of the pooled samples of `columns`."""
+        out = self.outcomes(k, columns)
+        return tuple(100 * x for x in significance.wilson(sum(out.values()), len(out))) if out else None
+
+    def versus_base(self, k: VariantKey, columns: list[tuple[str, int]]) -> significance.Difference | None:
+        """`k` minus the pretrained model on the samples both scored in `columns`."""
+        if k.stage == "pretrained":
+            return None
+        return significance.paired_samples(self.outcomes(base_of(k), columns), self.outcomes(k, columns))
+
     def groups(self, k: VariantKey, n: int) -> dict[str, float]:
         from harness.data.ruler.tasks import TASKS
         from harness.metrics.ruler import group_scores
@@ -100,7 +123,10 @@ def ruler_section(records: list[Record]) -> Section | None:
     samples = sorted(tab.samples)
     n_text = (f"{samples[0]}" if len(samples) == 1 else f"{samples[0]}–{samples[-1]}") if samples else "?"
     blocks: list[Block] = [paragraph(
-        f"RULER accuracy (%, RULER's string-match score) per task and length, {n_text} samples per cell. "
+        f"RULER accuracy (%, RULER's string-match score) per task and length, {n_text} samples per cell and "
+        f"seed ({_seeds_text(recs)}). Under each value: its Wilson 95% interval over the samples, pooled over "
+        "seeds, and \u25b2 / \u25bc where a fine-tuned variant differs from the pretrained model on the same "
+        "samples (McNemar's exact test, p < 0.05, not adjusted for the number of cells). "
         f"Chance gate: where the pretrained model scores at most {CHANCE_PCT:g}% on a task at a length, "
         f"the fine-tuned variants' values there are marked \u201c{UNINFORMATIVE}\u201d (hatched in the heatmaps) "
         "and no method is ranked best, since the base had nothing to extend and the difference between "
@@ -159,12 +185,27 @@ def _best(tab: RulerTable, values: dict[VariantKey, float | None], gated: dict[V
     return out
 
 
+def _seeds_text(recs: list[Record]) -> str:
+    seeds = sorted({int(r.variant["seed"]) for r in recs if r.variant and "seed" in r.variant})
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds: {', '.join(map(str, seeds))}"
+
+
 def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: Record | None, gated: bool, best: bool,
-                title: str = "") -> dict:
+                columns: list[tuple[str, int]], title: str = "") -> dict:
     if v is None:
         return cell("–", cls="missing") if fails is None else cell(
             str(fails.status).upper(), cls="fail", title=str(fails.error or ""))
-    return cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=UNINFORMATIVE if gated else "",
+    notes = []
+    if (ci := tab.interval(k, columns)) is not None:
+        notes.append(f"[{ci[0]:.0f}\u2013{ci[1]:.0f}]")
+    if (d := tab.versus_base(k, columns)) is not None:
+        title = "; ".join(filter(None, [title, f"vs pretrained: {100 * d.estimate:+.1f} pts "
+                                               f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}], McNemar p={d.p:.2g} "
+                                               f"over {d.n} samples"]))
+        notes.append({1: "\u25b2", -1: "\u25bc", 0: ""}[d.sign])
+    if gated:
+        notes.append(UNINFORMATIVE)
+    return cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=" ".join(filter(None, notes)),
                 title=title)
 
 
@@ -184,7 +225,7 @@ def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
             for n in tab.lengths:
                 v = scores[(k, n)].get(g)
                 row.append(_value_cell(v, k, tab, None, gated[(k, n)], k in best[n],
-                                       title=f"mean of {', '.join(GROUPS[g])}"))
+                                       [(t, n) for t in GROUPS[g]], title=f"mean of {', '.join(GROUPS[g])}"))
             rows.append(row)
     out: list[Block] = []
     if rows:
@@ -209,7 +250,7 @@ def _task_table(tab: RulerTable, names: dict[VariantKey, str], n: int) -> Block:
         best = _best(tab, values, gated)
         row = [cell(t, cls="label mono")]
         for k in tab.rows:
-            row.append(_value_cell(values[k], k, tab, tab.failure(k, (t, n)), gated[k], k in best))
+            row.append(_value_cell(values[k], k, tab, tab.failure(k, (t, n)), gated[k], k in best, [(t, n)]))
         rows.append(row)
     tbl = table(["task"] + [names[k] for k in tab.rows], rows,
                 caption=f"RULER accuracy (%) at {length_column(n)} tokens. Bold: best fine-tuned variant of the "
