@@ -6,6 +6,7 @@ import pytest
 from harness.report import render_report
 from harness.report.html import build_context, variant_key, variant_label
 from harness.report.plots import tokens_label
+from harness.report.significance import wilson
 from harness.results import Record, to_frame
 
 CONTEXTS = [2048, 4096, 8192, 16384]
@@ -115,6 +116,20 @@ def test_tokens_label(n, label):
     assert tokens_label(n) == label
 
 
+def test_perplexity_over_seeds_is_mean_and_sd():
+    recs = []
+    for seed, ppl in ((0, 30.0), (1, 32.0), (2, 34.0)):
+        r = asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192))
+        recs.append({**r, "cell": f"{r['cell']}-seed{seed}"})
+    recs.append(asdict(ppl_record("pretrained", "none", 2048, 40.0)))
+    sec, _ = _section(recs, "perplexity")
+    cells = {row: c for row, col, c in _cells(sec) if col.startswith("2K")}
+    fine = next(c for row, c in cells.items() if row.startswith("finetuned"))
+    assert (fine["text"], fine["note"], fine["title"]) == ("32.00", "\u00b1 2.00", "mean \u00b1 sd of 3 seeds")
+    assert cells["pretrained"]["note"] == ""
+    assert "one sample standard deviation" in sec["blocks"][0]["text"]
+
+
 def test_variant_labels():
     rec = [Record.from_dict(r) for r in synthetic_records(train=False, failure=False)]
     assert variant_label(variant_key(rec[0])) == "pretrained"
@@ -203,10 +218,10 @@ def test_eval_attention_finetune_is_its_own_variant():
     assert not any(b.get("text", "").startswith("Note:") for b in sec["blocks"])
 
 
-def ruler_record(stage, method, task, n, acc, run=None, backend=SE, deviation=None, per_sample=None):
+def ruler_record(stage, method, task, n, acc, run=None, backend=SE, deviation=None, per_sample=None, seed=0):
     d = asdict(Record(
-        suite="smoke", cell=f"tiny/seed0/{'pretrained' if stage == 'pretrained' else method + '/' + backend}"
-                            f"/ruler/{task}@{n}",
+        suite="smoke", cell=f"tiny/seed{seed}/{'pretrained' if stage == 'pretrained' else method + '/' + backend}"
+                            f"/ruler/{task}@{n}", variant={"model": "tiny", "seed": seed},
         metric="ruler", stage=stage, model={"preset": "tiny-hybrid"}, method=method,
         backend="full" if stage == "pretrained" else backend, finetune_context=None if stage == "pretrained" else 2048,
         eval_context=n, values={"accuracy": acc, "samples": 20, "per_sample": per_sample or {},
@@ -272,6 +287,30 @@ def test_ruler_groups_heatmaps_and_chance_gate():
     assert all(c["note"] == UNINFORMATIVE and not c["bold"] for r in vt_rows[1:] for c in r[2:])
     avg_lora = rows[-1]
     assert avg_lora[1]["text"].startswith("finetuned: lora") and avg_lora[2]["text"] == "45.0"
+
+
+def test_ruler_intervals_pool_seeds_and_marks_need_mcnemar():
+    def outcomes(seed, right):  # 20 samples of niah_single_1 at 1K for `seed`, the first `right` correct
+        return {f"s{seed}-{i}": float(i < right) for i in range(20)}
+
+    recs = []
+    for seed in (0, 1):
+        recs.append(ruler_record("pretrained", "none", "niah_single_1", 1024, 30.0, seed=seed,
+                                 per_sample=outcomes(seed, 6)))
+        recs.append(ruler_record("finetuned", "hylora", "niah_single_1", 1024, 80.0, seed=seed,
+                                 per_sample=outcomes(seed, 16)))
+        recs.append(ruler_record("finetuned", "lora", "niah_single_1", 1024, 40.0, seed=seed,
+                                 per_sample=outcomes(seed, 8)))
+    sec, _ = _section(recs, "ruler")
+    assert "2 seeds: 0, 1" in sec["blocks"][0]["text"]
+    per_task = [b for b in sec["blocks"] if b["type"] == "table"][-1]
+    row = next(r for r in per_task["rows"] if r[0]["text"] == "niah_single_1")
+    pre, hy, lo = row[1:]
+    lo95, hi95 = (100 * x for x in wilson(12, 40))  # 6 of 20 right at each seed, pooled
+    assert pre["note"] == f"[{lo95:.0f}\u2013{hi95:.0f}]"
+    assert hy["note"].endswith("\u25b2")  # 20 won, 0 lost over the 40 shared samples
+    assert "McNemar p=1.9e-06 over 40 samples" in hy["title"]
+    assert not lo["note"].endswith(("\u25b2", "\u25bc"))  # 4 won, 0 lost: p = 0.125
 
 
 def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
