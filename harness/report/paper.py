@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from harness.report.claims import claims_blocks
 from harness.report.common import (
     Block,
     Section,
@@ -187,4 +188,6 @@ def paper_section(records: list[Record]) -> Section | None:
             row.append(cell(fmt_float(ms, 0)))
         rows.append(row)
     blocks.append(table(["attention"] + [f"time (ms) {s}" for s in sub], rows))
+    if claims := claims_blocks(records):
+        blocks += [heading("The paper's claims, judged on these records"), *claims]
     return {"id": "paper", "title": "Paper reference numbers", "blocks": blocks}

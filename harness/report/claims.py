@@ -1,0 +1,169 @@
+"""The paper's claims as directional comparisons of two variants, each judged on this report's own records.
+
+A claim says variant B beats variant A on a metric at a length relative to the fine-tuning context F: RULER
+accuracy at F (the paper's 8K), perplexity at F and at 2F (the paper's 16K). It is judged with the paired tests
+of harness.report.significance on the records of the base run, whatever the model: the numbers do not compare
+with the paper's, the direction does.
+
+* RULER: every sample both variants scored at that length (the suite's tasks, pooled over seeds; the paper
+  averages eleven tasks), McNemar's exact test and the mean difference with its 95% interval.
+* Perplexity: paired by seed, Student's t interval of the mean difference (at least two seeds for an interval).
+
+Verdict: **reproduced** when the difference goes the claimed way and p < 0.05; **not reproduced** when it is
+significant the other way; **inconclusive** otherwise (the interval holds zero). With several labels of one
+backend (a grid), each pair of labels is a row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from harness.report import significance
+from harness.report.common import (
+    Block,
+    VariantKey,
+    backend_name,
+    cell,
+    fmt_float,
+    length_column,
+    ok,
+    paragraph,
+    table,
+    variant_key,
+    variant_label,
+)
+from harness.results import Record
+
+PRETRAINED = ("none", "", "")
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    metric: str  # "ruler" (higher is better) | "perplexity" (lower is better)
+    at: str  # "F": the fine-tuning context; "2F": twice it
+    a: tuple[str, str, str]  # (method, backend, a word the label must hold) of the baseline; PRETRAINED
+    b: tuple[str, str, str]  # the variant claimed better
+    paper: tuple[float, float]  # the paper's numbers for (a, b)
+
+
+_SE, _HY = ("hylora", "se_attn", ""), "hylora"
+#: From the paper's Table 1 (perplexity), Figure 2 (RULER average) and Section 4.3 (ablations); HyLoRA at 8192.
+CLAIMS = [
+    Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window", ""), _SE,
+          (21.0, 40.5)),
+    Claim("SE-Attn retrieves better than S\u00b2-Attn", "ruler", "F", (_HY, "s2_attn", ""), _SE, (24.6, 40.5)),
+    Claim("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "ruler", "F", PRETRAINED, _SE,
+          (5.5, 40.5)),
+    Claim("HyLoRA beats LoRA (SE-Attn)", "ruler", "F", ("lora", "se_attn", ""), _SE, (31.6, 40.5)),
+    Claim("HyLoRA beats LoRA+ (SE-Attn)", "ruler", "F", ("lora_plus", "se_attn", ""), _SE, (33.1, 40.5)),
+    Claim("retrieved blocks beat no retrieval", "ruler", "F", (_HY, "se_attn_nomem", ""), _SE, (26.1, 40.5)),
+    Claim("top-k blocks beat random blocks", "ruler", "F", (_HY, "se_attn", "random"), _SE, (32.5, 40.5)),
+    Claim("fine-tuning with SE-Attn lowers perplexity at the fine-tuning context", "perplexity", "F", PRETRAINED,
+          _SE, (14.99, 10.45)),
+    Claim("SE-Attn extrapolates better than S\u00b2-Attn", "perplexity", "2F", (_HY, "s2_attn", ""), _SE,
+          (14.67, 11.14)),
+    Claim("SE-Attn extrapolates better than a sliding window", "perplexity", "2F", (_HY, "sliding_window", ""), _SE,
+          (11.82, 11.14)),
+]
+
+
+def _matches(k: VariantKey, spec: tuple[str, str, str]) -> bool:
+    method, backend, word = spec
+    if method == "none":
+        return k.stage == "pretrained"
+    return (k.stage != "pretrained" and not k.eval_attention and k.method == method
+            and backend_name(k.backend) == backend and (word in k.backend if word else "random" not in k.backend))
+
+
+def _seed(r: Record) -> int:
+    return int((r.variant or {}).get("seed", 0))
+
+
+class _Data:
+    """The base run's ok values by variant: perplexity per (context, seed), RULER per-sample scores per length."""
+
+    def __init__(self, records: list[Record]):
+        self.ppl: dict[VariantKey, dict[tuple[int, int], float]] = defaultdict(dict)
+        self.ruler: dict[VariantKey, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        for r in records:
+            if not ok(r) or r.run_index or not r.eval_context:
+                continue
+            k = variant_key(r)
+            if r.metric == "perplexity" and "perplexity" in r.values:
+                self.ppl[k][(int(r.eval_context), _seed(r))] = float(r.values["perplexity"])
+            elif r.metric == "ruler" and r.values.get("per_sample"):
+                self.ruler[k][int(r.eval_context)].update(
+                    {f"{r.settings.get('task')}:{s}": float(v) for s, v in r.values["per_sample"].items()})
+        self.variants = sorted(set(self.ppl) | set(self.ruler))
+
+    def lengths(self, claim: Claim, a: VariantKey, b: VariantKey) -> list[int]:
+        if claim.metric == "ruler":
+            return sorted(set(self.ruler[a]) & set(self.ruler[b]))
+        return sorted({n for n, _ in self.ppl[a]} & {n for n, _ in self.ppl[b]})
+
+    def judge(self, claim: Claim, a: VariantKey, b: VariantKey, n: int):
+        """(mean of a, mean of b, b - a as a Difference) at length n, over what both measured."""
+        if claim.metric == "ruler":
+            pa, pb = self.ruler[a][n], self.ruler[b][n]
+            shared = set(pa) & set(pb)
+            d = significance.paired_samples(pa, pb)
+            return (100 * sum(pa[s] for s in shared) / len(shared), 100 * sum(pb[s] for s in shared) / len(shared),
+                    d and significance.Difference(100 * d.estimate, 100 * d.low, 100 * d.high, d.p, d.n))
+        seeds = sorted({s for m, s in self.ppl[a] if m == n} & {s for m, s in self.ppl[b] if m == n})
+        va, vb = [self.ppl[a][(n, s)] for s in seeds], [self.ppl[b][(n, s)] for s in seeds]
+        return (sum(va) / len(va), sum(vb) / len(vb), significance.paired_t([y - x for x, y in zip(va, vb,
+                                                                                                   strict=True)]))
+
+
+def verdict(claim: Claim, d: significance.Difference | None) -> str:
+    if d is None or not d.significant:
+        return "inconclusive"
+    better = d.estimate > 0 if claim.metric == "ruler" else d.estimate < 0
+    return "reproduced" if better else "not reproduced"
+
+
+def claims_blocks(records: list[Record]) -> list[Block]:
+    """The claims table; [] when no claim has both its variants in the records."""
+    data = _Data(records)
+    rows = []
+    for claim in CLAIMS:
+        pairs = [(a, b) for b in data.variants if _matches(b, claim.b)
+                 for a in data.variants if _matches(a, claim.a) and a.model == b.model]
+        for a, b in pairs:
+            rows.append(_row(claim, data, a, b))
+    if not rows:
+        return []
+    return [paragraph(
+        "Each of the paper's claims as a comparison of two variants of this report (base run, full-attention "
+        "evaluation), whatever the model: the direction is what carries over, not the numbers. RULER: all samples "
+        "both variants scored at the length (the suite's tasks, pooled over seeds), McNemar's exact test; "
+        "perplexity: paired by seed, Student's t. Reproduced: the difference goes the claimed way with p < 0.05; "
+        "not reproduced: significant the other way; inconclusive: the 95% interval holds zero."),
+        table(["claim", "A → B", "at", "paper A → B", "ours A → B", "B − A [95% CI]", "p", "verdict"], rows,
+              numeric_from=3, cls="wrap-headers")]
+
+
+def _row(claim: Claim, data: _Data, a: VariantKey, b: VariantKey) -> list[dict]:
+    digits = 1 if claim.metric == "ruler" else 2
+    unit = " pts" if claim.metric == "ruler" else ""
+    f = b.finetune_context or a.finetune_context or 0
+    want = f if claim.at == "F" else 2 * f
+    names = cell(f"{variant_label(a)} → {variant_label(b)}", cls="label")
+    what = "RULER" if claim.metric == "ruler" else "PPL"
+    lengths = data.lengths(claim, a, b)
+    paper = cell(f"{claim.paper[0]:g} → {claim.paper[1]:g}")
+    if want not in lengths:
+        why = f"{what} not measured at {claim.at} = {want} for both"
+        return [cell(claim.text, cls="label"), names, cell(f"{what} @ {claim.at}"), paper,
+                cell("–", cls="missing", title=why, note=why), cell(""), cell(""), cell("not measured")]
+    mean_a, mean_b, d = data.judge(claim, a, b, want)
+    v = verdict(claim, d)
+    ci = "" if d is None or d.n < 2 else f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
+    n_text = ("" if d is None else f"{d.n} samples" if claim.metric == "ruler" else f"{d.n} seed(s)")
+    return [cell(claim.text, cls="label"), names, cell(f"{what} @ {length_column(want)}"), paper,
+            cell(f"{fmt_float(mean_a, digits)} → {fmt_float(mean_b, digits)}", note=n_text),
+            cell("–" if d is None else f"{d.estimate:+.{digits}f}{unit}{ci}"),
+            cell("–" if d is None else f"{d.p:.2g}"),
+            cell(v, cls={"reproduced": "better", "not reproduced": "worse"}.get(v, ""))]

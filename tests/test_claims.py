@@ -1,0 +1,69 @@
+"""The paper's claims judged on a report's records: pairing, the tests, and the three verdicts."""
+
+from harness.report.claims import CLAIMS, claims_blocks
+from harness.results import Record
+
+SE = "se_attn(chunk_size=256)"
+
+
+def _record(metric, method, backend, n, seed, values, task=None):
+    pre = method == "none"
+    tail = "pretrained" if pre else f"{method}/{backend}"
+    return Record(suite="s", cell=f"m/seed{seed}/{tail}/{metric}@{n}{task or ''}", metric=metric,
+                  variant={"model": "m", "seed": seed}, stage="pretrained" if pre else "finetuned",
+                  model={"preset": "tiny-hybrid"}, method=method, backend="full" if pre else backend,
+                  finetune_context=None if pre else 2048, eval_context=n, values=values,
+                  settings={"task": task, "eval_attention": "full"} if task else {})
+
+
+def _ruler(method, backend, seed, right, n=2048, task="niah_single_1"):
+    return _record("ruler", method, backend, n, seed,
+                   {"accuracy": 5.0 * right, "per_sample": {f"{seed}-{i}": float(i < right) for i in range(20)}},
+                   task)
+
+
+def _rows(records):
+    blocks = claims_blocks(records)
+    return {(r[0]["text"], r[1]["text"].split(" → ")[0]): r for r in blocks[1]["rows"]} if blocks else {}
+
+
+def test_verdicts_follow_the_paired_tests():
+    recs = []
+    for seed in (0, 1, 2):
+        recs += [_ruler("none", "", seed, 2), _ruler("hylora", SE, seed, 15), _ruler("hylora", "s2_attn", seed, 3)]
+        # perplexity at 2F: SE-Attn consistently worse than S2 (not reproduced); at F, noisy against the base
+        recs += [_record("perplexity", "hylora", SE, 4096, seed, {"perplexity": 30.0 + seed}),
+                 _record("perplexity", "hylora", "s2_attn", 4096, seed, {"perplexity": 29.0 + seed}),
+                 _record("perplexity", "hylora", SE, 2048, seed, {"perplexity": [30.0, 33.0, 31.0][seed]}),
+                 _record("perplexity", "none", "", 2048, seed, {"perplexity": [31.0, 31.0, 32.5][seed]})]
+    rows = _rows(recs)
+    s2 = rows[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert s2[2]["text"] == "RULER @ 2K (2048)" and s2[4]["text"] == "15.0 → 75.0" and s2[4]["note"] == "60 samples"
+    assert s2[5]["text"].startswith("+60.0 pts [") and s2[-1]["text"] == "reproduced"
+    lift = rows[("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "pretrained")]
+    assert lift[-1]["text"] == "reproduced"
+    extra = rows[("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert extra[5]["text"].startswith("+1.00 [") and extra[-1]["text"] == "not reproduced"
+    ppl = rows[("fine-tuning with SE-Attn lowers perplexity at the fine-tuning context", "pretrained")]
+    assert ppl[4]["note"] == "3 seed(s)" and ppl[-1]["text"] == "inconclusive"
+    # a claim whose baseline was not run has no row; one not measured at its length says so
+    assert not any(text.startswith("SE-Attn retrieves better than a sliding") for text, _ in rows)
+    recs.append(_record("perplexity", "hylora", "sliding_window", 2048, 0, {"perplexity": 31.0}))
+    sw = _rows(recs)[("SE-Attn extrapolates better than a sliding window",
+                      "finetuned: hylora / sliding_window @ 2048")]
+    assert sw[-1]["text"] == "not measured" and "not measured at 2F = 4096" in sw[4]["note"]
+
+
+def test_one_seed_gives_no_interval_and_no_verdict():
+    recs = [_record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 20.0}),
+            _record("perplexity", "hylora", "s2_attn", 4096, 0, {"perplexity": 40.0})]
+    row = _rows(recs)[("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[5]["text"] == "-20.00" and row[-1]["text"] == "inconclusive"
+
+
+def test_claims_name_the_paper_numbers():
+    assert len({c.text for c in CLAIMS}) == len(CLAIMS)
+    for c in CLAIMS:
+        better = c.paper[1] > c.paper[0] if c.metric == "ruler" else c.paper[1] < c.paper[0]
+        assert better, c.text  # the paper's own numbers go the claimed way
+    assert claims_blocks([]) == []
