@@ -82,3 +82,18 @@ def test_qa_tasks_need_their_data_file(tmp_path):
     squad.write_text("{}")
     s = load_suite(write(tmp_path, f"name: x\nmetrics: {{ruler: {{tasks: [qa_1], qa_files: {{qa_1: {squad}}}}}}}\n"))
     assert s.metrics.ruler.qa_files == {"qa_1": str(squad)}
+
+
+def test_eval_attention_both_measures_finetuned_cells_with_each(tmp_path):
+    from harness.plan import plan
+
+    s = load_suite(write(tmp_path, """name: x
+backends: [s2_attn]
+metrics:
+  perplexity: {contexts: [64], eval_attention: both}
+  ruler: {tasks: [niah_single_1], lengths: [512]}
+"""))
+    ids = sorted(c["id"] for j in plan(s, "data") for c in j.cells if c["metric"] in ("perplexity", "ruler"))
+    assert ids == ["tiny-hybrid/seed0/lora/s2_attn/eval-finetune/ppl@64", "tiny-hybrid/seed0/lora/s2_attn/ppl@64",
+                   "tiny-hybrid/seed0/lora/s2_attn/ruler/niah_single_1@512", "tiny-hybrid/seed0/pretrained/ppl@64",
+                   "tiny-hybrid/seed0/pretrained/ruler/niah_single_1@512"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,10 +54,16 @@ def distinct(values: list) -> list:
     return values
 
 
-def eval_attention(config, variant) -> str:
-    """The attention a cell is evaluated with: the config's for a fine-tuned variant; a pretrained model has no
-    fine-tuning attention, so always full."""
-    return config.eval_attention if variant.stage == "finetuned" else "full"
+#: A metric's `eval_attention`: full (the paper's default), the variant's fine-tuning attention, or each of them.
+EvalAttention = Literal["full", "finetune", "both"]
+
+
+def eval_attentions(config, variant) -> list[str]:
+    """The attentions a variant's cells are evaluated with ("full", "finetune"): the config's for a fine-tuned
+    variant; a pretrained model has no fine-tuning attention, so always full."""
+    if variant.stage != "finetuned":
+        return ["full"]
+    return ["full", "finetune"] if config.eval_attention == "both" else [config.eval_attention]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 
 from harness.cells import Cell
-from harness.metrics.base import Measurement, Metric, Strict, eval_attention, register
+from harness.metrics.base import EvalAttention, Measurement, Metric, Strict, eval_attentions, register
 
 
 class LmEvalConfig(Strict):
@@ -21,7 +20,7 @@ class LmEvalConfig(Strict):
     batch_size: int = Field(1, ge=1)  # loglikelihood requests per forward; generation always runs one at a time
     max_length: int | None = Field(None, ge=16)  # tokens a request may use; None: finetune.context
     include_path: str | None = None  # a directory of local task YAMLs (relative to the working directory)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+    eval_attention: EvalAttention = "full"  # paper default: full; "both": also the fine-tuning attention
 
     @field_validator("tasks")
     @classmethod
@@ -54,21 +53,21 @@ class LmEval(Metric):
 
         hashed = {"metric": config.model_dump(exclude={"tasks"}),
                   "local_tasks": local_tasks_fingerprint(config.include_path)}
-        ev = eval_attention(config, variant)
-        return [(Cell(self.name, variant, task=t, eval_attention=ev), hashed) for t in config.tasks]
+        return [(Cell(self.name, variant, task=t, eval_attention=ev), hashed)
+                for ev in eval_attentions(config, variant) for t in config.tasks]
 
     def measure(self, ctx, cell: dict, config: LmEvalConfig) -> Measurement:
         from harness.metrics.lm_eval import evaluate_lm_eval, task_manager
 
         model, info = ctx.model()
-        ctx.use_attention(config.eval_attention)
+        ctx.use_attention(cell["eval_attention"])
         if "lm_eval_tasks" not in ctx.state:  # one task index per job: building it takes seconds
             ctx.state["lm_eval_tasks"] = task_manager(config.tasks, config.include_path)
         res = evaluate_lm_eval(model, ctx.tokenizer(), cell["task"], ctx.state["lm_eval_tasks"],
                                limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
                                max_length=config.max_length)
         settings = {**res.settings, "samples_file": ctx.write_samples(cell, res.samples),
-                    "include_path": config.include_path, "eval_attention": config.eval_attention,
+                    "include_path": config.include_path, "eval_attention": cell["eval_attention"],
                     "pretrain_context": ctx.pretrain_context}
         return Measurement(res.values, {}, settings, res.dataset, info)
 

@@ -8,7 +8,16 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.cells import Cell
-from harness.metrics.base import EVAL_DATA, Measurement, Metric, Strict, distinct, eval_attention, register
+from harness.metrics.base import (
+    EVAL_DATA,
+    EvalAttention,
+    Measurement,
+    Metric,
+    Strict,
+    distinct,
+    eval_attentions,
+    register,
+)
 
 
 class PerplexityConfig(Strict):
@@ -18,7 +27,7 @@ class PerplexityConfig(Strict):
     # length scores about the same number of tokens (a fixed window count starves the short contexts).
     tokens_per_length: int = Field(65_536, ge=1)
     max_tokens: int = Field(1_000_000, ge=1)  # evaluation stream cap (first tokens of the split)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+    eval_attention: EvalAttention = "full"  # paper default: full; "both": also the fine-tuning attention
 
     @field_validator("contexts")
     @classmethod
@@ -46,18 +55,18 @@ class Perplexity(Metric):
 
     def cells(self, config: PerplexityConfig, variant, plan):
         hashed = {"metric": config.model_dump(exclude={"contexts"}), "data": plan.data_fingerprint}
-        ev = eval_attention(config, variant)
-        return [(Cell(self.name, variant, c, eval_attention=ev), hashed) for c in config.contexts]
+        return [(Cell(self.name, variant, c, eval_attention=ev), hashed)
+                for ev in eval_attentions(config, variant) for c in config.contexts]
 
     def measure(self, ctx, cell: dict, config: PerplexityConfig) -> Measurement:
         from harness.metrics.perplexity import evaluate_perplexity
 
         model, info = ctx.model()
-        ctx.use_attention(config.eval_attention)
+        ctx.use_attention(cell["eval_attention"])
         stream, dataset = ctx.eval_stream(config.max_tokens)
         windows = max(1, config.tokens_per_length // cell["length"])
         res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True)
-        settings = {**res.as_settings(), "max_windows": windows, "eval_attention": config.eval_attention,
+        settings = {**res.as_settings(), "max_windows": windows, "eval_attention": cell["eval_attention"],
                     "pretrain_context": ctx.pretrain_context, "seed": ctx.seed}
         # Per byte, models with different tokenizers compare: the mean NLL in bits times the stream's tokens per
         # byte (exact for the stream; for a subset of windows it assumes their text has the stream's ratio).

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from harness.cells import Cell
 from harness.metrics.base import (
     EVAL_DATA,
+    EvalAttention,
     Measurement,
     Metric,
     Strict,
     as_value_error,
     distinct,
-    eval_attention,
+    eval_attentions,
     register,
 )
 
@@ -26,7 +27,7 @@ class RulerConfig(Strict):
     lengths: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(distinct)] = Field(
         default_factory=lambda: [256, 512], min_length=1)
     samples: int = Field(10, ge=1)
-    eval_attention: Literal["full", "finetune"] = "full"  # paper default: evaluate with full attention
+    eval_attention: EvalAttention = "full"  # paper default: full; "both": also the fine-tuning attention
     essay_file: str | None = None  # RULER's essay haystack; None: book text of the evaluation corpus
     # The data of the opt-in QA tasks, which is not shipped: {qa_1: SQuAD 2.0 dev JSON, qa_2: HotpotQA dev JSON}
     qa_files: dict[str, str] = {}
@@ -88,20 +89,20 @@ class Ruler(Metric):
             for n in {min(config.lengths), max(config.lengths)}:
                 _fits(task, n, tok, config.essay_file, config.qa_files.get(task))
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint}
-        ev = eval_attention(config, variant)
-        return [(Cell(self.name, variant, n, t, ev), hashed) for t in config.tasks for n in config.lengths]
+        return [(Cell(self.name, variant, n, t, ev), hashed)
+                for ev in eval_attentions(config, variant) for t in config.tasks for n in config.lengths]
 
     def measure(self, ctx, cell: dict, config: RulerConfig) -> Measurement:
         from harness.metrics.ruler_eval import evaluate_ruler
 
         model, info = ctx.model()
-        ctx.use_attention(config.eval_attention)
+        ctx.use_attention(cell["eval_attention"])
         docs = ctx.documents("eval")
         haystack, dataset = docs.text(HAYSTACK_CHARS), docs.dataset()
         values, samples = evaluate_ruler(model, ctx.tokenizer(), cell["task"], cell["length"], config.samples,
                                          ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]))
         settings = {"task": cell["task"], "samples_file": ctx.write_samples(cell, samples),
-                    "eval_attention": config.eval_attention, "pretrain_context": ctx.pretrain_context}
+                    "eval_attention": cell["eval_attention"], "pretrain_context": ctx.pretrain_context}
         return Measurement(values, {"accuracy": "%"}, settings, dataset, info)
 
     def section(self, records):
