@@ -27,6 +27,7 @@ from harness import cache, provenance
 from harness.attention import register
 from harness.attention.hf import uses_attention_interface
 from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
+from harness.data.long_recall import SpreadRecallDocuments, mixed_batches
 from harness.data.recall import RecallDocuments, recall_batches
 from harness.data.sources import Documents
 from harness.data.tokenizer import tokenizer_fingerprint
@@ -149,12 +150,14 @@ def adapter_key(suite: Suite, model: str | Checkpoint, seed: int, method: str, b
     start = base_info(suite, model, seed)
     f, cfg, run = suite.finetune, finetune_config(suite, backend, seed), suite.run
     parallel = [] if run.nproc == 1 else [run.nproc, run.strategy]  # the order of the gradient sums
+    recall = [f.recall, f.answer_weight] if f.recall else []
     key = cache.fingerprint(start["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
-                            f.gradient_checkpointing, data.fingerprint, *parallel,
+                            f.gradient_checkpointing, data.fingerprint, *parallel, *recall,
                             provenance.artefact_fingerprint(provenance.ADAPTER))
     global_batch = {"nproc": run.nproc, "global_batch": cfg.batch_size * cfg.grad_accum * run.nproc,
                     **({"strategy": run.strategy} if run.nproc > 1 else {})}
-    return key, {**start, "adapter": key, "train": None, "finetune_data": data.description, **global_batch}
+    data_info = {"finetune_data": data.description, **({"finetune_recall": f.recall} if f.recall else {})}
+    return key, {**start, "adapter": key, "train": None, **data_info, **global_batch}
 
 
 def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend, data: Documents,
@@ -171,7 +174,8 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
     trained, summary = apply_method(start, method, rank=f.rank, alpha=f.alpha)
     with attention_module.recording() as kernels:
         tokens = token_stream(tokenizer(model), data)
-        log = _train(wrap(trained, world), cfg, world.shard(_windows(tokens, cfg)), ADAPTER, key,
+        batches = world.shard(_finetune_batches(suite, model, tokens, data, cfg))
+        log = _train(wrap(trained, world), cfg, batches, ADAPTER, key,
                      f"fine-tune {method}/{backend.label} @ {cfg.context}", world)
     state = full_state(trained)  # every rank takes part; rank 0 gets it
     if world.main:
@@ -189,6 +193,18 @@ def _load(path, load):
     except Exception as e:  # noqa: BLE001 - whatever the loader raised, the fix is the same
         raise UserError(f"cache entry {path.parent.name}/{path.name} ({path}) cannot be loaded ({type(e).__name__}: "
                         f"{e}); remove it with `harness cache rm {path.name}` and rerun to rebuild it") from e
+
+
+def _finetune_batches(suite: Suite, model: str | Checkpoint, tokens, data: Documents, cfg: TrainConfig):
+    """Book windows, with the `finetune.recall` share of rows spread recall documents over the same text."""
+    f = suite.finetune
+    if not f.recall:
+        return _windows(tokens, cfg)
+    documents = SpreadRecallDocuments(tokenizer(model), data.text(RECALL_TEXT_CHARS), answer_weight=f.answer_weight)
+    return mixed_batches(tokens, documents, f.recall, cfg.context, cfg.batch_size)
+
+
+RECALL_TEXT_CHARS = 4_000_000  # the text recall documents take their words and filler sentences from
 
 
 def _windows(tokens, cfg: TrainConfig):

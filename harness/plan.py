@@ -70,7 +70,7 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
                 for meth in suite.methods for b in suite.backends]
             for variant, backend in variants:
                 det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
-                       "finetune": suite.finetune.model_dump() if backend else None,
+                       "finetune": suite.finetune.recipe() if backend else None,
                        **({"train_data": train_fingerprint} if backend and train_fingerprint else {})}
                 cells = [_cell(cell, {**det, **hashed}) for m, config in per_variant
                          if backend is not None or not m.finetuned_only

@@ -23,7 +23,8 @@ _NOT_BUILDING = ("harness.models.checkpoint", "harness.models.sources", "harness
 
 PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens",
               "harness.data.sources")
-ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens", "harness.data.sources")
+ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens", "harness.data.sources",
+           "harness.data.long_recall")
 # Build or load a variant and run its cells (harness.job, the metric plugin base); a backend's cells have no model.
 _VARIANT = (*PRETRAINED, *ADAPTER, "harness.job", "harness.metrics.base")
 _BACKEND = ("harness.attention", "harness.job", "harness.metrics.base")

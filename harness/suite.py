@@ -61,6 +61,10 @@ class Finetune(_Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     gradient_checkpointing: bool = False
+    # The share of rows that are recall documents spread over the whole context (harness.data.long_recall: facts
+    # in the first quarter, questions in the last), and the loss weight of their answers; 0: book text only.
+    recall: float = Field(0.0, ge=0, le=1)
+    answer_weight: float = Field(5.0, gt=0)
 
 
     @field_validator("lr")
@@ -70,6 +74,18 @@ class Finetune(_Strict):
         if any(x <= 0 for x in values):
             raise ValueError("learning rates must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _recall_fits(self) -> Finetune:
+        if self.recall and self.context < 256:
+            raise ValueError(f"recall: spread recall documents need a context of at least 256 tokens (context is "
+                             f"{self.context}); set recall: 0 or a longer context")
+        return self
+
+    def recipe(self) -> dict:
+        """The recipe as cells' hashes hold it: the recall fields only where recall is on, so cells keep the
+        hashes they had before those fields existed."""
+        return self.model_dump(exclude=None if self.recall else {"recall", "answer_weight"})
 
     def lr_for(self, backend: str) -> float:
         from harness.finetune.methods import default_lr

@@ -53,3 +53,21 @@ def test_a_fixed_pretrain_seed_shares_one_pretrained_model_over_seeds(tmp_path):
     a, b = (artefacts.adapter_key(shared, "tiny-hybrid", s, "lora", shared.backends[0],
                                   documents(shared, "train"))[0] for s in (0, 1))
     assert a != b  # the fine-tunes still differ by seed
+
+
+def test_a_finetune_with_spread_recall_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    text = SUITE.replace("finetune: {context: 128, steps: 3, warmup_steps: 1}",
+                         "finetune: {context: 256, steps: 2, warmup_steps: 1, recall: 0.5}")
+    (tmp_path / "s.yaml").write_text(text)
+    suite = load_suite(tmp_path / "s.yaml")
+    (tmp_path / "plain.yaml").write_text(text.replace(", recall: 0.5", ""))
+    plain = load_suite(tmp_path / "plain.yaml")
+    data = documents(suite, "train")
+    key, info = artefacts.adapter_key(suite, "tiny-hybrid", 0, "lora", suite.backends[0], data)
+    assert key != artefacts.adapter_key(plain, "tiny-hybrid", 0, "lora", plain.backends[0], data)[0]
+    assert info["finetune_recall"] == 0.5 and "finetune_recall" not in artefacts.adapter_key(
+        plain, "tiny-hybrid", 0, "lora", plain.backends[0], data)[1]
+    assert "recall" not in plain.finetune.recipe() and suite.finetune.recipe()["recall"] == 0.5
+    _, built = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0], data)
+    assert len(built["train"]["loss_curve"]) == 2

@@ -97,3 +97,8 @@ metrics:
     assert ids == ["tiny-hybrid/seed0/lora/s2_attn/eval-finetune/ppl@64", "tiny-hybrid/seed0/lora/s2_attn/ppl@64",
                    "tiny-hybrid/seed0/lora/s2_attn/ruler/niah_single_1@512", "tiny-hybrid/seed0/pretrained/ppl@64",
                    "tiny-hybrid/seed0/pretrained/ruler/niah_single_1@512"]
+
+
+def test_recall_rows_need_room(tmp_path):
+    with pytest.raises(UserError, match="finetune: recall: .*at least 256 tokens"):
+        load_suite(write(tmp_path, "name: x\nfinetune: {context: 128, recall: 0.5}\n"))

@@ -1,0 +1,41 @@
+"""Spread recall rows for fine-tuning: every answer lies more than half the context after its fact."""
+
+from random import Random
+
+import torch
+
+from harness.data import default_tokenizer
+from harness.data.long_recall import SpreadRecallDocuments, mixed_batches
+
+TEXT = "And the earth was without form, and void; and darkness was upon the face of the deep. " * 20
+
+
+def test_facts_in_the_first_quarter_questions_in_the_last():
+    tok = default_tokenizer()
+    docs = SpreadRecallDocuments(tok, TEXT, answer_weight=7.0)
+    for length in (256, 1024):
+        for seed in range(10):
+            ids, weights = docs.row(Random(seed), length)
+            assert len(ids) == len(weights) == length
+            answered = [i for i, w in enumerate(weights) if w == 7.0]
+            assert answered and min(answered) >= 3 * length // 4
+            head = tok.decode(ids[: length // 4])
+            for value in tok.decode([ids[i] for i in answered]).split():
+                assert value.rstrip(".") in head  # stated in the first quarter: more than length/2 back
+
+
+def test_mixed_batches_draw_rows_per_row_and_reproducibly():
+    tokens = torch.arange(5000) % 300
+    next_batch = mixed_batches(tokens, SpreadRecallDocuments(default_tokenizer(), TEXT), 0.5, 256, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = [next_batch(g) for _ in range(40)]
+    recall = [bool((w > 1).any()) for _, w in draws]
+    assert 10 <= sum(recall) <= 30  # about half of 40 one-row batches
+    for (ids, w), r in zip(draws, recall, strict=True):
+        assert ids.shape == w.shape == (1, 256)
+        if not r:
+            assert (w == 1).all() and ((ids[0, 1:] - ids[0, :-1]) % 300 == 1).sum() > 250  # a window of the stream
+    g = torch.Generator().manual_seed(0)
+    assert all(torch.equal(next_batch(g)[0], ids) for ids, _ in draws[:5])
+    none = mixed_batches(tokens, SpreadRecallDocuments(default_tokenizer(), TEXT), 0.0, 256, 4)
+    assert (none(torch.Generator().manual_seed(1))[1] == 1).all()
