@@ -96,3 +96,9 @@ def test_a_suite_without_efficiency_cells(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("name: x\n")
     assert main(["compare", "--calibrate", "--suite", str(tmp_path / "s.yaml")]) == 2
     assert "no metrics.efficiency block" in capsys.readouterr().err
+
+
+def test_rewarm_is_a_checked_setting():
+    assert Settings().rewarm == 1  # one untimed call before each sample: the other side ran in between
+    with pytest.raises(Exception, match="rewarm >= 0"):
+        Settings(rewarm=-1)
