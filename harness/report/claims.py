@@ -10,8 +10,10 @@ with the paper's, the direction does.
 * Perplexity: paired by seed, Student's t interval of the mean difference (at least two seeds for an interval).
 
 Verdict: **reproduced** when the difference goes the claimed way and p < 0.05; **not reproduced** when it is
-significant the other way; **inconclusive** otherwise (the interval holds zero). With several labels of one
-backend (a grid), each pair of labels is a row.
+significant the other way; **inconclusive** otherwise. The verdict follows the test's p, not the interval: for
+RULER the interval is the normal approximation, which can exclude zero where McNemar's exact test (the more
+conservative of the two with few discordant samples) gives p >= 0.05. With several labels of one backend (a
+grid), each pair of labels is a row.
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def claims_blocks(records: list[Record]) -> list[Block]:
         "evaluation), whatever the model: the direction is what carries over, not the numbers. RULER: all samples "
         "both variants scored at the length (the suite's tasks, pooled over seeds), McNemar's exact test; "
         "perplexity: paired by seed, Student's t. Reproduced: the difference goes the claimed way with p < 0.05; "
-        "not reproduced: significant the other way; inconclusive: the 95% interval holds zero."),
+        "not reproduced: significant the other way; inconclusive: p ≥ 0.05. The verdict follows p: for RULER the "
+        "interval is the normal approximation, which can exclude zero where the exact test, with few discordant "
+        "samples, does not reach p < 0.05."),
         table(["claim", "A → B", "at", "paper A → B", "ours A → B", "B − A [95% CI]", "p", "verdict"], rows,
               numeric_from=3, cls="wrap-headers")]
 
