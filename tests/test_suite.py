@@ -85,16 +85,18 @@ def test_qa_tasks_need_their_data_file(tmp_path):
 
 
 def test_eval_attention_both_measures_finetuned_cells_with_each(tmp_path):
+    """Each fine-tune with full attention and with its own; a full-backend fine-tune once (they are one)."""
     from harness.plan import plan
 
     s = load_suite(write(tmp_path, """name: x
-backends: [s2_attn]
+backends: [full, s2_attn]
 metrics:
   perplexity: {contexts: [64], eval_attention: both}
   ruler: {tasks: [niah_single_1], lengths: [512]}
 """))
     ids = sorted(c["id"] for j in plan(s, "data") for c in j.cells if c["metric"] in ("perplexity", "ruler"))
-    assert ids == ["tiny-hybrid/seed0/lora/s2_attn/eval-finetune/ppl@64", "tiny-hybrid/seed0/lora/s2_attn/ppl@64",
+    assert ids == ["tiny-hybrid/seed0/lora/full/ppl@64", "tiny-hybrid/seed0/lora/full/ruler/niah_single_1@512",
+                   "tiny-hybrid/seed0/lora/s2_attn/eval-finetune/ppl@64", "tiny-hybrid/seed0/lora/s2_attn/ppl@64",
                    "tiny-hybrid/seed0/lora/s2_attn/ruler/niah_single_1@512", "tiny-hybrid/seed0/pretrained/ppl@64",
                    "tiny-hybrid/seed0/pretrained/ruler/niah_single_1@512"]
 

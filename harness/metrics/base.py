@@ -60,10 +60,13 @@ EvalAttention = Literal["full", "finetune", "both"]
 
 def eval_attentions(config, variant) -> list[str]:
     """The attentions a variant's cells are evaluated with ("full", "finetune"): the config's for a fine-tuned
-    variant; a pretrained model has no fine-tuning attention, so always full."""
+    variant; a pretrained model has no fine-tuning attention, so always full. With "both", a fine-tune under
+    the full backend is measured once: its own attention is full, and a second pass would repeat the first."""
     if variant.stage != "finetuned":
         return ["full"]
-    return ["full", "finetune"] if config.eval_attention == "both" else [config.eval_attention]
+    if config.eval_attention == "both":
+        return ["full"] if variant.backend == "full" else ["full", "finetune"]
+    return [config.eval_attention]
 
 
 @dataclass(frozen=True)
