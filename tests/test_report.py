@@ -117,16 +117,20 @@ def test_tokens_label(n, label):
 
 
 def test_perplexity_over_seeds_is_mean_and_sd():
+    """Fine-tunes of three seeds: mean ± sd. One pretrained model for all seeds (pretrain.seed): its value, no
+    spread, since the seeds did not change it."""
     recs = []
     for seed, ppl in ((0, 30.0), (1, 32.0), (2, 34.0)):
         r = asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192))
+        recs.append({**r, "cell": f"{r['cell']}-seed{seed}", "model": {**r["model"], "adapter": f"a{seed}"}})
+        r = asdict(ppl_record("pretrained", "none", 2048, 40.0))
         recs.append({**r, "cell": f"{r['cell']}-seed{seed}"})
-    recs.append(asdict(ppl_record("pretrained", "none", 2048, 40.0)))
     sec, _ = _section(recs, "perplexity")
     cells = {row: c for row, col, c in _cells(sec) if col.startswith("2K")}
     fine = next(c for row, c in cells.items() if row.startswith("finetuned"))
     assert (fine["text"], fine["note"], fine["title"]) == ("32.00", "\u00b1 2.00", "mean \u00b1 sd of 3 seeds")
-    assert cells["pretrained"]["note"] == ""
+    pre = cells["pretrained"]
+    assert (pre["text"], pre["note"]) == ("40.00", "") and pre["title"].startswith("one model, measured for each of 3")
     assert "one sample standard deviation" in sec["blocks"][0]["text"]
 
 

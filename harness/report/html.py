@@ -125,6 +125,15 @@ def perplexity_section(records: list[Record]) -> Section | None:
     return {"id": "perplexity", "title": "Perplexity", "blocks": blocks}
 
 
+def _spread(values: list[float], recs: list[Record]) -> tuple[float, float | None]:
+    """(mean, sd over seeds); no sd where every seed's record is of one model (the same pretrained hash and
+    adapter: a model pretrained once for all seeds, or a checkpoint), whose spread is not a seed's."""
+    mean, sd = mean_sd(values)
+    models = {(r.model.get("hash"), r.model.get("adapter")) for r in recs}
+    one_model = len(models) == 1 and next(iter(models))[0] is not None
+    return mean, None if one_model else sd
+
+
 def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: str, proto: str) -> list[Block]:
     names = variant_names(recs, label)
     # Models with different tokenizers compare per byte, not per token.
@@ -134,7 +143,7 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     keys, contexts = pv.rows, pv.columns
 
     # plot
-    spread = {(k, c): mean_sd(pv.values(k, c)) for k in keys for c in pv.measured(k)}
+    spread = {(k, c): _spread(pv.values(k, c), pv.records(k, c)) for k in keys for c in pv.measured(k)}
     seeded = any(sd is not None for _, sd in spread.values())
     series = [plots.Series(label=names[k], x=pv.measured(k), y=[spread[(k, c)][0] for c in pv.measured(k)],
                            failed=pv.failures(k),
@@ -155,8 +164,10 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
 
     def show(k: VariantKey, c: int) -> dict:
         (v, sd), n, digits = spread[(k, c)], len(pv.values(k, c)), 3 if per_byte else 2
+        title = "" if n == 1 else (f"mean \u00b1 sd of {n} seeds" if sd is not None else
+                                   f"one model, measured for each of {n} seeds (pretrain.seed, or a checkpoint)")
         return cell(fmt_float(v, digits), bold=v == best[c], note=f"\u00b1 {sd:.{digits}f}" if sd is not None else "",
-                    title=f"mean \u00b1 sd of {n} seeds" if n > 1 else "")
+                    title=title)
 
     rows = [[cell(names[k], cls="label")] + [pv.cell(k, c, show) for c in contexts] for k in keys]
     scored_row = [cell("tokens scored", cls="label foot")]
