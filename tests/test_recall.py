@@ -7,7 +7,7 @@ import torch
 
 from harness.data import default_corpus, default_tokenizer
 from harness.data.recall import RecallDocuments, recall_batches
-from harness.finetune.loop import weighted_lm_loss
+from harness.finetune.loop import next_token_logits, weighted_lm_loss
 from harness.models import HybridForCausalLM, preset_config
 
 TEXT = "And the earth was without form, and void; and darkness was upon the face of the deep. " * 20
@@ -54,11 +54,14 @@ def test_weighted_loss_with_unit_weights_is_the_models_loss():
     model = HybridForCausalLM(cfg)
     ids = torch.randint(0, 300, (2, 40))
     out = model(input_ids=ids, labels=ids)
-    assert torch.allclose(weighted_lm_loss(out.logits, ids, torch.ones(2, 40)), out.loss, atol=1e-5)
+    logits = next_token_logits(model, ids)
+    assert logits.shape == (2, 39, out.logits.shape[-1]) and torch.allclose(logits, out.logits[:, :-1], atol=1e-6)
+    assert torch.allclose(weighted_lm_loss(logits, ids, torch.ones(2, 40)), out.loss, atol=1e-5)
+    assert torch.allclose(weighted_lm_loss(logits, ids), out.loss, atol=1e-5)
     weights = torch.ones(2, 40)
     weights[:, 20:] = 0
     nll = torch.nn.functional.cross_entropy(out.logits[:, :19].flatten(0, 1), ids[:, 1:20].flatten())
-    assert torch.allclose(weighted_lm_loss(out.logits, ids, weights), nll, atol=1e-5)
+    assert torch.allclose(weighted_lm_loss(logits, ids, weights), nll, atol=1e-5)
 
 
 def test_corpus_words_and_sentences():
