@@ -52,46 +52,57 @@ def _skip(y, x, D):
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
     """Chunked SSD ("minimal SSD"): quadratic form inside each chunk, a recurrence over chunk states.
 
-    Memory is O(l * chunk_size * h + (l / chunk_size) * h * p * n): linear in l.
+    The h // g heads of a group share B and C, so C.B^T is computed once per group and the products with
+    B or C run over all heads of a group in one matmul. Memory is O(l * chunk_size * h + (l / chunk_size)
+    * h * p * n): linear in l.
     """
     b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
     dtype = x.dtype
     work = torch.promote_types(dtype, torch.float32)
     pad = (-l) % chunk_size
     c, s = (l + pad) // chunk_size, chunk_size
     # Padding dt with zeros makes padded steps identity updates (decay 1, zero input).
-    xs, dts, Bs, Cs = (F.pad(t.to(work), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    Bs, Cs = _heads(Bs, h), _heads(Cs, h)
-    # To (b, h, c, s, .) so that every product below is a batched matmul.
-    X = (xs * dts[..., None]).view(b, c, s, h, p).permute(0, 3, 1, 2, 4)
-    Bh = Bs.view(b, c, s, h, -1).permute(0, 3, 1, 2, 4)
-    Ch = Cs.view(b, c, s, h, -1).permute(0, 3, 1, 2, 4)
-    a = (dts * A.to(work)).view(b, c, s, h).permute(0, 3, 1, 2)  # (b, h, c, s)
+    xs, dts, Bs, Cs = (F.pad(t.to(work), (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t.to(work)
+                       for t in (x, dt, B, C))
+    # Group-major layouts: X (b, g, hg, c, s, p), B and C (b, g, c, s, n), a (b, g, hg, c, s).
+    X = (xs * dts[..., None]).view(b, c, s, g, hg, p).permute(0, 3, 4, 1, 2, 5)
+    Bg = Bs.view(b, c, s, g, n).permute(0, 3, 1, 2, 4)
+    Cg = Cs.view(b, c, s, g, n).permute(0, 3, 1, 2, 4)
+    a = (dts * A.to(work)).view(b, c, s, g, hg).permute(0, 3, 4, 1, 2)
     acum = a.cumsum(-1)
+
+    def group_rows(t):  # (b, g, hg, c, s, p) -> (b, g, c, s, hg * p)
+        return t.permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, s, hg * p)
 
     # 1. Within chunks: y_i = sum_{j<=i} C_i.B_j exp(acum_i - acum_j) dt_j x_j.
     seg = acum[..., :, None] - acum[..., None, :]
     causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
     decay = seg.masked_fill(~causal, float("-inf")).exp()
-    y = ((Ch @ Bh.transpose(-1, -2)) * decay) @ X  # (b, h, c, s, p)
+    y = ((Cg @ Bg.transpose(-1, -2))[:, :, None] * decay) @ X  # (b, g, hg, c, s, p)
 
-    # 2. State contributed by each chunk, as seen at its end: (b, h, c, p, n).
-    chunk_states = (X * (acum[..., -1:] - acum).exp()[..., None]).transpose(-1, -2) @ Bh
+    # 2. State contributed by each chunk, as seen at its end: (b, g, c, hg, p, n).
+    weighted = group_rows(X * (acum[..., -1:] - acum).exp()[..., None])
+    chunk_states = (weighted.transpose(-1, -2) @ Bg).view(b, g, c, hg, p, n)
 
-    # 3. Recurrence over chunks: the state entering chunk k.
-    state = x.new_zeros(b, h, p, Bh.shape[-1], dtype=work) if initial_states is None else initial_states.to(work)
-    chunk_decay = acum[..., -1].exp()  # (b, h, c)
+    # 3. Recurrence over chunks: the state entering chunk k, (b, g, hg, p, n) each.
+    state = (x.new_zeros(b, h, p, n, dtype=work) if initial_states is None else initial_states.to(work))
+    state = state.view(b, g, hg, p, n)
+    chunk_decay = acum[..., -1].exp()  # (b, g, hg, c)
     entering = []
     for k in range(c):
         entering.append(state)
-        state = state * chunk_decay[:, :, k, None, None] + chunk_states[:, :, k]
-    entering = torch.stack(entering, dim=2)  # (b, h, c, p, n)
+        state = state * chunk_decay[..., k, None, None] + chunk_states[:, :, k]
+    entering = torch.stack(entering, dim=2).view(b, g, c, hg * p, n)
 
-    # 4. Entering state read out inside each chunk.
-    y = y + (Ch @ entering.transpose(-1, -2)) * acum.exp()[..., None]
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * s, h, p)[:, :l]
+    # 4. Entering state read out inside each chunk, for all heads of a group at once.
+    readout = (Cg @ entering.transpose(-1, -2)).view(b, g, c, s, hg, p)
+    readout = readout * acum.exp().permute(0, 1, 3, 4, 2)[..., None]
+    y = y.permute(0, 3, 4, 1, 2, 5) + readout.permute(0, 2, 3, 1, 4, 5)  # (b, c, s, g, hg, p)
+    y = y.reshape(b, c * s, h, p)[:, :l]
     y = _skip(y, x.to(work), D).to(dtype)
-    return (y, state.to(dtype)) if return_final_states else y
+    return (y, state.view(b, h, p, n).to(dtype)) if return_final_states else y
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
