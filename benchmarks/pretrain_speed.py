@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import transformers as T
 
 from harness.data import default_tokenizer
+from harness.finetune.loop import next_token_logits, weighted_lm_loss
 from harness.models import HybridForCausalLM, preset_config
 from harness.models.attention import Attention
 from harness.models.conv import causal_conv
@@ -43,12 +44,13 @@ def median_s(fn, repeats: int, warmup: int) -> float:
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor):
-    """A training step with the pretraining optimizer (AdamW, its betas and weight decay) and the plain LM loss;
-    the loop's gradient clipping and the recall rows' weighted loss are left out (together about 1 ms here)."""
+    """A training step with the pretraining optimizer (AdamW, its betas and weight decay) and the loop's LM loss
+    (logits of all but the last position); the loop's gradient clipping and the recall rows' loss weights are
+    left out (together about 1 ms here)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        weighted_lm_loss(next_token_logits(model, ids), ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -89,11 +91,10 @@ def profile(args, vocab: int) -> None:
     u = torch.randn(b, l, d)
     conv_dim = mamba.conv1d.in_channels
     parts = {
-        "lm head + loss": (1, fwd_bwd(lambda x: F.cross_entropy(
-            model.lm_head(x)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()), u)),
+        "lm head + loss": (1, fwd_bwd(lambda x: weighted_lm_loss(model.lm_head(x[:, :-1]), ids), u)),
         "mamba in_proj": (n_mamba, fwd_bwd(mamba.in_proj, u)),
         "mamba conv1d": (n_mamba, fwd_bwd(lambda x: causal_conv(x, mamba.conv1d, "silu"),
-                                          torch.randn(b, conv_dim, l))),
+                                          torch.randn(b, l, conv_dim).transpose(1, 2))),  # as the mixer passes it
         "mamba SSD scan": (n_mamba, fwd_bwd(
             lambda x, dt, B, C: ssd_chunked(x, F.softplus(dt), -torch.exp(mamba.A_log.float()), B, C,
                                             mamba.chunk_size, mamba.D),
