@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import transformers as T
 
 from harness.data import default_tokenizer
-from harness.finetune.loop import next_token_logits, weighted_lm_loss
+from harness.finetune.loop import lm_loss, weighted_lm_loss
 from harness.models import HybridForCausalLM, preset_config
 from harness.models.attention import Attention
 from harness.models.conv import causal_conv
@@ -43,14 +43,15 @@ def median_s(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def train_step(model: torch.nn.Module, ids: torch.Tensor):
+def train_step(model: torch.nn.Module, ids: torch.Tensor, compile: bool = False):
     """A training step with the pretraining optimizer (AdamW, its betas and weight decay) and the loop's LM loss
-    (logits of all but the last position); the loop's gradient clipping and the recall rows' loss weights are
-    left out (together about 1 ms here)."""
+    (logits of all but the last position), compiled as the loop compiles it with `compile`; the loop's gradient
+    clipping and the recall rows' loss weights are left out (together about 1 ms here)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    loss_of = torch.compile(lm_loss) if compile else lm_loss
 
     def step():
-        weighted_lm_loss(next_token_logits(model, ids), ids).backward()
+        loss_of(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -139,9 +140,7 @@ def throughput(args, vocab: int) -> None:
     for name, build in builders.items():
         model = build(vocab).train()
         params = sum(p.numel() for p in model.parameters())
-        if args.compile:
-            model = torch.compile(model)
-        step, _ = train_step(model, ids)
+        step, _ = train_step(model, ids, args.compile)
         s = median_s(step, args.repeats, args.warmup)
         print(f"  {name:<24} {params / 1e6:5.2f}M params  {s * 1e3:7.0f} ms/step  {ids.numel() / s:8,.0f} tokens/s")
 
@@ -152,7 +151,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each model for the throughput table")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each model's loss (as pretrain.compile does) for the throughput table")
     args = ap.parse_args()
     vocab = len(default_tokenizer())
     profile(args, vocab)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -49,7 +50,7 @@ def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
     p = suite.pretrain
     return TrainConfig(steps=p.steps, context=p.context, batch_size=p.batch_size, lr=p.lr,
                        warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1,
-                       seed=seed if p.seed is None else p.seed)
+                       seed=seed if p.seed is None else p.seed, compile=p.compile)
 
 
 def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
@@ -116,6 +117,9 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
 def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) -> None:
     """Pretrain a preset by the suite's recipe and write it into the cache under `info["hash"]`."""
     key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
+    if p.compile and device().type == "cpu" and not shutil.which(cxx := os.environ.get("CXX", "g++")):
+        raise UserError(f"pretrain.compile: torch.compile on CPU needs a C++ compiler and {cxx!r} is not on PATH; "
+                        "install g++ (or set $CXX), or set `compile: false` in the suite's pretrain block")
     torch.manual_seed(cfg.seed)
     model = HybridForCausalLM(config)
     if p.induction_init is not None:

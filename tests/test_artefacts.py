@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import artefacts, cache
+from harness.errors import UserError
 from harness.plan import documents
 from harness.suite import load_suite
 
@@ -71,3 +72,13 @@ def test_a_finetune_with_spread_recall_rows(tmp_path, monkeypatch):
     assert "recall" not in plain.finetune.recipe() and suite.finetune.recipe()["recall"] == 0.5
     _, built = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0], data)
     assert len(built["train"]["loss_curve"]) == 2
+
+
+def test_compiled_pretraining_without_a_compiler_names_the_field_and_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "s.yaml").write_text(SUITE.replace("warmup_steps: 1}", "warmup_steps: 1, compile: true}", 1))
+    suite = load_suite(tmp_path / "s.yaml")
+    assert artefacts.pretrain_config(suite, 0).compile
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(UserError, match=r"pretrain\.compile.*'no-such-compiler'.*compile: false"):
+        artefacts.pretrained(suite, "tiny-hybrid", 0)

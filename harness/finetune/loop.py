@@ -2,7 +2,7 @@
 
 AdamW with linear warm-up then either a constant LR (LongLoRA's fine-tuning recipe)
 or cosine decay (pretraining), gradient accumulation, gradient clipping, bf16
-autocast on CUDA, and periodic checkpoints so an interrupted run resumes where it
+autocast on CUDA, optionally torch.compile, and periodic checkpoints so an interrupted run resumes where it
 stopped instead of starting over. Given a `World` (harness.finetune.distributed) of
 several processes, each rank trains on its share of every step's micro-batches, the
 gradients are reduced on a step's last micro-batch, and rank 0 alone writes checkpoints.
@@ -43,6 +43,9 @@ class TrainConfig:
     # LR of the parameters trained fully beside LoRA adapters (LoRA+'s embeddings and norms, HyLoRA's conv1d),
     # as a multiple of `lr`; 1 is LongLoRA's single LR. A model without adapters trains everything at `lr`.
     extra_lr_scale: float = 1.0
+    # torch.compile the loss (forward, LM head, cross-entropy) and so its backward: on 2 CPU cores a pretraining
+    # step of the default model in 120 instead of 177 ms, after about 30 s of compiling on the first step.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
@@ -106,6 +109,7 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
+    loss_of = torch.compile(lm_loss) if cfg.compile else lm_loss
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=None if sys.stderr.isatty() else False, mininterval=2.0)
     for step in range(start, cfg.steps):
@@ -118,7 +122,7 @@ def train(
             with world.sync(model, last=i + 1 == cfg.grad_accum):
                 with autocast:
                     w = None if weights is None else weights.to(device)
-                    loss = weighted_lm_loss(next_token_logits(model, ids), ids, w) / cfg.grad_accum
+                    loss = loss_of(model, ids, w) / cfg.grad_accum
                 loss.backward()
             total += loss.item()
             log.tokens += ids.numel() * world.size
@@ -148,6 +152,11 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     if lora and rest:
         return [{"params": lora}, {"params": rest, "lr": cfg.lr * cfg.extra_lr_scale}]
     return [{"params": lora or rest}]
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of a batch: next-token cross-entropy of `ids` under `model`, weighted by `weights`."""
+    return weighted_lm_loss(next_token_logits(model, ids), ids, weights)
 
 
 def next_token_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
