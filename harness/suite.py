@@ -31,8 +31,8 @@ from harness.models.sources import Checkpoint, label, model_entry
 
 class Pretrain(_Strict):
     context: int = Field(512, ge=16)
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int = Field(3200, ge=1)
+    batch_size: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     # Retrieval (harness.data.recall, harness.models.induction): the share of each batch's rows that are
