@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -35,7 +34,7 @@ from harness.data.tokenizer import tokenizer_fingerprint
 from harness.data.tokens import token_stream
 from harness.errors import UserError
 from harness.finetune.distributed import SINGLE, World, full_state, wrap
-from harness.finetune.loop import TrainConfig, TrainLog, train
+from harness.finetune.loop import TrainConfig, TrainLog, missing_cpu_compiler, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
@@ -117,7 +116,7 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
 def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) -> None:
     """Pretrain a preset by the suite's recipe and write it into the cache under `info["hash"]`."""
     key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
-    if p.compile and device().type == "cpu" and not shutil.which(cxx := os.environ.get("CXX", "g++")):
+    if p.compile and device().type == "cpu" and (cxx := missing_cpu_compiler()):
         raise UserError(f"pretrain.compile: torch.compile on CPU needs a C++ compiler and {cxx!r} is not on PATH; "
                         "install g++ (or set $CXX), or set `compile: false` in the suite's pretrain block")
     torch.manual_seed(cfg.seed)

@@ -1,12 +1,9 @@
 """The training loop: LR schedule, and an interrupted run resumes to exactly the uninterrupted result."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
-from harness.finetune.loop import TrainConfig, lr_factor, train
+from harness.finetune.loop import TrainConfig, lr_factor, missing_cpu_compiler, train
 from harness.models import HybridConfig, HybridForCausalLM
 
 
@@ -70,7 +67,7 @@ def test_extra_lr_scale_slows_only_the_fully_trained_parameters():
             assert scaled[n] == pytest.approx(0.1 * full[n], rel=1e-3) and full[n] > 0, n
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(missing_cpu_compiler() is not None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_training_follows_the_eager_one(weighted):
     def next_batch(g):

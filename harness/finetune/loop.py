@@ -2,8 +2,8 @@
 
 AdamW with linear warm-up then either a constant LR (LongLoRA's fine-tuning recipe)
 or cosine decay (pretraining), gradient accumulation, gradient clipping, bf16
-autocast on CUDA, optionally torch.compile, and periodic checkpoints so an interrupted run resumes where it
-stopped instead of starting over. Given a `World` (harness.finetune.distributed) of
+autocast on CUDA, optionally torch.compile, and periodic checkpoints so an
+interrupted run resumes where it stopped instead of starting over. Given a `World` (harness.finetune.distributed) of
 several processes, each rank trains on its share of every step's micro-batches, the
 gradients are reduced on a step's last micro-batch, and rank 0 alone writes checkpoints.
 """
@@ -11,7 +11,9 @@ gradients are reduced on a step's last micro-batch, and rank 0 alone writes chec
 from __future__ import annotations
 
 import math
+import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -152,6 +154,12 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     if lora and rest:
         return [{"params": lora}, {"params": rest, "lr": cfg.lr * cfg.extra_lr_scale}]
     return [{"params": lora or rest}]
+
+
+def missing_cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU kernels with ($CXX, else g++) if it is not on PATH, else None."""
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else cxx
 
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,7 +87,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_
     chunk_states = (weighted.transpose(-1, -2) @ Bg).view(b, g, c, hg, p, n)
 
     # 3. Recurrence over chunks: the state entering chunk k, (b, g, hg, p, n) each.
-    state = (x.new_zeros(b, h, p, n, dtype=work) if initial_states is None else initial_states.to(work))
+    state = x.new_zeros(b, h, p, n, dtype=work) if initial_states is None else initial_states.to(work)
     state = state.view(b, g, hg, p, n)
     chunk_decay = acum[..., -1].exp()  # (b, g, hg, c)
     entering = []
