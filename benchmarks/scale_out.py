@@ -48,7 +48,7 @@ def fine_tune_tokens_per_s(steps: int, nproc: int) -> float:
     torch.manual_seed(0)
     model, _ = apply_method(HybridForCausalLM(config), "lora", rank=8, alpha=16)
     model = wrap(model, world)
-    windows = world.shard(lambda g: torch.randint(0, config.vocab_size, (1, 2048), generator=g))
+    windows = world.shard(lambda g, step: torch.randint(0, config.vocab_size, (1, 2048), generator=g))
     train(model, windows, TrainConfig(steps=1, context=2048, grad_accum=2 // nproc, warmup_steps=1), world=world)
     log = train(model, windows, TrainConfig(steps=steps, context=2048, grad_accum=2 // nproc, warmup_steps=1),
                 world=world)  # timed after that warm-up step

@@ -125,7 +125,7 @@ def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) 
         induction_init(model, p.induction_init)
     model.to(device())
     tokens = encode_corpus(tok, corpus, "train")
-    if p.recall > 0:
+    if (max(p.recall.values()) if isinstance(p.recall, dict) else p.recall) > 0:
         text = "\n".join(d.text for d in corpus.split("train"))
         documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
         batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)
@@ -211,7 +211,7 @@ RECALL_TEXT_CHARS = 4_000_000  # the text recall documents take their words and 
 
 
 def _windows(tokens, cfg: TrainConfig):
-    return lambda g: random_windows(tokens, cfg.context, cfg.batch_size, g)
+    return lambda g, step: random_windows(tokens, cfg.context, cfg.batch_size, g)
 
 
 def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str,

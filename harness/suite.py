@@ -31,14 +31,15 @@ from harness.models.sources import Checkpoint, label, model_entry
 
 class Pretrain(_Strict):
     context: int = Field(512, ge=16)
-    steps: int = Field(3200, ge=1)
+    steps: int = Field(3000, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     # Retrieval (harness.data.recall, harness.models.induction): the share of each batch's rows that are
-    # synthetic recall documents (0: book text only), the loss weight of their answers, and the scale of
-    # the induction-head init of the attention blocks (null: the model's default init).
-    recall: float = Field(0.5, ge=0, le=1)
+    # synthetic recall documents (0: book text only), or a schedule {first step: share, ...} from step 0 on;
+    # the loss weight of their answers; and the scale of the induction-head init of the attention blocks
+    # (null: the model's default init).
+    recall: float | dict[int, float] = Field(default_factory=lambda: {0: 0.25, 1000: 0.5})
     answer_weight: float = Field(5.0, gt=0)
     induction_init: float | None = Field(4.0, gt=0)
     # torch.compile the training step's forward and loss: about 1.5x the tokens/s on CPU, after about 30 s of
@@ -48,6 +49,17 @@ class Pretrain(_Strict):
     # seed fine-tunes from that one pretrained model, so the seeds vary the fine-tune (adapter init, batches) and
     # the RULER samples only.
     seed: int | None = None
+
+    @field_validator("recall")
+    @classmethod
+    def _recall_shares(cls, v):
+        shares = v.values() if isinstance(v, dict) else [v]
+        if any(not 0 <= s <= 1 for s in shares):
+            raise ValueError("recall shares must be between 0 and 1")
+        if isinstance(v, dict) and (0 not in v or min(v) < 0):
+            raise ValueError("a recall schedule maps first steps (>= 0, one of them 0) to shares, "
+                             "e.g. {0: 0.5, 2000: 0.25}")
+        return v
 
 
 class Finetune(_Strict):

@@ -27,11 +27,11 @@ world = join(strategy)
 (out / "work").mkdir(exist_ok=True)
 m, calls = model(arch), {{"n": 0}}
 
-def dying(g):
+def dying(g, step):
     calls["n"] += 1
     if calls["n"] == die_at:
         raise KeyboardInterrupt  # every rank, at the same draw
-    return batches(g)
+    return batches(g, step)
 
 log = train(wrap(m, world), world.shard(dying), cfg(grad_accum=1), workdir=out / "work", world=world)
 state = full_state(m)
@@ -66,7 +66,7 @@ def model(arch="tiny"):
     return apply_method(base, "hylora", rank=4, alpha=8)[0]
 
 
-def batches(g):
+def batches(g, step):
     return torch.randint(0, 64, (1, 16), generator=g)
 
 

@@ -14,8 +14,8 @@ def tiny():
                                           attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
 
 
-def batches(g):
-    return torch.randint(0, 64, (2, 16), generator=g)
+def batches(g, step):  # depends on the step too, as a scheduled mixture does: a resumed run must pass the right one
+    return (torch.randint(0, 64, (2, 16), generator=g) + step) % 64
 
 
 def test_schedule_warmup_then_constant_or_cosine():
@@ -33,11 +33,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
 
     interrupted, calls = tiny(), {"n": 0}
 
-    def dying(g):  # the 5th batch never comes: killed after the step-4 checkpoint
+    def dying(g, step):  # the 5th batch never comes: killed after the step-4 checkpoint
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return batches(g)
+        return batches(g, step)
 
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, dying, cfg, workdir=tmp_path)
@@ -70,8 +70,8 @@ def test_extra_lr_scale_slows_only_the_fully_trained_parameters():
 @pytest.mark.skipif(missing_cpu_compiler() is not None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_training_follows_the_eager_one(weighted):
-    def next_batch(g):
-        ids = batches(g)
+    def next_batch(g, step):
+        ids = batches(g, step)
         return (ids, torch.rand(ids.shape, generator=g) * 5) if weighted else ids
 
     cfg = dict(steps=4, context=16, batch_size=2, lr=1e-2, warmup_steps=1)
@@ -81,6 +81,6 @@ def test_compiled_training_follows_the_eager_one(weighted):
     torch.testing.assert_close([v for _, v in log_c.loss_curve], [v for _, v in log.loss_curve], atol=1e-4, rtol=0)
     # Weights are compared through what they compute: Adam turns the rounding noise of gradients that are 0 in
     # exact arithmetic (attention's key bias) into updates of the learning rate's size, which change nothing.
-    ids = batches(torch.Generator().manual_seed(1))
+    ids = batches(torch.Generator().manual_seed(1), 0)
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -6,7 +6,7 @@ from random import Random
 import torch
 
 from harness.data import default_corpus, default_tokenizer
-from harness.data.recall import RecallDocuments, recall_batches
+from harness.data.recall import RecallDocuments, recall_batches, share_at
 from harness.finetune.loop import next_token_logits, weighted_lm_loss
 from harness.models import HybridForCausalLM, preset_config
 
@@ -45,6 +45,14 @@ def test_batches_mix_rows_and_are_reproducible():
     assert ids.shape == weights.shape == (4, 400) and torch.equal(ids, again)
     assert (weights[:2] > 1).any() and (weights[2:] == 1).all()  # 2 recall rows, then 2 book windows
     assert all((row[1:] - row[:-1] == 1).sum() > 390 for row in ids[2:] % 300)  # contiguous windows of the stream
+
+
+def test_a_recall_schedule_changes_the_share_from_its_steps_on():
+    assert [share_at({0: 0.5, 10: 0.25, 20: 0.0}, s) for s in (0, 9, 10, 19, 20, 99)] == [0.5, 0.5, 0.25, 0.25, 0, 0]
+    assert share_at(0.5, 7) == 0.5
+    next_batch = recall_batches(torch.arange(5000) % 300, _documents(), {0: 0.5, 3: 0.25}, context=400, batch_size=4)
+    recall_rows = [int((next_batch(torch.Generator().manual_seed(0), s)[1] > 1).any(1).sum()) for s in (0, 2, 3, 9)]
+    assert recall_rows == [2, 2, 1, 1]
 
 
 def test_weighted_loss_with_unit_weights_is_the_models_loss():

@@ -104,3 +104,12 @@ metrics:
 def test_recall_rows_need_room(tmp_path):
     with pytest.raises(UserError, match="finetune: recall: .*at least 256 tokens"):
         load_suite(write(tmp_path, "name: x\nfinetune: {context: 128, recall: 0.5}\n"))
+
+
+def test_pretrain_recall_is_a_share_or_a_schedule_from_step_0(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\npretrain: {recall: {0: 0.5, 2400: 0.25}}\n"))
+    assert s.pretrain.recall == {0: 0.5, 2400: 0.25}
+    with pytest.raises(UserError, match="pretrain.recall.*one of them 0"):
+        load_suite(write(tmp_path, "name: x\npretrain: {recall: {100: 0.5}}\n"))
+    with pytest.raises(UserError, match="pretrain.recall.*between 0 and 1"):
+        load_suite(write(tmp_path, "name: x\npretrain: {recall: 1.5}\n"))

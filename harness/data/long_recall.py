@@ -58,12 +58,12 @@ class SpreadRecallDocuments(RecallDocuments):
 
 
 def mixed_batches(tokens: torch.Tensor, documents: RecallDocuments, fraction: float, context: int,
-                  batch_size: int) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """`next_batch(generator)`: each row is a `documents` row with probability `fraction`, else a random window
+                  batch_size: int) -> Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]:
+    """`next_batch(generator, step)`: each row is a `documents` row with probability `fraction`, else a random window
     of the book `tokens` (a per-row draw: fine-tuning batches are often one row); (ids, loss weights). All
     randomness comes from `generator`, so a resumed run draws the same batches."""
 
-    def next_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(generator: torch.Generator, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = [], []
         for u in torch.rand(batch_size, generator=generator).tolist():
             if u < fraction:

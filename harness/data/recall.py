@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from random import Random
 
@@ -127,14 +127,26 @@ class RecallDocuments:
         return ids[:length], weights[:length]
 
 
-def recall_batches(tokens: torch.Tensor, documents: RecallDocuments, fraction: float, context: int,
-                   batch_size: int) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """`next_batch(generator)` for the training loop: round(`fraction` * `batch_size`) rows of recall
-    documents, the rest random windows of the book `tokens`; returns (ids, loss weights). All randomness
-    comes from `generator`, so a resumed run draws the same batches."""
-    n_recall = round(fraction * batch_size)
+def share_at(fraction: float | Mapping[int, float], step: int) -> float:
+    """The share of recall rows at `step`: `fraction` itself, or of a {first step: share} schedule the share
+    whose first step is the latest at or before `step`."""
+    if not isinstance(fraction, Mapping):
+        return fraction
+    return fraction[max(s for s in fraction if s <= step)]
 
-    def next_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+
+Batches = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def recall_batches(tokens: torch.Tensor, documents: RecallDocuments, fraction: float | Mapping[int, float],
+                   context: int, batch_size: int) -> Batches:
+    """`next_batch(generator, step)` for the training loop: round(share * `batch_size`) rows of recall
+    documents, the share `fraction` or its schedule's at `step` (:func:`share_at`), the rest random windows of
+    the book `tokens`; returns (ids, loss weights). All randomness comes from `generator` and `step`, so a
+    resumed run draws the same batches."""
+
+    def next_batch(generator: torch.Generator, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        n_recall = round(share_at(fraction, step) * batch_size)
         rng = Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         rows = [documents.row(rng, context) for _ in range(n_recall)]
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(n_recall, context)

@@ -59,13 +59,14 @@ class World:
             return model.no_sync()
         return _fsdp_no_sync(model)
 
-    def shard(self, next_batch: Callable[[torch.Generator], torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
+    def shard(self, next_batch: Callable[[torch.Generator, int], torch.Tensor]
+              ) -> Callable[[torch.Generator, int], torch.Tensor]:
         """`next_batch` for this rank: each call draws `size` micro-batches and returns this rank's."""
         if self.size == 1:
             return next_batch
 
-        def mine(g: torch.Generator) -> torch.Tensor:
-            drawn = [next_batch(g) for _ in range(self.size)]
+        def mine(g: torch.Generator, step: int) -> torch.Tensor:
+            drawn = [next_batch(g, step) for _ in range(self.size)]
             return drawn[self.rank]
 
         return mine
