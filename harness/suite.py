@@ -31,7 +31,7 @@ from harness.models.sources import Checkpoint, label, model_entry
 
 class Pretrain(_Strict):
     context: int = Field(512, ge=16)
-    steps: int = Field(3000, ge=1)
+    steps: int = Field(3200, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
@@ -39,7 +39,7 @@ class Pretrain(_Strict):
     # synthetic recall documents (0: book text only), or a schedule {first step: share, ...} from step 0 on;
     # the loss weight of their answers; and the scale of the induction-head init of the attention blocks
     # (null: the model's default init).
-    recall: float | dict[int, float] = Field(default_factory=lambda: {0: 0.25, 1000: 0.5})
+    recall: float | dict[int, float] = 0.5
     answer_weight: float = Field(5.0, gt=0)
     induction_init: float | None = Field(4.0, gt=0)
     # torch.compile the training step's forward and loss: about 1.5x the tokens/s on CPU, after about 30 s of
