@@ -39,7 +39,7 @@ from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
 from harness.models.sources import Checkpoint, check_vocabulary, load_model, load_tokenizer, resolve
-from harness.suite import Backend, Suite
+from harness.suite import Backend, Suite, recall_shares
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
 
@@ -125,7 +125,7 @@ def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) 
         induction_init(model, p.induction_init)
     model.to(device())
     tokens = encode_corpus(tok, corpus, "train")
-    if (max(p.recall.values()) if isinstance(p.recall, dict) else p.recall) > 0:
+    if max(recall_shares(p.recall)) > 0:
         text = "\n".join(d.text for d in corpus.split("train"))
         documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
         batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)

@@ -29,6 +29,11 @@ from harness.metrics.base import Strict as _Strict
 from harness.models.sources import Checkpoint, label, model_entry
 
 
+def recall_shares(recall: float | dict[int, float]) -> list[float]:
+    """The recall shares of a share or of a {first step: share} schedule."""
+    return list(recall.values()) if isinstance(recall, dict) else [recall]
+
+
 class Pretrain(_Strict):
     context: int = Field(512, ge=16)
     steps: int = Field(3200, ge=1)
@@ -53,8 +58,7 @@ class Pretrain(_Strict):
     @field_validator("recall")
     @classmethod
     def _recall_shares(cls, v):
-        shares = v.values() if isinstance(v, dict) else [v]
-        if any(not 0 <= s <= 1 for s in shares):
+        if any(not 0 <= s <= 1 for s in recall_shares(v)):
             raise ValueError("recall shares must be between 0 and 1")
         if isinstance(v, dict) and (0 not in v or min(v) < 0):
             raise ValueError("a recall schedule maps first steps (>= 0, one of them 0) to shares, "

@@ -10,12 +10,11 @@ harness.data.recall's (our own phrasing, not RULER's); the answers get the loss 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from random import Random
 
 import torch
 
-from harness.data.recall import ATTRIBUTES, FACTS, INTROS, QUERIES, RecallDocuments
+from harness.data.recall import ATTRIBUTES, FACTS, INTROS, QUERIES, Batches, RecallDocuments
 from harness.data.tokens import random_windows
 
 
@@ -58,7 +57,7 @@ class SpreadRecallDocuments(RecallDocuments):
 
 
 def mixed_batches(tokens: torch.Tensor, documents: RecallDocuments, fraction: float, context: int,
-                  batch_size: int) -> Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]:
+                  batch_size: int) -> Batches:
     """`next_batch(generator, step)`: each row is a `documents` row with probability `fraction`, else a random window
     of the book `tokens` (a per-row draw: fine-tuning batches are often one row); (ids, loss weights). All
     randomness comes from `generator`, so a resumed run draws the same batches."""
