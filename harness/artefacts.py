@@ -49,7 +49,7 @@ def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
     p = suite.pretrain
     return TrainConfig(steps=p.steps, context=p.context, batch_size=p.batch_size, lr=p.lr,
                        warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1,
-                       seed=seed if p.seed is None else p.seed, compile=p.compile)
+                       seed=seed if p.seed is None else p.seed, compile=p.compile, average_last=p.average_last)
 
 
 def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:

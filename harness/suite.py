@@ -50,6 +50,9 @@ class Pretrain(_Strict):
     # torch.compile the training step's forward and loss: about 1.5x the tokens/s on CPU, after about 30 s of
     # compiling (needs a C++ compiler, g++ or $CXX); off by default, as short runs lose more than they gain.
     compile: bool = False
+    # Tail averaging: the pretrained model is the mean of the weights after each of the last `average_last`
+    # steps (0: the last step's weights).
+    average_last: int = Field(0, ge=0)
     # The seed of the pretraining run. None: each of the suite's `seeds` pretrains its own model; a number: every
     # seed fine-tunes from that one pretrained model, so the seeds vary the fine-tune (adapter init, batches) and
     # the RULER samples only.
@@ -64,6 +67,13 @@ class Pretrain(_Strict):
             raise ValueError("a recall schedule maps first steps (>= 0, one of them 0) to shares, "
                              "e.g. {0: 0.5, 2000: 0.25}")
         return v
+
+    @model_validator(mode="after")
+    def _average_within_steps(self):
+        if self.average_last > self.steps:
+            raise ValueError(f"average_last ({self.average_last}) is more than steps ({self.steps}): it counts the "
+                             "last steps whose weights are averaged")
+        return self
 
 
 class Finetune(_Strict):

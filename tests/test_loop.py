@@ -25,8 +25,10 @@ def test_schedule_warmup_then_constant_or_cosine():
     assert lr_factor(10, cos) == pytest.approx(1.0) and lr_factor(99, cos) == pytest.approx(0.1, abs=1e-3)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=2, checkpoint_every=2)
+@pytest.mark.parametrize("average_last", [0, 3])  # 3: the step-4 checkpoint holds a weight average of one step
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, average_last):
+    cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=2, checkpoint_every=2,
+                      average_last=average_last)
     straight = tiny()
     log = train(straight, batches, cfg)
     assert len(log.loss_curve) == 6 and log.tokens == 6 * 32
@@ -46,6 +48,27 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert log2.loss_curve == log.loss_curve and log2.tokens == log.tokens
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_average_last_ends_with_the_mean_of_the_last_steps_weights():
+    cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=2)
+    plain, seen = tiny(), []
+
+    def recording(g, step):  # called before step `step`: the weights after `step` steps
+        if step >= 4:
+            seen.append({n: p.detach().clone() for n, p in plain.named_parameters()})
+        return batches(g, step)
+
+    train(plain, recording, cfg)
+    seen.append(dict(plain.named_parameters()))
+    averaged = tiny()
+    train(averaged, batches, TrainConfig(**{**cfg.__dict__, "average_last": 3}))
+    for n, p in averaged.named_parameters():
+        mean = sum(w[n] for w in seen) / 3
+        torch.testing.assert_close(p.detach(), mean.detach(), rtol=1e-5, atol=1e-6, msg=n)
+        assert not torch.equal(p, seen[-1][n]), n  # not just the last step's weights
+    with pytest.raises(ValueError, match="average_last"):
+        TrainConfig(steps=6, context=16, average_last=7)
 
 
 def test_extra_lr_scale_slows_only_the_fully_trained_parameters():

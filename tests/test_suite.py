@@ -1,5 +1,6 @@
 import pytest
 
+from harness.artefacts import pretrain_config
 from harness.errors import UserError
 from harness.suite import load_suite
 
@@ -113,3 +114,10 @@ def test_pretrain_recall_is_a_share_or_a_schedule_from_step_0(tmp_path):
         load_suite(write(tmp_path, "name: x\npretrain: {recall: {100: 0.5}}\n"))
     with pytest.raises(UserError, match="pretrain.recall.*between 0 and 1"):
         load_suite(write(tmp_path, "name: x\npretrain: {recall: 1.5}\n"))
+
+
+def test_pretrain_average_last_reaches_the_training_config(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\npretrain: {steps: 100, average_last: 40}\n"))
+    assert pretrain_config(s, 0).average_last == 40
+    with pytest.raises(UserError, match="pretrain.*average_last \\(200\\) is more than steps \\(100\\)"):
+        load_suite(write(tmp_path, "name: x\npretrain: {steps: 100, average_last: 200}\n"))
