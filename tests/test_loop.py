@@ -107,3 +107,8 @@ def test_compiled_training_follows_the_eager_one(weighted):
     ids = batches(torch.Generator().manual_seed(1), 0)
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    again = tiny()
+    train(again, next_batch, TrainConfig(**cfg, compile=True))
+    for (n, a), b in zip(compiled.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n  # a compiled run is reproducible
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after training

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class TrainConfig:
     # as a multiple of `lr`; 1 is LongLoRA's single LR. A model without adapters trains everything at `lr`.
     extra_lr_scale: float = 1.0
     # torch.compile the loss (forward, LM head, cross-entropy) and so its backward: on 2 CPU cores a pretraining
-    # step of the default model in 120 instead of 177 ms, after about 30 s of compiling on the first step.
+    # step of the default model in 120 instead of 177 ms, after about 30 s of compiling on the first step. On CPU
+    # it runs with torch's deterministic algorithms, so a compiled run is reproducible too (`_deterministic`).
     compile: bool = False
     # Tail averaging: the trained weights are the uniform mean of the weights after each of the last
     # `average_last` steps (0: the last step's). Less noisy than any one step's weights.
@@ -124,33 +126,34 @@ def train(
     loss_of = torch.compile(lm_loss) if cfg.compile else lm_loss
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=None if sys.stderr.isatty() else False, mininterval=2.0)
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        total = 0.0
-        for i in range(cfg.grad_accum):
-            batch = next_batch(gen, step)
-            ids, weights = batch if isinstance(batch, tuple) else (batch, None)
-            ids = ids.to(device)
-            with world.sync(model, last=i + 1 == cfg.grad_accum):
-                with autocast:
-                    w = None if weights is None else weights.to(device)
-                    loss = loss_of(model, ids, w) / cfg.grad_accum
-                loss.backward()
-            total += loss.item()
-            log.tokens += ids.numel() * world.size
-        total = world.mean(total, device)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP2: over the DTensor shards, a global norm
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (n := step + 1 - (cfg.steps - cfg.average_last)) > 0:
-            average = _update_average(average, params, n)
-        log.seconds += time.perf_counter() - t0
-        log.loss_curve.append((step + 1, round(total, 5)))
-        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}", refresh=False)
-        bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
-        if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log, world, average)
+    with _deterministic(cfg.compile and device.type == "cpu"):
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            total = 0.0
+            for i in range(cfg.grad_accum):
+                batch = next_batch(gen, step)
+                ids, weights = batch if isinstance(batch, tuple) else (batch, None)
+                ids = ids.to(device)
+                with world.sync(model, last=i + 1 == cfg.grad_accum):
+                    with autocast:
+                        w = None if weights is None else weights.to(device)
+                        loss = loss_of(model, ids, w) / cfg.grad_accum
+                    loss.backward()
+                total += loss.item()
+                log.tokens += ids.numel() * world.size
+            total = world.mean(total, device)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP2: over the DTensor shards, a global norm
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if (n := step + 1 - (cfg.steps - cfg.average_last)) > 0:
+                average = _update_average(average, params, n)
+            log.seconds += time.perf_counter() - t0
+            log.loss_curve.append((step + 1, round(total, 5)))
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}", refresh=False)
+            bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
+            if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log, world, average)
     bar.close()
     if average:
         with torch.no_grad():
@@ -246,6 +249,21 @@ def _restore(path: Path, model, opt, sched, gen) -> tuple[int, TrainLog, list[to
     log = TrainLog(**{**state["log"], "loss_curve": [tuple(x) for x in state["log"]["loss_curve"]]})
     device = next(model.parameters()).device
     return state["step"], log, [a.to(device) for a in state.get("average", [])]
+
+
+@contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic algorithms for the block where `on` (then as before). Compiled on CPU, the training
+    step is otherwise not reproducible: two runs of one process, same seed and batches, differed by up to 3e-3
+    in a weight after 120 pretraining steps. With them, runs in fresh processes and empty inductor caches gave
+    bit-identical weights, at the same speed (2 AMD EPYC cores)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on or before, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 class _null:
