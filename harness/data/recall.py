@@ -7,9 +7,8 @@ the loss on the answers up-weighted (:func:`recall_batches`).
 
 Deliberately unlike RULER, so that the default model is not trained on the test: keys are words of the
 training corpus, made-up syllable words or both joined; values are numbers of 3 to 9 digits, made-up
-words or hex strings; attributes are one word or a qualifier and a word ("serial pin"); the phrasings
-(``FACTS``, ``QUERIES``) and the repetitive filler are our own. None of RULER's templates, needle sentence,
-noise sentences or wonderwords keys appear.
+words or hex strings; the phrasings (``FACTS``, ``QUERIES``) and the repetitive filler are our own. None
+of RULER's templates, needle sentence, noise sentences or wonderwords keys appear.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ FACTS = [
     "The {a} of {k} is {v}.", "{k} has the {a} {v}.", "Note that the {a} for {k} is {v}.",
     "Remember this: {k} = {v}.", "{k}: {v}.", "Keep in mind that {k} goes with {v}.",
     "The {a} belonging to {k} reads {v}.", "For {k}, the {a} is {v}.",
-    "The {a} assigned to {k} is: {v}.", "It was written down that {k} has the {a} {v}.", "{k} -> {v}",
-    "Under the name {k}, the list gives the {a} {v}.",
 ]
 QUERIES = [  # (question, answer); the answer's tokens get the answer weight
     ("Question: what is the {a} of {k}? Answer:", " {v}."),
@@ -41,11 +38,7 @@ QUERIES = [  # (question, answer); the answer's tokens get the answer weight
     ("Which {a} was given for {k} earlier? The {a} of {k} given earlier was", " {v}."),
     ("What is the {a} for {k} that was written above? The {a} for {k} that was written above is", " {v}."),
     ("Find the {a} of {k} in the text before this question. The {a} of {k} in the text is", " {v}."),
-    ("Look back at the records: which {a} did they give for {k}? The {a} they gave for {k} was", " {v}."),
-    ("A question about {k}: what {a} did the passage state for it? The {a} stated for {k} is", " {v}."),
-    ("Which {a} belongs to {k}, according to the lines above? According to the lines above, it is", " {v}."),
 ]
-QUALIFIERS = ["secret", "private", "serial", "lucky", "assigned", "reference", "stored", "chosen"]
 INTROS = ["Memorize the following facts.", "Here are some records.", "Read carefully.", ""]
 REPETITIVE = ["The wind is calm.", "The road is long.", "A bell rings twice.", "Rain falls on the hill."]
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"
@@ -101,8 +94,6 @@ class RecallDocuments:
         while len(facts) < rng.randint(1, self.max_facts):
             facts[self._key(rng)] = self._value(rng)
         attribute = rng.choice(ATTRIBUTES)
-        if rng.random() < 0.5:
-            attribute = f"{rng.choice(QUALIFIERS)} {attribute}"
         ids: list[int] = []
         weights: list[float] = []
 
