@@ -248,7 +248,7 @@ def _restore(path: Path, model, opt, sched, gen) -> tuple[int, TrainLog, list[to
     gen.set_state(state["gen"])
     log = TrainLog(**{**state["log"], "loss_curve": [tuple(x) for x in state["log"]["loss_curve"]]})
     device = next(model.parameters()).device
-    return state["step"], log, [a.to(device) for a in state.get("average", [])]
+    return state["step"], log, [a.to(device) for a in state["average"]]
 
 
 @contextmanager
