@@ -1,14 +1,19 @@
 """Efficient kernels in plain torch: SDPA calls on reshaped/gathered blocks. They run on any device (on CPU
-they are the training path: FlexAttention has no CPU backward) and never build an L x L mask.
+they are the training path: FlexAttention has no CPU backward) and hand no mask to any call (only full
+attention's padding mask is one): each pattern is cut into whole blocks and causal triangles, whose calls
+`merge.attend_sets` merges, so a kernel computes the pairs its pattern holds and the causal fast path skips the
+rest.
 
 Shapes as in reference.py; grouped kv heads are expanded here (repeat_interleave), which costs O(L*Hq*d).
 """
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from .merge import attend_sets
 from .reference import random_scores, s2_group_size
 
 
@@ -32,23 +37,37 @@ def full_sdpa(q, k, v, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal if mask is None else causal & mask, scale=scale)
 
 
-def sliding_window(q, k, v, scale, window, query_block=None):
-    """Query blocks of B rows attend to the W-1+B keys that can reach them, masked to i-W < j <= i.
-    Memory O(L*(W+B)); B defaults to min(W, 512) (at least 16)."""
+def _blocks(x, start, n, size):
+    """x's n consecutive blocks of `size` positions from `start`, as rows: (B, H * n, size, d)."""
+    b, h, _, d = x.shape
+    return x[:, :, start:start + n * size].reshape(b, h * n, size, d)
+
+
+def sliding_window(q, k, v, scale, window):
+    """Blocks of B = window - 1 queries: each attends causally to its own block and anticausally to the block
+    before (query r of a block sees keys r.. of the previous one), so query i sees i-W < j <= i. Both are
+    mask-free calls merged by log-sum-exp (merge.py); a shorter last block splits the previous block in two.
+    Memory O(L * W) on the fused CPU kernel."""
     k, v = expand_kv(q, k, v)
-    length = q.shape[2]
+    b, h, length, d = q.shape
     if window >= length:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    bq = query_block or max(16, min(window, 512))
-    outs = []
-    for s in range(0, length, bq):
-        e = min(length, s + bq)
-        ks = max(0, s - window + 1)
-        i = torch.arange(s, e, device=q.device)[:, None]
-        j = torch.arange(ks, e, device=q.device)[None, :]
-        mask = (j <= i) & (j > i - window)
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], attn_mask=mask,
-                                                   scale=scale))
+    if window == 1:  # each query sees only itself
+        return _grouped_causal(q, k, v, scale, 1)
+    size = window - 1
+    n, rest = divmod(length, size)
+    outs = [F.scaled_dot_product_attention(*(x[:, :, :size] for x in (q, k, v)), is_causal=True, scale=scale)]
+    if n > 1:
+        qs, ks, vs = (_blocks(x, size, n - 1, size) for x in (q, k, v))
+        ps, pv = _blocks(k, 0, n - 1, size), _blocks(v, 0, n - 1, size)
+        outs.append(attend_sets(qs, [(ks, vs, "causal"), (ps, pv, "anticausal")], scale).reshape(b, h, -1, d))
+    if rest:
+        s = n * size  # the last block's queries start at s, the block before it at s - size
+        p = s - size
+        qs, ks, vs = (x[:, :, s:] for x in (q, k, v))
+        sets = [(ks, vs, "causal"), (k[:, :, p:p + rest], v[:, :, p:p + rest], "anticausal"),
+                (k[:, :, p + rest:s], v[:, :, p + rest:s], "all")]
+        outs.append(attend_sets(qs, sets, scale))
     return torch.cat(outs, dim=2)
 
 
@@ -118,32 +137,35 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
 
 
 def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0, selection="chunk"):
-    """Select blocks, gather them per chunk, then one SDPA call over all chunks with keys
-    [retrieved blocks (all visible) ; own chunk (causal)]. Memory O(L * (top_k*S + M))."""
+    """Select blocks (`se_attn_select`), then per run of chunks with as many valid blocks and the same length
+    one mask-free call of the chunks on themselves (causal) merged with one on their gathered blocks (all
+    visible). Memory O(L * (top_k*S + M))."""
     b, hq, length, d = q.shape
     k, v = expand_kv(q, k, v)
     s = block_size
     m = min(chunk_size, length)  # a chunk longer than the sequence is the whole sequence
-    n_chunks = math.ceil(length / m)
     index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
+    # Chunk i's valid blocks are its first `valid` entries (top-k ranks every candidate above the -inf of the
+    # rest); how many it has depends on i only.
+    counts = [0] * math.ceil(length / m) if index is None else valid[0, 0].sum(-1).tolist()
+    outs = []
+    for (count, size), run in itertools.groupby(enumerate(counts), lambda c: (c[1], min(m, length - c[0] * m))):
+        chunks = [i for i, _ in run]
+        first, n = chunks[0], len(chunks)
+        qs, ks, vs = (_blocks(x, first * m, n, size) for x in (q, k, v))
+        if count == 0:
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            at = index[:, :, first:first + n, :count]
+            out = attend_sets(qs, [(ks, vs, "causal"), (_gather(k, at, s), _gather(v, at, s), "all")], scale)
+        outs.append(out.reshape(b, hq, n * size, d))
+    return torch.cat(outs, dim=2)
 
-    def chunks(x):
-        return _pad_to(x, n_chunks * m).reshape(b, hq * n_chunks, m, d)
 
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    if index is None:
-        out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale)
-    else:
-        kk, n_full = index.shape[-1], length // s
-        gather_at = index.reshape(b, hq, n_chunks * kk, 1).expand(b, hq, n_chunks * kk, s * d)
-
-        def gather(x):
-            blocks = x[:, :, :n_full * s].reshape(b, hq, n_full, s * d)
-            return blocks.gather(2, gather_at).reshape(b, hq * n_chunks, kk * s, d)
-
-        keys, values = torch.cat([gather(k), kc], dim=2), torch.cat([gather(v), vc], dim=2)
-        seen = valid.repeat_interleave(s, dim=-1).reshape(b, hq * n_chunks, 1, kk * s).expand(-1, -1, m, -1)
-        own = torch.ones(m, m, dtype=torch.bool, device=q.device).tril().expand(b, hq * n_chunks, m, m)
-        out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=torch.cat([seen, own], dim=-1),
-                                             scale=scale)
-    return out.reshape(b, hq, n_chunks * m, d)[:, :, :length]
+def _gather(x, index, block_size):
+    """The blocks `index` (B, H, n, c) of x (B, H, L, d), as rows of c * block_size keys: (B, H * n, c * S, d)."""
+    b, h, length, d = x.shape
+    n, c = index.shape[2:]
+    blocks = x[:, :, :length // block_size * block_size].reshape(b, h, -1, block_size * d)
+    at = index.reshape(b, h, n * c, 1).expand(b, h, n * c, block_size * d)
+    return blocks.gather(2, at).reshape(b, h * n, c * block_size, d)
