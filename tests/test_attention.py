@@ -57,6 +57,33 @@ def test_kernel_equals_reference_outputs_and_gradients(backend, options):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend,options", CASES + [("se_attn", {"chunk_size": [8, 12], "block_size": 4, "top_k": 2})])
+def test_pairs_count_what_the_reference_mask_lets_through(backend, options):
+    impl = Backend(backend, **options)
+    sizes = impl.options.get("chunk_size")
+    for length, heads in [(1, 1), (5, 3), (37, 4), (64, 1), (100, 3)]:
+        q = torch.randn(1, heads, length, 8)
+        plans = [impl.plan(False)] if sizes is None or isinstance(sizes, int) else \
+            [{"chunk_size": m, "call_seed": 0} for m in sizes]  # training draws each size alike
+        masks = [impl.spec.mask(q, q, q, 1.0, impl.options, plan).expand(1, heads, length, length) for plan in plans]
+        assert impl.spec.pairs(impl.options, length, heads) == sum(int(m.sum()) for m in masks) / len(masks)
+
+
+@pytest.mark.parametrize("backend,options", [c for c in CASES if c[0] != "full"], ids=[f"{b}-{o}" for b, o in CASES
+                                                                                        if b != "full"])
+def test_kernels_hand_no_mask_to_attention(monkeypatch, backend, options):
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        calls.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(SHAPES[1])
+    attend(q, k, v, backend, **options)
+    assert calls and all(m is None for m in calls)  # (merge.py's fused calls take none by construction)
+
+
 def _visibility(backend, length, heads=1, **options):
     """Which keys each query sees, read off the kernel: q = 0 gives uniform weights over visible keys and
     v = identity returns them."""

@@ -353,12 +353,12 @@ def test_training_section_pretrain_and_finetune():
     assert t[6]["title"] == "lora 200K, conv1d 50K"
 
 
-def eff_record(backend, n, t, status="ok", mem=None, run=None, gpu=None):
+def eff_record(backend, n, t, status="ok", mem=None, run=None, gpu=None, ideal=None):
     env = dict(ENV, **({"device": "cuda", "gpu": gpu, "cuda": "12.4"} if gpu else {}))
     d = asdict(Record(suite="s", cell=f"attention/{backend}/efficiency@{n}", metric="efficiency", backend=backend,
                       eval_context=n, status=status, env=env, kernel=f"{backend} via sdpa",
                       values={} if status != "ok" else {"time_ms": t, "times_ms": [t, t * 1.1, t * 0.9],
-                                                        "peak_memory_gib": mem},
+                                                        "peak_memory_gib": mem, "ideal_speedup": ideal},
                       settings={"batch": 1, "heads": 4, "head_dim": 32, "repeats": 3}))
     if run:
         d["run"] = run
@@ -376,12 +376,24 @@ def test_efficiency_section_cpu_and_cuda():
     assert tbl["columns"] == ["backend", "1K (1024)", "2K (2048)", "4K (4096)", "kernel"]
     assert [c["text"] for c in tbl["rows"][0]] == ["full", "2.50", "10.00", "OOM", "full via sdpa"]
     assert [c["text"] for c in tbl["rows"][1]] == ["se_attn", "2.00", "4.50", "125.2", "se_attn via sdpa"]
+    assert sum(b["type"] == "table" for b in sec["blocks"]) == 1  # no limits recorded: no speed-up table
     cuda = [eff_record("full", 1024, 2.5, mem=1.5, gpu="NVIDIA H100"), eff_record("full", 2048, 9.0, mem=3.0,
                                                                                   gpu="NVIDIA H100")]
     sec, _ = _section(cuda, "efficiency")
     assert "NVIDIA H100 (CUDA 12.4)" in sec["blocks"][0]["text"]
     assert sum(b["type"] == "figure" for b in sec["blocks"]) == 2
     assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]["note"] == "1.50 GiB"
+
+
+def test_efficiency_section_sets_the_speedup_over_full_beside_its_limit():
+    recs = [eff_record("full", 1024, 4.0, ideal=1.0), eff_record("full", 2048, 16.0, ideal=1.0),
+            eff_record("se_attn", 1024, 2.0, ideal=4.0), eff_record("se_attn", 2048, 4.0, ideal=5.0),
+            eff_record("se_attn", 4096, 9.0, ideal=6.0)]  # no full attention at 4096: no speed-up there
+    sec, _ = _section(recs, "efficiency")
+    limits = [b for b in sec["blocks"] if b["type"] == "table"][1]
+    assert [c["text"] for c in limits["rows"][0]] == ["se_attn", "2.00x / 4.00x", "4.00x / 5.00x", "–"]
+    assert [c.get("note") for c in limits["rows"][0][1:3]] == ["50% of the limit", "80% of the limit"]
+    assert sum(b["type"] == "figure" for b in sec["blocks"]) == 2  # time, and the fraction of the limit
 
 
 def test_paper_reference_numbers():

@@ -3,6 +3,9 @@
 Time is the median over `repeats` timed runs after `warmup` untimed ones (CUDA events on GPU,
 time.perf_counter on CPU). Peak memory is the CUDA allocator's peak during one timed run, in GiB,
 and None on CPU (no allocator statistics there). Not a test: numbers depend on the machine.
+
+Each row also counts the query-key pairs the backend's pattern holds (Spec.pairs) and the limit they set: the
+speed-up over dense causal attention that a kernel doing only those pairs, as fast per pair, would reach.
 """
 
 import statistics
@@ -38,7 +41,8 @@ def _timed(backend: Backend, q, k, v, device) -> tuple[float, str]:
 def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads: int = 4, head_dim: int = 32,
                     batch: int = 1, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     repeats: int = 5, warmup: int = 1, kv_heads: int | None = None, seed: int = 0) -> list[dict]:
-    """One row per (backend, length): backend, options, length, kernel, time_ms (median), times_ms, peak_gib."""
+    """One row per (backend, length): backend, options, length, kernel, time_ms (median), times_ms, peak_gib,
+    pairs (query-key pairs of one forward over the batch and heads) and ideal_speedup (dense causal pairs / pairs)."""
     device = torch.device(device)
     rows = []
     for name, options in backends:
@@ -64,16 +68,25 @@ def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads:
                 times.append(seconds)
                 if device.type == "cuda" and i == 0:
                     peak = torch.cuda.max_memory_allocated(device) / 2**30
+            pairs = batch * impl.spec.pairs(impl.options, length, heads)
             rows.append({"backend": name, "options": dict(options), "length": length, "heads": heads,
                          "head_dim": head_dim, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                          "device": str(device), "kernel": kernel, "time_ms": statistics.median(times) * 1e3,
-                         "times_ms": [t * 1e3 for t in times], "peak_gib": peak})
+                         "times_ms": [t * 1e3 for t in times], "peak_gib": peak, "pairs": pairs,
+                         "ideal_speedup": batch * heads * length * (length + 1) / 2 / pairs})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'backend':<16} {'length':>7} {'ms':>10} {'peak GiB':>9}  kernel"]
+    """A table of the rows; where the run holds a `full` row at the length, the measured speed-up over it, the
+    limit (ideal_speedup) and their ratio, the fraction of the limit."""
+    dense = {r["length"]: r["time_ms"] for r in rows if r["backend"] == "full"}
+    lines = [f"{'backend':<16} {'length':>7} {'ms':>10} {'peak GiB':>9} {'speed-up':>9} {'limit':>7} "
+             f"{'of limit':>9}  kernel"]
     for r in rows:
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f}"
-        lines.append(f"{r['backend']:<16} {r['length']:>7} {r['time_ms']:>10.1f} {peak:>9}  {r['kernel']}")
+        speedup = dense[r["length"]] / r["time_ms"] if r["length"] in dense else None
+        shown = ("–", "–") if speedup is None else (f"{speedup:.2f}x", f"{speedup / r['ideal_speedup']:.0%}")
+        lines.append(f"{r['backend']:<16} {r['length']:>7} {r['time_ms']:>10.1f} {peak:>9} {shown[0]:>9} "
+                     f"{r['ideal_speedup']:>6.2f}x {shown[1]:>9}  {r['kernel']}")
     return "\n".join(lines)

@@ -1,9 +1,10 @@
 """What an attention backend is. Each backend is one `Spec` in `backends/`, the only code that knows its name.
 
 A Spec holds what the backend computes (description), its options (defaults, allowed ranges, validation),
-its readable reference as a boolean mask, the kernels that run it and which to prefer, any per-call choice
-(se_attn draws a chunk size), and what other modules derive from it: the fine-tuning learning rate and the
-shortest training context its options fit.
+its readable reference as a boolean mask, how many query-key pairs that mask holds (what an exact kernel must
+compute at least; the efficiency report's limit), the kernels that run it and which to prefer, any per-call
+choice (se_attn draws a chunk size), and what other modules derive from it: the fine-tuning learning rate and
+the shortest training context its options fit.
 """
 
 from collections.abc import Callable
@@ -20,6 +21,8 @@ class Spec:
     allowed: dict  # option -> its allowed range, in words (errors and `harness list` show it)
     validate: Callable[[dict], dict]  # complete options -> normalised options; raises UserError (see `bad`)
     mask: Callable  # (q, k, v, scale, opts, plan) -> bool (B|1, Hq|1, L, L), True = may attend
+    pairs: Callable[[dict, int, int], float]  # (opts, length, heads) -> True entries of the mask over the heads
+    # of one sequence (a mean over the chunk sizes that training draws from, for se_attn)
     kernels: dict  # kernel name -> fn(q, k, v, scale, opts, plan, mask); mask is None unless padding_mask
     auto: tuple  # kernel preference on CUDA; the last entry runs everywhere
     lr: float = 2e-4  # the paper's fine-tuning learning rate with this backend
@@ -28,6 +31,11 @@ class Spec:
     padding_mask: bool = False  # whether a padding mask is allowed at prefill/training
     aliases: dict = field(default_factory=dict)  # alias name -> the options it fixes
     capabilities: dict = field(default_factory=dict)
+
+
+def triangle(n: int) -> int:
+    """Query-key pairs of causal attention over n tokens."""
+    return n * (n + 1) // 2
 
 
 def is_int(x) -> bool:

@@ -2,7 +2,10 @@
 
 Records: ``metric == "efficiency"``, ``backend`` (label), ``eval_context`` (the length),
 ``values.time_ms`` (median of ``values.times_ms``), ``values.peak_memory_gib`` (None on CPU),
-``kernel``; status "oom"/"timeout"/"error" at lengths that did not fit or finish.
+``values.ideal_speedup`` (dense causal query-key pairs over the backend's), ``kernel``; status
+"oom"/"timeout"/"error" at lengths that did not fit or finish. Where a run holds the `full` backend at a length,
+every other backend's measured speed-up over it is set beside that limit: their ratio is the fraction of the
+limit the kernel reaches.
 """
 
 from __future__ import annotations
@@ -88,4 +91,37 @@ def efficiency_section(records: list[Record]) -> Section | None:
     blocks.append(table(["backend"] + [length_column(n) for n in lengths] + ["kernel"], rows,
                         caption="Median time (ms) per length" + (", peak memory under it" if has_memory else "")
                                 + "; hover a time for the spread of the repeats."))
+    blocks += _limit_blocks(pv, names, med)
     return {"id": "efficiency", "title": "Attention efficiency", "blocks": blocks}
+
+
+def _limit_blocks(pv: Pivot, names: dict, med) -> list[Block]:
+    """Per backend and length: measured speed-up over `full` of the same run, the limit the backend's query-key
+    pairs set (values.ideal_speedup), and the fraction of it reached; a table and a plot of the fraction."""
+    def speedups(k: tuple, n: int) -> tuple[float, float] | None:
+        t, ideal = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "ideal_speedup")
+        t_dense = med(pv.records((k[0], k[1], "full"), n), "time_ms")
+        return None if None in (t, ideal, t_dense) or not t else (t_dense / t, ideal)
+
+    found = {k: {n: got for n in pv.columns if (got := speedups(k, n))} for k in pv.rows if k[2] != "full"}
+    found = {k: by for k, by in found.items() if by}
+    if not found:
+        return []
+
+    def show(k: tuple, n: int) -> dict:
+        if n not in found[k]:
+            return cell("–")
+        measured, ideal = found[k][n]
+        return cell(f"{measured:.2f}x / {ideal:.2f}x", note=f"{measured / ideal:.0%} of the limit")
+
+    rows = [[cell(names[k], cls="label mono"), *(show(k, n) for n in pv.columns)] for k in found]
+    series = [plots.Series(label=names[k], x=list(by), y=[m / i for m, i in by.values()]) for k, by in found.items()]
+    return [
+        table(["backend"] + [length_column(n) for n in pv.columns], rows,
+              caption="Speed-up over full attention of the same run: measured / the limit, which is dense causal "
+                      "query-key pairs over the backend's (what a kernel computing only the pairs its pattern "
+                      "holds, as fast per pair as full attention, would reach)."),
+        {"type": "figure", "src": plots.line_vs_length(series, ylabel="measured speed-up / limit", logy=False),
+         "alt": "fraction of the query-key pair limit vs length",
+         "caption": "Fraction of the limit: 100% is a kernel as fast per computed pair as full attention."},
+    ]

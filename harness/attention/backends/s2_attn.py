@@ -1,8 +1,8 @@
 """LongLoRA's shifted sparse attention (S2-Attn)."""
 
 from .. import blockwise, gpu
-from ..reference import s2_mask
-from ..spec import Spec, bad
+from ..reference import s2_group_size, s2_mask
+from ..spec import Spec, bad, triangle
 
 
 def _check(opts: dict) -> dict:
@@ -10,6 +10,19 @@ def _check(opts: dict) -> dict:
     if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
         raise bad(SPEC, "group_ratio", r)
     return {**opts, "group_ratio": float(r)}
+
+
+def _groups(length: int, group: int) -> int:
+    """Pairs of causal attention inside consecutive groups of `group` tokens."""
+    n, rest = divmod(length, group)
+    return n * triangle(group) + triangle(rest)
+
+
+def _pairs(opts: dict, length: int, heads: int) -> int:
+    g = s2_group_size(length, opts["group_ratio"])
+    shift = g // 2
+    shifted = triangle(min(shift, length)) + _groups(max(0, length - shift), g)
+    return (heads - heads // 2) * _groups(length, g) + heads // 2 * shifted
 
 
 SPEC = Spec(
@@ -22,6 +35,7 @@ SPEC = Spec(
     allowed={"group_ratio": "float in (0, 1]"},
     validate=_check,
     mask=lambda q, k, v, scale, opts, plan: s2_mask(q.shape[2], q.shape[1], opts["group_ratio"], q.device),
+    pairs=_pairs,
     kernels={
         "blockwise": lambda q, k, v, scale, opts, plan, mask: blockwise.s2_attn(q, k, v, scale, opts["group_ratio"]),
         "flash": lambda q, k, v, scale, opts, plan, mask: gpu.s2_attn_flash(q, k, v, scale, opts["group_ratio"]),

@@ -4,7 +4,7 @@ import torch
 
 from .. import blockwise, gpu
 from ..reference import se_attn_mask, se_attn_retrieval
-from ..spec import Spec, bad, is_int
+from ..spec import Spec, bad, is_int, triangle
 
 RETRIEVALS = ("relevancy", "random", "none")
 SELECTIONS = ("chunk", "previous")
@@ -47,6 +47,23 @@ def _mask(q, k, v, scale, opts, plan):
     return se_attn_mask(retrieved, q.shape[2], plan["chunk_size"], opts["block_size"])
 
 
+def _pairs(opts: dict, length: int, heads: int) -> float:
+    """Chunk i (r tokens from i*M) sees itself causally and r x S keys per retrieved block: min(top_k, the
+    complete blocks before it), none with retrieval "none"."""
+    s = opts["block_size"]
+    top_k = 0 if opts["retrieval"] == "none" else opts["top_k"]
+
+    def one(m: int) -> int:
+        total, m = 0, min(m, length)
+        for start in range(0, length, m):
+            r = min(m, length - start)
+            total += triangle(r) + r * s * min(top_k, start // s)
+        return total
+
+    sizes = _sizes(opts)
+    return heads * sum(one(m) for m in sizes) / len(sizes)
+
+
 def _kernel(fn):
     def run(q, k, v, scale, opts, plan, mask):
         return fn(q, k, v, scale, plan["chunk_size"], opts["block_size"], opts["top_k"], opts["retrieval"],
@@ -82,6 +99,7 @@ SPEC = Spec(
     },
     validate=_check,
     mask=_mask,
+    pairs=_pairs,
     kernels={"blockwise": _kernel(blockwise.se_attn), "flex": _kernel(gpu.se_attn_flex)},
     auto=("blockwise",),  # flex is opt-in for se_attn: it rebuilds a block mask every call
     plan=_plan,

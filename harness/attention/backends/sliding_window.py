@@ -2,7 +2,7 @@
 
 from .. import blockwise, gpu
 from ..reference import sliding_window_mask
-from ..spec import Spec, bad, is_int
+from ..spec import Spec, bad, is_int, triangle
 
 
 def _check(opts: dict) -> dict:
@@ -19,6 +19,8 @@ SPEC = Spec(
     allowed={"window": "int >= 1 (keys per query, including the query's own key)"},
     validate=_check,
     mask=lambda q, k, v, scale, opts, plan: sliding_window_mask(q.shape[2], opts["window"], q.device),
+    pairs=lambda opts, length, heads: heads * (triangle(min(opts["window"], length))
+                                               + max(0, length - opts["window"]) * opts["window"]),
     kernels={
         "blockwise": lambda q, k, v, scale, opts, plan, mask: blockwise.sliding_window(q, k, v, scale, opts["window"]),
         "flash": lambda q, k, v, scale, opts, plan, mask: gpu.sliding_window_flash(q, k, v, scale, opts["window"]),

@@ -1,4 +1,5 @@
-"""One attention layer, forward + backward, per backend and length (harness.attention.bench): time and memory."""
+"""One attention layer, forward + backward, per backend and length (harness.attention.bench): time, memory, and
+the query-key pairs of the backend's pattern with the speed-up over dense attention they allow."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Efficiency(Metric):
                                  head_dim=config.head_dim, batch=config.batch, repeats=config.repeats,
                                  warmup=config.warmup, dtype=torch.bfloat16 if cuda else torch.float32,
                                  device="cuda" if cuda else "cpu")
-        return Measurement({"time_ms": row["time_ms"], "times_ms": row["times_ms"], "peak_memory_gib": row["peak_gib"]},
+        return Measurement({"time_ms": row["time_ms"], "times_ms": row["times_ms"], "peak_memory_gib": row["peak_gib"],
+                            "pairs": row["pairs"], "ideal_speedup": row["ideal_speedup"]},
                            {"time_ms": "ms", "peak_memory_gib": "GiB"},
                            {**config.model_dump(), "backend_options": b.options, "pass": "forward+backward"},
                            kernel=row["kernel"])
