@@ -85,6 +85,8 @@ SUITES = {
     "suite-pg19": "suites/pg19.yaml",
     "suite-ruler": "suites/ruler.yaml",
     "suite-efficiency": "suites/efficiency.yaml",
+    "suite-efficiency-limit": "suites/efficiency-limit.yaml",
+    "suite-efficiency-gpu": "suites/efficiency-gpu.yaml",
     "suite-ablation": "suites/ablation.yaml",
 }
 VENV = {"venv_params": ["--system-site-packages"] if CUDA else []}
