@@ -90,6 +90,9 @@ def test_missing_files_and_bad_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**MAMBA_SSM_CONFIG, "d_modle": 3}))
     with pytest.raises(UserError, match="config.json.*d_modle"):
         load_mamba_ssm_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in MAMBA_SSM_CONFIG.items() if k != "n_layer"}))
+    with pytest.raises(UserError, match="config.json: no n_layer"):
+        load_mamba_ssm_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="invalid JSON"):
         load_mamba_ssm_checkpoint(tmp_path)

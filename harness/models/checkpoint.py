@@ -23,6 +23,9 @@ from .modeling import HybridForCausalLM
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # first found wins
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded: these list the shards
+# Fields every mamba_ssm config.json states: MambaConfig (and HybridConfig) default them to the 2.7B model's, so a
+# config without one would load as a model of another size and fail only on the weights' shapes, if at all.
+REQUIRED = ("d_model", "n_layer", "vocab_size")
 
 
 def load_mamba_ssm_config(path: str | Path) -> HybridConfig:
@@ -37,6 +40,9 @@ def load_mamba_ssm_config(path: str | Path) -> HybridConfig:
     if not isinstance(fields, dict):
         raise UserError(f"{file}: expected a JSON object")
     fields.pop("model_type", None)  # a config re-saved by transformers may carry one
+    if missing := [k for k in REQUIRED if k not in fields]:
+        raise UserError(f"{file}: no {', '.join(missing)} (a mamba_ssm config states {', '.join(REQUIRED)}); "
+                        "fix: the checkpoint's own config.json")
     try:
         return HybridConfig(**fields)
     except (ValueError, TypeError) as e:
