@@ -24,9 +24,10 @@ CONSTRAINTS = Path(__file__).parent / "constraints.txt"
 CPU_TORCH = next(line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("torch=="))
 
 
-# pip without byte-compiling what it installs: Python compiles the modules a session imports when it first imports
-# them. On 2 cores this halved the install (61 -> 30 s) for 4 s more on the first import.
-NO_COMPILE = "--no-compile"
+# pip byte-compiles what it installs (its default; keep it): with --no-compile the install took 30 s instead of
+# 61, but where PYTHONDONTWRITEBYTECODE is set, as on the CI machines, Python then never writes the bytecode it
+# compiles, and every process compiled torch and transformers again on import (`import harness.job` 10.4 s
+# instead of 4.6 s): the tests, whose jobs are processes, took 933 s instead of about 530.
 
 
 def install(session: nox.Session, *extras: str, pinned: bool = True) -> None:
@@ -34,7 +35,7 @@ def install(session: nox.Session, *extras: str, pinned: bool = True) -> None:
     or (pinned False) at the newest that pyproject.toml allows. Torch stays as installed either way."""
     torch_req = os.environ.get("HARNESS_TORCH") or (None if CUDA else CPU_TORCH)
     if torch_req:
-        session.install(NO_COMPILE, torch_req)
+        session.install(torch_req)
     else:  # the machine's CUDA torch, seen through --system-site-packages
         version = session.run("python", "-c", "import torch; print(torch.__version__)", silent=True)
         torch_req = f"torch=={version.strip()}"
@@ -43,7 +44,7 @@ def install(session: nox.Session, *extras: str, pinned: bool = True) -> None:
     constraints.write_text("\n".join([*pins, torch_req]) + "\n")
     upgrade = [] if pinned else ["--upgrade", "--upgrade-strategy", "eager"]
     spec = f".[{','.join(extras)}]" if extras else "."
-    session.install(NO_COMPILE, "-c", str(constraints), *upgrade, "-e", spec)
+    session.install("-c", str(constraints), *upgrade, "-e", spec)
 
 
 @nox.session(venv_params=["--system-site-packages"] if CUDA else [])
