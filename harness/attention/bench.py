@@ -14,6 +14,7 @@ import time
 import torch
 
 from .backend import Backend
+from .spec import triangle
 
 
 def _one(backend: Backend, q, k, v):
@@ -73,7 +74,7 @@ def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads:
                          "head_dim": head_dim, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                          "device": str(device), "kernel": kernel, "time_ms": statistics.median(times) * 1e3,
                          "times_ms": [t * 1e3 for t in times], "peak_gib": peak, "pairs": pairs,
-                         "ideal_speedup": batch * heads * length * (length + 1) / 2 / pairs})
+                         "ideal_speedup": batch * heads * triangle(length) / pairs})
     return rows
 
 
