@@ -19,6 +19,7 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -138,13 +139,22 @@ def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) 
 
 def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,
               data: Documents, launch: Callable[[], None] | None = None) -> tuple[torch.nn.Module, dict]:
-    """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info). Where it is not
-    cached, `launch` (given when `run.nproc` > 1) builds it on several processes; else it is built here."""
-    key, info = adapter_key(suite, model, seed, method, backend, data)
-    path = cache.ensure(ADAPTER, key, launch or (lambda: build_adapter(suite, model, seed, method, backend, data)))
+    """(`base` + `method` trained with `backend` at the fine-tuning context on `data`, info), built as
+    `ensure_adapter` says."""
+    path, info = ensure_adapter(suite, model, seed, method, backend, data, launch)
     start, _ = base(suite, model, seed)
     meta = json.loads((path / cache.META).read_text())
     return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}
+
+
+def ensure_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend, data: Documents,
+                   launch: Callable[[], None] | None = None) -> tuple[Path, dict]:
+    """(cache path of the fine-tune `adapter_key` names, its info without the training log), loading nothing
+    where it is cached; else `launch` (given when `run.nproc` > 1) builds it on several processes, or it is built
+    here."""
+    key, info = adapter_key(suite, model, seed, method, backend, data)
+    build = launch or (lambda: build_adapter(suite, model, seed, method, backend, data))
+    return cache.ensure(ADAPTER, key, build), info
 
 
 def adapter_key(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend,

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = run.add_argument_group("where jobs run (override the suite's `run` block)")
     scale.add_argument("--executor", choices=["local", "submitit-local", "slurm"])
     scale.add_argument("--max-parallel", type=arg.positive_int, help="jobs at once")
-    scale.add_argument("--nproc", type=arg.positive_int, help="processes per fine-tune (torchrun)")
+    scale.add_argument("--nproc", type=arg.positive_int, help="processes per fine-tune and evaluation (torchrun)")
     scale.add_argument("--strategy", choices=["ddp", "fsdp"], help="how a multi-process fine-tune shards")
     scale.add_argument("--partition", help="Slurm partition")
     scale.add_argument("--account", help="Slurm account")

@@ -5,14 +5,19 @@ once), or the cells of one attention backend. Each cell is measured by its metri
 `python -m harness.job SPEC.json`. Each cell appends its record as soon as it is measured; a
 failing cell is recorded ("oom" or "error") and the job goes on with the next one. Hard
 crashes and timeouts are recorded by the parent (harness.runner).
+
+With `run.nproc` > 1 a variant's job builds its fine-tune (on nproc processes, harness.finetune.distributed)
+and then measures its cells on nproc ranks (torchrun, `-m harness.job` again): each rank loads the variant, a
+metric that spreads its work (`Metric.ranks`: perplexity's windows, RULER's samples) measures its share on each
+and gathers the rest, any other is measured by rank 0, and rank 0 alone writes records. Each rank takes part in
+exactly one collective per cell (`Context.gather`, or `Context.settle` for it), so a cell that fails on one rank is
+recorded as failed and the ranks go on to the next cell together.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 import time
 import traceback
 from dataclasses import replace
@@ -22,35 +27,77 @@ import torch
 
 from harness import results
 from harness.attention import recording
-from harness.metrics.base import Measurement, get
+from harness.finetune import distributed
+from harness.metrics.base import Measurement, Ranks, get
 from harness.suite import Backend, Suite, load_suite
 
 
 def run_job(spec: dict) -> None:
     suite = load_suite(spec["suite"], spec.get("run"))
-    out, env = Path(spec["out"]), results.environment()
+    if spec.get("kind") == "variant" and suite.run.nproc > 1 and not spec.get("ranked"):
+        _on_ranks(suite, spec)
+        return
+    # a cell may keep the other ranks waiting as long as the runner lets it run without a record
+    world = distributed.join(suite.run.strategy, suite.run.timeout + 60) if spec.get("ranked") else distributed.SINGLE
+    try:
+        _measure_cells(suite, spec, world)
+    finally:
+        if world.size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _on_ranks(suite: Suite, spec: dict) -> None:
+    """The variant's fine-tune built (if it is not cached), then its cells measured on `run.nproc` ranks."""
     ctx = Context(suite, spec)
+    try:
+        ctx.prepare()
+    except Exception as e:  # noqa: BLE001 - the variant cannot be built: each of its cells is a failed record
+        traceback.print_exc()
+        for cell in spec["cells"]:
+            results.append(Path(spec["out"]), _failed(results.cell_record(suite.name, cell, env=results.environment()),
+                                                      e))
+        return
+    code = distributed.torchrun("harness.job", {**spec, "ranked": True}, suite.run.nproc)
+    if code != 0:
+        raise RuntimeError(f"the {suite.run.nproc}-process evaluation (torchrun) exited with code {code}; its ranks' "
+                           "output is above")
+
+
+def _measure_cells(suite: Suite, spec: dict, world: distributed.World) -> None:
+    out, env = Path(spec["out"]), results.environment()
+    ctx = Context(suite, spec, world)
     for cell in spec["cells"]:
         rec = results.cell_record(suite.name, cell, env=env)
-        t0 = time.perf_counter()
+        t0, error = time.perf_counter(), None
         try:
             with recording() as kernels:
                 if cell["metric"] == "pretrain":
                     rec = _pretrain(rec, ctx)
                 else:
                     metric = get(cell["metric"])
-                    rec = _fill(rec, metric.measure(ctx, cell, getattr(suite.metrics, metric.name, None)))
+                    if metric.ranks or world.main:
+                        rec = _fill(rec, metric.measure(ctx, cell, getattr(suite.metrics, metric.name, None)))
+                    if metric.ranks and world.size > 1:
+                        rec = replace(rec, settings={**rec.settings, "ranks": world.size})
             rec = replace(rec, kernel=rec.kernel or ", ".join(sorted(kernels)))
-        except torch.OutOfMemoryError as e:
-            rec = replace(rec, status="oom", error=str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - one cell's failure is a recorded result, not the end of the job
-            traceback.print_exc()
-            rec = replace(rec, status="error", error=f"{type(e).__name__}: {e}")
+            if not isinstance(e, torch.OutOfMemoryError):
+                traceback.print_exc()
+            rec, error = _failed(rec, e), e
+        ctx.settle(error)
+        if not world.main:
+            continue
         rec = replace(rec, seconds=rec.seconds or round(time.perf_counter() - t0, 2))
         results.append(out, rec)
         shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
                                                                "tokens_per_s")}
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
+
+
+def _failed(rec: results.Record, e: Exception) -> results.Record:
+    if isinstance(e, torch.OutOfMemoryError):
+        return replace(rec, status="oom", error=str(e).splitlines()[0])
+    return replace(rec, status="error", error=f"{type(e).__name__}: {e}")
 
 
 def _fill(rec: results.Record, m: Measurement) -> results.Record:
@@ -71,26 +118,80 @@ def _pretrain(rec: results.Record, ctx: Context) -> results.Record:
 
 class Context:
     """What a metric's `measure` gets from the job: the suite, the variant's model (built or loaded once per job),
-    its fine-tuning backend, the evaluation data, and a place for per-sample outputs."""
+    its fine-tuning backend, the evaluation data, the ranks it is measured on, and a place for per-sample
+    outputs."""
 
-    def __init__(self, suite: Suite, spec: dict):
-        self.suite, self.spec, self.seed = suite, spec, spec.get("seed", 0)
+    def __init__(self, suite: Suite, spec: dict, world: distributed.World = distributed.SINGLE):
+        self.suite, self.spec, self.seed, self.world = suite, spec, spec.get("seed", 0), world
         self.backend = Backend(**spec["backend"]) if spec.get("backend") else None
         self.state: dict = {}  # per job: whatever a metric wants to build once (lm-eval's task index, say)
+        self.ranks = Ranks(world.rank, world.size, self.gather)
+        self._gathered = False  # whether this rank has taken part in the current cell's collective
+
+    def prepare(self) -> None:
+        """Build the variant's fine-tune where it is not cached (on `run.nproc` processes), loading nothing."""
+        from harness.artefacts import ensure_adapter
+
+        if self.backend is not None:
+            s = self.spec
+            ensure_adapter(self.suite, self.suite.model(s["model"]), s["seed"], s["method"], self.backend,
+                           self.documents("train"), self._launch())
 
     def model(self):
         """(model, info): the base (a pretrained preset or a checkpoint), or its fine-tune with this job's method
         and backend."""
         from harness.artefacts import base, finetuned
-        from harness.finetune import distributed
 
         if "model" not in self.state:
-            s, entry, run = self.spec, self.suite.model(self.spec["model"]), self.suite.run
-            launch = None if run.nproc == 1 else lambda: distributed.launch(s, run.nproc, run.strategy)
+            s, entry = self.spec, self.suite.model(self.spec["model"])
             self.state["model"] = (base(self.suite, entry, s["seed"]) if self.backend is None else
                                    finetuned(self.suite, entry, s["seed"], s["method"], self.backend,
-                                             self.documents("train"), launch))
+                                             self.documents("train"), self._launch()))
         return self.state["model"]
+
+    def _launch(self):
+        """How a fine-tune not in the cache is built: here (None), on `run.nproc` processes, or (on the ranks
+        that evaluate it, which the job starts once it is built) not at all."""
+        s, run = self.spec, self.suite.run
+        if run.nproc == 1:
+            return None
+        if self.world.size > 1:
+            return _built_before_the_ranks
+        return lambda: distributed.launch(s, run.nproc, run.strategy)
+
+    def gather(self, part) -> list:
+        """Every rank's `part` of the cell being measured, in rank order (`ctx.ranks.gather`). An error on any rank
+        raises here on every rank, a torch.OutOfMemoryError where it was one."""
+        if self.world.size == 1:
+            return [part]
+        if self._gathered:
+            raise RuntimeError("Context.gather: called twice for one cell; each rank gathers once per cell")
+        self._gathered = True
+        parts = self._collective(("part", part))
+        for rank, (kind, value) in enumerate(parts):
+            if kind == "error":
+                oom, message = value
+                raise (torch.OutOfMemoryError if oom else RuntimeError)(f"rank {rank}: {message}")
+            if kind != "part":
+                raise RuntimeError(f"rank {rank} ended the cell without gathering its part")
+        return [value for _, value in parts]
+
+    def settle(self, error: Exception | None) -> None:
+        """End the current cell: a rank that has not gathered takes part in the cell's collective now, with its
+        error if it failed (so that ranks waiting in `gather` raise it) or with nothing."""
+        if self.world.size > 1 and not self._gathered:
+            failed = (isinstance(error, torch.OutOfMemoryError), f"{type(error).__name__}: {error}")
+            self._collective(("done", None) if error is None else ("error", failed))
+        self._gathered = False
+
+    def _collective(self, payload) -> list:
+        """The ranks' payloads. Where the collective itself fails, a rank has ended (died, killed): this one ends
+        too, recording nothing more, so that the runner records the cell and starts the job again for the rest."""
+        try:
+            return self.world.gather(payload)
+        except Exception as e:  # noqa: BLE001 - gloo and nccl raise RuntimeError or their own errors
+            raise SystemExit(f"rank {self.world.rank}: the ranks' collective failed ({type(e).__name__}: {e}); "
+                             "another rank has ended, so this one ends too") from e
 
     def tokenizer(self):
         """The model's tokenizer (harness.artefacts.tokenizer)."""
@@ -137,23 +238,17 @@ class Context:
     def write_samples(self, cell: dict, samples: list[dict]) -> str:
         """Write a cell's per-sample records to OUT/samples/HASH.jsonl; return the path relative to OUT."""
         path = Path(self.spec["out"]) / "samples" / f"{cell['hash']}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
+        if self.world.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
         return str(path.relative_to(self.spec["out"]))
 
 
-def _exit_with_parent() -> None:
-    """End this process when the runner that started it dies (killed, not just interrupted)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+def _built_before_the_ranks() -> None:
+    raise RuntimeError("the fine-tune is not in the cache: the job builds it before its ranks start (was the cache "
+                       "entry removed meanwhile?)")
 
 
 if __name__ == "__main__":
-    _exit_with_parent()
+    distributed.exit_with_parent()
     run_job(json.loads(Path(sys.argv[1]).read_text()))

@@ -160,7 +160,8 @@ class Slurm(_Strict):
 class Run(_Strict):
     timeout: float = Field(3600, gt=0)  # seconds one cell may take before it is recorded as "timeout"
     # Processes per fine-tune (torchrun; harness.finetune.distributed): the global batch is
-    # finetune.batch_size x grad_accum x nproc. strategy: ddp, or fsdp (FSDP2, one unit per decoder block).
+    # finetune.batch_size x grad_accum x nproc; a variant is then evaluated on as many ranks (harness.job).
+    # strategy: ddp, or fsdp (FSDP2, one unit per decoder block).
     nproc: int = Field(1, ge=1)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Where jobs run (harness.executors): local child processes, submitit's LocalExecutor, or Slurm jobs.

@@ -1,6 +1,8 @@
 """Fine-tuning on 2 processes (torchrun, gloo on the CPU) trains like 1 process with the same global batch:
-DDP and FSDP2, straight through or interrupted and resumed."""
+DDP and FSDP2, straight through or interrupted and resumed. A suite's cells measured on 2 ranks measure like
+1 process, and a cell's one collective carries any rank's error to all of them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -137,11 +139,12 @@ pretrain: {{context: 64, steps: 3, batch_size: 2, warmup_steps: 1}}
 finetune: {{context: 128, steps: 3, warmup_steps: 1, grad_accum: {accum}}}
 run: {{nproc: {nproc}}}
 metrics:
-  perplexity: {{contexts: [64], tokens_per_length: 256, max_tokens: 20000}}
+  perplexity: {{contexts: [64, 128], tokens_per_length: 640, max_tokens: 20000}}
+  ruler: {{tasks: [niah_single_1], lengths: [320], samples: 5}}
 """
 
 
-def test_a_suite_fine_tuned_on_two_processes_measures_like_one(tmp_path, isolated_cache):
+def test_a_suite_on_two_processes_trains_and_measures_like_one(tmp_path, isolated_cache):
     from harness import results
     from harness.runner import run_suite
 
@@ -152,14 +155,82 @@ def test_a_suite_fine_tuned_on_two_processes_measures_like_one(tmp_path, isolate
         recs = results.load(tmp_path / f"out{nproc}")
         assert all(r.status == "ok" for r in recs), [r.error for r in recs]
         recorded[nproc] = {r.cell: r for r in recs}
+    assert recorded[1].keys() == recorded[2].keys()
     one, two = (recorded[n]["tiny-hybrid/seed0/lora/full/train"] for n in (1, 2))
     assert [(r.model["nproc"], r.model["global_batch"]) for r in (one, two)] == [(1, 2), (2, 2)]
     assert two.model["strategy"] == "ddp" and one.model["adapter"] != two.model["adapter"]
     assert [s for s, _ in one.values["loss_curve"]] == [s for s, _ in two.values["loss_curve"]] == [1, 2, 3]
     assert [x for _, x in two.values["loss_curve"]] == pytest.approx([x for _, x in one.values["loss_curve"]],
                                                                       rel=1e-5)
-    ppl = "tiny-hybrid/seed0/lora/full/ppl@64"
-    assert recorded[2][ppl].values["perplexity"] == pytest.approx(recorded[1][ppl].values["perplexity"], rel=1e-5)
+    # Evaluation on 2 ranks: each took every other window / sample, and the gathered numbers are the 1-process
+    # ones; for the pretrained model (the same weights in both runs) to float64 rounding and sample by sample.
+    for variant, rel in (("pretrained", 1e-9), ("lora/full", 1e-5)):
+        for n in (64, 128):
+            a, b = (recorded[k][f"tiny-hybrid/seed0/{variant}/ppl@{n}"] for k in (1, 2))
+            assert b.settings["ranks"] == 2 and "ranks" not in a.settings
+            assert (b.values["windows"], b.values["tokens_scored"]) == (a.values["windows"], a.values["tokens_scored"])
+            assert b.values["windows"] > 2  # so both ranks had some
+            assert b.values["perplexity"] == pytest.approx(a.values["perplexity"], rel=rel)
+    a, b = (recorded[k]["tiny-hybrid/seed0/pretrained/ruler/niah_single_1@320"] for k in (1, 2))
+    assert b.values["per_sample"] == a.values["per_sample"] and len(a.values["per_sample"]) == 5
+    samples = [[json.loads(line) for line in (tmp_path / f"out{k}" / r.settings["samples_file"]).open()]
+               for k, r in ((1, a), (2, b))]
+    assert [s["predicted"] for s in samples[1]] == [s["predicted"] for s in samples[0]]
+
+
+class TwoRanks:
+    """Rank 0 of a 2-process World whose other rank sends `theirs` to each collective."""
+
+    rank, size, main = 0, 2, True
+
+    def __init__(self, *theirs):
+        self.theirs, self.sent = list(theirs), []
+
+    def gather(self, obj):
+        self.sent.append(obj)
+        return [obj, self.theirs.pop(0)]
+
+
+def context(world):
+    from harness.job import Context
+
+    ctx = Context.__new__(Context)  # just the collective's part of a job's context
+    ctx.world, ctx._gathered = world, False
+    return ctx
+
+
+def test_a_cell_takes_one_collective_per_rank_and_raises_another_ranks_error_on_all():
+    world = TwoRanks(("part", 3), ("error", (False, "ValueError: bad window")), ("done", None),
+                     ("error", (True, "CUDA out of memory")), ("part", 1))
+    ctx = context(world)
+    assert ctx.gather(2) == [2, 3]
+    with pytest.raises(RuntimeError, match="called twice"):
+        ctx.gather(2)
+    ctx.settle(None)  # it gathered: no second collective for this cell
+    with pytest.raises(RuntimeError, match="rank 1: ValueError: bad window"):
+        ctx.gather(2)
+    ctx.settle(None)
+    ctx.settle(None)  # a cell rank 0 measured alone: it joins with nothing, as the other rank does
+    ctx.settle(KeyError("x"))  # it failed before gathering; the other rank's error means nothing to it
+    assert world.sent[-2:] == [("done", None), ("error", (False, "KeyError: 'x'"))]
+    assert world.theirs == [("part", 1)]
+    ctx.settle(None)
+    with pytest.raises(RuntimeError, match="rank 1 ended the cell without gathering"):
+        context(TwoRanks(("done", None))).gather(0)
+    with pytest.raises(torch.OutOfMemoryError, match="rank 1: CUDA out of memory"):
+        context(TwoRanks(("error", (True, "CUDA out of memory")))).gather(0)
+    with pytest.raises(SystemExit, match="collective failed .* another rank has ended"):  # not a cell's failure
+        context(TwoRanks()).settle(None)  # (the other rank sends nothing: the collective raises)
+
+
+def test_ranks_share_items_and_join_them_back_in_order():
+    from harness.metrics.base import ONE, Ranks
+
+    items = list(range(7))
+    for size in (1, 2, 3, 8):
+        shares = [Ranks(r, size).share(items) for r in range(size)]
+        assert sorted(sum(shares, [])) == items and Ranks(0, size).join(shares) == items
+    assert ONE.gather("x") == ["x"]
 
 
 def test_jobs_get_nproc_devices_each(monkeypatch):

@@ -89,3 +89,56 @@ def test_a_plugin_config_is_validated_like_any_suite_field(plugin_dir):
     (plugin_dir / "s.yaml").write_text(SUITE.replace("[toy_metric]", "[toy_metrc]"))
     with pytest.raises(UserError, match=r"line 3: plugins\[0\]: cannot import 'toy_metrc'"):
         load_suite(plugin_dir / "s.yaml")
+
+
+SHARES = '''
+"""A metric measured on every rank: each sends its rank and the cell's length; rank 1 fails the first cell (raises,
+or with $SHARES_DIE set, dies)."""
+
+import os
+
+from pydantic import Field
+
+from harness.cells import Cell
+from harness.metrics.base import Measurement, Metric, Strict, register
+
+
+class SharesConfig(Strict):
+    lengths: list[int] = Field(min_length=1)
+
+
+@register
+class Shares(Metric):
+    name = "shares"
+    config = SharesConfig
+    ranks = True
+
+    def cells(self, config, variant, plan):
+        return [(Cell("shares", variant, n), {}) for n in config.lengths]
+
+    def measure(self, ctx, cell, config):
+        if cell["length"] == 1 and ctx.ranks.rank == 1:
+            if os.environ.get("SHARES_DIE"):
+                os._exit(3)
+            raise ValueError("rank 1 fails the first cell")
+        return Measurement({"parts": ctx.ranks.gather([ctx.ranks.rank, cell["length"]])})
+'''
+
+
+@pytest.mark.parametrize("failure", ["raises", "dies"])
+def test_on_two_ranks_a_cell_failing_on_one_is_recorded_and_the_next_measured_on_both(plugin_dir, monkeypatch,
+                                                                                       failure):
+    (plugin_dir / "plugins" / "shares_metric.py").write_text(SHARES)
+    if failure == "dies":  # torchrun ends the other rank and the job; the runner records the cell, starts again
+        monkeypatch.setenv("SHARES_DIE", "1")
+    suite = SUITE.replace("[toy_metric]", "[toy_metric, shares_metric]") + "  shares: {lengths: [1, 2, 3]}\n"
+    (plugin_dir / "s.yaml").write_text(suite + "run: {nproc: 2}\n")
+    run_suite(plugin_dir / "s.yaml", plugin_dir / "out")
+    recs = {r.cell: r for r in results.load(plugin_dir / "out")}
+    first, second, third = (recs[f"tiny-hybrid/seed0/pretrained/shares@{n}"] for n in (1, 2, 3))
+    assert (first.status, first.error) == ("error", "RuntimeError: rank 1: ValueError: rank 1 fails the first cell"
+                                           if failure == "raises" else "job process exited with code 1")
+    assert second.values["parts"] == [[0, 2], [1, 2]] and third.values["parts"] == [[0, 3], [1, 3]]
+    assert second.status == "ok" and second.settings["ranks"] == 2
+    toy = [r for r in recs.values() if r.metric == "toy"]  # measured by rank 0 alone, while rank 1 waited
+    assert len(toy) == 2 and all(r.status == "ok" and "ranks" not in r.settings for r in toy)

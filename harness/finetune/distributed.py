@@ -4,7 +4,7 @@ block.
 With `run.nproc` > 1 a job whose adapter is not cached launches
 `python -m torch.distributed.run --standalone --nproc-per-node N -m harness.finetune.distributed SPEC.json`; every
 rank builds the same base and method, reads its share of each global batch (`World.shard`), and rank 0 alone
-writes the adapter into the cache. The job then loads it and evaluates as it would a 1-process fine-tune.
+writes the adapter into the cache. The job then evaluates the variant on as many ranks (harness.job).
 
 The global batch is batch_size x grad_accum x nproc micro-batches; every rank draws all of them from the same
 generator and keeps its own, so changing nproc at the same global batch trains on the same windows, in the same
@@ -14,11 +14,15 @@ steps, with the same gradients up to the order of the sums.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +79,14 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order."""
+        if self.size == 1:
+            return [obj]
+        gathered = [None] * self.size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
 
 SINGLE = World()
 
@@ -88,14 +100,16 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def join(strategy: str) -> World:
-    """Join the process group torchrun set up (nccl on CUDA, one device per local rank; gloo on CPU)."""
+def join(strategy: str, timeout: float | None = None) -> World:
+    """Join the process group torchrun set up (nccl on CUDA, one device per local rank; gloo on CPU). `timeout`:
+    the seconds a collective may wait for the slowest rank (None: torch's default)."""
     if strategy not in STRATEGIES:
         raise UserError(f"run.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", **wait)
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), strategy)
 
 
@@ -169,22 +183,52 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 
 def launch(spec: dict, nproc: int, strategy: str) -> None:
     """Train the fine-tune of a job `spec` on `nproc` local processes (torchrun); raise if a rank fails."""
+    code = torchrun("harness.finetune.distributed", {**spec, "strategy": strategy}, nproc)
+    if code != 0:
+        raise RuntimeError(f"the {nproc}-process fine-tune (torchrun, {strategy}) exited with code {code}; its "
+                           "ranks' output is above")
+
+
+def torchrun(module: str, spec: dict, nproc: int) -> int:
+    """Run `python -m module SPEC.json` on `nproc` local processes (torchrun, one CUDA device each, the CPU's
+    threads shared out); return its exit code. The torchrun agent ends with this process (`exit_with_parent`)."""
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise UserError(f"run.nproc: {nproc} processes, but this job sees {torch.cuda.device_count()} CUDA "
                         "device(s) (CUDA_VISIBLE_DEVICES); lower nproc or give the job more GPUs")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({**spec, "strategy": strategy}, f)
+        json.dump(spec, f)
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "harness.finetune.distributed", f.name]
+               "-m", module, f.name]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
                str(max(1, (os.cpu_count() or 1) // nproc))}
-        code = subprocess.run(cmd, env=env).returncode
+        agent = subprocess.Popen(cmd, env=env)
+        _AGENTS.append(agent)
+        try:
+            return agent.wait()
+        finally:
+            _AGENTS.remove(agent)
     finally:
         os.unlink(f.name)
-    if code != 0:
-        raise RuntimeError(f"the {nproc}-process fine-tune (torchrun, {strategy}) exited with code {code}; its "
-                           "ranks' output is above")
+
+
+_AGENTS: list[subprocess.Popen] = []  # the torchrun agents this process has running
+
+
+def exit_with_parent() -> None:
+    """End this process, and any torchrun agent it runs, when the process that started it dies (a job's runner,
+    killed rather than interrupted; a rank's agent). A rank then sees its agent go and ends too."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        for agent in list(_AGENTS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent.pid, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _rank_main(spec: dict) -> None:
@@ -203,4 +247,5 @@ def _rank_main(spec: dict) -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()
     _rank_main(json.loads(Path(sys.argv[1]).read_text()))

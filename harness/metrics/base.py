@@ -11,7 +11,10 @@
 `cells` gives each cell with what determines it beyond the variant (hashed into the cell's config hash), and
 runs in the runner's process; `measure` runs in the job's process (harness.job.Context gives it the model, the
 evaluation data and the results directory) and must import heavy modules (torch) itself, so that loading a
-suite stays fast. A metric of `kind` "backend" makes cells per attention backend (no model: `variant` None).
+suite stays fast. With `run.nproc` > 1 a variant's job runs on that many ranks: a metric that sets `ranks`
+measures its share on each (`ctx.ranks`, `Ranks`) and joins the shares with `ctx.ranks.gather`; any other is
+measured by rank 0 while the other ranks wait. A metric of `kind` "backend" makes cells per attention backend
+(no model: `variant` None).
 A metric module outside this package is named in the suite's `plugins:` list, which imports it in every process.
 The code behind a cell (harness.provenance) is the metric's module plus `modules`.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -70,6 +74,28 @@ def eval_attentions(config, variant) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Ranks:
+    """The processes a cell is measured on: this one's `rank` of `size`. `gather(part)` returns every rank's part
+    of the cell in rank order; it is the cell's one collective (call it once per cell, on every rank), and an
+    error on any rank raises from it on all of them."""
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[Any], list] = field(default=lambda part: [part], compare=False)
+
+    def share(self, items: list) -> list:
+        """This rank's share of `items`: every `size`-th, from the `rank`-th on."""
+        return items[self.rank::self.size]
+
+    def join(self, shares: list[list]) -> list:
+        """The items of every rank's `share` (in rank order), in their order before sharing."""
+        return [shares[i % self.size][i // self.size] for i in range(sum(map(len, shares)))]
+
+
+ONE = Ranks()  # a single process
+
+
+@dataclass(frozen=True)
 class Measurement:
     """What `measure` returns; the job writes it into the cell's record."""
 
@@ -88,6 +114,7 @@ class Metric:
     kind: ClassVar[str] = "variant"  # "variant": cells of each model variant; "backend": of each attention backend
     modules: ClassVar[tuple[str, ...]] = ()  # harness modules that compute it, besides its own
     finetuned_only: ClassVar[bool] = False
+    ranks: ClassVar[bool] = False  # measure() spreads its work over ctx.ranks; False: rank 0 measures alone
 
     def cells(self, config, variant, plan) -> list[tuple[Any, dict]]:
         """[(harness.cells.Cell, what determines it)] for `variant` (kind "backend": for `plan.backend`)."""

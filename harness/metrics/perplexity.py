@@ -50,6 +50,10 @@ decides on the first batch; on a mismatch the ``hidden_states[-1]`` path is used
 by the model once per window, which costs memory but stays correct). Full-vocabulary
 logits are only ever built for ``CHUNK_ROWS`` positions at a time; NLL is accumulated
 in float64.
+
+On several processes (``ranks``, harness.metrics.base.Ranks) each evaluates every n-th of
+the windows and the NLL sums and token counts are added up: the same windows and the
+same value, up to the order of a float64 sum.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import UserError
+from harness.metrics.base import ONE, Ranks
 
 CHUNK_ROWS = 512  # positions per output-embedding + cross-entropy chunk
 
@@ -262,11 +267,13 @@ def evaluate_perplexity(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     progress: bool = False,
+    ranks: Ranks = ONE,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over the token stream ``tokens`` at window length ``context``.
 
     ``step`` belongs to the ``longlora`` protocol and ``stride`` to ``stride``; ``None``
-    takes the protocol default (256 tokens; context // 2). See the module docstring.
+    takes the protocol default (256 tokens; context // 2). ``ranks``: the processes that
+    share the windows. See the module docstring.
     """
     proto = get_protocol(protocol)
     other = "stride" if proto.hop == "step" else "step"
@@ -308,8 +315,9 @@ def evaluate_perplexity(
     if _accepts(model.forward, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
 
-    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    if progress:
+    mine = ranks.share(windows)
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if progress and ranks.rank == 0:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"ppl {proto.name} @ {context}", unit="batch")
@@ -354,6 +362,8 @@ def evaluate_perplexity(
         decoder.close()
         model.train(was_training)
 
+    parts = ranks.gather((nll_sum, scored))
+    nll_sum, scored = sum(n for n, _ in parts), sum(k for _, k in parts)
     nll = nll_sum / scored
     return PerplexityResult(
         perplexity=math.exp(nll), nll=nll, tokens_scored=scored, windows=len(windows), context=context,

@@ -52,6 +52,7 @@ class Perplexity(Metric):
     name = "perplexity"
     config = PerplexityConfig
     modules = ("harness.metrics.perplexity", *EVAL_DATA)
+    ranks = True
 
     def cells(self, config: PerplexityConfig, variant, plan):
         hashed = {"metric": config.model_dump(exclude={"contexts"}), "data": plan.data_fingerprint}
@@ -65,7 +66,8 @@ class Perplexity(Metric):
         ctx.use_attention(cell["eval_attention"])
         stream, dataset = ctx.eval_stream(config.max_tokens)
         windows = max(1, config.tokens_per_length // cell["length"])
-        res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True)
+        res = evaluate_perplexity(model, stream, cell["length"], config.protocol, max_windows=windows, progress=True,
+                                  ranks=ctx.ranks)
         settings = {**res.as_settings(), "max_windows": windows, "eval_attention": cell["eval_attention"],
                     "pretrain_context": ctx.pretrain_context, "seed": ctx.seed}
         # Per byte, models with different tokenizers compare: the mean NLL in bits times the stream's tokens per

@@ -76,6 +76,7 @@ class Ruler(Metric):
     config = RulerConfig
     modules = ("harness.data.ruler", "harness.metrics.ruler", "harness.metrics.ruler_eval",
                "harness.metrics.decode_check", *EVAL_DATA)
+    ranks = True
 
     def cells(self, config: RulerConfig, variant, plan):
         from harness.artefacts import tokenizer
@@ -100,7 +101,8 @@ class Ruler(Metric):
         docs = ctx.documents("eval")
         haystack, dataset = docs.text(HAYSTACK_CHARS), docs.dataset()
         values, samples = evaluate_ruler(model, ctx.tokenizer(), cell["task"], cell["length"], config.samples,
-                                         ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]))
+                                         ctx.seed, haystack, config.essay_file, config.qa_files.get(cell["task"]),
+                                         ctx.ranks)
         settings = {"task": cell["task"], "samples_file": ctx.write_samples(cell, samples),
                     "eval_attention": cell["eval_attention"], "pretrain_context": ctx.pretrain_context}
         return Measurement(values, {"accuracy": "%"}, settings, dataset, info)
