@@ -314,3 +314,51 @@ def test_cuda_kernels_equal_reference_bf16(backend, options):
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
             out.float().sum().backward()
             assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("length,chunk,block,top_k,tile,per_head", [
+    (512, 256, 32, 3, 64, True),  # everything divides
+    (700, 160, 24, 4, 32, True),  # nothing does: chunks and blocks straddle tiles, a ragged last tile
+    (300, 64, 16, 2, 32, False),
+    (256, 300, 16, 2, 64, True),  # one chunk: no retrieval
+    (384, 96, 128, 2, 32, True),  # blocks longer than tiles
+])
+def test_se_attn_block_mask_from_the_retrieval_is_the_one_flex_builds_from_the_dense_mask(
+        length, chunk, block, top_k, tile, per_head):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from harness.attention.gpu import se_attn_block_mask, se_attn_retrieved
+
+    q, k, v = _qkv((2, 3, 3, length, 8))
+    m = min(chunk, length)
+    index, valid = se_attn_select(q, k, v, 8 ** -0.5, m, block, top_k, "attention", per_head, 0)
+    retrieved = se_attn_retrieved(q, index, valid, m, block)
+
+    def mask_mod(bi, h, qi, kj):
+        return ((kj // m == qi // m) & (kj <= qi)) | retrieved[bi, h, qi // m, kj // block]
+
+    assert_same_block_mask(se_attn_block_mask(retrieved, length, m, block, mask_mod, tile=tile),
+                           create_block_mask(mask_mod, 2, 3, length, length, device="cpu", BLOCK_SIZE=tile))
+
+
+@pytest.mark.parametrize("length,window,tile", [(512, 128, 64), (700, 100, 32), (300, 1, 32), (200, 500, 64),
+                                                (640, 64, 128)])
+def test_sliding_window_block_mask_is_the_one_flex_builds_from_the_dense_mask(length, window, tile):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from harness.attention.gpu import sliding_window_block_mask
+
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi) & (kj > qi - window)
+
+    assert_same_block_mask(sliding_window_block_mask(length, window, mask_mod, tile=tile),
+                           create_block_mask(mask_mod, None, None, length, length, device="cpu", BLOCK_SIZE=tile),
+                           full=window > tile)
+
+
+def assert_same_block_mask(mine, theirs, full=True):
+    for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                  "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+    assert mine.kv_num_blocks.sum() > 0 and (mine.full_kv_num_blocks.sum() > 0) == full  # partial tiles, full ones
+    assert mine.seq_lengths == theirs.seq_lengths
