@@ -12,39 +12,66 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
+# uv where it is installed (`pip install nox uv`), else virtualenv and pip: a fresh suite venv took 10 s with uv
+# against 41 s with pip (2 cores), and the same versions come out of constraints.txt either way.
+nox.options.default_venv_backend = "uv|virtualenv"
 
 CUDA = shutil.which("nvidia-smi") is not None
 CONSTRAINTS = Path(__file__).parent / "constraints.txt"
 CPU_TORCH = next(line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("torch=="))
 
 
-# pip byte-compiles what it installs (its default; keep it): with --no-compile the install took 30 s instead of
-# 61, but where PYTHONDONTWRITEBYTECODE is set, as on the CI machines, Python then never writes the bytecode it
-# compiles, and every process compiled torch and transformers again on import (`import harness.job` 10.4 s
-# instead of 4.6 s): the tests, whose jobs are processes, took 933 s instead of about 530.
+# Installs byte-compile what they install (pip's default; uv's with UV_COMPILE_BYTECODE): where
+# PYTHONDONTWRITEBYTECODE is set, as on the CI machines, Python never writes the bytecode it compiles, so without
+# it every process compiled torch and transformers again on import (`import harness.job` 10.4 s instead of 4.6 s)
+# and the tests, whose jobs are processes, took 933 s instead of about 530.
+
+
+def _uv_env(session: nox.Session) -> dict[str, str]:
+    """The environment of an install: for uv, byte-compiling (above) and the find-links locations pip is configured
+    with, which uv does not read (where the machine keeps its CPU torch wheel, as on the CI machines)."""
+    if session.venv_backend != "uv":
+        return {}
+    env = {"UV_COMPILE_BYTECODE": "1"}
+    config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    links = [value.strip("'\"") for key, _, value in (line.partition("=") for line in config.splitlines())
+             if key.endswith(".find-links")]
+    if links and "UV_FIND_LINKS" not in os.environ:
+        env["UV_FIND_LINKS"] = ",".join(dict.fromkeys(" ".join(links).split()))  # pip: spaces; uv: commas
+    return env
+
+
+def _freeze(session: nox.Session, silent: bool) -> str:
+    """`pip freeze` of the session's venv (uv's venvs have no pip)."""
+    pip = ["uv", "pip"] if session.venv_backend == "uv" else ["pip"]
+    return session.run(*pip, "freeze", "--exclude-editable", silent=silent)
 
 
 def install(session: nox.Session, *extras: str, pinned: bool = True) -> None:
     """Torch first (see the module doc), then the package with `extras`: at the versions of constraints.txt,
     or (pinned False) at the newest that pyproject.toml allows. Torch stays as installed either way."""
+    env = _uv_env(session)
     torch_req = os.environ.get("HARNESS_TORCH") or (None if CUDA else CPU_TORCH)
     if torch_req:
-        session.install(torch_req)
+        session.install(torch_req, env=env)
     else:  # the machine's CUDA torch, seen through --system-site-packages
         version = session.run("python", "-c", "import torch; print(torch.__version__)", silent=True)
         torch_req = f"torch=={version.strip()}"
     pins = [line for line in CONSTRAINTS.read_text().splitlines() if not line.startswith("torch==")] if pinned else []
     constraints = Path(session.create_tmp()) / "constraints.txt"
     constraints.write_text("\n".join([*pins, torch_req]) + "\n")
-    upgrade = [] if pinned else ["--upgrade", "--upgrade-strategy", "eager"]
+    eager = [] if session.venv_backend == "uv" else ["--upgrade-strategy", "eager"]  # uv's --upgrade is eager
+    upgrade = [] if pinned else ["--upgrade", *eager]
     spec = f".[{','.join(extras)}]" if extras else "."
-    session.install("-c", str(constraints), *upgrade, "-e", spec)
+    session.install("-c", str(constraints), *upgrade, "-e", spec, env=env)
 
 
 @nox.session(venv_params=["--system-site-packages"] if CUDA else [])
@@ -59,7 +86,7 @@ def tests_latest(session: nox.Session) -> None:
     """The test suite on the newest versions pyproject.toml allows (torch as in `tests`): shows an upstream
     change as one failing session before the pins move. Not part of CI's required run."""
     install(session, "dev", pinned=False)
-    session.run("pip", "freeze", "--exclude-editable", silent=False)
+    _freeze(session, silent=False)
     session.run("pytest", "-q", *session.posargs)
 
 
@@ -68,7 +95,7 @@ def lock(session: nox.Session) -> None:
     """Re-pin constraints.txt to the newest versions pyproject.toml allows (torch keeps its CPU pin: change
     that line by hand). Then run `nox -s tests` and the README's suites, and commit the new pins on their own."""
     install(session, "dev", pinned=False)
-    frozen = session.run("pip", "freeze", "--exclude-editable", silent=True)
+    frozen = _freeze(session, silent=True)
     header = [line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("#")]
     pins = [CPU_TORCH if line.startswith("torch==") else line for line in frozen.splitlines()
             if line and not line.startswith("#")]
