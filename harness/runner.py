@@ -24,7 +24,7 @@ from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
 from harness.executors import ACTIVE, Executor, ledger, live_state
-from harness.models.sources import Checkpoint, resolve
+from harness.models.sources import Checkpoint, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
 
@@ -49,10 +49,12 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval")
     finetunes = bool(suite.methods and suite.backends)
     train = _present(lambda: documents(suite, "train", pg19), missing, "data.train") if finetunes else None
-    checkpoints = {m.name: getattr(_present(lambda m=m: resolve(m), missing, "model"), "fingerprint", MISSING)
-                   for m in suite.models if isinstance(m, Checkpoint)}
+    resolved = {m.name: _present(lambda m=m: resolve(m), missing, "model") for m in suite.models
+                if isinstance(m, Checkpoint)}
+    checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
     jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING) if finetunes
                 else None, checkpoints)
+    _check_positions(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]
@@ -87,15 +89,20 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         for phase in (pretrain, rest):
             _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common, suite.run.timeout,
                        out, executor)
-        notes = [] if not corpus.embedded else [
-            f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
-            "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
         from harness.report import render_report
 
-        report = render_report(results.load(out), out, title=f"Suite {suite.name}", notes=notes)
+        report = render_report(results.load(out), out, title=f"Suite {suite.name}", notes=report_notes(suite, corpus))
     recorded = _current_records(out)
     failed = Counter(recorded[i].status for i in ids if i in recorded and recorded[i].status != "ok")
     return Outcome(report, len(ids), dict(failed))
+
+
+def report_notes(suite, corpus) -> list[str]:
+    """The report's callouts: that the embedded corpus stood in for PG-19, where the suite did not choose it."""
+    if not corpus.embedded or suite.data.eval is not None:
+        return []
+    return [f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
+            "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
 
 
 MISSING = "missing"  # the fingerprint of what a dry run could not find
@@ -114,6 +121,22 @@ def _present(find, missing: list | None, what: str):
         print(f"missing {what}: {e}")
         missing.append(what)
         return None
+
+
+def _check_positions(suite, jobs: list[Job], resolved: dict, finetunes: bool) -> None:
+    """A UserError, before any job, where a checkpoint with learned absolute positions is asked for longer inputs
+    than they cover (its cells' lengths, or the fine-tuning context): each such cell would fail alike."""
+    for name, r in resolved.items():
+        limit = position_limit(r)
+        if limit is None:
+            continue
+        lengths = {c["length"] for j in jobs if j.spec.get("model") == name for c in j.cells if c.get("length")}
+        over = sorted(n for n in lengths | ({suite.finetune.context} if finetunes else set()) if n > limit)
+        if over:
+            raise UserError(f"models.{name}: {r.model_type} has learned absolute positions for {limit} tokens, and "
+                            f"the suite asks it for {', '.join(map(str, over))}; fix: keep metrics' lengths and "
+                            f"finetune.context at or below {limit}, or use a model with relative positions (RoPE, "
+                            "ALiBi) or none")
 
 
 def _tokenize(train, model) -> None:

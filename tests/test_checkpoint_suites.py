@@ -229,6 +229,34 @@ def test_bad_checkpoints_are_named(tmp_path, monkeypatch, isolated, tokenizer_di
     assert "\n" not in str(e.value)
 
 
+ABSOLUTE = {  # learned absolute positions, for `position_limit`
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_positions=48, n_embd=16, n_layer=1, n_head=2)),
+    "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, max_position_embeddings=40, hidden_size=16, ffn_dim=32,
+                                                num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16)),
+}
+
+
+@pytest.mark.parametrize("arch, limit", [("gpt2", 48), ("opt", 40), ("llama", None), ("bamba", None)])
+def test_the_position_limit_is_that_of_learned_absolute_positions(tmp_path, isolated, arch, limit):
+    from harness.models.sources import position_limit
+
+    torch.manual_seed(0)
+    {**HF, **ABSOLUTE}[arch]().save_pretrained(tmp_path / arch)  # OPT's table has 2 rows more than its positions
+    assert position_limit(resolve(Checkpoint(name=arch, path=str(tmp_path / arch), context=16))) == limit
+
+
+def test_lengths_beyond_learned_positions_stop_the_run_before_any_job(tmp_path, capsys, isolated, tokenizer_dir):
+    path = tmp_path / "gpt2"
+    ABSOLUTE["gpt2"]().save_pretrained(path)
+    T.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    code, out = run(tmp_path, capsys, {"name": "g", "path": str(path), "context": 32})
+    assert code == 2, out
+    assert ("error: models.g: gpt2 has learned absolute positions for 48 tokens, and the suite asks it for 64, 512; "
+            "fix: keep metrics' lengths and finetune.context at or below 48") in out, out
+    assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
+    assert not any((tmp_path / "cache").glob("adapter/*"))
+
+
 def test_the_fingerprint_follows_the_weights_not_the_name(tmp_path, isolated, tokenizer_dir):
     write_mamba_ssm(tmp_path / "a", sharded=False)
     fields = {"name": "m", "tokenizer": str(tokenizer_dir), "context": 32}

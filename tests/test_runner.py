@@ -136,3 +136,16 @@ def test_a_job_ends_when_its_runner_is_killed(suite_file, tmp_path, inject_fault
     runner.kill()
     runner.wait(timeout=30)
     assert _gone(job)  # the job is in its own session: it must notice the runner is gone by itself
+
+
+@pytest.mark.parametrize("data, callout", [("", True), ("data: {eval: {source: embedded, split: test}}\n", False)])
+def test_the_report_says_pg19_was_not_configured_unless_the_embedded_corpus_was_chosen(tmp_path, isolated_cache,
+                                                                                       data, callout):
+    from harness.plan import documents
+    from harness.runner import report_notes
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SMALL + data)
+    suite = load_suite(tmp_path / "s.yaml")
+    notes = report_notes(suite, documents(suite, "eval"))
+    assert bool(notes) == callout and all(n.startswith("PG-19 not configured") for n in notes)

@@ -211,6 +211,28 @@ def load_model(r: Resolved) -> torch.nn.Module:
     return model.eval()
 
 
+_POSITION_TABLE = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def position_limit(r: Resolved) -> int | None:
+    """The longest input a checkpoint's learned absolute position embeddings cover (GPT-2's `wpe`, OPT's
+    `embed_positions` less its offset), or None where positions are relative (RoPE, ALiBi) or absent (SSM
+    layers, NoPE): those run at any length, which is what measuring beyond the pretraining context needs. Read
+    from the model built on the meta device, so no weights are loaded."""
+    if r.format != "hf":
+        return None  # harness.models.HybridForCausalLM: rotary or no positions in attention
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(r.directory))
+    except Exception:  # noqa: BLE001 - a model transformers cannot build: load_model names the problem
+        return None
+    tables = [m.num_embeddings - getattr(m, "offset", 0) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and _POSITION_TABLE.search(name)]
+    return min(tables, default=None)
+
+
 def load_tokenizer(r: Resolved, model: torch.nn.Module | None = None):
     """The checkpoint's tokenizer (its `tokenizer:` entry, else its directory); with `model`, checked against
     its embedding."""
