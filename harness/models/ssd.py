@@ -90,10 +90,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_
     state = x.new_zeros(b, h, p, n, dtype=work) if initial_states is None else initial_states.to(work)
     state = state.view(b, g, hg, p, n)
     chunk_decay = acum[..., -1].exp()  # (b, g, hg, c)
+    # The chunks one by one. Eager, by unbind: the backward of indexing fills a zero tensor of all c chunks per
+    # index, quadratic in the length (16 ms of a 490 ms fine-tuning step at 4096 tokens). Compiled, by indexing:
+    # inductor fuses that backward, 2 ms a pretraining step faster than unbind, and the default model keeps its bits.
+    if torch.compiler.is_compiling():
+        decay_at, states_at = (lambda k: chunk_decay[..., k, None, None]), (lambda k: chunk_states[:, :, k])
+    else:
+        decay_at, states_at = chunk_decay[..., None, None].unbind(3).__getitem__, chunk_states.unbind(2).__getitem__
     entering = []
     for k in range(c):
         entering.append(state)
-        state = state * chunk_decay[..., k, None, None] + chunk_states[:, :, k]
+        state = state * decay_at(k) + states_at(k)
     entering = torch.stack(entering, dim=2).view(b, g, c, hg * p, n)
 
     # 4. Entering state read out inside each chunk, for all heads of a group at once.
