@@ -51,8 +51,9 @@ def _uv_env(session: nox.Session) -> dict[str, str]:
 
 def _freeze(session: nox.Session, silent: bool) -> str:
     """`pip freeze` of the session's venv (uv's venvs have no pip)."""
-    pip = ["uv", "pip"] if session.venv_backend == "uv" else ["pip"]
-    return session.run(*pip, "freeze", "--exclude-editable", silent=silent)
+    if session.venv_backend == "uv":  # -q: uv names the venv on stderr, which nox merges into what it returns
+        return session.run("uv", "pip", "freeze", "-q", "--exclude-editable", silent=silent)
+    return session.run("pip", "freeze", "--exclude-editable", silent=silent)
 
 
 def install(session: nox.Session, *extras: str, pinned: bool = True) -> None:
