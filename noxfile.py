@@ -18,13 +18,16 @@ from pathlib import Path
 
 import nox
 
+CUDA = shutil.which("nvidia-smi") is not None
+
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
-# uv where it is installed (`pip install nox uv`), else virtualenv and pip: a fresh suite venv took 10 s with uv
-# against 41 s with pip (2 cores), and the same versions come out of constraints.txt either way.
-nox.options.default_venv_backend = "uv|virtualenv"
+# uv where it is installed (`pip install nox uv`), else virtualenv and pip: a fresh suite venv took 16 s with uv
+# against 48 s with pip (2 cores), and the same versions come out of constraints.txt either way. On CUDA machines
+# virtualenv and pip as before: that uv would keep the system's CUDA torch seen through --system-site-packages
+# (instead of resolving torch itself) has not been tried.
+nox.options.default_venv_backend = "virtualenv" if CUDA else "uv|virtualenv"
 
-CUDA = shutil.which("nvidia-smi") is not None
 CONSTRAINTS = Path(__file__).parent / "constraints.txt"
 CPU_TORCH = next(line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("torch=="))
 
