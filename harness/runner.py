@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -86,6 +87,8 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
         _check_no_earlier_jobs_active([j.name for j in pretrain + rest], out)
         executor = Executor(suite.run, out)
+        if warning := shared_cpu_warning(suite.run, _gpus()):
+            print(warning, file=sys.stderr)
         for phase in (pretrain, rest):
             _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common, suite.run.timeout,
                        out, executor)
@@ -197,14 +200,30 @@ def _slots(run, jobs: int) -> list[str | None]:
     return [devices[i % len(devices)] for i in range(run.max_parallel or len(devices))]
 
 
-def _devices(nproc: int = 1) -> list[str | None]:
-    """One worker per `nproc` visible CUDA devices (its CUDA_VISIBLE_DEVICES), or a single CPU worker."""
+def shared_cpu_warning(run, gpus: int) -> str | None:
+    """A warning where `run.max_parallel` puts several jobs on this machine's CPU at once (no GPU): each job's
+    torch uses every core, so they fight over them (on 2 cores, the pg19 suite's two evaluation jobs at once took
+    371 s where one after the other took 145)."""
+    if run.executor == "slurm" or (run.max_parallel or 1) == 1 or gpus:
+        return None
+    return (f"warning: run.max_parallel {run.max_parallel} runs {run.max_parallel} jobs at once on this machine's "
+            f"CPU ({os.cpu_count()} cores), each with all of torch's threads; they slow each other down (on 2 cores "
+            "2 jobs at once took 2.6x as long as one after the other): leave max_parallel unset on a CPU machine")
+
+
+def _gpus() -> int:
+    """The CUDA devices this process sees (0 where torch is missing)."""
     try:
         import torch
 
-        n = torch.cuda.device_count()
+        return torch.cuda.device_count()
     except ImportError:
-        n = 0
+        return 0
+
+
+def _devices(nproc: int = 1) -> list[str | None]:
+    """One worker per `nproc` visible CUDA devices (its CUDA_VISIBLE_DEVICES), or a single CPU worker."""
+    n = _gpus()
     if 0 < n < nproc:
         raise UserError(f"run.nproc: {nproc} processes per fine-tune, but {n} CUDA device(s) are visible; lower "
                         "run.nproc or make more devices visible (CUDA_VISIBLE_DEVICES)")

@@ -149,3 +149,14 @@ def test_the_report_says_pg19_was_not_configured_unless_the_embedded_corpus_was_
     suite = load_suite(tmp_path / "s.yaml")
     notes = report_notes(suite, documents(suite, "eval"))
     assert bool(notes) == callout and all(n.startswith("PG-19 not configured") for n in notes)
+
+
+def test_several_jobs_at_once_on_a_cpu_are_warned_about():
+    from harness.runner import shared_cpu_warning
+    from harness.suite import Run
+
+    assert shared_cpu_warning(Run(max_parallel=2), gpus=0).startswith("warning: run.max_parallel 2 runs 2 jobs")
+    assert shared_cpu_warning(Run(), gpus=0) is None
+    assert shared_cpu_warning(Run(max_parallel=1), gpus=0) is None
+    assert shared_cpu_warning(Run(max_parallel=2), gpus=1) is None  # jobs on GPUs
+    assert shared_cpu_warning(Run(max_parallel=2, executor="slurm"), gpus=0) is None  # jobs on cluster nodes
