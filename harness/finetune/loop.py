@@ -126,6 +126,8 @@ def train(
     loss_of = torch.compile(lm_loss) if cfg.compile else lm_loss
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=None if sys.stderr.isatty() else False, mininterval=2.0)
+    if cfg.compile:  # the first step compiles for about a minute on 2 CPU cores, with the bar standing still
+        bar.set_postfix_str("compiling the training step")
     with _deterministic(cfg.compile and device.type == "cpu"):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
