@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.forkserver import ForkServer
 
 LEDGER = "jobs.jsonl"
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -29,42 +30,49 @@ NODE_LOCAL = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs",
 
 
 class LocalAttempt:
-    """One job attempt as a child process of the runner (`python -m harness.job SPEC.json`)."""
+    """One job attempt as a child process on this machine: forked from the runner's warm fork server
+    (harness.forkserver) where it has one, else a fresh `python -m harness.job SPEC.json`."""
 
     poll_every = 0.5  # seconds between the runner's looks at it
 
-    def __init__(self, spec: dict, device: str | None):
+    def __init__(self, spec: dict, device: str | None, server: ForkServer | None):
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(spec, f)
         self._spec_file = f.name
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
-        self._proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env,
-                                      start_new_session=True)
-        self.id = str(self._proc.pid)
+        if server is None:
+            proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env, start_new_session=True)
+            self._pid, self._exit_code = proc.pid, proc.poll
+        else:
+            self._pid = server.start(f.name, env)
+            self._exit_code = lambda: server.exit_code(self._pid)
+        self.id, self.code = str(self._pid), None
 
     def poll(self) -> int | None:
-        code = self._proc.poll()
-        if code is not None and os.path.exists(self._spec_file):
+        if self.code is None and (code := self._exit_code()) is not None:
+            self.code = code
             os.unlink(self._spec_file)
-        return code
+        return self.code
 
     def started(self) -> bool:
         return True
 
     def kill(self) -> None:
-        try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._proc.wait()
-        self.poll()
+        """SIGKILL to the job's session (its own children too), then wait for it to end."""
+        for kill in (os.killpg, os.kill):  # a just-forked child may not lead its session yet
+            try:
+                kill(self._pid, signal.SIGKILL)
+                break
+            except ProcessLookupError:
+                pass
+        while self.poll() is None:
+            time.sleep(0.05)
 
     def failure(self) -> tuple[str, str]:
         """(status, error) of an attempt that ended with cells left."""
-        code = self._proc.returncode
-        killed = code in (-9, 137)
+        killed = self.code in (-9, 137)
         return ("oom" if killed else "error",
-                f"job process exited with code {code}" + (" (killed: likely out of memory)" if killed else ""))
+                f"job process exited with code {self.code}" + (" (killed: likely out of memory)" if killed else ""))
 
 
 class SubmititAttempt:
@@ -117,10 +125,20 @@ class Executor:
         self._submitit = None
         if self.kind != "local":
             self._submitit = _submitit_executor(run, out)
+        self._forks: ForkServer | None = None
+
+    def close(self) -> None:
+        """End the fork server, if one was started."""
+        if self._forks is not None:
+            self._forks.close()
+            self._forks = None
 
     def start(self, name: str, spec: dict, device: str | None):
         if self._submitit is None:
-            attempt = LocalAttempt(spec, device)
+            with self._lock:
+                if self._forks is None and _may_fork():
+                    self._forks = ForkServer()
+            attempt = LocalAttempt(spec, device, self._forks)
         else:
             from harness.job import run_job
 
@@ -170,6 +188,16 @@ def _submitit_executor(run, out: Path):
     ex.update_parameters(partition=s.partition, gpus_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task,
                          time=s.time_min, account=s.account, additional_parameters=dict(s.additional) or None)
     return ex
+
+
+def _may_fork() -> bool:
+    """Whether local jobs are forked from a fork server: where torch sees no CUDA device (harness.forkserver
+    says why), unless HARNESS_FORKSERVER=0 asks for a fresh interpreter per job."""
+    if os.environ.get("HARNESS_FORKSERVER") == "0":
+        return False
+    import torch
+
+    return torch.cuda.device_count() == 0
 
 
 def _cache_root() -> Path:

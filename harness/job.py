@@ -249,6 +249,10 @@ def _built_before_the_ranks() -> None:
                        "entry removed meanwhile?)")
 
 
-if __name__ == "__main__":
+def main(spec_file: str) -> None:
     distributed.exit_with_parent()
-    run_job(json.loads(Path(sys.argv[1]).read_text()))
+    run_job(json.loads(Path(spec_file).read_text()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

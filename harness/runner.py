@@ -89,9 +89,12 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         executor = Executor(suite.run, out)
         if warning := shared_cpu_warning(suite.run, _gpus()):
             print(warning, file=sys.stderr)
-        for phase in (pretrain, rest):
-            _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common, suite.run.timeout,
-                       out, executor)
+        try:
+            for phase in (pretrain, rest):
+                _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common,
+                           suite.run.timeout, out, executor)
+        finally:
+            executor.close()
         from harness.report import render_report
 
         report = render_report(results.load(out), out, title=f"Suite {suite.name}", notes=report_notes(suite, corpus))

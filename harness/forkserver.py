@@ -1,0 +1,137 @@
+"""Job processes forked from a warm interpreter, on machines without a GPU.
+
+A fresh `python -m harness.job` spends about 3.4 s on 2 cores importing torch and transformers before it does
+anything, and a suite starts a job per variant (the ablation: 56). The fork server is one process that imports
+harness.job once and forks a child per job: the child starts in milliseconds with those modules loaded, in a
+session of its own, with the environment the runner gives it, and runs the job as `python -m harness.job SPEC`.
+
+Only where no GPU is visible: a process forked after CUDA was initialised cannot use CUDA, and importing
+transformers may initialise it. With a GPU every job is a fresh interpreter (harness.executors.LocalAttempt).
+
+The runner talks to the server over two pipes, one JSON object per line: it writes {"spec": PATH, "env": {...}};
+the server answers {"pid": N} at once and {"exit": N, "code": C} when that child ends (C as subprocess's
+returncode: -9 for SIGKILL). The server ends when the runner closes its end (it is done, or it died); children
+left then see their parent go and end too (harness.finetune.distributed.exit_with_parent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+
+
+class ForkServer:
+    """The runner's side: `start` a job, `exit_code` of a started one (None while it runs)."""
+
+    def __init__(self):
+        requests, self._requests = os.pipe()
+        self._replies, replies = os.pipe()
+        self._proc = subprocess.Popen([sys.executable, "-m", "harness.forkserver", str(requests), str(replies)],
+                                      pass_fds=(requests, replies), start_new_session=True)
+        os.close(requests)
+        os.close(replies)
+        self._lock = threading.Lock()  # several runner threads start and poll jobs
+        self._lines = _Lines(self._replies)
+        self._exits: dict[int, int] = {}
+
+    def start(self, spec_file: str, env: dict[str, str]) -> int:
+        """Fork a job for `spec_file` with environment `env`; its pid (the first waits for the server's imports)."""
+        with self._lock:
+            os.write(self._requests, (json.dumps({"spec": spec_file, "env": env}) + "\n").encode())
+            while True:
+                reply = self._next(timeout=None)
+                if "pid" in reply:
+                    return reply["pid"]
+
+    def exit_code(self, pid: int) -> int | None:
+        with self._lock:
+            while pid not in self._exits and self._next(timeout=0) is not None:
+                pass
+            return self._exits.get(pid)
+
+    def close(self) -> None:
+        """End the server (children still running end with it)."""
+        os.close(self._requests)
+        self._proc.wait()
+        os.close(self._replies)
+
+    def _next(self, timeout: float | None) -> dict | None:
+        """The server's next message (exit notices are kept), or None when there is none within `timeout`."""
+        line = self._lines.read(timeout)
+        if line is None:
+            return None
+        if line == b"":
+            raise RuntimeError(f"the job fork server (pid {self._proc.pid}) ended with code {self._proc.wait()}; "
+                               "its output is above")
+        reply = json.loads(line)
+        if "exit" in reply:
+            self._exits[reply["exit"]] = reply["code"]
+        return reply
+
+
+class _Lines:
+    """Lines from a pipe's file descriptor; b"" once it is closed."""
+
+    def __init__(self, fd: int):
+        self._fd, self._buffer = fd, b""
+
+    def read(self, timeout: float | None) -> bytes | None:
+        while b"\n" not in self._buffer:
+            if not select.select([self._fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+
+def serve(requests: int, replies: int) -> str | None:
+    """Fork a child per request until the runner closes `requests`. Returns only in a child: its spec file."""
+    import harness.job  # noqa: F401 - the point of the server: imported once, inherited by every child
+
+    lines, children = _Lines(requests), set()
+    while True:
+        line = lines.read(timeout=0.2)
+        for pid in _ended(children):
+            os.write(replies, (json.dumps({"exit": pid[0], "code": pid[1]}) + "\n").encode())
+        if line is None:
+            continue
+        if line == b"":
+            return None
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os.close(requests)
+            os.close(replies)
+            os.setsid()
+            os.environ.clear()
+            os.environ.update(request["env"])
+            return request["spec"]
+        children.add(pid)
+        os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
+
+
+def _ended(children: set[int]) -> list[tuple[int, int]]:
+    """(pid, returncode) of the children that ended since the last call (reaped and dropped from `children`)."""
+    ended = []
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children.discard(pid)
+            ended.append((pid, os.waitstatus_to_exitcode(status)))
+    return ended
+
+
+if __name__ == "__main__":
+    spec = serve(int(sys.argv[1]), int(sys.argv[2]))
+    if spec is not None:
+        from harness.job import main
+
+        sys.argv = [sys.modules["harness.job"].__file__, spec]
+        main(spec)
