@@ -1,4 +1,4 @@
-"""Suites on checkpoints (harness.models.sources): tiny ones written here in each format, each through a whole
+"""Suites on checkpoints (harness.models.sources): tiny ones written here in each format, all through one whole
 run (one method x two backends, perplexity at two lengths, niah_single_1, report), the bad entries, and the
 pretrained perplexity of a Llama against plain transformers."""
 
@@ -92,7 +92,7 @@ def entry(tmp_path, kind, tokenizer_dir) -> dict:
 
 SUITE = """\
 name: ckpt
-models: [{model}]
+models: {models}
 methods: [lora]
 backends: [full, {{sliding_window: {{window: 16}}}}]
 finetune: {{context: 64, steps: 2, batch_size: 1, grad_accum: 1, warmup_steps: 0}}
@@ -105,8 +105,8 @@ metrics:
 """
 
 
-def run(tmp_path, capsys, model: dict, *extra) -> tuple[int, str]:
-    (tmp_path / "s.yaml").write_text(SUITE.format(model=json.dumps(model)))
+def run(tmp_path, capsys, model: dict | list[dict], *extra) -> tuple[int, str]:
+    (tmp_path / "s.yaml").write_text(SUITE.format(models=json.dumps(model if isinstance(model, list) else [model])))
     code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), *extra])
     out = capsys.readouterr()
     return code, out.out + out.err
@@ -118,25 +118,27 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_PG19_DIR", raising=False)
 
 
-@pytest.mark.parametrize("kind", ["mamba_ssm", "mamba_ssm_sharded", "llama", "bamba", "zamba2"])
-def test_a_whole_suite_runs_on_a_checkpoint(tmp_path, capsys, isolated, tokenizer_dir, kind):
-    model = entry(tmp_path, kind, tokenizer_dir)
-    code, out = run(tmp_path, capsys, model)
+def test_a_whole_suite_runs_on_a_checkpoint_of_each_format(tmp_path, capsys, isolated, tokenizer_dir):
+    """One suite over all of them, as a lab compares its models side by side."""
+    models = [entry(tmp_path, kind, tokenizer_dir) for kind in ("mamba_ssm", "mamba_ssm_sharded", "llama", "bamba",
+                                                                 "zamba2")]
+    code, out = run(tmp_path, capsys, models)
     assert code == 0, out
     records = results.current(results.load(tmp_path / "out"))
-    by_cell = {r.cell: r for r in records}
-    name = model["name"]
-    expected = {f"{name}/seed0/{v}/{m}" for v in ("pretrained", "lora/full", "lora/sliding_window(window=16)")
-                for m in ("ppl@32", "ppl@64", "ruler/niah_single_1@512")} | {
-        f"{name}/seed0/lora/{b}/train" for b in ("full", "sliding_window(window=16)")}
-    assert set(by_cell) == expected, sorted(by_cell)
     assert all(r.status == "ok" for r in records), [(r.cell, r.error) for r in records if r.status != "ok"]
-    assert f"{name}/seed0/pretrain" not in by_cell  # a checkpoint is not pretrained
-    ppl = by_cell[f"{name}/seed0/pretrained/ppl@32"]
-    assert ppl.model["name"] == name and ppl.model["pretrain_context"] == 32 and len(ppl.model["hash"]) == 16
-    assert math.isfinite(ppl.values["perplexity"]) and ppl.values["perplexity"] > 1
+    by_cell = {r.cell: r for r in records}
+    expected = set()
+    for name in (m["name"] for m in models):
+        expected |= {f"{name}/seed0/{v}/{m}" for v in ("pretrained", "lora/full", "lora/sliding_window(window=16)")
+                     for m in ("ppl@32", "ppl@64", "ruler/niah_single_1@512")} | {
+            f"{name}/seed0/lora/{b}/train" for b in ("full", "sliding_window(window=16)")}
+        assert f"{name}/seed0/pretrain" not in by_cell  # a checkpoint is not pretrained
+        ppl = by_cell[f"{name}/seed0/pretrained/ppl@32"]
+        assert ppl.model["name"] == name and ppl.model["pretrain_context"] == 32 and len(ppl.model["hash"]) == 16
+        assert math.isfinite(ppl.values["perplexity"]) and ppl.values["perplexity"] > 1, name
+    assert set(by_cell) == expected, sorted(set(by_cell) ^ expected)
     assert (tmp_path / "out" / "index.html").is_file()
-    code, out = run(tmp_path, capsys, model, "--dry-run")  # everything recorded: nothing left to do
+    code, out = run(tmp_path, capsys, models, "--dry-run")  # everything recorded: nothing left to do
     assert code is None or code == 0
     assert "0 already recorded" not in out and f"{len(expected)} already recorded" in out, out
 
@@ -331,7 +333,7 @@ def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isola
     from harness.suite import load_suite
 
     model = entry(tmp_path, "bamba", tokenizer_dir)
-    (tmp_path / "s.yaml").write_text(SUITE.format(model=json.dumps(model)).replace("[lora]", f"[{method}]"))
+    (tmp_path / "s.yaml").write_text(SUITE.format(models=json.dumps([model])).replace("[lora]", f"[{method}]"))
     code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--only", "*/train"])
     assert code == 0, "".join(capsys.readouterr())
     suite = load_suite(tmp_path / "s.yaml")
