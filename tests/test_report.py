@@ -5,7 +5,7 @@ import pytest
 
 from harness.report import render_report
 from harness.report.html import build_context, variant_key, variant_label
-from harness.report.plots import tokens_label
+from harness.report.plots import PALETTE, looks, tokens_label
 from harness.report.significance import wilson
 from harness.results import Record, to_frame
 
@@ -114,6 +114,18 @@ def test_mixed_protocols_are_split_and_flagged():
 @pytest.mark.parametrize("n,label", [(2048, "2K"), (1536, "1.5K"), (32768, "32K"), (300, "300"), (1 << 20, "1M")])
 def test_tokens_label(n, label):
     assert tokens_label(n) == label
+
+
+def test_many_series_keep_apart_by_colour_line_and_marker():
+    few = looks([("full", "lora", ""), ("s2", "lora", "")])
+    assert few == [(PALETTE[0], "-", "o"), (PALETTE[1], "-", "o")]  # each its own colour while they last
+    # the ablation: pretrained + 5 backends x 3 methods x 2 evaluations, less full with its own attention
+    groups = [("pretrained", "none", "")] + [(b, m, e) for b in ("full", "sw", "s2", "se", "se-prev")
+                                              for m in ("lora", "lora_plus", "hylora") for e in ("", "finetune")
+                                              if not (b == "full" and e)]
+    styles = looks(groups)
+    assert len(groups) == 28 and len(set(styles)) == 28
+    assert len({c for c, _, _ in styles}) == 6 and len({ls for _, ls, _ in styles}) == 4
 
 
 def test_perplexity_over_seeds_is_mean_and_sd():

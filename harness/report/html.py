@@ -145,10 +145,12 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     # plot
     spread = {(k, c): _spread(pv.values(k, c), pv.records(k, c)) for k in keys for c in pv.measured(k)}
     seeded = any(sd is not None for _, sd in spread.values())
+    looks = plots.looks([(f"{k.model}/{k.backend if k.stage != 'pretrained' else 'pretrained'}",
+                          f"{k.run}/{k.method}", k.eval_attention) for k in keys])
     series = [plots.Series(label=names[k], x=pv.measured(k), y=[spread[(k, c)][0] for c in pv.measured(k)],
-                           failed=pv.failures(k),
+                           failed=pv.failures(k), color=colour, linestyle=style, marker=marker,
                            yerr=[spread[(k, c)][1] or 0.0 for c in pv.measured(k)] if seeded else None)
-              for k in keys]
+              for k, (colour, style, marker) in zip(keys, looks, strict=True)]
     vlines = []
     pre = sorted({int(s["pretrain_context"]) for r in recs
                   if (s := r.settings).get("pretrain_context")})

@@ -49,6 +49,7 @@ class Series:
     failed: list[tuple[float, str]] = field(default_factory=list)  # (x, status) of cells with no value
     color: str | None = None  # default: the palette colour of the series' position
     linestyle: str = "-"
+    marker: str = "o"
     yerr: list[float] | None = None  # error bars (one sd over seeds), aligned with y
 
 
@@ -57,6 +58,22 @@ class VLine:
     x: float
     label: str
     color: str = "#555555"
+
+
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "^", "s", "D"]
+
+
+def looks(groups: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(colour, line style, marker) per series, from what each is: (colour group, style group, marker group),
+    say (backend, method, evaluation attention). Past the palette's 10 colours, one colour a series repeats; the
+    ablation's 28 variants then stay apart: a colour per backend, a line style per method, a marker per
+    evaluation attention. Groups beyond a channel's values cycle."""
+    if len(groups) <= len(PALETTE):
+        return [(color(i), "-", "o") for i in range(len(groups))]
+    channels = [list(dict.fromkeys(g[i] for g in groups)) for i in range(3)]
+    return [(color(channels[0].index(a)), LINESTYLES[channels[1].index(b) % len(LINESTYLES)],
+             MARKERS[channels[2].index(c) % len(MARKERS)]) for a, b, c in groups]
 
 
 PRETRAIN_COLOR = "#444444"
@@ -86,13 +103,13 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     for s, c in zip(series, colors, strict=True):
         pts = sorted(zip(s.x, s.y, s.yerr or [0.0] * len(s.y), strict=True))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=5, lw=1.8,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=s.marker, ms=5, lw=1.8,
                     color=c, linestyle=s.linestyle, label=s.label)
             if s.yerr is not None:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="none",
                             ecolor=c, elinewidth=1.2, capsize=3)
         elif s.failed:
-            ax.plot([], [], marker="o", color=c, linestyle=s.linestyle, label=s.label)  # legend entry only
+            ax.plot([], [], marker=s.marker, color=c, linestyle=s.linestyle, label=s.label)  # legend entry only
     ax.set_xscale("log", base=2)
     logy = logy and bool(ys) and min(ys) > 0
     if logy:
