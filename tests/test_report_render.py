@@ -34,7 +34,7 @@ def test_report_renders_in_a_browser(tmp_path):
     import numpy as np
 
     records = demo.records(runs=2)
-    kinds = {(r["metric"], r["status"]) for r in records}
+    kinds = {(r.metric, r.status) for r in records}
     assert {("pretrain", "ok"), ("train", "ok"), ("perplexity", "oom"), ("ruler", "ok"),
             ("efficiency", "oom")} <= kinds
     path = render_report(records, tmp_path / "report", title="Render check", notes=["synthetic records"])
