@@ -193,11 +193,17 @@ def _submitit_executor(run, out: Path):
 def _may_fork() -> bool:
     """Whether local jobs are forked from a fork server: where torch sees no CUDA device (harness.forkserver
     says why), unless HARNESS_FORKSERVER=0 asks for a fresh interpreter per job."""
-    if os.environ.get("HARNESS_FORKSERVER") == "0":
-        return False
-    import torch
+    return os.environ.get("HARNESS_FORKSERVER") != "0" and visible_gpus() == 0
 
-    return torch.cuda.device_count() == 0
+
+def visible_gpus() -> int:
+    """The CUDA devices this process sees (0 where torch is missing)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
 
 
 def _cache_root() -> Path:

@@ -41,7 +41,7 @@ class ForkServer:
     def start(self, spec_file: str, env: dict[str, str]) -> int:
         """Fork a job for `spec_file` with environment `env`; its pid (the first waits for the server's imports)."""
         with self._lock:
-            os.write(self._requests, (json.dumps({"spec": spec_file, "env": env}) + "\n").encode())
+            _send(self._requests, {"spec": spec_file, "env": env})
             while True:
                 reply = self._next(timeout=None)
                 if "pid" in reply:
@@ -98,8 +98,8 @@ def serve(requests: int, replies: int) -> str | None:
     lines, children = _Lines(requests), set()
     while True:
         line = lines.read(timeout=0.2)
-        for pid in _ended(children):
-            os.write(replies, (json.dumps({"exit": pid[0], "code": pid[1]}) + "\n").encode())
+        for pid, code in _ended(children):
+            _send(replies, {"exit": pid, "code": code})
         if line is None:
             continue
         if line == b"":
@@ -114,7 +114,12 @@ def serve(requests: int, replies: int) -> str | None:
             os.environ.update(request["env"])
             return request["spec"]
         children.add(pid)
-        os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
+        _send(replies, {"pid": pid})
+
+
+def _send(fd: int, message: dict) -> None:
+    """One message, as a line of JSON."""
+    os.write(fd, (json.dumps(message) + "\n").encode())
 
 
 def _ended(children: set[int]) -> list[tuple[int, int]]:

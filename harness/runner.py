@@ -24,7 +24,7 @@ from pathlib import Path
 from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
-from harness.executors import ACTIVE, Executor, ledger, live_state
+from harness.executors import ACTIVE, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
@@ -87,7 +87,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         rest = [j for j in jobs if j.kind != "pretrain" and todo[j.name]]
         _check_no_earlier_jobs_active([j.name for j in pretrain + rest], out)
         executor = Executor(suite.run, out)
-        if warning := shared_cpu_warning(suite.run, _gpus()):
+        if warning := shared_cpu_warning(suite.run, visible_gpus()):
             print(warning, file=sys.stderr)
         try:
             for phase in (pretrain, rest):
@@ -214,19 +214,9 @@ def shared_cpu_warning(run, gpus: int) -> str | None:
             "2 jobs at once took 2.6x as long as one after the other): leave max_parallel unset on a CPU machine")
 
 
-def _gpus() -> int:
-    """The CUDA devices this process sees (0 where torch is missing)."""
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
-
-
 def _devices(nproc: int = 1) -> list[str | None]:
     """One worker per `nproc` visible CUDA devices (its CUDA_VISIBLE_DEVICES), or a single CPU worker."""
-    n = _gpus()
+    n = visible_gpus()
     if 0 < n < nproc:
         raise UserError(f"run.nproc: {nproc} processes per fine-tune, but {n} CUDA device(s) are visible; lower "
                         "run.nproc or make more devices visible (CUDA_VISIBLE_DEVICES)")

@@ -66,9 +66,10 @@ MARKERS = ["o", "^", "s", "D"]
 
 def looks(groups: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """(colour, line style, marker) per series, from what each is: (colour group, style group, marker group),
-    say (backend, method, evaluation attention). Past the palette's 10 colours, one colour a series repeats; the
-    ablation's 28 variants then stay apart: a colour per backend, a line style per method, a marker per
-    evaluation attention. Groups beyond a channel's values cycle."""
+    say (backend, method, evaluation attention). Up to the palette's 10, each series gets a colour of its own;
+    past that, colours would repeat, so each channel shows one group instead (the ablation's 28 variants: a
+    colour per backend, a line style per method, a marker per evaluation attention). Groups beyond a channel's
+    values cycle."""
     if len(groups) <= len(PALETTE):
         return [(color(i), "-", "o") for i in range(len(groups))]
     channels = [list(dict.fromkeys(g[i] for g in groups)) for i in range(3)]
