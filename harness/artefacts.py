@@ -35,7 +35,7 @@ from harness.data.tokenizer import tokenizer_fingerprint
 from harness.data.tokens import token_stream
 from harness.errors import UserError
 from harness.finetune.distributed import SINGLE, World, full_state, wrap
-from harness.finetune.loop import TrainConfig, TrainLog, missing_cpu_compiler, train
+from harness.finetune.loop import TrainConfig, TrainLog, checkpoint_activations, missing_cpu_compiler, train
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
@@ -182,7 +182,7 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
     f, cfg = suite.finetune, finetune_config(suite, backend, seed)
     use_attention(start, backend, "finetune")
     if f.gradient_checkpointing:
-        start.gradient_checkpointing_enable()
+        checkpoint_activations(start)
     torch.manual_seed(seed)  # adapter init draws from the global RNG, whose start differs per process
     trained, summary = apply_method(start, method, rank=f.rank, alpha=f.alpha)
     with attention_module.recording() as kernels:

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.attention import recording, register, registered_backend
+from harness.finetune.loop import checkpoint_activations
 from harness.models import HybridConfig, HybridForCausalLM
 from harness.models.cache_args import output_cache
 
@@ -75,7 +76,7 @@ def test_random_chunk_size_is_consistent_under_gradient_checkpointing(reentrant)
         registered_backend(name).reset()
         model = _model(name).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            checkpoint_activations(model, use_reentrant=reentrant)
         for _ in range(2):  # two steps: the chunk size is drawn anew per call
             model(IDS, labels=IDS).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from harness.errors import UserError
+from harness.finetune.loop import checkpoint_activations
 from harness.finetune.methods import (
     METHODS,
     PAPER_DEFAULTS,
@@ -183,7 +184,7 @@ def test_gradient_checkpointing_still_reaches_every_trainable_parameter(method):
     model = HybridForCausalLM(HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1],
                                            ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
                                            attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
-    model.gradient_checkpointing_enable()
+    checkpoint_activations(model)
     peft_model, _ = apply_method(model, method, rank=4, alpha=8)
     peft_model.train()
     ids = torch.randint(0, 64, (2, 16))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from harness.errors import UserError
+from harness.finetune.loop import checkpoint_activations
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.cache_args import output_cache
 
@@ -149,7 +150,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
 def test_gradient_reaches_every_parameter_with_checkpointing():
     model = _model("unfused-gqa-mlp").train()
-    model.gradient_checkpointing_enable()
+    checkpoint_activations(model)
     model(_ids(), labels=_ids()).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing

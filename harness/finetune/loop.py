@@ -185,6 +185,16 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": lora or rest}]
 
 
+def checkpoint_activations(model, **kwargs) -> None:
+    """Recompute activations in the backward pass (transformers >= 5.23 names it activation checkpointing; 5.0
+    only has the older, now deprecated, gradient checkpointing name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    else:
+        enable(activation_checkpointing_kwargs=kwargs or None)
+
+
 def missing_cpu_compiler() -> str | None:
     """The C++ compiler torch.compile builds CPU kernels with ($CXX, else g++) if it is not on PATH, else None."""
     cxx = os.environ.get("CXX", "g++")
