@@ -67,3 +67,22 @@ def test_claims_name_the_paper_numbers():
         better = c.paper[1] > c.paper[0] if c.metric == "ruler" else c.paper[1] < c.paper[0]
         assert better, c.text  # the paper's own numbers go the claimed way
     assert claims_blocks([]) == []
+
+
+def test_ablations_are_found_by_their_options_or_aliases():
+    # SE-Attn without retrieval or with random blocks is the ablation's baseline, never the SE-Attn side
+    for none, random in (("se_attn(retrieval=none)", "se_attn(retrieval=random)"), ("se_attn_nomem", "se_attn_random")):
+        recs = [r for seed in (0, 1) for r in (_ruler("hylora", none, seed, 2), _ruler("hylora", random, seed, 5),
+                                                 _ruler("hylora", SE, seed, 15))]
+        rows = _rows(recs)
+        sides = {text: (a, row[1]["text"].split(" → ")[1]) for (text, a), row in rows.items()}
+        se = f"finetuned: hylora / {SE} @ 2048"
+        assert sides == {"retrieved blocks beat no retrieval": (f"finetuned: hylora / {none} @ 2048", se),
+                         "top-k blocks beat random blocks": (f"finetuned: hylora / {random} @ 2048", se)}
+
+
+def test_a_length_without_shared_samples_is_not_measured():
+    # each side's other task failed: RULER records at 2048 on both sides, but no sample in common
+    recs = [_ruler("hylora", SE, 0, 15, task="niah_single_1"), _ruler("hylora", "s2_attn", 0, 3, task="vt")]
+    row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[-1]["text"] == "not measured"
