@@ -92,6 +92,18 @@ def test_stride_windows_cover_each_position_once_with_enough_history():
             assert a >= context - stride  # history of every scored token beyond the first window
 
 
+def test_a_stride_subset_scores_only_newest_tokens_in_every_window(model, tokens):
+    # a subset's first window scores its newest `stride` tokens, not all context - 1 with short histories; its
+    # last one a whole stride, not the stream's leftover
+    context, stride = 32, 8
+    wins = plan_windows(N_TOKENS, context, PROTOCOLS["stride"], stride)
+    keep = [wins[i][0] for i in subset_indices(len(wins), 3)]
+    ref = torch.cat([window_nll(model, tokens[s:s + context], context - stride) for s in keep]).double()
+    res = evaluate_perplexity(model, tokens, context, "stride", stride=stride, max_windows=3)
+    assert res.windows == 3 and res.tokens_scored == ref.numel() == 3 * stride
+    assert res.nll == pytest.approx(ref.mean().item(), rel=1e-5)
+
+
 def test_default_hops(model, tokens):
     assert evaluate_perplexity(model, tokens, 32, "longlora", max_windows=2).step_or_stride == 256
     res = evaluate_perplexity(model, tokens, 32, "stride", max_windows=2)

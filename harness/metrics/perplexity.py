@@ -32,7 +32,11 @@ Budget (``max_windows``): when a protocol yields n > max_windows windows, window
 ``round(i * (n - 1) / (max_windows - 1))`` for i = 0..max_windows-1 are evaluated: an evenly
 spaced, deterministic subset that contains the first and the last window, so it spans the
 whole stream at every context length (a prefix would make short contexts see only the
-stream's beginning). Each kept window keeps its own scored positions.
+stream's beginning). Each kept window keeps its own scored positions, except under ``stride``,
+where every kept window scores its newest ``stride`` tokens: the first window's context - 1
+would be as many as several windows' worth, each with less history than the protocol
+promises (a bias that grows with the context, as the budget keeps fewer windows), and the
+last one's leftover would be a few tokens.
 
 Model contract. The model is called as
 ``model(input_ids=x, output_hidden_states=True, logits_to_keep=1, use_cache=False)`` and
@@ -302,6 +306,8 @@ def evaluate_perplexity(
 
     candidates = plan_windows(n, context, proto, hop)
     windows = [candidates[i] for i in subset_indices(len(candidates), max_windows)]
+    if proto.score_newest_only and len(windows) < len(candidates):  # a subset: each scores its newest `hop` tokens
+        windows = [(start, max(1, context - hop), context) for start, _, _ in windows]
 
     if device is None:
         try:
