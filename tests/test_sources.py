@@ -7,9 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from harness.data import default_tokenizer, random_windows
 from harness.data.sources import Source, open_source
+from harness.data.tokenizer import tokenizer_fingerprint
 from harness.data.tokens import as_long, stream_dtype, token_stream
 from harness.errors import UserError
 from harness.plan import documents, plan
@@ -79,6 +82,18 @@ def test_a_changed_file_is_a_new_stream(tmp_path, tmp_cache, tok):
     assert tok.decode(as_long(token_stream(tok, after)[:9]).tolist()).startswith("A different first book")
     with pytest.raises(UserError, match="2.txt changed since its source was opened"):
         token_stream(tok, before)  # its fingerprint says what the file was, not what it is now
+
+
+def test_a_tokenizer_with_another_eos_is_another_stream(tmp_path, tmp_cache, tok):
+    # the same tokenizer.json with another eos (as Qwen2.5 base vs Instruct) separates documents with another id
+    docs = open_source(write_sources(tmp_path)["text"], "data.train")
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<|eot|>"])
+    base, instruct = (PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=e)
+                      for e in (tok.eos_token, "<|eot|>"))
+    assert tokenizer_fingerprint(base) == tokenizer_fingerprint(instruct)
+    seps = [int((token_stream(t, docs) == t.eos_token_id).sum()) for t in (base, instruct)]
+    assert seps == [len(DOCS) - 1] * 2
 
 
 def test_random_windows_read_a_memory_mapped_stream_like_a_tensor(tmp_path, tmp_cache, tok):

@@ -133,7 +133,8 @@ def _encode(tokenizer, docs: Documents, max_tokens: int | None, out) -> dict:
 
 
 def tokens_cache_key(tokenizer, docs: Documents, max_tokens: int | None = None) -> str:
-    return cache.fingerprint(tokenizer_fingerprint(tokenizer), docs.fingerprint, max_tokens,
+    # the separator too: tokenizers that share tokenizer.json can differ in their eos (Qwen2.5 base and Instruct)
+    return cache.fingerprint(tokenizer_fingerprint(tokenizer), _eos_id(tokenizer), docs.fingerprint, max_tokens,
                              cache.code_version(sys.modules[__name__]))
 
 
