@@ -371,6 +371,16 @@ def test_hf_weights_that_do_not_match_their_config_are_listed(tmp_path, isolated
         load_model(r)
 
 
+def test_an_hf_checkpoint_in_bf16_keeps_its_ssm_parameters_in_fp32(tmp_path, isolated, tokenizer_dir, monkeypatch):
+    import harness.models.sources as sources
+
+    write_hf(tmp_path / "bamba", "bamba", tokenizer_dir)
+    monkeypatch.setattr(sources, "compute_dtype", lambda entry: torch.bfloat16)  # what CUDA machines get
+    model = load_model(resolve(Checkpoint(name="m", path=str(tmp_path / "bamba"))))
+    dtypes = {n.rsplit(".", 1)[-1]: p.dtype for n, p in model.named_parameters()}
+    assert {dtypes[k] for k in ("A_log", "D", "dt_bias")} == {torch.float32} and dtypes["weight"] == torch.bfloat16
+
+
 def test_a_backend_needs_attention_that_goes_through_the_interface():
     from harness.artefacts import use_attention
     from harness.suite import expand_backend

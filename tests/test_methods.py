@@ -81,6 +81,17 @@ def test_groups_and_tied_head():
     assert s.groups["lora"] == 4 * (32 + 96) + 4 * (32 + 32)  # in_proj 32->96 and out_proj 32->32 at r=4
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_what_trains_is_fp32_in_a_bf16_model(method):
+    # a checkpoint loaded in bf16: AdamW steps on bf16 norms near 1 round away, and FSDP2 refuses mixed units
+    model, _ = apply_method(tiny(attn_conv=4).to(torch.bfloat16), method, rank=4, alpha=8)
+    trains = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trains == {torch.float32} and frozen <= {torch.bfloat16}
+    base = model.get_base_model() if method != "full" else model
+    assert base.lm_head.weight is base.backbone.embedding.weight
+
+
 @pytest.mark.parametrize("method", ["lora_plus", "hylora"])
 def test_forward_reads_the_trained_weights(method):
     """Every fully trained tensor is the one the forward uses: perturbing it changes the logits."""

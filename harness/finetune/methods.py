@@ -29,6 +29,10 @@ own mechanism) rather than through PEFT's `modules_to_save`, which trains a copy
 weights the forward reads (Mamba kernels read `conv1d.weight` directly) are by construction the
 trained ones, a tied lm_head follows its embedding, and no vocab-sized copy is made.
 `save_method` therefore writes the PEFT adapter plus the fully trained tensors, by name.
+
+Whatever trains is float32 (master weights), whatever the loaded model's dtype: a checkpoint loaded in bf16
+keeps its frozen weights so, and the loop's autocast computes in bf16. A bf16 norm weight near 1 cannot take an
+AdamW step of 2e-4 (it rounds away), and FSDP2 refuses a unit that mixes fp32 LoRA with bf16 trained weights.
 """
 
 from __future__ import annotations
@@ -223,6 +227,9 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
             raise UserError(f"{method}: PEFT rejected the LoRA targets: {e}") from None
         for p in extra:  # after get_peft_model, which freezes every base parameter
             p.requires_grad_(True)
+    for p in out.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # in place on the Parameter: a tied lm_head stays tied
     out.harness_method = {"method": method, "rank": rank, "alpha": alpha}
     return out, summarize(out, method, groups)
 

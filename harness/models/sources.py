@@ -208,6 +208,9 @@ def load_model(r: Resolved) -> torch.nn.Module:
                 for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
         raise UserError(f"{where}: the weights in {r.directory} do not match its {CONFIG}: " + "; ".join(problems))
+    for name, p in model.named_parameters():  # transformers casts them with the rest (NemotronH excepted)
+        if name.rsplit(".", 1)[-1] in KEEP_FP32 and p.dtype != torch.float32:
+            p.data = p.data.float()  # stored in fp32, their values were rounded to `dtype` once, at loading
     return model.eval()
 
 
