@@ -78,3 +78,22 @@ def test_dropped_cache_fails_the_ruler_cell(build, drop_cache):
     model = drop_cache(build().eval())
     with pytest.raises(CacheMismatchError, match=rf"transformers {transformers.__version__}.*constraints"):
         evaluate_ruler(model, default_tokenizer(), "niah_single_1", 320, 1, seed=0)
+
+
+def test_prompts_carry_the_tokenizers_special_tokens_as_rulers_do():
+    # RULER's HF predictor calls tokenizer(prompt), which puts a Llama tokenizer's BOS first; lengths count without
+    from tokenizers import Tokenizer, processors
+
+    base = default_tokenizer()
+    backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
+    bos = base.eos_token_id  # the tokenizer's one special token, as the BOS of this Llama-like tokenizer
+    backend.post_processor = processors.TemplateProcessing(single=f"{base.eos_token} $A",
+                                                           special_tokens=[(base.eos_token, bos)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=base.eos_token,
+                                               pad_token=base.eos_token)
+    model, prompts = _hybrid().eval(), []
+    generate_ = model.generate
+    model.generate = lambda input_ids, **kw: prompts.append(input_ids[0].tolist()) or generate_(input_ids, **kw)
+    evaluate_ruler(model, tok, "niah_single_1", LENGTH, N, seed=0)
+    samples = generate("niah_single_1", LENGTH, tok, N, 0)
+    assert prompts[-N:] == [[bos, *tok.encode(s.input, add_special_tokens=False)] for s in samples]  # after the check

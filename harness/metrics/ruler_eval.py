@@ -25,7 +25,8 @@ def evaluate_ruler(model, tokenizer, task: str, length: int, n: int, seed: int, 
     mine = []
     for s in tqdm(ranks.share(samples), desc=f"ruler {task} @ {length}", unit="sample", mininterval=2.0,
                   disable=ranks.rank != 0):
-        ids = torch.tensor([tokenizer.encode(s.input, add_special_tokens=False)], device=device)
+        # with the tokenizer's special tokens (a Llama BOS), as RULER's HF predictor prompts; lengths count without
+        ids = torch.tensor([tokenizer.encode(s.input)], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
