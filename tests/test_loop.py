@@ -50,6 +50,26 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
         assert torch.equal(a, b), n
 
 
+def test_a_weighted_step_is_one_loss_however_it_is_split_into_micro_batches():
+    # row 0 has answers weighted 5x, row 1 none: one micro-batch of 2 rows or 2 of 1 row train the same
+    ids = torch.randint(0, 64, (4, 2, 16), generator=torch.Generator().manual_seed(2))
+    weights = torch.ones(4, 2, 16)
+    weights[:, 0, 8:] = 5.0
+    runs = []
+    for batch_size, accum in ((2, 1), (1, 2)):
+        drawn = {}
+
+        def rows(g, step, batch_size=batch_size, drawn=drawn):
+            i = drawn.get(step, 0)
+            drawn[step] = i + batch_size
+            return ids[step, i:i + batch_size], weights[step, i:i + batch_size]
+
+        cfg = TrainConfig(steps=4, context=16, batch_size=batch_size, grad_accum=accum, lr=1e-2, warmup_steps=1)
+        log = train(tiny(), rows, cfg)
+        runs.append([loss for _, loss in log.loss_curve])  # each step's loss follows the steps before it
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
 def test_average_last_ends_with_the_mean_of_the_last_steps_weights():
     cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=2)
     plain, seen = tiny(), []

@@ -132,14 +132,18 @@ def train(
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             total = 0.0
-            for i in range(cfg.grad_accum):
-                batch = next_batch(gen, step)
-                ids, weights = batch if isinstance(batch, tuple) else (batch, None)
+            batches = [b if isinstance(b, tuple) else (b, None) for b in
+                       (next_batch(gen, step) for _ in range(cfg.grad_accum))]
+            # Each micro-batch's mean loss counts by its share of the step's loss weight over all ranks (DDP
+            # averages over ranks: hence the mean), so the step's loss is one weighted mean, however split.
+            shares = [_loss_weight(ids, w) for ids, w in batches]
+            per_rank = world.mean(sum(shares), device)
+            for i, (ids, weights) in enumerate(batches):
                 ids = ids.to(device)
                 with world.sync(model, last=i + 1 == cfg.grad_accum):
                     with autocast:
                         w = None if weights is None else weights.to(device)
-                        loss = loss_of(model, ids, w) / cfg.grad_accum
+                        loss = loss_of(model, ids, w) * (shares[i] / per_rank)
                     loss.backward()
                 total += loss.item()
                 log.tokens += ids.numel() * world.size
@@ -199,6 +203,11 @@ def missing_cpu_compiler() -> str | None:
     """The C++ compiler torch.compile builds CPU kernels with ($CXX, else g++) if it is not on PATH, else None."""
     cxx = os.environ.get("CXX", "g++")
     return None if shutil.which(cxx) else cxx
+
+
+def _loss_weight(ids: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """What `weighted_lm_loss` of a micro-batch divides by: its predicted tokens' summed weight."""
+    return float(weights[:, 1:].sum()) if weights is not None else float(ids.shape[0] * (ids.shape[1] - 1))
 
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
