@@ -60,6 +60,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def remembered_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered in the cache per (path, size, modification time)."""
+    path = Path(path)
+    st = path.resolve().stat()
+    key = fingerprint(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    memo = cache_root() / "file-hashes" / key
+    if memo.is_file():
+        return memo.read_text()
+    digest = file_sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
 def code_version(*modules: ModuleType) -> str:
     """Hash of the source files of the given modules (or packages: every .py under them)."""
     return source_version(*(f for m in modules for f in module_files(Path(m.__file__))))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from harness.artefacts import pretrain_config
@@ -100,6 +102,18 @@ metrics:
                    "tiny-hybrid/seed0/lora/s2_attn/eval-finetune/ppl@64", "tiny-hybrid/seed0/lora/s2_attn/ppl@64",
                    "tiny-hybrid/seed0/lora/s2_attn/ruler/niah_single_1@512", "tiny-hybrid/seed0/pretrained/ppl@64",
                    "tiny-hybrid/seed0/pretrained/ruler/niah_single_1@512"]
+
+
+def test_ruler_cells_know_their_essay_file_by_content(tmp_path, isolated_cache):
+    from harness.plan import plan
+
+    essays = tmp_path / "essays.json"
+    hashes = []
+    for text in ("One essay. " * 100, "Another essay. " * 100, "One essay. " * 100):
+        essays.write_text(json.dumps({"text": text}))
+        s = load_suite(write(tmp_path, f"name: x\nmetrics: {{ruler: {{lengths: [512], essay_file: {essays}}}}}\n"))
+        hashes.append(next(c["hash"] for j in plan(s, "data") for c in j.cells if c["metric"] == "ruler"))
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
 
 
 def test_recall_rows_need_room(tmp_path):

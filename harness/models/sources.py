@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -124,8 +123,9 @@ def resolve(entry: Checkpoint) -> Resolved:
         raise UserError(f"{where}: {directory} has no weights (*.safetensors or *.bin); fix: download them too")
     tokenizer = _directory(entry.tokenizer, None, f"{where}.tokenizer")[0] if entry.tokenizer else directory
     parts = ([revision] if revision else
-             [hashlib.sha256((directory / CONFIG).read_bytes()).hexdigest(), *map(_file_hash, weights)])
-    tokenizer_files = [(f.name, _file_hash(f)) for f in sorted(tokenizer.iterdir()) if _TOKENIZER_FILE.match(f.name)]
+             [hashlib.sha256((directory / CONFIG).read_bytes()).hexdigest(), *map(cache.remembered_sha256, weights)])
+    tokenizer_files = [(f.name, cache.remembered_sha256(f)) for f in sorted(tokenizer.iterdir())
+                       if _TOKENIZER_FILE.match(f.name)]
     return Resolved(entry, directory, fmt, config.get("model_type", "mamba_ssm"), int(context),
                     cache.fingerprint(fmt, parts, tokenizer_files, entry.dtype, int(context)), tokenizer)
 
@@ -166,21 +166,6 @@ def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory (every shard of a sharded one)."""
     return sorted(f for f in directory.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES
                   and not f.name.startswith("training_args"))
-
-
-def _file_hash(path: Path) -> str:
-    """SHA-256 of a file, remembered in the cache per (path, size, modification time)."""
-    st = path.resolve().stat()
-    key = cache.fingerprint(str(path.resolve()), st.st_size, st.st_mtime_ns)
-    memo = cache.cache_root() / "file-hashes" / key
-    if memo.is_file():
-        return memo.read_text()
-    digest = cache.file_sha256(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
-    return digest
 
 
 def compute_dtype(entry: Checkpoint) -> torch.dtype:

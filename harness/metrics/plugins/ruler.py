@@ -79,6 +79,7 @@ class Ruler(Metric):
     ranks = True
 
     def cells(self, config: RulerConfig, variant, plan):
+        from harness import cache
         from harness.artefacts import tokenizer
         from harness.errors import UserError
 
@@ -89,7 +90,9 @@ class Ruler(Metric):
         for task in config.tasks if tok is not None else ():  # where the user is, not an error per cell at run time
             for n in {min(config.lengths), max(config.lengths)}:
                 _fits(task, n, tok, config.essay_file, config.qa_files.get(task))
-        hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint}
+        files = [f for f in (config.essay_file, *config.qa_files.values()) if f]  # by content, not path alone
+        hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint,
+                  **({"files": [cache.remembered_sha256(f) for f in files]} if files else {})}
         return [(Cell(self.name, variant, n, t, ev), hashed)
                 for ev in eval_attentions(config, variant) for t in config.tasks for n in config.lengths]
 
