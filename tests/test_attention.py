@@ -128,6 +128,18 @@ def _planted(length=64, d=8, value=5.0):
     return q, k, v
 
 
+def test_fp16_relevancy_that_overflows_fp16_still_retrieves_only_candidates():
+    # the sum of a chunk's 128 fp16 queries dotted with a summary exceeds fp16's 65504: ranked in fp16, overflowed
+    # candidates tied with the masked non-candidates, and a chunk read future blocks
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+    q[..., 0] += 40.0
+    v[:, :, :64, 0] = -20.0
+    index, valid = se_attn_select(q.half(), k.half(), v.half(), 0.25, 128, 16, 8, "relevancy", True, 0)
+    assert valid[0, 0].sum(-1).tolist() == [0, 8, 8, 8]
+    assert all(((index[0, h, i][valid[0, h, i]] + 1) * 16 <= i * 128).all() for h in range(2) for i in range(4))
+
+
 def test_planted_block_is_retrieved_and_used():
     q, k, v = _planted()
     opts = dict(chunk_size=16, block_size=4, top_k=1)

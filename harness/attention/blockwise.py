@@ -120,8 +120,9 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
     else:
         kx, vx = expand_kv(q, k, v)
         blocks = [x[:, :, :n_full * s].reshape(b, hq * n_full, s, d) for x in (q, kx, vx)]
-        summaries = F.scaled_dot_product_attention(*blocks, scale=scale).mean(dim=2).reshape(b, hq, n_full, d)
-        chunk_sums = _pad_to(q, n_chunks * m).reshape(b, hq, n_chunks, m, d).sum(dim=3)
+        # relevancy in fp32: a sum of M fp16 queries overflows to inf (and ranks a candidate as a non-candidate)
+        summaries = F.scaled_dot_product_attention(*blocks, scale=scale).float().mean(dim=2).reshape(b, hq, n_full, d)
+        chunk_sums = _pad_to(q, n_chunks * m).float().reshape(b, hq, n_chunks, m, d).sum(dim=3)
         if selection == "previous":  # chunk i ranks with chunk i-1's queries (chunk 0 has no candidates)
             chunk_sums = torch.cat([chunk_sums[:, :, :1], chunk_sums[:, :, :-1]], dim=2)
         scores = chunk_sums @ summaries.transpose(-1, -2)  # (B, Hq, T, U_full)
@@ -130,7 +131,8 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
     chunk_start = torch.arange(n_chunks, device=q.device)[:, None] * m
     block_end = (torch.arange(n_full, device=q.device)[None, :] + 1) * s
     candidate = block_end <= chunk_start  # (T, U_full)
-    scores = scores.float().masked_fill(~candidate, float("-inf"))
+    # every candidate ranks above every non-candidate (se_attn reads a chunk's valid blocks as its first ones)
+    scores = scores.float().nan_to_num(nan=0.0).clamp(-3e38, 3e38).masked_fill(~candidate, float("-inf"))
     index = scores.topk(kk, dim=-1).indices  # (B, H, T, kk)
     valid = candidate.expand(*scores.shape).gather(-1, index)
     return index.expand(b, hq, n_chunks, kk), valid.expand(b, hq, n_chunks, kk)

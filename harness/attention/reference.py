@@ -64,7 +64,8 @@ def se_attn_retrieval(q, k, v, scale, chunk_size, block_size, top_k, retrieval, 
 
     1. blocks of S tokens (the last may be shorter): summary c_j = mean over the block's rows of the non-causal
        in-block attention softmax(Q_j K_j^T * scale) V_j;
-    2. relevancy R_ij = (sum of chunk i's queries) . c_j, per query head; summed over heads when not per_head.
+    2. relevancy R_ij = (sum of chunk i's queries) . c_j in fp32 (whatever the inputs' dtype), per query head;
+       summed over heads when not per_head.
        selection="previous" ranks with the sum of chunk i-1's queries instead (chunk 0 has no candidates):
        then what a chunk retrieves depends on no token of the chunk, so no output depends on a later token.
        With the paper's "chunk", a query's blocks depend on the later queries of its chunk;
@@ -81,10 +82,10 @@ def se_attn_retrieval(q, k, v, scale, chunk_size, block_size, top_k, retrieval, 
     for j in range(n_blocks):
         sl = slice(j * s, (j + 1) * s)
         a = ((q[:, :, sl] @ k[:, :, sl].transpose(-1, -2)) * scale).softmax(-1) @ v[:, :, sl]
-        summaries.append(a.mean(dim=2))
+        summaries.append(a.float().mean(dim=2))
     summaries = torch.stack(summaries, dim=2)  # (B, Hq, U, d)
     ranked_by = [max(i - 1, 0) if selection == "previous" else i for i in range(n_chunks)]  # chunk 0: no candidates
-    chunk_sums = torch.stack([q[:, :, r * m:(r + 1) * m].sum(dim=2) for r in ranked_by], dim=2)
+    chunk_sums = torch.stack([q[:, :, r * m:(r + 1) * m].float().sum(dim=2) for r in ranked_by], dim=2)
     relevancy = chunk_sums @ summaries.transpose(-1, -2)  # (B, Hq, T, U)
     if not per_head:
         relevancy = relevancy.sum(dim=1, keepdim=True)
