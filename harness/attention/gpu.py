@@ -6,6 +6,7 @@ SE-Attn's block mask is built from its retrieval on any device (`se_attn_block_m
 FlexAttention's own `create_block_mask`).
 """
 
+import functools
 import importlib.util
 import math
 
@@ -72,21 +73,29 @@ def s2_attn_flash(q, k, v, scale, group_ratio):
     return torch.cat([plain, torch.cat(parts, dim=2)], dim=1)
 
 
-def sliding_window_flex(q, k, v, scale, window):
+@functools.cache
+def _flex_attention():
+    """FlexAttention compiled, as it must be to be block-sparse: called eagerly, it evaluates the mask over every
+    (query, key) pair and materialises the L x L scores (torch warns so), whatever the block mask says."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    return torch.compile(flex_attention)
+
+
+def flex_attention(q, k, v, block_mask, scale):
+    return _flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def sliding_window_flex(q, k, v, scale, window):
     def mask_mod(b, h, qi, kj):
         return (kj <= qi) & (kj > qi - window)
 
-    block_mask = sliding_window_block_mask(q.shape[2], window, mask_mod, q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return flex_attention(q, k, v, sliding_window_block_mask(q.shape[2], window, mask_mod, q.device), scale)
 
 
 def se_attn_flex(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0,
                  selection="chunk"):
     """Retrieval as in blockwise (vectorised), then one FlexAttention call with the SE-Attn block mask."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, hq, length, _ = q.shape
     m, s = min(chunk_size, length), block_size
     retrieved = se_attn_retrieved(q, *se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed,
@@ -96,8 +105,7 @@ def se_attn_flex(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_h
         chunk = qi // m
         return ((kj // m == chunk) & (kj <= qi)) | retrieved[bi, h, chunk, kj // s]
 
-    block_mask = se_attn_block_mask(retrieved, length, m, s, mask_mod)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != hq)
+    return flex_attention(q, k, v, se_attn_block_mask(retrieved, length, m, s, mask_mod), scale)
 
 
 # FlexAttention's block masks are built here from pair counts per (query tile, key tile), in O((L/TILE)²) memory
