@@ -436,6 +436,23 @@ def test_paper_reference_numbers():
     assert rt[2]["text"] == "–" and "not an A100" in rt[2]["note"]
 
 
+def test_paper_ablation_rows_find_variants_by_their_resolved_backend():
+    from harness.data.ruler import PAPER_TASKS
+    from harness.report.paper import Ours
+    from harness.results import Record
+
+    def rec(backend, accuracy, task):
+        return Record(suite="p", cell=f"mamba2attn-2.7b/seed0/hylora/{backend}/ruler/{task}@8192", metric="ruler",
+                      variant={"model": "mamba2attn-2.7b", "seed": 0}, stage="finetuned",
+                      model={"name": "mamba2attn-2.7b"}, method="hylora", backend=backend, finetune_context=8192,
+                      eval_context=8192, values={"accuracy": accuracy}, settings={"task": task})
+
+    ours = Ours([rec(b, a, t) for b, a in (("se_attn(chunk_size=2048)", 40.0), ("se_attn(retrieval=none)", 0.0),
+                                           ("se_attn_random", 30.0)) for t in PAPER_TASKS])
+    assert [ours.ruler_average("hylora", b, 8192) for b in ("se_attn", "se_attn_nomem", "se_attn_random")] == [
+        40.0, 0.0, 30.0]
+
+
 def test_comparison_of_runs_and_single_run_unchanged():
     a = [dict(r, run="base") for r in synthetic_records(failure=False)]
     b = [dict(r, run="head", values={**r["values"], "perplexity": r["values"]["perplexity"] * 1.1})

@@ -25,7 +25,7 @@ from harness.report import significance
 from harness.report.common import (
     Block,
     VariantKey,
-    backend_name,
+    attention_kind,
     cell,
     fmt_float,
     length_column,
@@ -37,7 +37,7 @@ from harness.report.common import (
 )
 from harness.results import Record
 
-PRETRAINED = ("none", "", "")
+PRETRAINED = ("none", "")
 
 
 @dataclass(frozen=True)
@@ -45,51 +45,38 @@ class Claim:
     text: str
     metric: str  # "ruler" (higher is better) | "perplexity" (lower is better)
     at: str  # "F": the fine-tuning context; "2F": twice it
-    a: tuple[str, str, str]  # (method, canonical backend, retrieval: see attention_kind) of the baseline; PRETRAINED
-    b: tuple[str, str, str]  # the variant claimed better
+    a: tuple[str, str]  # (method, backend as the paper names it: see attention_kind) of the baseline; PRETRAINED
+    b: tuple[str, str]  # the variant claimed better
     paper: tuple[float, float]  # the paper's numbers for (a, b)
 
 
-_SE, _HY = ("hylora", "se_attn", "relevancy"), "hylora"
+_SE, _HY = ("hylora", "se_attn"), "hylora"
 #: From the paper's Table 1 (perplexity), Figure 2 (RULER average) and Section 4.3 (ablations); HyLoRA at 8192.
 CLAIMS = [
-    Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window", ""), _SE,
+    Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window"), _SE,
           (21.0, 40.5)),
-    Claim("SE-Attn retrieves better than S\u00b2-Attn", "ruler", "F", (_HY, "s2_attn", ""), _SE, (24.6, 40.5)),
+    Claim("SE-Attn retrieves better than S\u00b2-Attn", "ruler", "F", (_HY, "s2_attn"), _SE, (24.6, 40.5)),
     Claim("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "ruler", "F", PRETRAINED, _SE,
           (5.5, 40.5)),
-    Claim("HyLoRA beats LoRA (SE-Attn)", "ruler", "F", ("lora", "se_attn", "relevancy"), _SE, (31.6, 40.5)),
-    Claim("HyLoRA beats LoRA+ (SE-Attn)", "ruler", "F", ("lora_plus", "se_attn", "relevancy"), _SE, (33.1, 40.5)),
-    Claim("retrieved blocks beat no retrieval", "ruler", "F", (_HY, "se_attn", "none"), _SE, (26.1, 40.5)),
-    Claim("top-k blocks beat random blocks", "ruler", "F", (_HY, "se_attn", "random"), _SE, (32.5, 40.5)),
+    Claim("HyLoRA beats LoRA (SE-Attn)", "ruler", "F", ("lora", "se_attn"), _SE, (31.6, 40.5)),
+    Claim("HyLoRA beats LoRA+ (SE-Attn)", "ruler", "F", ("lora_plus", "se_attn"), _SE, (33.1, 40.5)),
+    Claim("retrieved blocks beat no retrieval", "ruler", "F", (_HY, "se_attn_nomem"), _SE, (26.1, 40.5)),
+    Claim("top-k blocks beat random blocks", "ruler", "F", (_HY, "se_attn_random"), _SE, (32.5, 40.5)),
     Claim("fine-tuning with SE-Attn lowers perplexity at the fine-tuning context", "perplexity", "F", PRETRAINED,
           _SE, (14.99, 10.45)),
-    Claim("SE-Attn extrapolates better than S\u00b2-Attn", "perplexity", "2F", (_HY, "s2_attn", ""), _SE,
+    Claim("SE-Attn extrapolates better than S\u00b2-Attn", "perplexity", "2F", (_HY, "s2_attn"), _SE,
           (14.67, 11.14)),
-    Claim("SE-Attn extrapolates better than a sliding window", "perplexity", "2F", (_HY, "sliding_window", ""), _SE,
+    Claim("SE-Attn extrapolates better than a sliding window", "perplexity", "2F", (_HY, "sliding_window"), _SE,
           (11.82, 11.14)),
 ]
 
 
-def attention_kind(label: str) -> tuple[str, str]:
-    """A backend label's (canonical backend, retrieval): 'se_attn_random' and 'se_attn(retrieval=random)' are both
-    ('se_attn', 'random'), 'se_attn(chunk_size=256)' is ('se_attn', 'relevancy'), 'sliding_window' is
-    ('sliding_window', '')."""
-    from harness.attention.options import ALIASES, SPECS
-
-    name = backend_name(label)
-    canonical, fixed = ALIASES.get(name, (name, {}))
-    shown = dict(o.split("=", 1) for o in label[len(name) + 1:-1].split(",") if "=" in o) if "(" in label else {}
-    default = SPECS[canonical].defaults.get("retrieval", "") if canonical in SPECS else ""
-    return canonical, str(fixed.get("retrieval") or shown.get("retrieval") or default)
-
-
-def _matches(k: VariantKey, spec: tuple[str, str, str]) -> bool:
-    method, backend, retrieval = spec
+def _matches(k: VariantKey, spec: tuple[str, str]) -> bool:
+    method, backend = spec
     if method == "none":
         return k.stage == "pretrained"
     return (k.stage != "pretrained" and not k.eval_attention and k.method == method
-            and attention_kind(k.backend) == (backend, retrieval))
+            and attention_kind(k.backend) == attention_kind(backend))
 
 
 def _seed(r: Record) -> int:

@@ -236,6 +236,19 @@ def backend_name(label: str) -> str:
     return str(label or "").split("(", 1)[0]
 
 
+def attention_kind(label: str) -> tuple[str, str]:
+    """A backend label's (canonical backend, retrieval): 'se_attn_random' and 'se_attn(retrieval=random)' are both
+    ('se_attn', 'random'), 'se_attn(chunk_size=256)' is ('se_attn', 'relevancy'), 'sliding_window' is
+    ('sliding_window', '')."""
+    from harness.attention.options import ALIASES, SPECS  # imports torch: only when asked
+
+    name = backend_name(label)
+    canonical, fixed = ALIASES.get(name, (name, {}))
+    shown = dict(o.split("=", 1) for o in label[len(name) + 1:-1].split(",") if "=" in o) if "(" in label else {}
+    default = SPECS[canonical].defaults.get("retrieval", "") if canonical in SPECS else ""
+    return canonical, str(fixed.get("retrieval") or shown.get("retrieval") or default)
+
+
 # ----------------------------------------------------------------------------- blocks and formats
 
 

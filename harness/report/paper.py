@@ -22,7 +22,7 @@ from harness.report.claims import claims_blocks
 from harness.report.common import (
     Block,
     Section,
-    backend_name,
+    attention_kind,
     callouts,
     cell,
     fmt_float,
@@ -60,14 +60,14 @@ MAIN: list[tuple[str, str | None, dict[int, float], dict[int, float]]] = [
      {2048: 71.9, 8192: 40.5, 16384: 28.2}),
 ]
 
-#: RULER average at 8K: (label, method, backend name, backend label must contain, value).
-ABLATIONS: list[tuple[str, str, str, str, float]] = [
-    ("SE-Attn, no retrieval", "hylora", "se_attn_nomem", "", 26.1),
-    ("SE-Attn, random blocks", "hylora", "se_attn", "random", 32.5),
-    ("SE-Attn", "hylora", "se_attn", "", 40.5),
-    ("LoRA (SE-Attn)", "lora", "se_attn", "", 31.6),
-    ("LoRA+ (SE-Attn)", "lora_plus", "se_attn", "", 33.1),
-    ("HyLoRA (SE-Attn)", "hylora", "se_attn", "", 40.5),
+#: RULER average at 8K: (label, method, backend as the paper names it (common.attention_kind), value).
+ABLATIONS: list[tuple[str, str, str, float]] = [
+    ("SE-Attn, no retrieval", "hylora", "se_attn_nomem", 26.1),
+    ("SE-Attn, random blocks", "hylora", "se_attn_random", 32.5),
+    ("SE-Attn", "hylora", "se_attn", 40.5),
+    ("LoRA (SE-Attn)", "lora", "se_attn", 31.6),
+    ("LoRA+ (SE-Attn)", "lora_plus", "se_attn", 33.1),
+    ("HyLoRA (SE-Attn)", "hylora", "se_attn", 40.5),
 ]
 ABLATION_LENGTH = 8192
 
@@ -88,23 +88,21 @@ class Ours:
     def __init__(self, records: list[Record]):
         self.records = [r for r in records if ok(r) and r.run_index == 0]
 
-    def _variant(self, r: Record, method: str | None, backend: str | None, contains: str = "") -> bool:
+    def _variant(self, r: Record, method: str | None, backend: str | None) -> bool:
         k = variant_key(r)
         if k.model != PAPER_MODEL or k.eval_attention:
             return False
         if backend is None:
             return k.stage == "pretrained"
-        label = k.backend
-        return (k.stage != "pretrained" and k.method == method and backend_name(label) == backend
-                and k.finetune_context == PAPER_FINETUNE_CONTEXT and (contains in label if contains
-                                                                       else "random" not in label))
+        return (k.stage != "pretrained" and k.method == method and k.finetune_context == PAPER_FINETUNE_CONTEXT
+                and attention_kind(k.backend) == attention_kind(backend))
 
     def perplexity(self, backend: str | None, n: int) -> float | None:
         return _mean([r.values["perplexity"] for r in self.records
                       if r.metric == "perplexity" and r.eval_context == n
                       and self._variant(r, "hylora", backend) and "perplexity" in r.values])
 
-    def ruler_average(self, method: str, backend: str | None, n: int, contains: str = "") -> float | None:
+    def ruler_average(self, method: str, backend: str | None, n: int) -> float | None:
         from harness.data.ruler.tasks import TASKS
         from harness.metrics.ruler import group_scores
 
@@ -112,13 +110,13 @@ class Ours:
         for r in self.records:
             if (r.metric == "ruler" and r.eval_context == n
                     and r.settings.get("task") in TASKS
-                    and self._variant(r, method, backend, contains)):
+                    and self._variant(r, method, backend)):
                 by_task.setdefault(r.settings["task"], []).append(float(r.values["accuracy"]))
         return group_scores({t: sum(v) / len(v) for t, v in by_task.items()}).get("average")
 
     def runtime(self, backend: str) -> tuple[float | None, str]:
         recs = [r for r in self.records if r.metric == "efficiency" and r.eval_context == RUNTIME_LENGTH
-                and backend_name(str(r.backend)) == backend and "random" not in str(r.backend)]
+                and attention_kind(str(r.backend)) == attention_kind(backend)]
         if not recs:
             return None, "not measured"
         gpus = {str(r.env.get("gpu") or "CPU") for r in recs}
@@ -171,9 +169,9 @@ def paper_section(records: list[Record]) -> Section | None:
 
     blocks.append(heading(f"Ablations: RULER average at {ABLATION_LENGTH // 1024}K"))
     rows = []
-    for label, method, backend, contains, value in ABLATIONS:
+    for label, method, backend, value in ABLATIONS:
         rows.append([cell(label, cls="label")] + both(
-            value, lambda m=method, b=backend, c=contains: ours.ruler_average(m, b, ABLATION_LENGTH, c), 1))
+            value, lambda m=method, b=backend: ours.ruler_average(m, b, ABLATION_LENGTH), 1))
     blocks.append(table(["variant"] + [f"RULER avg {s}" for s in sub], rows))
 
     blocks.append(heading(f"Attention runtime: one layer, forward + backward, {RUNTIME_LENGTH // 1024}K tokens, "
