@@ -76,3 +76,20 @@ def test_cli_exit_code_and_summary(tmp_path, capsys):
     summary = tmp_path / "summary.md"
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "worse"), "--summary", str(summary)]) == 1
     assert "regression" in summary.read_text()
+
+
+def test_disjoint_samples_are_compared_unpaired():
+    # a changed RULER generator gives new prompt hashes: no sample in common, Fisher's exact test instead
+    base = {f"a{i}": 1 for i in range(20)}
+    assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": {f"b{i}": 0 for i in range(20)}})]) == [
+        ("accuracy", "regression")]
+    same = {f"b{i}": int(i < 19) for i in range(20)}
+    assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": same})]) == [("accuracy", "ok")]
+
+
+def test_a_head_value_that_is_nan_or_missing_is_a_regression():
+    base = [rec("a", {"perplexity": 10.0}), rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency")]
+    head = [rec("a", {"perplexity": float("nan")}), rec("t", {}, metric="efficiency")]
+    findings = compare(base, head)
+    assert [(f.verdict, f.why) for f in findings] == [("regression", "tolerance 0.5%"),
+                                                       ("regression", "no times_ms in head")]

@@ -4,6 +4,7 @@ import pytest
 import scipy.stats as st
 
 from harness.report.significance import (
+    fisher_exact,
     mcnemar_exact,
     mean_sd,
     paired_samples,
@@ -19,6 +20,12 @@ def test_mcnemar_exact_values():
     assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # two-sided
     assert mcnemar_exact(3, 3) == 1.0
     assert mcnemar_exact(2, 9) == pytest.approx(st.binomtest(2, 11).pvalue)
+
+
+@pytest.mark.parametrize("a,n_a,b,n_b", [(10, 20, 0, 20), (3, 10, 7, 10), (0, 5, 0, 5), (5, 30, 12, 30),
+                                          (1, 1, 0, 1), (9, 10, 2, 25)])
+def test_fisher_exact_matches_scipy(a, n_a, b, n_b):
+    assert fisher_exact(a, n_a, b, n_b) == pytest.approx(st.fisher_exact([[a, n_a - a], [b, n_b - b]]).pvalue)
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (17, 60), (0.5, 3)])

@@ -5,11 +5,13 @@ superseded record is never judged). Each value is judged by its kind, by the fun
 report's run comparison uses too:
 - perplexity (deterministic under fixed model, data and settings): relative tolerance;
 - accuracy with per-sample outcomes (`values.per_sample`: {sample id: 0/1}): exact McNemar test
-  over the samples both runs scored, a regression only if head is lower and p < alpha;
+  over the samples both runs scored, a regression only if head is lower and p < alpha; with no sample in
+  common (the prompts changed), Fisher's exact test on the two accuracies, unpaired;
 - time with repeats (`values.times_ms`: list): ratio of medians above the threshold AND a
   one-sided permutation test p < alpha (asv's rule), only between records of the same device;
 - peak memory (`values.peak_memory_gib`): ratio above a tight threshold, same device only.
-A cell that was ok in base and failed or vanished in head is a regression.
+A cell that was ok in base and failed or vanished in head is a regression, and so is a head record
+that lacks a value its base has, or whose perplexity is not a finite number.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from harness.report.significance import mcnemar_exact
+from harness.report.significance import fisher_exact, mcnemar_exact
 from harness.results import Record
 
 VERDICTS = ("regression", "improvement", "ok", "skipped")
@@ -85,14 +87,17 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
 def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
     bv, hv, cell, out = b.values, h.values, b.cell, []
     same_device = _device(b) == _device(h)
+    lost = [k for k in ("perplexity", "per_sample", "times_ms", "peak_memory_gib") if k in bv and not hv.get(k)]
+    if lost:
+        return [Finding(cell, b.metric, None, None, "regression", f"no {', '.join(lost)} in head")]
     if "perplexity" in bv:
         base, new = bv["perplexity"], hv["perplexity"]
         verdict = judge_perplexity(base, new, th)
         out.append(Finding(cell, "perplexity", base, new, verdict, f"tolerance {th.ppl_rtol:.1%}"))
     if "per_sample" in bv:
-        out.append(_accuracy(cell, bv["per_sample"], hv.get("per_sample", {}), th))
+        out.append(_accuracy(cell, bv["per_sample"], hv["per_sample"], th))
     if "times_ms" in bv:
-        out.append(_timing(cell, bv["times_ms"], hv.get("times_ms", []), th) if same_device else
+        out.append(_timing(cell, bv["times_ms"], hv["times_ms"], th) if same_device else
                    Finding(cell, "time", None, None, "skipped", f"devices differ: {_device(b)} vs {_device(h)}"))
     if "peak_memory_gib" in bv and b.metric != "train":
         base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
@@ -106,31 +111,44 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
 
 
 def judge_perplexity(base: float, head: float, th: Thresholds) -> str:
-    """Perplexity is deterministic: a change beyond the relative tolerance is a verdict."""
+    """Perplexity is deterministic: a change beyond the relative tolerance is a verdict; a non-finite head is a
+    regression (NaN compares false with everything, which would pass)."""
+    if not math.isfinite(head):
+        return "regression" if math.isfinite(base) else "ok"
     if head > base * (1 + th.ppl_rtol):
         return "regression"
     return "improvement" if head < base * (1 - th.ppl_rtol) else "ok"
 
 
 def judge_accuracy(base: dict, head: dict, th: Thresholds) -> tuple[str, float, int]:
-    """(verdict, McNemar p, shared samples) for per-sample outcomes {sample id: 0/1}; "skipped" if none shared."""
+    """(verdict, p, shared samples) for per-sample outcomes {sample id: 0/1}: McNemar over the shared samples,
+    or, with none shared (0), Fisher's exact test on the two accuracies; "skipped" if a side has no samples."""
     shared = set(base) & set(head)
-    if not shared:
+    if shared:
+        worse = sum(base[s] > head[s] for s in shared)  # right before, wrong now
+        better = sum(head[s] > base[s] for s in shared)
+        p = mcnemar_exact(worse, better)
+    elif base and head:
+        hits_b, hits_h = round(sum(base.values())), round(sum(head.values()))
+        p = fisher_exact(hits_b, len(base), hits_h, len(head))
+        worse, better = hits_b * len(head), hits_h * len(base)  # the accuracies, cross-multiplied
+    else:
         return "skipped", 1.0, 0
-    lost = sum(base[s] > head[s] for s in shared)  # right before, wrong now
-    won = sum(head[s] > base[s] for s in shared)
-    p = mcnemar_exact(lost, won)
-    verdict = "ok" if p >= th.alpha or lost == won else "regression" if lost > won else "improvement"
+    verdict = "ok" if p >= th.alpha or worse == better else "regression" if worse > better else "improvement"
     return verdict, p, len(shared)
 
 
 def _accuracy(cell: str, base: dict, head: dict, th: Thresholds) -> Finding:
     verdict, p, n = judge_accuracy(base, head, th)
     if verdict == "skipped":
-        return Finding(cell, "accuracy", None, None, "skipped", "no shared samples")
-    shared = set(base) & set(head)
-    acc_b, acc_h = (100 * sum(x[s] for s in shared) / n for x in (base, head))
-    return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {n} samples")
+        return Finding(cell, "accuracy", None, None, "skipped", "no samples")
+    if n:
+        shared = set(base) & set(head)
+        acc_b, acc_h = (100 * sum(x[s] for s in shared) / n for x in (base, head))
+        return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {n} samples")
+    acc_b, acc_h = (100 * sum(x.values()) / len(x) for x in (base, head))
+    return Finding(cell, "accuracy", acc_b, acc_h, verdict,
+                   f"no sample in common (prompts changed): Fisher exact p={p:.3g}, {len(base)} vs {len(head)} samples")
 
 
 def _timing(cell: str, base: list[float], head: list[float], th: Thresholds) -> Finding:

@@ -41,6 +41,19 @@ def mcnemar_exact(lost: int, won: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def fisher_exact(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
+    """Two-sided p of Fisher's exact test on two independent samples' successes (hits of n each): the chance,
+    given the total hits, of a split as unlikely as the one seen. For accuracies with no samples in common."""
+    hits = hits_a + hits_b
+
+    def prob(k: int) -> float:  # hypergeometric: k of the hits in sample a
+        return math.comb(n_a, k) * math.comb(n_b, hits - k) / math.comb(n_a + n_b, hits)
+
+    seen = prob(hits_a)
+    splits = [prob(k) for k in range(max(0, hits - n_b), min(hits, n_a) + 1)]
+    return min(1.0, sum(q for q in splits if q <= seen * (1 + 1e-9)))
+
+
 @dataclass(frozen=True)
 class Difference:
     """b - a: the estimate, its 95% interval, the two-sided p, and how many pairs it rests on."""
