@@ -71,7 +71,9 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
             for variant, backend in variants:
                 det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
                        "finetune": suite.finetune.recipe() if backend else None,
-                       **({"train_data": train_fingerprint} if backend and train_fingerprint else {})}
+                       **({"train_data": train_fingerprint} if backend and train_fingerprint else {}),
+                       **({"parallel": [suite.run.nproc, suite.run.strategy]}  # the global batch, the reduction
+                          if backend and suite.run.nproc > 1 else {})}
                 cells = [_cell(cell, {**det, **hashed}) for m, config in per_variant
                          if backend is not None or not m.finetuned_only
                          for cell, hashed in m.cells(config, variant, ctx)]

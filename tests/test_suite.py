@@ -116,6 +116,19 @@ def test_ruler_cells_know_their_essay_file_by_content(tmp_path, isolated_cache):
     assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
 
 
+def test_fine_tuned_cells_know_the_process_count_and_strategy(tmp_path):
+    from harness.plan import plan
+
+    def hashes(run):
+        s = load_suite(write(tmp_path, f"name: x\nrun: {run}\nmetrics: {{perplexity: {{contexts: [64]}}}}\n"))
+        return {c["id"]: c["hash"] for j in plan(s, "data") for c in j.cells}
+
+    one, ddp, fsdp = hashes("{nproc: 1}"), hashes("{nproc: 2}"), hashes("{nproc: 2, strategy: fsdp}")
+    tuned = [c for c in one if "/lora/" in c]
+    assert tuned and all(len({one[c], ddp[c], fsdp[c]}) == 3 for c in tuned)  # another global batch, reduction
+    assert all(one[c] == ddp[c] == fsdp[c] for c in one if c not in tuned)  # the pretrained model's cells
+
+
 def test_recall_rows_need_room(tmp_path):
     with pytest.raises(UserError, match="finetune: recall: .*at least 256 tokens"):
         load_suite(write(tmp_path, "name: x\nfinetune: {context: 128, recall: 0.5}\n"))
