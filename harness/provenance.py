@@ -25,8 +25,11 @@ PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", 
               "harness.data.sources")
 ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens", "harness.data.sources",
            "harness.data.long_recall")
+# The embedded corpus and the tokenizer trained on it: a pretrained model's key holds their content fingerprints,
+# which a record cannot, so their code is in the records' fingerprints.
+_DATA = ("harness.data.tokenizer", "harness.data.embedded", "harness.data.corpus")
 # Build or load a variant and run its cells (harness.job, the metric plugin base); a backend's cells have no model.
-_VARIANT = (*PRETRAINED, *ADAPTER, "harness.job", "harness.metrics.base")
+_VARIANT = (*PRETRAINED, *_DATA, *ADAPTER, "harness.job", "harness.metrics.base")
 _BACKEND = ("harness.attention", "harness.job", "harness.metrics.base")
 
 
@@ -34,7 +37,7 @@ def modules(metric: str) -> tuple[str, ...]:
     """The modules behind a cell of `metric`: those that build its variant, the metric's plugin module and the
     modules it names (harness.metrics.base.Metric.modules)."""
     if metric == "pretrain":
-        return (*PRETRAINED, "harness.job")
+        return (*PRETRAINED, *_DATA, "harness.job")
     from harness.metrics.base import get
 
     m = get(metric)

@@ -29,6 +29,13 @@ def test_editing_a_metric_module_changes_that_metric_only(tmp_path, monkeypatch)
     provenance.fingerprint.cache_clear()
     assert {m for m in metrics if provenance.fingerprint(m) != now[m]} == {"efficiency"}
     provenance.fingerprint.cache_clear()
+    now = {m: provenance.fingerprint(m) for m in metrics}
+    with open(tree / "data" / "tokenizer.py", "a") as f:  # the embedded tokenizer: every model variant's cells
+        f.write("\n# a fix\n")
+    provenance.fingerprint.cache_clear()
+    assert {m for m in metrics if provenance.fingerprint(m) != now[m]} == {"pretrain", "train", "perplexity",
+                                                                          "ruler", "lm_eval"}
+    provenance.fingerprint.cache_clear()
 
 
 def test_every_listed_module_exists():
