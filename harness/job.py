@@ -33,7 +33,7 @@ from harness.suite import Backend, Suite, load_suite
 
 
 def run_job(spec: dict) -> None:
-    suite = load_suite(spec["suite"], spec.get("run"))
+    suite = load_suite(spec["suite"], spec.get("run"), spec.get("suite_sha256"))
     if spec.get("kind") == "variant" and suite.run.nproc > 1 and not spec.get("ranked"):
         _on_ranks(suite, spec)
         return

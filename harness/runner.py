@@ -59,6 +59,10 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]
+    if not jobs:
+        raise UserError(f"{suite_path}: the suite plans no cell: its metrics measure model variants (models x seeds, "
+                        "and methods x backends fine-tuned) or attention backends (backends); check `metrics`, "
+                        "`methods` and `backends`")
     if not ids and only is not None:
         raise UserError(f"--only {only!r} matches none of the suite's cells; `harness run {suite_path} --dry-run` "
                         "lists their ids")
@@ -78,7 +82,8 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     with results.exclusive(out):
         state = _states(jobs, out, retry_failed, suite.name, corpus)
         todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
-        common = {"suite": str(Path(suite_path).resolve()), "suite_name": suite.name, "out": str(out.resolve()),
+        common = {"suite": str(Path(suite_path).resolve()), "suite_sha256": suite.sha256, "suite_name": suite.name,
+                  "out": str(out.resolve()),
                   "pg19": pg19, "run": suite.run.model_dump()}
         tuned = {j.spec["model"] for j in jobs if j.spec.get("stage") == FINETUNED and todo[j.name]}
         for model in tuned if train is not None else ():

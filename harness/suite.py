@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
 import itertools
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from harness.data.sources import SPLIT, Source
 from harness.errors import UserError
@@ -191,6 +193,11 @@ class Suite(_Strict):
     plugins: list[str] = []  # modules of metrics of one's own (imported by load_suite)
     data: Data = Field(default_factory=Data)
     run: Run = Field(default_factory=Run)
+    _sha256: str = PrivateAttr("")  # of the file's text (load_suite): a job checks it read what was planned
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256
 
     @field_validator("name")
     @classmethod
@@ -286,6 +293,8 @@ def expand_backend(entry: Any, where: str) -> list[Backend]:
         name, given = entry, {}
     elif isinstance(entry, dict) and len(entry) == 1:
         name, given = next(iter(entry.items()))
+        if not isinstance(given, dict | None):
+            raise ValueError(f"{where}: the options of {name} are a mapping {{option: value}}, got {given!r}")
         given = dict(given or {})
     else:
         raise ValueError(f"{where}: a backend is a name or a one-key mapping {{name: {{options}}}}")
@@ -308,15 +317,42 @@ def _short(v: Any) -> str:
     return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
 
 
-def load_suite(path: str | Path, run: dict | None = None) -> Suite:
+class _Duplicate(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (which would silently drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class says what is wrong with it
+            if key in seen:
+                raise _Duplicate(f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one mapping, and "
+                                 "YAML would silently keep only the last; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_suite(path: str | Path, run: dict | None = None, planned: str | None = None) -> Suite:
     """Parse and validate a suite file; every problem becomes a UserError naming file, line and field. `run`:
-    settings that override the file's `run` block (the command line's; `slurm` merged key by key)."""
+    settings that override the file's `run` block (the command line's; `slurm` merged key by key). `planned`:
+    the sha256 of the text a run planned from (a job's), which the file must still have."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: suite file not found (suites live in suites/*.yaml)")
     text = path.read_text()
+    sha256 = hashlib.sha256(text.encode()).hexdigest()
+    if planned and sha256 != planned:
+        raise UserError(f"{path} changed since `harness run` planned this job, which would measure the new settings "
+                        "under the old ones' hashes; run the suite again (finished cells are kept)")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeys)
+    except _Duplicate as e:
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: malformed YAML: {e}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -328,6 +364,7 @@ def load_suite(path: str | Path, run: dict | None = None) -> Suite:
     except ValidationError as e:
         lines = _key_lines(text)
         raise UserError(f"{path}: " + "; ".join(_describe(err, lines, model) for err in e.errors())) from None
+    suite._sha256 = sha256
     if not run:
         return suite
     merged = {**suite.run.model_dump(), **run, "slurm": {**suite.run.slurm.model_dump(), **run.get("slurm", {})}}

@@ -65,6 +65,10 @@ SUITES = [
      r"block_size=0 is invalid; allowed: int >= 1"),
     ("unknown backend option", "name: x\nbackends: [{se_attn: {chunk: 64}}]\n", r"has no option 'chunk'.*chunk_size"),
     ("grid not a mapping", "name: x\nbackends: [{se_attn: {grid: [1, 2]}}]\n", r"grid: a mapping of option"),
+    ("backend options not a mapping", "name: x\nbackends: [{sliding_window: 64}]\n",
+     r"line 2: backends: backends\[0\]: the options of sliding_window are a mapping \{option: value\}, got 64"),
+    ("a key given twice", "name: x\nmetrics: {ruler: {lengths: [256]}}\nmetrics: {perplexity: {}}\n",
+     r"line 3: 'metrics' is given twice in one mapping, and YAML would silently keep only the last; keep one"),
     ("chunk beyond the context", "name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n",
      r"needs finetune\.context >= 4096 \(it is 2048\)"),
     ("repeated models", "name: x\nmodels: [tiny-hybrid, tiny-hybrid]\n", r"models: each value may appear once"),
@@ -118,6 +122,12 @@ def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path
 def test_only_matching_nothing_is_an_error(tmp_path, capsys):
     code, out = cli(capsys, "run", suite_file(tmp_path, PLAIN), "--only", "*ppl@9999", "--dry-run")
     assert code == 2 and "--only '*ppl@9999' matches none of the suite's cells" in out and "--dry-run" in out
+
+
+def test_a_suite_that_plans_no_cell_is_an_error(tmp_path, capsys):
+    s = suite_file(tmp_path, "name: x\nbackends: []\nmetrics: {efficiency: {lengths: [64]}}\n")
+    code, out = cli(capsys, "run", s, "--dry-run")
+    assert code == 2 and "the suite plans no cell" in out and "check `metrics`, `methods` and `backends`" in out
 
 
 # ----------------------------------------------------------------------------- data directories

@@ -129,6 +129,15 @@ def test_fine_tuned_cells_know_the_process_count_and_strategy(tmp_path):
     assert all(one[c] == ddp[c] == fsdp[c] for c in one if c not in tuned)  # the pretrained model's cells
 
 
+def test_a_job_refuses_a_suite_file_changed_since_its_run_planned_it(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    planned = load_suite(path, {"max_parallel": 2}).sha256  # the runner's, with command-line run settings
+    assert planned and load_suite(path, planned=planned).sha256 == planned
+    path.write_text("name: x\nseeds: [1]\n")
+    with pytest.raises(UserError, match="changed since `harness run` planned this job"):
+        load_suite(path, planned=planned)
+
+
 def test_recall_rows_need_room(tmp_path):
     with pytest.raises(UserError, match="finetune: recall: .*at least 256 tokens"):
         load_suite(write(tmp_path, "name: x\nfinetune: {context: 128, recall: 0.5}\n"))

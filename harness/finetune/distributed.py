@@ -239,7 +239,7 @@ def _rank_main(spec: dict) -> None:
 
     world = join(spec["strategy"])
     try:
-        suite = load_suite(spec["suite"], spec.get("run"))
+        suite = load_suite(spec["suite"], spec.get("run"), spec.get("suite_sha256"))
         build_adapter(suite, suite.model(spec["model"]), spec["seed"], spec["method"], Backend(**spec["backend"]),
                       documents(suite, "train", spec.get("pg19")), world)
     finally:
