@@ -126,16 +126,20 @@ class Executor:
         if self.kind != "local":
             self._submitit = _submitit_executor(run, out)
         self._forks: ForkServer | None = None
+        self._retired: list[ForkServer] = []  # stale servers, kept until the end for the jobs they forked
 
     def close(self) -> None:
-        """End the fork server, if one was started."""
-        if self._forks is not None:
-            self._forks.close()
-            self._forks = None
+        """End the fork servers, if any were started."""
+        for server in [*self._retired, *([self._forks] if self._forks else [])]:
+            server.close()
+        self._forks, self._retired = None, []
 
     def start(self, name: str, spec: dict, device: str | None):
         if self._submitit is None:
             with self._lock:
+                if self._forks is not None and self._forks.stale():  # harness was edited: fork new code
+                    self._retired.append(self._forks)
+                    self._forks = None
                 if self._forks is None and _may_fork():
                     self._forks = ForkServer()
             attempt = LocalAttempt(spec, device, self._forks)

@@ -8,6 +8,10 @@ session of its own, with the environment the runner gives it, and runs the job a
 Only where no GPU is visible: a process forked after CUDA was initialised cannot use CUDA, and importing
 transformers may initialise it. With a GPU every job is a fresh interpreter (harness.executors.LocalAttempt).
 
+A server runs the code it imported when it started: when a source file of harness changes during a run (an edit,
+a `git pull`), the runner starts a new server for the jobs that follow (`ForkServer.stale`), whose records are
+fingerprinted with the new code; jobs of the old one finish with theirs.
+
 The runner talks to the server over two pipes, one JSON object per line: it writes {"spec": PATH, "env": {...}};
 the server answers {"pid": N} at once and {"exit": N, "code": C} when that child ends (C as subprocess's
 returncode: -9 for SIGKILL). The server ends when the runner closes its end (it is done, or it died); children
@@ -22,12 +26,14 @@ import select
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 
 class ForkServer:
     """The runner's side: `start` a job, `exit_code` of a started one (None while it runs)."""
 
     def __init__(self):
+        self._code = _code_stamp()  # before the server imports: an edit after this makes it stale, never hides
         requests, self._requests = os.pipe()
         self._replies, replies = os.pipe()
         self._proc = subprocess.Popen([sys.executable, "-m", "harness.forkserver", str(requests), str(replies)],
@@ -46,6 +52,10 @@ class ForkServer:
                 reply = self._next(timeout=None)
                 if "pid" in reply:
                     return reply["pid"]
+
+    def stale(self) -> bool:
+        """Whether harness's sources changed since the server started (it would fork jobs running older code)."""
+        return _code_stamp() != self._code
 
     def exit_code(self, pid: int) -> int | None:
         with self._lock:
@@ -115,6 +125,12 @@ def serve(requests: int, replies: int) -> str | None:
             return request["spec"]
         children.add(pid)
         _send(replies, {"pid": pid})
+
+
+def _code_stamp() -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of every source file of the harness package: a few ms to take."""
+    root = Path(__file__).parent
+    return [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in sorted(root.rglob("*.py"))]
 
 
 def _send(fd: int, message: dict) -> None:

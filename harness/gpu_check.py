@@ -15,6 +15,7 @@ On a machine without CUDA it says what it would run and exits 2.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -58,8 +59,10 @@ def check_gpu(out: Path) -> int:
     from harness import results
     from harness.runner import run_suite
 
-    outcome = run_suite(SUITE, out / "suite")
-    records = results.current(results.load(out / "suite"))
+    # one results directory per device: a rerun resumes on its own device and never takes another's timings
+    suite_out = out / "suite" / re.sub(r"[^A-Za-z0-9._-]+", "-", summary["device"]).strip("-")
+    outcome = run_suite(SUITE, suite_out)
+    records = results.current(results.load(suite_out))
     summary["steps"]["suite gpu-check"] = {"ok": not outcome.failed, "seconds": round(time.perf_counter() - t0, 1),
                                            "cells": outcome.cells, "failed": outcome.failed,
                                            "report": str(outcome.report)}

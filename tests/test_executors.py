@@ -167,3 +167,21 @@ def test_slurm_without_its_tools_or_a_shared_cache_says_so(suite_file, tmp_path,
 
 def test_filesystem_type_reads_the_mount_table():
     assert filesystem_type(Path("/proc")) == "proc"
+
+
+def test_jobs_started_after_harness_is_edited_fork_from_a_new_server(suite_file, tmp_path, monkeypatch):
+    # a server runs the code it imported: after an edit, its children would run old code under new fingerprints
+    from harness import executors, forkserver
+
+    monkeypatch.setattr(executors, "LocalAttempt", lambda spec, device, forks: type("A", (), {"id": 0, "forks": forks}))
+    ex = Executor(load_suite(suite_file).run, tmp_path)
+    try:
+        first = ex.start("a", {"cells": []}, None).forks
+        assert ex.start("b", {"cells": []}, None).forks is first and not first.stale()
+        (path, size, mtime), *rest = forkserver._code_stamp()
+        monkeypatch.setattr(forkserver, "_code_stamp", lambda: [(path, size, mtime + 1), *rest])  # one file touched
+        assert first.stale()
+        second = ex.start("c", {"cells": []}, None).forks
+        assert second is not first and not second.stale() and ex._retired == [first]
+    finally:
+        ex.close()
