@@ -1,7 +1,9 @@
 """Benchmark-only: make the `full` backend 25% slower, to check that the timing gate flags that backend's cells and
-no other's. Its kernel does the same work and then as much again busy-spinning: a quarter of the time its forward
-took, and in the backward a quarter of the time the backward through it took, at every length. Imported into a
-timing worker (`harness compare --inject benchmarks.slow_attention`) or a run (a suite's `plugins:`)."""
+no other's. Each of its kernels (sdpa, flash: whichever runs) does the same work and then busy-spins: a quarter of
+the time its forward took, and in the backward a quarter of the time the backward through it took, at every length.
+On CUDA the clock is read after a synchronize, so it times the device's work, not the launch, and the spin holds
+back the next launch. Imported into a timing worker (`harness compare --inject benchmarks.slow_attention`) or a
+run (a suite's `plugins:`)."""
 
 import time
 
@@ -9,8 +11,13 @@ import torch
 
 from harness.attention.backends import full
 
-_sdpa = full.SPEC.kernels["sdpa"]
 SLOWDOWN = 0.25
+
+
+def _now(x: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 def _spin(seconds: float) -> None:
@@ -29,7 +36,7 @@ class _Enter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        _spin(SLOWDOWN * (time.perf_counter() - ctx.clock["backward"]))
+        _spin(SLOWDOWN * (_now(gq) - ctx.clock["backward"]))
         return None, gq, gk, gv
 
 
@@ -43,17 +50,21 @@ class _Leave(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.clock["backward"] = time.perf_counter()
+        ctx.clock["backward"] = _now(grad)
         return None, grad
 
 
-def _slower(q, k, v, scale, opts, plan, mask):
-    clock = {}
-    q, k, v = _Enter.apply(clock, q, k, v)
-    t0 = time.perf_counter()
-    out = _sdpa(q, k, v, scale, opts, plan, mask)
-    _spin(SLOWDOWN * (time.perf_counter() - t0))
-    return _Leave.apply(clock, out)
+def _slower(kernel):
+    def slower(q, k, v, scale, opts, plan, mask):
+        clock = {}
+        q, k, v = _Enter.apply(clock, q, k, v)
+        t0 = _now(q)
+        out = kernel(q, k, v, scale, opts, plan, mask)
+        _spin(SLOWDOWN * (_now(out) - t0))
+        return _Leave.apply(clock, out)
+
+    return slower
 
 
-full.SPEC.kernels["sdpa"] = _slower
+for _name, _kernel in list(full.SPEC.kernels.items()):
+    full.SPEC.kernels[_name] = _slower(_kernel)
