@@ -3,7 +3,7 @@
 dense B x H x L x L grid. Each construction runs in a fresh process, so its peak memory is its own.
 
 Prints, per length: median seconds over `--repeats` after one untimed call, and the process's extra peak memory
-(CUDA: the allocator's peak; CPU: peak RSS over the process's RSS before), in GiB. `create_block_mask` is
+(CUDA: the allocator's peak; CPU: peak RSS, reset before, over the RSS before), in GiB. `create_block_mask` is
 skipped where its dense grid alone would exceed `--dense-limit-gib`.
 
     python benchmarks/flex_block_mask.py [--lengths 8192 32768] [--heads 32] [--device cpu|cuda] [--repeats 3]
@@ -52,6 +52,7 @@ def one(kind: str, backend: str, length: int, heads: int, device: str, repeats: 
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()  # else the peak would be the retrieval's above, not the construction's
         before = _rss_gib()
     times = []
     for i in range(repeats + 1):
@@ -72,8 +73,16 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
+def _reset_peak_rss() -> None:
+    """Set the process's peak RSS (VmHWM) to its current RSS (Linux: 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
 
 
 def main() -> None:
