@@ -173,6 +173,15 @@ def test_jobs_started_after_harness_is_edited_fork_from_a_new_server(suite_file,
     # a server runs the code it imported: after an edit, its children would run old code under new fingerprints
     from harness import executors, forkserver
 
+    class Server(forkserver.ForkServer):  # the real staleness check, without a server process
+        def __init__(self):
+            self._code, self.closed = forkserver._code_stamp(), False
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(executors, "ForkServer", Server)
+    monkeypatch.setattr(executors, "_may_fork", lambda: True)
     monkeypatch.setattr(executors, "LocalAttempt", lambda spec, device, forks: type("A", (), {"id": 0, "forks": forks}))
     ex = Executor(load_suite(suite_file).run, tmp_path)
     try:
@@ -182,6 +191,7 @@ def test_jobs_started_after_harness_is_edited_fork_from_a_new_server(suite_file,
         monkeypatch.setattr(forkserver, "_code_stamp", lambda: [(path, size, mtime + 1), *rest])  # one file touched
         assert first.stale()
         second = ex.start("c", {"cells": []}, None).forks
-        assert second is not first and not second.stale() and ex._retired == [first]
+        assert second is not first and not second.stale() and ex._retired == [first] and not first.closed
     finally:
         ex.close()
+    assert first.closed and second.closed  # the retired one at the end, with the jobs it forked
