@@ -93,3 +93,6 @@ def test_a_head_value_that_is_nan_or_missing_is_a_regression():
     findings = compare(base, head)
     assert [(f.verdict, f.why) for f in findings] == [("regression", "tolerance 0.5%"),
                                                        ("regression", "no times_ms in head")]
+    # a value neither side has (peak memory of an efficiency cell on CPU) is no loss
+    cpu = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
+    assert verdicts(cpu, cpu) == [("time (median ms)", "ok"), ("peak memory", "skipped")]

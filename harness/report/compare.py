@@ -84,10 +84,14 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
     return findings
 
 
+_NO_VALUE = (None, [], {})
+
+
 def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
     bv, hv, cell, out = b.values, h.values, b.cell, []
     same_device = _device(b) == _device(h)
-    lost = [k for k in ("perplexity", "per_sample", "times_ms", "peak_memory_gib") if k in bv and not hv.get(k)]
+    lost = [k for k in ("perplexity", "per_sample", "times_ms", "peak_memory_gib")
+            if bv.get(k) not in _NO_VALUE and hv.get(k) in _NO_VALUE]  # on CPU, peak memory is None on both
     if lost:
         return [Finding(cell, b.metric, None, None, "regression", f"no {', '.join(lost)} in head")]
     if "perplexity" in bv:
