@@ -34,7 +34,6 @@ from harness.report.common import (
 from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
 from harness.results import Record
 
-LINESTYLES = ("-", "--", ":", "-.")
 _CLASS = {"regression": "worse", "improvement": "better", "ok": "", "skipped": ""}
 
 
@@ -46,7 +45,7 @@ def comparison_section(records: list[Record]) -> Section | None:
     blocks: list[Block] = [paragraph(
         f"{len(names)} runs: " + ", ".join(names) + f". Differences are to the base run, {names[0]}. In the plots "
         "the colour is the variant and the line style the run (" + ", ".join(
-            f"{n}: {_style_name(LINESTYLES[i % 4])}" for i, n in enumerate(names)) + ").")]
+            f"{n}: {_style_name(plots.LINESTYLES[i % len(plots.LINESTYLES)])}" for i, n in enumerate(names)) + ").")]
     th = Thresholds()
     show_model = len({variant_key(r).model for r in records}) > 1
     for metric, title in (("perplexity", "Perplexity"), ("ruler", "RULER")):
@@ -76,7 +75,8 @@ def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
     series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
                            y=[pv.mean(k, n) for n in pv.measured(k)],
                            failed=pv.failures(k) if metric == "perplexity" else [],
-                           color=colours[_base_variant(k)], linestyle=LINESTYLES[k.run_index % 4]) for k in pv.rows]
+                           color=colours[_base_variant(k)],
+                           linestyle=plots.LINESTYLES[k.run_index % len(plots.LINESTYLES)]) for k in pv.rows]
     if metric == "perplexity":
         src = plots.perplexity_vs_context(series)
         caption = "Mean perplexity per (run, variant)."
