@@ -1,5 +1,8 @@
-"""Attention over a union of key sets merged by log-sum-exp: the fused CPU kernel and the plain path both equal
-one softmax over all the keys, outputs and gradients."""
+"""Attention over a union of key sets merged by log-sum-exp: each kernel equals one softmax over all the keys,
+outputs and gradients; the CUDA kernel's calls fit torch's signatures (on meta tensors here), and a kernel that
+fails or disagrees on a machine is not used."""
+
+import warnings
 
 import pytest
 import torch
@@ -18,12 +21,12 @@ def _dense(q, sets, scale):
     return scores.softmax(-1) @ values
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kernel", ["cpu_flash", "plain"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("patterns,sizes", [(["causal", "anticausal", "all"], [9, 9, 5]), (["causal", "all"], [1, 3]),
                                             (["all"], [7])])
-def test_union_equals_one_softmax_over_all_keys(monkeypatch, fused, dtype, tol, patterns, sizes):
-    monkeypatch.setattr(merge, "_fused", lambda q: fused)
+def test_union_equals_one_softmax_over_all_keys(monkeypatch, kernel, dtype, tol, patterns, sizes):
+    monkeypatch.setattr(merge, "_kernel", lambda q: kernel)
     g = torch.Generator().manual_seed(0)
     m = sizes[0] if patterns[0] != "all" else 4
 
@@ -53,3 +56,65 @@ def test_a_set_that_does_not_fit_its_pattern_is_an_error():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="pattern 'causal'"):
         merge.attend_sets(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "causal")], 1.0)
+
+
+def test_the_cuda_kernel_calls_fit_torch_signatures_and_shapes():
+    """On meta tensors, which check each aten call against its schema and give its output shapes."""
+    def meta(n):
+        return torch.empty(2, 3, n, 64, device="meta", dtype=torch.bfloat16).requires_grad_()
+
+    q, k, v, kr, vr = meta(37), meta(37), meta(37), meta(70), meta(70)
+    out = merge._Union.apply(q, 0.1, ("causal", "all"), "cuda_flash", k, v, kr, vr)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    o, lse, state = merge._cuda_flash(q, kr, vr, 0.1, False)
+    assert o.shape == q.shape and lse.shape == (2, 3, 37) and lse.dtype == torch.float32
+    grads = torch.autograd.grad(out, [q, k, v, kr, vr], torch.empty_like(out))
+    assert [g.shape for g in grads] == [x.shape for x in (q, k, v, kr, vr)]
+
+
+def test_a_kernel_that_fails_or_disagrees_on_this_machine_is_not_used(monkeypatch):
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert merge._agrees("cpu_flash", cpu, torch.float32, 8)
+        assert merge._agrees("cpu_flash", cpu, torch.bfloat16, 16)  # the 16-bit tolerance passes a right kernel
+        with torch.inference_mode():  # a first call from evaluation
+            assert merge._agrees("cpu_flash", cpu, torch.float32, 24)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # or from training
+            assert merge._agrees("cpu_flash", cpu, torch.float32, 32)
+
+    def leaky(q, k, v, scale, causal):  # a kernel that ignores the causal mask: later keys leak into earlier rows
+        return merge._cpu_flash(q, k, v, scale, False)
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device\nmore")
+
+    monkeypatch.setitem(merge.KERNELS, "leaky", (leaky, merge._cpu_flash_backward))
+    monkeypatch.setitem(merge.KERNELS, "broken", (broken, broken))
+    with pytest.warns(UserWarning, match=r"'leaky' is not used on cpu .* are [0-9.]+ from the reference"):
+        assert not merge._agrees("leaky", cpu, torch.float32, 8)
+    with pytest.warns(UserWarning, match="'broken' is not used .* RuntimeError: no kernel image is available for "
+                                         "execution on the device. SE-Attn"):
+        assert not merge._agrees("broken", cpu, torch.float32, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_union_runs_the_flash_kernel_and_equals_one_softmax(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 4, n, 128, generator=g) for n in (300, 300, 300, 300, 300, 77, 77)]
+    up = torch.randn(2, 4, 300, 128, generator=g)
+
+    def union(q, k, v, ka, va, kr, vr):
+        return [(k, v, "causal"), (ka, va, "anticausal"), (kr, vr, "all")]
+
+    cuda = [x.cuda().to(dtype).requires_grad_() for x in xs]
+    ref_inputs = [x.double().requires_grad_() for x in xs]
+    assert merge._kernel(cuda[0]) == "cuda_flash"
+    out, ref = merge.attend_sets(cuda[0], union(*cuda), 0.1), _dense(ref_inputs[0], union(*ref_inputs), 0.1)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(out, cuda, up.cuda().to(dtype))
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_inputs, up.double()), strict=True):
+        torch.testing.assert_close(a.double().cpu(), b, atol=5e-2, rtol=5e-2)

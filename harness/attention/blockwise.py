@@ -47,7 +47,7 @@ def sliding_window(q, k, v, scale, window):
     """Blocks of B = window - 1 queries: each attends causally to its own block and anticausally to the block
     before (query r of a block sees keys r.. of the previous one), so query i sees i-W < j <= i. Both are
     mask-free calls merged by log-sum-exp (merge.py); a shorter last block splits the previous block in two.
-    Memory O(L * W) on the fused CPU kernel."""
+    Memory O(L * W) on the fused kernels (CPU; CUDA at fp16/bf16)."""
     k, v = expand_kv(q, k, v)
     b, h, length, d = q.shape
     if window >= length:

@@ -11,14 +11,23 @@ A set is (k, v, pattern), with pattern
 - "causal": key t is visible to query r iff t <= r (len(k) == len(q));
 - "anticausal": t >= r (len(k) == len(q)), run as causal on reversed queries and keys.
 
-On CPU each set is one call of torch's fused flash kernel and its backward
-(`_scaled_dot_product_flash_attention_for_cpu`); elsewhere `_plain`, the readable version the tests compare
-the fused one with, computes the same in a few lines of torch.
+Each set is one call of a kernel that returns the log-sum-exp, and its backward (KERNELS):
+- "cpu_flash": torch's fused CPU flash kernel, on CPU;
+- "cuda_flash": torch's CUDA flash kernel, for fp16/bf16 on CUDA (as torch's own context-parallel attention
+  merges it). It is first checked against `_plain` on this GPU (`_agrees`); where it fails, a warning says so
+  and `_plain` runs;
+- "plain": `_plain`, the readable version the tests compare the others with, from explicit fp32 scores.
 """
+
+import functools
+import warnings
 
 import torch
 
+from . import recording
+
 PATTERNS = ("all", "causal", "anticausal")
+_ATEN = torch.ops.aten
 
 
 def attend_sets(q, sets: list[tuple[torch.Tensor, torch.Tensor, str]], scale: float) -> torch.Tensor:
@@ -29,23 +38,31 @@ def attend_sets(q, sets: list[tuple[torch.Tensor, torch.Tensor, str]], scale: fl
                              f"q {tuple(q.shape)}")
     patterns = tuple(p for _, _, p in sets)
     tensors = [t for k, v, _ in sets for t in (k, v)]
-    return _Union.apply(q, scale, patterns, *tensors)
+    kernel = _kernel(q)
+    recording.record(f"merge via {kernel}")  # beside the backend's kernel: which kernel ran its sets
+    return _Union.apply(q, scale, patterns, kernel, *tensors)
 
 
-def _fused(q) -> bool:
-    """Whether torch's fused CPU flash kernel (which returns the log-sum-exp) runs the sets."""
-    return q.device.type == "cpu"
+def _kernel(q) -> str:
+    """The kernel that runs the sets of queries q."""
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    d = q.shape[-1]
+    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and _agrees("cuda_flash", q.device, q.dtype, d)):
+        return "cuda_flash"
+    return "plain"
 
 
 class _Union(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, scale, patterns, *kv):
-        fused = _fused(q)
-        parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, fused) for i, p in enumerate(patterns)]
-        lse = torch.stack([lse for _, lse in parts]).logsumexp(0)  # (B, H, M), float32 or wider
-        out = sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse in parts).to(q.dtype)
+    def forward(ctx, q, scale, patterns, kernel, *kv):
+        parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, kernel) for i, p in enumerate(patterns)]
+        lse = torch.stack([lse for _, lse, _ in parts]).logsumexp(0)  # (B, H, M), float32 or wider
+        out = sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse, _ in parts).to(q.dtype)
         ctx.save_for_backward(q, out, lse, *kv)
-        ctx.scale, ctx.patterns, ctx.fused = scale, patterns, fused
+        ctx.scale, ctx.patterns, ctx.kernel = scale, patterns, kernel
+        ctx.states = [state for _, _, state in parts]  # what a kernel's backward needs from its forward
         return out
 
     @staticmethod
@@ -55,10 +72,11 @@ class _Union(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_q, grad_kv = torch.zeros_like(q, dtype=lse.dtype), []
         for i, pattern in enumerate(ctx.patterns):
-            dq, dk, dv = _backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, ctx.scale, pattern, ctx.fused)
+            dq, dk, dv = _backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, ctx.scale, pattern, ctx.kernel,
+                                   ctx.states[i])
             grad_q += dq
             grad_kv += [dk, dv]
-        return grad_q.to(q.dtype), None, None, *grad_kv
+        return grad_q.to(q.dtype), None, None, None, *grad_kv
 
 
 def _flipped(pattern: str, *xs) -> list[torch.Tensor]:
@@ -67,25 +85,42 @@ def _flipped(pattern: str, *xs) -> list[torch.Tensor]:
     return [x.flip(2) for x in xs] if pattern == "anticausal" else list(xs)
 
 
-def _forward(q, k, v, scale, pattern, fused):
+def _forward(q, k, v, scale, pattern, kernel):
     q, k, v = _flipped(pattern, q, k, v)
-    causal = pattern != "all"
-    if fused:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    else:
-        o, lse = _plain(q, k, v, scale, causal)
-    return _flipped(pattern, o, lse)
+    o, lse, state = KERNELS[kernel][0](q, k, v, scale, pattern != "all")
+    return *_flipped(pattern, o, lse), state
 
 
-def _backward(grad_out, q, k, v, out, lse, scale, pattern, fused):
+def _backward(grad_out, q, k, v, out, lse, scale, pattern, kernel, state):
     grad_out, q, k, v, out, lse = _flipped(pattern, grad_out, q, k, v, out, lse)
-    causal = pattern != "all"
-    if fused:
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
-    else:
-        grads = _plain_backward(grad_out, q, k, v, out, lse, scale, causal)
+    grads = KERNELS[kernel][1](grad_out, q, k, v, out, lse, scale, pattern != "all", state)
     return _flipped(pattern, *grads)
+
+
+# Each kernel: forward(q, k, v, scale, causal) -> (out, lse (B, H, M) float32 or wider, state) and
+# backward(grad_out, q, k, v, out, lse, scale, causal, state) -> (dq, dk, dv), where out and lse are the union's.
+def _cpu_flash(q, k, v, scale, causal):
+    o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return o, lse, ()
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale, causal, state):
+    return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal,
+                                                                      scale=scale)
+
+
+def _cuda_flash(q, k, v, scale, causal):
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    o, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = _ATEN._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal, False, scale=scale)
+    return o, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
+
+
+def _cuda_flash_backward(grad_out, q, k, v, out, lse, scale, causal, state):
+    cum_q, cum_k, max_q, max_k, rng, unused = state
+    q, k, v, out, lse = (x.contiguous() for x in (q, k, v, out, lse))
+    return _ATEN._scaled_dot_product_flash_attention_backward(grad_out, q, k, v, out, lse, cum_q, cum_k, max_q,
+                                                              max_k, 0.0, causal, rng, unused, scale=scale)
 
 
 def _wide(x):
@@ -104,13 +139,52 @@ def _plain(q, k, v, scale, causal):
     """(attention output, its log-sum-exp (B, H, M), float32 or wider) from explicit scores."""
     s = _scores(q, k, scale, causal)
     lse = s.logsumexp(-1)
-    return ((s - lse[..., None]).exp() @ _wide(v)).to(q.dtype), lse
+    return ((s - lse[..., None]).exp() @ _wide(v)).to(q.dtype), lse, ()
 
 
-def _plain_backward(grad_out, q, k, v, out, lse, scale, causal):
+def _plain_backward(grad_out, q, k, v, out, lse, scale, causal, state):
     """(dq, dk, dv) of the keys' share of a union whose output and log-sum-exp are `out` and `lse`."""
     p = (_scores(q, k, scale, causal) - lse[..., None]).exp()
     g = _wide(grad_out)
     ds = p * (g @ _wide(v).transpose(-1, -2) - (g * _wide(out)).sum(-1, keepdim=True))
     return (ds @ _wide(k) * scale).to(q.dtype), (ds.transpose(-1, -2) @ _wide(q) * scale).to(k.dtype), \
         (p.transpose(-1, -2) @ g).to(v.dtype)
+
+
+KERNELS = {"cpu_flash": (_cpu_flash, _cpu_flash_backward), "cuda_flash": (_cuda_flash, _cuda_flash_backward),
+           "plain": (_plain, _plain_backward)}
+
+
+@torch.compiler.disable  # run once, eagerly, also when called from a compiled model
+@functools.cache
+def _agrees(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `kernel` gives `_plain`'s union, output and gradients, on this device: checked once per (kernel,
+    device, dtype, head dim) on a small problem with every pattern and lengths that no tile divides. A kernel that
+    fails or disagrees here is not used: a warning names it and `_plain` runs."""
+    tol = 5e-2 if torch.finfo(dtype).bits <= 16 else 1e-4
+    # the first call may come from evaluation (inference mode, no grad) or from training under autocast
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        g = torch.Generator().manual_seed(0)
+        q, up, *kv = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in [150] * 6 + [200] * 2)
+        sets = list(zip(kv[::2], kv[1::2], ("causal", "anticausal", "all"), strict=True))
+        try:
+            got, want = (_with_grads(name, q, sets, up) for name in (kernel, "plain"))
+            error = max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                        for a, b in zip(got, want, strict=True))
+            if error <= tol:
+                return True
+            why = f"its output or gradients are {error:.2g} from the reference's (relative to their largest; " \
+                  f"tolerance {tol})"
+        except Exception as e:  # any failure means: not this kernel, and say why
+            why = f"it fails: {type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}"
+    warnings.warn(f"attention merge kernel {kernel!r} is not used on {device} for {dtype} with head dim {head_dim}: "
+                  f"{why}. SE-Attn and the blockwise sliding window use the explicit-score path instead, which is "
+                  f"exact but slower and holds each call's scores in memory.", stacklevel=2)
+    return False
+
+
+def _with_grads(kernel, q, sets, up) -> list[torch.Tensor]:
+    """The union's output by `kernel` and its gradients for q and each set's k and v, given output gradient up."""
+    inputs = [x.detach().requires_grad_() for x in (q, *(t for k, v, _ in sets for t in (k, v)))]
+    out = _Union.apply(inputs[0], 0.3, tuple(p for _, _, p in sets), kernel, *inputs[1:])
+    return [out, *torch.autograd.grad(out, inputs, up)]
