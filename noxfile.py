@@ -94,7 +94,7 @@ def tests_latest(session: nox.Session) -> None:
     session.run("pytest", "-q", *session.posargs)
 
 
-@nox.session
+@nox.session(venv_params=["--system-site-packages"] if CUDA else [])
 def lock(session: nox.Session) -> None:
     """Re-pin constraints.txt to the newest versions pyproject.toml allows (torch keeps its CPU pin: change
     that line by hand). Then run `nox -s tests` and the README's suites, and commit the new pins on their own."""
@@ -120,6 +120,7 @@ SUITES = {
     "suite-efficiency-limit": "suites/efficiency-limit.yaml",
     "suite-efficiency-gpu": "suites/efficiency-gpu.yaml",
     "suite-ablation": "suites/ablation.yaml",
+    "suite-paper": "suites/paper.yaml",
 }
 VENV = {"venv_params": ["--system-site-packages"] if CUDA else []}
 
@@ -165,8 +166,8 @@ def report(session: nox.Session) -> None:
 def regress(session: nox.Session) -> None:
     """Regression gate: time the efficiency cells of HARNESS_BASE_REV (default origin/main) and of the working tree
     interleaved in this job, then run the pg19 suite into reports/regress/pg19 and compare it with its stored
-    baseline (HARNESS_BASELINE, default reports/baselines/pg19; perplexity and RULER are deterministic). Exit
-    non-zero on a regression."""
+    baseline (HARNESS_BASELINE/pg19, HARNESS_BASELINE default reports/baselines; perplexity and RULER are
+    deterministic). Exit non-zero on a regression."""
     install(session)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     extra = ["--summary", summary] if summary else []
