@@ -184,22 +184,37 @@ def test_errors(model, tokens):
         evaluate_perplexity(model, tokens[None], 32)
 
 
-def test_model_breaking_the_hidden_state_contract_is_refused(model, tokens):
-    class Unnormed(torch.nn.Module):  # hidden_states[-1] before the final norm
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+class _Altered(torch.nn.Module):
+    """`inner` with its outputs changed by `alter`, and no decoder to hook."""
 
-        def get_output_embeddings(self):
-            return self.inner.get_output_embeddings()
+    def __init__(self, inner, alter):
+        super().__init__()
+        self.inner, self.alter = inner, alter
 
-        def forward(self, input_ids, **kw):
-            out = self.inner(input_ids=input_ids, **kw)
-            out.hidden_states = out.hidden_states[:-1]
-            return out
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
 
-    with pytest.raises(RuntimeError, match="does not reproduce"):
-        evaluate_perplexity(Unnormed(model), tokens, 32, max_windows=1)
+    def forward(self, input_ids, **kw):
+        out = self.inner(input_ids=input_ids, **kw)
+        self.alter(out)
+        return out
+
+
+def test_a_model_whose_head_does_not_give_its_logits_is_scored_from_its_logits(model, tokens):
+    def unnormed(out):  # hidden_states[-1] before the final norm
+        out.hidden_states = out.hidden_states[:-1] if out.hidden_states else None
+
+    def scaled(out):  # logits scaled after the head, as Falcon-H1's lm_head_multiplier and Granite's logits_scaling
+        out.logits = out.logits * 0.5
+
+    plain = evaluate_perplexity(model, tokens, 32, max_windows=3)
+    assert evaluate_perplexity(_Altered(model, unnormed), tokens, 32, max_windows=3).nll == \
+        pytest.approx(plain.nll, rel=1e-6)
+    res = evaluate_perplexity(_Altered(model, scaled), tokens, 32, max_windows=1)
+    with torch.no_grad():
+        logits = model(input_ids=tokens[None, :32], use_cache=False).logits[0, :-1]
+        expected = F.cross_entropy(0.5 * logits.float(), tokens[1:32]).item()
+    assert res.tokens_scored == 31 and res.nll == pytest.approx(expected, rel=1e-6)
 
 
 def test_decoder_hook_path_is_used_and_falls_back_to_hidden_states(model, tokens):

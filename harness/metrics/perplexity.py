@@ -43,8 +43,11 @@ Model contract. The model is called as
 ``outputs.hidden_states[-1]`` must be the final hidden state AFTER the final norm, so that
 ``model.get_output_embeddings()(hidden) == logits``: true for transformers' Llama (5.23) and
 every model whose head is a plain linear layer over the last normed state. Models that
-scale or soft-cap logits after the head (Gemma-2, Cohere, Granite) break it; the first
-batch is checked against the model's own last-position logits and a mismatch raises.
+scale or soft-cap logits after the head (Falcon-H1's lm_head_multiplier, Granite's
+logits_scaling, Gemma-2, Cohere) break it: the first batch is checked against the model's own
+last-position logits, and on a mismatch every window is scored from the model's own logits at
+every position (``model(input_ids=x, use_cache=False).logits``: context x vocabulary of them
+per window, which costs memory but stays exact).
 Cheaper equivalent tried first: when ``model.get_decoder()`` returns a module whose output
 has ``last_hidden_state`` (HF models, PEFT-wrapped too), a forward hook takes that tensor and
 ``output_hidden_states`` is not requested, so the per-layer hidden states (n_layers x L x d,
@@ -332,7 +335,7 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     decoder = _DecoderOutput(model)
-    source = None  # "decoder" or "hidden_states", settled (and checked) on the first batch
+    source = None  # "decoder", "hidden_states" or "logits", settled (and checked) on the first batch
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -343,20 +346,21 @@ def evaluate_perplexity(
                     hidden = decoder.take()
                     if source is None and _matches_logits(model, out, hidden):
                         source = "decoder"
-                if source != "decoder":
+                if source in (None, "hidden_states"):
                     decoder.close()
                     out = model(input_ids=x, output_hidden_states=True, **kwargs)
                     states = getattr(out, "hidden_states", None)
                     hidden = states[-1] if states else None
                     if source is None:
-                        if not _matches_logits(model, out, hidden):
-                            raise RuntimeError(
-                                f"{type(model).__name__}: output_embeddings(hidden_states[-1]) does not "
-                                "reproduce the model's logits (hidden_states missing, final norm not applied "
-                                "to hidden_states[-1], or logits scaled/soft-capped after the head); "
-                                "harness.metrics.perplexity cannot score this model"
-                            )
-                        source = "hidden_states"
+                        source = "hidden_states" if _matches_logits(model, out, hidden) else "logits"
+                if source == "logits":  # the head does not give the logits: the model's own, at every position
+                    decoder.close()
+                    out = model(input_ids=x, use_cache=False)
+                    for b, (_, a, e) in enumerate(batch):  # logits[b, t-1] predicts x[b, t]
+                        nll_sum += chunked_nll_sum(torch.nn.Identity(), out.logits[b, a - 1:e - 1], x[b, a:e])
+                        scored += e - a
+                    del out
+                    continue
                 del out
                 # hidden[b, t-1] predicts x[b, t] for the scored positions t of window b
                 h = torch.cat([hidden[b, a - 1:e - 1] for b, (_, a, e) in enumerate(batch)])
