@@ -106,3 +106,30 @@ def test_llama_with_se_attn_forward_backward_and_reference():
     ref = llama(register("se_attn", kernel="reference", **options)).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("asked", [{"softcap": 50.0}, {"s_aux": torch.zeros(2)}, {"position_bias": torch.zeros(1)},
+                                   {"is_causal": False}])
+def test_attention_a_backend_does_not_implement_is_an_error_not_dropped(asked):
+    from transformers import AttentionInterface
+
+    from harness.errors import UserError
+
+    q = torch.randn(1, 2, 8, 4)
+    attention = AttentionInterface()[register("full")]
+    attention(torch.nn.Module(), q, q, q, None, softcap=None, s_aux=None, is_causal=True)  # None: not asked
+    with pytest.raises(UserError, match=f"Module asks for .*\\({next(iter(asked))}=.*own attention only"):
+        attention(torch.nn.Module(), q, q, q, None, **asked)
+
+
+def test_a_soft_capped_model_refuses_a_harness_backend():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from harness.errors import UserError
+
+    cfg = Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=0.5)
+    model = Gemma2ForCausalLM(cfg).eval()
+    model.set_attn_implementation(register("full"))
+    with torch.no_grad(), pytest.raises(UserError, match="Gemma2Attention asks for logit soft-capping"):
+        model(IDS)

@@ -44,12 +44,23 @@ def registered_backend(impl_name: str) -> Backend | None:
     return _registered.get(impl_name)
 
 
+# What a model may ask of its attention function that the backends do not implement: each would be dropped
+# silently (a soft-capped model scored as if uncapped), so it is an error.
+UNSUPPORTED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "position_bias": "a position bias"}
+
+
 def _interface_function(backend: Backend):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         training = bool(getattr(module, "training", False))
         if dropout and training:
             raise UserError(f"attention backend {backend.name!r} does not implement attention dropout "
                             f"(got dropout={dropout}); set the model's attention dropout to 0")
+        asked = [f"{what} ({key}=)" for key, what in UNSUPPORTED.items() if kwargs.get(key) is not None]
+        asked += ["non-causal attention (is_causal=False)"] if kwargs.get("is_causal") is False else []
+        if asked:
+            raise UserError(f"attention backend {backend.name!r}: {type(module).__name__} asks for "
+                            f"{', '.join(asked)}, which the harness's attention kernels do not implement; "
+                            "this model can run with its own attention only (attn_implementation eager or sdpa)")
         out, _ = backend(query, key, value, scale=scaling, mask=attention_mask, training=training, module=module)
         return out.transpose(1, 2).contiguous(), None
 
