@@ -267,8 +267,14 @@ def test_the_fingerprint_follows_the_weights_not_the_name(tmp_path, isolated, to
     state = torch.load(tmp_path / "a" / "pytorch_model.bin", weights_only=True)
     state["backbone.norm_f.weight"] += 1  # same shapes, same sizes, other weights
     torch.save(state, tmp_path / "a" / "pytorch_model.bin")
-    assert resolve(Checkpoint(path=str(tmp_path / "a"), **fields)).fingerprint != a.fingerprint
+    b = resolve(Checkpoint(path=str(tmp_path / "a"), **fields))
+    assert b.fingerprint != a.fingerprint
     assert resolve(Checkpoint(path=str(tmp_path / "a"), **{**fields, "context": 64})).fingerprint != a.fingerprint
+    generation = tmp_path / "a" / "generation_config.json"  # generate() merges it into RULER's decoding
+    generation.write_text('{"repetition_penalty": 1.0}')
+    c = resolve(Checkpoint(path=str(tmp_path / "a"), **fields))
+    generation.write_text('{"repetition_penalty": 100.0}')
+    assert len({b.fingerprint, c.fingerprint, resolve(Checkpoint(path=str(tmp_path / "a"), **fields)).fingerprint}) == 3
 
 
 def test_suite_models_accept_presets_named_checkpoints_and_mappings(tmp_path):

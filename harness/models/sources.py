@@ -35,6 +35,7 @@ from harness import cache
 from harness.errors import UserError
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"  # generate() merges it: RULER's decoding depends on it
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 KEEP_FP32 = ("A_log", "D", "dt_bias")  # SSM parameters mamba_ssm keeps in float32 under a half-precision model
 _TOKENIZER_FILE = re.compile(r"^(tokenizer.*|vocab.*|merges.*|special_tokens_map.*|.*\.model)$")
@@ -122,8 +123,9 @@ def resolve(entry: Checkpoint) -> Resolved:
     if not weights:
         raise UserError(f"{where}: {directory} has no weights (*.safetensors or *.bin); fix: download them too")
     tokenizer = _directory(entry.tokenizer, None, f"{where}.tokenizer")[0] if entry.tokenizer else directory
-    parts = ([revision] if revision else
-             [hashlib.sha256((directory / CONFIG).read_bytes()).hexdigest(), *map(cache.remembered_sha256, weights)])
+    generation = [f for f in [directory / GENERATION_CONFIG] if f.is_file()]
+    parts = ([revision] if revision else [hashlib.sha256((directory / CONFIG).read_bytes()).hexdigest(),
+                                          *map(cache.remembered_sha256, weights + generation)])
     tokenizer_files = [(f.name, cache.remembered_sha256(f)) for f in sorted(tokenizer.iterdir())
                        if _TOKENIZER_FILE.match(f.name)]
     return Resolved(entry, directory, fmt, config.get("model_type", "mamba_ssm"), int(context),
