@@ -187,7 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.export import export
 
         out = export(args.run_dir, args.variant, Path(args.out_dir), merge=args.merge)
-        print(f"exported {args.variant} to {out}" + ("" if args.merge else " (base/ and adapter/)"))
+        print(f"exported {args.variant} to {out}" + (" (base/ and adapter/)" if (out / "adapter").is_dir() else
+                                                     " (one model directory)"))
     elif args.command == "list":
         from harness.attention import available
         from harness.data.ruler import PAPER_TASKS

@@ -56,12 +56,13 @@ def _variant_info(run_dir: Path, variant: str) -> dict:
     if not (run_dir / results.RESULTS_FILE).is_file():
         raise UserError(f"{run_dir}: no {results.RESULTS_FILE}; fix: the results directory of a `harness run`")
     records = results.current(results.load(run_dir))
-    found = [r.model for r in records if r.cell.startswith(variant.rstrip("/") + "/") and r.model.get("adapter")]
-    if not found:
-        tuned = sorted({r.cell.rsplit("/", 1)[0] for r in records if r.model.get("adapter") and r.metric == "train"})
-        raise UserError(f"{run_dir}: no fine-tuned variant {variant!r}; the fine-tuned variants there: "
-                        f"{', '.join(tuned) or 'none'}")
-    return found[0]
+    tuned = {r.cell.rsplit("/", 1)[0]: r.model for r in records if r.model.get("adapter") and r.metric == "train"}
+    name = variant.rstrip("/")
+    found = [name] if name in tuned else [v for v in sorted(tuned) if v.startswith(name + "/")]
+    if len(found) != 1:
+        what = f"{len(found)} fine-tuned variants match {variant!r}" if found else f"no fine-tuned variant {variant!r}"
+        raise UserError(f"{run_dir}: {what}; fix: name one of {', '.join(found or sorted(tuned)) or 'none'}")
+    return tuned[found[0]]
 
 
 def _base(info: dict):

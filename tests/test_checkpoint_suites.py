@@ -360,7 +360,24 @@ def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isola
     assert T.AutoTokenizer.from_pretrained(tmp_path / "merged").vocab_size == V
     capsys.readouterr()
     assert main(["export", str(tmp_path / "out"), "bamba/seed0/nope/full", str(tmp_path / "x")]) == 2
-    assert f"the fine-tuned variants there: {variant}" in capsys.readouterr().err
+    assert f"no fine-tuned variant 'bamba/seed0/nope/full'; fix: name one of {variant}" in capsys.readouterr().err
+
+
+def test_export_names_one_variant_or_says_which_match(tmp_path):
+    from harness.export import _variant_info
+
+    tuned = [("m/seed0/lora/full", "a1"), ("m/seed0/lora/se_attn", "a2"), ("m/seed0/hylora/full", "a3")]
+    for variant, adapter in tuned:
+        for cell in (f"{variant}/train", f"{variant}/ruler/niah_single_1@512"):
+            results.append(tmp_path, results.Record(suite="s", cell=cell, metric=cell.split("/")[4], values={},
+                                                    config_hash="h", model={"adapter": adapter}))
+    assert _variant_info(tmp_path, "m/seed0/lora/se_attn/")["adapter"] == "a2"
+    assert _variant_info(tmp_path, "m/seed0/hylora")["adapter"] == "a3"  # a prefix that only one variant has
+    with pytest.raises(UserError, match="2 fine-tuned variants match 'm/seed0/lora'; fix: name one of "
+                                        "m/seed0/lora/full, m/seed0/lora/se_attn"):
+        _variant_info(tmp_path, "m/seed0/lora")
+    with pytest.raises(UserError, match="no fine-tuned variant 'm/seed0/full'; fix: name one of m/seed0/hylora/full, "):
+        _variant_info(tmp_path, "m/seed0/full")
 
 
 def test_hf_weights_that_do_not_match_their_config_are_listed(tmp_path, isolated, tokenizer_dir):
