@@ -203,3 +203,10 @@ def test_gradient_checkpointing_still_reaches_every_trainable_parameter(method):
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_A" not in name:  # lora_B starts at 0, so A's first gradient is 0
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_lora_on_a_model_without_attention_says_what_to_use():
+    from harness.finetune.methods import attention_targets
+
+    with pytest.raises(UserError, match="no attention projection found .* fix: the method `full`"):
+        attention_targets(torch.nn.Sequential(torch.nn.Linear(4, 4)))

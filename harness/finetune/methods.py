@@ -113,7 +113,8 @@ def attention_targets(model: nn.Module) -> list[str]:
              for child, c in mod.named_children() if isinstance(c, nn.Linear)]
     if not names:
         raise UserError(f"{type(model).__name__}: no attention projection found (no module named *Attention* "
-                        "with linear children); LoRA would train nothing. Pass target_modules explicitly.")
+                        "with linear children), so LoRA would train nothing; fix: the method `full` for a model "
+                        "without attention, or (from Python) apply_method's target_modules=")
     return names
 
 

@@ -39,10 +39,12 @@ def load_mamba_ssm_config(path: str | Path) -> HybridConfig:
         raise UserError(f"{file}: invalid JSON ({e})") from None
     if not isinstance(fields, dict):
         raise UserError(f"{file}: expected a JSON object")
-    fields.pop("model_type", None)  # a config re-saved by transformers may carry one
+    model_type = fields.pop("model_type", None)  # a config re-saved by transformers may carry one
     if missing := [k for k in REQUIRED if k not in fields]:
+        fix = (f"it is a transformers config (model_type {model_type!r}): `format: hf` (or auto)" if model_type
+               else "the checkpoint's own config.json")
         raise UserError(f"{file}: no {', '.join(missing)} (a mamba_ssm config states {', '.join(REQUIRED)}); "
-                        "fix: the checkpoint's own config.json")
+                        f"fix: {fix}")
     try:
         return HybridConfig(**fields)
     except (ValueError, TypeError) as e:
