@@ -25,7 +25,7 @@ from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
 from harness.executors import ACTIVE, Executor, ledger, live_state, visible_gpus
-from harness.models.sources import Checkpoint, position_limit, resolve
+from harness.models.sources import Checkpoint, check_vocabulary, load_tokenizer, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan
 from harness.suite import load_suite
 
@@ -55,7 +55,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
     jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING) if finetunes
                 else None, checkpoints)
-    _check_positions(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
+    _check_checkpoints(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]
@@ -134,20 +134,40 @@ def _present(find, missing: list | None, what: str):
         return None
 
 
-def _check_positions(suite, jobs: list[Job], resolved: dict, finetunes: bool) -> None:
-    """A UserError, before any job, where a checkpoint with learned absolute positions is asked for longer inputs
-    than they cover (its cells' lengths, or the fine-tuning context): each such cell would fail alike."""
+def _check_checkpoints(suite, jobs: list[Job], resolved: dict, finetunes: bool) -> None:
+    """A UserError, before any job, for what would fail every cell of a checkpoint alike (read from its model on
+    the meta device): inputs longer than learned absolute positions cover (its cells' lengths, or the fine-tuning
+    context), a tokenizer with ids the model has no embedding for, a backend or LoRA on a model without
+    attention that they can reach."""
+    from harness.attention.hf import uses_attention_interface
+    from harness.finetune.methods import attention_targets
+
     for name, r in resolved.items():
-        limit = position_limit(r)
-        if limit is None:
+        model = meta_model(r)
+        if model is None:
             continue
+        limit = position_limit(model)
         lengths = {c["length"] for j in jobs if j.spec.get("model") == name for c in j.cells if c.get("length")}
-        over = sorted(n for n in lengths | ({suite.finetune.context} if finetunes else set()) if n > limit)
+        over = sorted(n for n in lengths | ({suite.finetune.context} if finetunes else set())
+                      if limit is not None and n > limit)
         if over:
             raise UserError(f"models.{name}: {r.model_type} has learned absolute positions for {limit} tokens, and "
                             f"the suite asks it for {', '.join(map(str, over))}; fix: keep metrics' lengths and "
                             f"finetune.context at or below {limit}, or use a model with relative positions (RoPE, "
                             "ALiBi) or none")
+        check_vocabulary(r, load_tokenizer(r), model)
+        if not finetunes:
+            continue
+        others = [b.label for b in suite.backends if b.name != "full"]
+        if others and not uses_attention_interface(model):
+            raise UserError(f"models.{name}: {r.model_type} has no attention that goes through transformers' "
+                            f"AttentionInterface, so only the `full` backend applies to it; fix: drop "
+                            f"{', '.join(others)} from backends, or this model")
+        if any(m != "full" for m in suite.methods):
+            try:
+                attention_targets(model)
+            except UserError as e:
+                raise UserError(f"models.{name}: {e}") from None
 
 
 def _tokenize(train, model) -> None:

@@ -180,6 +180,10 @@ def test_llama_perplexity_matches_plain_transformers(tmp_path, capsys, isolated,
 
 @pytest.mark.parametrize(("case", "message"), [
     ("missing path", r"models.m.path: .*nowhere does not exist"),
+    ("tokenizer is a file", r"models.m.tokenizer: .*tokenizer.json is a file; fix: the directory that holds it"),
+    ("missing tokenizer", r"models.m.tokenizer: .*nowhere does not exist; fix: a directory or a hub id"),
+    ("hf read as mamba_ssm", r"config.json: no d_model.*fix: it is a transformers config \(model_type 'llama'\): "
+                             r"`format: hf`"),
     ("no config", r"models.m: .* has no config.json"),
     ("bad config", r"models.m: .*config.json is unreadable"),
     ("unknown config key", r"models.m: .*HybridConfig: unknown field 'd_modle'"),
@@ -218,6 +222,13 @@ def test_bad_checkpoints_are_named(tmp_path, monkeypatch, isolated, tokenizer_di
         torch.save(s, path / "pytorch_model.bin")
     elif case == "no tokenizer":
         del fields["tokenizer"]
+    elif case == "tokenizer is a file":
+        fields["tokenizer"] = str(next(tokenizer_dir.glob("tokenizer*.json")))
+    elif case == "missing tokenizer":
+        fields["tokenizer"] = str(tmp_path / "nowhere")
+    elif case == "hf read as mamba_ssm":
+        write_hf(tmp_path / "llama", "llama", tokenizer_dir)
+        fields.update(path=str(tmp_path / "llama"), format="mamba_ssm")
     elif case == "tokenizer too large":
         small = {**MAMBA_SSM, "vocab_size": 256}
         (path / "config.json").write_text(json.dumps(small))
@@ -240,11 +251,11 @@ ABSOLUTE = {  # learned absolute positions, for `position_limit`
 
 @pytest.mark.parametrize("arch, limit", [("gpt2", 48), ("opt", 40), ("llama", None), ("bamba", None)])
 def test_the_position_limit_is_that_of_learned_absolute_positions(tmp_path, isolated, arch, limit):
-    from harness.models.sources import position_limit
+    from harness.models.sources import meta_model, position_limit
 
     torch.manual_seed(0)
     {**HF, **ABSOLUTE}[arch]().save_pretrained(tmp_path / arch)  # OPT's table has 2 rows more than its positions
-    assert position_limit(resolve(Checkpoint(name=arch, path=str(tmp_path / arch), context=16))) == limit
+    assert position_limit(meta_model(resolve(Checkpoint(name=arch, path=str(tmp_path / arch), context=16)))) == limit
 
 
 def test_lengths_beyond_learned_positions_stop_the_run_before_any_job(tmp_path, capsys, isolated, tokenizer_dir):
@@ -257,6 +268,39 @@ def test_lengths_beyond_learned_positions_stop_the_run_before_any_job(tmp_path, 
             "fix: keep metrics' lengths and finetune.context at or below 48") in out, out
     assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
     assert not any((tmp_path / "cache").glob("adapter/*"))
+
+
+MAMBA2 = lambda: T.Mamba2ForCausalLM(T.Mamba2Config(  # noqa: E731 - an HF model without attention
+    vocab_size=V, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16, state_size=8, n_groups=1,
+    chunk_size=16, expand=2))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("backend", "models.m: mamba2 has no attention that goes through transformers' AttentionInterface, so only the "
+                "`full` backend applies to it; fix: drop sliding_window(window=16) from backends, or this model"),
+    ("lora", "models.m: Mamba2ForCausalLM: no attention projection found"),
+    ("vocabulary", f"models.m: the tokenizer has {V} tokens, more than the model's 64 embeddings"),
+])
+def test_a_checkpoint_every_cell_would_fail_on_stops_the_run_before_any_job(tmp_path, capsys, isolated,
+                                                                             tokenizer_dir, case, message):
+    path = tmp_path / "m"
+    torch.manual_seed(0)
+    if case == "vocabulary":
+        T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=512)).save_pretrained(path)
+    else:
+        MAMBA2().save_pretrained(path)
+    T.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    suite = SUITE.format(models=json.dumps([{"name": "m", "path": str(path), "context": 32}]))
+    if case == "backend":  # the full method: no LoRA to refuse first
+        suite = suite.replace("[lora]", "[full]")
+    else:
+        suite = suite.replace("[full, {sliding_window: {window: 16}}]", "[full]")
+    (tmp_path / "s.yaml").write_text(suite)
+    code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
+    out = "".join(capsys.readouterr())
+    assert code == 2 and f"error: {message}" in out, out
+    assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
 
 
 def test_the_fingerprint_follows_the_weights_not_the_name(tmp_path, isolated, tokenizer_dir):
@@ -408,8 +452,7 @@ def test_a_backend_needs_attention_that_goes_through_the_interface():
     from harness.artefacts import use_attention
     from harness.suite import expand_backend
 
-    mamba = T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_heads=4,
-                                               head_dim=16, state_size=8, n_groups=1, chunk_size=16, expand=2))
+    mamba = MAMBA2()
     (full,), (window,) = expand_backend("full", "b"), expand_backend({"sliding_window": {"window": 16}}, "b")
     assert use_attention(mamba, full, "finetune") == "native"
     with pytest.raises(UserError, match=r"backend sliding_window\(window=16\): Mamba2ForCausalLM \(mamba2\) has no "

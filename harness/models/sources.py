@@ -112,7 +112,7 @@ def resolve(entry: Checkpoint) -> Resolved:
     """Find `entry`'s files and fingerprint them (weights, config, tokenizer files, dtype, context); a UserError
     names the entry and the fix."""
     where = f"models.{entry.name}"
-    directory, revision = _directory(entry.path, entry.revision, where)
+    directory, revision = _directory(entry.path, entry.revision, f"{where}.path")
     config = _config(directory, where)
     fmt = entry.format if entry.format != "auto" else ("hf" if "model_type" in config else "mamba_ssm")
     context = entry.context or (config.get("max_position_embeddings") if fmt == "hf" else None)
@@ -132,22 +132,24 @@ def resolve(entry: Checkpoint) -> Resolved:
                     cache.fingerprint(fmt, parts, tokenizer_files, entry.dtype, int(context)), tokenizer)
 
 
-def _directory(path: str, revision: str | None, where: str) -> tuple[Path, str | None]:
-    """(local directory, hub commit or None) of a path or hub id."""
+def _directory(path: str, revision: str | None, field: str) -> tuple[Path, str | None]:
+    """(local directory, hub commit or None) of a path or hub id; errors name the suite's `field`."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local.resolve(), None
+    if local.is_file():
+        raise UserError(f"{field}: {local} is a file; fix: the directory that holds it ({local.parent})")
     if not _HUB_ID.match(path):
-        raise UserError(f"{where}.path: {local} does not exist; fix: a checkpoint directory or a hub id (org/name)")
+        raise UserError(f"{field}: {local} does not exist; fix: a directory or a hub id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
     try:
         snapshot = Path(snapshot_download(path, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache, whichever way the hub library says it
-        raise UserError(f"{where}.path: {path} is not a directory and not in the HF cache ({HF_HUB_CACHE}); fix: on "
+        raise UserError(f"{field}: {path} is not a directory and not in the HF cache ({HF_HUB_CACHE}); fix: on "
                         f"a machine with network, `hf download {path}{f' --revision {revision}' if revision else ''}` "
-                        "(it goes to that cache), or set path to a local copy") from None
+                        "(it goes to that cache), or set it to a local copy") from None
     return snapshot, snapshot.name  # snapshots/<commit>
 
 
@@ -204,20 +206,27 @@ def load_model(r: Resolved) -> torch.nn.Module:
 _POSITION_TABLE = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
 
 
-def position_limit(r: Resolved) -> int | None:
-    """The longest input a checkpoint's learned absolute position embeddings cover (GPT-2's `wpe`, OPT's
-    `embed_positions` less its offset), or None where positions are relative (RoPE, ALiBi) or absent (SSM
-    layers, NoPE): those run at any length, which is what measuring beyond the pretraining context needs. Read
-    from the model built on the meta device, so no weights are loaded."""
-    if r.format != "hf":
-        return None  # harness.models.HybridForCausalLM: rotary or no positions in attention
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def meta_model(r: Resolved) -> torch.nn.Module | None:
+    """The checkpoint's model built on the meta device (no weights read), or None where it cannot be built
+    (load_model then names the problem)."""
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(r.directory))
-    except Exception:  # noqa: BLE001 - a model transformers cannot build: load_model names the problem
+            if r.format == "mamba_ssm":
+                from harness.models import HybridForCausalLM
+                from harness.models.checkpoint import load_mamba_ssm_config
+
+                return HybridForCausalLM(load_mamba_ssm_config(r.directory))
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(r.directory))
+    except Exception:  # noqa: BLE001 - a model that cannot be built: load_model names the problem
         return None
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest input a model's learned absolute position embeddings cover (GPT-2's `wpe`, OPT's
+    `embed_positions` less its offset), or None where positions are relative (RoPE, ALiBi) or absent (SSM
+    layers, NoPE): those run at any length, which is what measuring beyond the pretraining context needs."""
     tables = [m.num_embeddings - getattr(m, "offset", 0) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Embedding) and _POSITION_TABLE.search(name)]
     return min(tables, default=None)
