@@ -98,20 +98,24 @@ def _cell(cell: Cell, determined_by: dict) -> dict:
 
 #: Why a recorded cell is measured again, by its state.
 STALE = {"changed": "with changed settings (measured again)",
-         "stale": "stale: measured by other code (measured again)",
-         "failed": "failed (measured again: --retry-failed)"}
+         "stale": "stale: measured by other code (measured again)"}
 
 
-def cell_state(cell: dict, current: Record | None, retry_failed: bool = False) -> str:
+def cell_state(cell: dict, current: Record | None) -> str:
     """"done" if the cell's current record was measured with its settings (config hash) by the same code
-    (fingerprint) and worked (or failed, without `retry_failed`); else why it is to be measured: "todo"
-    (never), "changed", "stale", "failed"."""
+    (fingerprint) and worked, "failed" if it failed so (an OOM at one length is a result: measured again only
+    with --retry-failed, `to_measure`); else why it is to be measured: "todo" (never), "changed", "stale"."""
     if current is None:
         return "todo"
     if current.config_hash != cell["hash"]:
         return "changed"
     if current.code.get("fingerprint") != cell["code"]:
         return "stale"
-    return "failed" if retry_failed and current.status != "ok" else "done"
+    return "done" if current.status == "ok" else "failed"
+
+
+def to_measure(state: str, retry_failed: bool) -> bool:
+    """Whether a cell in `state` (cell_state) is measured by this run."""
+    return state not in ("done", "failed") or retry_failed and state == "failed"
 
 

@@ -4,7 +4,8 @@ Each job runs in a process of its own (harness.job; where, harness.executors: a 
 a Slurm job), so a crash or an OOM kill costs one cell: the parent records it ("error"/"oom"), and starts the
 job again for the cells left. A cell with no new record for `run.timeout` seconds (counted from the job's start,
 not its time in a queue) is killed and recorded as "timeout". Resume: a cell is done when its current record
-has its settings hash and code fingerprint (`plan.cell_state`; `--retry-failed` reruns those that failed).
+has its settings hash and code fingerprint (`plan.cell_state`); a failed one is kept as its result, and
+`--retry-failed` reruns those.
 Pretraining jobs finish before any other starts. Several GPUs: jobs run in parallel, one per `run.nproc`
 devices; on Slurm, `run.max_parallel` at once (default: MAX_QUEUED).
 """
@@ -26,7 +27,7 @@ from harness.cells import FINETUNED
 from harness.errors import UserError
 from harness.executors import ACTIVE, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, load_tokenizer, meta_model, position_limit, resolve
-from harness.plan import STALE, Job, cell_state, documents, plan
+from harness.plan import STALE, Job, cell_state, documents, plan, to_measure
 from harness.suite import load_suite
 
 
@@ -81,7 +82,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     out.mkdir(parents=True, exist_ok=True)
     with results.exclusive(out):
         state = _states(jobs, out, retry_failed, suite.name, corpus)
-        todo = {job.name: [c for c in job.cells if state[c["id"]] != "done"] for job in jobs}
+        todo = {job.name: [c for c in job.cells if to_measure(state[c["id"]], retry_failed)] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_sha256": suite.sha256, "suite_name": suite.name,
                   "out": str(out.resolve()),
                   "pg19": pg19, "run": suite.run.model_dump()}
@@ -183,9 +184,11 @@ def _tokenize(train, model) -> None:
 def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -> dict[str, str]:
     """Each cell's state (plan.cell_state) against the records in `out`, with a one-line summary printed."""
     recorded = _current_records(out)
-    state = {c["id"]: cell_state(c, recorded.get(c["id"]), retry_failed) for j in jobs for c in j.cells}
+    state = {c["id"]: cell_state(c, recorded.get(c["id"])) for j in jobs for c in j.cells}
     counts = Counter(state.values())
+    failed = "measured again: --retry-failed" if retry_failed else "kept; --retry-failed measures them again"
     print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
+          + (f", {counts['failed']} failed ({failed})" if counts["failed"] else "")
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
           + f"; evaluating on {getattr(corpus, 'description', '(missing)')}; results in {out}")
     return state
@@ -201,11 +204,13 @@ def _print_status(jobs: list[Job], out: Path, retry_failed: bool) -> None:
     """Each job of the plan: how many of its cells are done, and its latest attempt (OUT/jobs.jsonl) now."""
     recorded, attempts = _current_records(out), ledger(out)
     for job in jobs:
-        done = sum(cell_state(c, recorded.get(c["id"]), retry_failed) == "done" for c in job.cells)
+        states = Counter(cell_state(c, recorded.get(c["id"])) for c in job.cells)
         entry = attempts.get(job.name)
         seen = f"{entry['executor']} {entry['id']} {live_state(entry, out)}" if entry else "never started"
-        mark = "done" if done == len(job.cells) else "todo"
-        print(f"  {mark:<5} {done:>3}/{len(job.cells):<3} {job.name:<40} {seen}")
+        finished = states["done"] + (0 if retry_failed else states["failed"])
+        mark = "todo" if finished < len(job.cells) else "failed" if states["failed"] else "done"
+        failed = f", {states['failed']} failed" if states["failed"] else ""
+        print(f"  {mark:<6} {states['done']:>3}/{len(job.cells):<3} {job.name:<40} {seen}{failed}")
 
 
 def _check_no_earlier_jobs_active(names: list[str], out: Path) -> None:

@@ -53,7 +53,8 @@ def test_submitit_local_records_what_the_local_runner_records(suite_file, tmp_pa
     assert f"submitit-local {jobs['tiny-hybrid/seed0/pretrain']['id']} COMPLETED" in "\n".join(shown)
 
 
-def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tmp_path, inject_fault, monkeypatch):
+def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tmp_path, inject_fault, monkeypatch,
+                                                                  capsys):
     suite_file.write_text(SUITE.replace("lengths: [64]", "lengths: [64, 32]"))
     inject_fault("os._exit(3)")
     out = tmp_path / "out"
@@ -63,6 +64,14 @@ def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tm
     assert recs["attention/full/efficiency@64"].status == "error"
     assert "submitit-local job" in recs["attention/full/efficiency@64"].error
     assert recs["attention/sliding_window/efficiency@64"].status == "ok"
+    capsys.readouterr()
+    run_suite(suite_file, out, only="attention/*", dry_run=True)  # failed cells say so, and a plain run keeps them
+    shown = capsys.readouterr().out
+    assert "2 already recorded, 2 failed (kept; --retry-failed measures them again)" in shown, shown
+    assert "  failed   attention/full/efficiency@64\n" in shown, shown
+    run_suite(suite_file, out, only="attention/*", status=True)
+    status = {line.split()[2]: line.split()[:2] for line in capsys.readouterr().out.splitlines()}
+    assert status["attention/full"] == ["failed", "0/2"] and status["attention/sliding_window"] == ["done", "2/2"]
     monkeypatch.delenv("PYTHONPATH")  # the fault is fixed
     assert run_suite(suite_file, out, only="attention/*", retry_failed=True,
                      run={"executor": "submitit-local"}).failed == {}
