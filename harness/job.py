@@ -27,6 +27,7 @@ import torch
 
 from harness import results
 from harness.attention import recording
+from harness.errors import UserError
 from harness.finetune import distributed
 from harness.metrics.base import Measurement, Ranks, get
 from harness.suite import Backend, Suite, load_suite
@@ -52,7 +53,7 @@ def _on_ranks(suite: Suite, spec: dict) -> None:
     try:
         ctx.prepare()
     except Exception as e:  # noqa: BLE001 - the variant cannot be built: each of its cells is a failed record
-        traceback.print_exc()
+        _print_failure(e)
         for cell in spec["cells"]:
             results.append(Path(spec["out"]), _failed(results.cell_record(suite.name, cell, env=results.environment()),
                                                       e))
@@ -81,8 +82,7 @@ def _measure_cells(suite: Suite, spec: dict, world: distributed.World) -> None:
                         rec = replace(rec, settings={**rec.settings, "ranks": world.size})
             rec = replace(rec, kernel=rec.kernel or ", ".join(sorted(kernels)))
         except Exception as e:  # noqa: BLE001 - one cell's failure is a recorded result, not the end of the job
-            if not isinstance(e, torch.OutOfMemoryError):
-                traceback.print_exc()
+            _print_failure(e)
             rec, error = _failed(rec, e), e
         ctx.settle(error)
         if not world.main:
@@ -92,6 +92,14 @@ def _measure_cells(suite: Suite, spec: dict, world: distributed.World) -> None:
         shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
                                                                "tokens_per_s")}
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
+
+
+def _print_failure(e: Exception) -> None:
+    """A traceback for a bug; one line for what the user can fix (UserError); nothing for an OOM (a result)."""
+    if isinstance(e, UserError):
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    elif not isinstance(e, torch.OutOfMemoryError):
+        traceback.print_exc()
 
 
 def _failed(rec: results.Record, e: Exception) -> results.Record:

@@ -119,6 +119,27 @@ def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path
     assert re.search(r"metrics\.ruler\.lengths: RULER task 'vt' cannot fit in length 256.*use length >= \d+", out)
 
 
+def test_a_ruler_length_is_checked_with_every_sample_the_cells_will_build(tmp_path, capsys):
+    # at 288 tokens the one sample of seed 42 that the check once built fits; the cells' (seed 0) do not
+    s = suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {ruler: {tasks: [niah_single_1], lengths: [288, 512], "
+                             "samples: 2}}\n")
+    code, out = cli(capsys, "run", s, "--dry-run")
+    assert code == 2 and "Traceback" not in out
+    assert "metrics.ruler.lengths: RULER task 'niah_single_1' cannot fit in length 288: it needs at least 291" in out
+
+
+def test_a_job_prints_a_user_error_as_one_line_and_a_bug_with_its_traceback(capsys):
+    from harness.job import _print_failure
+
+    for e in (UserError("metrics.x: bad; fix: y"), RuntimeError("a bug")):
+        try:
+            raise e
+        except Exception as caught:  # noqa: BLE001
+            _print_failure(caught)
+    err = capsys.readouterr().err
+    assert err.startswith("error: metrics.x: bad; fix: y\nTraceback") and err.count("Traceback") == 1, err
+
+
 def test_only_matching_nothing_is_an_error(tmp_path, capsys):
     code, out = cli(capsys, "run", suite_file(tmp_path, PLAIN), "--only", "*ppl@9999", "--dry-run")
     assert code == 2 and "--only '*ppl@9999' matches none of the suite's cells" in out and "--dry-run" in out

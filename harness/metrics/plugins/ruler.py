@@ -88,8 +88,11 @@ class Ruler(Metric):
         except UserError:  # a checkpoint not on this machine: the runner said so (a dry run goes on without it)
             tok = None
         for task in config.tasks if tok is not None else ():  # where the user is, not an error per cell at run time
-            for n in {min(config.lengths), max(config.lengths)}:
-                _fits(task, n, tok, config.essay_file, config.qa_files.get(task))
+            # every sample the cells will build at the shortest length (a sample's needles, drawn from its seed,
+            # decide whether it fits), one at the longest
+            _fits(task, min(config.lengths), tok, config.essay_file, config.qa_files.get(task), config.samples,
+                  variant.seed)
+            _fits(task, max(config.lengths), tok, config.essay_file, config.qa_files.get(task), 1, variant.seed)
         files = [f for f in (config.essay_file, *config.qa_files.values()) if f]  # by content, not path alone
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint,
                   **({"files": [cache.remembered_sha256(f) for f in files]} if files else {})}
@@ -117,13 +120,16 @@ class Ruler(Metric):
 
 
 @functools.cache
-def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None) -> None:
-    """Raise a UserError naming the suite field if one sample of `task` cannot be built at `length` tokens."""
+def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None, samples: int,
+          seed: int) -> None:
+    """Raise a UserError naming the suite field if the first `samples` samples of `task` with `seed` cannot all
+    be built at `length` tokens."""
     from harness.data.ruler.tasks import generate
     from harness.errors import UserError
 
     try:
-        generate(task, length, tokenizer, 1, haystack_text=_FILLER, essay_file=essay_file, qa_file=qa_file)
+        generate(task, length, tokenizer, samples, seed, haystack_text=_FILLER, essay_file=essay_file,
+                 qa_file=qa_file)
     except UserError as e:
         raise UserError(f"metrics.ruler.lengths: {e}") from None
 
