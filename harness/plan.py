@@ -40,6 +40,7 @@ class PlanContext:
     suite: Suite
     data_fingerprint: str  # of the evaluation documents
     backend: Backend | None = None  # metrics of kind "backend": the backend whose cells these are
+    memo: dict = field(default_factory=dict)  # what a metric's `cells` worked out once for every variant
 
 
 def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -89,10 +88,13 @@ class Ruler(Metric):
             tok = None
         for task in config.tasks if tok is not None else ():  # where the user is, not an error per cell at run time
             # every sample the cells will build at the shortest length (a sample's needles, drawn from its seed,
-            # decide whether it fits), one at the longest
+            # decide whether it fits), one at the longest; once per model and seed, not per variant
+            if plan.memo.get(checked := ("ruler fits", variant.model, variant.seed, task)):
+                continue
             _fits(task, min(config.lengths), tok, config.essay_file, config.qa_files.get(task), config.samples,
                   variant.seed)
             _fits(task, max(config.lengths), tok, config.essay_file, config.qa_files.get(task), 1, variant.seed)
+            plan.memo[checked] = True
         files = [f for f in (config.essay_file, *config.qa_files.values()) if f]  # by content, not path alone
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint,
                   **({"files": [cache.remembered_sha256(f) for f in files]} if files else {})}
@@ -119,7 +121,6 @@ class Ruler(Metric):
         return ruler_section(records)
 
 
-@functools.cache
 def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None, samples: int,
           seed: int) -> None:
     """Raise a UserError naming the suite field if the first `samples` samples of `task` with `seed` cannot all
