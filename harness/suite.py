@@ -19,10 +19,20 @@ import os
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from harness.data.sources import SPLIT, Source
 from harness.errors import UserError
@@ -180,10 +190,17 @@ class Backend(BaseModel):
     label: str
 
 
+# A `models:` entry: a name (preset or named checkpoint) or a checkpoint mapping; the discriminator validates it
+# against its own form only, so an error in a mapping is not reported beside "Input should be a valid string".
+ModelEntry = Annotated[Annotated[str, Tag("<name>")] | Annotated[Checkpoint, Tag("<mapping>")],
+                       Discriminator(lambda v: "<name>" if isinstance(v, str) else "<mapping>")]
+_BRANCHES = {"<name>", "<mapping>"}  # ModelEntry's tags, which pydantic puts in an error's location
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
-    models: list[str | Checkpoint] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
+    models: list[ModelEntry] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["lora"])
     backends: list[Any] = Field(default_factory=lambda: ["full"], validate_default=True)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -390,7 +407,7 @@ def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
 
 
 def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
-    loc = tuple(str(p) for p in err["loc"])
+    loc = tuple(str(p) for p in err["loc"] if p not in _BRANCHES)
     where = ".".join(loc) or "(top level)"
     line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
     where = f"line {line}: {where}" if line else where
@@ -427,11 +444,16 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
+        if str(part).isdigit():  # an item of a list field: the model is the item's
+            continue
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   ann)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if (model := _model_in(getattr(field, "annotation", None))) is None:
             return None
-        model = ann
     return model
+
+
+def _model_in(ann) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (itself, or inside list[...], X | None, Annotated[...])."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return next((m for a in get_args(ann) if (m := _model_in(a)) is not None), None)

@@ -59,6 +59,10 @@ SUITES = [
     ("wrong type", "name: x\nfinetune: {steps: many}\n", r"finetune\.steps: .*integer.*'many'"),
     ("zero steps", "name: x\nfinetune: {steps: 0}\n", r"finetune\.steps: .*greater than or equal to 1"),
     ("unknown preset", "name: x\nmodels: [tiny-hybrd]\n", r"models: unknown model 'tiny-hybrd' \(did you mean"),
+    ("checkpoint dtype typo", "name: x\nmodels: [{name: m, path: /tmp, dtype: bf16}]\n",  # and not "a valid string"
+     r"^(?!.*valid string).*line 2: models\.0\.dtype: Input should be 'float32', 'bfloat16' or 'float16' \(got 'bf16'"),
+    ("checkpoint field typo", "name: x\nmodels: [{name: m, pth: /tmp}]\n",
+     r"models\.0\.pth: unknown field \(did you mean 'path'\?\)"),
     ("unknown method", "name: x\nmethods: [hylorra]\n", r"did you mean 'hylora'"),
     ("unknown backend", "name: x\nbackends: [se_atn]\n", r"(?i)did you mean 'se_attn'"),
     ("bad backend option", "name: x\nbackends: [{se_attn: {chunk_size: 64, block_size: 0}}]\n",
