@@ -355,6 +355,7 @@ def evaluate_perplexity(
                         source = "hidden_states" if _matches_logits(model, out, hidden) else "logits"
                 if source == "logits":  # the head does not give the logits: the model's own, at every position
                     decoder.close()
+                    out = hidden = None  # the checking forward's per-layer states go before this one runs
                     out = model(input_ids=x, use_cache=False)
                     for b, (_, a, e) in enumerate(batch):  # logits[b, t-1] predicts x[b, t]
                         nll_sum += chunked_nll_sum(torch.nn.Identity(), out.logits[b, a - 1:e - 1], x[b, a:e])
