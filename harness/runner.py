@@ -26,7 +26,7 @@ from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
 from harness.executors import ACTIVE, Executor, ledger, live_state, visible_gpus
-from harness.models.sources import Checkpoint, check_vocabulary, load_tokenizer, meta_model, position_limit, resolve
+from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan, to_measure
 from harness.suite import load_suite
 
@@ -140,6 +140,7 @@ def _check_checkpoints(suite, jobs: list[Job], resolved: dict, finetunes: bool) 
     the meta device): inputs longer than learned absolute positions cover (its cells' lengths, or the fine-tuning
     context), a tokenizer with ids the model has no embedding for, a backend or LoRA on a model without
     attention that they can reach."""
+    from harness.artefacts import tokenizer
     from harness.attention.hf import uses_attention_interface
     from harness.finetune.methods import attention_targets
 
@@ -156,7 +157,7 @@ def _check_checkpoints(suite, jobs: list[Job], resolved: dict, finetunes: bool) 
                             f"the suite asks it for {', '.join(map(str, over))}; fix: keep metrics' lengths and "
                             f"finetune.context at or below {limit}, or use a model with relative positions (RoPE, "
                             "ALiBi) or none")
-        check_vocabulary(r, load_tokenizer(r), model)
+        check_vocabulary(r, tokenizer(suite.model(name)), model)  # the tokenizer every job and cell uses (cached)
         if not finetunes:
             continue
         others = [b.label for b in suite.backends if b.name != "full"]
@@ -207,8 +208,8 @@ def _print_status(jobs: list[Job], out: Path, retry_failed: bool) -> None:
         states = Counter(cell_state(c, recorded.get(c["id"])) for c in job.cells)
         entry = attempts.get(job.name)
         seen = f"{entry['executor']} {entry['id']} {live_state(entry, out)}" if entry else "never started"
-        finished = states["done"] + (0 if retry_failed else states["failed"])
-        mark = "todo" if finished < len(job.cells) else "failed" if states["failed"] else "done"
+        todo = any(to_measure(state, retry_failed) for state in states)
+        mark = "todo" if todo else "failed" if states["failed"] else "done"
         failed = f", {states['failed']} failed" if states["failed"] else ""
         print(f"  {mark:<6} {states['done']:>3}/{len(job.cells):<3} {job.name:<40} {seen}{failed}")
 
