@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 META = "meta.json"
+SCRATCH = ".tmp-"  # + key-host-pid: a build in progress, renamed into place when it succeeds
 
 
 def cache_root() -> Path:
@@ -168,8 +170,10 @@ def ensure(kind: str, key: str, make: Callable[[], None]) -> Path:
 def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     """Yield a scratch directory; on success it becomes the artefact ``kind/key`` atomically."""
     final = cache_root() / kind / key
-    tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for dead in (s for s in unfinished(kind, key) if s["alive"] is False):
+        shutil.rmtree(dead["path"], ignore_errors=True)  # a build killed before it could clean up (SIGKILL, OOM)
+    tmp = final.with_name(f"{SCRATCH}{key}-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -183,6 +187,32 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
+    """Scratch directories of builds in progress or killed: path, kind, host, pid, size and whether the build is
+    alive (None when it ran on another host, where this process cannot tell)."""
+    host = socket.gethostname()
+    out = []
+    for path in sorted(cache_root().glob(f"{kind}/{SCRATCH}{key}-*")):
+        name, _, pid = path.name.removeprefix(SCRATCH).rpartition("-")
+        built, _, on = name.partition("-")  # keys are hex fingerprints; host names may hold dashes
+        if not path.is_dir() or not pid.isdigit() or not on:
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        out.append({"path": path, "kind": path.parent.name, "key": built, "host": on, "pid": int(pid),
+                    "alive": _alive(int(pid)) if on == host else None, "size_mib": size / 2**20})
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def entries() -> list[dict]:

@@ -230,6 +230,11 @@ def _cache(args: argparse.Namespace) -> None:
         print(f"cache: {cache.cache_root()}")
         for e in entries:
             print(f"  {e['kind']:<11} {e['key']}  {e['size_mib']:8.1f} MiB  {e['created']}  {e['what']}")
+        for u in cache.unfinished():
+            state = {True: "building", False: "killed; the next build of this key here removes it",
+                     None: "on another host: remove it by hand if that build is not running"}[u["alive"]]
+            print(f"  {u['kind']:<11} {u['key']}  {u['size_mib']:8.1f} MiB  unfinished build (pid {u['pid']} on "
+                  f"{u['host']}, {state}): {u['path']}")
         return
     if not args.all and not args.keys:
         raise UserError("cache rm: name keys (or prefixes) to remove, or --all")

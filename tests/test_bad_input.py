@@ -527,7 +527,7 @@ with cache.build("pretrained", "slow") as d:
 """
 
 
-def test_a_process_killed_while_building_a_cache_entry_leaves_nothing_that_is_read(tmp_path):
+def test_a_process_killed_while_building_a_cache_entry_leaves_nothing_that_is_read(tmp_path, capsys):
     script = tmp_path / "builder.py"
     script.write_text(BUILDER)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
@@ -536,5 +536,7 @@ def test_a_process_killed_while_building_a_cache_entry_leaves_nothing_that_is_re
     proc.kill()
     proc.wait()
     assert cache.lookup("pretrained", "slow") is None  # the half-built entry is never taken as done
-    assert built("pretrained", "slow") is not None  # and building it again works
-    assert [e["key"] for e in cache.entries()] == ["slow"]
+    code, out = cli(capsys, "cache", "ls")
+    assert code == 0 and f"unfinished build (pid {proc.pid} on " in out and "killed; the next build" in out
+    assert built("pretrained", "slow") is not None  # and building it again works, clearing the killed one's files
+    assert [e["key"] for e in cache.entries()] == ["slow"] and not cache.unfinished()

@@ -52,3 +52,34 @@ def _ensure_slowly(tmp_path):
             (d / "x").write_text("x")
 
     cache.ensure("kind", "key", make)
+
+
+def test_a_build_clears_scratch_of_killed_builds_of_its_key_and_keeps_live_or_foreign_ones():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        root = cache.cache_root() / "model"
+        scratch = {name: root / f"{cache.SCRATCH}{name}" for name in (
+            f"k1-{host}-{finished.stdout.strip()}",  # killed (SIGKILL skips the cleanup)
+            f"k1-{host}-{running.pid}",  # still building
+            f"k1-other-node-7-{os.getpid()}",  # another host: cannot tell
+            f"k2-{host}-{finished.stdout.strip()}")}  # another key: not this build's business
+        for d in scratch.values():
+            (d / "w.bin").parent.mkdir(parents=True)
+            (d / "w.bin").write_bytes(b"x" * 1024)
+        dead = int(finished.stdout)
+        assert sorted((u["key"], u["host"], u["pid"], u["alive"]) for u in cache.unfinished()) == sorted([
+            ("k1", host, dead, False), ("k1", host, running.pid, True), ("k1", "other-node-7", os.getpid(), None),
+            ("k2", host, dead, False)])
+        with cache.build("model", "k1") as d:
+            (d / "w.txt").write_text("done")
+        assert [d.exists() for d in scratch.values()] == [False, True, True, True]
+        assert (cache.lookup("model", "k1") / "w.txt").read_text() == "done"
+    finally:
+        running.kill()
