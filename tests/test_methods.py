@@ -210,3 +210,12 @@ def test_lora_on_a_model_without_attention_says_what_to_use():
 
     with pytest.raises(UserError, match="no attention projection found .* fix: the method `full`"):
         attention_targets(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_applying_lora_warns_about_nothing_a_user_can_act_on():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_method(tiny(), "lora", rank=4, alpha=8)
+    assert [str(w.message) for w in seen] == []

@@ -40,6 +40,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +224,9 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
             extra += [p for _, p in _resolve_extra(model, extra_trainable)]
         cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
         try:
-            out = get_peft_model(model, cfg)
+            with warnings.catch_warnings():  # PEFT reads a property transformers deprecated; nothing for a user to do
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                out = get_peft_model(model, cfg)
         except ValueError as e:  # e.g. PEFT refuses out_proj/conv1d targets on falcon_h1, nemotron_h, mamba
             raise UserError(f"{method}: PEFT rejected the LoRA targets: {e}") from None
         for p in extra:  # after get_peft_model, which freezes every base parameter
