@@ -39,3 +39,14 @@ def test_frozen_conv_weight_gets_no_gradient():
     x = torch.randn(1, 4, 6, requires_grad=True)
     causal_conv(x, conv, "silu").sum().backward()
     assert x.grad is not None and conv.weight.grad is None
+
+
+def test_a_bf16_input_through_an_fp32_conv_stays_bf16_as_with_the_kernel():
+    """causal_conv1d's kernel returns x's dtype; under autocast the projection is bf16 and the conv weight fp32,
+    and an fp32 result here would run every later layer (SSD, attention) in fp32 on CUDA without the kernel."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3)
+    x = torch.randn(2, 4, 9)
+    y = causal_conv(x.bfloat16(), conv, "silu")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), causal_conv(x.bfloat16().float(), conv, "silu"), atol=1e-2, rtol=1e-2)

@@ -188,3 +188,20 @@ def test_presets():
     assert preset_config("mamba2attn-2.7b").padded_vocab_size == 50288
     with pytest.raises(UserError, match="Did you mean 'tiny-hybrid'"):
         preset_config("tiny-hybird")
+
+
+def test_under_bf16_autocast_the_scan_and_attention_run_in_bf16_and_dt_stays_fp32(monkeypatch):
+    """As with mamba_ssm's kernels on CUDA: the conv's output keeps the projection's bf16, so the SSD scan and
+    attention see bf16 inputs, while dt (softplus of dt + dt_bias) reaches the scan in fp32, unrounded."""
+    from harness.models import mamba2
+
+    seen = {}
+    scan = mamba2.ssd_scan
+    monkeypatch.setattr(mamba2, "ssd_scan", lambda x, dt, *a, **kw: seen.setdefault("scan", (x.dtype, dt.dtype))
+                        and scan(x, dt, *a, **kw))
+    model = _model(attn="sdpa")
+    model.backbone.layers[1].mixer.out_proj.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("attention output", args[0].dtype) and None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(input_ids=_ids()).logits.isfinite().all()
+    assert seen == {"scan": (torch.bfloat16, torch.float32), "attention output": torch.bfloat16}

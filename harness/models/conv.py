@@ -61,8 +61,9 @@ def causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str | None = None)
 
     The torch path computes over x.transpose(1, 2): given the transposed view of a (b, l, d) projection, as
     the mixers pass it, that is the projection's own memory, and the result is a (b, d, l) view of a
-    (b, l, d) tensor, so neither transpose copies."""
+    (b, l, d) tensor, so neither transpose copies. The result has x's dtype, as the kernel's: under autocast a
+    bf16 projection through an fp32 conv stays bf16 (computed in fp32)."""
     if x.is_cuda and (fn := _causal_conv1d_fn()) is not None:
         return fn(x, conv.weight.squeeze(1), conv.bias, activation=activation)
-    y = _ShiftedSum.apply(x.transpose(1, 2), conv.weight[:, 0], conv.bias)
+    y = _ShiftedSum.apply(x.transpose(1, 2), conv.weight[:, 0], conv.bias).to(x.dtype)
     return (F.silu(y) if activation == "silu" else y).transpose(1, 2)

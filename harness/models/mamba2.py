@@ -87,7 +87,7 @@ class Mamba2(nn.Module):
             y = y.to(x.dtype)[:, None]
         else:
             init = None if prev is None else prev.to(x.dtype)
-            y, state = ssd_scan(x, dt.to(x.dtype), A, B, C, self.chunk_size, D, init, return_final_states=True)
+            y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, D, init, return_final_states=True)
         if cache is not None:
             cache.update_recurrent_state(state.float(), self.layer_idx)
         y = y.reshape(b, l, self.d_inner)
