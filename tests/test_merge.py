@@ -52,6 +52,24 @@ def test_bf16_union_is_close_to_the_float32_one():
     torch.testing.assert_close(out.float(), _dense(q, sets, 0.25), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kernel", ["cpu_flash", "plain"])
+def test_autocast_around_the_union_changes_nothing(monkeypatch, kernel):
+    """A fine-tune's forward runs under autocast and its backward outside: the union's output and gradients must
+    be what they are without autocast (the plain kernel's lse came from bf16 scores, its backward from fp32)."""
+    monkeypatch.setattr(merge, "_kernel", lambda q: kernel)
+    g = torch.Generator().manual_seed(2)
+    q, k, v, kr, vr = (torch.randn(1, 2, n, 16, generator=g).mul(3).requires_grad_() for n in (12, 12, 12, 8, 8))
+    sets, up = [(k, v, "causal"), (kr, vr, "all")], torch.randn(1, 2, 12, 16, generator=g)
+    want = merge.attend_sets(q, sets, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = merge.attend_sets(q, sets, 0.25)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    inputs = [q, k, v, kr, vr]
+    for a, b in zip(torch.autograd.grad(got, inputs, up), torch.autograd.grad(want, inputs, up), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_a_set_that_does_not_fit_its_pattern_is_an_error():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="pattern 'causal'"):

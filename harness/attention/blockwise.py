@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .merge import attend_sets
+from .merge import attend_sets, no_autocast
 from .reference import random_scores, s2_group_size
 
 
@@ -120,12 +120,15 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
     else:
         kx, vx = expand_kv(q, k, v)
         blocks = [x[:, :, :n_full * s].reshape(b, hq * n_full, s, d) for x in (q, kx, vx)]
-        # relevancy in fp32: a sum of M fp16 queries overflows to inf (and ranks a candidate as a non-candidate)
-        summaries = F.scaled_dot_product_attention(*blocks, scale=scale).float().mean(dim=2).reshape(b, hq, n_full, d)
-        chunk_sums = _pad_to(q, n_chunks * m).float().reshape(b, hq, n_chunks, m, d).sum(dim=3)
-        if selection == "previous":  # chunk i ranks with chunk i-1's queries (chunk 0 has no candidates)
-            chunk_sums = torch.cat([chunk_sums[:, :, :1], chunk_sums[:, :, :-1]], dim=2)
-        scores = chunk_sums @ summaries.transpose(-1, -2)  # (B, Hq, T, U_full)
+        # relevancy in fp32 (autocast would round it to bf16 in a fine-tune, and pick other blocks than an
+        # evaluation of the same weights): a sum of M fp16 queries overflows to inf (and ranks a candidate as a
+        # non-candidate)
+        with no_autocast(q):
+            summaries = F.scaled_dot_product_attention(*blocks, scale=scale).float().mean(dim=2)
+            chunk_sums = _pad_to(q, n_chunks * m).float().reshape(b, hq, n_chunks, m, d).sum(dim=3)
+            if selection == "previous":  # chunk i ranks with chunk i-1's queries (chunk 0 has no candidates)
+                chunk_sums = torch.cat([chunk_sums[:, :, :1], chunk_sums[:, :, :-1]], dim=2)
+            scores = chunk_sums @ summaries.reshape(b, hq, n_full, d).transpose(-1, -2)  # (B, Hq, T, U_full)
         if not per_head:
             scores = scores.sum(dim=1, keepdim=True)
     chunk_start = torch.arange(n_chunks, device=q.device)[:, None] * m

@@ -19,6 +19,7 @@ Each set is one call of a kernel that returns the log-sum-exp, and its backward 
 - "plain": `_plain`, the readable version the tests compare the others with, from explicit fp32 scores.
 """
 
+import contextlib
 import functools
 import warnings
 
@@ -55,11 +56,15 @@ def _kernel(q) -> str:
 
 
 class _Union(torch.autograd.Function):
+    """Forward and backward run outside autocast, which would compute `_plain`'s scores in bf16 in the forward
+    (the lse) and in fp32 in a backward called outside it; the kernels take the inputs' dtypes."""
+
     @staticmethod
     def forward(ctx, q, scale, patterns, kernel, *kv):
-        parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, kernel) for i, p in enumerate(patterns)]
-        lse = torch.stack([lse for _, lse, _ in parts]).logsumexp(0)  # (B, H, M), float32 or wider
-        out = sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse, _ in parts).to(q.dtype)
+        with no_autocast(q):
+            parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, kernel) for i, p in enumerate(patterns)]
+            lse = torch.stack([lse for _, lse, _ in parts]).logsumexp(0)  # (B, H, M), float32 or wider
+            out = sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse, _ in parts).to(q.dtype)
         ctx.save_for_backward(q, out, lse, *kv)
         ctx.scale, ctx.patterns, ctx.kernel = scale, patterns, kernel
         ctx.states = [state for _, _, state in parts]  # what a kernel's backward needs from its forward
@@ -71,12 +76,19 @@ class _Union(torch.autograd.Function):
         q, out, lse, *kv = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_q, grad_kv = torch.zeros_like(q, dtype=lse.dtype), []
-        for i, pattern in enumerate(ctx.patterns):
-            dq, dk, dv = _backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, ctx.scale, pattern, ctx.kernel,
-                                   ctx.states[i])
-            grad_q += dq
-            grad_kv += [dk, dv]
+        with no_autocast(q):
+            for i, pattern in enumerate(ctx.patterns):
+                dq, dk, dv = _backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, ctx.scale, pattern,
+                                       ctx.kernel, ctx.states[i])
+                grad_q += dq
+                grad_kv += [dk, dv]
         return grad_q.to(q.dtype), None, None, None, *grad_kv
+
+
+def no_autocast(x: torch.Tensor):
+    """A context where autocast is off for x's device (where autocast exists for it)."""
+    return torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+        else contextlib.nullcontext()
 
 
 def _flipped(pattern: str, *xs) -> list[torch.Tensor]:
