@@ -1,9 +1,11 @@
 """The training loop: LR schedule, and an interrupted run resumes to exactly the uninterrupted result."""
 
+import time
+
 import pytest
 import torch
 
-from harness.finetune.loop import TrainConfig, lr_factor, missing_cpu_compiler, train
+from harness.finetune.loop import TrainConfig, lm_loss, lr_factor, missing_cpu_compiler, train
 from harness.models import HybridConfig, HybridForCausalLM
 
 
@@ -46,8 +48,28 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
     resumed = tiny()  # a fresh process: weights come only from the checkpoint
     log2 = train(resumed, batches, cfg, workdir=tmp_path)
     assert log2.loss_curve == log.loss_curve and log2.tokens == log.tokens
+    assert log2.warmup_tokens == 2 * 32  # the first step of each run: the step-0 one and the resumed step 4
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_throughput_leaves_out_the_first_step_which_compiles(monkeypatch):
+    """tokens/s is the steady state: the first step's compile, JIT and autotune time is not in it."""
+    from harness.finetune import loop
+
+    first = {"done": False}
+
+    def slow_first(model, ids, weights=None):
+        if not first["done"]:
+            first["done"] = True
+            time.sleep(1.0)  # a compile
+        return lm_loss(model, ids, weights)
+
+    monkeypatch.setattr(loop, "lm_loss", slow_first)
+    log = train(tiny(), batches, TrainConfig(steps=4, context=16, batch_size=2, lr=1e-2, warmup_steps=1))
+    assert log.warmup_tokens == 32 and log.warmup_seconds >= 1.0 and log.seconds - log.warmup_seconds < 1.0
+    assert log.tokens_per_s == pytest.approx(3 * 32 / (log.seconds - log.warmup_seconds))
+    assert loop.TrainLog(tokens=32, seconds=2.0, warmup_tokens=32, warmup_seconds=2.0).tokens_per_s == 16.0  # 1 step
 
 
 def test_a_weighted_step_is_one_loss_however_it_is_split_into_micro_batches():

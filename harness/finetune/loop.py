@@ -67,12 +67,18 @@ class TrainLog:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    warmup_tokens: int = 0  # of the first step of each run (a resumed one too): it compiles, JITs and autotunes
+    warmup_seconds: float = 0.0
     peak_memory_gib: float = 0.0
     memory_kind: str = ""  # "cuda allocator peak" or "process peak RSS"
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        """Training throughput after warm-up: the first step of each run left out, where later steps ran."""
+        tokens, seconds = self.tokens - self.warmup_tokens, self.seconds - self.warmup_seconds
+        if tokens <= 0 or seconds <= 0:
+            tokens, seconds = self.tokens, self.seconds
+        return tokens / seconds if seconds else 0.0
 
     def values(self) -> dict:
         return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
@@ -130,7 +136,7 @@ def train(
         bar.set_postfix_str("compiling the training step")
     with _deterministic(cfg.compile and device.type == "cpu"):
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
+            t0, tokens_before = time.perf_counter(), log.tokens
             total = 0.0
             batches = [b if isinstance(b, tuple) else (b, None) for b in
                        (next_batch(gen, step) for _ in range(cfg.grad_accum))]
@@ -154,7 +160,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             if (n := step + 1 - (cfg.steps - cfg.average_last)) > 0:
                 average = _update_average(average, params, n)
-            log.seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            log.seconds += seconds
+            if step == start:
+                log.warmup_tokens += log.tokens - tokens_before
+                log.warmup_seconds += seconds
             log.loss_curve.append((step + 1, round(total, 5)))
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{log.tokens_per_s:,.0f}", refresh=False)
             bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
