@@ -14,6 +14,7 @@ On a machine without CUDA it says what it would run and exits 2.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -76,11 +77,14 @@ def check_gpu(out: Path) -> int:
 def _pytest(out: Path) -> dict:
     if not (ROOT / "tests").is_dir():
         return {"ok": True, "skipped": "no tests directory (not a checkout)"}
+    if importlib.util.find_spec("pytest") is None:
+        return {"ok": False, "result": f"pytest is not installed for {sys.executable}: carry its wheel (see the "
+                                       f"README's GPU check)"}
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                           str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT)
     (out / "pytest-gpu.log").write_text(run.stdout + run.stderr)
-    last = (run.stdout.strip().splitlines() or [""])[-1]
+    last = next((line for text in (run.stdout, run.stderr) for line in reversed(text.strip().splitlines())), "")
     return {"ok": run.returncode == 0, "seconds": round(time.perf_counter() - t0, 1), "result": last}
 
 

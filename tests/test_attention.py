@@ -310,6 +310,16 @@ def test_every_registered_backend_is_tested_and_runs_on_cpu():
         assert kernel == f"{spec.name} via {spec.auto[-1]}" and out.shape == q.shape
 
 
+def test_flex_is_not_offered_for_head_dims_its_cuda_lowering_refuses(monkeypatch):
+    from types import SimpleNamespace
+
+    from harness.attention import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_cuda = [SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 2, 64, d)) for d in (8, 16, 128)]
+    assert [gpu.available("flex", q) for q in on_cuda] == [False, True, True]
+
+
 def test_bench_rows_have_kernel_and_times():
     from harness.attention.bench import bench_attention
 
@@ -326,7 +336,7 @@ def test_cuda_kernels_equal_reference_bf16(backend, options):
         pytest.skip("needs CUDA")
     info = available()[backend]
     for kernel in [k for k in info["kernels"] if k not in ("auto", "reference")]:
-        for i, shape in enumerate(SHAPES[1:]):
+        for i, shape in enumerate(SHAPES[1:] + [(2, 4, 2, 300, 64)]):  # flex needs a head dim of 16 or more
             q, k, v = (x.cuda().bfloat16().requires_grad_() for x in _qkv(shape, seed=i))
             try:
                 out = attend(q, k, v, backend, kernel=kernel, **options)

@@ -35,3 +35,19 @@ def test_the_summary_states_each_target_at_32k():
                       "steps": {"pytest -m gpu": {"ok": True, "result": "5 passed"}}})
     assert "| SE-Attn speed-up over dense SDPA | 3.0 | >= 3.0 | yes |" in shown
     assert "| pytest -m gpu | yes | 5 passed |" in shown
+
+
+def test_the_pytest_step_says_why_it_failed(tmp_path, monkeypatch):
+    from harness import gpu_check
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_broken.py").write_text("import a_module_this_image_lacks\n")
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    step = gpu_check._pytest(tmp_path)
+    assert not step["ok"] and "error" in step["result"] and "a_module_this_image_lacks" in \
+        (tmp_path / "pytest-gpu.log").read_text()
+    find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None if name == "pytest" else
+                        find_spec(name))
+    step = gpu_check._pytest(tmp_path)
+    assert not step["ok"] and step["result"].startswith("pytest is not installed for ")

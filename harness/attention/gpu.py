@@ -22,8 +22,8 @@ def available(kernel: str, q: torch.Tensor) -> bool:
         return False
     if kernel == "flash":
         return importlib.util.find_spec("flash_attn") is not None and q.dtype in (torch.float16, torch.bfloat16)
-    if kernel == "flex":
-        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    if kernel == "flex":  # compiled FlexAttention refuses head dims below 16 on CUDA (inductor's flex lowering)
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None and q.shape[-1] >= 16
     return False
 
 
