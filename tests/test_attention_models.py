@@ -71,7 +71,12 @@ def test_set_attn_implementation_switches_backend_and_decode_is_reported():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_random_chunk_size_is_consistent_under_gradient_checkpointing(reentrant):
+@pytest.mark.parametrize("in_loop", [False, True])  # seeds from the training loop's place (training_call), or not
+def test_random_chunk_size_is_consistent_under_gradient_checkpointing(reentrant, in_loop):
+    from contextlib import nullcontext
+
+    from harness.attention.backend import training_call
+
     name = register("se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=2, seed=3)
     grads = []
     for checkpointing in (False, True):
@@ -79,8 +84,9 @@ def test_random_chunk_size_is_consistent_under_gradient_checkpointing(reentrant)
         model = _model(name).train()
         if checkpointing:
             checkpoint_activations(model, use_reentrant=reentrant)
-        for _ in range(2):  # two steps: the chunk size is drawn anew per call
-            model(IDS, labels=IDS).loss.backward()
+        for step in range(2):  # two steps: the chunk size is drawn anew per call
+            with training_call(step, 0) if in_loop else nullcontext():
+                model(IDS, labels=IDS).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

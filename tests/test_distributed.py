@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.attention import register
 from harness.finetune.distributed import full_state
 from harness.finetune.loop import TrainConfig, train
 from harness.finetune.methods import apply_method
@@ -47,12 +48,16 @@ STEPS = 4
 
 
 def model(arch="tiny"):
-    """HyLoRA (adapters + fully trained embeddings, norms, conv1d) on our tiny hybrid or an HF one."""
+    """HyLoRA (adapters + fully trained embeddings, norms, conv1d) on our tiny hybrid or an HF one. The tiny one
+    attends with SE-Attn drawing its chunk size and random blocks per call: the draws must not depend on the
+    number of processes, nor on a resume."""
     if arch == "tiny":
         torch.manual_seed(0)
         base = HybridForCausalLM(HybridConfig(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=[1],
                                               ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
                                               attn_cfg={"num_heads": 2, "head_dim": 16, "rotary_emb_dim": 8}))
+        base.set_attn_implementation(register("se_attn", chunk_size=[4, 8], block_size=2, top_k=2,
+                                              retrieval="random"))
     elif arch == "zamba2-shared":  # two hybrid layers share one attention block
         import transformers as T
 

@@ -5,14 +5,20 @@ Kernel choice (`kernel` option): "auto" takes the fastest kernel that can run fo
 otherwise; CPU: SDPA / blockwise SDPA). Naming a kernel that cannot run is a UserError unless
 `fallback=True`, in which case the "auto" choice runs; the recorded kernel string always names what ran.
 
-Randomness (se_attn's chunk-size draws and random retrieval) comes from a per-call seed. In training each
-call takes the next seed from a torch.Generator seeded by `seed`; in eval the seed is `seed` itself and the
+Randomness (se_attn's chunk-size draws and random retrieval) comes from a per-call seed. In training under
+`training_call(step, micro_batch)` (the training loop sets it), the n-th call of a micro-batch's forward takes a
+seed derived from (`seed`, step, the micro-batch's index in the step over all ranks, n): the draws do not depend
+on how many processes share a step, and a resumed fine-tune draws what the straight one drew. Other training
+calls take the next seed from a torch.Generator seeded by `seed`. In eval the seed is `seed` itself and the
 chunk size is the largest of the set, so eval is deterministic. Calls made while autograd is running a
 backward pass (gradient-checkpoint recomputation) reuse the seed of the matching forward call (per module,
 last in first out), so the recomputed forward sees the same chunk size and blocks.
 """
 
+import contextlib
+import hashlib
 from collections import deque
+from contextvars import ContextVar
 
 import torch
 
@@ -20,6 +26,20 @@ from ..errors import UserError
 from . import blockwise, gpu, recording
 from .options import resolve, spec
 from .reference import causal_mask, dense_attention
+
+# Where training is: [step, micro-batch index over all ranks, calls drawn so far] (training_call).
+_TRAINING_CALL: ContextVar[list[int] | None] = ContextVar("training_call", default=None)
+
+
+@contextlib.contextmanager
+def training_call(step: int, micro_batch: int):
+    """The forward (and backward) of optimizer step `step`'s micro-batch `micro_batch` (counted over all ranks in
+    the order the data is drawn): per-call random draws in it are a function of these (module docstring)."""
+    token = _TRAINING_CALL.set([step, micro_batch, 0])
+    try:
+        yield
+    finally:
+        _TRAINING_CALL.reset(token)
 
 
 class Backend:
@@ -59,6 +79,11 @@ class Backend:
         stack = self._seeds.setdefault(id(module), deque(maxlen=256))
         if torch._C._current_graph_task_id() != -1 and stack:  # recomputation inside backward
             call_seed = stack.pop()
+        elif (where := _TRAINING_CALL.get()) is not None:
+            digest = hashlib.sha256(f"{self.options.get('seed', 0)}/{where[0]}/{where[1]}/{where[2]}".encode())
+            call_seed = int.from_bytes(digest.digest()[:8], "little") >> 2  # below 2**62, as the generator's
+            where[2] += 1
+            stack.append(call_seed)
         else:
             call_seed = int(torch.randint(0, 2**62, (), generator=self._generator))
             stack.append(call_seed)

@@ -26,6 +26,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
+from harness.attention.backend import training_call
 from harness.finetune.distributed import SINGLE, World
 
 CHECKPOINT = "train-state.pt"
@@ -146,7 +147,9 @@ def train(
             per_rank = world.mean(sum(shares), device)
             for i, (ids, weights) in enumerate(batches):
                 ids = ids.to(device)
-                with world.sync(model, last=i + 1 == cfg.grad_accum):
+                # this rank's i-th micro-batch is the (i * size + rank)-th drawn (World.shard): random attention
+                # draws follow it, so they do not depend on nproc, nor on a resume
+                with world.sync(model, last=i + 1 == cfg.grad_accum), training_call(step, i * world.size + world.rank):
                     with autocast:
                         w = None if weights is None else weights.to(device)
                         loss = loss_of(model, ids, w) * (shares[i] / per_rank)
