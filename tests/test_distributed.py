@@ -250,3 +250,14 @@ def test_jobs_get_nproc_devices_each(monkeypatch):
         _devices(16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert _devices(2) == [None]  # the CPU: gloo processes
+
+
+def test_an_error_a_user_can_fix_in_a_rank_is_raised_as_itself(tmp_path):
+    """At nproc 1 the record says what to fix; at nproc 2 it said only that torchrun exited with code 1."""
+    from harness.errors import UserError
+    from harness.finetune.distributed import launch
+
+    missing = tmp_path / "gone.yaml"
+    with pytest.raises(UserError, match=f"{missing}.*not found"):
+        launch({"suite": str(missing), "model": "tiny-hybrid", "seed": 0, "method": "lora",
+                "backend": {"name": "full"}}, 2, "ddp")

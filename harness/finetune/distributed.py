@@ -182,8 +182,13 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def launch(spec: dict, nproc: int, strategy: str) -> None:
-    """Train the fine-tune of a job `spec` on `nproc` local processes (torchrun); raise if a rank fails."""
-    code = torchrun("harness.finetune.distributed", {**spec, "strategy": strategy}, nproc)
+    """Train the fine-tune of a job `spec` on `nproc` local processes (torchrun); raise if a rank fails: a
+    rank's UserError as that error (what to fix, as at nproc 1), else a RuntimeError."""
+    with tempfile.TemporaryDirectory() as errors:
+        code = torchrun("harness.finetune.distributed", {**spec, "strategy": strategy, "errors": errors}, nproc)
+        said = sorted(Path(errors).glob("rank-*"), key=lambda f: int(f.name.removeprefix("rank-")))
+        if code != 0 and said:
+            raise UserError(said[0].read_text())
     if code != 0:
         raise RuntimeError(f"the {nproc}-process fine-tune (torchrun, {strategy}) exited with code {code}; its "
                            "ranks' output is above")
@@ -242,6 +247,10 @@ def _rank_main(spec: dict) -> None:
         suite = load_suite(spec["suite"], spec.get("run"), spec.get("suite_sha256"))
         build_adapter(suite, suite.model(spec["model"]), spec["seed"], spec["method"], Backend(**spec["backend"]),
                       documents(suite, "train", spec.get("pg19")), world)
+    except UserError as e:  # for `launch` to raise: the job records it as at nproc 1
+        (Path(spec["errors"]) / f"rank-{world.rank}").write_text(str(e))
+        print(f"error (rank {world.rank}): {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         torch.distributed.destroy_process_group()
 
