@@ -52,13 +52,13 @@ def _on_ranks(suite: Suite, spec: dict) -> None:
     ctx = Context(suite, spec)
     try:
         ctx.prepare()
-    except Exception as e:  # noqa: BLE001 - the variant cannot be built: each of its cells is a failed record
-        _print_failure(e)
+        code = distributed.torchrun("harness.job", {**spec, "ranked": True}, suite.run.nproc)
+    except Exception as e:  # noqa: BLE001 - the variant cannot be built, or its ranks not started (too few
+        _print_failure(e)  # devices on this node): each of its cells is a failed record, not one per restart
         for cell in spec["cells"]:
             results.append(Path(spec["out"]), _failed(results.cell_record(suite.name, cell, env=results.environment()),
                                                       e))
         return
-    code = distributed.torchrun("harness.job", {**spec, "ranked": True}, suite.run.nproc)
     if code != 0:
         raise RuntimeError(f"the {suite.run.nproc}-process evaluation (torchrun) exited with code {code}; its ranks' "
                            "output is above")

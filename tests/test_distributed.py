@@ -261,3 +261,26 @@ def test_an_error_a_user_can_fix_in_a_rank_is_raised_as_itself(tmp_path):
     with pytest.raises(UserError, match=f"{missing}.*not found"):
         launch({"suite": str(missing), "model": "tiny-hybrid", "seed": 0, "method": "lora",
                 "backend": {"name": "full"}}, 2, "ddp")
+
+
+def test_a_variant_whose_ranks_cannot_start_records_each_cell_failed_with_the_reason(tmp_path, isolated_cache,
+                                                                                      monkeypatch):
+    """Say a Slurm node with fewer GPUs than nproc: every cell is recorded with what to fix, in one attempt (the
+    job crashed, and the runner recorded one cell per restart)."""
+    from harness import results
+    from harness.errors import UserError
+    from harness.job import distributed, run_job
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    def too_few(module, spec, nproc):
+        raise UserError(f"run.nproc: {nproc} processes, but this job sees 1 CUDA device(s)")
+
+    monkeypatch.setattr(distributed, "torchrun", too_few)
+    (tmp_path / "s.yaml").write_text(SUITE.format(nproc=2, accum=1))
+    (job,) = [j for j in plan(load_suite(tmp_path / "s.yaml"), "data", "train") if j.name.endswith("pretrained")]
+    run_job({"suite": str(tmp_path / "s.yaml"), "out": str(tmp_path), **job.spec, "kind": job.kind,
+             "cells": job.cells})
+    recs = results.load(tmp_path)
+    assert len(recs) == len(job.cells) == 3 and {r.status for r in recs} == {"error"}
+    assert all("run.nproc: 2 processes, but this job sees 1 CUDA device(s)" in r.error for r in recs)
