@@ -172,7 +172,7 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     final = cache_root() / kind / key
     for dead in (s for s in unfinished(kind, key) if s["alive"] is False):
         shutil.rmtree(dead["path"], ignore_errors=True)  # a build killed before it could clean up (SIGKILL, OOM)
-    tmp = final.with_name(f"{SCRATCH}{key}-{socket.gethostname()}-{os.getpid()}")
+    tmp = final.with_name(f"{SCRATCH}{key}-{_host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     tmp.mkdir(parents=True)
     try:
@@ -192,7 +192,7 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
 def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
     """Scratch directories of builds in progress or killed: path, kind, host, pid, size and whether the build is
     alive (None when it ran on another host, where this process cannot tell)."""
-    host = socket.gethostname()
+    host = _host()
     out = []
     for path in sorted(cache_root().glob(f"{kind}/{SCRATCH}{key}-*")):
         name, _, pid = path.name.removeprefix(SCRATCH).rpartition("-")
@@ -203,6 +203,15 @@ def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
         out.append({"path": path, "kind": path.parent.name, "key": built, "host": on, "pid": int(pid),
                     "alive": _alive(int(pid)) if on == host else None, "size_mib": size / 2**20})
     return out
+
+
+def _host() -> str:
+    """This machine, and its pid namespace where there is one: containers that share a host name and a cache
+    cannot see each other's processes."""
+    try:
+        return f"{socket.gethostname()}.pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
 
 
 def _alive(pid: int) -> bool:

@@ -56,11 +56,10 @@ def _ensure_slowly(tmp_path):
 
 def test_a_build_clears_scratch_of_killed_builds_of_its_key_and_keeps_live_or_foreign_ones():
     import os
-    import socket
     import subprocess
     import sys
 
-    host = socket.gethostname()
+    host = cache._host()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
