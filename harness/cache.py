@@ -180,10 +180,14 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
         record = {"kind": kind, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
                   "files": _manifest(tmp)}
         (tmp / META).write_text(json.dumps(record, indent=2, default=str))
-        if final.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError as e:  # another process finished first (ENOTEMPTY, EEXIST): keep theirs
+            if not (final / META).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"note: cache entry {kind}/{key} was built by another process meanwhile ({e.strerror}); "
+                  "keeping that one", file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

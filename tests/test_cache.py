@@ -82,3 +82,15 @@ def test_a_build_clears_scratch_of_killed_builds_of_its_key_and_keeps_live_or_fo
         assert (cache.lookup("model", "k1") / "w.txt").read_text() == "done"
     finally:
         running.kill()
+
+
+def test_a_build_finishing_after_another_process_built_the_key_keeps_theirs(capsys):
+    """Between a check that the entry is absent and the rename, another builder can finish: the rename then
+    fails (directory not empty), and their entry stands."""
+    with cache.build("tokens", "k3") as d:
+        (d / "mine").write_text("mine")
+        with cache.build("tokens", "k3-theirs") as theirs:  # as another process would have, under our key
+            (theirs / "theirs").write_text("theirs")
+        (cache.cache_root() / "tokens" / "k3-theirs").rename(cache.cache_root() / "tokens" / "k3")
+    assert (cache.cache_root() / "tokens" / "k3" / "theirs").is_file() and not cache.unfinished()
+    assert "built by another process meanwhile" in capsys.readouterr().err

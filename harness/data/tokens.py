@@ -147,7 +147,8 @@ def token_stream(tokenizer, docs: Documents, max_tokens: int | None = None) -> n
     caps = [t for t in (max_tokens, docs.max_tokens) if t is not None]
     max_tokens = min(caps) if caps else None
     key = tokens_cache_key(tokenizer, docs, max_tokens)
-    if (path := cache.lookup("tokens", key)) is None:
+
+    def make() -> None:
         t0 = time.perf_counter()
         meta = {"what": docs.description, "fingerprint": docs.fingerprint, "dtype": stream_dtype(tokenizer).name,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_tokens": max_tokens}
@@ -157,7 +158,8 @@ def token_stream(tokenizer, docs: Documents, max_tokens: int | None = None) -> n
             if counts["tokens"] == 0:
                 raise UserError(f"{docs.description}: no text to tokenize; fix: point the source at documents")
             meta.update(counts, seconds=round(time.perf_counter() - t0, 3))
-        path = cache.lookup("tokens", key)
+
+    path = cache.ensure("tokens", key, make)  # under the key's lock: jobs side by side tokenize it once
     dtype = json.loads((path / cache.META).read_text())["dtype"]
     return np.memmap(path / STREAM_FILE, dtype=dtype, mode="r")
 
