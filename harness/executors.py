@@ -144,14 +144,14 @@ class Executor:
                     self._forks = ForkServer()
             attempt = LocalAttempt(spec, device, self._forks)
         else:
-            from harness.job import run_job
+            from harness.job import submitted_job
 
             params = {"job_name": f"harness-{name}"} if self.kind == "slurm" else {
                 "visible_gpus": tuple(int(d) for d in device.split(",")) if device is not None else ()}
             with self._lock:  # the parameters are the executor's: one submission at a time
                 self._submitit.update_parameters(**params)
                 try:
-                    job = self._submitit.submit(run_job, spec)
+                    job = self._submitit.submit(submitted_job, spec)
                 except Exception as e:  # noqa: BLE001 - sbatch refusing (a bad partition, say) is the user's to fix
                     raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
             attempt = SubmititAttempt(job, self.kind)
