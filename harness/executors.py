@@ -57,8 +57,8 @@ class LocalAttempt:
     def started(self) -> bool:
         return True
 
-    def kill(self) -> None:
-        """SIGKILL to the job's session (its own children too), then wait for it to end."""
+    def kill(self) -> bool:
+        """SIGKILL to the job's session (its own children too), then wait for it to end; True (it did)."""
         for kill in (os.killpg, os.kill):  # a just-forked child may not lead its session yet
             try:
                 kill(self._pid, signal.SIGKILL)
@@ -67,6 +67,7 @@ class LocalAttempt:
                 pass
         while self.poll() is None:
             time.sleep(0.05)
+        return True
 
     def failure(self) -> tuple[str, str]:
         """(status, error) of an attempt that ended with cells left."""
@@ -92,8 +93,15 @@ class SubmititAttempt:
     def started(self) -> bool:
         return self._job.state not in ("PENDING", "UNKNOWN", "REQUEUED", "CONFIGURING")
 
-    def kill(self) -> None:
-        self._job.cancel(check=False)
+    def kill(self) -> bool:
+        """Cancel the job (scancel); False, with a warning, where that failed: the job may still run."""
+        try:
+            self._job.cancel(check=True)
+            return True
+        except Exception as e:  # noqa: BLE001 - scancel refused (permissions, Slurm down): say so, go on
+            print(f"warning: could not cancel {self.executor} job {self.id} ({_sbatch_error(e)}); it may still be "
+                  "queued or running: cancel it yourself (scancel), or a rerun will wait for it", file=sys.stderr)
+            return False
 
     def failure(self) -> tuple[str, str]:
         state = self._job.state
@@ -265,9 +273,13 @@ def live_state(entry: dict, out: Path) -> str:
         try:
             import submitit
 
-            return submitit.SlurmJob(out / "submitit" / "%j", entry["id"]).state
-        except Exception as e:  # noqa: BLE001 - no sacct here: say so instead of guessing
-            return f"UNKNOWN ({type(e).__name__})"
+            state = submitit.SlurmJob(out / "submitit" / "%j", entry["id"]).state
+        except Exception as e:  # noqa: BLE001 - no sacct here: ask squeue below
+            state = f"UNKNOWN ({type(e).__name__})"
+        if not state.startswith("UNKNOWN"):
+            return state
+        queued = _squeue_state(entry["id"])  # submitit says UNKNOWN where sacct fails or lacks the job
+        return state if queued is None else queued or "GONE (Slurm no longer lists it)"
     try:
         os.kill(int(entry["id"]), 0)
         return "RUNNING"
@@ -275,3 +287,14 @@ def live_state(entry: dict, out: Path) -> str:
         return "GONE (its runner stopped before it ended)"
     except PermissionError:
         return "RUNNING"
+
+
+def _squeue_state(job_id: str) -> str | None:
+    """The job's state as squeue lists it; "" where Slurm no longer lists it; None where squeue cannot say."""
+    try:
+        run = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if run.returncode == 0:
+        return run.stdout.strip().splitlines()[0] if run.stdout.strip() else ""
+    return "" if "invalid job id" in run.stderr.lower() else None

@@ -218,11 +218,17 @@ def _check_no_earlier_jobs_active(names: list[str], out: Path) -> None:
     """Refuse to start jobs whose earlier attempt (a runner that was killed, say) is still queued or running:
     both would measure the same cells."""
     attempts = {n: e for n, e in ledger(out).items() if e["executor"] != "local"}  # local ones die with their runner
-    active = [f"{n} ({attempts[n]['executor']} {attempts[n]['id']})" for n in names
-              if n in attempts and "state" not in attempts[n] and live_state(attempts[n], out).split()[0] in ACTIVE]
-    if active:
-        raise UserError(f"jobs of an earlier run into {out} are still queued or running: {', '.join(active)}; wait "
+    states = {n: live_state(attempts[n], out).split()[0] for n in names if n in attempts and "state" not in attempts[n]}
+
+    def jobs(which) -> str:
+        return ", ".join(f"{n} ({attempts[n]['executor']} {attempts[n]['id']})" for n, s in states.items() if which(s))
+
+    if active := jobs(lambda state: state in ACTIVE):
+        raise UserError(f"jobs of an earlier run into {out} are still queued or running: {active}; wait "
                         "for them (`harness run SUITE --status`) or cancel them (scancel / kill), then rerun")
+    if unknown := jobs(lambda state: state == "UNKNOWN"):
+        raise UserError(f"cannot tell whether jobs of an earlier run into {out} are still queued or running (neither "
+                        f"sacct nor squeue answered): {unknown}; rerun when Slurm answers (squeue)")
 
 
 def _slots(run, jobs: int) -> list[str | None]:
@@ -312,8 +318,8 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
                     attempt.kill()
                     timed_out = True
         except BaseException:  # Ctrl-C: stop the job too; finished cells are already recorded
-            attempt.kill()
-            executor.ended(job.name, attempt, "CANCELLED")
+            if attempt.kill():  # else it may run on: no end state, so that a rerun waits for it
+                executor.ended(job.name, attempt, "CANCELLED")
             raise
         done = _done_ids(path, start)
         remaining = [c for c in remaining if c["id"] not in done]

@@ -217,3 +217,47 @@ def test_a_job_whose_submitit_controller_is_killed_does_not_measure_on_unseen(su
     time.sleep(6)  # an orphan would have recorded by now
     cells = [r.cell for r in results.load(out)]
     assert sorted(cells) == ["attention/full/efficiency@32", "attention/full/efficiency@64"], cells
+
+
+def slurm_tools(tmp_path, monkeypatch, **scripts):
+    """Stand-ins for Slurm's commands on PATH: {name: shell body}."""
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("squeue,refused", [
+    ("echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1", "cannot tell whether"),
+    ("echo RUNNING", "still queued or running"),
+    ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", None),  # long gone
+])
+def test_when_sacct_cannot_say_squeue_decides_and_no_answer_refuses(tmp_path, monkeypatch, squeue, refused):
+    """submitit reads a failing sacct as UNKNOWN, which passed as not running: the rerun submitted the job again."""
+    from harness.runner import _check_no_earlier_jobs_active
+
+    slurm_tools(tmp_path, monkeypatch, sacct="echo 'sacct: error: Problem talking to the database' >&2; exit 1",
+                squeue=squeue)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "jobs.jsonl").write_text(json.dumps({"job": "attention/full", "id": "4242", "executor": "slurm",
+                                                "cells": 1, "submitted": "2026-01-01T00:00:00"}) + "\n")
+    if refused is None:
+        _check_no_earlier_jobs_active(["attention/full"], out)
+    else:
+        with pytest.raises(UserError, match=refused):
+            _check_no_earlier_jobs_active(["attention/full"], out)
+
+
+def test_a_cancellation_slurm_refuses_is_not_taken_for_done(tmp_path, monkeypatch, capsys):
+    """A failed scancel was noted CANCELLED, and a rerun submitted the still-running job's cells again."""
+    import submitit
+
+    from harness.executors import SubmititAttempt
+
+    slurm_tools(tmp_path, monkeypatch, scancel="echo 'scancel: error: Access/permission denied' >&2; exit 1")
+    attempt = SubmititAttempt(submitit.SlurmJob(tmp_path / "%j", "4242"), "slurm")
+    assert attempt.kill() is False
+    assert "could not cancel slurm job 4242" in capsys.readouterr().err
