@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import signal
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,13 +290,36 @@ def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], comm
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         futures = [pool.submit(one, job, cells) for job, cells in jobs]
         try:
+            wait(futures, return_when=FIRST_EXCEPTION)  # a failure (a refused submission) stops the run at once
             for f in futures:
-                f.result()
+                if f.done():
+                    f.result()
         except BaseException:
-            stop.set()  # the workers kill their jobs and return; the pool's exit then waits for them
+            stop.set()  # the workers kill their jobs and return
             for f in futures:
                 f.cancel()
+            with _signals_held():  # a second Ctrl-C must not leave a job running: wait for every worker
+                wait(futures)
             raise
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held back until the block ends (in the main thread, where Python runs signal
+    handlers), then delivered as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path,
@@ -304,9 +329,12 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
     path = out / results.RESULTS_FILE
     start = path.stat().st_size if path.is_file() else 0  # only records written from now on count
     while remaining:
-        attempt = executor.start(job.name, {**common, **job.spec, "kind": job.kind, "cells": remaining}, device)
-        timed_out, last_count, last_change = False, 0, time.monotonic()
+        attempt, timed_out = None, False
         try:
+            with _signals_held():  # sbatch queues the job even as we are interrupted: have it to cancel
+                attempt = executor.start(job.name, {**common, **job.spec, "kind": job.kind, "cells": remaining},
+                                         device)
+            last_count, last_change = 0, time.monotonic()
             while attempt.poll() is None:
                 time.sleep(attempt.poll_every)
                 if stop is not None and stop.is_set():
@@ -318,7 +346,7 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
                     attempt.kill()
                     timed_out = True
         except BaseException:  # Ctrl-C: stop the job too; finished cells are already recorded
-            if attempt.kill():  # else it may run on: no end state, so that a rerun waits for it
+            if attempt is not None and attempt.kill():  # else it may run on: no end state, a rerun waits for it
                 executor.ended(job.name, attempt, "CANCELLED")
             raise
         done = _done_ids(path, start)
