@@ -24,6 +24,10 @@ from harness.errors import UserError
 from harness.forkserver import ForkServer
 
 LEDGER = "jobs.jsonl"
+#: A job attempt that cannot start (its suite file was edited since the runner planned it, say) writes its error
+#: to OUT/REFUSED.format(its spec's "attempt") for the runner to stop with: charged to its cells, it would fail
+#: every one.
+REFUSED = ".refused-{}"
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # Filesystems of one node: a cache or results directory there is not seen by jobs on other nodes.
 NODE_LOCAL = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs")

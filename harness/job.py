@@ -28,13 +28,19 @@ import torch
 from harness import results
 from harness.attention import recording
 from harness.errors import UserError
+from harness.executors import REFUSED
 from harness.finetune import distributed
 from harness.metrics.base import Measurement, Ranks, get
 from harness.suite import Backend, Suite, load_suite
 
 
 def run_job(spec: dict) -> None:
-    suite = load_suite(spec["suite"], spec.get("run"), spec.get("suite_sha256"))
+    try:
+        suite = load_suite(spec["suite"], spec.get("run"), spec.get("suite_sha256"))
+    except UserError as e:
+        if "attempt" in spec:
+            (Path(spec["out"]) / REFUSED.format(spec["attempt"])).write_text(str(e))
+        raise
     if spec.get("kind") == "variant" and suite.run.nproc > 1 and not spec.get("ranked"):
         _on_ranks(suite, spec)
         return
@@ -267,7 +273,11 @@ def submitted_job(spec: dict) -> None:
 
 def main(spec_file: str) -> None:
     distributed.exit_with_parent()
-    run_job(json.loads(Path(spec_file).read_text()))
+    try:
+        run_job(json.loads(Path(spec_file).read_text()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from pathlib import Path
 from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
-from harness.executors import ACTIVE, Executor, ledger, live_state, visible_gpus
+from harness.executors import ACTIVE, REFUSED, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, plan, to_measure
 from harness.suite import load_suite
@@ -331,9 +332,10 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
     while remaining:
         attempt, timed_out = None, False
         try:
+            spec = {**common, **job.spec, "kind": job.kind, "cells": remaining, "attempt": uuid.uuid4().hex}
+            refused = out / REFUSED.format(spec["attempt"])
             with _signals_held():  # sbatch queues the job even as we are interrupted: have it to cancel
-                attempt = executor.start(job.name, {**common, **job.spec, "kind": job.kind, "cells": remaining},
-                                         device)
+                attempt = executor.start(job.name, spec, device)
             last_count, last_change = 0, time.monotonic()
             while attempt.poll() is None:
                 time.sleep(attempt.poll_every)
@@ -349,6 +351,11 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
             if attempt is not None and attempt.kill():  # else it may run on: no end state, a rerun waits for it
                 executor.ended(job.name, attempt, "CANCELLED")
             raise
+        if refused.is_file():  # the job could not start: the run stops with its error, its cells are not charged
+            executor.ended(job.name, attempt, "FAILED")
+            message = refused.read_text()
+            refused.unlink()
+            raise UserError(f"job {job.name} could not start: {message}")
         done = _done_ids(path, start)
         remaining = [c for c in remaining if c["id"] not in done]
         failed = bool(remaining) and (timed_out or attempt.poll() != 0)

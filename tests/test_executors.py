@@ -261,3 +261,23 @@ def test_a_cancellation_slurm_refuses_is_not_taken_for_done(tmp_path, monkeypatc
     attempt = SubmititAttempt(submitit.SlurmJob(tmp_path / "%j", "4242"), "slurm")
     assert attempt.kill() is False
     assert "could not cancel slurm job 4242" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_a_suite_edited_during_a_run_stops_it_without_charging_its_cells(suite_file, tmp_path, monkeypatch,
+                                                                        executor):
+    """A job refuses a suite file that changed since the runner planned it: the run stops with that error, and
+    its cells stay to measure (each was recorded failed, and a plain rerun then kept them all as results)."""
+    from harness import executors
+
+    start = executors.Executor.start
+
+    def edit_then_start(self, name, spec, device):
+        suite_file.write_text(suite_file.read_text() + "# edited\n")
+        return start(self, name, spec, device)
+
+    monkeypatch.setattr(executors.Executor, "start", edit_then_start)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"job attention/full could not start: .*s\.yaml changed since `harness run`"):
+        run_suite(suite_file, out, only="attention/full/*", run={"executor": executor})
+    assert not (out / results.RESULTS_FILE).exists() and not list(out.glob(".refused-*"))
