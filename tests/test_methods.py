@@ -212,10 +212,12 @@ def test_lora_on_a_model_without_attention_says_what_to_use():
         attention_targets(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-def test_applying_lora_warns_about_nothing_a_user_can_act_on():
+def test_applying_and_loading_lora_warn_about_nothing_a_user_can_act_on(tmp_path):
     import warnings
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        apply_method(tiny(), "lora", rank=4, alpha=8)
+        model, _ = apply_method(tiny(), "lora", rank=4, alpha=8)
+        save_method(model, tmp_path / "a")
+        load_method(tiny(), tmp_path / "a")
     assert [str(w.message) for w in seen] == []

@@ -37,6 +37,7 @@ AdamW step of 2e-4 (it rounds away), and FSDP2 refuses a unit that mixes fp32 Lo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
@@ -224,8 +225,7 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
             extra += [p for _, p in _resolve_extra(model, extra_trainable)]
         cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
         try:
-            with warnings.catch_warnings():  # PEFT reads a property transformers deprecated; nothing for a user to do
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            with _peft_quietly():
                 out = get_peft_model(model, cfg)
         except ValueError as e:  # e.g. PEFT refuses out_proj/conv1d targets on falcon_h1, nemotron_h, mamba
             raise UserError(f"{method}: PEFT rejected the LoRA targets: {e}") from None
@@ -295,7 +295,8 @@ def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) ->
     merge=True folds the LoRA weights into the base layers and returns a plain model.
     """
     meta = _meta(path)
-    model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
+    with _peft_quietly():
+        model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
     load_fully_trained(model.get_base_model() if meta["peft"] else model, path)
     if merge and meta["peft"]:
         model = model.merge_and_unload()
@@ -332,3 +333,12 @@ def load_fully_trained(model: nn.Module, path: str | Path) -> nn.Module:
         for n, v in state.items():
             params[n].copy_(v)
     return model
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """PEFT reads a property transformers deprecated (a FutureWarning per model wrapped), which no user can act
+    on: silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
