@@ -276,7 +276,7 @@ def main(spec_file: str) -> None:
     try:
         run_job(json.loads(Path(spec_file).read_text()))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_failure(e)
         sys.exit(2)
 
 
