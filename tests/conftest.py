@@ -1,18 +1,16 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one intra-op thread per process."""
 
-import pytest
-import torch
+import os
 
+# The tests run tiny models, where a second intra-op thread only adds contention: on 2 cores a RULER cell took
+# 1.7 s with one thread and up to 60x that with two beside other work. One thread here, and (through the
+# environment) in every job, fork server and torchrun rank the tests start. A value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine (10x slower).
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
 
 
 @pytest.fixture

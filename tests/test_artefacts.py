@@ -10,8 +10,6 @@ from harness.errors import UserError
 from harness.plan import documents
 from harness.suite import load_suite
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SUITE = """
 name: tiny
 methods: [lora]

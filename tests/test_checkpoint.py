@@ -7,8 +7,6 @@ from harness.errors import UserError
 from harness.models import HybridConfig, HybridForCausalLM
 from harness.models.checkpoint import load_mamba_ssm_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # config.json as mamba_ssm's MambaLMHeadModel.save_pretrained writes it: json.dump(MambaConfig.__dict__), i.e.
 # exactly these fields, the sub-configs as the user gave them (no defaults filled in), no model_type.
 MAMBA_SSM_CONFIG = {

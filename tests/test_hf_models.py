@@ -17,8 +17,6 @@ from harness.errors import UserError
 from harness.finetune.methods import METHODS, apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 V = 128
 MODELS = {
     "bamba": lambda: T.BambaForCausalLM(T.BambaConfig(

@@ -8,7 +8,6 @@ from harness.errors import UserError
 from harness.models import HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CAPTURED = {}
 
 

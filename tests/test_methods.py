@@ -13,8 +13,6 @@ from harness.finetune.methods import (
 )
 from harness.models import HybridConfig, HybridForCausalLM
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def tiny(fused=True, attn_conv=0, seed=0, d_intermediate=0):
     cfg = HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[1], d_intermediate=d_intermediate,

@@ -13,7 +13,6 @@ from harness.metrics.decode_check import CacheMismatchError, check_cached_decodi
 from harness.metrics.ruler_eval import evaluate_ruler
 from harness.models import HybridForCausalLM, preset_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTH, N = 320, 2
 
 
