@@ -3,7 +3,7 @@
 import os
 
 # The tests run tiny models, where a second intra-op thread only adds contention: on 2 cores a RULER cell took
-# 1.7 s with one thread and up to 60x that with two beside other work. One thread here, and (through the
+# 1.7 s with one thread and 112 s with two beside other work. One thread here, and (through the
 # environment) in every job, fork server and torchrun rank the tests start. A value already set is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
