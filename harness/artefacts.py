@@ -57,7 +57,7 @@ def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
     f = suite.finetune
     return TrainConfig(steps=f.steps, context=f.context, batch_size=f.batch_size, grad_accum=f.grad_accum,
                        lr=f.lr_for(backend.name), extra_lr_scale=f.extra_lr_scale, warmup_steps=f.warmup_steps,
-                       seed=seed)
+                       seed=seed, checkpoint_every=suite.run.checkpoint_every)
 
 
 def device() -> torch.device:
@@ -164,7 +164,8 @@ def adapter_key(suite: Suite, model: str | Checkpoint, seed: int, method: str, b
     f, cfg, run = suite.finetune, finetune_config(suite, backend, seed), suite.run
     parallel = [] if run.nproc == 1 else [run.nproc, run.strategy]  # the order of the gradient sums
     recall = [f.recall, f.answer_weight] if f.recall else []
-    key = cache.fingerprint(start["hash"], method, backend.name, backend.options, asdict(cfg), f.rank, f.alpha,
+    recipe = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # how often to save is no recipe
+    key = cache.fingerprint(start["hash"], method, backend.name, backend.options, recipe, f.rank, f.alpha,
                             f.gradient_checkpointing, data.fingerprint, *parallel, *recall,
                             provenance.artefact_fingerprint(provenance.ADAPTER))
     global_batch = {"nproc": run.nproc, "global_batch": cfg.batch_size * cfg.grad_accum * run.nproc,

@@ -180,6 +180,9 @@ class Run(_Strict):
     executor: Literal["local", "submitit-local", "slurm"] = "local"
     slurm: Slurm = Field(default_factory=Slurm)
     max_parallel: int | None = Field(None, ge=1)  # jobs at once; default: one per device group (slurm: 64)
+    # Fine-tune steps between the checkpoints an interrupted fine-tune resumes from (harness.finetune.loop): it
+    # changes how much work an interruption loses, not what is trained, so no key or hash holds it.
+    checkpoint_every: int = Field(50, ge=1)
 
 
 class Backend(BaseModel):

@@ -54,6 +54,16 @@ def test_a_fixed_pretrain_seed_shares_one_pretrained_model_over_seeds(tmp_path):
     assert a != b  # the fine-tunes still differ by seed
 
 
+def test_how_often_a_finetune_checkpoints_is_a_run_setting_outside_its_key(tmp_path):
+    (tmp_path / "often.yaml").write_text(SUITE + "run: {checkpoint_every: 1}\n")
+    (tmp_path / "s.yaml").write_text(SUITE)
+    often, default = (load_suite(tmp_path / f) for f in ("often.yaml", "s.yaml"))
+    assert [artefacts.finetune_config(s, s.backends[0], 0).checkpoint_every for s in (often, default)] == [1, 50]
+    data = documents(default, "train")
+    a, b = (artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], data)[0] for s in (often, default))
+    assert a == b  # the same fine-tune: an interrupted one resumes whichever was set when it stopped
+
+
 def test_a_finetune_with_spread_recall_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     text = SUITE.replace("finetune: {context: 128, steps: 3, warmup_steps: 1}",

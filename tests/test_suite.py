@@ -56,6 +56,7 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n", r"needs finetune.context >= 4096 \(it is 2048\)"),
     ("name: x\nmetrics: {ruler: {tasks: [niah_singel_1]}}\n", "niah_single_1"),
     ("name: x\nmetrics: {}\n", "nothing to measure"),
+    ("name: x\nrun: {checkpoint_every: 0}\n", "run.checkpoint_every: Input should be greater than or equal to 1"),
 ])
 def test_bad_input_names_the_field(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
