@@ -118,20 +118,20 @@ def test_an_earlier_submission_still_running_is_not_submitted_again(suite_file, 
         run_suite(suite_file, out, only="attention/*", run={"executor": "submitit-local"})
 
 
-SBATCH = """#!/bin/sh
-cp "$1" {log}
-{answer}
-"""
+def slurm_tools(tmp_path, monkeypatch, **scripts):
+    """Stand-ins for Slurm's commands on PATH: {name: shell body}."""
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def fake_sbatch(tmp_path, monkeypatch, answer="echo 'Submitted batch job 4242'"):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(SBATCH.format(log=tmp_path / "submitted.sh", answer=answer))
-    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit looks for it; the job script would call it
-    for tool in ("sbatch", "srun"):
-        (bin_dir / tool).chmod(stat.S_IRWXU)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    """An sbatch that keeps the script it is given (tmp_path/submitted.sh) and answers `answer`; an srun, which
+    submitit looks for (the job script would call it)."""
+    slurm_tools(tmp_path, monkeypatch, sbatch=f'cp "$1" {tmp_path / "submitted.sh"}\n{answer}', srun="")
 
 
 def slurm_run(suite_file):
@@ -215,16 +215,6 @@ def test_a_job_whose_submitit_controller_is_killed_does_not_measure_on_unseen(su
     run_suite(suite_file, out, only="attention/full/*", run={"executor": "submitit-local"})
     time.sleep(4)  # an orphan would have recorded by now
     assert [(r.cell, r.status) for r in results.load(out)] == [("attention/full/efficiency@64", "error")]
-
-
-def slurm_tools(tmp_path, monkeypatch, **scripts):
-    """Stand-ins for Slurm's commands on PATH: {name: shell body}."""
-    bin_dir = tmp_path / "slurm-bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, body in scripts.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(stat.S_IRWXU)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 @pytest.mark.parametrize("squeue,refused", [
