@@ -91,25 +91,29 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
 
 
 def _cell(cell: Cell, determined_by: dict) -> dict:
-    """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint."""
+    """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint, and the
+    hardware it is measured on where that determines it (harness.hardware)."""
     extra = {k: v for k, v in (("length", cell.length), ("task", cell.task)) if v is not None}
     return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, extra),
-            "code": provenance.fingerprint(cell.metric)}
+            "code": provenance.fingerprint(cell.metric),
+            **({"hardware": determined_by["hardware"]} if "hardware" in determined_by else {})}
 
 
 #: Why a recorded cell is measured again, by its state.
-STALE = {"changed": "with changed settings (measured again)",
+STALE = {"moved": "measured on other hardware (measured again)",
+         "changed": "with changed settings (measured again)",
          "stale": "stale: measured by other code (measured again)"}
 
 
 def cell_state(cell: dict, current: Record | None) -> str:
     """"done" if the cell's current record was measured with its settings (config hash) by the same code
     (fingerprint) and worked, "failed" if it failed so (an OOM at one length is a result: measured again only
-    with --retry-failed, `to_measure`); else why it is to be measured: "todo" (never), "changed", "stale"."""
+    with --retry-failed, `to_measure`); else why it is to be measured: "todo" (never), "moved" (a cell that
+    depends on the hardware, recorded on other hardware), "changed", "stale"."""
     if current is None:
         return "todo"
     if current.config_hash != cell["hash"]:
-        return "changed"
+        return "moved" if cell.get("hardware") not in (None, current.settings.get("hardware")) else "changed"
     if current.code.get("fingerprint") != cell["code"]:
         return "stale"
     return "done" if current.status == "ok" else "failed"

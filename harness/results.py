@@ -89,7 +89,8 @@ def cell_record(suite: str, cell: dict, **given: Any) -> Record:
     from harness.provenance import code
 
     v = cell["variant"] or {}
-    settings = {"eval_attention": cell["eval_attention"], **({"task": cell["task"]} if cell["task"] else {})}
+    settings = {"eval_attention": cell["eval_attention"], **({"task": cell["task"]} if cell["task"] else {}),
+                **({"hardware": cell["hardware"]} if cell.get("hardware") else {})}
     return Record(
         suite=suite, cell=cell["id"], metric=cell["metric"], variant=cell["variant"], stage=v.get("stage", ""),
         model={"preset": v["model"]} if v else {}, method=v.get("method", "none"),
@@ -103,11 +104,13 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    from harness.hardware import cpu_model
+
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": "cpu",

@@ -190,7 +190,7 @@ def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, 
 
 def _device(r: Record) -> str:
     env = r.env
-    return env.get("gpu") or f"{env.get('device', 'cpu')}:{env.get('cpu', '')}"
+    return env.get("gpu") or f"{env.get('device', 'cpu')}:{env.get('cpu', '')}:{env.get('threads', '')} threads"
 
 
 def markdown(findings: list[Finding], base: str, head: str) -> str:

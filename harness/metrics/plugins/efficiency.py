@@ -29,7 +29,10 @@ class Efficiency(Metric):
     modules = ("harness.attention", "harness.attention.bench")
 
     def cells(self, config: EfficiencyConfig, variant, plan):
-        hashed = {"metric": config.model_dump(exclude={"lengths"})}
+        from harness.hardware import target
+
+        # timings and peaks are the machine's: another machine (or Slurm request) measures them again
+        hashed = {"metric": config.model_dump(exclude={"lengths"}), "hardware": target(plan.suite.run)}
         return [(Cell(self.name, length=n, backend=plan.backend.label), hashed) for n in config.lengths]
 
     def measure(self, ctx, cell: dict, config: EfficiencyConfig) -> Measurement:

@@ -1,0 +1,64 @@
+"""Cells whose values are the machine's (efficiency: timings, peaks) are keyed by the hardware they are measured
+on: a results directory rerun on another machine, or with another Slurm request, measures them again."""
+
+from harness import hardware, results
+from harness.runner import run_suite
+from harness.suite import load_suite
+
+SUITE = """
+name: hw
+backends: [full]
+metrics:
+  efficiency: {lengths: [64], repeats: 1, warmup: 0}
+"""
+
+
+def test_efficiency_cells_recorded_on_other_hardware_are_measured_again(tmp_path, isolated_cache, monkeypatch,
+                                                                         capsys):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    out = tmp_path / "out"
+    assert run_suite(tmp_path / "s.yaml", out).failed == {}
+    (first,) = results.load(out)
+    assert first.settings["hardware"] == hardware.this_machine() and hardware.this_machine().startswith("cpu: ")
+    capsys.readouterr()
+    run_suite(tmp_path / "s.yaml", out, dry_run=True)
+    assert "  done     attention/full/efficiency@64\n" in capsys.readouterr().out
+
+    monkeypatch.setattr(hardware, "this_machine", lambda: "cuda: another machine's GPU")
+    run_suite(tmp_path / "s.yaml", out, dry_run=True)
+    shown = capsys.readouterr().out
+    assert "1 measured on other hardware (measured again)" in shown and "  moved    attention/full/" in shown, shown
+    assert run_suite(tmp_path / "s.yaml", out).failed == {}
+    (now,) = results.current(results.load(out))
+    assert now.settings["hardware"] == "cuda: another machine's GPU" and now.config_hash != first.config_hash
+
+
+def test_slurm_cells_are_keyed_by_the_request_that_picks_their_nodes(tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE + "run: {executor: slurm, slurm: {partition: gpu, gpus_per_node: 8, "
+                                             "additional: {constraint: h100}}}\n")
+    run = load_suite(tmp_path / "s.yaml").run
+    assert hardware.target(run) == "slurm: partition gpu, 8 GPU(s) per node, constraint h100"
+    other = run.model_copy(update={"slurm": run.slurm.model_copy(update={"additional": {"constraint": "a100"}})})
+    assert hardware.target(other) != hardware.target(run)
+
+
+def test_a_cpu_is_named_by_its_model():
+    assert hardware.cpu_model() not in ("", "x86_64", "unknown CPU")  # /proc/cpuinfo's model name on Linux
+    assert results.environment()["cpu"] == hardware.cpu_model()
+
+
+def test_a_gpu_machine_is_named_by_its_visible_devices_asked_in_a_fresh_interpreter(monkeypatch):
+    import subprocess
+
+    import harness.executors
+
+    asked, run = [], subprocess.run
+
+    def probe(cmd, **kw):  # the real probe, in a fresh interpreter; its answer as a machine with three GPUs
+        asked.append(run(cmd, **kw))
+        return subprocess.CompletedProcess(cmd, 0, '["NVIDIA H100 80GB HBM3", "NVIDIA A100", "NVIDIA H100 80GB HBM3"]')
+
+    monkeypatch.setattr(harness.executors, "visible_gpus", lambda: 3)
+    monkeypatch.setattr(hardware.subprocess, "run", probe)
+    assert hardware.this_machine.__wrapped__() == "cuda: NVIDIA A100, 2 x NVIDIA H100 80GB HBM3"
+    assert asked[0].returncode == 0 and asked[0].stdout.strip() == "[]", asked[0].stderr  # no GPU here
