@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness.attention import Backend, attend, available, kernel_log, recording
-from harness.attention.blockwise import se_attn_select
+from harness.attention.blockwise import se_attn_select, valid_counts
 from harness.attention.reference import s2_mask, se_attn_retrieval
 from harness.errors import UserError
 
@@ -138,6 +138,15 @@ def test_fp16_relevancy_that_overflows_fp16_still_retrieves_only_candidates():
     index, valid = se_attn_select(q.half(), k.half(), v.half(), 0.25, 128, 16, 8, "relevancy", True, 0)
     assert valid[0, 0].sum(-1).tolist() == [0, 8, 8, 8]
     assert all(((index[0, h, i][valid[0, h, i]] + 1) * 16 <= i * 128).all() for h in range(2) for i in range(4))
+
+
+@pytest.mark.parametrize("length,chunk,block,top_k", [(512, 128, 16, 8), (300, 64, 16, 3), (250, 64, 32, 8),
+                                                     (257, 100, 7, 2), (64, 64, 8, 4), (96, 16, 32, 1)])
+def test_the_valid_blocks_counted_on_the_host_are_the_ones_selected(length, chunk, block, top_k):
+    q, k, v = _qkv((1, 2, 2, length, 8))
+    for retrieval in ("relevancy", "random"):
+        index, valid = se_attn_select(q, k, v, 8 ** -0.5, chunk, block, top_k, retrieval, True, 0)
+        assert (valid.sum(-1) == torch.tensor(valid_counts(length, chunk, block, index.shape[-1]))).all()
 
 
 def test_a_fine_tune_under_autocast_retrieves_the_blocks_an_evaluation_retrieves():

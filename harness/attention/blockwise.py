@@ -141,6 +141,13 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
     return index.expand(b, hq, n_chunks, kk), valid.expand(b, hq, n_chunks, kk)
 
 
+def valid_counts(length: int, chunk_size: int, block_size: int, kk: int) -> list[int]:
+    """How many of its `kk` selected blocks each chunk may read: its complete blocks before it, at most kk. Chunk
+    i's valid blocks are its first ones (`se_attn_select` ranks every candidate above the -inf of the rest), and
+    how many depends on i alone, so it is counted here, on the host, not read back from the device (a sync)."""
+    return [min(kk, i * chunk_size // block_size) for i in range(math.ceil(length / chunk_size))]
+
+
 def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0, selection="chunk"):
     """Select blocks (`se_attn_select`), then per run of chunks with as many valid blocks and the same length
     one mask-free call of the chunks on themselves (causal) merged with one on their gathered blocks (all
@@ -149,10 +156,8 @@ def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, 
     k, v = expand_kv(q, k, v)
     s = block_size
     m = min(chunk_size, length)  # a chunk longer than the sequence is the whole sequence
-    index, valid = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
-    # Chunk i's valid blocks are its first `valid` entries (top-k ranks every candidate above the -inf of the
-    # rest); how many it has depends on i only.
-    counts = [0] * math.ceil(length / m) if index is None else valid[0, 0].sum(-1).tolist()
+    index, _ = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
+    counts = valid_counts(length, m, s, 0 if index is None else index.shape[-1])
     outs = []
     for (count, size), run in itertools.groupby(enumerate(counts), lambda c: (c[1], min(m, length - c[0] * m))):
         chunks = [i for i, _ in run]
