@@ -100,7 +100,7 @@ def _cell(cell: Cell, determined_by: dict) -> dict:
 
 
 #: Why a recorded cell is measured again, by its state.
-STALE = {"moved": "measured on other hardware (measured again)",
+STALE = {"moved": "measured on other (or unrecorded) hardware (measured again)",
          "changed": "with changed settings (measured again)",
          "stale": "stale: measured by other code (measured again)"}
 
