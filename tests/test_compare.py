@@ -26,6 +26,15 @@ def test_failed_missing_and_changed_settings():
                                     ("perplexity", "skipped")]
 
 
+def test_timings_from_other_hardware_are_skipped_saying_so():
+    base = rec("e", {"times_ms": [1.0]}, metric="efficiency", config_hash="on-a")
+    head = rec("e", {"times_ms": [9.0]}, metric="efficiency", config_hash="on-b")
+    base.settings["hardware"], head.settings["hardware"] = "cuda: NVIDIA A100", "cuda: NVIDIA H100 80GB HBM3"
+    (finding,) = compare([base], [head])
+    assert (finding.verdict, finding.why) == ("skipped", "hardware differs: cuda: NVIDIA A100 vs cuda: NVIDIA H100 "
+                                                         "80GB HBM3")
+
+
 def test_only_current_records_are_judged():
     # base: a cell that failed, then was rerun and worked; head: a good record superseded by a regression
     base = [rec("a", {}, status="oom"), rec("a", {"perplexity": 10.0})]

@@ -27,7 +27,8 @@ def test_efficiency_cells_recorded_on_other_hardware_are_measured_again(tmp_path
     monkeypatch.setattr(hardware, "this_machine", lambda: "cuda: another machine's GPU")
     run_suite(tmp_path / "s.yaml", out, dry_run=True)
     shown = capsys.readouterr().out
-    assert "1 measured on other (or unrecorded) hardware (measured again)" in shown and "  moved    attention/full/" in shown, shown
+    assert "1 measured on other (or unrecorded) hardware (measured again)" in shown, shown
+    assert "  moved    attention/full/efficiency@64\n" in shown, shown
     assert run_suite(tmp_path / "s.yaml", out).failed == {}
     (now,) = results.current(results.load(out))
     assert now.settings["hardware"] == "cuda: another machine's GPU" and now.config_hash != first.config_hash

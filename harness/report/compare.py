@@ -78,7 +78,9 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
             findings.append(Finding(b.cell, b.metric, None, None, "regression", why))
             continue
         if b.config_hash != h.config_hash:
-            findings.append(Finding(b.cell, b.metric, None, None, "skipped", "settings differ (config hash)"))
+            hw = [r.settings.get("hardware") for r in (b, h)]
+            why = f"hardware differs: {hw[0]} vs {hw[1]}" if hw[0] != hw[1] else "settings differ (config hash)"
+            findings.append(Finding(b.cell, b.metric, None, None, "skipped", why))
             continue
         findings += _judge(b, h, th)
     return findings
