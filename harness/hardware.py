@@ -3,7 +3,7 @@
 settings, measures them again instead of passing another machine's timings off as this one's.
 
     cuda: NVIDIA H100 80GB HBM3                      this machine's visible GPUs (local, submitit-local)
-    cpu: Intel(R) Xeon(R) CPU @ 2.20GHz, 2 threads   this machine's CPU and torch's intra-op threads
+    cpu: Intel(R) Xeon(R) CPU @ 2.20GHz, 2 thread(s) this machine's CPU and torch's intra-op threads
     slurm: partition gpu, 8 GPU(s) per node          the allocation's request (its nodes are not known here)
 """
 
@@ -39,7 +39,7 @@ def this_machine() -> str:
     from harness.executors import visible_gpus
 
     if visible_gpus():
-        # a fresh interpreter asks: this process stays free of a CUDA context (its jobs may fork from it)
+        # a fresh interpreter asks: a CUDA context in the runner would hold GPU memory while its jobs measure
         probe = subprocess.run([sys.executable, "-c", _GPU_NAMES], capture_output=True, text=True, timeout=120)
         if probe.returncode != 0:
             raise UserError(f"could not name this machine's CUDA devices: {probe.stderr.strip()[-500:]}")
