@@ -184,6 +184,14 @@ class Run(_Strict):
     # changes how much work an interruption loses, not what is trained, so no key or hash holds it.
     checkpoint_every: int = Field(50, ge=1)
 
+    @model_validator(mode="after")
+    def _gpus_for_each_process(self) -> Run:
+        gpus = self.slurm.gpus_per_node
+        if self.executor == "slurm" and gpus and gpus < self.nproc:
+            raise ValueError(f"nproc {self.nproc} runs {self.nproc} processes per job, one GPU each, but "
+                             f"slurm.gpus_per_node {gpus} gives each job {gpus}: raise gpus_per_node or lower nproc")
+        return self
+
 
 class Backend(BaseModel):
     """One attention backend with fully resolved options and a short label for tables."""
@@ -392,7 +400,8 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
         return suite.model_copy(update={"run": Run.model_validate(merged)})
     except ValidationError as e:
         raise UserError("run settings from the command line: " + "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+            ": ".join(filter(None, (".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, "))))
+            for err in e.errors())) from None
 
 
 def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:

@@ -57,10 +57,19 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: x\nmetrics: {ruler: {tasks: [niah_singel_1]}}\n", "niah_single_1"),
     ("name: x\nmetrics: {}\n", "nothing to measure"),
     ("name: x\nrun: {checkpoint_every: 0}\n", "run.checkpoint_every: Input should be greater than or equal to 1"),
+    ("name: x\nrun: {executor: slurm, nproc: 8, slurm: {gpus_per_node: 4}}\n",
+     "run: nproc 8 runs 8 processes per job, one GPU each, but slurm.gpus_per_node 4 gives each job 4"),
 ])
 def test_bad_input_names_the_field(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
         load_suite(write(tmp_path, text))
+
+
+def test_command_line_run_settings_are_checked_with_the_suites(tmp_path):
+    with pytest.raises(UserError, match=r"^run settings from the command line: nproc 8 runs 8 processes per job"):
+        load_suite(write(tmp_path, "name: x\n"), {"executor": "slurm", "nproc": 8, "slurm": {"gpus_per_node": 2}})
+    with pytest.raises(UserError, match=r"^run settings from the command line: nproc: Input should be greater"):
+        load_suite(write(tmp_path, "name: x\n"), {"nproc": 0})
 
 
 def test_missing_file(tmp_path):
