@@ -204,6 +204,10 @@ def _submitit_executor(run, out: Path):
         print("warning: run.slurm.gpus_per_node is not set: each job asks Slurm for no GPU and runs on its node's "
               "CPU, unless the partition hands out GPUs by default; set it (--gpus-per-node N, at least run.nproc), "
               "or to 0 for a study on CPU nodes", file=sys.stderr)
+    if run.nproc > (s.cpus_per_task or 1):
+        print(f"warning: run.nproc {run.nproc} processes per job on run.slurm.cpus_per_task {s.cpus_per_task or 1} "
+              f"CPU(s){' (Slurm default)' if s.cpus_per_task is None else ''}: they take turns on them; set "
+              f"cpus_per_task (--cpus-per-task) to at least {run.nproc}", file=sys.stderr)
     ex = submitit.SlurmExecutor(folder=folder)
     ex.update_parameters(partition=s.partition, gpus_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task,
                          time=s.time_min, account=s.account, additional_parameters=dict(s.additional) or None)

@@ -238,6 +238,19 @@ def test_ranks_share_items_and_join_them_back_in_order():
     assert ONE.gather("x") == ["x"]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_ranks_share_the_cpus_the_job_may_use_not_the_nodes():
+    from harness.finetune.distributed import usable_cpus
+
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # as a Slurm job's cpuset: one CPU of the node's
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert usable_cpus() == len(allowed)
+
+
 def test_jobs_get_nproc_devices_each(monkeypatch):
     from harness.errors import UserError
     from harness.runner import _devices

@@ -176,6 +176,10 @@ def test_slurm_without_its_tools_or_a_shared_cache_says_so(suite_file, tmp_path,
     for slurm, warned in (({}, True), ({"gpus_per_node": 0}, False), ({"additional": {"gres": "gpu:h100:4"}}, False)):
         Executor(load_suite(suite_file, {"executor": "slurm", "slurm": slurm}).run, tmp_path / "out")
         assert ("warning: run.slurm.gpus_per_node is not set" in capsys.readouterr().err) == warned, slurm
+    Executor(load_suite(suite_file, {"executor": "slurm", "nproc": 4, "slurm": {"gpus_per_node": 4}}).run,
+             tmp_path / "out")
+    assert "warning: run.nproc 4 processes per job on run.slurm.cpus_per_task 1 CPU(s) (Slurm default)" in \
+        capsys.readouterr().err
 
 
 def test_filesystem_type_reads_the_mount_table():

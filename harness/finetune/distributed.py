@@ -194,6 +194,11 @@ def launch(spec: dict, nproc: int, strategy: str) -> None:
                            "ranks' output is above")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a Slurm job's allocation (its cpuset), not the whole node's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def torchrun(module: str, spec: dict, nproc: int) -> int:
     """Run `python -m module SPEC.json` on `nproc` local processes (torchrun, one CUDA device each, the CPU's
     threads shared out); return its exit code. The torchrun agent ends with this process (`exit_with_parent`)."""
@@ -205,8 +210,8 @@ def torchrun(module: str, spec: dict, nproc: int) -> int:
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", module, f.name]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
-               str(max(1, (os.cpu_count() or 1) // nproc))}
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // nproc))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         agent = subprocess.Popen(cmd, env=env)
         _AGENTS.append(agent)
         try:
