@@ -4,7 +4,7 @@ settings, measures them again instead of passing another machine's timings off a
 
     cuda: NVIDIA H100 80GB HBM3                      this machine's visible GPUs (local, submitit-local)
     cpu: Intel(R) Xeon(R) CPU @ 2.20GHz, 2 thread(s) this machine's CPU and torch's intra-op threads
-    slurm: partition gpu, 8 GPU(s) per node          the allocation's request (its nodes are not known here)
+    slurm: partition gpu, 8 GPU(s) per node, ...     the allocation's request (its nodes are not known here)
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def target(run) -> str:
     """The hardware the jobs of a run with `run` settings (harness.suite.Run) measure on."""
     if run.executor == "slurm":
         s = run.slurm
-        request = [f"partition {s.partition or '(default)'}", f"{s.gpus_per_node or 0} GPU(s) per node"]
+        request = [f"partition {s.partition or '(default)'}", f"{s.gpus_per_node or 0} GPU(s) per node",
+                   f"{s.cpus_per_task or 1} CPU(s) per task"]
         request += [f"{k} {v}" for k, v in sorted(s.additional.items())]
         return "slurm: " + ", ".join(request)
     return this_machine()

@@ -38,7 +38,7 @@ def test_slurm_cells_are_keyed_by_the_request_that_picks_their_nodes(tmp_path):
     (tmp_path / "s.yaml").write_text(SUITE + "run: {executor: slurm, slurm: {partition: gpu, gpus_per_node: 8, "
                                              "additional: {constraint: h100}}}\n")
     run = load_suite(tmp_path / "s.yaml").run
-    assert hardware.target(run) == "slurm: partition gpu, 8 GPU(s) per node, constraint h100"
+    assert hardware.target(run) == "slurm: partition gpu, 8 GPU(s) per node, 1 CPU(s) per task, constraint h100"
     other = run.model_copy(update={"slurm": run.slurm.model_copy(update={"additional": {"constraint": "a100"}})})
     assert hardware.target(other) != hardware.target(run)
 
