@@ -98,10 +98,11 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         executor = Executor(suite.run, out)
         if warning := shared_cpu_warning(suite.run, visible_gpus()):
             print(warning, file=sys.stderr)
+        progress = Progress(len(pretrain) + len(rest), sum(len(todo[j.name]) for j in pretrain + rest))
         try:
             for phase in (pretrain, rest):
                 _run_phase([(j, todo[j.name]) for j in phase], _slots(suite.run, len(phase)), common,
-                           suite.run.timeout, out, executor)
+                           suite.run.timeout, out, executor, progress)
         finally:
             executor.close()
         from harness.report import render_report
@@ -268,13 +269,36 @@ def _devices(nproc: int = 1) -> list[str | None]:
     return [",".join(ids[w * nproc:(w + 1) * nproc]) for w in range(workers)]
 
 
+class Progress:
+    """How far a run is: a line as each job ends, with the jobs and cells done of those to run, and the time."""
+
+    def __init__(self, jobs: int, cells: int):
+        self.jobs, self.cells, self._done = jobs, cells, [0, 0]
+        self._start, self._lock = time.monotonic(), threading.Lock()
+
+    def job_done(self, name: str, cells: int) -> None:
+        with self._lock:
+            self._done = [self._done[0] + 1, self._done[1] + cells]
+            print(f"[{self._done[0]}/{self.jobs} jobs, {self._done[1]}/{self.cells} cells, "
+                  f"{duration(time.monotonic() - self._start)}] {name} done", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 05 s, 2 h 07 min."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], common: dict, timeout: float,
-               out: Path, executor: Executor) -> None:
+               out: Path, executor: Executor, progress: Progress) -> None:
     """Run (job, cells) pairs, as many at once as there are `slots` (each a device group, or None); Ctrl-C or
     SIGTERM stops every job."""
     if len(slots) == 1:  # in this thread, so that KeyboardInterrupt reaches _supervise directly
         for job, cells in jobs:
             _supervise(job, cells, slots[0], common, timeout, out, executor)
+            progress.job_done(job.name, len(cells))
         return
     stop, free = threading.Event(), list(slots)
     lock = threading.Lock()
@@ -284,6 +308,7 @@ def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], comm
             slot = free.pop(0)
         try:
             _supervise(job, cells, slot, common, timeout, out, executor, stop)
+            progress.job_done(job.name, len(cells))
         finally:
             with lock:
                 free.append(slot)

@@ -37,6 +37,9 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys, monke
     report = run_suite(suite_file, out).report
     recs = results.load(out)
     assert all(r.status == "ok" for r in recs), [r.error for r in recs if r.error]
+    progress = re.findall(r"^\[(\d+)/6 jobs, (\d+)/11 cells, \d+ s\] (\S+) done$", capsys.readouterr().out, re.M)
+    assert [(int(j), int(c)) for j, c, _ in progress] == [(1, 1), (2, 3), (3, 6), (4, 9), (5, 10), (6, 11)], progress
+    assert progress[0][2] == "tiny-hybrid/seed0/pretrain"
     by_metric = {m: [r for r in recs if r.metric == m] for m in ("pretrain", "train", "perplexity", "efficiency")}
     assert [len(v) for v in by_metric.values()] == [1, 2, 6, 2]
     ppl = by_metric["perplexity"]
@@ -65,7 +68,9 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys, monke
     (out / results.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in old))
     monkeypatch.setenv("HARNESS_FORKSERVER", "0")  # jobs were forked from a warm interpreter; now a fresh one
     run_suite(suite_file, out)
-    assert "10 already recorded, 1 stale: measured by other code (measured again)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "10 already recorded, 1 stale: measured by other code (measured again)" in shown
+    assert "[1/1 jobs, 1/1 cells, " in shown
     new = results.load(out)[len(old):]
     assert [(r.cell, r.values) for r in new] == [(r["cell"], r["values"]) for r in old if r["cell"] == stale]
     assert {len(results.current(results.load(out)))} == {11}
@@ -162,3 +167,10 @@ def test_several_jobs_at_once_on_a_cpu_are_warned_about():
     assert shared_cpu_warning(Run(max_parallel=1), gpus=0) is None
     assert shared_cpu_warning(Run(max_parallel=2), gpus=1) is None  # jobs on GPUs
     assert shared_cpu_warning(Run(max_parallel=2, executor="slurm"), gpus=0) is None  # jobs on cluster nodes
+
+
+def test_durations_read_at_a_glance():
+    from harness.runner import duration
+
+    assert [duration(s) for s in (0.4, 59.6, 185, 3599, 7620)] == ["0 s", "1 min 00 s", "3 min 05 s", "59 min 59 s",
+                                                                  "2 h 07 min"]
