@@ -8,6 +8,7 @@ When a change is meant to move them, record the new curves and commit the file w
     HARNESS_UPDATE_GOLDEN=1 pytest tests/test_golden.py
 """
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -75,8 +76,10 @@ def test_a_fine_tune_gives_its_recorded_losses(method, backend, golden):
     got = run(method, backend)
     name = f"{method}/{backend}"
     if UPDATE:
-        recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
-        GOLDEN.write_text(json.dumps({**recorded, name: got}, indent=1, sort_keys=True) + "\n")
+        with open(GOLDEN, "a+") as lock:  # pytest-xdist workers record side by side
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            recorded = json.loads(GOLDEN.read_text() or "{}")
+            GOLDEN.write_text(json.dumps({**recorded, name: got}, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"recorded {name} in {GOLDEN.name}")
     want = golden[name]
     assert got["loss_curve"] == pytest.approx(want["loss_curve"], rel=RTOL), name
