@@ -8,7 +8,9 @@ so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/base), OU
 lm-eval's `--model hf --model_args pretrained=OUT/base,peft=OUT/adapter`. With --merge, OUT_DIR is one model
 directory with the adapter folded in. The variant comes from the run's records (which adapter, which base) and
 the artefact cache. Presets and mamba_ssm checkpoints are saved as this package's model type (`import
-harness.models` registers it with transformers' Auto classes); HF checkpoints keep their own.
+harness.models` registers it with transformers' Auto classes); HF checkpoints keep their own. A checkpoint is
+saved in the precision its variant was fine-tuned in: its `dtype` where that ran on CUDA (A_log, D and dt_bias
+in float32), float32 where it ran on a CPU, whichever machine exports it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _variant_info(run_dir: Path, variant: str) -> dict:
     if not (run_dir / results.RESULTS_FILE).is_file():
         raise UserError(f"{run_dir}: no {results.RESULTS_FILE}; fix: the results directory of a `harness run`")
     records = results.current(results.load(run_dir))
-    tuned = {r.cell.rsplit("/", 1)[0]: r.model for r in records if r.model.get("adapter") and r.metric == "train"}
+    tuned = {r.cell.rsplit("/", 1)[0]: {**r.model, "device": r.env.get("device", "cpu")} for r in records
+             if r.model.get("adapter") and r.metric == "train"}
     name = variant.rstrip("/")
     found = [name] if name in tuned else [v for v in sorted(tuned) if v.startswith(name + "/")]
     if len(found) != 1:
@@ -68,6 +71,8 @@ def _variant_info(run_dir: Path, variant: str) -> dict:
 def _base(info: dict):
     """(the base model on `device()`, its tokenizer) of a variant's records; a checkpoint must still be the one
     the run measured."""
+    import torch
+
     from harness.artefacts import PRETRAINED, device
     from harness.data import default_tokenizer
     from harness.models import HybridForCausalLM
@@ -84,4 +89,6 @@ def _base(info: dict):
     if r.fingerprint != info["hash"]:
         raise UserError(f"checkpoint {info['name']} at {info['path']} is not the one the run measured (its files "
                         "changed); fix: export from a run on these files")
-    return load_model(r).to(device()), load_tokenizer(r)
+    # the precision the variant was fine-tuned and measured in (its compute dtype on CUDA), wherever the export runs
+    dtype = getattr(torch, entry.dtype) if info.get("device") == "cuda" else torch.float32
+    return load_model(r, dtype).to(device()), load_tokenizer(r)

@@ -408,6 +408,30 @@ def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isola
     assert f"no fine-tuned variant 'bamba/seed0/nope/full'; fix: name one of {variant}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["bamba", "mamba_ssm"])
+def test_a_variant_fine_tuned_on_cuda_is_exported_in_its_compute_dtype(tmp_path, capsys, isolated, tokenizer_dir,
+                                                                       kind):
+    """Exported on a CPU (a login node, say), a variant fine-tuned on a GPU keeps the precision it ran in: bf16
+    weights with the SSM parameters in fp32, not an fp32 copy twice the size."""
+    from safetensors import safe_open
+
+    model = entry(tmp_path, kind, tokenizer_dir)
+    (tmp_path / "s.yaml").write_text(SUITE.format(models=json.dumps([model])))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "s.yaml"), "--out", str(out), "--only", "*/lora/full/train"]) == 0
+    recorded = [json.loads(line) for line in (out / results.RESULTS_FILE).read_text().splitlines()]
+    for rec in recorded:
+        rec["env"]["device"] = "cuda"  # where a GPU machine's record says it ran
+    (out / results.RESULTS_FILE).write_text("".join(json.dumps(rec) + "\n" for rec in recorded))
+    assert main(["export", str(out), f"{model['name']}/seed0/lora/full", str(tmp_path / "exp")]) == 0
+    with safe_open(str(tmp_path / "exp" / "base" / "model.safetensors"), "pt") as f:
+        dtypes = {}
+        for key in f.keys():
+            dtypes.setdefault(key.rsplit(".", 1)[-1], set()).add(f.get_slice(key).get_dtype())
+    assert {k: dtypes.pop(k) for k in ("A_log", "D", "dt_bias")} == {k: {"F32"} for k in ("A_log", "D", "dt_bias")}
+    assert set().union(*dtypes.values()) == {"BF16"}, dtypes
+
+
 def test_export_names_one_variant_or_says_which_match(tmp_path):
     from harness.export import _variant_info
 

@@ -176,9 +176,10 @@ def compute_dtype(entry: Checkpoint) -> torch.dtype:
     return getattr(torch, entry.dtype) if torch.cuda.is_available() else torch.float32
 
 
-def load_model(r: Resolved) -> torch.nn.Module:
-    """The checkpoint's model in eval mode, in its compute dtype (harness.models.checkpoint for mamba_ssm)."""
-    dtype, where = compute_dtype(r.entry), f"models.{r.entry.name}"
+def load_model(r: Resolved, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The checkpoint's model in eval mode, in `dtype` (default: its compute dtype on this machine;
+    harness.models.checkpoint for mamba_ssm)."""
+    dtype, where = dtype or compute_dtype(r.entry), f"models.{r.entry.name}"
     if r.format == "mamba_ssm":
         from harness.models.checkpoint import load_mamba_ssm_checkpoint
 
