@@ -430,6 +430,9 @@ def test_a_variant_fine_tuned_on_cuda_is_exported_in_its_compute_dtype(tmp_path,
             dtypes.setdefault(key.rsplit(".", 1)[-1], set()).add(f.get_slice(key).get_dtype())
     assert {k: dtypes.pop(k) for k in ("A_log", "D", "dt_bias")} == {k: {"F32"} for k in ("A_log", "D", "dt_bias")}
     assert set().union(*dtypes.values()) == {"BF16"}, dtypes
+    assert main(["export", str(out), f"{model['name']}/seed0/lora/full", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 def test_export_names_one_variant_or_says_which_match(tmp_path):
