@@ -75,9 +75,36 @@ class LocalAttempt:
 
     def failure(self) -> tuple[str, str]:
         """(status, error) of an attempt that ended with cells left."""
-        killed = self.code in (-9, 137)
-        return ("oom" if killed else "error",
-                f"job process exited with code {self.code}" + (" (killed: likely out of memory)" if killed else ""))
+        return exit_failure(self.code)
+
+
+def exit_failure(code: int) -> tuple[str, str]:
+    """(status, error) of a job process that ended with exit `code`: SIGKILL is what the OOM killer sends."""
+    killed = code in (-9, 137)
+    return "oom" if killed else "error", f"job process exited with code {code}" + (
+        " (killed: likely out of memory)" if killed else "")
+
+
+def run_submitted(spec: dict) -> int:
+    """A submitit task: the job as a child process (`python -m harness.job SPEC`), as a local attempt runs it, so
+    that its exit code reaches the runner (submitit's own task would die with the job, SIGKILLed by the OOM
+    killer, and say nothing). The child ends with this task (harness.job's exit_with_parent), and this task,
+    with the child, when its own parent goes (submitit's controller, whose pid is the job id a user kills;
+    slurmstepd): an orphan measuring on would record cells the runner has already recorded lost."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    parent, child = os.getppid(), subprocess.Popen([sys.executable, "-m", "harness.job", f.name])
+    try:
+        while (code := child.poll()) is None:
+            if os.getppid() != parent:
+                child.kill()
+                os._exit(1)
+            time.sleep(0.5)
+        return code
+    finally:
+        if child.poll() is None:  # interrupted (a cancelled job): the job goes with this task
+            child.kill()
+        os.unlink(f.name)
 
 
 class SubmititAttempt:
@@ -87,7 +114,7 @@ class SubmititAttempt:
 
     def __init__(self, job, executor: str):
         self._job, self.executor, self.id = job, executor, str(job.job_id)
-        self._outcome: tuple[str | None] | None = None  # (error or None,) once the job is done
+        self._outcome: tuple[str | None, int | None] | None = None  # (error or None, job exit code) once done
 
     def poll(self) -> int | None:
         if not self._job.done():
@@ -108,24 +135,37 @@ class SubmititAttempt:
             return False
 
     def failure(self) -> tuple[str, str]:
-        state = self._job.state
+        state, error = self._job.state, self._error()
         status = "oom" if state == "OUT_OF_MEMORY" else "timeout" if state == "TIMEOUT" else "error"
-        return status, f"{self.executor} job {self.id} ended {state}: {(self._error() or 'no error')[:300]}"
+        if (code := self._outcome[1]) is not None:  # the job process ended: its exit code says how
+            status = "oom" if state == "OUT_OF_MEMORY" else exit_failure(code)[0]
+        return status, f"{self.executor} job {self.id} ended {state}: {(error or 'no error')[:300]}"
 
     def _error(self) -> str | None:
-        """None if the done job returned; else the last line of what it raised or wrote to stderr (read once). A
-        job that died without a result (killed, os._exit) is told by the missing result file at once: submitit
-        itself would wait for the file in case a shared filesystem is slow, which only a job Slurm says COMPLETED
-        can need."""
+        """None if the job process exited 0; else how it ended (read once): its exit code (run_submitted), or
+        the last line of what the task raised or wrote to stderr. A task that died without a result (killed,
+        os._exit) is told by the missing result file at once: submitit itself would wait for the file in case a
+        shared filesystem is slow, which only a job Slurm says COMPLETED can need."""
         if self._outcome is None:
             job = self._job
             if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
                 err = job.paths.stderr.read_text(errors="replace").strip() if job.paths.stderr.exists() else ""
-                self._outcome = ((err.splitlines() or ["died without a result or a message"])[-1],)
+                self._outcome = ((err.splitlines() or ["died without a result or a message"])[-1], None)
+            elif (exc := job.exception()) is not None:
+                self._outcome = (_raised(exc), None)
             else:
-                exc = job.exception()
-                self._outcome = (None if exc is None else (str(exc).strip().splitlines() or [type(exc).__name__])[-1],)
+                code = job.result()
+                self._outcome = (None if code == 0 else exit_failure(code)[1], code)
         return self._outcome[0]
+
+
+def _raised(exc: Exception) -> str:
+    """The last line of the traceback a submitit task raised (FailedJobError quotes it between dashed lines,
+    then names the log files), else of the exception's text."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    dashes = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    trace = lines[dashes[0] + 1:dashes[1]] if len(dashes) >= 2 else lines
+    return (trace or [type(exc).__name__])[-1].strip()
 
 
 class Executor:
@@ -156,14 +196,12 @@ class Executor:
                     self._forks = ForkServer()
             attempt = LocalAttempt(spec, device, self._forks)
         else:
-            from harness.job import submitted_job
-
             params = {"job_name": f"harness-{name}"} if self.kind == "slurm" else {
                 "visible_gpus": tuple(int(d) for d in device.split(",")) if device is not None else ()}
             with self._lock:  # the parameters are the executor's: one submission at a time
                 self._submitit.update_parameters(**params)
                 try:
-                    job = self._submitit.submit(submitted_job, spec)
+                    job = self._submitit.submit(run_submitted, spec)
                 except Exception as e:  # noqa: BLE001 - sbatch refusing (a bad partition, say) is the user's to fix
                     raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
             attempt = SubmititAttempt(job, self.kind)

@@ -263,14 +263,6 @@ def _built_before_the_ranks() -> None:
                        "entry removed meanwhile?)")
 
 
-def submitted_job(spec: dict) -> None:
-    """`run_job` as a submitit task. It ends with the process that started it (submitit's controller, whose pid
-    is the job id a user kills; slurmstepd): once the runner has seen the job end and recorded its cell lost, an
-    orphan measuring on would record its cells twice."""
-    distributed.exit_with_parent()
-    run_job(spec)
-
-
 def main(spec_file: str) -> None:
     distributed.exit_with_parent()
     try:

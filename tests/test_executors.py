@@ -79,6 +79,30 @@ def test_a_failed_submitit_job_costs_one_cell_and_a_rerun_resumes(suite_file, tm
     assert {r.cell for r in results.current(results.load(out)) if r.status == "ok"} == set(recs)
 
 
+def test_a_submitit_local_job_killed_as_by_the_oom_killer_is_recorded_as_oom(suite_file, tmp_path, inject_fault):
+    inject_fault("os.kill(os.getpid(), 9)")  # what the kernel's OOM killer sends the largest process
+    out = tmp_path / "out"
+    assert run_suite(suite_file, out, only="attention/full/*", run={"executor": "submitit-local"}).failed == {"oom": 1}
+    (rec,) = results.load(out)
+    assert rec.error.endswith("job process exited with code -9 (killed: likely out of memory)"), rec.error
+
+
+def test_what_a_submitit_task_raised_is_its_last_traceback_line(tmp_path):
+    """It was the last line of submitit's wrapper text: the path of the task's stdout log."""
+    import operator
+
+    import submitit
+
+    from harness.executors import SubmititAttempt
+
+    job = submitit.LocalExecutor(folder=tmp_path / "%j").submit(operator.truediv, 1, 0)
+    attempt = SubmititAttempt(job, "submitit-local")
+    while attempt.poll() is None:
+        time.sleep(0.2)
+    status, error = attempt.failure()
+    assert status == "error" and error.endswith(" ended FINISHED: ZeroDivisionError: division by zero"), error
+
+
 def test_jobs_at_once_all_keep_their_records(suite_file, tmp_path):
     many = "backends: [full, sliding_window, s2_attn, {se_attn: {chunk_size: 32, block_size: 16, top_k: 1}}]"
     suite_file.write_text(SUITE.replace("backends: [full, sliding_window]", many))
@@ -217,7 +241,9 @@ def test_jobs_started_after_harness_is_edited_fork_from_a_new_server(suite_file,
 def test_a_job_whose_submitit_controller_is_killed_does_not_measure_on_unseen(suite_file, tmp_path, inject_fault):
     """The job id a user kills is submitit's controller: the task it started must end with it, not record the
     cells the runner has already recorded lost and submitted again."""
-    inject_fault("import signal; os.kill(os.getppid(), signal.SIGKILL); time.sleep(3)")
+    # the job process's parent is the task (harness.executors.run_submitted); the task's, the controller
+    inject_fault("import signal; controller = int(open(f'/proc/{os.getppid()}/stat').read().rsplit(')', 1)[1]"
+                 ".split()[1]); os.kill(controller, signal.SIGKILL); time.sleep(3)")
     out = tmp_path / "out"
     run_suite(suite_file, out, only="attention/full/*", run={"executor": "submitit-local"})
     time.sleep(4)  # an orphan would have recorded by now
