@@ -192,10 +192,12 @@ def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -
     state = {c["id"]: cell_state(c, recorded.get(c["id"])) for j in jobs for c in j.cells}
     counts = Counter(state.values())
     failed = "measured again: --retry-failed" if retry_failed else "kept; --retry-failed measures them again"
+    timed = sorted({c["hardware"] for j in jobs for c in j.cells if c.get("hardware")})
     print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
           + (f", {counts['failed']} failed ({failed})" if counts["failed"] else "")
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
-          + f"; evaluating on {getattr(corpus, 'description', '(missing)')}; results in {out}")
+          + f"; evaluating on {getattr(corpus, 'description', '(missing)')}"
+          + "".join(f"; timing on {hw}" for hw in timed) + f"; results in {out}")
     return state
 
 

@@ -28,6 +28,7 @@ def test_efficiency_cells_recorded_on_other_hardware_are_measured_again(tmp_path
     run_suite(tmp_path / "s.yaml", out, dry_run=True)
     shown = capsys.readouterr().out
     assert "1 measured on other (or unrecorded) hardware (measured again)" in shown, shown
+    assert "; timing on cuda: another machine's GPU; results in " in shown, shown
     assert "  moved    attention/full/efficiency@64\n" in shown, shown
     assert run_suite(tmp_path / "s.yaml", out).failed == {}
     (now,) = results.current(results.load(out))
