@@ -55,7 +55,7 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
     per_variant = sorted([(m, c) for m, c in configured if m.kind == "variant"],
                          key=lambda mc: not mc[0].finetuned_only)
     jobs, ctx = [], PlanContext(suite, data_fingerprint)
-    for entry in suite.models if any(c is not None for _, c in per_variant) else []:
+    for entry in suite.models if evaluates(suite) else []:
         model = label(entry)
         for seed in suite.seeds:
             if isinstance(entry, str):
@@ -88,6 +88,12 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
                  for cell, hashed in m.cells(config, None, bctx)]
         jobs.append(Job("backend", f"attention/{b.label}", {"backend": b.model_dump()}, cells))
     return jobs
+
+
+def evaluates(suite: Suite) -> bool:
+    """Whether the suite measures model variants (a metric of kind "variant" is configured), and so reads its
+    evaluation data; a suite of efficiency cells alone times attention layers on random tensors."""
+    return any(m.kind == "variant" and getattr(suite.metrics, m.name, None) is not None for m in builtin().values())
 
 
 def _cell(cell: Cell, determined_by: dict) -> dict:

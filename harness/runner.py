@@ -30,7 +30,7 @@ from harness.cells import FINETUNED
 from harness.errors import UserError
 from harness.executors import ACTIVE, REFUSED, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
-from harness.plan import STALE, Job, cell_state, documents, plan, to_measure
+from harness.plan import STALE, Job, cell_state, documents, evaluates, plan, to_measure
 from harness.suite import load_suite
 
 
@@ -51,11 +51,13 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     suite = load_suite(suite_path, run)
     out = Path(out or Path("reports") / suite.name)
     missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
-    corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval")
-    finetunes = bool(suite.methods and suite.backends)
+    variants = evaluates(suite)  # else only attention layers are timed: no model, no data
+    corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval") if variants else None
+    data = getattr(corpus, "description", "(missing)") if variants else None  # what cells evaluate on
+    finetunes = bool(suite.methods and suite.backends) and variants
     train = _present(lambda: documents(suite, "train", pg19), missing, "data.train") if finetunes else None
     resolved = {m.name: _present(lambda m=m: resolve(m), missing, "model") for m in suite.models
-                if isinstance(m, Checkpoint)}
+                if isinstance(m, Checkpoint) and variants}
     checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
     jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING) if finetunes
                 else None, checkpoints)
@@ -74,7 +76,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
         _print_status(jobs, out, retry_failed)
         return None
     if dry_run:
-        state = _states(jobs, out, retry_failed, suite.name, corpus)
+        state = _states(jobs, out, retry_failed, suite.name, data)
         for job in jobs:
             for c in job.cells:
                 print(f"  {state[c['id']]:<8} {c['id']}")
@@ -84,7 +86,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     cache.check_writable()
     out.mkdir(parents=True, exist_ok=True)
     with results.exclusive(out):
-        state = _states(jobs, out, retry_failed, suite.name, corpus)
+        state = _states(jobs, out, retry_failed, suite.name, data)
         todo = {job.name: [c for c in job.cells if to_measure(state[c["id"]], retry_failed)] for job in jobs}
         common = {"suite": str(Path(suite_path).resolve()), "suite_sha256": suite.sha256, "suite_name": suite.name,
                   "out": str(out.resolve()),
@@ -115,7 +117,7 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
 
 def report_notes(suite, corpus) -> list[str]:
     """The report's callouts: that the embedded corpus stood in for PG-19, where the suite did not choose it."""
-    if not corpus.embedded or suite.data.eval is not None:
+    if corpus is None or not corpus.embedded or suite.data.eval is not None:
         return []
     return [f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
             "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
@@ -186,8 +188,9 @@ def _tokenize(train, model) -> None:
     token_stream(tokenizer(model), train)
 
 
-def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -> dict[str, str]:
-    """Each cell's state (plan.cell_state) against the records in `out`, with a one-line summary printed."""
+def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, data: str | None) -> dict[str, str]:
+    """Each cell's state (plan.cell_state) against the records in `out`, with a one-line summary printed
+    (`data`: what the suite's cells evaluate on; None where they evaluate nothing)."""
     recorded = _current_records(out)
     state = {c["id"]: cell_state(c, recorded.get(c["id"])) for j in jobs for c in j.cells}
     counts = Counter(state.values())
@@ -196,7 +199,7 @@ def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, corpus) -
     print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
           + (f", {counts['failed']} failed ({failed})" if counts["failed"] else "")
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
-          + f"; evaluating on {getattr(corpus, 'description', '(missing)')}"
+          + (f"; evaluating on {data}" if data else "")
           + "".join(f"; timing on {hw}" for hw in timed) + f"; results in {out}")
     return state
 

@@ -20,9 +20,12 @@ def test_efficiency_cells_recorded_on_other_hardware_are_measured_again(tmp_path
     assert run_suite(tmp_path / "s.yaml", out).failed == {}
     (first,) = results.load(out)
     assert first.settings["hardware"] == hardware.this_machine() and hardware.this_machine().startswith("cpu: ")
+    assert "PG-19 not configured" not in (out / "index.html").read_text()  # no text was read, none stood in
     capsys.readouterr()
+    monkeypatch.setenv("HARNESS_PG19_DIR", str(tmp_path / "nowhere"))  # evaluation data that a timing never reads
     run_suite(tmp_path / "s.yaml", out, dry_run=True)
-    assert "  done     attention/full/efficiency@64\n" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "  done     attention/full/efficiency@64\n" in shown and "evaluating on" not in shown, shown
 
     monkeypatch.setattr(hardware, "this_machine", lambda: "cuda: another machine's GPU")
     run_suite(tmp_path / "s.yaml", out, dry_run=True)
