@@ -39,7 +39,7 @@ from harness.finetune.loop import TrainConfig, TrainLog, checkpoint_activations,
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
 from harness.models.induction import induction_init
-from harness.models.sources import Checkpoint, check_vocabulary, load_model, load_tokenizer, resolve
+from harness.models.sources import Checkpoint, check_vocabulary, label, load_model, load_tokenizer, resolve
 from harness.suite import Backend, Suite, recall_shares
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
@@ -193,7 +193,8 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
                      f"fine-tune {method}/{backend.label} @ {cfg.context}", world)
     state = full_state(trained)  # every rank takes part; rank 0 gets it
     if world.main:
-        meta = {"train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
+        meta = {"what": f"{label(model)} seed {seed}: {method}/{backend.label} @ {cfg.context}",  # `harness cache ls`
+                "train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
                           "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:
             save_method(trained, d, state)

@@ -36,6 +36,8 @@ def test_finetune_is_reproducible_whatever_the_global_rng_state(tmp_path, monkey
         built.append((model.state_dict(), info["train"]["loss_curve"]))
     (a, curve_a), (b, curve_b) = built
     assert curve_a == curve_b
+    adapters = [e["what"] for e in cache.entries() if e["kind"] == artefacts.ADAPTER]  # as `harness cache ls` shows
+    assert adapters == [f"tiny-hybrid seed 0: lora/full @ {suite.finetune.context}"], adapters
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
