@@ -111,7 +111,20 @@ def pretrained(suite: Suite, preset: str, seed: int) -> tuple[HybridForCausalLM,
     path = cache.ensure(PRETRAINED, info["hash"], lambda: _pretrain(suite, info, config, cfg))
     meta = json.loads((path / cache.META).read_text())
     model = _load(path, lambda: HybridForCausalLM.from_pretrained(path)).to(device())
-    return model.eval(), {**info, "train": meta["train"]}
+    return model.eval(), {**info, "train": meta["train"], **trained_on(meta)}
+
+
+def trained_on(meta: dict) -> dict:
+    """{"trained_on": the machine that built a cached model} (harness.hardware.describe), where its meta says:
+    a record's training throughput and memory are that machine's, whichever job records them later."""
+    return {"trained_on": meta["trained_on"]} if meta.get("trained_on") else {}
+
+
+def _built_on() -> str:
+    from harness.hardware import describe
+    from harness.results import environment
+
+    return describe(environment())
 
 
 def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) -> None:
@@ -133,7 +146,7 @@ def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) 
     else:
         batches = _windows(tokens, cfg)
     log = _train(model, cfg, batches, PRETRAINED, key, f"pretrain {info['preset']} @ {cfg.context}")
-    with cache.build(PRETRAINED, key, {**info, "train": log.values()}) as d:
+    with cache.build(PRETRAINED, key, {**info, "trained_on": _built_on(), "train": log.values()}) as d:
         model.save_pretrained(d)
 
 
@@ -144,7 +157,7 @@ def finetuned(suite: Suite, model: str | Checkpoint, seed: int, method: str, bac
     path, info = ensure_adapter(suite, model, seed, method, backend, data, launch)
     start, _ = base(suite, model, seed)
     meta = json.loads((path / cache.META).read_text())
-    return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"]}
+    return _load(path, lambda: load_method(start, path)).eval(), {**info, "train": meta["train"], **trained_on(meta)}
 
 
 def ensure_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str, backend: Backend, data: Documents,
@@ -194,6 +207,7 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
     state = full_state(trained)  # every rank takes part; rank 0 gets it
     if world.main:
         meta = {"what": f"{label(model)} seed {seed}: {method}/{backend.label} @ {cfg.context}",  # `harness cache ls`
+                "trained_on": _built_on(),
                 "train": {**log.values(), **summary.values(), "trainable_names": summary.trainable_names,
                           "kernels": sorted(kernels)}}
         with cache.build(ADAPTER, key, meta) as d:

@@ -48,7 +48,15 @@ def this_machine() -> str:
         return "cuda: " + ", ".join(n if k == 1 else f"{k} x {n}" for n, k in sorted(names.items()))
     import torch
 
-    return f"cpu: {cpu_model()}, {torch.get_num_threads()} thread(s)"
+    return describe({"cpu": cpu_model(), "threads": torch.get_num_threads()})
+
+
+def describe(env: dict) -> str:
+    """The machine a `harness.results.environment()` dict names, as this_machine writes it: its GPU, or its CPU
+    model and threads."""
+    if env.get("gpu"):
+        return f"cuda: {env['gpu']}"
+    return f"cpu: {env.get('cpu') or 'unknown CPU'}, {env.get('threads', '?')} thread(s)"
 
 
 def cpu_model() -> str:

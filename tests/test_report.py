@@ -343,7 +343,8 @@ def test_training_section_pretrain_and_finetune():
                         values={"loss_curve": [[1, 9.0], [2, 7.5], [3, 6.25]], "tokens": 3072, "seconds": 2.0,
                                 "peak_memory_gib": 0.5, "memory_kind": "process peak RSS", "tokens_per_s": 1536.0}))
     train = asdict(Record(suite="s", cell=f"tiny-hybrid/seed0/hylora/{SE}/train", metric="train", stage="finetuned",
-                          model={"preset": "tiny-hybrid"}, method="hylora", backend=SE, finetune_context=2048,
+                          model={"preset": "tiny-hybrid", "trained_on": "cuda: NVIDIA H100 80GB HBM3"},
+                          method="hylora", backend=SE, finetune_context=2048,
                           kernel="se_attn via sdpa", env=ENV, seconds=12.0,
                           values={"loss_curve": [[s, 5.0 - s / 100] for s in range(1, 51)], "tokens": 102400,
                                   "seconds": 12.0, "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
@@ -362,6 +363,7 @@ def test_training_section_pretrain_and_finetune():
     assert [c["text"] for c in t] == [f"finetuned: hylora / {SE} @ 2048", "50", "4.500", "102K", "8,533", "2.25",
                                       "250K", "se_attn via sdpa", "12"]
     assert t[5]["note"] == "cuda allocator peak" and t[6]["note"] == "25.00% of 1M"
+    assert t[4]["note"] == "cuda: NVIDIA H100 80GB HBM3" and p[4]["note"] == ""  # a record from before it was kept
     assert t[6]["title"] == "lora 200K, conv1d 50K"
 
 

@@ -59,9 +59,11 @@ def training_section(records: list[Record]) -> Section | None:
         rows += [_row(label(r), r) for r in train]
     blocks.append(heading("Training runs"))
     blocks.append(paragraph(
-        "Steps and final loss from the loss curve; tokens/s over the whole run; peak memory as the run "
-        "measured it (the kind is written under the number: CUDA allocator peak on GPU, process peak RSS "
-        "on CPU, which are not comparable); trainable parameters with their share of the model."))
+        "Steps and final loss from the loss curve; tokens/s over the whole run, with the machine that trained "
+        "the model under it (a cached model's numbers are its builder's, whichever job recorded them); peak "
+        "memory as the run measured it (the kind is written under the number: CUDA allocator peak on GPU, "
+        "process peak RSS on CPU, which are not comparable); trainable parameters with their share of the "
+        "model."))
     blocks.append(table(COLUMNS, rows))
     return {"id": "training", "title": "Pretraining and fine-tuning", "blocks": blocks}
 
@@ -86,7 +88,7 @@ def _row(name: str, r: Record) -> list[dict]:
     kernels = str(r.kernel or "")
     return [
         cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
-        cell(fmt_float(v.get("tokens_per_s"), 0)),
+        cell(fmt_float(v.get("tokens_per_s"), 0), note=str(r.model.get("trained_on") or "")),
         cell(fmt_float(v.get("peak_memory_gib"), 2), note=str(v.get("memory_kind") or "")),
         cell(fmt_count(trainable) if trainable is not None else "all" if r.metric == "pretrain" else "–",
              note=share, title=group_text),
