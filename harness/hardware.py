@@ -5,6 +5,8 @@ settings, measures them again instead of passing another machine's timings off a
     cuda: NVIDIA H100 80GB HBM3                      this machine's visible GPUs (local, submitit-local)
     cpu: Intel(R) Xeon(R) CPU @ 2.20GHz, 2 thread(s) this machine's CPU and torch's intra-op threads
     slurm: partition gpu, 8 GPU(s) per node, ...     the allocation's request (its nodes are not known here)
+
+`describe` writes a recorded environment the same way: a cached model's meta names the machine that trained it.
 """
 
 from __future__ import annotations
