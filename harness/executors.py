@@ -40,15 +40,13 @@ class LocalAttempt:
     poll_every = 0.5  # seconds between the runner's looks at it
 
     def __init__(self, spec: dict, device: str | None, server: ForkServer | None):
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(spec, f)
-        self._spec_file = f.name
+        self._spec_file = _spec_file(spec)
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
         if server is None:
-            proc = subprocess.Popen([sys.executable, "-m", "harness.job", f.name], env=env, start_new_session=True)
+            proc = subprocess.Popen(_job_command(self._spec_file), env=env, start_new_session=True)
             self._pid, self._exit_code = proc.pid, proc.poll
         else:
-            self._pid = server.start(f.name, env)
+            self._pid = server.start(self._spec_file, env)
             self._exit_code = lambda: server.exit_code(self._pid)
         self.id, self.code = str(self._pid), None
 
@@ -91,9 +89,8 @@ def run_submitted(spec: dict) -> int:
     killer, and say nothing). The child ends with this task (harness.job's exit_with_parent), and this task,
     with the child, when its own parent goes (submitit's controller, whose pid is the job id a user kills;
     slurmstepd): an orphan measuring on would record cells the runner has already recorded lost."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    parent, child = os.getppid(), subprocess.Popen([sys.executable, "-m", "harness.job", f.name])
+    spec_file = _spec_file(spec)
+    parent, child = os.getppid(), subprocess.Popen(_job_command(spec_file))
     try:
         while (code := child.poll()) is None:
             if os.getppid() != parent:  # orphaned: the job goes (below), and this task ends
@@ -103,7 +100,18 @@ def run_submitted(spec: dict) -> int:
     finally:
         if child.poll() is None:  # interrupted (a cancelled job): the job goes with this task
             child.kill()
-        os.unlink(f.name)
+        os.unlink(spec_file)
+
+
+def _spec_file(spec: dict) -> str:
+    """A job attempt's spec as a temporary JSON file (its path), for `python -m harness.job`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    return f.name
+
+
+def _job_command(spec_file: str) -> list[str]:
+    return [sys.executable, "-m", "harness.job", spec_file]
 
 
 class SubmititAttempt:
@@ -135,9 +143,9 @@ class SubmititAttempt:
 
     def failure(self) -> tuple[str, str]:
         state, error = self._job.state, self._error()
-        status = "oom" if state == "OUT_OF_MEMORY" else "timeout" if state == "TIMEOUT" else "error"
-        if (code := self._outcome[1]) is not None:  # the job process ended: its exit code says how
-            status = "oom" if state == "OUT_OF_MEMORY" else exit_failure(code)[0]
+        code = self._outcome[1]  # where the job process ended, its exit code says how
+        status = ("oom" if state == "OUT_OF_MEMORY" else exit_failure(code)[0] if code is not None
+                  else "timeout" if state == "TIMEOUT" else "error")
         return status, f"{self.executor} job {self.id} ended {state}: {(error or 'no error')[:300]}"
 
     def _error(self) -> str | None:
