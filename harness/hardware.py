@@ -56,8 +56,8 @@ def this_machine() -> str:
 def describe(env: dict) -> str:
     """The machine a `harness.results.environment()` dict names, as this_machine writes it: its GPU, or its CPU
     model and threads."""
-    if env.get("gpu"):
-        return f"cuda: {env['gpu']}"
+    if env.get("gpu") or env.get("device") == "cuda":
+        return f"cuda: {env.get('gpu') or 'unknown GPU'}"
     return f"cpu: {env.get('cpu') or 'unknown CPU'}, {env.get('threads', '?')} thread(s)"
 
 

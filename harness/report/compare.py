@@ -22,6 +22,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from harness.hardware import describe
 from harness.report.significance import fisher_exact, mcnemar_exact
 from harness.results import Record
 
@@ -91,7 +92,8 @@ _NO_VALUE = (None, [], {})
 
 def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
     bv, hv, cell, out = b.values, h.values, b.cell, []
-    same_device = _device(b) == _device(h)
+    devices = describe(b.env), describe(h.env)  # the machines (harness.hardware) each side ran on
+    same_device = devices[0] == devices[1]
     lost = [k for k in ("perplexity", "per_sample", "times_ms", "peak_memory_gib")
             if bv.get(k) not in _NO_VALUE and hv.get(k) in _NO_VALUE]  # on CPU, peak memory is None on both
     if lost:
@@ -104,7 +106,7 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
         out.append(_accuracy(cell, bv["per_sample"], hv["per_sample"], th))
     if "times_ms" in bv:
         out.append(_timing(cell, bv["times_ms"], hv["times_ms"], th) if same_device else
-                   Finding(cell, "time", None, None, "skipped", f"devices differ: {_device(b)} vs {_device(h)}"))
+                   Finding(cell, "time", None, None, "skipped", f"devices differ: {devices[0]} vs {devices[1]}"))
     if "peak_memory_gib" in bv and b.metric != "train":
         base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
         if not same_device or new is None:
@@ -188,11 +190,6 @@ def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, 
         hits += statistics.median(h) - statistics.median(b) >= observed - 1e-12
         total += 1
     return hits / total
-
-
-def _device(r: Record) -> str:
-    env = r.env
-    return env.get("gpu") or f"{env.get('device', 'cpu')}:{env.get('cpu', '')}:{env.get('threads', '')} threads"
 
 
 def markdown(findings: list[Finding], base: str, head: str) -> str:
