@@ -29,7 +29,7 @@ def drop_cache():
 
 FAULT = """
 import os, sys, time
-if {"harness.job", "harness.forkserver"} & set(sys.orig_argv):  # job processes (submitit's import no torch here)
+if {"harness.job", "harness.forkserver"} & set(sys.orig_argv):  # job processes only: submitit's import nothing
     import harness.attention.bench as bench
     real = bench.bench_attention
     def faulty(backends, lengths, **kw):
