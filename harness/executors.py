@@ -10,6 +10,7 @@ again while an earlier submission of it is still queued or running.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -226,11 +227,21 @@ class Executor:
         locked_append(self.out / LEDGER, json.dumps(entry) + "\n")
 
 
-def _submitit_executor(run, out: Path):
+def _submitit(executor: str):
+    """submitit, its warnings printed once: its logging config sends them to stdout (handler "submitit_out") as
+    well as stderr."""
     try:
         import submitit
     except ImportError:
-        raise UserError(f"run.executor {run.executor} needs submitit: pip install 'harness[cluster]'") from None
+        raise UserError(f"run.executor {executor} needs submitit: pip install 'harness[cluster]'") from None
+    for handler in logging.getLogger("submitit").handlers:
+        if handler.get_name() == "submitit_out" and not handler.filters:
+            handler.addFilter(lambda record: record.levelno < logging.WARNING)
+    return submitit
+
+
+def _submitit_executor(run, out: Path):
+    submitit = _submitit(run.executor)
     folder = out / "submitit" / "%j"
     if run.executor == "submitit-local":
         ex = submitit.LocalExecutor(folder=folder)
@@ -332,9 +343,7 @@ def live_state(entry: dict, out: Path) -> str:
         return entry["state"]
     if entry["executor"] == "slurm":
         try:
-            import submitit
-
-            state = submitit.SlurmJob(out / "submitit" / "%j", entry["id"]).state
+            state = _submitit("slurm").SlurmJob(out / "submitit" / "%j", entry["id"]).state
         except Exception as e:  # noqa: BLE001 - no sacct here: ask squeue below
             state = f"UNKNOWN ({type(e).__name__})"
         if not state.startswith("UNKNOWN"):

@@ -2,6 +2,7 @@
 records as the local runner, failures recorded and resumed, concurrent records kept, clear errors."""
 
 import json
+import logging
 import os
 import stat
 import sys
@@ -302,3 +303,18 @@ def test_a_suite_edited_during_a_run_stops_it_without_charging_its_cells(suite_f
     with pytest.raises(UserError, match=r"job attention/full could not start: .*s\.yaml changed since `harness run`"):
         run_suite(suite_file, out, only="attention/full/*", run={"executor": executor})
     assert not (out / results.RESULTS_FILE).exists() and not list(out.glob(".refused-*"))
+
+
+def test_submitit_warnings_print_once():
+    """submitit's logging config prints a warning on stdout and stderr: `--status` showed each sacct error twice."""
+    from harness.executors import _submitit
+
+    _submitit("slurm")
+
+    def printed_by(level):
+        record = logging.LogRecord("submitit", level, __file__, 0, "message", None, None)
+        return [h.get_name() for h in logging.getLogger("submitit").handlers
+                if level >= h.level and h.filter(record)]
+
+    assert printed_by(logging.WARNING) == ["submitit_err"]
+    assert printed_by(logging.INFO) == ["submitit_out"]
