@@ -89,6 +89,8 @@ def _base(info: dict):
     if r.fingerprint != info["hash"]:
         raise UserError(f"checkpoint {info['name']} at {info['path']} is not the one the run measured (its files "
                         "changed); fix: export from a run on these files")
-    # the precision the variant was fine-tuned and measured in (its compute dtype on CUDA), wherever the export runs
-    dtype = getattr(torch, entry.dtype) if info.get("device") == "cuda" else torch.float32
+    # the precision the variant was fine-tuned in (its compute dtype on CUDA), wherever the export runs: the machine
+    # that built the adapter (a job on another may record it from a shared cache), else the recording job's
+    trained_on = info.get("trained_on") or info.get("device", "cpu")
+    dtype = getattr(torch, entry.dtype) if trained_on.startswith("cuda") else torch.float32
     return load_model(r, dtype).to(device()), load_tokenizer(r)

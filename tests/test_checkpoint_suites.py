@@ -412,7 +412,8 @@ def test_export_gives_what_peft_and_from_pretrained_load(tmp_path, capsys, isola
 def test_a_variant_fine_tuned_on_cuda_is_exported_in_its_compute_dtype(tmp_path, capsys, isolated, tokenizer_dir,
                                                                        kind):
     """Exported on a CPU (a login node, say), a variant fine-tuned on a GPU keeps the precision it ran in: bf16
-    weights with the SSM parameters in fp32, not an fp32 copy twice the size."""
+    weights with the SSM parameters in fp32, not an fp32 copy twice the size. The adapter's builder decides, not
+    the job that recorded it from a shared cache."""
     from safetensors import safe_open
 
     model = entry(tmp_path, kind, tokenizer_dir)
@@ -420,16 +421,22 @@ def test_a_variant_fine_tuned_on_cuda_is_exported_in_its_compute_dtype(tmp_path,
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "s.yaml"), "--out", str(out), "--only", "*/lora/full/train"]) == 0
     recorded = [json.loads(line) for line in (out / results.RESULTS_FILE).read_text().splitlines()]
-    for rec in recorded:
-        rec["env"]["device"] = "cuda"  # where a GPU machine's record says it ran
-    (out / results.RESULTS_FILE).write_text("".join(json.dumps(rec) + "\n" for rec in recorded))
-    assert main(["export", str(out), f"{model['name']}/seed0/lora/full", str(tmp_path / "exp")]) == 0
-    with safe_open(str(tmp_path / "exp" / "base" / "model.safetensors"), "pt") as f:
-        dtypes = {}
-        for key in f.keys():
-            dtypes.setdefault(key.rsplit(".", 1)[-1], set()).add(f.get_slice(key).get_dtype())
-    assert {k: dtypes.pop(k) for k in ("A_log", "D", "dt_bias")} == {k: {"F32"} for k in ("A_log", "D", "dt_bias")}
-    assert set().union(*dtypes.values()) == {"BF16"}, dtypes
+
+    def exported(trained_on, recorded_on, name):
+        for rec in recorded:
+            rec["model"]["trained_on"], rec["env"]["device"] = trained_on, recorded_on
+        (out / results.RESULTS_FILE).write_text("".join(json.dumps(rec) + "\n" for rec in recorded))
+        assert main(["export", str(out), f"{model['name']}/seed0/lora/full", str(tmp_path / name)]) == 0
+        with safe_open(str(tmp_path / name / "base" / "model.safetensors"), "pt") as f:
+            dtypes = {}
+            for key in f.keys():
+                dtypes.setdefault(key.rsplit(".", 1)[-1], set()).add(f.get_slice(key).get_dtype())
+        assert {k: dtypes.pop(k) for k in ("A_log", "D", "dt_bias")} == {k: {"F32"} for k in ("A_log", "D", "dt_bias")}
+        return set().union(*dtypes.values())
+
+    assert exported("cuda: NVIDIA H100 80GB HBM3", "cpu", "exp") == {"BF16"}  # built on a GPU, recorded on a CPU
+    assert exported("cpu: Intel(R) Xeon(R) Processor, 2 thread(s)", "cuda", "cpu-built") == {"F32"}
+    assert exported(None, "cuda", "older") == {"BF16"}  # an adapter built before its meta named the machine
     assert main(["export", str(out), f"{model['name']}/seed0/lora/full", str(tmp_path / "merged"), "--merge"]) == 0
     merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.get_input_embeddings().weight.dtype == torch.bfloat16
