@@ -256,7 +256,7 @@ def _submitit_executor(run, out: Path):
                   "it; put it on a shared filesystem" + (" (set HARNESS_CACHE)" if "cache" in what else " (--out)"),
                   file=sys.stderr)
     s = run.slurm
-    if s.gpus_per_node is None and not GPU_REQUESTS & set(s.additional):
+    if s.gpus_per_node is None and not GPU_REQUESTS & {k.replace("-", "_") for k in s.additional}:
         print("warning: run.slurm.gpus_per_node is not set: each job asks Slurm for no GPU and runs on its node's "
               "CPU, unless the partition hands out GPUs by default; set it (--gpus-per-node N, at least run.nproc), "
               "or to 0 for a study on CPU nodes", file=sys.stderr)
@@ -270,8 +270,8 @@ def _submitit_executor(run, out: Path):
     return ex
 
 
-#: sbatch options (in `run.slurm.additional`) that ask for GPUs another way than gpus_per_node.
-GPU_REQUESTS = {"gres", "gpus", "gpus_per_task", "gpus_per_socket", "tres_per_task"}
+#: sbatch options that ask for GPUs, in `run.slurm.additional` (submitit passes a key's "_" as "-", and "-" as is).
+GPU_REQUESTS = {"gres", "gpus", "gpus_per_node", "gpus_per_task", "gpus_per_socket", "tres_per_task"}
 
 
 def _may_fork() -> bool:

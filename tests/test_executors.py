@@ -198,7 +198,8 @@ def test_slurm_without_its_tools_or_a_shared_cache_says_so(suite_file, tmp_path,
     err = capsys.readouterr().err
     assert "the artefact cache" in err and "node-local filesystem (tmpfs)" in err and "HARNESS_CACHE" in err
     assert "results directory" not in err and "gpus_per_node" not in err  # that one is shared; GPUs asked for
-    for slurm, warned in (({}, True), ({"gpus_per_node": 0}, False), ({"additional": {"gres": "gpu:h100:4"}}, False)):
+    for slurm, warned in (({}, True), ({"gpus_per_node": 0}, False), ({"additional": {"gres": "gpu:h100:4"}}, False),
+                          ({"additional": {"gpus-per-task": 1}}, False)):  # sbatch's spelling, which submitit passes
         Executor(load_suite(suite_file, {"executor": "slurm", "slurm": slurm}).run, tmp_path / "out")
         assert ("warning: run.slurm.gpus_per_node is not set" in capsys.readouterr().err) == warned, slurm
     Executor(load_suite(suite_file, {"executor": "slurm", "nproc": 4, "slurm": {"gpus_per_node": 4}}).run,
