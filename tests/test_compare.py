@@ -33,6 +33,9 @@ def test_timings_from_other_hardware_are_skipped_saying_so():
     (finding,) = compare([base], [head])
     assert (finding.verdict, finding.why) == ("skipped", "hardware differs: cuda: NVIDIA A100 vs cuda: NVIDIA H100 "
                                                          "80GB HBM3")
+    del base.settings["hardware"]  # a baseline recorded before records named their hardware
+    (finding,) = compare([base], [head])
+    assert finding.why == "no hardware in base's record (recorded before records named it): re-make base"
 
 
 def test_only_current_records_are_judged():

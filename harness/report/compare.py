@@ -79,12 +79,21 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
             findings.append(Finding(b.cell, b.metric, None, None, "regression", why))
             continue
         if b.config_hash != h.config_hash:
-            hw = [r.settings.get("hardware") for r in (b, h)]
-            why = f"hardware differs: {hw[0]} vs {hw[1]}" if hw[0] != hw[1] else "settings differ (config hash)"
-            findings.append(Finding(b.cell, b.metric, None, None, "skipped", why))
+            findings.append(Finding(b.cell, b.metric, None, None, "skipped", _unlike(b, h)))
             continue
         findings += _judge(b, h, th)
     return findings
+
+
+def _unlike(b: Record, h: Record) -> str:
+    """Why two records of a cell with different config hashes are not compared."""
+    hw = {side: r.settings.get("hardware") for side, r in (("base", b), ("head", h))}
+    if hw["base"] == hw["head"]:
+        return "settings differ (config hash)"
+    if None in hw.values():
+        side = "base" if hw["base"] is None else "head"
+        return f"no hardware in {side}'s record (recorded before records named it): re-make {side}"
+    return f"hardware differs: {hw['base']} vs {hw['head']}"
 
 
 _NO_VALUE = (None, [], {})
