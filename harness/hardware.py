@@ -6,7 +6,8 @@ settings, measures them again instead of passing another machine's timings off a
     cpu: Intel(R) Xeon(R) CPU @ 2.20GHz, 2 thread(s) this machine's CPU and torch's intra-op threads
     slurm: partition gpu, 8 GPU(s) per node, ...     the allocation's request (its nodes are not known here)
 
-`describe` writes a recorded environment the same way: a cached model's meta names the machine that trained it.
+`describe` writes a recorded environment (one job's: its GPU, not the machine's count of them) the same way: a
+cached model's meta names the machine that trained it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from harness import artefacts, cache, hardware
+from harness import artefacts, cache, hardware, results
 from harness.errors import UserError
 from harness.plan import documents
 from harness.suite import load_suite
@@ -34,7 +34,7 @@ def test_finetune_is_reproducible_whatever_the_global_rng_state(tmp_path, monkey
         model, info = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0],
                                           documents(suite, "train"))
         built.append((model.state_dict(), info["train"]["loss_curve"]))
-        assert info["trained_on"] == hardware.this_machine()  # the builder, as the efficiency cells name it
+        assert info["trained_on"] == hardware.describe(results.environment())  # the builder: its CPU, or its GPU
     (a, curve_a), (b, curve_b) = built
     assert curve_a == curve_b
     adapters = [e["what"] for e in cache.entries() if e["kind"] == artefacts.ADAPTER]  # as `harness cache ls` shows
