@@ -133,9 +133,14 @@ class SubmititAttempt:
         return self._job.state not in ("PENDING", "UNKNOWN", "REQUEUED", "CONFIGURING")
 
     def kill(self) -> bool:
-        """Cancel the job (scancel); False, with a warning, where that failed: the job may still run."""
+        """Cancel the job (scancel); False, with a warning, where that failed: the job may still run. A local one
+        by killing its controller, whose task then ends its job (run_submitted): submitit's cancel interrupts the
+        controller, which prints a KeyboardInterrupt traceback on the runner's terminal."""
         try:
-            self._job.cancel(check=True)
+            if self.executor == "submitit-local":
+                os.kill(int(self.id), signal.SIGKILL)
+            else:
+                self._job.cancel(check=True)
             return True
         except Exception as e:  # noqa: BLE001 - scancel refused (permissions, Slurm down): say so, go on
             print(f"warning: could not cancel {self.executor} job {self.id} ({_sbatch_error(e)}); it may still be "

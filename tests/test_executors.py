@@ -319,3 +319,14 @@ def test_submitit_warnings_print_once():
 
     assert printed_by(logging.WARNING) == ["submitit_err"]
     assert printed_by(logging.INFO) == ["submitit_out"]
+
+
+def test_a_stalled_submitit_local_job_is_ended_without_a_traceback(suite_file, tmp_path, inject_fault, capfd):
+    """submitit's cancel interrupts its controller, which printed a KeyboardInterrupt traceback on the runner's
+    terminal; the controller is killed instead, and its task ends the job (run_submitted)."""
+    inject_fault("time.sleep(60)")
+    out = tmp_path / "out"
+    assert run_suite(suite_file, out, only="attention/full/*",
+                     run={"executor": "submitit-local", "timeout": 3}).failed == {"timeout": 1}
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
