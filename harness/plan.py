@@ -99,7 +99,10 @@ def evaluates(suite: Suite) -> bool:
 def _cell(cell: Cell, determined_by: dict) -> dict:
     """The cell as the job receives it: its fields, the hash of its settings, its code fingerprint, and the
     hardware it is measured on where that determines it (harness.hardware)."""
-    extra = {k: v for k, v in (("length", cell.length), ("task", cell.task)) if v is not None}
+    # a cell's eval_attention, not its metric's setting (full, finetune or both): switching full to both adds the
+    # finetune cells and keeps the full ones measured
+    ev = None if cell.eval_attention == "full" else cell.eval_attention
+    extra = {k: v for k, v in (("length", cell.length), ("task", cell.task), ("eval_attention", ev)) if v is not None}
     return {**cell.as_dict(), "hash": cache.fingerprint(determined_by, cell.metric, extra),
             "code": provenance.fingerprint(cell.metric),
             **({"hardware": determined_by["hardware"]} if "hardware" in determined_by else {})}

@@ -114,6 +114,27 @@ metrics:
                    "tiny-hybrid/seed0/pretrained/ruler/niah_single_1@512"]
 
 
+def test_switching_eval_attention_keeps_the_cells_it_had(tmp_path):
+    """From full to both, the full-attention cells stay done (the setting was in every cell's hash, so all were
+    measured again), and each cell keeps a hash of its own (RULER's samples file is named by it)."""
+    from harness.plan import plan
+
+    def hashes(ev):
+        s = load_suite(write(tmp_path, f"""name: x
+backends: [s2_attn]
+metrics:
+  perplexity: {{contexts: [64], eval_attention: {ev}}}
+  ruler: {{tasks: [niah_single_1], lengths: [512], eval_attention: {ev}}}
+  lm_eval: {{tasks: [lambada_openai], eval_attention: {ev}}}
+"""))
+        return {c["id"]: c["hash"] for j in plan(s, "data") for c in j.cells if c["metric"] != "train"}
+
+    full, both, finetune = hashes("full"), hashes("both"), hashes("finetune")
+    assert full.items() <= both.items() and len(both) == len(full) + 3
+    assert finetune.items() <= both.items()
+    assert len(set(both.values())) == len(both)
+
+
 def test_ruler_cells_know_their_essay_file_by_content(tmp_path, isolated_cache):
     from harness.plan import plan
 

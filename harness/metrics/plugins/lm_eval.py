@@ -51,7 +51,7 @@ class LmEval(Metric):
     def cells(self, config: LmEvalConfig, variant, plan):
         from harness.metrics.lm_eval import local_tasks_fingerprint
 
-        hashed = {"metric": config.model_dump(exclude={"tasks"}),
+        hashed = {"metric": config.model_dump(exclude={"tasks", "eval_attention"}),
                   "local_tasks": local_tasks_fingerprint(config.include_path)}
         return [(Cell(self.name, variant, task=t, eval_attention=ev), hashed)
                 for ev in eval_attentions(config, variant) for t in config.tasks]

@@ -55,7 +55,7 @@ class Perplexity(Metric):
     ranks = True
 
     def cells(self, config: PerplexityConfig, variant, plan):
-        hashed = {"metric": config.model_dump(exclude={"contexts"}), "data": plan.data_fingerprint}
+        hashed = {"metric": config.model_dump(exclude={"contexts", "eval_attention"}), "data": plan.data_fingerprint}
         return [(Cell(self.name, variant, c, eval_attention=ev), hashed)
                 for ev in eval_attentions(config, variant) for c in config.contexts]
 

@@ -96,7 +96,8 @@ class Ruler(Metric):
             _fits(task, max(config.lengths), tok, config.essay_file, config.qa_files.get(task), 1, variant.seed)
             plan.memo[checked] = True
         files = [f for f in (config.essay_file, *config.qa_files.values()) if f]  # by content, not path alone
-        hashed = {"metric": config.model_dump(exclude={"tasks", "lengths"}), "data": plan.data_fingerprint,
+        hashed = {"metric": config.model_dump(exclude={"tasks", "lengths", "eval_attention"}),
+                  "data": plan.data_fingerprint,
                   **({"files": [cache.remembered_sha256(f) for f in files]} if files else {})}
         return [(Cell(self.name, variant, n, t, ev), hashed)
                 for ev in eval_attentions(config, variant) for t in config.tasks for n in config.lengths]
