@@ -281,11 +281,12 @@ class Progress:
         self.jobs, self.cells, self._done = jobs, cells, [0, 0]
         self._start, self._lock = time.monotonic(), threading.Lock()
 
-    def job_done(self, name: str, cells: int) -> None:
+    def job_done(self, name: str, cells: int, failed: int) -> None:
         with self._lock:
             self._done = [self._done[0] + 1, self._done[1] + cells]
             print(f"[{self._done[0]}/{self.jobs} jobs, {self._done[1]}/{self.cells} cells, "
-                  f"{duration(time.monotonic() - self._start)}] {name} done", flush=True)
+                  f"{duration(time.monotonic() - self._start)}] {name} done"
+                  + (f": {failed} of {cells} cells failed" if failed else ""), flush=True)
 
 
 def duration(seconds: float) -> str:
@@ -302,8 +303,7 @@ def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], comm
     SIGTERM stops every job."""
     if len(slots) == 1:  # in this thread, so that KeyboardInterrupt reaches _supervise directly
         for job, cells in jobs:
-            _supervise(job, cells, slots[0], common, timeout, out, executor)
-            progress.job_done(job.name, len(cells))
+            progress.job_done(job.name, len(cells), _supervise(job, cells, slots[0], common, timeout, out, executor))
         return
     stop, free = threading.Event(), list(slots)
     lock = threading.Lock()
@@ -312,8 +312,7 @@ def _run_phase(jobs: list[tuple[Job, list[dict]]], slots: list[str | None], comm
         with lock:
             slot = free.pop(0)
         try:
-            _supervise(job, cells, slot, common, timeout, out, executor, stop)
-            progress.job_done(job.name, len(cells))
+            progress.job_done(job.name, len(cells), _supervise(job, cells, slot, common, timeout, out, executor, stop))
         finally:
             with lock:
                 free.append(slot)
@@ -354,8 +353,9 @@ def _signals_held():
 
 
 def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, timeout: float, out: Path,
-               executor: Executor, stop: threading.Event | None = None) -> None:
-    """Run `job` for `cells`, attempt after attempt, until every cell has a record (or `stop` is set)."""
+               executor: Executor, stop: threading.Event | None = None) -> int:
+    """Run `job` for `cells`, attempt after attempt, until every cell has a record (or `stop` is set); return how
+    many of them failed."""
     remaining = list(cells)
     path = out / results.RESULTS_FILE
     start = path.stat().st_size if path.is_file() else 0  # only records written from now on count
@@ -371,7 +371,7 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
                 time.sleep(attempt.poll_every)
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
-                count = len(_done_ids(path, start) & {c["id"] for c in remaining})
+                count = len(_recorded(path, start).keys() & {c["id"] for c in remaining})
                 if count != last_count or not attempt.started():  # time in a queue is not the job's
                     last_count, last_change = count, time.monotonic()
                 elif time.monotonic() - last_change > timeout:
@@ -386,7 +386,7 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
             message = refused.read_text()
             refused.unlink()
             raise UserError(f"job {job.name} could not start: {message}")
-        done = _done_ids(path, start)
+        done = _recorded(path, start)
         remaining = [c for c in remaining if c["id"] not in done]
         failed = bool(remaining) and (timed_out or attempt.poll() != 0)
         executor.ended(job.name, attempt, "TIMEOUT" if timed_out else "FAILED" if failed else "COMPLETED")
@@ -394,11 +394,14 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
             cell = remaining.pop(0)
             status, error = ("timeout", f"no record within {timeout:.0f} s") if timed_out else attempt.failure()
             results.append(out, results.cell_record(common["suite_name"], cell, status=status, error=error))
-            print(f"  {cell['id']}: {status} ({error})", flush=True)
+            print(f"\n  {cell['id']}: {status} ({error})", flush=True)  # the job may have left a progress bar open
         elif remaining:
             raise RuntimeError(f"job {job.name} exited cleanly without recording {remaining[0]['id']}")
+    recorded = _recorded(path, start)
+    return sum(recorded.get(c["id"]) != "ok" for c in cells)
 
 
-def _done_ids(path: Path, start: int) -> set[str]:
-    """Cell ids of the records appended to `path` after byte offset `start`."""
-    return {rec.get("cell") for _, rec in results.read_lines(path, start) if rec} if path.is_file() else set()
+def _recorded(path: Path, start: int) -> dict[str, str]:
+    """{cell id: status} of the records appended to `path` after byte offset `start`."""
+    return {rec.get("cell"): rec.get("status") for _, rec in results.read_lines(path, start) if rec} \
+        if path.is_file() else {}

@@ -76,12 +76,15 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys, monke
     assert {len(results.current(results.load(out)))} == {11}
 
 
-def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, inject_fault):
+def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, inject_fault, capsys):
     inject_fault("os._exit(3)")
     suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
     out = tmp_path / "out"
     outcome = run_suite(suite_file, out, only="attention/*")
     assert (outcome.cells, outcome.failed) == (4, {"error": 2})  # the CLI exits 1 and says so
+    shown = capsys.readouterr().out
+    progress = re.findall(r"^\[\d/2 jobs, \d/4 cells, \d+ s\] attention/(\w+)\S* done(.*)$", shown, re.M)
+    assert sorted(progress) == [("full", ": 2 of 2 cells failed"), ("se_attn", "")]
     recs = {r.cell: r for r in results.load(out)}
     assert recs["attention/full/efficiency@128"].status == "error"
     assert "exited with code 3" in recs["attention/full/efficiency@128"].error
