@@ -257,6 +257,8 @@ def test_the_position_limit_is_that_of_learned_absolute_positions(tmp_path, isol
     torch.manual_seed(0)
     {**HF, **ABSOLUTE}[arch]().save_pretrained(tmp_path / arch)  # OPT's table has 2 rows more than its positions
     assert position_limit(meta_model(resolve(Checkpoint(name=arch, path=str(tmp_path / arch), context=16)))) == limit
+    if limit:  # and their context, the "1x", is that many tokens unless the entry says otherwise
+        assert resolve(Checkpoint(name=arch, path=str(tmp_path / arch))).context == limit
 
 
 def test_lengths_beyond_learned_positions_stop_the_run_before_any_job(tmp_path, capsys, isolated, tokenizer_dir):

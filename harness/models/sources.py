@@ -115,7 +115,8 @@ def resolve(entry: Checkpoint) -> Resolved:
     directory, revision = _directory(entry.path, entry.revision, f"{where}.path")
     config = _config(directory, where)
     fmt = entry.format if entry.format != "auto" else ("hf" if "model_type" in config else "mamba_ssm")
-    context = entry.context or (config.get("max_position_embeddings") if fmt == "hf" else None)
+    context = entry.context or (config.get("max_position_embeddings") or config.get("n_positions")  # GPT-2's name
+                                if fmt == "hf" else None)
     if not context:
         why = "a mamba_ssm config.json does not say it" if fmt == "mamba_ssm" else f"its {CONFIG} does not say it"
         raise UserError(f"{where}: set `context:` (its pretraining context, the 1x of every length); {why}")
