@@ -9,6 +9,7 @@ again while an earlier submission of it is still queued or running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,7 +139,8 @@ class SubmititAttempt:
         controller, which prints a KeyboardInterrupt traceback on the runner's terminal."""
         try:
             if self.executor == "submitit-local":
-                os.kill(int(self.id), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # gone already
+                    os.kill(int(self.id), signal.SIGKILL)
             else:
                 self._job.cancel(check=True)
             return True
