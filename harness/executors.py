@@ -9,7 +9,6 @@ again while an earlier submission of it is still queued or running.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -139,7 +138,7 @@ class SubmititAttempt:
         controller, which prints a KeyboardInterrupt traceback on the runner's terminal."""
         try:
             if self.executor == "submitit-local":
-                with contextlib.suppress(ProcessLookupError):  # gone already
+                if not self._job.done():  # polls it: until reaped there, its pid is still this controller's
                     os.kill(int(self.id), signal.SIGKILL)
             else:
                 self._job.cancel(check=True)
