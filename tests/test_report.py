@@ -128,6 +128,45 @@ def test_many_series_keep_apart_by_colour_line_and_marker():
     assert len({c for c, _, _ in styles}) == 6 and len({ls for _, ls, _ in styles}) == 4
 
 
+def test_series_past_what_the_channels_tell_apart_get_looks_of_their_own():
+    """Two runs' methods (10 style groups for 4 line styles) drew `[abl] pretrained` and `[pg19] pretrained` alike;
+    fine-tune loss curves (lines only) could not use a marker."""
+    groups = [("pretrained", f"{run}/none", "") for run in ("abl", "pg19")] + [
+        (b, f"{run}/{m}", "") for run in ("abl", "pg19") for b in ("full", "sw", "s2", "se")
+        for m in ("lora", "lora_plus", "hylora", "full")]
+    assert len(set(looks(groups))) == len(groups) == 34
+    lines = looks([(b, m, "") for b in ("full", "sw", "s2", "se", "se-prev") for m in ("lora", "lora_plus", "hylora")],
+                  markers=False)
+    assert len(set(lines)) == 15 and {m for _, _, m in lines} == {""}
+
+
+def test_a_place_where_some_seeds_failed_says_so():
+    """The mean of the seeds that were measured was shown as if it were every seed's."""
+    from harness.report.lm_eval import lm_eval_section
+
+    recs = []
+    for seed, ppl in ((0, 30.0), (1, 32.0), (2, None)):
+        r = asdict(ppl_record("finetuned", "hylora", 2048, ppl, status="ok" if ppl else "oom", ft_ctx=8192,
+                              error=None if ppl else "CUDA out of memory"))
+        recs.append({**r, "cell": f"{r['cell']}-seed{seed}", "model": {**r["model"], "adapter": f"a{seed}"}})
+    sec, _ = _section(recs, "perplexity")
+    (fine,) = [c for _, col, c in _cells(sec) if col.startswith("2K") and c["text"] != "20,480"]
+    assert (fine["text"], fine["note"]) == ("31.00", "\u00b1 1.41 2 of 3 seeds (1 OOM)")
+    assert "partial" in fine["cls"] and "CUDA out of memory" in fine["title"]
+    ruler = [ruler_record("finetuned", "lora", "niah_single_1", 1024, acc, seed=seed) for seed, acc in ((0, 40.0),
+                                                                                                      (1, 60.0))]
+    ruler.append({**ruler_record("finetuned", "lora", "niah_single_1", 1024, None, seed=2), "status": "timeout",
+                  "values": {}})
+    sec, _ = _section(ruler, "ruler")
+    (acc,) = [c for row, _, c in _cells(sec) if row == "niah_single_1" and c["text"] == "50.0"]
+    assert acc["note"].endswith("2 of 3 seeds (1 TIMEOUT)")
+    lm = [asdict(Record(suite="s", cell=f"m/seed{seed}/lm_eval/arc_easy", metric="lm_eval", stage="pretrained",
+                        model={"preset": "tiny-hybrid"}, status=status, settings={"task": "arc_easy"},
+                        values={"acc": 0.5} if status == "ok" else {})) for seed, status in ((0, "ok"), (1, "error"))]
+    (arc,) = [c for _, col, c in _cells(lm_eval_section([Record.from_dict(r) for r in lm])) if c["text"] == "0.500"]
+    assert arc["note"] == "1 of 2 seeds (1 ERROR)"
+
+
 def test_perplexity_over_seeds_is_mean_and_sd():
     """Fine-tunes of three seeds: mean ± sd. One pretrained model for all seeds (pretrain.seed): its value, no
     spread, since the seeds did not change it."""
@@ -338,8 +377,9 @@ def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
 
 
 def test_training_section_pretrain_and_finetune():
+    # the pretrain record of a job that found the model cached: 0.2 s to load it, 2 s to train it
     pre = asdict(Record(suite="s", cell="tiny-hybrid/seed0/pretrain", metric="pretrain", stage="pretrained",
-                        model={"preset": "tiny-hybrid"}, kernel="full via sdpa", env=ENV,
+                        model={"preset": "tiny-hybrid"}, kernel="full via sdpa", env=ENV, seconds=0.2,
                         values={"loss_curve": [[1, 9.0], [2, 7.5], [3, 6.25]], "tokens": 3072, "seconds": 2.0,
                                 "peak_memory_gib": 0.5, "memory_kind": "process peak RSS", "tokens_per_s": 1536.0}))
     train = asdict(Record(suite="s", cell=f"tiny-hybrid/seed0/hylora/{SE}/train", metric="train", stage="finetuned",
@@ -347,7 +387,8 @@ def test_training_section_pretrain_and_finetune():
                           method="hylora", backend=SE, finetune_context=2048,
                           kernel="se_attn via sdpa", env=ENV, seconds=12.0,
                           values={"loss_curve": [[s, 5.0 - s / 100] for s in range(1, 51)], "tokens": 102400,
-                                  "seconds": 12.0, "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
+                                  "seconds": 12.0, "warmup_tokens": 2048, "warmup_seconds": 1.0,
+                                  "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
                                   "tokens_per_s": 8533.3, "trainable_params": 250_000, "total_params": 1_000_000,
                                   "trainable_by_group": {"lora": 200_000, "conv1d": 50_000}}))
     # the same fine-tune rerun with another recipe (another config hash) supersedes the first: one row, not two
@@ -359,12 +400,27 @@ def test_training_section_pretrain_and_finetune():
     tbl = next(b for b in sec["blocks"] if b["type"] == "table")
     p, t = tbl["rows"]
     assert [c["text"] for c in p[:6]] == ["pretraining: tiny-hybrid", "3", "6.250", "3.07K", "1,536", "0.50"]
-    assert p[5]["note"] == "process peak RSS" and p[6]["text"] == "all"
+    assert p[5]["note"] == "process peak RSS" and p[6]["text"] == "all" and p[8]["text"] == "2"  # its training's
     assert [c["text"] for c in t] == [f"finetuned: hylora / {SE} @ 2048", "50", "4.500", "102K", "8,533", "2.25",
                                       "250K", "se_attn via sdpa", "12"]
     assert t[5]["note"] == "cuda allocator peak" and t[6]["note"] == "25.00% of 1M"
-    assert t[4]["note"] == "cuda: NVIDIA H100 80GB HBM3" and p[4]["note"] == ""  # a record from before it was kept
+    assert t[4]["note"] == "cuda: NVIDIA H100 80GB HBM3"
+    assert p[4]["note"] == "whole run"  # a record from before trained_on and the warm-up split were kept
     assert t[6]["title"] == "lora 200K, conv1d 50K"
+
+
+def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean():
+    from harness.report.training import _mean_curve
+
+    recs = [asdict(Record(suite="s", cell=f"tiny-hybrid/seed{seed}/lora/full/train", metric="train",
+                          stage="finetuned", model={"preset": "tiny-hybrid"}, method="lora", backend="full",
+                          finetune_context=2048, env=ENV, values={"loss_curve": [[1, 4.0 + seed], [2, 3.0 + seed]],
+                                                                  "seconds": 5.0})) for seed in (0, 1)]
+    sec, _ = _section(recs, "training")
+    rows = next(b for b in sec["blocks"] if b["type"] == "table")["rows"]
+    assert [r[0]["text"] for r in rows] == [f"finetuned: lora / full @ 2048 · seed{i}" for i in (0, 1)]
+    assert next(b for b in sec["blocks"] if b["type"] == "figure")["caption"].endswith("(the mean over its seeds).")
+    assert _mean_curve([[[1, 4.0], [2, 3.0]], [[1, 5.0], [2, 4.0], [3, 1.0]]]) == [(1, 4.5), (2, 3.5)]
 
 
 def eff_record(backend, n, t, status="ok", mem=None, run=None, gpu=None, ideal=None):
@@ -481,6 +537,20 @@ def test_comparison_of_runs_and_single_run_unchanged():
     assert [s["id"] for s in single["sections"]] == [s["id"] for s in plain["sections"]]
     assert "comparison" not in [s["id"] for s in single["sections"]]
     assert single["sections"] == plain["sections"]
+
+
+def test_comparison_plot_tells_apart_more_variants_than_colours(monkeypatch):
+    """Past ten variants the colours cycled and nothing else told the variants of one run apart."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(runs.plots, "perplexity_vs_context", lambda series, *a, **k: drawn.extend(series) or "")
+    recs = [dict(asdict(ppl_record("finetuned", f"m{i}", 2048, 30.0 + i, ft_ctx=4096)), cell=f"ppl-{i}", run=run)
+            for i in range(12) for run in ("a", "b")]
+    runs.comparison_section(normalise(recs, ["a", "b"])[0])
+    looks = [(s.color, s.marker, s.linestyle) for s in drawn]
+    assert len(drawn) == 24 and len(set(looks)) == 24 and len({lk[:2] for lk in looks}) == 12
 
 
 def test_ruler_comparison_uses_mcnemar():

@@ -22,7 +22,7 @@ normalisation makes changed copies and never changes the caller's records.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -188,11 +188,11 @@ class Pivot:
                  order: Callable[[Any], Any] | None = variant_sort):
         self._value = value
         good: dict[Any, dict[Any, list[Record]]] = defaultdict(lambda: defaultdict(list))
-        failed: dict[Any, dict[Any, Record]] = defaultdict(dict)
+        failed: dict[Any, dict[Any, list[Record]]] = defaultdict(lambda: defaultdict(list))
         for r in recs:
             k, c = row(r), column(r)
             if not ok(r):
-                failed[k][c] = r
+                failed[k][c].append(r)
             elif number(value(r)):
                 good[k][c].append(r)
         self.good = {k: dict(by) for k, by in good.items()}
@@ -211,7 +211,10 @@ class Pivot:
         return sum(vals) / len(vals) if vals else None
 
     def failure(self, k: Any, c: Any) -> Record | None:
-        return self.failed.get(k, {}).get(c)
+        return next(iter(self.failed.get(k, {}).get(c, [])), None)
+
+    def shortfall(self, k: Any, c: Any) -> str:
+        return shortfall(len(self.records(k, c)), self.failed.get(k, {}).get(c, []))
 
     def measured(self, k: Any) -> list[Any]:
         """The columns of row ``k`` with a value, in order."""
@@ -219,15 +222,16 @@ class Pivot:
 
     def failures(self, k: Any) -> list[tuple[Any, str]]:
         """(column, status) of row ``k``'s failures where it has no value: the ✕ marks of a plot."""
-        return [(c, r.status) for c, r in sorted(self.failed.get(k, {}).items())
+        return [(c, rs[0].status) for c, rs in sorted(self.failed.get(k, {}).items())
                 if c not in self.good.get(k, {})]
 
     def cell(self, k: Any, c: Any, show: Callable[[Any, Any], dict]) -> dict:
-        """``show(k, c)`` where there are values, else the failure's status, else a dash."""
+        """``show(k, c)`` where there are values (with the seeds that failed under it), else the failure's
+        status, else a dash."""
         if self.records(k, c):
-            return show(k, c)
-        if c in self.failed.get(k, {}):
-            return fail_cell(self.failed[k][c])
+            return partial(show(k, c), self.shortfall(k, c), self.failed.get(k, {}).get(c, []))
+        if fail := self.failure(k, c):
+            return fail_cell(fail)
         return cell("–", cls="missing")
 
 
@@ -284,6 +288,26 @@ def callouts(items: list[str]) -> Block:
 
 def fail_cell(r: Record) -> dict:
     return cell(r.status.upper(), cls="fail", title=r.error or "")
+
+
+def shortfall(measured: int, fails: list[Record]) -> str:
+    """Where some seeds of a place failed and `measured` others did not, e.g. "2 of 3 seeds (1 OOM)": the value
+    shown is the mean of fewer seeds than the rest of the table's; else ""."""
+    if not (fails and measured):
+        return ""
+    kinds = Counter(r.status.upper() for r in fails)
+    return f"{measured} of {measured + len(fails)} seeds ({', '.join(f'{n} {s}' for s, n in kinds.items())})"
+
+
+def partial(shown: dict, shortfall: str, fails: list[Record]) -> dict:
+    """A value cell of a place where some seeds failed (`Pivot.shortfall`): the shortfall under the value, marked
+    as a failure, with the errors on hover."""
+    if not shortfall:
+        return shown
+    errors = "; ".join(f"{r.cell}: {r.error}" for r in fails if r.error)
+    return {**shown, "note": " ".join(filter(None, [shown.get("note"), shortfall])),
+            "cls": " ".join(filter(None, [shown.get("cls"), "partial"])),
+            "title": "; ".join(filter(None, [shown.get("title"), errors]))}
 
 
 def isnan(x: Any) -> bool:

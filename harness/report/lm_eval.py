@@ -21,6 +21,8 @@ from harness.report.common import (
     number,
     ok,
     paragraph,
+    partial,
+    shortfall,
     table,
     variant_key,
     variant_names,
@@ -40,14 +42,14 @@ def lm_eval_section(records: list[Record]) -> Section | None:
         return None
     label = labeller(records)
     good: dict[tuple[VariantKey, str], list[dict]] = defaultdict(list)  # values per (variant, task or subtask row)
-    failed: dict[tuple[VariantKey, str], dict] = {}
+    failed: dict[tuple[VariantKey, str], list[Record]] = defaultdict(list)
     subtasks: dict[str, dict[str, None]] = defaultdict(dict)  # a group's subtasks, in order
     notes: dict[str, set[str]] = defaultdict(set)
     better: dict[str, bool] = {}
     for r in recs:
         k, task, values = variant_key(r), str(r.settings["task"]), r.values
         if not ok(r):
-            failed[(k, task)] = r
+            failed[(k, task)].append(r)
             continue
         good[(k, task)].append(values)
         for sub, sub_values in (values.get("subtasks") or {}).items():
@@ -67,7 +69,7 @@ def lm_eval_section(records: list[Record]) -> Section | None:
                 arrow = {True: " \u2191", False: " \u2193"}.get(better.get(m.split("/")[0]), "")
                 row = [cell(row_label if i == 0 else "", cls="label mono", note=note if i == 0 else ""),
                        cell(f"{m}{arrow}", cls="mono")]
-                rows.append(row + [_value(good.get((k, row_label), []), m, failed.get((k, task))) for k in keys])
+                rows.append(row + [_value(good.get((k, row_label), []), m, failed.get((k, task), [])) for k in keys])
     blocks: list[Block] = [paragraph(
         "lm-eval (EleutherAI lm-evaluation-harness) tasks, through its HFLM wrapper: each metric with its "
         "standard error (\u00b1) as lm-eval computes it. \u2191 / \u2193: higher / lower is better. Under each task: "
@@ -76,11 +78,13 @@ def lm_eval_section(records: list[Record]) -> Section | None:
     return {"id": "lm-eval", "title": "lm-eval", "blocks": blocks}
 
 
-def _value(found: list[dict], metric: str, fails: Record | None) -> dict:
+def _value(found: list[dict], metric: str, fails: list[Record]) -> dict:
     vals = [v[metric] for v in found if number(v.get(metric))]
     if not vals:
-        return fail_cell(fails) if fails else cell("\u2013", cls="missing")
+        return fail_cell(fails[0]) if fails else cell("\u2013", cls="missing")
     if len(vals) > 1:
-        return cell(fmt_float(sum(vals) / len(vals), 3), title=f"mean of {len(vals)} records")
-    se = found[0].get(f"{metric}_stderr")
-    return cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))
+        shown = cell(fmt_float(sum(vals) / len(vals), 3), title=f"mean of {len(vals)} records")
+    else:
+        se = found[0].get(f"{metric}_stderr")
+        shown = cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))
+    return partial(shown, shortfall(len(found), fails), fails)

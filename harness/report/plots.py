@@ -61,20 +61,37 @@ class VLine:
 
 
 LINESTYLES = ["-", "--", ":", "-."]
-MARKERS = ["o", "^", "s", "D"]
+MARKERS = ["o", "^", "s", "D", "v", "P", "X", "*"]
 
 
-def looks(groups: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+def looks(groups: Sequence[tuple[str, str, str]], markers: bool = True) -> list[tuple[str, str, str]]:
     """(colour, line style, marker) per series, from what each is: (colour group, style group, marker group),
     say (backend, method, evaluation attention). Up to the palette's 10, each series gets a colour of its own;
     past that, colours would repeat, so each channel shows one group instead (the ablation's 28 variants: a
     colour per backend, a line style per method, a marker per evaluation attention). Groups beyond a channel's
-    values cycle."""
+    values cycle, and a series that would then look like an earlier one takes another marker, else another line
+    style (`distinct`). Without `markers` (lines only) the marker is "" and only the line style moves."""
     if len(groups) <= len(PALETTE):
-        return [(color(i), "-", "o") for i in range(len(groups))]
+        return [(color(i), "-", "o" if markers else "") for i in range(len(groups))]
     channels = [list(dict.fromkeys(g[i] for g in groups)) for i in range(3)]
-    return [(color(channels[0].index(a)), LINESTYLES[channels[1].index(b) % len(LINESTYLES)],
-             MARKERS[channels[2].index(c) % len(MARKERS)]) for a, b, c in groups]
+    return distinct([(color(channels[0].index(a)), LINESTYLES[channels[1].index(b) % len(LINESTYLES)],
+                      MARKERS[channels[2].index(c) % len(MARKERS)] if markers else "") for a, b, c in groups])
+
+
+def distinct(wanted: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(colour, line style, marker) looks, each that repeats an earlier one moved to the first look of its colour
+    not yet taken: its line style with another marker, then another line style (markers only where it has one).
+    Where every look of a colour is taken, the repeat stays."""
+    taken: set[tuple[str, str, str]] = set()
+    out = []
+    for colour, style, marker in wanted:
+        styles = [style] + [x for x in LINESTYLES if x != style]
+        marks = [marker] + [x for x in MARKERS if x != marker] if marker else [""]
+        look = next((o for o in ((colour, s, m) for s in styles for m in marks) if o not in taken),
+                    (colour, style, marker))
+        taken.add(look)
+        out.append(look)
+    return out
 
 
 PRETRAIN_COLOR = "#444444"
@@ -176,14 +193,17 @@ def _readable_log_ticks(ax, lo: float, hi: float) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, title: str = "") -> str:
-    """Training loss against step, one line per (label, [[step, loss], ...])."""
+def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, title: str = "",
+                styles: Sequence[tuple[str, str, str]] | None = None) -> str:
+    """Training loss against step, one line per (label, [[step, loss], ...]); `styles`: a (colour, line style,
+    marker) per curve (`looks`), else a colour each."""
     fig = Figure(figsize=(8.2, 4.0))
     ax = fig.add_subplot()
     for i, (label, pts) in enumerate(curves):
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5, color=color(i), label=label)
+        colour, style, _ = styles[i] if styles else (color(i), "-", "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5, color=colour, linestyle=style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(True, alpha=0.3)

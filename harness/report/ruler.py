@@ -40,6 +40,7 @@ from harness.report.common import (
     labeller,
     length_column,
     paragraph,
+    partial,
     table,
     variant_names,
 )
@@ -205,8 +206,11 @@ def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: Record |
         notes.append({1: "\u25b2", -1: "\u25bc", 0: ""}[d.sign])
     if gated:
         notes.append(UNINFORMATIVE)
-    return cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=" ".join(filter(None, notes)),
-                title=title)
+    shown = cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=" ".join(filter(None, notes)),
+                 title=title)
+    short = [s for c in columns if (s := tab.shortfall(k, c))]
+    fails = [r for c in columns for r in tab.failed.get(k, {}).get(c, [])]
+    return partial(shown, (short[0] if len(columns) == 1 else "some seeds failed") if short else "", fails)
 
 
 def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:

@@ -24,6 +24,7 @@ from harness.report.common import (
     fmt_float,
     heading,
     labeller,
+    model_name,
     ok,
     paragraph,
     table,
@@ -44,10 +45,10 @@ def comparison_section(records: list[Record]) -> Section | None:
     names = [n for _, n in runs]
     blocks: list[Block] = [paragraph(
         f"{len(names)} runs: " + ", ".join(names) + f". Differences are to the base run, {names[0]}. In the plots "
-        "the colour is the variant and the line style the run (" + ", ".join(
+        "the colour (with the marker, past ten variants) is the variant and the line style the run (" + ", ".join(
             f"{n}: {_style_name(plots.LINESTYLES[i % len(plots.LINESTYLES)])}" for i, n in enumerate(names)) + ").")]
     th = Thresholds()
-    show_model = len({variant_key(r).model for r in records}) > 1
+    show_model = len({m for r in records if (m := model_name(r))}) > 1  # efficiency records name none
     for metric, title in (("perplexity", "Perplexity"), ("ruler", "RULER")):
         recs = [r for r in records if r.metric == metric and r.eval_context]
         if not recs:
@@ -71,11 +72,14 @@ def _base_variant(k: VariantKey) -> VariantKey:
 def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
     field = "perplexity" if metric == "perplexity" else "accuracy"
     pv = Pivot(recs, lambda r: r.values.get(field))
-    colours = {b: plots.color(i) for i, b in enumerate(dict.fromkeys(_base_variant(k) for k in pv.rows))}
+    # a variant's colour, and past the palette's ten a marker of its own too: (colour, marker) tell them apart
+    variants = list(dict.fromkeys(_base_variant(k) for k in pv.rows))
+    looks = {b: (plots.color(i), plots.MARKERS[i // len(plots.PALETTE) % len(plots.MARKERS)])
+             for i, b in enumerate(variants)}
     series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
                            y=[pv.mean(k, n) for n in pv.measured(k)],
                            failed=pv.failures(k) if metric == "perplexity" else [],
-                           color=colours[_base_variant(k)],
+                           color=looks[_base_variant(k)][0], marker=looks[_base_variant(k)][1],
                            linestyle=plots.LINESTYLES[k.run_index % len(plots.LINESTYLES)]) for k in pv.rows]
     if metric == "perplexity":
         src = plots.perplexity_vs_context(series)

@@ -9,6 +9,8 @@ seconds, peak_memory_gib, memory_kind, tokens_per_s) and ``MethodSummary.values`
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from harness.report import plots
 from harness.report.common import (
     Block,
@@ -51,16 +53,25 @@ def training_section(records: list[Record]) -> Section | None:
                            "caption": "Pretraining loss per optimisation step (the base model of every variant)."})
         rows += [_row(names[id(r)], r) for r in pre]
     if train:
-        curves = [(label(r), r.values.get("loss_curve") or []) for r in train]
+        seeded = len({_seed(r) for r in train}) > 1
+        by_variant: dict = defaultdict(list)
+        for r in train:
+            by_variant[variant_key(r)].append(r)
+        curves = [(label(rs[0]), _mean_curve([r.values.get("loss_curve") or [] for r in rs]))
+                  for rs in by_variant.values()]
         if any(pts for _, pts in curves):
+            styles = plots.looks([(k.backend, k.method, "") for k in by_variant], markers=False)
             blocks.append({"type": "figure", "alt": "fine-tuning loss curves",
-                           "src": plots.loss_curves(curves, title="Fine-tuning"),
-                           "caption": "Fine-tuning loss per optimisation step, one line per variant."})
-        rows += [_row(label(r), r) for r in train]
+                           "src": plots.loss_curves(curves, title="Fine-tuning", styles=styles),
+                           "caption": "Fine-tuning loss per optimisation step, one line per variant"
+                                      + (" (the mean over its seeds)." if seeded else ".")})
+        rows += [_row(label(r) + (f" · {_seed(r)}" if seeded else ""), r) for r in train]
     blocks.append(heading("Training runs"))
     blocks.append(paragraph(
-        "Steps and final loss from the loss curve; tokens/s over the whole run, with the machine that trained "
-        "the model under it (a cached model's numbers are its builder's, whichever job recorded them); peak "
+        "Steps and final loss from the loss curve; tokens/s after the first step of the run (which compiles and "
+        "warms up; over the whole run where a record has no warm-up split, as noted), with the machine that "
+        "trained the model under it (a cached model's numbers are its builder's, whichever job recorded them); "
+        "wall time of the training steps; peak "
         "memory as the run measured it (the kind is written under the number: CUDA allocator peak on GPU, "
         "process peak RSS on CPU, which are not comparable); trainable parameters with their share of the "
         "model."))
@@ -69,11 +80,23 @@ def training_section(records: list[Record]) -> Section | None:
 
 
 def _pretrain_label(r: Record, pre: list[Record]) -> str:
-    seed = r.settings.get("seed")
-    parts = str(r.cell or "").split("/")
-    seed_part = next((p for p in parts if p.startswith("seed")), f"seed{seed}" if seed is not None else "")
+    seed_part = _seed(r)
     name = f"pretraining: {model_name(r) or 'model'}" + (f" ({seed_part})" if seed_part and len(pre) > 1 else "")
     return f"[{r.run}] {name}" if r.run else name
+
+
+def _seed(r: Record) -> str:
+    """"seed0": the seed part of the record's cell id, else of its settings; "" where neither says."""
+    seed = r.settings.get("seed")
+    return next((p for p in str(r.cell or "").split("/") if p.startswith("seed")),
+                f"seed{seed}" if seed is not None else "")
+
+
+def _mean_curve(curves: list[list]) -> list[tuple[int, float]]:
+    """The mean loss per step over curves (seeds), at the steps every curve has."""
+    steps = set.intersection(*({int(s) for s, _ in c} for c in curves)) if curves else set()
+    losses = [dict((int(s), float(v)) for s, v in c) for c in curves]
+    return [(s, sum(c[s] for c in losses) / len(losses)) for s in sorted(steps)]
 
 
 def _row(name: str, r: Record) -> list[dict]:
@@ -88,9 +111,11 @@ def _row(name: str, r: Record) -> list[dict]:
     kernels = str(r.kernel or "")
     return [
         cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
-        cell(fmt_float(v.get("tokens_per_s"), 0), note=str(r.model.get("trained_on") or "")),
+        cell(fmt_float(v.get("tokens_per_s"), 0),
+             note=" · ".join(filter(None, [str(r.model.get("trained_on") or ""),
+                                           "whole run" if "warmup_seconds" not in v else ""]))),
         cell(fmt_float(v.get("peak_memory_gib"), 2), note=str(v.get("memory_kind") or "")),
         cell(fmt_count(trainable) if trainable is not None else "all" if r.metric == "pretrain" else "–",
              note=share, title=group_text),
-        cell(kernels or "–", cls="mono small left"), cell(fmt_float(r.seconds or v.get("seconds"), 0)),
+        cell(kernels or "–", cls="mono small left"), cell(fmt_float(v.get("seconds", r.seconds), 0)),
     ]
