@@ -140,7 +140,7 @@ def test_series_past_what_the_channels_tell_apart_get_looks_of_their_own():
     assert len(set(lines)) == 15 and {m for _, _, m in lines} == {""}
 
 
-def test_a_place_where_some_seeds_failed_says_so():
+def test_a_place_where_some_seeds_failed_says_so(monkeypatch):
     """The mean of the seeds that were measured was shown as if it were every seed's."""
     from harness.report.lm_eval import lm_eval_section
 
@@ -157,9 +157,14 @@ def test_a_place_where_some_seeds_failed_says_so():
                                                                                                       (1, 60.0))]
     ruler.append({**ruler_record("finetuned", "lora", "niah_single_1", 1024, None, seed=2), "status": "timeout",
                   "values": {}})
+    from harness.report import ruler as ruler_report
+
+    heatmaps = []
+    monkeypatch.setattr(ruler_report.plots, "accuracy_heatmap", lambda *a, **k: heatmaps.append(k) or "")
     sec, _ = _section(ruler, "ruler")
     (acc,) = [c for row, _, c in _cells(sec) if row == "niah_single_1" and c["text"] == "50.0"]
     assert acc["note"].endswith("2 of 3 seeds (1 TIMEOUT)")
+    assert [k["partial"] for k in heatmaps] == [[[True]]]  # its heatmap marks it too
     lm = [asdict(Record(suite="s", cell=f"m/seed{seed}/lm_eval/arc_easy", metric="lm_eval", stage="pretrained",
                         model={"preset": "tiny-hybrid"}, status=status, settings={"task": "arc_easy"},
                         values={"acc": 0.5} if status == "ok" else {})) for seed, status in ((0, "ok"), (1, "error"))]

@@ -215,11 +215,12 @@ def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, titl
 
 def accuracy_heatmap(rows: Sequence[str], cols: Sequence[int], values: Sequence[Sequence[float | None]], *,
                      texts: Sequence[Sequence[str]] | None = None, hatched: Sequence[Sequence[bool]] = (),
-                     title: str = "") -> str:
+                     partial: Sequence[Sequence[bool]] = (), title: str = "") -> str:
     """Accuracy (%) of tasks (rows) x lengths (columns) on a fixed 0-100 colour scale, every cell annotated.
 
     ``None`` values are drawn grey with ``texts[i][j]`` (e.g. "OOM", "–"); ``hatched`` cells
-    get a diagonal hatch (used for "uninformative: base model at chance").
+    get a diagonal hatch (used for "uninformative: base model at chance"); a ``partial`` value (the mean of the
+    seeds that did not fail) is annotated with a "*".
     """
     import numpy as np
 
@@ -237,7 +238,7 @@ def accuracy_heatmap(rows: Sequence[str], cols: Sequence[int], values: Sequence[
                 if text in ("–", ""):
                     fg = "#5f6b76"
             else:
-                text = f"{v:.0f}" if v in (0, 100) else f"{v:.1f}"
+                text = (f"{v:.0f}" if v in (0, 100) else f"{v:.1f}") + ("*" if partial and partial[i][j] else "")
                 r, g, b, _ = cmap(v / 100)
                 fg = "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#ffffff"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=fg)

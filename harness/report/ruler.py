@@ -158,11 +158,14 @@ def ruler_section(records: list[Record]) -> Section | None:
         texts = [[f.status.upper() if (f := tab.failure(k, (t, n))) else "–"
                   for n in tab.lengths] for t in tab.tasks]
         hatched = [[tab.uninformative(k, t, n) for n in tab.lengths] for t in tab.tasks]
-        items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched),
+        partial = [[bool(tab.shortfall(k, (t, n))) for n in tab.lengths] for t in tab.tasks]
+        items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched,
+                                                    partial=partial),
                       "alt": f"RULER accuracy heatmap: {names[k]}", "caption": names[k]})
     blocks.append({"type": "figures", "items": items,
                    "caption": "Colour scale fixed at 0–100%. Grey: no value (status written in red when the "
-                              "cell failed). Hatched: uninformative (base model at chance)."})
+                              "cell failed). Hatched: uninformative (base model at chance). *: some seeds "
+                              "failed; the mean of the others (the tables say which)."})
 
     blocks.append(heading("Paper groups"))
     blocks.extend(_groups_table(tab, names))
