@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -27,20 +26,19 @@ import harness.attention as attention_module
 from harness import cache, provenance
 from harness.attention import register
 from harness.attention.hf import uses_attention_interface
-from harness.data import default_corpus, default_tokenizer, encode_corpus, random_windows
+from harness.data import default_corpus, default_tokenizer
 from harness.data.long_recall import SpreadRecallDocuments, mixed_batches
-from harness.data.recall import RecallDocuments, recall_batches
 from harness.data.sources import Documents
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.data.tokens import token_stream
 from harness.errors import UserError
 from harness.finetune.distributed import SINGLE, World, full_state, wrap
-from harness.finetune.loop import TrainConfig, TrainLog, checkpoint_activations, missing_cpu_compiler, train
+from harness.finetune.loop import TrainConfig, checkpoint_activations
 from harness.finetune.methods import apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM, preset_config
-from harness.models.induction import induction_init
 from harness.models.sources import Checkpoint, check_vocabulary, label, load_model, load_tokenizer, resolve
-from harness.suite import Backend, Suite, recall_shares
+from harness.pretraining import pretrain, train_into_cache, windows
+from harness.suite import Backend, Suite
 
 PRETRAINED, ADAPTER = "pretrained", "adapter"
 
@@ -128,24 +126,10 @@ def _built_on() -> str:
 
 
 def _pretrain(suite: Suite, info: dict, config: HybridConfig, cfg: TrainConfig) -> None:
-    """Pretrain a preset by the suite's recipe and write it into the cache under `info["hash"]`."""
-    key, p, corpus, tok = info["hash"], suite.pretrain, default_corpus(), default_tokenizer()
-    if p.compile and device().type == "cpu" and (cxx := missing_cpu_compiler()):
-        raise UserError(f"pretrain.compile: torch.compile on CPU needs a C++ compiler and {cxx!r} is not on PATH; "
-                        "install g++ (or set $CXX), or set `compile: false` in the suite's pretrain block")
-    torch.manual_seed(cfg.seed)
-    model = HybridForCausalLM(config)
-    if p.induction_init is not None:
-        induction_init(model, p.induction_init)
-    model.to(device())
-    tokens = encode_corpus(tok, corpus, "train")
-    if max(recall_shares(p.recall)) > 0:
-        text = "\n".join(d.text for d in corpus.split("train"))
-        documents = RecallDocuments(tok, text, answer_weight=p.answer_weight)
-        batches = recall_batches(tokens, documents, p.recall, cfg.context, cfg.batch_size)
-    else:
-        batches = _windows(tokens, cfg)
-    log = _train(model, cfg, batches, PRETRAINED, key, f"pretrain {info['preset']} @ {cfg.context}")
+    """Pretrain a preset by the suite's recipe (harness.pretraining) and write it into the cache under
+    `info["hash"]`."""
+    key = info["hash"]
+    model, log = pretrain(suite, config, cfg, PRETRAINED, key, f"pretrain {info['preset']} @ {cfg.context}", device())
     with cache.build(PRETRAINED, key, {**info, "trained_on": _built_on(), "train": log.values()}) as d:
         model.save_pretrained(d)
 
@@ -202,8 +186,8 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
     with attention_module.recording() as kernels:
         tokens = token_stream(tokenizer(model), data)
         batches = world.shard(_finetune_batches(suite, model, tokens, data, cfg))
-        log = _train(wrap(trained, world), cfg, batches, ADAPTER, key,
-                     f"fine-tune {method}/{backend.label} @ {cfg.context}", world)
+        log = train_into_cache(wrap(trained, world), cfg, batches, ADAPTER, key,
+                               f"fine-tune {method}/{backend.label} @ {cfg.context}", world)
     state = full_state(trained)  # every rank takes part; rank 0 gets it
     if world.main:
         meta = {"what": f"{label(model)} seed {seed}: {method}/{backend.label} @ {cfg.context}",  # `harness cache ls`
@@ -228,27 +212,12 @@ def _finetune_batches(suite: Suite, model: str | Checkpoint, tokens, data: Docum
     """Book windows, with the `finetune.recall` share of rows spread recall documents over the same text."""
     f = suite.finetune
     if not f.recall:
-        return _windows(tokens, cfg)
+        return windows(tokens, cfg)
     documents = SpreadRecallDocuments(tokenizer(model), data.text(RECALL_TEXT_CHARS), answer_weight=f.answer_weight)
     return mixed_batches(tokens, documents, f.recall, cfg.context, cfg.batch_size)
 
 
 RECALL_TEXT_CHARS = 4_000_000  # the text recall documents take their words and filler sentences from
-
-
-def _windows(tokens, cfg: TrainConfig):
-    return lambda g, step: random_windows(tokens, cfg.context, cfg.batch_size, g)
-
-
-def _train(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str,
-           world: World = SINGLE) -> TrainLog:
-    workdir = cache.cache_root() / kind / f".work-{key}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = train(model, batches, cfg, workdir=workdir, desc=desc, world=world)
-    world.barrier()
-    if world.main:
-        shutil.rmtree(workdir)
-    return log
 
 
 def use_attention(model: torch.nn.Module, backend: Backend | None, eval_attention: str) -> str:

@@ -21,10 +21,12 @@ _ROOT = Path(__file__).parent
 # Modules inside the packages below that determine no artefact: loading checkpoints, timing a layer.
 _NOT_BUILDING = ("harness.models.checkpoint", "harness.models.sources", "harness.attention.bench")
 
-PRETRAINED = ("harness.models", "harness.finetune.loop", "harness.data.recall", "harness.data.tokens",
-              "harness.data.sources")
-ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.data.tokens", "harness.data.sources",
-           "harness.data.long_recall")
+# harness.pretraining holds the code that pretrains (seed, init, batches) and runs the loop into the cache, so that
+# harness.artefacts, which only says what to build, can change without pretraining again.
+PRETRAINED = ("harness.models", "harness.pretraining", "harness.finetune.loop", "harness.data.recall",
+              "harness.data.tokens", "harness.data.sources")
+ADAPTER = ("harness.finetune", "harness.attention", "harness.artefacts", "harness.pretraining", "harness.data.tokens",
+           "harness.data.sources", "harness.data.long_recall")
 # The embedded corpus and the tokenizer trained on it: a pretrained model's key holds their content fingerprints,
 # which a record cannot, so their code is in the records' fingerprints.
 _DATA = ("harness.data.tokenizer", "harness.data.embedded", "harness.data.corpus")

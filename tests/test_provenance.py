@@ -64,6 +64,14 @@ def test_cache_keys_skip_code_that_builds_nothing(tmp_path, monkeypatch):
     with open(tree / "data" / "tokens.py", "a") as f:
         f.write("\n# an edit\n")
     assert keys()[0] != before[0]
+    now = keys()
+    with open(tree / "pretraining.py", "a") as f:  # how a preset is pretrained: seed, init, batches
+        f.write("\n# an edit\n")
+    assert keys()[0] != now[0] and keys()[1] != now[1]
+    now = keys()
+    with open(tree / "artefacts.py", "a") as f:  # what to build, and the fine-tune: adapters only
+        f.write("\n# an edit\n")
+    assert keys()[0] == now[0] and keys()[1] != now[1]
 
 
 def test_code_names_version_commit_and_fingerprint():
