@@ -4,7 +4,7 @@ Source: Nunez, Zancato, Bowman, Golatkar, Xia, Soatto, "Expansion Span: Combinin
 and Retrieval in Hybrid State Space Models", NeuS 2025 (PMLR 288): Table 1 (PG-19 validation
 perplexity), Figure 2 (RULER average accuracy over the eleven tasks; 2a attention variants,
 2b LoRA variants), the SE-Attn ablations of Section 4.3, and the attention-layer runtime;
-transcribed in ``docs/METHODS.md`` ("Headline numbers to compare against"). Setting:
+transcribed in the team's ``../shared/docs/METHODS.md`` ("Headline numbers to compare against"). Setting:
 Mamba-2-Hybrid 2.7B (``mamba2attn-2.7b``) pretrained at 2048, fine-tuned with HyLoRA at 8192
 (1000 steps, 8 x 8192 tokens per step), evaluated with full attention; runtime of one attention
 layer, forward + backward, at 32K tokens on an A100.
@@ -37,7 +37,7 @@ from harness.results import Record
 
 SOURCE = ("Nunez et al., \u201cExpansion Span: Combining Fading Memory and Retrieval in Hybrid State Space "
           "Models\u201d, NeuS 2025 (PMLR 288): Table 1, Figure 2, Section 4.3 ablations and the attention runtime "
-          "comparison; as transcribed in docs/METHODS.md.")
+          "comparison, as the paper prints them (transcribed into harness/report/paper.py).")
 PAPER_MODEL = "mamba2attn-2.7b"
 PAPER_FINETUNE_CONTEXT = 8192
 NOT_COMPARABLE = "not comparable: different model and scale"
