@@ -210,11 +210,15 @@ class Pivot:
         vals = self.values(k, c)
         return sum(vals) / len(vals) if vals else None
 
+    def fails(self, k: Any, c: Any) -> list[Record]:
+        """The failed records (seeds) of a place."""
+        return self.failed.get(k, {}).get(c, [])
+
     def failure(self, k: Any, c: Any) -> Record | None:
-        return next(iter(self.failed.get(k, {}).get(c, [])), None)
+        return next(iter(self.fails(k, c)), None)
 
     def shortfall(self, k: Any, c: Any) -> str:
-        return shortfall(len(self.records(k, c)), self.failed.get(k, {}).get(c, []))
+        return shortfall(len(self.records(k, c)), self.fails(k, c))
 
     def measured(self, k: Any) -> list[Any]:
         """The columns of row ``k`` with a value, in order."""
@@ -229,7 +233,7 @@ class Pivot:
         """``show(k, c)`` where there are values (with the seeds that failed under it), else the failure's
         status, else a dash."""
         if self.records(k, c):
-            return partial(show(k, c), self.shortfall(k, c), self.failed.get(k, {}).get(c, []))
+            return partial(show(k, c), self.shortfall(k, c), self.fails(k, c))
         if fail := self.failure(k, c):
             return fail_cell(fail)
         return cell("–", cls="missing")

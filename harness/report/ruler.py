@@ -158,9 +158,9 @@ def ruler_section(records: list[Record]) -> Section | None:
         texts = [[f.status.upper() if (f := tab.failure(k, (t, n))) else "–"
                   for n in tab.lengths] for t in tab.tasks]
         hatched = [[tab.uninformative(k, t, n) for n in tab.lengths] for t in tab.tasks]
-        partial = [[bool(tab.shortfall(k, (t, n))) for n in tab.lengths] for t in tab.tasks]
+        marked = [[bool(tab.shortfall(k, (t, n))) for n in tab.lengths] for t in tab.tasks]
         items.append({"src": plots.accuracy_heatmap(tab.tasks, tab.lengths, vals, texts=texts, hatched=hatched,
-                                                    partial=partial),
+                                                    partial=marked),
                       "alt": f"RULER accuracy heatmap: {names[k]}", "caption": names[k]})
     blocks.append({"type": "figures", "items": items,
                    "caption": "Colour scale fixed at 0–100%. Grey: no value (status written in red when the "
@@ -212,7 +212,7 @@ def _value_cell(v: float | None, k: VariantKey, tab: RulerTable, fails: Record |
     shown = cell(fmt_float(v, 1), bold=best, cls="uninf" if gated else "", note=" ".join(filter(None, notes)),
                  title=title)
     short = [s for c in columns if (s := tab.shortfall(k, c))]
-    fails = [r for c in columns for r in tab.failed.get(k, {}).get(c, [])]
+    fails = [r for c in columns for r in tab.fails(k, c)]
     return partial(shown, (short[0] if len(columns) == 1 else "some seeds failed") if short else "", fails)
 
 
