@@ -71,12 +71,10 @@ def _variant_info(run_dir: Path, variant: str) -> dict:
 def _base(info: dict):
     """(the base model on `device()`, its tokenizer) of a variant's records; a checkpoint must still be the one
     the run measured."""
-    import torch
-
     from harness.artefacts import PRETRAINED, device
     from harness.data import default_tokenizer
     from harness.models import HybridForCausalLM
-    from harness.models.sources import Checkpoint, load_model, load_tokenizer, resolve
+    from harness.models.sources import Checkpoint, compute_dtype, load_model, load_tokenizer, resolve
 
     if "preset" in info:
         path = cache.lookup(PRETRAINED, info["hash"])
@@ -92,5 +90,4 @@ def _base(info: dict):
     # the precision the variant was fine-tuned in (its compute dtype on CUDA), wherever the export runs: the machine
     # that built the adapter (a job on another may record it from a shared cache), else the recording job's
     trained_on = info.get("trained_on") or info.get("device", "cpu")
-    dtype = getattr(torch, entry.dtype) if trained_on.startswith("cuda") else torch.float32
-    return load_model(r, dtype).to(device()), load_tokenizer(r)
+    return load_model(r, compute_dtype(entry, cuda=trained_on.startswith("cuda"))).to(device()), load_tokenizer(r)

@@ -173,8 +173,9 @@ def weight_files(directory: Path) -> list[Path]:
                   and not f.name.startswith("training_args"))
 
 
-def compute_dtype(entry: Checkpoint) -> torch.dtype:
-    return getattr(torch, entry.dtype) if torch.cuda.is_available() else torch.float32
+def compute_dtype(entry: Checkpoint, cuda: bool | None = None) -> torch.dtype:
+    """The entry's `dtype` on CUDA, float32 on a CPU: this machine's, or where `cuda` says it ran."""
+    return getattr(torch, entry.dtype) if (torch.cuda.is_available() if cuda is None else cuda) else torch.float32
 
 
 def load_model(r: Resolved, dtype: torch.dtype | None = None) -> torch.nn.Module:
