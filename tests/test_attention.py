@@ -329,6 +329,26 @@ def test_flex_is_not_offered_for_head_dims_its_cuda_lowering_refuses(monkeypatch
     assert [gpu.available("flex", q) for q in on_cuda] == [False, True, True]
 
 
+def test_a_flash_attn_that_fails_to_import_is_not_offered(monkeypatch):
+    """An installed flash-attn built for another torch fails at import; "auto" must then take the next kernel."""
+    import importlib.machinery
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from harness.attention import gpu
+
+    broken = types.ModuleType("flash_attn")  # found on the path, but without its compiled kernel
+    broken.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", broken)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu._flash_attn_func.cache_clear()
+    try:
+        assert not gpu.available("flash", SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 2, 64, 64)))
+    finally:
+        gpu._flash_attn_func.cache_clear()
+
+
 def test_bench_rows_have_kernel_and_times():
     from harness.attention.bench import bench_attention
 

@@ -21,16 +21,25 @@ def available(kernel: str, q: torch.Tensor) -> bool:
     if not (q.is_cuda and torch.cuda.is_available()):
         return False
     if kernel == "flash":
-        return importlib.util.find_spec("flash_attn") is not None and q.dtype in (torch.float16, torch.bfloat16)
+        return _flash_attn_func() is not None and q.dtype in (torch.float16, torch.bfloat16)
     if kernel == "flex":  # compiled FlexAttention refuses head dims below 16 on CUDA (inductor's flex lowering)
         return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None and q.shape[-1] >= 16
     return False
 
 
-def _flash(q, k, v, scale, **kw):
-    from flash_attn import flash_attn_func  # lazy: importing it needs CUDA
+@functools.cache
+def _flash_attn_func():
+    """flash-attn's kernel, or None when it does not import: not installed, or built for another torch or CUDA
+    (an installed wheel that fails to import is common), in which case "auto" takes the next kernel."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:
+        return None
+    return flash_attn_func
 
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
+
+def _flash(q, k, v, scale, **kw):
+    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
                           **kw)
     return out.transpose(1, 2)
 
