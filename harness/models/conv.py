@@ -1,12 +1,16 @@
 """Depthwise causal conv1d over (b, d, l): causal_conv1d's kernel on CUDA when it imports, else torch."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+@functools.cache
 def _causal_conv1d_fn():
+    """causal_conv1d's kernel, or None when it does not import; tried once per process (see ssd._mamba_ssm_scan)."""
     try:
         from causal_conv1d import causal_conv1d_fn
     except Exception:

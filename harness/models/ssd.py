@@ -4,6 +4,8 @@ Shapes follow mamba_ssm's `mamba_chunk_scan_combined`: x (b, l, h, p), dt (b, l,
 softplus'ed, A (h,), B and C (b, l, g, n) with h divisible by g, D (h,) or (h, p), states (b, h, p, n).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -11,8 +13,10 @@ TORCH_SSD = "ssd via torch-chunked"
 TRITON_SSD = "ssd via mamba_ssm-triton"
 
 
+@functools.cache
 def _mamba_ssm_scan():
-    """mamba_ssm's Triton chunk scan, or None when mamba_ssm does not import (it needs CUDA)."""
+    """mamba_ssm's Triton chunk scan, or None when mamba_ssm does not import (it needs CUDA); tried once per
+    process, as a failed import is not remembered by Python and each retry searches the path again."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:
