@@ -135,6 +135,13 @@ def test_series_past_what_the_channels_tell_apart_get_looks_of_their_own():
         (b, f"{run}/{m}", "") for run in ("abl", "pg19") for b in ("full", "sw", "s2", "se")
         for m in ("lora", "lora_plus", "hylora", "full")]
     assert len(set(looks(groups))) == len(groups) == 34
+    # a moved look takes a marker no group has: the evaluation attention's markers keep their meaning
+    groups = [(b, f"{run}/{m}", e) for run in ("abl", "pg19") for b in ("full", "sw", "s2", "se")
+              for m in ("lora", "lora_plus", "hylora", "full") for e in ("", "finetune") if not (b == "full" and e)]
+    drawn = looks(groups)
+    assert len(set(drawn)) == len(groups) == 56
+    assert all(marker == {"": "o", "finetune": "^"}[e] for (_, _, e), (_, _, marker) in zip(groups, drawn, strict=True)
+               if marker in ("o", "^"))
     lines = looks([(b, m, "") for b in ("full", "sw", "s2", "se", "se-prev") for m in ("lora", "lora_plus", "hylora")],
                   markers=False)
     assert len(set(lines)) == 15 and {m for _, _, m in lines} == {""}
@@ -149,10 +156,22 @@ def test_a_place_where_some_seeds_failed_says_so(monkeypatch):
         r = asdict(ppl_record("finetuned", "hylora", 2048, ppl, status="ok" if ppl else "oom", ft_ctx=8192,
                               error=None if ppl else "CUDA out of memory"))
         recs.append({**r, "cell": f"{r['cell']}-seed{seed}", "model": {**r["model"], "adapter": f"a{seed}"}})
+    from harness.report import html, runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(html.plots, "perplexity_vs_context", lambda series, *a, **k: drawn.append(series) or "")
     sec, _ = _section(recs, "perplexity")
     (fine,) = [c for _, col, c in _cells(sec) if col.startswith("2K") and c["text"] != "20,480"]
     assert (fine["text"], fine["note"]) == ("31.00", "\u00b1 1.41 2 of 3 seeds (1 OOM)")
     assert "partial" in fine["cls"] and "CUDA out of memory" in fine["title"]
+    # the plots ring the point (the comparison of runs too), and their captions say what a ring means
+    assert [s.partial for s in drawn[0]] == [[2048]]
+    assert "ring" in next(b for b in sec["blocks"] if b["type"] == "figure")["caption"]
+    head = [dict(r, run="b", values={"perplexity": 40.0} if r["status"] == "ok" else {}) for r in recs]
+    cmp = runs.comparison_section(normalise([dict(r, run="a") for r in recs] + head, ["a", "b"])[0])
+    assert [s.partial for s in drawn[1]] == [[2048], [2048]]
+    assert "ring" in next(b for b in cmp["blocks"] if b["type"] == "figure")["caption"]
     ruler = [ruler_record("finetuned", "lora", "niah_single_1", 1024, acc, seed=seed) for seed, acc in ((0, 40.0),
                                                                                                       (1, 60.0))]
     ruler.append({**ruler_record("finetuned", "lora", "niah_single_1", 1024, None, seed=2), "status": "timeout",
@@ -170,6 +189,39 @@ def test_a_place_where_some_seeds_failed_says_so(monkeypatch):
                         values={"acc": 0.5} if status == "ok" else {})) for seed, status in ((0, "ok"), (1, "error"))]
     (arc,) = [c for _, col, c in _cells(lm_eval_section([Record.from_dict(r) for r in lm])) if c["text"] == "0.500"]
     assert arc["note"] == "1 of 2 seeds (1 ERROR)"
+
+
+def test_plots_mark_means_of_fewer_seeds(monkeypatch):
+    """The heatmap writes a "*" after such a value; a line plot rings such a point."""
+    from matplotlib.axes import Axes
+
+    from harness.report import plots
+
+    texts, rings = [], []
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **k: texts.append(s))
+    plots.accuracy_heatmap(["niah"], [1024, 2048], [[50.0, 100.0]], partial=[[True, False]])
+    assert texts == ["50.0*", "100"]
+    draw = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (rings.append(a) if k.get("mfc") == "none" else None)
+                        or draw(self, *a, **k))
+    plots.line_vs_length([plots.Series("a", [1024, 2048], [3.0, 4.0], partial=[2048])], ylabel="y")
+    assert rings == [([2048], [4.0])]
+
+
+def test_a_seed_that_measured_nan_is_a_failed_seed():
+    """A diverged fine-tune writes an ok record with NaN: it was neither counted as measured nor as failed, so the
+    cell read "1 of 2 seeds (1 OOM)" when three seeds ran, and a place where every seed gave NaN read '–'."""
+    recs = []
+    for seed, ppl, status in ((0, 30.0, "ok"), (1, float("nan"), "ok"), (2, None, "oom")):
+        r = asdict(ppl_record("finetuned", "hylora", 2048, ppl, status=status, ft_ctx=8192))
+        recs.append({**r, "cell": f"{r['cell']}-seed{seed}", "model": {**r["model"], "adapter": f"a{seed}"}})
+    r = asdict(ppl_record("finetuned", "hylora", 4096, float("nan"), ft_ctx=8192))
+    recs.append(r)
+    sec, _ = _section(recs, "perplexity")
+    cells = {col[:2]: c for row, col, c in _cells(sec) if row.startswith("finetuned")}
+    assert (cells["2K"]["text"], cells["2K"]["note"]) == ("30.00", "1 of 3 seeds (1 ERROR, 1 OOM)")
+    assert "it measured NaN" in cells["2K"]["title"]
+    assert (cells["4K"]["text"], cells["4K"]["cls"], cells["4K"]["title"]) == ("ERROR", "fail", "it measured NaN")
 
 
 def test_perplexity_over_seeds_is_mean_and_sd():
@@ -414,18 +466,32 @@ def test_training_section_pretrain_and_finetune():
     assert t[6]["title"] == "lora 200K, conv1d 50K"
 
 
-def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean():
-    from harness.report.training import _mean_curve
+def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean(monkeypatch):
+    """A model named like a seed ("seed-oss") was read as the seed; the plot's line is the mean over the seeds that
+    trained, saying how many of those that ran."""
+    from harness.report import training
 
-    recs = [asdict(Record(suite="s", cell=f"tiny-hybrid/seed{seed}/lora/full/train", metric="train",
-                          stage="finetuned", model={"preset": "tiny-hybrid"}, method="lora", backend="full",
-                          finetune_context=2048, env=ENV, values={"loss_curve": [[1, 4.0 + seed], [2, 3.0 + seed]],
-                                                                  "seconds": 5.0})) for seed in (0, 1)]
+    drawn = []
+    monkeypatch.setattr(training.plots, "loss_curves", lambda curves, **k: drawn.extend(curves) or "")
+    recs = [asdict(Record(suite="s", cell=f"seed-oss/seed{seed}/lora/full/train", metric="train",
+                          stage="finetuned", model={"preset": "seed-oss"}, method="lora", backend="full",
+                          finetune_context=2048, env=ENV, status="ok" if seed < 2 else "error",
+                          values={"loss_curve": [[1, 4.0 + seed], [2, 3.0 + seed]], "seconds": 5.0} if seed < 2
+                          else {})) for seed in (0, 1, 2)]
     sec, _ = _section(recs, "training")
     rows = next(b for b in sec["blocks"] if b["type"] == "table")["rows"]
     assert [r[0]["text"] for r in rows] == [f"finetuned: lora / full @ 2048 · seed{i}" for i in (0, 1)]
     assert next(b for b in sec["blocks"] if b["type"] == "figure")["caption"].endswith("(the mean over its seeds).")
-    assert _mean_curve([[[1, 4.0], [2, 3.0]], [[1, 5.0], [2, 4.0], [3, 1.0]]]) == [(1, 4.5), (2, 3.5)]
+    assert drawn == [("finetuned: lora / full @ 2048 (2 of 3 seeds)", [(1, 4.5), (2, 3.5)])]
+    assert training._mean_curve([[[1, 4.0], [2, 3.0]], [[1, 5.0], [2, 4.0], [3, 1.0]]]) == [(1, 4.5), (2, 3.5)]
+
+
+def test_tokens_per_s_of_a_one_step_run_is_noted_as_over_the_whole_run():
+    from harness.report.training import _whole_run
+
+    assert _whole_run({"tokens": 512, "seconds": 2.0})  # from before the warm-up split
+    assert _whole_run({"tokens": 512, "seconds": 2.0, "warmup_tokens": 512, "warmup_seconds": 2.0})  # one step
+    assert not _whole_run({"tokens": 1024, "seconds": 3.0, "warmup_tokens": 512, "warmup_seconds": 2.0})
 
 
 def eff_record(backend, n, t, status="ok", mem=None, run=None, gpu=None, ideal=None):

@@ -180,7 +180,8 @@ def length(r: Record) -> int:
 
 class Pivot:
     """Records laid out as rows x columns (by default variant x evaluation length): per place, the ok records
-    whose ``value`` is a number (several: seeds, shown as their mean) and the failure, if any. Every section
+    whose ``value`` is a number (several: seeds, shown as their mean) and the failures, if any (an ok record
+    whose value is NaN counts as failed: an error). Every section
     builds its tables and plots from one, so a place is ok, failed or missing by the same rule everywhere."""
 
     def __init__(self, recs: Iterable[Record], value: Callable[[Record], Any], *,
@@ -193,8 +194,10 @@ class Pivot:
             k, c = row(r), column(r)
             if not ok(r):
                 failed[k][c].append(r)
-            elif number(value(r)):
+            elif number(v := value(r)):
                 good[k][c].append(r)
+            elif isnan(v):  # it ran and measured NaN (a diverged model): a failed seed, not a missing one
+                failed[k][c].append(replace(r, status="error", error=r.error or "it measured NaN"))
         self.good = {k: dict(by) for k, by in good.items()}
         self.failed = {k: dict(by) for k, by in failed.items()}
         self.rows = sorted(set(self.good) | set(self.failed), key=order)
@@ -219,6 +222,10 @@ class Pivot:
 
     def shortfall(self, k: Any, c: Any) -> str:
         return shortfall(len(self.records(k, c)), self.fails(k, c))
+
+    def partials(self, k: Any) -> list[Any]:
+        """The columns of row ``k`` whose value is a mean of fewer seeds than ran (some failed)."""
+        return [c for c in self.measured(k) if self.fails(k, c)]
 
     def measured(self, k: Any) -> list[Any]:
         """The columns of row ``k`` with a value, in order."""

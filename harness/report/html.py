@@ -148,7 +148,8 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     looks = plots.looks([(f"{k.model}/{k.backend if k.stage != 'pretrained' else 'pretrained'}",
                           f"{k.run}/{k.method}", k.eval_attention) for k in keys])
     series = [plots.Series(label=names[k], x=pv.measured(k), y=[spread[(k, c)][0] for c in pv.measured(k)],
-                           failed=pv.failures(k), color=colour, linestyle=style, marker=marker,
+                           failed=pv.failures(k), partial=pv.partials(k), color=colour, linestyle=style,
+                           marker=marker,
                            yerr=[spread[(k, c)][1] or 0.0 for c in pv.measured(k)] if seeded else None)
               for k, (colour, style, marker) in zip(keys, looks, strict=True)]
     vlines = []
@@ -194,8 +195,9 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     return [
         {"type": "paragraph", "text": text},
         {"type": "figure", "src": src, "alt": f"{measure.replace('_', ' ')} vs evaluation context ({ds}, {proto})",
-         "caption": "Dotted vertical lines: pretraining and fine-tuning context lengths. "
-                    "✕ at the top: a failed cell (status written next to it)."},
+         "caption": " ".join(filter(None, ["Dotted vertical lines: pretraining and fine-tuning context lengths. "
+                                           "✕ at the top: a failed cell (status written next to it).",
+                                           plots.ring_note(series)]))},
         table(columns, rows),
     ]
 

@@ -51,6 +51,7 @@ class Series:
     linestyle: str = "-"
     marker: str = "o"
     yerr: list[float] | None = None  # error bars (one sd over seeds), aligned with y
+    partial: list[float] = field(default_factory=list)  # x of points that are means of fewer seeds than ran
 
 
 @dataclass
@@ -69,8 +70,8 @@ def looks(groups: Sequence[tuple[str, str, str]], markers: bool = True) -> list[
     say (backend, method, evaluation attention). Up to the palette's 10, each series gets a colour of its own;
     past that, colours would repeat, so each channel shows one group instead (the ablation's 28 variants: a
     colour per backend, a line style per method, a marker per evaluation attention). Groups beyond a channel's
-    values cycle, and a series that would then look like an earlier one takes another marker, else another line
-    style (`distinct`). Without `markers` (lines only) the marker is "" and only the line style moves."""
+    values cycle, and a series that would then look like an earlier one takes a marker, else a line style, that no
+    group has (`distinct`). Without `markers` (lines only) the marker is "" and only the line style moves."""
     if len(groups) <= len(PALETTE):
         return [(color(i), "-", "o" if markers else "") for i in range(len(groups))]
     channels = [list(dict.fromkeys(g[i] for g in groups)) for i in range(3)]
@@ -80,18 +81,28 @@ def looks(groups: Sequence[tuple[str, str, str]], markers: bool = True) -> list[
 
 def distinct(wanted: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """(colour, line style, marker) looks, each that repeats an earlier one moved to the first look of its colour
-    not yet taken: its line style with another marker, then another line style (markers only where it has one).
-    Where every look of a colour is taken, the repeat stays."""
+    not yet taken: its line style with a spare marker, then a spare line style (spare: one that no wanted look
+    has, so a marker or a line style keeps meaning what its channel says; markers only where it has one).
+    Where no such look is left, the repeat stays."""
+    spare_marks = [x for x in MARKERS if x not in {m for _, _, m in wanted}]
+    spare_styles = [x for x in LINESTYLES if x not in {s for _, s, _ in wanted}]
     taken: set[tuple[str, str, str]] = set()
     out = []
     for colour, style, marker in wanted:
-        styles = [style] + [x for x in LINESTYLES if x != style]
-        marks = [marker] + [x for x in MARKERS if x != marker] if marker else [""]
-        look = next((o for o in ((colour, s, m) for s in styles for m in marks) if o not in taken),
+        marks = [marker] + (spare_marks if marker else [])
+        look = next((o for o in ((colour, s, m) for s in [style] + spare_styles for m in marks) if o not in taken),
                     (colour, style, marker))
         taken.add(look)
         out.append(look)
     return out
+
+
+RING_NOTE = "A ring around a point: the mean of fewer seeds than ran (the table names the failures)."
+
+
+def ring_note(series: Sequence[Series]) -> str:
+    """The caption's word on rings (`Series.partial`), where a series has one."""
+    return RING_NOTE if any(s.partial for s in series) else ""
 
 
 PRETRAIN_COLOR = "#444444"
@@ -111,7 +122,8 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     """A value against sequence length (log2 x, ticks at the measured lengths; log y unless ``logy`` is False).
 
     Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes
-    with the status written next to them, in the series' colour.
+    with the status written next to them, in the series' colour; a point that is the mean of fewer seeds than
+    ran (``Series.partial``) gets a ring around it.
     """
     fig = Figure(figsize=(8.2, 4.6))
     ax = fig.add_subplot()
@@ -126,6 +138,9 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
             if s.yerr is not None:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="none",
                             ecolor=c, elinewidth=1.2, capsize=3)
+            if ring := [p for p in pts if p[0] in s.partial]:
+                ax.plot([p[0] for p in ring], [p[1] for p in ring], marker="o", ms=12, mfc="none", mec=c, mew=1.4,
+                        linestyle="none")
         elif s.failed:
             ax.plot([], [], marker=s.marker, color=c, linestyle=s.linestyle, label=s.label)  # legend entry only
     ax.set_xscale("log", base=2)

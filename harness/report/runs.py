@@ -78,7 +78,7 @@ def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
              for i, b in enumerate(variants)}
     series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
                            y=[pv.mean(k, n) for n in pv.measured(k)],
-                           failed=pv.failures(k) if metric == "perplexity" else [],
+                           failed=pv.failures(k) if metric == "perplexity" else [], partial=pv.partials(k),
                            color=looks[_base_variant(k)][0], marker=looks[_base_variant(k)][1],
                            linestyle=plots.LINESTYLES[k.run_index % len(plots.LINESTYLES)]) for k in pv.rows]
     if metric == "perplexity":
@@ -89,7 +89,8 @@ def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
                                    ylim=(0, 100))
         caption = ("Mean RULER accuracy over the tasks each (run, variant) measured at a length; compare runs on the "
                    "same tasks only (see the table).")
-    return {"type": "figure", "src": src, "alt": f"{metric} by run", "caption": caption}
+    return {"type": "figure", "src": src, "alt": f"{metric} by run",
+            "caption": " ".join(filter(None, [caption, plots.ring_note(series)]))}
 
 
 def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> Block:

@@ -9,7 +9,8 @@ seconds, peak_memory_gib, memory_kind, tokens_per_s) and ``MethodSummary.values`
 
 from __future__ import annotations
 
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 
 from harness.report import plots
 from harness.report.common import (
@@ -57,8 +58,9 @@ def training_section(records: list[Record]) -> Section | None:
         by_variant: dict = defaultdict(list)
         for r in train:
             by_variant[variant_key(r)].append(r)
-        curves = [(label(rs[0]), _mean_curve([r.values.get("loss_curve") or [] for r in rs]))
-                  for rs in by_variant.values()]
+        failed = Counter(variant_key(r) for r in records if r.metric == "train" and not ok(r))
+        curves = [(label(rs[0]) + (f" ({len(rs)} of {len(rs) + failed[k]} seeds)" if failed[k] else ""),
+                   _mean_curve([r.values.get("loss_curve") or [] for r in rs])) for k, rs in by_variant.items()]
         if any(pts for _, pts in curves):
             styles = plots.looks([(k.backend, k.method, "") for k in by_variant], markers=False)
             blocks.append({"type": "figure", "alt": "fine-tuning loss curves",
@@ -69,12 +71,11 @@ def training_section(records: list[Record]) -> Section | None:
     blocks.append(heading("Training runs"))
     blocks.append(paragraph(
         "Steps and final loss from the loss curve; tokens/s after the first step of the run (which compiles and "
-        "warms up; over the whole run where a record has no warm-up split, as noted), with the machine that "
-        "trained the model under it (a cached model's numbers are its builder's, whichever job recorded them); "
-        "wall time of the training steps; peak "
-        "memory as the run measured it (the kind is written under the number: CUDA allocator peak on GPU, "
-        "process peak RSS on CPU, which are not comparable); trainable parameters with their share of the "
-        "model."))
+        "warms up; over the whole run where a record has no warm-up split or the run had one step, as noted), "
+        "with the machine that trained the model under it (a cached model's numbers are its builder's, whichever "
+        "job recorded them); wall time of the training steps; peak memory as the run measured it (the kind is "
+        "written under the number: CUDA allocator peak on GPU, process peak RSS on CPU, which are not "
+        "comparable); trainable parameters with their share of the model."))
     blocks.append(table(COLUMNS, rows))
     return {"id": "training", "title": "Pretraining and fine-tuning", "blocks": blocks}
 
@@ -86,10 +87,12 @@ def _pretrain_label(r: Record, pre: list[Record]) -> str:
 
 
 def _seed(r: Record) -> str:
-    """"seed0": the seed part of the record's cell id, else of its settings; "" where neither says."""
-    seed = r.settings.get("seed")
-    return next((p for p in str(r.cell or "").split("/") if p.startswith("seed")),
-                f"seed{seed}" if seed is not None else "")
+    """"seed0": the record's seed (its variant's, else its settings', else its cell id's `seedN` part); "" where
+    none says."""
+    seed = (r.variant or {}).get("seed", r.settings.get("seed"))
+    if seed is None:
+        seed = next((p[4:] for p in str(r.cell or "").split("/") if re.fullmatch(r"seed\d+", p)), None)
+    return "" if seed is None else f"seed{seed}"
 
 
 def _mean_curve(curves: list[list]) -> list[tuple[int, float]]:
@@ -97,6 +100,14 @@ def _mean_curve(curves: list[list]) -> list[tuple[int, float]]:
     steps = set.intersection(*({int(s) for s, _ in c} for c in curves)) if curves else set()
     losses = [dict((int(s), float(v)) for s, v in c) for c in curves]
     return [(s, sum(c[s] for c in losses) / len(losses)) for s in sorted(steps)]
+
+
+def _whole_run(v: dict) -> bool:
+    """Whether tokens/s is over the whole run, first step included (`TrainLog.tokens_per_s`): a record from before
+    the warm-up split, or a run of one step."""
+    if "warmup_seconds" not in v:
+        return True
+    return v.get("tokens", 0) <= v.get("warmup_tokens", 0) or v.get("seconds", 0) <= v["warmup_seconds"]
 
 
 def _row(name: str, r: Record) -> list[dict]:
@@ -113,7 +124,7 @@ def _row(name: str, r: Record) -> list[dict]:
         cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
         cell(fmt_float(v.get("tokens_per_s"), 0),
              note=" · ".join(filter(None, [str(r.model.get("trained_on") or ""),
-                                           "whole run" if "warmup_seconds" not in v else ""]))),
+                                           "whole run" if _whole_run(v) else ""]))),
         cell(fmt_float(v.get("peak_memory_gib"), 2), note=str(v.get("memory_kind") or "")),
         cell(fmt_count(trainable) if trainable is not None else "all" if r.metric == "pretrain" else "–",
              note=share, title=group_text),
