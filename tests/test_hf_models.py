@@ -124,11 +124,28 @@ def test_one_attention_layer_is_one_unshared_block(arch):
     assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 1, False)
 
 
-def test_zamba2s_tied_attention_block_is_reported_as_shared():
+def _zamba2_shared():
     torch.manual_seed(0)
-    model = T.Zamba2ForCausalLM(T.Zamba2Config(
+    return T.Zamba2ForCausalLM(T.Zamba2Config(
         vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
         mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1, chunk_size=16,
         layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1, intermediate_size=64))
-    v = apply_method(model, "hylora")[1].values()
+
+
+def test_zamba2s_tied_attention_block_is_reported_as_shared():
+    v = apply_method(_zamba2_shared(), "hylora")[1].values()
     assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 2, True)
+
+
+def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
+    """Each of Zamba2's hybrid layers has its own adapter over the one shared block: merging added both layers'
+    updates to the shared weight (the merged export's logits were off by 1%)."""
+    model, _ = apply_method(_zamba2_shared(), "lora", rank=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    save_method(model, tmp_path)
+    ref = model.eval()(input_ids=IDS).logits
+    torch.testing.assert_close(load_method(_zamba2_shared(), tmp_path)(input_ids=IDS).logits, ref)
+    with pytest.raises(UserError, match=r"shared \(tied\) base weight.*without --merge"):
+        load_method(_zamba2_shared(), tmp_path, merge=True)

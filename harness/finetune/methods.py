@@ -42,6 +42,7 @@ import difflib
 import json
 import re
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class MethodSummary:
     groups: dict[str, int] = field(default_factory=dict)  # trainable parameter count per group (GROUPS)
     group_names: dict[str, list[str]] = field(default_factory=dict)
     # Attention blocks, and the layers that call them: more calls than blocks means blocks are shared across
-    # layers (Zamba2), so one adapter serves several layers.
+    # layers (Zamba2): each layer has an adapter of its own over the one shared base weight.
     attention_blocks: int = 0
     attention_layers: int = 0
 
@@ -299,8 +300,24 @@ def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) ->
         model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
     load_fully_trained(model.get_base_model() if meta["peft"] else model, path)
     if merge and meta["peft"]:
+        if tied := _tied_lora_bases(model):
+            raise UserError(f"{path}: layers {' and '.join(tied)} have adapters of their own over one shared (tied) "
+                            "base weight, as in Zamba2's shared attention block; merged, that weight would carry "
+                            "every layer's update at once. Fix: export without --merge (the base and its PEFT "
+                            "adapter)")
         model = model.merge_and_unload()
     return model.eval()
+
+
+def _tied_lora_bases(model: nn.Module) -> list[str]:
+    """The first group of LoRA-wrapped layers whose base weights are one tensor, if any."""
+    from peft.tuners.lora import LoraLayer
+
+    by_weight: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            by_weight[module.get_base_layer().weight.data_ptr()].append(name)
+    return next((names for names in by_weight.values() if len(names) > 1), [])
 
 
 def _meta(path: str | Path) -> dict:
