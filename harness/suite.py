@@ -145,15 +145,18 @@ class Data(_Strict):
     eval: Source | None = None  # default: PG-19's test split where a PG-19 root is set, else the embedded one
 
     def source(self, role: str, pg19: str | None = None) -> Source:
-        """The `role` ("train" or "eval") source with its defaults filled in: the role's split, and for PG-19 the
-        root from `pg19` (the --pg19 flag), the source's path, `data.pg19` or $HARNESS_PG19_DIR, in that order."""
+        """The `role` ("train" or "eval") source with its defaults filled in: the role's split ("train" for hf
+        data_files, local files being one split), and for PG-19 the root from `pg19` (the --pg19 flag), the
+        source's path, `data.pg19` or $HARNESS_PG19_DIR, in that order."""
         from harness.data.pg19 import ENV
 
         src = self.train if role == "train" else self.eval
         root = pg19 or (src.path if src is not None else None) or self.pg19 or os.environ.get(ENV)
         if src is None:
             src = Source(source="pg19" if root else "embedded")
-        fill = {"split": src.split or ("train" if role == "train" else "test")} if src.source in SPLIT else {}
+        # local files (data_files) are one split, which datasets names "train", whatever the role
+        default = "train" if role == "train" or src.data_files else "test"
+        fill = {"split": src.split or default} if src.source in SPLIT else {}
         return src.model_copy(update={**fill, **({"path": root} if src.source == "pg19" else {})})
 
 

@@ -171,6 +171,9 @@ def test_defaults_and_the_pg19_root(tmp_path, monkeypatch):
     assert data.source("train") == Source(source="pg19", split="train", path="/suite")
     assert data.source("eval") == Source(source="pg19", split="validation", path="/own")
     assert data.source("eval", pg19="/flag").path == "/flag"
+    # local files through datasets are one split, "train": the eval role's "test" failed with "Unknown split"
+    (tmp_path / "s.yaml").write_text("name: s\ndata:\n  eval: {source: hf, path: json, data_files: /x.jsonl}\n")
+    assert load_suite(tmp_path / "s.yaml").data.source("eval").split == "train"
 
 
 def test_the_training_text_determines_the_finetuned_cells_only(tmp_path, monkeypatch):
