@@ -158,7 +158,7 @@ def test_a_suite_that_plans_no_cell_is_an_error(tmp_path, capsys):
 # ----------------------------------------------------------------------------- data directories
 
 @pytest.mark.parametrize("rows,message", [
-    ('{"text": "a"}\n{"body": "b"}\n', r"t.jsonl:2: no text field 'text' \(fields: body\)"),
+    ('{"text": "a"}\n{"body": "b"}\n', r"data.train.field: .*t.jsonl:2 has no text field 'text' \(fields: body\)"),
     ("\n", r"no text to tokenize"),
 ], ids=["line without the field", "empty source"])
 def test_bad_training_text_stops_the_run_before_any_job(tmp_path, capsys, rows, message):
@@ -170,6 +170,18 @@ def test_bad_training_text_stops_the_run_before_any_job(tmp_path, capsys, rows, 
     assert not (tmp_path / "reports" / "x" / results.RESULTS_FILE).exists()  # nothing ran
     assert not [p for p in (tmp_path / "cache" / "tokens").glob("*") if not p.name.startswith(".lock-")]  # nothing
     # half-written (the lock file of the key stays)
+
+
+def test_an_eval_text_field_that_is_not_there_stops_the_run_before_any_job(tmp_path, capsys):
+    """It failed every cell, each with the same message, and did not name the suite's field."""
+    (tmp_path / "e.jsonl").write_text('{"body": "a"}\n')
+    body = f"name: x\nmetrics: {{perplexity: {{contexts: [64]}}}}\ndata: {{eval: {{source: jsonl, path: " \
+           f"{tmp_path / 'e.jsonl'}}}}}\n"
+    code, out = cli(capsys, "run", suite_file(tmp_path, body))
+    assert code == 2 and "Traceback" not in out, out
+    assert re.search(r"data.eval.field: .*e.jsonl:1 has no text field 'text' \(fields: body\); fix: set "
+                     r"data.eval.field", out), out
+    assert not (tmp_path / "reports" / "x" / results.RESULTS_FILE).exists()  # nothing ran
 
 
 @pytest.mark.parametrize("setting,message", [

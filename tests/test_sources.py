@@ -117,7 +117,7 @@ def test_wide_vocabularies_are_stored_as_uint32():
     ("empty_files", {"source": "text", "path": "{tmp}/d"}, "no text to tokenize"),
     ("bad_utf8", {"source": "text", "path": "{tmp}/d"}, r"1.txt is not UTF-8"),
     ("no_field", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"},
-     r"x.jsonl:2: no text field 'body' \(fields: other\)"),
+     r"data.train.field: .*x.jsonl:2 has no text field 'body' \(fields: other\); fix: set data.train.field"),
     ("not_json", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"}, r"x.jsonl:2: not JSON"),
     ("no_field", {"source": "hf", "path": "json", "data_files": "{tmp}/x.jsonl", "field": "txt"},
      r"data.train.field: json has no column 'txt' \(columns: body"),

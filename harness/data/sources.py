@@ -110,8 +110,10 @@ class Documents:
 
 
 def open_source(src: Source, where: str) -> Documents:
-    """The documents of `src` (`where` names its suite field in errors); raises a UserError if there are none."""
+    """The documents of `src` (`where` names its suite field in errors); raises a UserError if there are none,
+    or if the first cannot be read (a jsonl field, an encoding): that stops a run before its jobs, not in each."""
     docs = _open(src, where)
+    next(iter(docs), None)
     if src.max_tokens is None:
         return docs
     return replace(docs, max_tokens=src.max_tokens, fingerprint=fingerprint(docs.fingerprint, src.max_tokens))
@@ -135,7 +137,7 @@ def _open(src: Source, where: str) -> Documents:
         files = _matching(src.path, where, "*.jsonl")
         field = src.field or "text"
         return _files("jsonl", None, files, None, f"field {field!r} of {len(files)} jsonl files from {src.path}",
-                      lambda f: _read_jsonl(f, field), field)
+                      lambda f: _read_jsonl(f, field, where), field)
     return _hf(src, where)
 
 
@@ -191,7 +193,7 @@ def _read_text(path: Path) -> Iterator[Document]:
     yield Document(path.stem, path.stem, _normalise(text))
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, field: str, where: str) -> Iterator[Document]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -203,7 +205,8 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
             text = row.get(field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 got = f"fields: {', '.join(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
-                raise UserError(f"{path}:{lineno}: no text field {field!r} ({got}); fix: set the source's field")
+                raise UserError(f"{where}.field: {path}:{lineno} has no text field {field!r} ({got}); fix: set "
+                                f"{where}.field")
             yield Document(f"{path.stem}:{lineno}", f"{path.name}:{lineno}", _normalise(text))
 
 
