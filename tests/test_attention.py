@@ -349,6 +349,19 @@ def test_a_flash_attn_that_fails_to_import_is_not_offered(monkeypatch):
         gpu._flash_attn_func.cache_clear()
 
 
+def test_se_attn_calls_fit_a_cuda_grid_at_64k(monkeypatch):
+    """CUDA's attention kernels launch a grid of (query blocks, batch, heads), batch and heads at most 65535 each:
+    the block summaries ran as one call of 32 x 2048 = 65536 "heads" at 64K tokens (gpu-check's longest cell)."""
+    from harness.attention import blockwise
+
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(blockwise.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: shapes.append(tuple(q.shape)) or sdpa(q, *a, **k))
+    q = torch.empty(1, 32, 65536, 128, device="meta", dtype=torch.bfloat16)
+    blockwise.se_attn(q, q, q, 128 ** -0.5, 2048, 32, 8, "relevancy", True, 0)
+    assert shapes and max(max(shape[:2]) for shape in shapes) <= 65535, shapes
+
+
 def test_bench_rows_have_kernel_and_times():
     from harness.attention.bench import bench_attention
 

@@ -119,7 +119,9 @@ def se_attn_select(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per
         scores = random_scores(b, heads, n_chunks, math.ceil(length / s), call_seed, q.device)[..., :n_full]
     else:
         kx, vx = expand_kv(q, k, v)
-        blocks = [x[:, :, :n_full * s].reshape(b, hq * n_full, s, d) for x in (q, kx, vx)]
+        # (B * Hq, blocks, S, d): CUDA kernels put batch and heads on grid.y and grid.z, each at most 65535, and
+        # Hq * blocks is 65536 at 64K tokens, 32 heads and S = 32
+        blocks = [x[:, :, :n_full * s].reshape(b * hq, n_full, s, d) for x in (q, kx, vx)]
         # relevancy in fp32 (autocast would round it to bf16 in a fine-tune, and pick other blocks than an
         # evaluation of the same weights): a sum of M fp16 queries overflows to inf (and ranks a candidate as a
         # non-candidate)
