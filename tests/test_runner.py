@@ -48,6 +48,9 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys, monke
     assert all(r.kernel == "full via sdpa" for r in ppl)  # evaluation uses full attention by default
     se_train = next(r for r in by_metric["train"] if r.backend.startswith("se_attn"))
     assert "se_attn via" in se_train.kernel and se_train.values["trainable_params"] > 0
+    # an attention layer's record names the merge kernel too: a fallback to the slower one must show
+    kernels = {r.backend.split("(")[0]: r.kernel for r in by_metric["efficiency"]}
+    assert kernels == {"full": "full via sdpa", "se_attn": "merge via cpu_flash, se_attn via blockwise"}, kernels
     assert ppl[0].dataset["embedded"] and "embedded corpus" in report.read_text()
 
     assert all(r.code["fingerprint"] for r in recs)
