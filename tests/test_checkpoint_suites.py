@@ -185,6 +185,7 @@ def test_llama_perplexity_matches_plain_transformers(tmp_path, capsys, isolated,
     ("missing tokenizer", r"models.m.tokenizer: .*nowhere does not exist; fix: a directory or a hub id"),
     ("hf read as mamba_ssm", r"config.json: no d_model.*fix: it is a transformers config \(model_type 'llama'\): "
                              r"`format: hf`"),
+    ("mamba_ssm read as hf", r"models.m.format: hf, but .*config.json has no model_type.*fix: `format: mamba_ssm`"),
     ("no config", r"models.m: .* has no config.json"),
     ("bad config", r"models.m: .*config.json is unreadable"),
     ("unknown config key", r"models.m: .*HybridConfig: unknown field 'd_modle'"),
@@ -230,6 +231,8 @@ def test_bad_checkpoints_are_named(tmp_path, monkeypatch, isolated, tokenizer_di
     elif case == "hf read as mamba_ssm":
         write_hf(tmp_path / "llama", "llama", tokenizer_dir)
         fields.update(path=str(tmp_path / "llama"), format="mamba_ssm")
+    elif case == "mamba_ssm read as hf":
+        fields["format"] = "hf"
     elif case == "tokenizer too large":
         small = {**MAMBA_SSM, "vocab_size": 256}
         (path / "config.json").write_text(json.dumps(small))
