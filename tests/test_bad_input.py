@@ -120,7 +120,8 @@ def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path
     s = suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {ruler: {tasks: [vt], lengths: [256]}}\n")
     code, out = cli(capsys, "run", s, "--dry-run")
     assert code == 2 and "Traceback" not in out
-    assert re.search(r"metrics\.ruler\.lengths: RULER task 'vt' cannot fit in length 256.*use length >= \d+", out)
+    assert re.search(r"metrics\.ruler\.lengths \(in models\.tiny-hybrid's tokens\): RULER task 'vt' cannot fit in "
+                     r"length 256.*use length >= \d+", out)
 
 
 def test_a_ruler_length_is_checked_with_every_sample_the_cells_will_build(tmp_path, capsys):
@@ -129,7 +130,15 @@ def test_a_ruler_length_is_checked_with_every_sample_the_cells_will_build(tmp_pa
                              "samples: 2}}\n")
     code, out = cli(capsys, "run", s, "--dry-run")
     assert code == 2 and "Traceback" not in out
-    assert "metrics.ruler.lengths: RULER task 'niah_single_1' cannot fit in length 288: it needs at least 291" in out
+    assert "RULER task 'niah_single_1' cannot fit in length 288: it needs at least 291" in out
+
+
+def test_a_ruler_length_below_the_generation_budget_says_the_length_a_prompt_needs(tmp_path, capsys):
+    """At or below the task's 128 new tokens the message said "at least 129", the budget alone, not the 291 that
+    the shortest prompt of the embedded tokenizer needs."""
+    s = suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {ruler: {tasks: [niah_single_1], lengths: [128]}}\n")
+    code, out = cli(capsys, "run", s, "--dry-run")
+    assert code == 2 and "cannot fit in length 128: it needs at least 291" in out, out
 
 
 def test_a_job_prints_a_user_error_as_one_line_and_a_bug_with_its_traceback(capsys):

@@ -150,8 +150,6 @@ def generate(
         raise UserError(f"RULER seed must be an integer, got {seed!r}")
     budget_new = spec.max_new_tokens
     budget = length - budget_new
-    if budget <= 0:
-        raise _too_short(task, length, budget_new + 1)
 
     def ntok(text: str) -> int:
         return count_tokens(tokenizer, text)
@@ -164,6 +162,9 @@ def generate(
         "ruler_args": dict(spec.args),
     }
     builders = _builders(spec, length, seed, ntok, haystack_text, essay_file, qa_file, n, base_meta)
+    if budget <= 0:  # not even the generation fits: the smallest prompt says what would
+        build, lo, _ = builders(0)
+        raise _too_short(task, length, ntok(build(lo)[0]) + budget_new)
     samples: list[Sample] = []
     for i in range(n):
         build, lo, hi = builders(i)

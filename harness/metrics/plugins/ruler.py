@@ -91,9 +91,10 @@ class Ruler(Metric):
             # decide whether it fits), one at the longest; once per model and seed, not per variant
             if plan.memo.get(checked := ("ruler fits", variant.model, variant.seed, task)):
                 continue
-            _fits(task, min(config.lengths), tok, config.essay_file, config.qa_files.get(task), config.samples,
-                  variant.seed)
-            _fits(task, max(config.lengths), tok, config.essay_file, config.qa_files.get(task), 1, variant.seed)
+            where = f"metrics.ruler.lengths (in models.{variant.model}'s tokens)"
+            _fits(where, task, min(config.lengths), tok, config.essay_file, config.qa_files.get(task),
+                  config.samples, variant.seed)
+            _fits(where, task, max(config.lengths), tok, config.essay_file, config.qa_files.get(task), 1, variant.seed)
             plan.memo[checked] = True
         files = [f for f in (config.essay_file, *config.qa_files.values()) if f]  # by content, not path alone
         hashed = {"metric": config.model_dump(exclude={"tasks", "lengths", "eval_attention"}),
@@ -122,10 +123,10 @@ class Ruler(Metric):
         return ruler_section(records)
 
 
-def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None, samples: int,
+def _fits(where: str, task: str, length: int, tokenizer, essay_file: str | None, qa_file: str | None, samples: int,
           seed: int) -> None:
-    """Raise a UserError naming the suite field if the first `samples` samples of `task` with `seed` cannot all
-    be built at `length` tokens."""
+    """Raise a UserError naming the suite field (`where`) if the first `samples` samples of `task` with `seed`
+    cannot all be built at `length` tokens."""
     from harness.data.ruler.tasks import generate
     from harness.errors import UserError
 
@@ -133,7 +134,7 @@ def _fits(task: str, length: int, tokenizer, essay_file: str | None, qa_file: st
         generate(task, length, tokenizer, samples, seed, haystack_text=_FILLER, essay_file=essay_file,
                  qa_file=qa_file)
     except UserError as e:
-        raise UserError(f"metrics.ruler.lengths: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 HAYSTACK_CHARS = 64_000_000  # RULER's haystack: the evaluation documents up to this many characters
