@@ -563,6 +563,15 @@ def test_paper_reference_numbers():
     assert [c["text"] for c in se[3:5]] == ["10.45", "10.50"]  # PPL 8K: paper, ours
     rt = [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"][-1]
     assert rt[2]["text"] == "–" and "not an A100" in rt[2]["note"]
+    table7 = [b for b in sec["blocks"] if b["type"] == "table"][1]
+    assert [c["text"] for c in table7["rows"][-1]] == ["SE-Attn", "10.73", "10.22", "10.84", "12.28"]
+    # fine-tuned on PG-19 (suites/paper.yaml): our perplexities beside Table 7's PG-19 fine-tunes, not Table 1's
+    r["model"]["finetune_data"] = "PG-19 train split from /pg19: 28602 books"
+    sec, _ = _section([r], "paper")
+    main, table7 = [b for b in sec["blocks"] if b["type"] == "table"][:2]
+    assert main["columns"][1:3] == ["PPL 2K paper", "PPL 8K paper"] and "RULER 2K ours" in main["columns"]
+    assert table7["columns"][1:3] == ["PPL 2K paper", "PPL 2K ours"]
+    assert [c["text"] for c in table7["rows"][-1][3:5]] == ["10.22", "10.50"]  # PPL 8K: paper, ours
 
 
 def test_paper_ablation_rows_find_variants_by_their_resolved_backend():
