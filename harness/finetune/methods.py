@@ -58,16 +58,17 @@ GROUPS = ("lora", "embeddings", "norms", "conv1d", "other")
 # Fully trained parameter groups (besides LoRA adapters) per method.
 FULLY_TRAINED = {"lora": (), "lora_plus": ("embeddings", "norms"), "hylora": ("embeddings", "norms", "conv1d")}
 
-# The paper's settings (its appendices B and G, following LongLoRA), for reference; nothing enforces them.
-# lr: 2e-4 for SE/SW/full attention, 2e-5 for S2-Attn (see `default_lr`); constant schedule after 20
-# warm-up steps, weight decay 0, 1000 steps of 8 sequences.
+# The paper's settings (its Appendix G, following LongLoRA), for reference; nothing enforces them.
+# lr: 2e-4 for SE/SW/full attention, 2e-5 for S2-Attn (see `default_lr`); 1000 steps of 64 sequences (8 GPUs x
+# batch 1 x 8 accumulation steps); from LongLoRA's recipe: a constant schedule after 20 warm-up steps, weight
+# decay 0.
 PAPER_DEFAULTS: dict[str, dict] = {
     # Mamba-2-Hybrid 2.7B (state-spaces/mamba2attn-2.7b): HyLoRA r=32, alpha=64 (rank sweep keeps alpha/r=2).
     "mamba2attn-2.7b": {"method": "hylora", "rank": 32, "alpha": 64, "pretrain_context": 2048,
-                        "finetune_context": 8192, "batch_size": 1, "grad_accum": 8},
+                        "finetune_context": 8192, "batch_size": 1, "grad_accum": 8, "nproc": 8},
     # Llama-1 7B: LongLoRA's r=8, alpha=16, linear RoPE scaling to 16384.
     "llama-7b": {"method": "lora_plus", "rank": 8, "alpha": 16, "pretrain_context": 2048,
-                 "finetune_context": 16384, "batch_size": 1, "grad_accum": 4},
+                 "finetune_context": 16384, "batch_size": 1, "grad_accum": 4, "nproc": 8},
     # Zamba2 1.2B: the paper gives no rank for it; these mirror Mamba-2-Hybrid's.
     "zamba2-1.2b": {"method": "hylora", "rank": 32, "alpha": 64, "pretrain_context": 4096,
                     "finetune_context": 12288, "batch_size": 1, "grad_accum": 8},
