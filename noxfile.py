@@ -149,7 +149,7 @@ for _name, _path in SUITES.items():
 @nox.session(name="gpu-check", venv_backend="none")
 def gpu_check(session: nox.Session) -> None:
     """`harness check gpu` with this machine's Python and packages as they are (GPU machines have no network, so
-    nothing is installed): the GPU tests, attention at the paper's shape, a fine-tune per backend and method."""
+    nothing is installed): the GPU tests, attention at 32 heads x 128, a fine-tune per backend and method."""
     session.run("python", "-m", "harness.cli", "check", "gpu", *session.posargs,
                 env={"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                  os.environ.get("PYTHONPATH")]))})

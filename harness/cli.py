@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("variant", help="the variant's id, e.g. tiny-hybrid/seed0/lora/full")
     exp.add_argument("out_dir", type=arg.directory, help="a new directory")
     exp.add_argument("--merge", action="store_true", help="fold the adapter in: one model directory")
-    check = sub.add_parser("check", help="`check gpu`: the GPU tests, attention at the paper's shape and a fine-tune "
+    check = sub.add_parser("check", help="`check gpu`: the GPU tests, attention at 32 heads x 128 and a fine-tune "
                                          "per backend and method, on a CUDA machine (harness.gpu_check)")
     check.add_argument("what", choices=["gpu"])
     check.add_argument("--out", type=arg.directory, default=Path("reports/gpu-check"),

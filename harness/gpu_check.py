@@ -2,7 +2,7 @@
 has no network: installs nothing.
 
 1. `pytest -m gpu` (the kernel-equivalence tests at bf16), where the checkout's tests are at hand;
-2. suites/gpu-check.yaml: one attention layer at the paper's shape (32 heads x 128, bf16, forward + backward,
+2. suites/gpu-check.yaml: one attention layer of 32 heads x 128 (the targets' shape; bf16, forward + backward,
    CUDA events, allocator peaks) from 8K to 64K tokens, and a short fine-tune of the tiny model with every
    backend and method, evaluated on CUDA too;
 3. OUT/gpu-check.json and OUT/gpu-check.md: what passed, the kernels that ran, and the attention targets at 32K
