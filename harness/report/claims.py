@@ -51,7 +51,8 @@ class Claim:
 
 
 _SE, _HY = ("hylora", "se_attn"), "hylora"
-#: From the paper's Table 1 (perplexity), Figure 2 (RULER average) and Section 4.3 (ablations); HyLoRA at 8192.
+#: From the paper's Table 1 (perplexity, as printed), Figures 2 and 3 (RULER averages and ablations, read off the
+#: plots: paper.py); HyLoRA at 8192, fine-tuned on the paper's natural-language dataset.
 CLAIMS = [
     Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window"), _SE,
           (21.0, 40.5)),
