@@ -137,6 +137,11 @@ def test_zamba2s_tied_attention_block_is_reported_as_shared():
     assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 2, True)
 
 
+def _saved(path):
+    save_method(apply_method(build("bamba"), "hylora", rank=4, alpha=8)[0], path)
+    return path
+
+
 def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
     """Each of Zamba2's hybrid layers has its own adapter over the one shared block: merging added both layers'
     updates to the shared weight (the merged export's logits were off by 1%)."""
@@ -147,5 +152,16 @@ def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
     save_method(model, tmp_path)
     ref = model.eval()(input_ids=IDS).logits
     torch.testing.assert_close(load_method(_zamba2_shared(), tmp_path)(input_ids=IDS).logits, ref)
-    with pytest.raises(UserError, match=r"shared \(tied\) base weight.*without --merge"):
+    with pytest.raises(UserError, match=r"share one \(tied\) weight.*without --merge"):
         load_method(_zamba2_shared(), tmp_path, merge=True)
+    # one adapter on an lm_head tied to the embedding: merged, the embedding would carry it too
+    def tied_llama():
+        torch.manual_seed(0)
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=True))
+
+    model, _ = apply_method(tied_llama(), "lora", rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    save_method(model, tmp_path / "llama")
+    with pytest.raises(UserError, match=r": model.embed_tokens and lm_head.base_layer share one \(tied\) weight"):
+        load_method(tied_llama(), tmp_path / "llama", merge=True)
+    load_method(build("bamba"), _saved(tmp_path / "bamba"), merge=True)  # nothing tied: merged

@@ -302,23 +302,27 @@ def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) ->
     load_fully_trained(model.get_base_model() if meta["peft"] else model, path)
     if merge and meta["peft"]:
         if tied := _tied_lora_bases(model):
-            raise UserError(f"{path}: layers {' and '.join(tied)} have adapters of their own over one shared (tied) "
-                            "base weight, as in Zamba2's shared attention block; merged, that weight would carry "
-                            "every layer's update at once. Fix: export without --merge (the base and its PEFT "
-                            "adapter)")
+            raise UserError(f"{path}: {' and '.join(tied)} share one (tied) weight that an adapter updates, as in "
+                            "Zamba2's shared attention block or an lm_head tied to the embedding; merged, that weight "
+                            "would carry the update everywhere it is used. Fix: export without --merge (the base and "
+                            "its PEFT adapter)")
         model = model.merge_and_unload()
     return model.eval()
 
 
 def _tied_lora_bases(model: nn.Module) -> list[str]:
-    """The first group of LoRA-wrapped layers whose base weights are one tensor, if any."""
+    """The first LoRA-wrapped layer whose base weight is also another module's (a tied weight: Zamba2's shared
+    block, an lm_head tied to the embedding), with those modules; else []."""
     from peft.tuners.lora import LoraLayer
 
-    by_weight: dict[int, list[str]] = defaultdict(list)
+    owners: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            by_weight[module.get_base_layer().weight.data_ptr()].append(name)
-    return next((names for names in by_weight.values() if len(names) > 1), [])
+        for p in module.parameters(recurse=False):
+            owners[p.data_ptr()].append(name.removeprefix("base_model.model."))
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and len(tied := owners[module.get_base_layer().weight.data_ptr()]) > 1:
+            return tied
+    return []
 
 
 def _meta(path: str | Path) -> dict:
