@@ -52,10 +52,10 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
     out = Path(out or Path("reports") / suite.name)
     missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
     variants = evaluates(suite)  # else only attention layers are timed: no model, no data
-    corpus = _present(lambda: documents(suite, "eval", pg19), missing, "data.eval") if variants else None
+    corpus = _present(lambda: _readable(documents(suite, "eval", pg19)), missing, "data.eval") if variants else None
     data = getattr(corpus, "description", "(missing)") if variants else None  # what cells evaluate on
     finetunes = bool(suite.methods and suite.backends) and variants
-    train = _present(lambda: documents(suite, "train", pg19), missing, "data.train") if finetunes else None
+    train = _present(lambda: _readable(documents(suite, "train", pg19)), missing, "data.train") if finetunes else None
     resolved = {m.name: _present(lambda m=m: resolve(m), missing, "model") for m in suite.models
                 if isinstance(m, Checkpoint) and variants}
     checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
@@ -139,6 +139,13 @@ def _present(find, missing: list | None, what: str):
         print(f"missing {what}: {e}")
         missing.append(what)
         return None
+
+
+def _readable(docs):
+    """`docs`, once its first document has been read: a source that cannot be (a jsonl field, an encoding) stops
+    the run here, before its jobs, instead of failing each of them alike."""
+    next(iter(docs), None)
+    return docs
 
 
 def _check_checkpoints(suite, jobs: list[Job], resolved: dict, finetunes: bool) -> None:

@@ -110,10 +110,8 @@ class Documents:
 
 
 def open_source(src: Source, where: str) -> Documents:
-    """The documents of `src` (`where` names its suite field in errors); raises a UserError if there are none,
-    or if the first cannot be read (a jsonl field, an encoding): that stops a run before its jobs, not in each."""
+    """The documents of `src` (`where` names its suite field in errors); raises a UserError if there are none."""
     docs = _open(src, where)
-    next(iter(docs), None)
     if src.max_tokens is None:
         return docs
     return replace(docs, max_tokens=src.max_tokens, fingerprint=fingerprint(docs.fingerprint, src.max_tokens))
