@@ -145,6 +145,10 @@ def test_series_past_what_the_channels_tell_apart_get_looks_of_their_own():
     lines = looks([(b, m, "") for b in ("full", "sw", "s2", "se", "se-prev") for m in ("lora", "lora_plus", "hylora")],
                   markers=False)
     assert len(set(lines)) == 15 and {m for _, _, m in lines} == {""}
+    # every line style in use and no spare one: a repeat takes any free look of its colour
+    groups = [("b0", "a", ""), ("b0", "b", "")] + [(f"b{i}", m, "") for i in range(1, 10) for m in "abcd"] + [
+        ("b10", "a", "")]
+    assert len(set(looks(groups, markers=False))) == len(groups) == 39
 
 
 def test_a_place_where_some_seeds_failed_says_so(monkeypatch):
@@ -631,6 +635,26 @@ def test_comparison_plot_tells_apart_more_variants_than_colours(monkeypatch):
     runs.comparison_section(normalise(recs, ["a", "b"])[0])
     looks = [(s.color, s.marker, s.linestyle) for s in drawn]
     assert len(drawn) == 24 and len(set(looks)) == 24 and len({lk[:2] for lk in looks}) == 12
+
+
+def test_comparison_of_runs_counts_a_nan_as_failed_and_says_what_a_ruler_ring_means(monkeypatch):
+    """A NaN perplexity was a failed point in the plot but "+nan (+nan%), worse" in the table; a RULER point that
+    misses a task was captioned as missing seeds."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run)
+            for run, ppl in (("a", 30.0), ("b", float("nan")))]
+    table = next(b for b in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"] if b["type"] == "table")
+    assert [(c["text"], c["cls"], c["title"]) for c in table["rows"][0][1:]] == [("30.00", "", ""),
+                                                                                ("ERROR", "fail", "it measured NaN")]
+    monkeypatch.setattr(runs.plots, "line_vs_length", lambda series, **k: "")
+    recs = [ruler_record("finetuned", "lora", task, 1024, 50.0, run=run) for run in ("a", "b")
+            for task in ("niah_single_1", "vt")]
+    recs[-1] = {**recs[-1], "status": "timeout", "values": {}}
+    figure = next(b for b in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"]
+                  if b["type"] == "figure")
+    assert "the mean of fewer tasks or seeds than ran" in figure["caption"]
 
 
 def test_ruler_comparison_uses_mcnemar():

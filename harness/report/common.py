@@ -197,7 +197,7 @@ class Pivot:
             elif number(v := value(r)):
                 good[k][c].append(r)
             elif isnan(v):  # it ran and measured NaN (a diverged model): a failed seed, not a missing one
-                failed[k][c].append(replace(r, status="error", error=r.error or "it measured NaN"))
+                failed[k][c].append(nan_failed(r, v))
         self.good = {k: dict(by) for k, by in good.items()}
         self.failed = {k: dict(by) for k, by in failed.items()}
         self.rows = sorted(set(self.good) | set(self.failed), key=order)
@@ -244,6 +244,11 @@ class Pivot:
         if fail := self.failure(k, c):
             return fail_cell(fail)
         return cell("–", cls="missing")
+
+
+def nan_failed(r: Record, value: Any) -> Record:
+    """`r` as a failed record (an error, "it measured NaN") where it is ok but `value`, its number, is NaN."""
+    return replace(r, status="error", error=r.error or "it measured NaN") if ok(r) and isnan(value) else r
 
 
 def backend_name(label: str) -> str:

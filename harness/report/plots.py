@@ -82,27 +82,27 @@ def looks(groups: Sequence[tuple[str, str, str]], markers: bool = True) -> list[
 def distinct(wanted: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """(colour, line style, marker) looks, each that repeats an earlier one moved to the first look of its colour
     not yet taken: its line style with a spare marker, then a spare line style (spare: one that no wanted look
-    has, so a marker or a line style keeps meaning what its channel says; markers only where it has one).
-    Where no such look is left, the repeat stays."""
+    has, so a marker or a line style keeps meaning what its channel says), then any other line style and marker
+    (markers only where it has one). Where every look of its colour is taken, the repeat stays."""
     spare_marks = [x for x in MARKERS if x not in {m for _, _, m in wanted}]
     spare_styles = [x for x in LINESTYLES if x not in {s for _, s, _ in wanted}]
     taken: set[tuple[str, str, str]] = set()
     out = []
     for colour, style, marker in wanted:
-        marks = [marker] + (spare_marks if marker else [])
-        look = next((o for o in ((colour, s, m) for s in [style] + spare_styles for m in marks) if o not in taken),
-                    (colour, style, marker))
+        marks = [marker] + spare_marks if marker else [""]
+        looks = [(colour, s, m) for s in [style] + spare_styles for m in marks]  # channels keep their meaning
+        looks += [(colour, s, m) for s in LINESTYLES for m in (MARKERS if marker else [""])]  # else any free look
+        look = next((o for o in looks if o not in taken), (colour, style, marker))
         taken.add(look)
         out.append(look)
     return out
 
 
-RING_NOTE = "A ring around a point: the mean of fewer seeds than ran (the table names the failures)."
-
-
-def ring_note(series: Sequence[Series]) -> str:
-    """The caption's word on rings (`Series.partial`), where a series has one."""
-    return RING_NOTE if any(s.partial for s in series) else ""
+def ring_note(series: Sequence[Series], of: str = "seeds") -> str:
+    """The caption's word on rings (`Series.partial`: a mean `of` fewer seeds, or tasks, than ran), where a series
+    has one."""
+    return (f"A ring around a point: the mean of fewer {of} than ran (the table names the failures)."
+            if any(s.partial for s in series) else "")
 
 
 PRETRAIN_COLOR = "#444444"

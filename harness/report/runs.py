@@ -25,6 +25,7 @@ from harness.report.common import (
     heading,
     labeller,
     model_name,
+    nan_failed,
     ok,
     paragraph,
     table,
@@ -90,7 +91,8 @@ def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
         caption = ("Mean RULER accuracy over the tasks each (run, variant) measured at a length; compare runs on the "
                    "same tasks only (see the table).")
     return {"type": "figure", "src": src, "alt": f"{metric} by run",
-            "caption": " ".join(filter(None, [caption, plots.ring_note(series)]))}
+            "caption": " ".join(filter(None, [caption, plots.ring_note(series, "seeds" if metric == "perplexity"
+                                                                        else "tasks or seeds")]))}
 
 
 def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> Block:
@@ -109,6 +111,7 @@ def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> 
     for key in sorted(by_row, key=order):
         c, variant = key
         base = by_row[key].get(runs[0])
+        base = base and nan_failed(base, base.values.get(field))
         name = label(replace(next(iter(by_row[key].values())), run=""))
         row = [cell(c, cls="mono wrap-any", title=name,
                     note="eval: finetune attention" if variant.eval_attention else "")]
@@ -116,7 +119,7 @@ def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> 
             r = by_row[key].get(run)
             if r is None:
                 row.append(cell("–", cls="missing", title="no record in this run"))
-            elif not ok(r):
+            elif not ok(r := nan_failed(r, r.values.get(field))):
                 row.append(fail_cell(r))
             elif i == 0 or base is None or not ok(base):
                 row.append(cell(fmt_float(r.values.get(field), 2 if field == "perplexity" else 1)))
