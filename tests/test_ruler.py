@@ -257,6 +257,21 @@ def test_essay_file_and_qa_file(tmp_path, tok, book):
     bad.write_text("[1, 2]")
     with pytest.raises(UserError, match="unexpected layout"):
         generate("qa_1", 1024, tok, 1, 0, qa_file=bad)
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"data": []}')
+    with pytest.raises(UserError, match="has no answerable questions"):
+        generate("qa_1", 16, tok, 0, 0, qa_file=empty)
+
+
+@pytest.mark.parametrize("task,length,n", [("niah_single_2", 128, 4), ("niah_single_1", 200, 2), ("fwe", 128, 4),
+                                           ("fwe", 40, 1)])
+def test_a_too_short_length_is_told_one_at_which_every_sample_fits(tok, book, task, length, n):
+    """The minimum took sample 0 alone (niah_single_2 with 4 samples: "at least 254", then at 254 "at least 260"),
+    only the generation budget at or below it ("129"), and a fixed 250 for fwe."""
+    with pytest.raises(UserError, match=r"at least (\d+)") as e:
+        generate(task, length, tok, n, 0, haystack_text=book)
+    least = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    assert len(generate(task, least, tok, n, 0, haystack_text=book)) == n
 
 
 def test_adj_noun_words_is_sorted_set():

@@ -109,6 +109,12 @@ def get_spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
+def _shortest(builders, n: int, ntok) -> int:
+    """The tokens of the longest of the smallest prompts of samples 0..n-1 (at least one): with the generation
+    budget, the least length at which all of them fit."""
+    return max(ntok(build(lo)[0]) for build, lo, _ in map(builders, range(max(n, 1))))
+
+
 def _too_short(task: str, length: int, minimum: int) -> UserError:
     return UserError(
         f"RULER task {task!r} cannot fit in length {length}: it needs at least {minimum} tokens "
@@ -162,15 +168,14 @@ def generate(
         "ruler_args": dict(spec.args),
     }
     builders = _builders(spec, length, seed, ntok, haystack_text, essay_file, qa_file, n, base_meta)
-    if budget <= 0:  # not even the generation fits: the smallest prompt says what would
-        build, lo, _ = builders(0)
-        raise _too_short(task, length, ntok(build(lo)[0]) + budget_new)
+    if budget <= 0:  # not even the generation fits
+        raise _too_short(task, length, _shortest(builders, n, ntok) + budget_new)
     samples: list[Sample] = []
     for i in range(n):
         build, lo, hi = builders(i)
         found = fit_size(lambda size, build=build: build(size)[0], ntok, budget, lo, hi)
         if found is None:
-            raise _too_short(task, length, ntok(build(lo)[0]) + budget_new)
+            raise _too_short(task, length, _shortest(builders, n, ntok) + budget_new)
         size, ntokens = found
         if hi is not None and size == hi and spec.family == "common_words_extraction":
             raise UserError(
@@ -267,23 +272,27 @@ def _builders(spec: TaskSpec, length, seed, ntok, haystack_text, essay_file, qa_
 
     if spec.family == "freq_words_extraction":
         size_vocab = fwe.vocab_size(length)
-        if size_vocab < 4:  # the answer is vocab[1:4]
-            raise _too_short(task, length, 4 * 50 + spec.max_new_tokens)
         base_meta["haystack"] = "coded words"
 
         def for_sample(i):
             ss = _sample_seed(task, seed, i)
             return (
-                (lambda size: fwe.build(spec.args, size, Random(ss), seed, size_vocab)),
+                (lambda size: fwe.build(spec.args, size, Random(ss), seed, max(size_vocab, 4))),
                 fwe.min_size(spec.args),
                 None,
             )
 
+        if size_vocab < 4:  # RULER's (length - 50) // 50 words must be 4 or more (the answer is vocab[1:4])
+            least = 4 * 50 + spec.max_new_tokens
+            raise _too_short(task, length, max(least, _shortest(for_sample, n, ntok) + spec.max_new_tokens))
         return for_sample
 
     if spec.family == "qa":
         dataset = spec.args["dataset"]
         qas, docs = qa.load_file(dataset, task, qa_file)
+        if not qas:
+            raise UserError(f"RULER task {task!r}: {qa_file} has no answerable questions; expected "
+                            f"{qa.FORMATS[dataset]}")
         if n > len(qas):
             raise UserError(
                 f"RULER task {task!r}: asked for {n} samples but {qa_file} has {len(qas)} answerable questions"
