@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 from harness import cache, results
@@ -40,7 +41,10 @@ def export(run_dir: Path, variant: str, out: Path, merge: bool = False) -> Path:
     model, tokenizer = _base(info)
     peft = json.loads((adapter / META_FILE).read_text())["peft"]
     if merge or not peft:
-        load_method(model, adapter, merge=True).save_pretrained(out)
+        try:
+            merged(load_method(model, adapter)).save_pretrained(out)
+        except UserError as e:
+            raise UserError(f"{variant}: {e}") from None
         tokenizer.save_pretrained(out)
         return out
     load_fully_trained(model, adapter).save_pretrained(out / "base")
@@ -52,6 +56,35 @@ def export(run_dir: Path, variant: str, out: Path, merge: bool = False) -> Path:
     config["base_model_name_or_path"] = str((out / "base").resolve())
     (out / "adapter" / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2))
     return out
+
+
+def merged(model):
+    """A loaded method (`load_method`) with its LoRA weights folded into the base layers: a plain model. Refused
+    where an adapted weight is tied to another module's, which no merged file can hold."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if tied := _tied_lora_bases(model):
+        raise UserError(f"{' and '.join(tied)} share one (tied) weight that an adapter updates, as in Zamba2's shared "
+                        "attention block or an lm_head tied to the embedding; merged, that weight would carry the "
+                        "update everywhere it is used. Fix: export without --merge (the base and its PEFT adapter)")
+    return model.merge_and_unload().eval()
+
+
+def _tied_lora_bases(model) -> list[str]:
+    """The first LoRA-wrapped layer whose base weight is also another module's (a tied weight: Zamba2's shared
+    block, an lm_head tied to the embedding), with those modules; else []."""
+    from peft.tuners.lora import LoraLayer
+
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners[p.data_ptr()].append(name.removeprefix("base_model.model."))
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and len(tied := owners[module.get_base_layer().weight.data_ptr()]) > 1:
+            return tied
+    return []
 
 
 def _variant_info(run_dir: Path, variant: str) -> dict:

@@ -14,6 +14,7 @@ import torch
 import transformers as T
 
 from harness.errors import UserError
+from harness.export import merged
 from harness.finetune.methods import METHODS, apply_method, load_method, save_method
 from harness.models import HybridConfig, HybridForCausalLM
 
@@ -114,7 +115,7 @@ def test_save_load_round_trip(tmp_path, arch):
     with torch.no_grad():
         ref = model(input_ids=IDS).logits
         assert torch.equal(load_method(build(arch), tmp_path)(input_ids=IDS).logits, ref)
-        torch.testing.assert_close(load_method(build(arch), tmp_path, merge=True)(input_ids=IDS).logits, ref,
+        torch.testing.assert_close(merged(load_method(build(arch), tmp_path))(input_ids=IDS).logits, ref,
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -153,7 +154,7 @@ def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
     ref = model.eval()(input_ids=IDS).logits
     torch.testing.assert_close(load_method(_zamba2_shared(), tmp_path)(input_ids=IDS).logits, ref)
     with pytest.raises(UserError, match=r"share one \(tied\) weight.*without --merge"):
-        load_method(_zamba2_shared(), tmp_path, merge=True)
+        merged(load_method(_zamba2_shared(), tmp_path))
     # one adapter on an lm_head tied to the embedding: merged, the embedding would carry it too
     def tied_llama():
         torch.manual_seed(0)
@@ -162,6 +163,6 @@ def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
 
     model, _ = apply_method(tied_llama(), "lora", rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
     save_method(model, tmp_path / "llama")
-    with pytest.raises(UserError, match=r": model.embed_tokens and lm_head.base_layer share one \(tied\) weight"):
-        load_method(tied_llama(), tmp_path / "llama", merge=True)
-    load_method(build("bamba"), _saved(tmp_path / "bamba"), merge=True)  # nothing tied: merged
+    with pytest.raises(UserError, match=r"^model.embed_tokens and lm_head.base_layer share one \(tied\) weight"):
+        merged(load_method(tied_llama(), tmp_path / "llama"))
+    merged(load_method(build("bamba"), _saved(tmp_path / "bamba")))  # nothing tied: merged

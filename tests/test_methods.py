@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from harness.errors import UserError
+from harness.export import merged
 from harness.finetune.loop import checkpoint_activations
 from harness.finetune.methods import (
     METHODS,
@@ -165,10 +166,10 @@ def test_save_load_round_trip(tmp_path, method):
     loaded = load_method(tiny(attn_conv=4), tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, ref)
-    merged = load_method(tiny(attn_conv=4), tmp_path / "m", merge=True)
-    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    plain = merged(load_method(tiny(attn_conv=4), tmp_path / "m"))
+    assert not any(".lora_" in n for n, _ in plain.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=IDS).logits, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(input_ids=IDS).logits, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_load_errors(tmp_path):

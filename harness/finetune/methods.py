@@ -42,7 +42,6 @@ import difflib
 import json
 import re
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,38 +290,14 @@ def save_method(model: nn.Module, path: str | Path, state: dict[str, torch.Tenso
     return path
 
 
-def load_method(base_model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
-    """Apply a `save_method` directory to a fresh copy of the model it was trained from (eval mode).
-
-    merge=True folds the LoRA weights into the base layers and returns a plain model.
-    """
+def load_method(base_model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply a `save_method` directory to a fresh copy of the model it was trained from (eval mode); a PEFT
+    model where the method has an adapter (`harness.export.merged` folds it in)."""
     meta = _meta(path)
     with _peft_quietly():
         model = PeftModel.from_pretrained(base_model, str(path)) if meta["peft"] else base_model
     load_fully_trained(model.get_base_model() if meta["peft"] else model, path)
-    if merge and meta["peft"]:
-        if tied := _tied_lora_bases(model):
-            raise UserError(f"{path}: {' and '.join(tied)} share one (tied) weight that an adapter updates, as in "
-                            "Zamba2's shared attention block or an lm_head tied to the embedding; merged, that weight "
-                            "would carry the update everywhere it is used. Fix: export without --merge (the base and "
-                            "its PEFT adapter)")
-        model = model.merge_and_unload()
     return model.eval()
-
-
-def _tied_lora_bases(model: nn.Module) -> list[str]:
-    """The first LoRA-wrapped layer whose base weight is also another module's (a tied weight: Zamba2's shared
-    block, an lm_head tied to the embedding), with those modules; else []."""
-    from peft.tuners.lora import LoraLayer
-
-    owners: dict[int, list[str]] = defaultdict(list)
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owners[p.data_ptr()].append(name.removeprefix("base_model.model."))
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and len(tied := owners[module.get_base_layer().weight.data_ptr()]) > 1:
-            return tied
-    return []
 
 
 def _meta(path: str | Path) -> dict:
