@@ -567,6 +567,15 @@ def test_paper_reference_numbers():
     assert [c["text"] for c in se[3:5]] == ["10.45", "10.50"]  # PPL 8K: paper, ours
     rt = [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"][-1]
     assert rt[2]["text"] == "–" and "not an A100" in rt[2]["note"]
+    # on an A100: beside Figure 4's time only at Figure 4's settings
+    figure4 = {"chunk_size": [2048, 4096], "block_size": 32, "top_k": 8}
+    other = "not comparable: other settings than Figure 4's (chunk_size 2048/4096, block_size 32, top_k 8)"
+    for options, shown, note in (({**figure4, "chunk_size": [2048]}, "–", other), (figure4, "70", "")):
+        a100 = eff_record(SE, 32768, 70.0, gpu="NVIDIA A100-SXM4-80GB")
+        a100["settings"]["backend_options"] = options
+        sec, _ = _section([r, a100], "paper")
+        rt = [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"][-1]
+        assert (rt[2]["text"], rt[2]["note"]) == (shown, note), rt[2]
     table7 = [b for b in sec["blocks"] if b["type"] == "table"][1]
     assert [c["text"] for c in table7["rows"][-1]] == ["SE-Attn", "10.73", "10.22", "10.84", "12.28"]
     # fine-tuned on PG-19 (suites/paper.yaml): our perplexities beside Table 7's PG-19 fine-tunes, not Table 1's

@@ -90,6 +90,9 @@ RUNTIME_MS: dict[str, float] = {"full": 182.0, "sliding_window": 69.0, "s2_attn"
 RUNTIME_LABELS = {"full": "Full-Attn", "sliding_window": "SW-Attn", "s2_attn": "S\u00b2-Attn", "se_attn": "SE-Attn"}
 RUNTIME_LENGTH = 32768
 RUNTIME_DEVICE = "A100"
+#: Figure 4's settings: a window of 4096; SE-Attn's chunk alternating between 2048 and 4096, blocks of 32, top-8.
+RUNTIME_OPTIONS: dict[str, dict] = {"sliding_window": {"window": 4096},
+                                    "se_attn": {"chunk_size": [2048, 4096], "block_size": 32, "top_k": 8}}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -141,6 +144,15 @@ class Ours:
         gpus = {str(r.env.get("gpu") or "CPU") for r in recs}
         if not all(RUNTIME_DEVICE in g for g in gpus):
             return None, f"not comparable: measured on {', '.join(sorted(gpus))}, not an {RUNTIME_DEVICE}"
+        want = RUNTIME_OPTIONS.get(attention_kind(backend)[0], {})
+
+        def figure4(r: Record) -> bool:
+            options = r.settings.get("backend_options") or {}
+            return all((list(v) if isinstance(v := options.get(k), (list, tuple)) else v) == w for k, w in want.items())
+
+        if not (recs := [r for r in recs if figure4(r)]):
+            return None, "not comparable: other settings than Figure 4's (" + ", ".join(
+                f"{k} {'/'.join(map(str, w)) if isinstance(w, list) else w}" for k, w in want.items()) + ")"
         return _mean([r.values["time_ms"] for r in recs]), ""
 
 
