@@ -291,7 +291,8 @@ class Suite(_Strict):
                 hint = difflib.get_close_matches(key, [*SPECS, "default"], n=1)
                 raise ValueError(f"finetune.lr.{key}: not a backend (keys: default, {', '.join(SPECS)})"
                                  + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        for b in self.backends:
+        fine_tunes = bool(self.methods) and any(METRICS[name].kind != "backend" for name in configured)
+        for b in self.backends if fine_tunes else ():  # attention timed alone runs at any length
             need = spec(b.name).min_context(b.options)
             if need > self.finetune.context:
                 raise ValueError(f"backends: {b.label} needs finetune.context >= {need} (it is "

@@ -65,6 +65,13 @@ def test_bad_input_names_the_field(tmp_path, text, match):
         load_suite(write(tmp_path, text))
 
 
+def test_attention_timed_alone_is_not_held_to_the_fine_tuning_context(tmp_path):
+    """An efficiency suite fine-tunes nothing: SE-Attn with chunks of 4096 was refused for finetune.context 2048."""
+    suite = load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [2048, 4096]}}]\n"
+                                       "metrics: {efficiency: {lengths: [8192]}}\n"))
+    assert suite.backends[0].options["chunk_size"] == (2048, 4096)
+
+
 def test_command_line_run_settings_are_checked_with_the_suites(tmp_path):
     with pytest.raises(UserError, match=r"^run settings from the command line: nproc 8 runs 8 processes per job"):
         load_suite(write(tmp_path, "name: x\n"), {"executor": "slurm", "nproc": 8, "slurm": {"gpus_per_node": 2}})
