@@ -6,12 +6,12 @@
 
 so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/base), OUT/adapter)` is the variant, as is
 lm-eval's `--model hf --model_args pretrained=OUT/base,peft=OUT/adapter`. With --merge, OUT_DIR is one model
-directory with the adapter folded in (refused where layers' adapters share a tied base weight). The variant comes
-from the run's records (which adapter, which base) and the artefact cache. Presets and mamba_ssm checkpoints are
-saved as this package's model type (`import harness.models` registers it with transformers' Auto classes, so
-lm-eval must run in a process that imported it: README); HF checkpoints keep their own. A checkpoint is
-saved in the precision its variant was fine-tuned in: its `dtype` where that ran on CUDA (A_log, D and dt_bias
-in float32), float32 where it ran on a CPU, whichever machine exports it.
+directory with the adapter folded in (refused where an adapter updates a weight tied to another module's). The
+variant comes from the run's records (which adapter, which base) and the artefact cache. Presets and mamba_ssm
+checkpoints are saved as this package's model type (`import harness.models` registers it with transformers'
+Auto classes, so lm-eval must run in a process that imported it: README); HF checkpoints keep their own. A
+checkpoint is saved in the precision its variant was fine-tuned in: its `dtype` where that ran on CUDA (A_log, D
+and dt_bias in float32), float32 where it ran on a CPU, whichever machine exports it.
 """
 
 from __future__ import annotations

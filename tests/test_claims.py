@@ -67,6 +67,20 @@ def test_claims_name_the_paper_numbers():
         better = c.paper[1] > c.paper[0] if c.metric == "ruler" else c.paper[1] < c.paper[0]
         assert better, c.text  # the paper's own numbers go the claimed way
     assert claims_blocks([]) == []
+    for c in CLAIMS:  # Table 7 (fine-tuned on PG-19), where a claim has it, goes the claimed way too
+        assert c.paper_pg19 is None or (c.metric == "perplexity" and c.paper_pg19[1] < c.paper_pg19[0]), c.text
+
+
+def test_fine_tunes_on_pg19_show_the_papers_pg19_numbers():
+    from harness.report import paper
+
+    recs = [_record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 20.0}),
+            _record("perplexity", "hylora", "s2_attn", 4096, 0, {"perplexity": 40.0})]
+    key = ("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")
+    assert _rows(recs)[key][3]["text"] == "14.67 → 11.14"  # Table 1
+    (row,) = [r for r in claims_blocks(recs, pg19=True)[1]["rows"] if r[0]["text"] == key[0]]
+    table7 = paper.PG19_FINETUNED
+    assert row[3]["text"] == f"{table7['s2_attn'][16384]:g} → {table7['se_attn'][16384]:g}" == "14.42 → 10.84"
 
 
 def test_ablations_are_found_by_their_options_or_aliases():

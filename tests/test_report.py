@@ -570,7 +570,8 @@ def test_paper_reference_numbers():
     # on an A100: beside Figure 4's time only at Figure 4's settings
     figure4 = {"chunk_size": [2048, 4096], "block_size": 32, "top_k": 8}
     other = "not comparable: other settings than Figure 4's (chunk_size 2048/4096, block_size 32, top_k 8)"
-    for options, shown, note in (({**figure4, "chunk_size": [2048]}, "–", other), (figure4, "70", "")):
+    for options, shown, note in (({**figure4, "chunk_size": [2048]}, "–", other), (figure4, "70", ""),
+                                 ({**figure4, "selection": "previous"}, "–", other)):
         a100 = eff_record(SE, 32768, 70.0, gpu="NVIDIA A100-SXM4-80GB")
         a100["settings"]["backend_options"] = options
         sec, _ = _section([r, a100], "paper")
@@ -585,6 +586,10 @@ def test_paper_reference_numbers():
     assert main["columns"][1:3] == ["PPL 2K paper", "PPL 8K paper"] and "RULER 2K ours" in main["columns"]
     assert table7["columns"][1:3] == ["PPL 2K paper", "PPL 2K ours"]
     assert [c["text"] for c in table7["rows"][-1][3:5]] == ["10.22", "10.50"]  # PPL 8K: paper, ours
+    # a diverged seed (NaN) leaves the others' mean, as the perplexity table counts it
+    nan = dict(r, cell=r["cell"] + "-seed1", values={**r["values"], "perplexity": float("nan")})
+    table7 = [b for b in _section([r, nan], "paper")[0]["blocks"] if b["type"] == "table"][1]
+    assert table7["rows"][-1][4]["text"] == "10.50"
 
 
 def test_paper_ablation_rows_find_variants_by_their_resolved_backend():
@@ -652,11 +657,14 @@ def test_comparison_of_runs_counts_a_nan_as_failed_and_says_what_a_ruler_ring_me
     from harness.report import runs
     from harness.report.common import normalise
 
-    recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run)
-            for run, ppl in (("a", 30.0), ("b", float("nan")))]
-    table = next(b for b in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"] if b["type"] == "table")
-    assert [(c["text"], c["cls"], c["title"]) for c in table["rows"][0][1:]] == [("30.00", "", ""),
-                                                                                ("ERROR", "fail", "it measured NaN")]
+    for a, b, cells in ((30.0, float("nan"), [("30.00", "", ""), ("ERROR", "fail", "it measured NaN")]),
+                        (float("nan"), 30.0, [("ERROR", "fail", "it measured NaN"), ("30.00", "", "")])):
+        recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run)
+                for run, ppl in (("a", a), ("b", b))]
+        table = next(x for x in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"]
+                     if x["type"] == "table")
+        assert [(c["text"], c["cls"], c["title"]) for c in table["rows"][0][1:]] == cells
+        assert table["rows"][0][2]["note"] == ""  # no "+nan (+nan%)" difference either way
     monkeypatch.setattr(runs.plots, "line_vs_length", lambda series, **k: "")
     recs = [ruler_record("finetuned", "lora", task, 1024, 50.0, run=run) for run in ("a", "b")
             for task in ("niah_single_1", "vt")]
