@@ -116,8 +116,8 @@ def resolve(entry: Checkpoint) -> Resolved:
     config = _config(directory, where)
     fmt = entry.format if entry.format != "auto" else ("hf" if "model_type" in config else "mamba_ssm")
     if fmt == "hf" and "model_type" not in config:
-        raise UserError(f"{where}.format: hf, but {directory / CONFIG} has no model_type, as a mamba_ssm "
-                        "checkpoint's has not; fix: `format: mamba_ssm` (or auto)")
+        raise UserError(f"{where}.format: hf, but {directory / CONFIG} has no model_type: a mamba_ssm checkpoint's "
+                        "config has none; fix: `format: mamba_ssm` (or auto)")
     context = entry.context or (config.get("max_position_embeddings") or config.get("n_positions")  # GPT-2's name
                                 if fmt == "hf" else None)
     if not context:
