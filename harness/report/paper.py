@@ -189,11 +189,17 @@ def paper_section(records: list[Record]) -> Section | None:
         return _pair(paper, get(), digits) if ours else [cell(fmt_float(paper, digits))]
 
     sub = ["paper", "ours"] if ours else ["paper"]
-    pg19 = ours is not None and ours.finetuned_on_pg19()
-    ppl_sub = ["paper"] if pg19 else sub  # our PG-19 fine-tunes' perplexities go beside Table 7's
+    pg19 = ours is not None and ours.finetuned_on_pg19()  # then our perplexities go beside Table 7's, not Table 1's
 
     def named(n: int, what: str, subs: list[str]) -> list[str]:
         return [f"{what} {n // 1024}K" + (f" {s}" if len(sub) > 1 else "") for s in subs]
+
+    def perplexity_columns(with_ours: bool) -> list[str]:
+        return [c for n in PPL_CONTEXTS for c in named(n, "PPL", sub if with_ours else ["paper"])]
+
+    def perplexities(table_ppl: dict[int, float], backend: str | None, with_ours: bool) -> list[dict]:
+        return [c for n in PPL_CONTEXTS for c in (both(table_ppl[n], lambda n=n: ours.perplexity(backend, n), 2)
+                                                  if with_ours else [cell(fmt_float(table_ppl[n], 2))])]
 
     blocks.append(heading("Fine-tuned on the paper's natural-language dataset: perplexity (Table 1) and RULER "
                           "average (Figure 2); Mamba-2-Hybrid 2.7B, HyLoRA at 8192, full-attention eval"))
@@ -201,12 +207,7 @@ def paper_section(records: list[Record]) -> Section | None:
         blocks.append(paragraph("Our fine-tunes read PG-19, so our perplexities are beside the paper's PG-19 "
                                 "fine-tunes (Table 7, below). Our RULER averages are beside these, the only ones the "
                                 "paper gives in numbers; its PG-19 fine-tunes scored lower on RULER (Appendix E.2)."))
-    columns = ["method"] + [c for n in PPL_CONTEXTS for c in named(n, "PPL", ppl_sub)] + [
-        c for n in RULER_LENGTHS for c in named(n, "RULER", sub)]
-    def perplexities(table_ppl: dict[int, float], backend: str | None, with_ours: bool) -> list[dict]:
-        return [c for n in PPL_CONTEXTS for c in (both(table_ppl[n], lambda n=n: ours.perplexity(backend, n), 2)
-                                                  if with_ours else [cell(fmt_float(table_ppl[n], 2))])]
-
+    columns = ["method"] + perplexity_columns(not pg19) + [c for n in RULER_LENGTHS for c in named(n, "RULER", sub)]
     rows = []
     for label, backend, ppl, ruler in MAIN:
         row = [cell(label, cls="label")] + perplexities(ppl, backend, not pg19)
@@ -218,8 +219,7 @@ def paper_section(records: list[Record]) -> Section | None:
     blocks.append(heading("Fine-tuned on PG-19: perplexity (Table 7)"))
     rows = [[cell(label, cls="label")] + perplexities(PG19_FINETUNED[backend], backend, pg19)
             for label, backend, _, _ in MAIN]
-    blocks.append(table(["method"] + [c for n in PPL_CONTEXTS for c in named(n, "PPL", sub if pg19 else ["paper"])],
-                        rows))
+    blocks.append(table(["method"] + perplexity_columns(pg19), rows))
 
     blocks.append(heading(f"Ablations: RULER average at {ABLATION_LENGTH // 1024}K"))
     rows = []
