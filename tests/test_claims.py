@@ -63,23 +63,27 @@ def test_one_seed_gives_no_interval_and_no_verdict():
 
 def test_claims_name_the_paper_numbers():
     assert len({c.text for c in CLAIMS}) == len(CLAIMS)
-    for c in CLAIMS:
-        better = c.paper[1] > c.paper[0] if c.metric == "ruler" else c.paper[1] < c.paper[0]
-        assert better, c.text  # the paper's own numbers go the claimed way
+    # each claim's pair, looked up in the paper's tables (Table 1, Figures 2-3; Table 7 for PG-19 fine-tunes)
+    assert [c.paper() for c in CLAIMS] == [(21.0, 40.5), (24.6, 40.5), (5.5, 40.5), (31.6, 40.5), (33.1, 40.5),
+                                            (26.1, 40.5), (32.5, 40.5), (14.99, 10.45), (14.67, 11.14),
+                                            (11.82, 11.14)]
+    assert [c.paper(pg19=True) for c in CLAIMS if c.metric == "perplexity"] == [(14.99, 10.22), (14.42, 10.84),
+                                                                                 (11.64, 10.84)]
+    for c in CLAIMS:  # the paper's own numbers go the claimed way, in both settings
+        for a, b in (c.paper(), c.paper(pg19=True)):
+            assert b > a if c.metric == "ruler" else b < a, c.text
     assert claims_blocks([]) == []
-    for c in CLAIMS:  # Table 7 (fine-tuned on PG-19), where a claim has it, goes the claimed way too
-        assert c.paper_pg19 is None or (c.metric == "perplexity" and c.paper_pg19[1] < c.paper_pg19[0]), c.text
 
 
 def test_fine_tunes_on_pg19_show_the_papers_pg19_numbers():
-    from harness.report import paper
+    from harness.report import paper_numbers
 
     recs = [_record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 20.0}),
             _record("perplexity", "hylora", "s2_attn", 4096, 0, {"perplexity": 40.0})]
     key = ("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")
     assert _rows(recs)[key][3]["text"] == "14.67 → 11.14"  # Table 1
     (row,) = [r for r in claims_blocks(recs, pg19=True)[1]["rows"] if r[0]["text"] == key[0]]
-    table7 = paper.PG19_FINETUNED
+    table7 = paper_numbers.PG19_FINETUNED
     assert row[3]["text"] == f"{table7['s2_attn'][16384]:g} → {table7['se_attn'][16384]:g}" == "14.42 → 10.84"
 
 

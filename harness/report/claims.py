@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from harness.report import significance
+from harness.report import paper_numbers, significance
 from harness.report.common import (
     Block,
     VariantKey,
@@ -35,6 +35,7 @@ from harness.report.common import (
     variant_key,
     variant_label,
 )
+from harness.report.paper_numbers import PAPER_FINETUNE_CONTEXT
 from harness.results import Record
 
 PRETRAINED = ("none", "")
@@ -47,30 +48,38 @@ class Claim:
     at: str  # "F": the fine-tuning context; "2F": twice it
     a: tuple[str, str]  # (method, backend as the paper names it: see attention_kind) of the baseline; PRETRAINED
     b: tuple[str, str]  # the variant claimed better
-    paper: tuple[float, float]  # the paper's numbers for (a, b)
-    paper_pg19: tuple[float, float] | None = None  # the same after fine-tuning on PG-19 (Table 7), where it has them
+
+    def paper(self, pg19: bool = False) -> tuple[float, float]:
+        """The paper's numbers for (a, b) in its setting (HyLoRA at 8192; harness.report.paper_numbers). `pg19`:
+        perplexities after fine-tuning on PG-19 (Table 7); RULER has numbers only for Table 1's fine-tunes."""
+        n = PAPER_FINETUNE_CONTEXT * (2 if self.at == "2F" else 1)
+
+        def value(spec: tuple[str, str]) -> float:
+            method, kind = spec
+            kind_or_pretrained = None if spec == PRETRAINED else kind
+            got = (paper_numbers.ruler(method, kind_or_pretrained, n) if self.metric == "ruler"
+                   else paper_numbers.perplexity(kind_or_pretrained, n, pg19))
+            if got is None:
+                raise LookupError(f"the paper has no {self.metric} at {n} tokens for {spec}")
+            return got
+
+        return value(self.a), value(self.b)
 
 
 _SE, _HY = ("hylora", "se_attn"), "hylora"
-#: From the paper's Table 1 (perplexity, as printed), Figures 2 and 3 (RULER averages and ablations, read off the
-#: plots: paper.py); HyLoRA at 8192, fine-tuned on the paper's natural-language dataset; perplexity claims also
-#: from Table 7 (fine-tuned on PG-19).
+#: The paper's claims, each about HyLoRA at 8192 unless it names another method (Table 1 and 7, Figures 2 and 3).
 CLAIMS = [
-    Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window"), _SE,
-          (21.0, 40.5)),
-    Claim("SE-Attn retrieves better than S\u00b2-Attn", "ruler", "F", (_HY, "s2_attn"), _SE, (24.6, 40.5)),
-    Claim("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "ruler", "F", PRETRAINED, _SE,
-          (5.5, 40.5)),
-    Claim("HyLoRA beats LoRA (SE-Attn)", "ruler", "F", ("lora", "se_attn"), _SE, (31.6, 40.5)),
-    Claim("HyLoRA beats LoRA+ (SE-Attn)", "ruler", "F", ("lora_plus", "se_attn"), _SE, (33.1, 40.5)),
-    Claim("retrieved blocks beat no retrieval", "ruler", "F", (_HY, "se_attn_nomem"), _SE, (26.1, 40.5)),
-    Claim("top-k blocks beat random blocks", "ruler", "F", (_HY, "se_attn_random"), _SE, (32.5, 40.5)),
+    Claim("SE-Attn retrieves better than a sliding window", "ruler", "F", (_HY, "sliding_window"), _SE),
+    Claim("SE-Attn retrieves better than S\u00b2-Attn", "ruler", "F", (_HY, "s2_attn"), _SE),
+    Claim("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "ruler", "F", PRETRAINED, _SE),
+    Claim("HyLoRA beats LoRA (SE-Attn)", "ruler", "F", ("lora", "se_attn"), _SE),
+    Claim("HyLoRA beats LoRA+ (SE-Attn)", "ruler", "F", ("lora_plus", "se_attn"), _SE),
+    Claim("retrieved blocks beat no retrieval", "ruler", "F", (_HY, "se_attn_nomem"), _SE),
+    Claim("top-k blocks beat random blocks", "ruler", "F", (_HY, "se_attn_random"), _SE),
     Claim("fine-tuning with SE-Attn lowers perplexity at the fine-tuning context", "perplexity", "F", PRETRAINED,
-          _SE, (14.99, 10.45), (14.99, 10.22)),
-    Claim("SE-Attn extrapolates better than S\u00b2-Attn", "perplexity", "2F", (_HY, "s2_attn"), _SE,
-          (14.67, 11.14), (14.42, 10.84)),
-    Claim("SE-Attn extrapolates better than a sliding window", "perplexity", "2F", (_HY, "sliding_window"), _SE,
-          (11.82, 11.14), (11.64, 10.84)),
+          _SE),
+    Claim("SE-Attn extrapolates better than S\u00b2-Attn", "perplexity", "2F", (_HY, "s2_attn"), _SE),
+    Claim("SE-Attn extrapolates better than a sliding window", "perplexity", "2F", (_HY, "sliding_window"), _SE),
 ]
 
 
@@ -139,7 +148,7 @@ def claims_blocks(records: list[Record], pg19: bool = False) -> list[Block]:
         pairs = [(a, b) for b in data.variants if _matches(b, claim.b)
                  for a in data.variants if _matches(a, claim.a) and a.model == b.model]
         for a, b in pairs:
-            rows.append(_row(claim, data, a, b, (pg19 and claim.paper_pg19) or claim.paper))
+            rows.append(_row(claim, data, a, b, claim.paper(pg19)))
     if not rows:
         return []
     return [paragraph(
