@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--only", metavar="PATTERN", help="with --rev/--calibrate: only cells whose id matches")
     cmp.add_argument("--min-repeats", type=arg.positive_int, default=20, help="samples per side, at least")
     cmp.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per side, at least")
-    cmp.add_argument("--fail-on-time", action="store_true", help="let CPU timings fail the gate (CUDA ones do)")
+    cmp.add_argument("--fail-on-time", action="store_true",
+                     help="let timings measured on CPU fail the gate (CUDA ones do)")
     cmp.add_argument("--inject", help=argparse.SUPPRESS)  # tests: a module imported into head's timing worker
     exp = sub.add_parser("export", help="write a fine-tuned variant of a run as base + PEFT adapter (or merged)")
     exp.add_argument("run_dir", type=Path, help="the run's results directory")
@@ -165,7 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                            fail_on_time=args.fail_on_time, only=args.only, summary=args.summary, inject=args.inject)
     elif args.command == "compare":
         from harness import results
-        from harness.report.compare import Thresholds, compare, markdown
+        from harness.report.compare import Thresholds, compare, failed, markdown
 
         if len(args.dirs) != 2:
             raise UserError(f"compare: give two results directories, BASE HEAD (got {len(args.dirs)}), or --rev REV")
@@ -182,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.summary:
             with open(args.summary, "a") as f:
                 f.write(text)
-        return 1 if any(f.verdict == "regression" for f in findings) else 0
+        return 1 if failed(findings, args.fail_on_time) else 0
     elif args.command == "export":
         from harness.export import export
 

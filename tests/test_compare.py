@@ -90,6 +90,23 @@ def test_cli_exit_code_and_summary(tmp_path, capsys):
     assert "regression" in summary.read_text()
 
 
+def test_cpu_timings_are_reported_and_gate_only_when_asked(tmp_path, capsys):
+    # two stored runs of unchanged code on a CPU drift apart by more than the changes worth catching
+    base = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8]
+    for device, gates in (("cpu", False), ("cuda", True)):
+        for name, times in (("base", base), ("slow", [x * 1.3 for x in base])):
+            results.append(tmp_path / device / name, results.Record(
+                suite="s", cell="t", metric="efficiency", values={"times_ms": times}, config_hash="h",
+                env={"device": device, "cpu": "x86_64", "gpu": "H100" if device == "cuda" else None}))
+        dirs = [str(tmp_path / device / "base"), str(tmp_path / device / "slow")]
+        assert main(["compare", *dirs]) == (1 if gates else 0)
+        text = capsys.readouterr().out
+        assert "| regression | `t` | time (median ms)" in text
+        assert ("not gating (pass --fail-on-time" in text) is not gates
+        assert main(["compare", *dirs, "--fail-on-time"]) == 1
+        capsys.readouterr()
+
+
 def test_disjoint_samples_are_compared_unpaired():
     # a changed RULER generator gives new prompt hashes: no sample in common, Fisher's exact test instead
     base = {f"a{i}": 1 for i in range(20)}
