@@ -1,10 +1,11 @@
 """Front door: `nox -s tests`, `nox -s lint`, `nox -s suite-pg19`.
 
-Every session but `tests-latest` and `lock` installs the exact versions of constraints.txt, the
-ones the tests and the README's numbers were run with. Torch, by machine: on a CPU machine the
-CPU build pinned there (`torch==2.13.0`, which pip takes from local disk where available; an
-unpinned torch would pull a multi-GB CUDA build); on a CUDA machine the venv sees the system's
-site-packages so a working CUDA torch is reused, never replaced. Override with HARNESS_TORCH
+Every session but `tests-latest`, `lock` and `gpu-check` (which installs nothing) installs the
+exact versions of constraints.txt, the ones the tests and the README's numbers were run with.
+Torch, by machine: on a CPU machine the CPU build pinned there (`torch==2.13.0`, which pip takes
+from local disk where available; an unpinned torch would pull a multi-GB CUDA build); on a CUDA
+machine the venv sees the system's site-packages so a working CUDA torch is reused, never
+replaced. Override with HARNESS_TORCH
 (a pip requirement, e.g. "torch==2.14.1").
 """
 

@@ -7,7 +7,7 @@ from harness.errors import UserError
 from .config import HybridConfig
 
 PRESETS: dict[str, dict] = {
-    # The embedded default: trains on CPU in minutes at context 256 with a 4096-token BPE vocabulary.
+    # The embedded default: pretrains on CPU in minutes at context 512 with a 4096-token BPE vocabulary.
     "tiny-hybrid": {
         "d_model": 128, "n_layer": 4, "d_intermediate": 0, "vocab_size": 4096, "attn_layer_idx": [1, 3],
         "ssm_cfg": {"layer": "Mamba2", "d_state": 32, "d_conv": 4, "expand": 2, "headdim": 32, "ngroups": 1,
