@@ -5,8 +5,7 @@ exact versions of constraints.txt, the ones the tests and the README's numbers w
 Torch, by machine: on a CPU machine the CPU build pinned there (`torch==2.13.0`, which pip takes
 from local disk where available; an unpinned torch would pull a multi-GB CUDA build); on a CUDA
 machine the venv sees the system's site-packages so a working CUDA torch is reused, never
-replaced. Override with HARNESS_TORCH
-(a pip requirement, e.g. "torch==2.14.1").
+replaced. Override with HARNESS_TORCH (a pip requirement, e.g. "torch==2.14.1").
 """
 
 from __future__ import annotations
