@@ -157,6 +157,25 @@ def test_suite_plans_one_cell_per_stage_and_task(tmp_path):
     assert local_tasks_fingerprint(str(TASKS)) == local_tasks_fingerprint(str(TASKS))
 
 
+def test_local_tasks_fingerprint_follows_data_files_outside_the_include_path(tmp_path, monkeypatch):
+    # the README's offline recipe: dataset_path json, data_files an absolute path outside include_path
+    tasks, data = tmp_path / "tasks", tmp_path / "data"
+    tasks.mkdir(), data.mkdir()
+    (data / "mc.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    (data / "part-1.jsonl").write_text("{}\n")
+    (tasks / "mine.yaml").write_text(f"task: mine\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: "
+                                     f"{data / 'mc.jsonl'}, train: [data/part-*.jsonl]}}}}\n"
+                                     "process_docs: !function utils.process\n")
+    monkeypatch.chdir(tmp_path)  # relative data_files are read from the working directory
+    before = local_tasks_fingerprint(str(tasks))
+    assert local_tasks_fingerprint(str(tasks)) == before
+    (data / "mc.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 1}\n')
+    changed = local_tasks_fingerprint(str(tasks))
+    assert changed != before
+    (data / "part-2.jsonl").write_text("{}\n")  # the glob now matches one more file
+    assert local_tasks_fingerprint(str(tasks)) != changed
+
+
 @pytest.mark.parametrize("field, match", [
     ("limits: 4", r"line 4: metrics.lm_eval.limits: unknown field \(did you mean 'limit'\?\)"),
     ("limit: 0", r"metrics.lm_eval.limit: Input should be greater than or equal to 1"),

@@ -45,12 +45,53 @@ def task_manager(tasks: list[str], include_path: str | None):
 
 
 def local_tasks_fingerprint(include_path: str | None) -> str | None:
-    """Hash of the files under `include_path` (task YAMLs, loaders, data), so editing a local task reruns it."""
+    """Hash of the files under `include_path` (task YAMLs, loaders, data) and of the local data files its task
+    YAMLs name outside it (`task_data_files`), so editing a local task or its data reruns it."""
     if not include_path:
         return None
     root = Path(include_path)
     files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
-    return cache.fingerprint([(str(f.relative_to(root)), cache.file_sha256(f)) for f in files])
+    outside = [f for f in task_data_files(root) if not f.is_relative_to(root.resolve())]
+    return cache.fingerprint([(str(f.relative_to(root)), cache.file_sha256(f)) for f in files]
+                             + [(str(f), cache.remembered_sha256(f)) for f in outside])
+
+
+def task_data_files(root: Path) -> list[Path]:
+    """The local files that the task YAMLs under `root` read data from: `dataset_path` where it is a local file or
+    directory (all of it), and `dataset_kwargs.data_files` / `data_dir` (absolute, or relative to the working
+    directory; globs expanded)."""
+    import glob
+    import os
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # task YAMLs use lm-eval's tags (!function): their values are not paths
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+    def strings(x) -> list[str]:
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, dict):
+            x = list(x.values())
+        return [s for v in x for s in strings(v)] if isinstance(x, list) else []
+
+    found: set[Path] = set()
+    for f in sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml")):
+        try:
+            doc = yaml.load(f.read_text(), Loader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # lm-eval reports a task file it cannot read
+        if not isinstance(doc, dict):
+            continue
+        kwargs = doc.get("dataset_kwargs") if isinstance(doc.get("dataset_kwargs"), dict) else {}
+        for pattern in strings(doc.get("dataset_path")) + strings(kwargs.get("data_files")) + strings(
+                kwargs.get("data_dir")):
+            for hit in glob.glob(os.path.expanduser(pattern), recursive=True):
+                p = Path(hit).resolve()
+                found.update([p] if p.is_file() else (q for q in p.rglob("*") if q.is_file()))
+    return sorted(found)
 
 
 @dataclass
