@@ -153,14 +153,21 @@ class Context:
 
     def model(self):
         """(model, info): the base (a pretrained preset or a checkpoint), or its fine-tune with this job's method
-        and backend."""
+        and backend. Built once per job: if building fails, every cell that asks gets that error (a fine-tune that
+        diverged is not trained again for each of its cells)."""
         from harness.artefacts import base, finetuned
 
         if "model" not in self.state:
             s, entry = self.spec, self.suite.model(self.spec["model"])
-            self.state["model"] = (base(self.suite, entry, s["seed"]) if self.backend is None else
-                                   finetuned(self.suite, entry, s["seed"], s["method"], self.backend,
-                                             self.documents("train"), self._launch()))
+            try:
+                self.state["model"] = (base(self.suite, entry, s["seed"]) if self.backend is None else
+                                       finetuned(self.suite, entry, s["seed"], s["method"], self.backend,
+                                                 self.documents("train"), self._launch()))
+            except Exception as e:
+                self.state["model"] = e
+                raise
+        if isinstance(self.state["model"], Exception):
+            raise self.state["model"]
         return self.state["model"]
 
     def _launch(self):

@@ -180,3 +180,28 @@ def test_durations_read_at_a_glance():
 
     assert [duration(s) for s in (0.4, 59.6, 185, 3599, 7620)] == ["0 s", "1 min 00 s", "3 min 05 s", "59 min 59 s",
                                                                   "2 h 07 min"]
+
+
+def test_a_fine_tune_that_fails_is_tried_once_per_job(tmp_path, isolated_cache, monkeypatch):
+    """A diverged fine-tune fails each of its variant's cells with its error, but trains once, not once per cell."""
+    from harness import artefacts
+    from harness.errors import UserError
+    from harness.job import run_job
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    tries = []
+
+    def diverges(*args, **kwargs):
+        tries.append(1)
+        raise UserError("attention backend 'full' got NaN or inf in q, k, v: the model diverged")
+
+    monkeypatch.setattr(artefacts, "finetuned", diverges)
+    (tmp_path / "s.yaml").write_text("name: x\nmethods: [lora]\nbackends: [full]\nfinetune: {context: 128}\n"
+                                     "metrics: {perplexity: {contexts: [64, 128]}}\n")
+    (job,) = [j for j in plan(load_suite(tmp_path / "s.yaml"), "data") if j.kind == "variant" and j.spec["backend"]]
+    run_job({"suite": str(tmp_path / "s.yaml"), "out": str(tmp_path), **job.spec, "kind": job.kind,
+             "cells": job.cells})
+    recs = results.load(tmp_path)
+    assert len(recs) == len(job.cells) == 3 and len(tries) == 1
+    assert all(r.status == "error" and "the model diverged" in r.error for r in recs)
