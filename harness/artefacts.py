@@ -51,11 +51,13 @@ def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
                        seed=seed if p.seed is None else p.seed, compile=p.compile, average_last=p.average_last)
 
 
-def finetune_config(suite: Suite, backend: Backend, seed: int) -> TrainConfig:
-    f = suite.finetune
-    return TrainConfig(steps=f.steps, context=f.context, batch_size=f.batch_size, grad_accum=f.grad_accum,
-                       lr=f.lr_for(backend.name), extra_lr_scale=f.extra_lr_scale, warmup_steps=f.warmup_steps,
-                       seed=seed, checkpoint_every=suite.run.checkpoint_every)
+def finetune_config(suite: Suite, method: str, backend: Backend, seed: int) -> TrainConfig:
+    """The training settings of `method` fine-tuning with `backend` (Finetune.recipe: the backend's LR, unused
+    settings at their defaults)."""
+    f = suite.finetune.recipe(method, backend.name)
+    return TrainConfig(steps=f["steps"], context=f["context"], batch_size=f["batch_size"], grad_accum=f["grad_accum"],
+                       lr=f["lr"], extra_lr_scale=f["extra_lr_scale"], warmup_steps=f["warmup_steps"], seed=seed,
+                       checkpoint_every=suite.run.checkpoint_every)
 
 
 def device() -> torch.device:
@@ -158,11 +160,12 @@ def adapter_key(suite: Suite, model: str | Checkpoint, seed: int, method: str, b
                 data: Documents) -> tuple[str, dict]:
     """(cache key of a fine-tune, its info without the training log), known without loading the model."""
     start = base_info(suite, model, seed)
-    f, cfg, run = suite.finetune, finetune_config(suite, backend, seed), suite.run
+    f, cfg, run = suite.finetune, finetune_config(suite, method, backend, seed), suite.run
     parallel = [] if run.nproc == 1 else [run.nproc, run.strategy]  # the order of the gradient sums
     recall = [f.recall, f.answer_weight] if f.recall else []
     recipe = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # how often to save is no recipe
-    key = cache.fingerprint(start["hash"], method, backend.name, backend.options, recipe, f.rank, f.alpha,
+    shape = f.recipe(method, backend.name)  # LoRA's rank and alpha, where the method has adapters
+    key = cache.fingerprint(start["hash"], method, backend.name, backend.options, recipe, shape["rank"], shape["alpha"],
                             f.gradient_checkpointing, data.fingerprint, *parallel, *recall,
                             provenance.artefact_fingerprint(provenance.ADAPTER))
     global_batch = {"nproc": run.nproc, "global_batch": cfg.batch_size * cfg.grad_accum * run.nproc,
@@ -177,7 +180,7 @@ def build_adapter(suite: Suite, model: str | Checkpoint, seed: int, method: str,
     rank 0 writes)."""
     key, _ = adapter_key(suite, model, seed, method, backend, data)
     start, _ = base(suite, model, seed)
-    f, cfg = suite.finetune, finetune_config(suite, backend, seed)
+    f, cfg = suite.finetune, finetune_config(suite, method, backend, seed)
     use_attention(start, backend, "finetune")
     if f.gradient_checkpointing:
         checkpoint_activations(start)

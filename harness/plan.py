@@ -71,7 +71,7 @@ def plan(suite: Suite, data_fingerprint: str, train_fingerprint: str | None = No
                 for meth in suite.methods for b in suite.backends]
             for variant, backend in variants:
                 det = {**base, "method": variant.method, "backend": backend and backend.model_dump(exclude={"label"}),
-                       "finetune": suite.finetune.recipe() if backend else None,
+                       "finetune": suite.finetune.recipe(variant.method, backend.name) if backend else None,
                        **({"train_data": train_fingerprint} if backend and train_fingerprint else {}),
                        **({"parallel": [suite.run.nproc, suite.run.strategy]}  # the global batch, the reduction
                           if backend and suite.run.nproc > 1 else {})}

@@ -123,10 +123,17 @@ class Finetune(_Strict):
                              f"{self.context}); set recall: 0 or a longer context")
         return self
 
-    def recipe(self) -> dict:
-        """The recipe as cells' hashes hold it: the recall fields only where recall is on, so cells keep the
-        hashes they had before those fields existed."""
-        return self.model_dump(exclude=None if self.recall else {"recall", "answer_weight"})
+    def recipe(self, method: str, backend: str) -> dict:
+        """The recipe of `method` fine-tuning with `backend` as hashes hold it, with what does not change that
+        training left out, so that changing it measures nothing again: `lr` is the backend's own LR (from a
+        mapping, or the default); fields the method does not use (methods.unused_settings) keep their defaults;
+        the recall fields are there only where recall is on (cells keep the hashes they had before those fields
+        existed)."""
+        from harness.finetune.methods import unused_settings
+
+        recipe = self.model_dump(exclude=None if self.recall else {"recall", "answer_weight"})
+        return {**recipe, "lr": self.lr_for(backend),
+                **{name: type(self).model_fields[name].default for name in unused_settings(method)}}
 
     def lr_for(self, backend: str) -> float:
         from harness.finetune.methods import default_lr

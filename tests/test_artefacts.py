@@ -61,10 +61,40 @@ def test_how_often_a_finetune_checkpoints_is_a_run_setting_outside_its_key(tmp_p
     (tmp_path / "often.yaml").write_text(SUITE + "run: {checkpoint_every: 1}\n")
     (tmp_path / "s.yaml").write_text(SUITE)
     often, default = (load_suite(tmp_path / f) for f in ("often.yaml", "s.yaml"))
-    assert [artefacts.finetune_config(s, s.backends[0], 0).checkpoint_every for s in (often, default)] == [1, 50]
+    configs = [artefacts.finetune_config(s, "lora", s.backends[0], 0) for s in (often, default)]
+    assert [c.checkpoint_every for c in configs] == [1, 50]
     data = documents(default, "train")
     a, b = (artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], data)[0] for s in (often, default))
     assert a == b  # the same fine-tune: an interrupted one resumes whichever was set when it stopped
+
+
+def test_settings_a_finetune_does_not_use_stay_out_of_its_keys(tmp_path):
+    """An LR for another backend, the LR scale of fully trained parameters for plain LoRA (nothing trains beside
+    its adapters), LoRA's rank for `full`: changing them neither trains nor measures anything again."""
+    from harness.plan import plan
+
+    finetune = "finetune: {context: 128, steps: 3, warmup_steps: 1"
+    keys, hashes = {}, {}
+    for name, extra in (("same", ""), ("s2_lr", ", lr: {default: 2.0e-4, s2_attn: 1.0e-5}"),
+                        ("scale", ", extra_lr_scale: 0.1"), ("rank", ", rank: 4")):
+        text = SUITE.replace("methods: [lora]\nbackends: [full]", "methods: [lora, hylora, full]\n"
+                             "backends: [full, s2_attn]").replace(finetune, finetune + extra)
+        (tmp_path / f"{name}.yaml").write_text(text)
+        s = load_suite(tmp_path / f"{name}.yaml")
+        data = documents(s, "train")
+        keys[name] = {(m, b.name): artefacts.adapter_key(s, "tiny-hybrid", 0, m, b, data)[0]
+                      for m in s.methods for b in s.backends}
+        hashes[name] = {c["id"]: c["hash"] for j in plan(s, data.fingerprint) for c in j.cells}
+    assert len(hashes["same"]) == 2 + 6 * 2  # pretrain, pretrained ppl, and each variant's train and ppl
+
+    def changed(name):
+        return ({v for v, k in keys[name].items() if k != keys["same"][v]},
+                {tuple(i.split("/")[2:4]) for i, h in hashes[name].items() if h != hashes["same"][i]})
+
+    for name, moved in (("s2_lr", {(m, "s2_attn") for m in ("lora", "hylora", "full")}),
+                        ("scale", {("hylora", "full"), ("hylora", "s2_attn")}),
+                        ("rank", {(m, b) for m in ("lora", "hylora") for b in ("full", "s2_attn")})):
+        assert changed(name) == (moved, moved), name
 
 
 def test_a_finetune_with_spread_recall_rows(tmp_path, monkeypatch):
@@ -80,7 +110,8 @@ def test_a_finetune_with_spread_recall_rows(tmp_path, monkeypatch):
     assert key != artefacts.adapter_key(plain, "tiny-hybrid", 0, "lora", plain.backends[0], data)[0]
     assert info["finetune_recall"] == 0.5 and "finetune_recall" not in artefacts.adapter_key(
         plain, "tiny-hybrid", 0, "lora", plain.backends[0], data)[1]
-    assert "recall" not in plain.finetune.recipe() and suite.finetune.recipe()["recall"] == 0.5
+    assert "recall" not in plain.finetune.recipe("lora", "full")
+    assert suite.finetune.recipe("lora", "full")["recall"] == 0.5
     _, built = artefacts.finetuned(suite, "tiny-hybrid", 0, "lora", suite.backends[0], data)
     assert len(built["train"]["loss_curve"]) == 2
 
