@@ -9,10 +9,11 @@ Input normalisation (:func:`normalise`) runs once, before any section sees the r
   ``harness report DIR1 DIR2``) and get ``run_index`` (its position; 0 is the base); with more than
   one run every variant is keyed and labelled by its run, so nothing from different runs is merged;
   with one run the field is ignored and the output is the same as without it;
-* **parent-written failure records** (status oom/timeout/error written by the runner when a job
-  process died) carry their cell's variant, task and eval attention but no measured settings or
-  dataset: those are filled in from an ok record of the same variant and metric, or failing that
-  from the run's ok records of the metric when they all agree, so the failure lands in the right
+* **failure records from before measuring** (status oom/timeout/error, written by the runner when a
+  job process died or by the job when a cell failed before its measurement) carry their cell's
+  variant, task and eval attention but no measured settings or dataset: those are filled in from an
+  ok record of the same variant, backend and metric, or failing that from the ok records of the
+  metric of the same run, suite and model when they all agree, so the failure lands in the right
   table.
 
 Sections get ``harness.results.Record``s (the report also takes records as dicts, as stored);
@@ -64,12 +65,12 @@ def _fill_failures(records: list[Record]) -> list[Record]:
     siblings: dict[tuple, Record] = {}
     for r in records:
         if ok(r):
-            siblings.setdefault((variant_key(r), r.metric), r)
+            siblings.setdefault((variant_key(r), r.backend, r.metric), r)
     out = []
     for r in records:
-        sib = siblings.get((variant_key(r), r.metric))
-        if ok(r) or r.env:
-            pass  # written by a job: complete
+        sib = siblings.get((variant_key(r), r.backend, r.metric))
+        if ok(r) or r.dataset or r.values:
+            pass  # measured: complete (a job's failure before measuring has no more than the runner's)
         elif sib is not None:
             settings = {k: v for k, v in sib.settings.items() if k not in ("task", "samples_file")}
             r = replace(r, dataset=r.dataset or sib.dataset, settings={**settings, **r.settings})
@@ -80,9 +81,11 @@ def _fill_failures(records: list[Record]) -> list[Record]:
 
 
 def _settings_from_run(r: Record, records: list[Record]) -> Record:
-    """Dataset and settings of the run's ok records of the same metric, when they all agree."""
-    same = [o for o in records if ok(o) and o.metric == r.metric and o.run == r.run]
-    drop = ("task", "samples_file", "max_windows", "seed")
+    """Dataset and settings of the ok records of the same metric, run, suite and model, when they all agree (but
+    for what each cell sets itself: its task, evaluation attention, window cap and seed)."""
+    same = [o for o in records if ok(o) and (o.metric, o.run, o.suite, model_name(o)) == (r.metric, r.run, r.suite,
+                                                                                          model_name(r))]
+    drop = ("task", "samples_file", "max_windows", "seed", "eval_attention")
     shared = {repr(({k: v for k, v in o.settings.items() if k not in drop}, o.dataset)) for o in same}
     if len(shared) != 1:
         return r
