@@ -725,3 +725,32 @@ def test_models_with_different_tokenizers_compare_in_bits_per_byte():
     same = [replace(r, dataset={**DATASET, "tokenizer": "tok-a"}) for r in recs]
     section, _ = _section(same, "perplexity")
     assert "Perplexity on" in " ".join(b.get("text", "") for b in section["blocks"])
+
+
+def test_failures_from_before_measuring_join_their_one_group():
+    """A job's failed cell (with env) has no dataset or protocol: it went to a group of its own, "dataset not
+    recorded, protocol not recorded", with a note of different protocols; it belongs in the measured group."""
+    from dataclasses import replace
+
+    def job_failure(cell_id, ft_ctx=None):
+        return replace(Record.from_dict(parent_failure(cell_id, "perplexity", status="error", ctx=4096,
+                                                       ft_ctx=ft_ctx)), env=ENV)
+
+    ok_rec = replace(ppl_record("pretrained", "none", 2048, 30.0), cell="tiny-hybrid/seed0/pretrained/ppl@2048")
+    recs = [ok_rec, job_failure("tiny-hybrid/seed0/pretrained/ppl@4096"),  # a sibling of the same variant
+            job_failure("tiny-hybrid/seed0/lora/full/ppl@4096", ft_ctx=2048)]  # a variant with no ok record
+    section, ctx = _section(recs, "perplexity")
+    header = dict(ctx["header"]["facts"])
+    assert header["perplexity protocol"] == "longlora (step 256)" and not ctx["header"]["notes"]
+    assert [b["type"] for b in section["blocks"]] == ["paragraph", "figure", "table"]
+    assert "not recorded" not in section["blocks"][0]["text"]
+    shown = {(row, col): c["text"] for row, col, c in _cells(section)}
+    assert shown[("pretrained", "2K (2048)")] == "30.00" and shown[("pretrained", "4K (4096)")] == "ERROR"
+    assert shown[("finetuned: lora / full @ 2048", "4K (4096)")] == "ERROR"
+    # two measured groups: a failure could be in either, so it is in neither (and makes no group of its own)
+    other = replace(ok_rec, cell="other", settings={"protocol": "stride", "stride": 1024})
+    section, ctx = _section(recs + [other], "perplexity")
+    assert sum(b["type"] == "table" for b in section["blocks"]) == 2
+    assert "protocol not recorded" not in str(section) + str(ctx["header"])
+    assert section["blocks"][-1]["text"].startswith("1 cell(s) failed before recording their dataset")
+

@@ -71,13 +71,19 @@ def dataset_label(ds: dict) -> str:
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
+def unplaced(r: Record) -> bool:
+    """A failed perplexity record with neither dataset nor protocol, which normalisation could not give the one
+    group it belongs to: it is in no group, so it makes no "not recorded" one."""
+    return not ok(r) and not r.dataset and not r.settings.get("protocol")
+
+
 # ----------------------------------------------------------------------------- header
 
 
 def build_header(records: list[Record], *, title: str, notes: list[str] | None, runs: Sequence[str] = (),
                  superseded: int = 0) -> dict:
     notes = list(notes or [])
-    ppl = [r for r in records if r.metric == "perplexity"]
+    ppl = [r for r in records if r.metric == "perplexity" and not unplaced(r)]
     protocols = sorted({protocol_label(r.settings) for r in ppl})
     datasets = sorted({dataset_label(r.dataset) for r in records if r.dataset})
     if len({r.settings.get("protocol") for r in ppl}) > 1:
@@ -110,7 +116,8 @@ def perplexity_section(records: list[Record]) -> Section | None:
     label = _labeller(records)
     groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in ppl:
-        groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
+        if not unplaced(r):
+            groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
     blocks: list[Block] = []
     if any(r.settings.get("eval_attention") == "finetune" and r.backend.startswith("se_attn")
            and "selection=previous" not in r.backend for r in ppl):
@@ -122,6 +129,12 @@ def perplexity_section(records: list[Record]) -> Section | None:
         if len(groups) > 1:
             blocks.append({"type": "heading", "text": f"{ds} — {proto}"})
         blocks.extend(_perplexity_group(recs, label, ds, proto))
+    if loose := [r for r in ppl if unplaced(r)]:
+        blocks.append(paragraph(
+            f"{len(loose)} cell(s) failed before recording their dataset and protocol, which the measured cells of "
+            "their suite and model do not settle (none, or several groups): they are in no table here; see Failed "
+            "cells." if groups else f"No perplexity was measured: {len(loose)} cell(s) failed before measuring; see "
+            "Failed cells."))
     return {"id": "perplexity", "title": "Perplexity", "blocks": blocks}
 
 
