@@ -754,3 +754,13 @@ def test_failures_from_before_measuring_join_their_one_group():
     assert "protocol not recorded" not in str(section) + str(ctx["header"])
     assert section["blocks"][-1]["text"].startswith("1 cell(s) failed before recording their dataset")
 
+
+def test_an_efficiency_report_names_no_model_and_its_shape_whatever_failed():
+    """The paper section said "this report's model(s): not recorded"; the shape was read off the first record,
+    a failure, which has only its cell's settings."""
+    failed = dict(eff_record("se_attn", 1024, None, status="oom"), settings={"eval_attention": "full"})
+    recs = [failed, eff_record("full", 1024, 2.5)]
+    paper, _ = _section(recs, "paper")
+    assert "not recorded" not in str(paper) and "attention layers alone, no model" in str(paper)
+    sec, _ = _section(recs, "efficiency")
+    assert "(batch 1, heads 4, head_dim 32, repeats 3)" in sec["blocks"][0]["text"]

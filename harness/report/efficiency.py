@@ -21,6 +21,7 @@ from harness.report.common import (
     fmt_float,
     length_column,
     number,
+    ok,
     paragraph,
     table,
 )
@@ -59,7 +60,7 @@ def efficiency_section(records: list[Record]) -> Section | None:
         return out
 
     devices = sorted({d for r in recs if (d := _device(r))})
-    settings = next((r.settings for r in recs if r.settings), {})
+    settings = next((r.settings for r in recs if ok(r)), {})  # a failure has only its cell's
     shape = ", ".join(f"{k} {settings[k]}" for k in ("batch", "heads", "head_dim", "repeats", "warmup")
                       if settings.get(k) is not None)
     blocks: list[Block] = [paragraph(

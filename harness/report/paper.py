@@ -130,10 +130,12 @@ def paper_section(records: list[Record]) -> Section | None:
             "in that setting. Our perplexity is on the dataset and protocol in the header, which may differ from "
             "the paper's PG-19 validation split with LongLoRA's protocol."))
     else:
+        layers_only = not any(r.metric in ("perplexity", "ruler") for r in records)  # efficiency: no model
+        what = ("this report measures attention layers alone, no model" if not models and layers_only
+                else f"this report's model(s): {', '.join(models) or 'not recorded'}")
         blocks.append(callouts([
             f"Our numbers: {NOT_COMPARABLE}. The paper measured Mamba-2-Hybrid 2.7B ({PAPER_MODEL}) fine-tuned "
-            f"at 8192 tokens; this report's model(s): {', '.join(models) or 'not recorded'}. The paper's numbers are "
-            "shown for reference only."]))
+            f"at 8192 tokens; {what}. The paper's numbers are shown for reference only."]))
     ours = Ours(records) if comparable else None
 
     def both(paper: float, get: Callable[[], float | None], digits: int) -> list[dict]:
