@@ -98,6 +98,8 @@ def _measure_cells(suite: Suite, spec: dict, world: distributed.World) -> None:
         shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
                                                                "tokens_per_s")}
         print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
+        for w in rec.warnings:
+            print(f"  warning: {cell['id']}: {w}", flush=True)
 
 
 def _print_failure(e: Exception) -> None:
@@ -118,7 +120,7 @@ def _fill(rec: results.Record, m: Measurement) -> results.Record:
     """A measurement into the cell's record: what the cell said of itself (its task and evaluation attention in
     `settings`, its model preset) stays unless the measurement says more."""
     return replace(rec, values=m.values, units=m.units, dataset=m.dataset, settings={**rec.settings, **m.settings},
-                   model=m.model or rec.model, kernel=m.kernel, seconds=m.seconds or 0.0)
+                   model=m.model or rec.model, kernel=m.kernel, seconds=m.seconds or 0.0, warnings=m.warnings)
 
 
 def _pretrain(rec: results.Record, ctx: Context) -> results.Record:

@@ -55,6 +55,8 @@ class Record:
     code: dict[str, Any] = field(default_factory=dict)  # package version, git commit, fingerprint (provenance)
     seconds: float = 0.0
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the measurement found suspect in itself (a number
+    # to be read with care: too little text scored, worse than chance), shown by the job and in the report's header
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     schema: int = SCHEMA_VERSION
     # Which results directory the record was read from, when a report reads several (`harness report A B`:

@@ -35,7 +35,8 @@ class Toy(Metric):
         model, info = ctx.model()
         params = sum(p.numel() for p in model.parameters())
         values = {"scaled_params": params * config.factor * cell["length"]}
-        return Measurement(values, settings={"factor": config.factor}, model=info)
+        warnings = [f"length {cell['length']} is odd"] if cell["length"] % 2 else []
+        return Measurement(values, settings={"factor": config.factor}, model=info, warnings=warnings)
 
     def section(self, records):
         from harness.report.common import paragraph
@@ -68,7 +69,7 @@ def plugin_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, capsys):
+def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, capfd):
     (plugin_dir / "s.yaml").write_text(SUITE)
     report = run_suite(plugin_dir / "s.yaml", plugin_dir / "out").report
     recs = [r for r in results.load(plugin_dir / "out") if r.metric == "toy"]
@@ -77,9 +78,13 @@ def test_a_toy_metric_is_planned_measured_recorded_and_reported(plugin_dir, caps
     assert two == 2 * one > 0 and recs[0].settings == {"eval_attention": "full", "factor": 0.5}
     html = report.read_text()
     assert ">Toy metric</h" in html and f"1: {one}" in html
-    capsys.readouterr()
+    # what a measurement finds suspect in itself: on the console, in the record and in the report's header
+    assert [r.warnings for r in recs] == [["length 1 is odd"], []]
+    assert "  warning: tiny-hybrid/seed0/pretrained/toy@1: length 1 is odd" in capfd.readouterr().out
+    assert "1 warning(s) from the measurements, to read their numbers with: tiny-hybrid/seed0/pretrained/toy@1: " \
+           "length 1 is odd." in html
     run_suite(plugin_dir / "s.yaml", plugin_dir / "out", dry_run=True)
-    assert "3 cells in 2 jobs, 3 already recorded" in capsys.readouterr().out
+    assert "3 cells in 2 jobs, 3 already recorded" in capfd.readouterr().out
 
 
 def test_a_plugin_config_is_validated_like_any_suite_field(plugin_dir):

@@ -252,3 +252,21 @@ def test_decoder_hook_path_is_used_and_falls_back_to_hidden_states(model, tokens
 
     fallback = evaluate_perplexity(PreNormDecoder(model), tokens, 32, "stride", stride=16)
     assert fallback.nll == pytest.approx(res.nll, rel=1e-6)
+
+
+def test_a_perplexity_to_read_with_care_says_why():
+    """Too few windows for tokens_per_length (a short stream), or worse than guessing uniformly: a warning each."""
+    from harness.metrics.plugins.perplexity import PerplexityConfig, suspect
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1,
+                                                                 n_head=2)).eval()
+    config = PerplexityConfig(contexts=[16], tokens_per_length=64)
+    tokens = torch.randint(0, 50, (40,))
+    short = evaluate_perplexity(model, tokens, 16, "stride", max_windows=4, stride=16)
+    assert short.windows == 3 < 4
+    (few,) = suspect(short, 4, config, vocab_size=60)
+    assert few.startswith("scored 38 tokens in 3 window(s) of the 4 that tokens_per_length 64 asks for at 16")
+    assert suspect(short, 3, config, vocab_size=60) == []
+    (worse,) = suspect(short, 3, config, vocab_size=int(short.perplexity) - 1)
+    assert "worse than guessing uniformly" in worse

@@ -106,6 +106,7 @@ class Measurement:
     model: dict[str, Any] = field(default_factory=dict)  # the variant's info (cache keys, training log)
     kernel: str = ""  # empty: the attention kernels recorded while measuring
     seconds: float | None = None  # None: the wall time of `measure`
+    warnings: list[str] = field(default_factory=list)  # Record.warnings
 
 
 class Metric:

@@ -89,6 +89,9 @@ def build_header(records: list[Record], *, title: str, notes: list[str] | None, 
     if len({r.settings.get("protocol") for r in ppl}) > 1:
         notes.append("Perplexities were measured with different protocols; they are shown in separate "
                      "plots and tables and are not comparable across them.")
+    if warned := [f"{r.cell}: {w}" for r in records for w in r.warnings]:
+        shown = "; ".join(warned[:5]) + (f"; and {len(warned) - 5} more" if len(warned) > 5 else "")
+        notes.append(f"{len(warned)} warning(s) from the measurements, to read their numbers with: {shown}.")
     status = Counter(r.status for r in records)
     created = sorted(r.created for r in records if r.created)
     facts = [

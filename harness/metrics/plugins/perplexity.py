@@ -47,6 +47,22 @@ class PerplexityConfig(Strict):
 PER_BYTE_UNITS = {"bits_per_byte": "bits/byte", "bytes_per_token": "bytes/token"}
 
 
+def suspect(res, windows: int, config: PerplexityConfig, vocab_size: int | None) -> list[str]:
+    """What makes a perplexity one to read with care: fewer windows scored than asked for (the stream is too
+    short at this context), or a value above the vocabulary's size (worse than guessing uniformly)."""
+    out = []
+    if res.windows < windows:
+        out.append(f"scored {res.tokens_scored} tokens in {res.windows} window(s) of the {windows} that "
+                   f"tokens_per_length {config.tokens_per_length} asks for at {res.context}: the evaluation stream "
+                   "holds no more, so this value is noisier than the others; fix: a longer corpus (data.eval, or "
+                   "max_tokens) or a shorter context")
+    if vocab_size and res.perplexity > vocab_size:
+        out.append(f"perplexity {res.perplexity:.4g} is above the vocabulary's {vocab_size} tokens: worse than "
+                   "guessing uniformly. An untrained model, or text it misreads: check that the tokenizer is the "
+                   "model's own")
+    return out
+
+
 @register
 class Perplexity(Metric):
     name = "perplexity"
@@ -75,7 +91,8 @@ class Perplexity(Metric):
         per_byte = {"bits_per_byte": res.nll / math.log(2) * dataset["tokens"] / dataset["bytes"],
                     "bytes_per_token": dataset["bytes"] / dataset["tokens"]} if dataset["bytes"] else {}
         units = {**res.units(), **{k: PER_BYTE_UNITS[k] for k in per_byte}}
-        return Measurement({**res.as_values(), **per_byte}, units, settings, dataset, info)
+        return Measurement({**res.as_values(), **per_byte}, units, settings, dataset, info,
+                           warnings=suspect(res, windows, config, getattr(model.config, "vocab_size", None)))
 
     def section(self, records):
         from harness.report.html import perplexity_section
