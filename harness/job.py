@@ -97,7 +97,8 @@ def _measure_cells(suite: Suite, spec: dict, world: distributed.World) -> None:
         results.append(out, rec)
         shown = {k: v for k, v in rec.values.items() if k in ("perplexity", "accuracy", "acc", "time_ms",
                                                                "tokens_per_s")}
-        print(f"  {cell['id']}: {rec.status} {json.dumps(shown)} ({rec.seconds:.1f} s)", flush=True)
+        print(f"  {cell['id']}: {rec.status}{f' {json.dumps(shown)}' if shown else ''} ({rec.seconds:.1f} s)",
+              flush=True)
         for w in rec.warnings:
             print(f"  warning: {cell['id']}: {w}", flush=True)
 

@@ -500,3 +500,20 @@ def test_a_backend_needs_attention_that_goes_through_the_interface():
         use_attention(mamba, window, "finetune")
     llama = HF["llama"]()
     assert use_attention(llama, window, "finetune").startswith("harness_sliding_window_")
+
+
+def test_attention_dropout_in_training_names_the_config_field_to_zero():
+    import transformers
+
+    from harness.artefacts import use_attention
+    from harness.suite import expand_backend
+
+    (full,) = expand_backend("full", "b")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1,
+                                                                n_head=2))  # attn_pdrop 0.1, as GPT-2 ships
+    use_attention(gpt2, full, "finetune")
+    x = torch.randint(0, 64, (1, 8))
+    with pytest.raises(UserError, match=r"does not implement attention dropout \(got dropout=0.1\); set the model's "
+                                        r"attention dropout to 0 \(attn_pdrop in its config.json\)"):
+        gpt2.train()(input_ids=x)
+    gpt2.eval()(input_ids=x)  # evaluation applies no dropout

@@ -220,3 +220,26 @@ def test_applying_and_loading_lora_warn_about_nothing_a_user_can_act_on(tmp_path
         save_method(model, tmp_path / "a")
         load_method(tiny(), tmp_path / "a")
     assert [str(w.message) for w in seen] == []
+
+
+def test_lora_adapts_gpt2s_transposed_conv1d_projections():
+    """GPT-2's attention projections are transformers' Conv1D (a linear with its weight transposed): LoRA's default
+    targets, adapted as PEFT does (fan_in_fan_out), with gradients reaching every adapter."""
+    import warnings
+
+    import transformers
+
+    from harness.finetune.methods import attention_targets
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16,
+                                                                 n_layer=2, n_head=2, attn_pdrop=0.0))
+    assert attention_targets(model) == [f"transformer.h.{i}.attn.{p}" for i in (0, 1) for p in ("c_attn", "c_proj")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's note that it sets fan_in_fan_out is expected, and silenced
+        trained, summary = apply_method(model, "lora", rank=2, alpha=4)
+    assert summary.groups["lora"] == summary.trainable_params > 0
+    x = torch.randint(0, 64, (1, 16))
+    trained(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad for n, p in trained.named_parameters() if "lora_B" in n}  # A gets none while B is 0
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())

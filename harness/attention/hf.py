@@ -53,8 +53,12 @@ def _interface_function(backend: Backend):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         training = bool(getattr(module, "training", False))
         if dropout and training:
+            config = getattr(module, "config", None)
+            fields = [k for k, v in (config.to_dict() if config is not None else {}).items()
+                      if "att" in k and "drop" in k and v == dropout]  # attention_dropout, GPT-2's attn_pdrop
             raise UserError(f"attention backend {backend.name!r} does not implement attention dropout "
-                            f"(got dropout={dropout}); set the model's attention dropout to 0")
+                            f"(got dropout={dropout}); set the model's attention dropout to 0"
+                            + (f" ({', '.join(fields)} in its config.json)" if fields else ""))
         asked = [f"{what} ({key}=)" for key, what in UNSUPPORTED.items() if kwargs.get(key) is not None]
         asked += ["non-causal attention (is_causal=False)"] if kwargs.get("is_causal") is False else []
         if asked:

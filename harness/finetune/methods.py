@@ -111,21 +111,29 @@ class MethodSummary:
 
 # --- discovery -------------------------------------------------------------------------------------------
 
+def _projection(mod: nn.Module) -> bool:
+    """A linear layer LoRA can adapt: nn.Linear, or transformers' Conv1D (GPT-2's, a linear with its weight
+    transposed, which PEFT adapts too)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, (nn.Linear, Conv1D))
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules whose class name contains "Attention" and that own linear projections directly."""
     return {name: mod for name, mod in model.named_modules()
-            if "attention" in type(mod).__name__.lower()
-            and any(isinstance(c, nn.Linear) for c in mod.children())}
+            if "attention" in type(mod).__name__.lower() and any(_projection(c) for c in mod.children())}
 
 
 def attention_targets(model: nn.Module) -> list[str]:
     """Full names of the linear projections of the attention modules (LoRA's default targets)."""
     names = [f"{att}.{child}" for att, mod in attention_modules(model).items()
-             for child, c in mod.named_children() if isinstance(c, nn.Linear)]
+             for child, c in mod.named_children() if _projection(c)]
     if not names:
         raise UserError(f"{type(model).__name__}: no attention projection found (no module named *Attention* "
                         "with linear children), so LoRA would train nothing; fix: the method `full` for a model "
-                        "without attention, or (from Python) apply_method's target_modules=")
+                        "without attention, or (from Python) apply_method(model, method, target_modules=[...names "
+                        "of its linear layers])")
     return names
 
 
@@ -342,8 +350,9 @@ def load_fully_trained(model: nn.Module, path: str | Path) -> nn.Module:
 
 @contextlib.contextmanager
 def _peft_quietly():
-    """PEFT reads a property transformers deprecated (a FutureWarning per model wrapped), which no user can act
-    on: silenced."""
+    """PEFT reads a property transformers deprecated (a FutureWarning per model wrapped), and says it sets
+    fan_in_fan_out for GPT-2's transposed Conv1D targets, as it should: nothing a user can act on, so silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "fan_in_fan_out is set to False but the target module is `Conv1D`")
         yield
