@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--gpus-per-node", type=int, help="Slurm GPUs per job")
     scale.add_argument("--cpus-per-task", type=arg.positive_int, help="Slurm CPUs per job")
     scale.add_argument("--time-min", type=arg.positive_int, help="Slurm time limit per job, minutes")
-    val = sub.add_parser("validate", help="check a suite file")
+    val = sub.add_parser("validate", help="check a suite file, and that it can run here (data, checkpoints, lengths)")
     val.add_argument("suite")
     rep = sub.add_parser("report", help="render the HTML report of results directories (several: a comparison)")
     rep.add_argument("dirs", nargs="+", help="results directories; the first is the base of a comparison")
@@ -116,11 +116,15 @@ def _interrupt(signum, frame) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from harness.suite import load_suite
-
     if args.command == "validate":
-        suite = load_suite(args.suite)
-        print(f"{args.suite}: ok (suite {suite.name!r})")
+        from harness.runner import prepare
+
+        p = prepare(args.suite, dry_run=True)  # what `run` checks before its jobs: data, checkpoints, lengths
+        if p.missing:
+            raise UserError(f"{args.suite}: missing on this machine: {', '.join(p.missing)} (said above); the "
+                            "suite is valid, but a run here would stop there")
+        cells = sum(len(j.cells) for j in p.jobs)
+        print(f"{args.suite}: ok (suite {p.suite.name!r}: {cells} cells in {len(p.jobs)} jobs)")
     elif args.command == "run":
         from harness.runner import run_suite
 

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import cache, results
 from harness.cells import FINETUNED
@@ -31,7 +32,10 @@ from harness.errors import UserError
 from harness.executors import ACTIVE, REFUSED, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, evaluates, plan, to_measure
-from harness.suite import load_suite
+from harness.suite import Suite, load_suite
+
+if TYPE_CHECKING:
+    from harness.data.sources import Documents
 
 
 @dataclass(frozen=True)
@@ -44,24 +48,50 @@ class Outcome:
     failed: dict[str, int]
 
 
+@dataclass
+class Prepared:
+    """A suite planned on this machine: its jobs, the data its cells read (None where not needed, or missing in a
+    dry run) and, in a dry run, what was not found."""
+
+    suite: Suite
+    jobs: list[Job]
+    corpus: Documents | None
+    train: Documents | None
+    missing: list[str] | None
+
+
+def prepare(suite_path: str | Path, pg19: str | None = None, run: dict | None = None,
+            dry_run: bool = False) -> Prepared:
+    """Load and plan a suite, finding the data and checkpoints it needs and checking what would fail every cell
+    alike; an error names the suite file. In a dry run, what is missing is said and noted instead of raised."""
+    suite = load_suite(suite_path, run)
+    missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
+    try:
+        variants = evaluates(suite)  # else only attention layers are timed: no model, no data
+        corpus = _present(lambda: _readable(documents(suite, "eval", pg19)), missing, "data.eval") if variants \
+            else None
+        finetunes = bool(suite.methods and suite.backends) and variants
+        train = _present(lambda: _readable(documents(suite, "train", pg19)), missing, "data.train") if finetunes \
+            else None
+        resolved = {m.name: _present(lambda m=m: resolve(m), missing, "model") for m in suite.models
+                    if isinstance(m, Checkpoint) and variants}
+        checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
+        jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING)
+                    if finetunes else None, checkpoints)
+        _check_checkpoints(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
+    except UserError as e:
+        raise e if str(e).startswith(str(suite_path)) else UserError(f"{suite_path}: {e}") from None
+    return Prepared(suite, jobs, corpus, train, missing)
+
+
 def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,
               only: str | None = None, retry_failed: bool = False, run: dict | None = None,
               status: bool = False) -> Outcome | None:
     """Run (or with `dry_run` list, with `status` show the jobs of) a suite; `run` overrides its `run` block."""
-    suite = load_suite(suite_path, run)
+    p = prepare(suite_path, pg19, run, dry_run)
+    suite, jobs, corpus, train, missing = p.suite, p.jobs, p.corpus, p.train, p.missing
     out = Path(out or Path("reports") / suite.name)
-    missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
-    variants = evaluates(suite)  # else only attention layers are timed: no model, no data
-    corpus = _present(lambda: _readable(documents(suite, "eval", pg19)), missing, "data.eval") if variants else None
-    data = getattr(corpus, "description", "(missing)") if variants else None  # what cells evaluate on
-    finetunes = bool(suite.methods and suite.backends) and variants
-    train = _present(lambda: _readable(documents(suite, "train", pg19)), missing, "data.train") if finetunes else None
-    resolved = {m.name: _present(lambda m=m: resolve(m), missing, "model") for m in suite.models
-                if isinstance(m, Checkpoint) and variants}
-    checkpoints = {name: getattr(r, "fingerprint", MISSING) for name, r in resolved.items()}
-    jobs = plan(suite, getattr(corpus, "fingerprint", MISSING), getattr(train, "fingerprint", MISSING) if finetunes
-                else None, checkpoints)
-    _check_checkpoints(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
+    data = getattr(corpus, "description", "(missing)") if evaluates(suite) else None  # what cells evaluate on
     for job in jobs:
         job.cells = [c for c in job.cells if only is None or fnmatch.fnmatch(c["id"], only)]
     ids = [c["id"] for j in jobs for c in j.cells]

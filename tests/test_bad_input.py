@@ -118,10 +118,21 @@ def test_missing_suite_file(capsys):
 
 def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path, capsys):
     s = suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {ruler: {tasks: [vt], lengths: [256]}}\n")
-    code, out = cli(capsys, "run", s, "--dry-run")
+    for command in (["run", s, "--dry-run"], ["validate", s]):  # validate checks what run checks before its jobs
+        code, out = cli(capsys, *command)
+        assert code == 2 and "Traceback" not in out
+        assert re.search(rf"{re.escape(str(s))}: metrics\.ruler\.lengths \(in models\.tiny-hybrid's tokens\): "
+                         r"RULER task 'vt' cannot fit in length 256.*use length >= \d+", out), command
+
+
+def test_validate_says_what_a_run_here_would_miss(tmp_path, capsys):
+    s = suite_file(tmp_path, f"name: x\nmethods: []\ndata: {{eval: {{source: text, path: {tmp_path}/none}}}}\n"
+                             "metrics: {perplexity: {contexts: [64]}}\n")
+    code, out = cli(capsys, "validate", s)
     assert code == 2 and "Traceback" not in out
-    assert re.search(r"metrics\.ruler\.lengths \(in models\.tiny-hybrid's tokens\): RULER task 'vt' cannot fit in "
-                     r"length 256.*use length >= \d+", out)
+    assert "missing data.eval: " in out and f"{s}: missing on this machine: data.eval (said above)" in out
+    code, out = cli(capsys, "validate", suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {perplexity: {}}\n"))
+    assert code == 0 and out.endswith("ok (suite 'x': 6 cells in 2 jobs)\n"), out
 
 
 def test_a_ruler_length_is_checked_with_every_sample_the_cells_will_build(tmp_path, capsys):
