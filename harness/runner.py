@@ -233,7 +233,8 @@ def _states(jobs: list[Job], out: Path, retry_failed: bool, name: str, data: str
     counts = Counter(state.values())
     failed = "measured again: --retry-failed" if retry_failed else "kept; --retry-failed measures them again"
     timed = sorted({c["hardware"] for j in jobs for c in j.cells if c.get("hardware")})
-    print(f"suite {name}: {len(state)} cells in {len(jobs)} jobs, {counts['done']} already recorded"
+    print(f"suite {name}: {len(state)} cells in {sum(1 for j in jobs if j.cells)} jobs, {counts['done']} already "
+          "recorded"
           + (f", {counts['failed']} failed ({failed})" if counts["failed"] else "")
           + "".join(f", {counts[s]} {why}" for s, why in STALE.items() if counts[s])
           + (f"; evaluating on {data}" if data else "")

@@ -381,6 +381,9 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
     settings that override the file's `run` block (the command line's; `slurm` merged key by key). `planned`:
     the sha256 of the text a run planned from (a job's), which the file must still have."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a directory, not a suite file; name one of its YAML files (shipped suites: "
+                        "suites/*.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: suite file not found (suites live in suites/*.yaml)")
     text = path.read_text()

@@ -116,6 +116,11 @@ def test_missing_suite_file(capsys):
     assert code == 2 and "nowhere.yaml: suite file not found (suites live in suites/*.yaml)" in out
 
 
+def test_a_directory_for_a_suite_file(tmp_path, capsys):
+    code, out = cli(capsys, "run", tmp_path)
+    assert code == 2 and f"{tmp_path}: a directory, not a suite file; name one of its YAML files" in out
+
+
 def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path, capsys):
     s = suite_file(tmp_path, "name: x\nmethods: []\nmetrics: {ruler: {tasks: [vt], lengths: [256]}}\n")
     for command in (["run", s, "--dry-run"], ["validate", s]):  # validate checks what run checks before its jobs

@@ -110,6 +110,8 @@ def test_dry_run_lists_cells_without_running(suite_file, tmp_path, capsys):
     assert re.search(r"todo +tiny-hybrid/seed0/lora/full/ppl@256\n", out)
     assert re.search(r"todo +attention/full/efficiency@128\n", out)
     assert not (tmp_path / "out").exists()
+    run_suite(suite_file, tmp_path / "out", dry_run=True, only="*/lora/full/*")  # jobs with a cell left count
+    assert "suite small: 3 cells in 1 jobs, 0 already recorded" in capsys.readouterr().out
 
 
 def _start_hung_run(suite_file, tmp_path, inject_fault):

@@ -66,8 +66,8 @@ class Backend:
             if not self.options["fallback"]:
                 raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} is not available here "
                                 f"(device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + fp16/bf16, "
-                                "flex needs CUDA and a head dim of at least 16); pass fallback=True to allow the "
-                                "automatic choice")
+                                "flex needs CUDA and a head dim of at least 16); set the backend's option "
+                                "`fallback: true` (from Python, fallback=True) to allow the automatic choice")
         return next(k for k in self.spec.auto if ok(k))
 
     def plan(self, training: bool, module=None) -> dict:
