@@ -119,6 +119,8 @@ def test_wide_vocabularies_are_stored_as_uint32():
     ("no_field", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"},
      r"data.train.field: .*x.jsonl:2 has no text field 'body' \(fields: other\); fix: set data.train.field"),
     ("not_json", {"source": "jsonl", "path": "{tmp}/x.jsonl", "field": "body"}, r"x.jsonl:2: not JSON"),
+    ("no_field", {"source": "text", "path": "{tmp}/x.jsonl"},
+     r"data.train.path: .*x.jsonl is .jsonl data, which source text would read as prose; fix: source: jsonl"),
     ("no_field", {"source": "hf", "path": "json", "data_files": "{tmp}/x.jsonl", "field": "txt"},
      r"data.train.field: json has no column 'txt' \(columns: body"),
     (None, {"source": "hf", "path": "no-such-org/no-such-dataset"}, r"load_dataset.*fix: without network"),

@@ -67,6 +67,10 @@ class Source(BaseModel):
 
 _PATH_HELP = {"text": "a directory of .txt files or a glob", "jsonl": "a .jsonl file or a glob",
               "hf": "a dataset id or a builder such as json"}
+#: Files a text source names that hold records, not prose, and the source that reads them.
+STRUCTURED = {".jsonl": "source: jsonl (field: the text's key)", ".json": "source: hf with path: json and data_files",
+              ".csv": "source: hf with path: csv and data_files", ".parquet": "source: hf with path: parquet and "
+              "data_files"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ def _open(src: Source, where: str) -> Documents:
         return _files("pg19", src.split, files, base, description, _read_text)
     if src.source == "text":
         files = _matching(src.path, where, "*.txt")
+        if structured := [f for f in files if f.suffix in STRUCTURED]:
+            f = structured[0]
+            raise UserError(f"{where}.path: {f} is {f.suffix} data, which source text would read as prose; fix: "
+                            f"{STRUCTURED[f.suffix]}")
         base = Path(src.path) if Path(src.path).is_dir() else Path(os.path.commonpath([f.parent for f in files]))
         return _files("text", None, files, base, f"{len(files)} text files from {src.path}", _read_text)
     if src.source == "jsonl":
