@@ -1,6 +1,7 @@
 """Shared fixtures, and one intra-op thread per process."""
 
 import os
+from pathlib import Path
 
 # The tests run tiny models, where a second intra-op thread only adds contention: on 2 cores a RULER cell took
 # 1.7 s with one thread and 112 s with two beside other work. One thread here, and (through the
@@ -49,7 +50,9 @@ def inject_fault(tmp_path, monkeypatch):
     def inject(action: str) -> None:
         (tmp_path / "fault").mkdir(exist_ok=True)
         (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT.replace("{action}", action))
-        monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fault"))
+        # ahead of the rest, not instead of it: the job must import this checkout's harness, not an installed one
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fault"), *filter(None, [
+            os.environ.get("PYTHONPATH"), str(Path(__file__).parent.parent)])]))
 
     return inject
 

@@ -68,6 +68,42 @@ def test_how_often_a_finetune_checkpoints_is_a_run_setting_outside_its_key(tmp_p
     assert a == b  # the same fine-tune: an interrupted one resumes whichever was set when it stopped
 
 
+@pytest.mark.parametrize("change", [
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, rank: 4}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, alpha: 8}",
+    "finetune: {context: 128, steps: 4, warmup_steps: 1}",
+    "finetune: {context: 256, steps: 3, warmup_steps: 1}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 2}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, lr: 1.0e-3}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, batch_size: 2}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, grad_accum: 1}",
+    "finetune: {context: 256, steps: 3, warmup_steps: 1, recall: 0.5}",
+    "backends: [{sliding_window: {window: 32}}]",
+    "data: {train: {source: embedded, max_tokens: 5000}}",
+    "pretrain: {context: 64, steps: 3, batch_size: 2, warmup_steps: 1}",
+    "pretrain: {context: 64, steps: 2, batch_size: 2, warmup_steps: 1, answer_weight: 3.0}",
+    "pretrain: {context: 64, steps: 2, batch_size: 2, warmup_steps: 1, recall: 0.25}",
+    "pretrain: {context: 64, steps: 2, batch_size: 2, warmup_steps: 1, induction_init: 2.0}",
+])
+def test_every_input_of_a_finetune_is_in_its_key(tmp_path, change):
+    """A fine-tune's cache key moves with each thing that determines it (recipe, LoRA shape, backend options, the
+    data, the pretrained model under it): a key that missed one would serve a stale adapter to cells whose own
+    settings hash did change, and so were measured again."""
+    def key(text: str) -> tuple[str, str]:
+        (tmp_path / "s.yaml").write_text(text)
+        s = load_suite(tmp_path / "s.yaml")
+        return (artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], documents(s, "train"))[0],
+                artefacts.base_info(s, "tiny-hybrid", 0)["hash"])
+
+    base = SUITE.replace("backends: [full]", "backends: [{sliding_window: {window: 64}}]")
+    field = change.split(":")[0]
+    line = next(x for x in base.splitlines() if x.startswith(f"{field}:")) if f"\n{field}:" in base else None
+    changed = base.replace(line, change) if line else base + change + "\n"
+    (adapter, pretrained), (adapter2, pretrained2) = key(base), key(changed)
+    assert adapter != adapter2
+    assert (pretrained != pretrained2) == (field == "pretrain")
+
+
 def test_settings_a_finetune_does_not_use_stay_out_of_its_keys(tmp_path):
     """An LR for another backend, the LR scale of fully trained parameters for plain LoRA (nothing trains beside
     its adapters), LoRA's rank for `full`: changing them neither trains nor measures anything again."""

@@ -26,6 +26,15 @@ def test_build_is_atomic_and_lookup_finds_finished_artefacts():
     assert path is not None and (path / "w.txt").read_text() == "done"
 
 
+def test_a_cached_file_overwritten_with_as_many_bytes_is_not_served(capsys):
+    with cache.build("model", "k2", {"why": "test"}) as d:
+        (d / "w.bin").write_bytes(b"weights!")
+    path = cache.lookup("model", "k2")
+    (path / "w.bin").write_bytes(b"WEIGHTS!")  # same size, other content: only its sha256 tells
+    assert cache.lookup("model", "k2") is None and not path.exists()
+    assert "w.bin differs from what its build wrote (sha256)" in capsys.readouterr().err
+
+
 def test_two_processes_ensuring_one_artefact_build_it_once(tmp_path, monkeypatch):
     import multiprocessing
 

@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import harness
-from harness import provenance
+from harness import cache, provenance
 
 
 def test_editing_a_metric_module_changes_that_metric_only(tmp_path, monkeypatch):
@@ -78,3 +78,33 @@ def test_code_names_version_commit_and_fingerprint():
     code = provenance.code("ruler")
     assert code == {"version": harness.__version__, "git": code["git"], "fingerprint": provenance.fingerprint("ruler")}
     assert code["git"] is None or len(code["git"]) >= 7
+
+
+def test_every_module_that_builds_an_artefact_is_in_its_key(tmp_path, monkeypatch):
+    """An edit to any module under PRETRAINED or ADAPTER (subpackages included) moves that key, and so does code
+    moved from one file to another: a key that missed one would serve a model built by other code."""
+    tree = tmp_path / "harness"
+    shutil.copytree(Path(harness.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "_ROOT", tree)
+
+    def files(modules: tuple[str, ...]) -> set[Path]:
+        found = set()
+        for m in modules:
+            path = tree.joinpath(*m.split(".")[1:])
+            found |= {path.with_suffix(".py")} if path.with_suffix(".py").is_file() else set(path.rglob("*.py"))
+        return found
+
+    needed = {provenance.PRETRAINED: ("finetune/loop.py", "models/ssd.py", "pretraining.py"),  # the loop it runs
+              provenance.ADAPTER: ("attention/backends/se_attn.py", "finetune/methods.py")}  # subpackages too
+    for modules in (provenance.PRETRAINED, provenance.ADAPTER):
+        building = sorted(files(modules) - files(provenance._NOT_BUILDING))
+        assert {tree / f for f in needed[modules]} <= set(building)
+        for f in building:
+            before = provenance.artefact_fingerprint(modules)
+            with open(f, "a") as out:
+                out.write("\n# an edit\n")
+            assert provenance.artefact_fingerprint(modules) != before, f
+        a, b = cache.module_files(tree.joinpath(*modules[0].split(".")[1:], "__init__.py"))[:2]  # hashed in turn
+        before = provenance.artefact_fingerprint(modules)
+        a.write_text(a.read_text() + b.read_text()), b.write_text("")  # the same code, in another file
+        assert provenance.artefact_fingerprint(modules) != before
