@@ -178,6 +178,12 @@ def test_depth_metadata_matches_needle_position(tok, book):
         assert lines[nd["line_index"]].endswith(f"is: {nd['value']}.")
         assert nd["depth"] == pytest.approx(100 * nd["line_index"] / s.metadata["num_haystack"])
         assert s.metadata["depth"] == nd["depth"]
+    # among distractor needles (which end alike, with other values), the line of the one asked for
+    for task in ("niah_multikey_2", "niah_multikey_3"):
+        for s in gen(task, 1024, tok, book):
+            lines = _context_and_question(task, s.input)[0].split("\n")
+            for nd in s.metadata["needles"]:
+                assert lines[1 + nd["line_index"]].endswith(f"is: {nd['value']}."), (task, nd)
     # essay haystack: the needle precedes sentence int(n_sents * depth / 100)
     for task in ("niah_single_2", "niah_multikey_1", "niah_multivalue"):
         for s in gen(task, 1024, tok, book):
