@@ -26,6 +26,9 @@ CASES = [
     ("se_attn", {"chunk_size": 6, "block_size": 6, "top_k": 5}),
     ("se_attn", {"chunk_size": 10, "block_size": 4, "top_k": 100}),  # fewer past blocks than top_k
     ("se_attn", {"chunk_size": 64, "block_size": 8, "top_k": 3}),  # longer than some sequences
+    # top_k >= the complete blocks and L not a multiple of S (lengths 5 and 37): the last chunk reads every
+    # complete block, so counting one block too few (or the partial last one) shows
+    ("se_attn", {"chunk_size": 4, "block_size": 4, "top_k": 10}),
     ("se_attn", {"chunk_size": 8, "block_size": 4, "top_k": 2, "selection": "previous"}),
     ("se_attn", {"chunk_size": 16, "block_size": 3, "top_k": 1, "per_head": False, "selection": "previous"}),
     ("se_attn_random", {"chunk_size": 8, "block_size": 2, "top_k": 3, "seed": 5}),
@@ -261,6 +264,7 @@ def test_padding_mask_is_an_error_except_for_full():
     ("se_atn", {}, "did you mean 'se_attn'"),
     ("se_attn", {"top_k": -1}, "top_k"),
     ("se_attn", {"chunk_size": 8, "block_size": 16}, "block_size"),
+    ("se_attn", {"chunk_size": [2, 8], "block_size": 4}, "block_size"),  # longer than the smallest chunk
     ("se_attn", {"chunk_size": [8, 0]}, "chunk_size"),
     ("se_attn", {"retrieval": "relevance"}, "retrieval"),
     ("se_attn", {"per_head": 1}, "per_head"),
