@@ -92,6 +92,28 @@ def test_a_weighted_step_is_one_loss_however_it_is_split_into_micro_batches():
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
 
 
+def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(monkeypatch):
+    # Adam cancels a constant rescale of the gradients, so losses barely show clipping: read the gradient norm
+    # every optimizer step sees, with a loss scaled up so that the raw gradients are far above the clip
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from harness.finetune import loop
+
+    monkeypatch.setattr(loop, "lm_loss", lambda model, ids, weights=None: 1e3 * lm_loss(model, ids, weights))
+    norms = []
+
+    def record(opt, args, kwargs):
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train(tiny(), batches, TrainConfig(steps=2, context=16, batch_size=2, lr=1e-2, warmup_steps=1, grad_clip=0.5))
+    finally:
+        handle.remove()
+    assert norms == pytest.approx([0.5, 0.5], rel=1e-4)  # clipped down to the clip, not left at ~1e3 x
+
+
 def test_average_last_ends_with_the_mean_of_the_last_steps_weights():
     cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=2)
     plain, seen = tiny(), []
