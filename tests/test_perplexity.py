@@ -184,6 +184,14 @@ def test_errors(model, tokens):
         evaluate_perplexity(model, tokens[None], 32)
 
 
+def test_a_stride_may_equal_the_context_but_not_exceed_it():
+    # stride == context is documented as allowed (non-overlapping windows); one token more would leave tokens unscored
+    stride = PROTOCOLS["stride"]
+    assert stride.resolve_hop(32, 32) == 32
+    with pytest.raises(UserError, match="stride 33 exceeds the context 32"):
+        stride.resolve_hop(32, 33)
+
+
 class _Altered(torch.nn.Module):
     """`inner` with its outputs changed by `alter`, and no decoder to hook."""
 
