@@ -67,11 +67,41 @@ def test_timing_needs_ratio_and_significance_and_same_device():
         ("time", "skipped")]
 
 
+def test_timing_over_the_ratio_but_not_significant_is_ok():
+    # noisy on both sides: head's median is 1.2x base's, yet the permutation p is 0.22, so not a regression
+    base = [8.0, 12.0, 9.0, 11.0, 10.0, 13.0, 7.0]
+    b = [rec("t", {"times_ms": base}, metric="efficiency")]
+    assert verdicts(b, [rec("t", {"times_ms": [x * 1.2 for x in base]}, metric="efficiency")]) == [
+        ("time (median ms)", "ok")]
+
+
+def test_timing_improvement_needs_ratio_and_significance():
+    # the same runs 30% faster: an improvement, with the faster side's small p (exact: 60/3432 = 0.0175) in `why`
+    base = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8]
+    b = [rec("t", {"times_ms": base}, metric="efficiency")]
+    (finding,) = compare(b, [rec("t", {"times_ms": [x * 0.7 for x in base]}, metric="efficiency")])
+    assert finding.verdict == "improvement" and "permutation p=0.0175" in finding.why
+    # 5% faster is as significant, but within the 1.10 ratio: ok
+    assert verdicts(b, [rec("t", {"times_ms": [x * 0.95 for x in base]}, metric="efficiency")]) == [
+        ("time (median ms)", "ok")]
+
+
+def test_permutation_p_counts_ties():
+    # identical timings: every split ties the observed difference, so nothing is significant
+    assert permutation_p([5.0] * 5, [5.0] * 5) == 1.0
+
+
 def test_memory_ratio():
     b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
     assert verdicts(b, [rec("m", {"peak_memory_gib": 10.4}, metric="efficiency")]) == [("peak memory", "ok")]
     assert verdicts(b, [rec("m", {"peak_memory_gib": 10.6}, metric="efficiency")]) == [
         ("peak memory", "regression")]
+
+
+def test_peak_memory_of_a_train_record_is_not_judged():
+    # training's peak memory is not compared (train records are excluded from the memory verdict)
+    assert compare([rec("m", {"peak_memory_gib": 10.0}, metric="train")],
+                   [rec("m", {"peak_memory_gib": 15.0}, metric="train")]) == []
 
 
 def test_markdown_lists_regressions():
@@ -114,6 +144,17 @@ def test_disjoint_samples_are_compared_unpaired():
         ("accuracy", "regression")]
     same = {f"b{i}": int(i < 19) for i in range(20)}
     assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": same})]) == [("accuracy", "ok")]
+
+
+def test_unpaired_accuracy_compares_rates_not_hit_counts():
+    # 40 of 50 (80%) against 60 of 100 (60%), Fisher p = 0.017: head has fewer hits but the higher accuracy
+    base = {f"a{i}": int(i < 60) for i in range(100)}
+    head = {f"b{i}": int(i < 40) for i in range(50)}
+    assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})]) == [
+        ("accuracy", "improvement")]
+    # and the other way round: more hits, lower accuracy
+    assert verdicts([rec("r", {"per_sample": head})], [rec("r", {"per_sample": base})]) == [
+        ("accuracy", "regression")]
 
 
 def test_a_head_value_that_is_nan_or_missing_is_a_regression():
