@@ -74,6 +74,13 @@ def test_paired_samples_uses_only_shared_samples():
     assert paired_samples({"a": 1.0}, {"b": 1.0}) is None
 
 
+def test_paired_samples_interval_is_normal_with_the_sample_sd():
+    # d = b - a = [1, 1, 1, 0]: mean 0.75, sample sd (n - 1) 0.5, so the interval is 0.75 +- Z95 * 0.5 / sqrt(4)
+    r = paired_samples({s: 0.0 for s in "wxyz"}, {"w": 1.0, "x": 1.0, "y": 1.0, "z": 0.0})
+    assert r.estimate == 0.75
+    assert (r.low, r.high) == pytest.approx((0.75 - 1.959963984540054 * 0.25, 0.75 + 1.959963984540054 * 0.25))
+
+
 def test_mean_sd():
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     assert mean_sd([4.0]) == (4.0, None)
