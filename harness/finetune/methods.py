@@ -62,8 +62,9 @@ def unused_settings(method: str) -> tuple[str, ...]:
     """The `finetune` fields that do not change `method`'s training: the LR scale of fully trained parameters
     where nothing trains beside LoRA adapters or nothing is an adapter (see loop.param_groups), LoRA's shape for
     `full`."""
-    return ("extra_lr_scale", "rank", "alpha") if method == "full" else () if FULLY_TRAINED.get(method) else (
-        "extra_lr_scale",)
+    if method == "full":
+        return "extra_lr_scale", "rank", "alpha"
+    return () if FULLY_TRAINED.get(method) else ("extra_lr_scale",)
 
 # The paper's settings (its Appendix G, following LongLoRA), for reference; nothing enforces them.
 # lr: 2e-4 for SE/SW/full attention, 2e-5 for S2-Attn (see `default_lr`); 1000 steps of 64 sequences (8 GPUs x
