@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from harness import cache
 from harness.errors import UserError
@@ -60,10 +64,6 @@ def task_data_files(root: Path) -> list[Path]:
     """The local files that the task YAMLs under `root` read data from: `dataset_path` where it is a local file or
     directory (all of it), and `dataset_kwargs.data_files` / `data_dir` (absolute, or relative to the working
     directory; globs expanded)."""
-    import glob
-    import os
-
-    import yaml
 
     class Loader(yaml.SafeLoader):  # task YAMLs use lm-eval's tags (!function): their values are not paths
         pass
