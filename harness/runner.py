@@ -65,6 +65,8 @@ def prepare(suite_path: str | Path, pg19: str | None = None, run: dict | None = 
     """Load and plan a suite, finding the data and checkpoints it needs and checking what would fail every cell
     alike; an error names the suite file. In a dry run, what is missing is said and noted instead of raised."""
     suite = load_suite(suite_path, run)
+    for warning in suite.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
     try:
         variants = evaluates(suite)  # else only attention layers are timed: no model, no data

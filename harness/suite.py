@@ -232,10 +232,16 @@ class Suite(_Strict):
     data: Data = Field(default_factory=Data)
     run: Run = Field(default_factory=Run)
     _sha256: str = PrivateAttr("")  # of the file's text (load_suite): a job checks it read what was planned
+    _warnings: list[str] = PrivateAttr(default_factory=list)  # load_suite's, from harness.suite_warnings
 
     @property
     def sha256(self) -> str:
         return self._sha256
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the file sets that runs but is most likely a mistake, each naming file, line and field."""
+        return self._warnings
 
     @field_validator("name")
     @classmethod
@@ -407,6 +413,7 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
         lines = _key_lines(text)
         raise UserError(f"{path}: " + "; ".join(_describe(err, lines, model) for err in e.errors())) from None
     suite._sha256 = sha256
+    suite._warnings = _worded(path, suite, _key_lines(text))
     if not run:
         return suite
     merged = {**suite.run.model_dump(), **run, "slurm": {**suite.run.slurm.model_dump(), **run.get("slurm", {})}}
@@ -416,6 +423,16 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
         raise UserError("run settings from the command line: " + "; ".join(
             ": ".join(filter(None, (".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, "))))
             for err in e.errors())) from None
+
+
+def _worded(path: Path, suite: Suite, lines: dict[tuple, int]) -> list[str]:
+    from harness.suite_warnings import warnings
+
+    def where(loc: tuple) -> str:
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        return f"line {line}: {'.'.join(loc)}" if line else ".".join(loc)
+
+    return [f"{path}: {where(loc)}: {message}" for loc, message in warnings(suite)]
 
 
 def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:

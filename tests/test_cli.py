@@ -13,6 +13,16 @@ def test_validate_ok_and_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "line 3: metrics.perplexity.contexs" in err and "contexts" in err
 
 
+def test_validate_says_what_runs_but_measures_something_else(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: x\nfinetune: {steps: 5}\n")
+    assert main(["validate", str(suite)]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"warning: {suite}: line 2: finetune.warmup_steps: 20 is more than finetune.steps (5): the " \
+                  "learning rate never reaches finetune.lr (it ends at 25% of it); lower warmup_steps\n"
+    assert out.startswith(f"{suite}: ok")
+
+
 def test_console_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "validate", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True)

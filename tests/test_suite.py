@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -70,6 +71,50 @@ def test_attention_timed_alone_is_not_held_to_the_fine_tuning_context(tmp_path):
     suite = load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [2048, 4096]}}]\n"
                                        "metrics: {efficiency: {lengths: [8192]}}\n"))
     assert suite.backends[0].options["chunk_size"] == (2048, 4096)
+
+
+@pytest.mark.parametrize("text, warning", [
+    ("name: x\npretrain: {steps: 10}\n", "line 2: pretrain.warmup_steps: 30 is more than pretrain.steps \\(10\\): the "
+                                          "learning rate never reaches pretrain.lr \\(it ends at 33% of it\\)"),
+    ("name: x\nfinetune:\n  steps: 5\n  warmup_steps: 20\n", "line 4: finetune.warmup_steps: 20 is more than "
+                                                                "finetune.steps \\(5\\)"),
+    ("name: x\nmethods: []\nbackends: [full, s2_attn]\n", "line 2: methods: no method, so nothing is fine-tuned and "
+                                                          r"backends \(full, s2_attn\) are not used"),
+    ("name: x\nmethods: [lora, hylora]\nbackends: []\n", "line 3: backends: no backend, so nothing is fine-tuned "
+                                                         r"and methods \(lora, hylora\) are not run"),
+    ("name: x\nbackends: [{sliding_window: {window: 2048}}]\n", r"line 2: backends: sliding_window\(window=2048\) "
+                                                               "lets every token see all earlier ones at "
+                                                               "finetune.context 2048"),
+    ("name: x\nbackends: [{se_attn: {chunk_size: 256, block_size: 16, top_k: 112}}]\n",
+     "se_attn.* lets every token see all earlier ones"),  # 112 blocks of 16 before the last chunk of 256
+    ("name: x\nbackends: [{s2_attn: {group_ratio: 0.0001}}]\n", "lets each token see only itself at "
+                                                                "finetune.context 2048"),
+])
+def test_settings_that_measure_something_else_are_warned_about(tmp_path, text, warning):
+    warnings = load_suite(write(tmp_path, text)).warnings
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 's.yaml'}: ")
+    assert re.search(warning, warnings[0]), warnings[0]
+
+
+@pytest.mark.parametrize("text", [
+    "name: x\npretrain: {steps: 30}\nfinetune: {steps: 20}\n",  # warm-up ends on the last step
+    "name: x\nmethods: []\n",  # the pretrained model alone, said so
+    "name: x\nbackends: []\n",
+    "name: x\nbackends: [{sliding_window: {window: 2047}}, {s2_attn: {group_ratio: 0.001}}]\n",  # groups of 3
+    "name: x\nbackends: [{se_attn: {chunk_size: 256, block_size: 16, top_k: 111}}]\n",
+    "name: x\nmodels: [{name: c, path: /ckpt}]\npretrain: {steps: 10}\n",  # a checkpoint is not pretrained
+    "name: x\nmethods: []\nfinetune: {steps: 5}\n",  # nothing is fine-tuned
+    "name: x\nbackends: [{sliding_window: {window: 8192}}]\nmetrics: {efficiency: {lengths: [1024]}}\n",
+])
+def test_settings_that_measure_what_they_say_are_not_warned_about(tmp_path, text):
+    assert load_suite(write(tmp_path, text)).warnings == []
+
+
+def test_shipped_suites_have_no_warnings():
+    from pathlib import Path
+
+    assert {str(p): load_suite(p).warnings for p in Path("suites").glob("*.yaml")} == \
+        {str(p): [] for p in Path("suites").glob("*.yaml")}
 
 
 def test_command_line_run_settings_are_checked_with_the_suites(tmp_path):
