@@ -1,5 +1,7 @@
 """The training loop: LR schedule, and an interrupted run resumes to exactly the uninterrupted result."""
 
+import gc
+import sys
 import time
 
 import pytest
@@ -152,6 +154,24 @@ def test_extra_lr_scale_slows_only_the_fully_trained_parameters():
             assert scaled[n] == pytest.approx(full[n], rel=1e-4) and full[n] > 0, n
         elif ".lora_" not in n:  # Adam's first step moves each weight by about lr: here lr x 0.1
             assert scaled[n] == pytest.approx(0.1 * full[n], rel=1e-3) and full[n] > 0, n
+
+
+def test_a_diverged_run_closes_its_progress_bar_before_its_error_is_reported(capsys):
+    """The job reports a failed fine-tune's error while it keeps that error (and so, through its traceback, the
+    training's frame) for the variant's other cells: the bar's last line must already be out by then."""
+    from harness.attention import register
+    from harness.errors import UserError
+
+    model = tiny()
+    model.set_attn_implementation(register("full"))  # the backend that finds NaN in q, k, v
+    with pytest.raises(UserError, match="the model diverged") as failed:
+        train(model, batches, TrainConfig(steps=4, context=16, batch_size=2, lr=1e30, warmup_steps=0))
+    reported = f"error: {failed.value}"
+    print(reported, file=sys.stderr)
+    del failed
+    gc.collect()  # the traceback goes, with its frames: an open bar would refresh now
+    err = capsys.readouterr().err
+    assert "1/4" in err and err.rstrip().endswith(reported), err[-300:]
 
 
 @pytest.mark.skipif(missing_cpu_compiler() is not None, reason="torch.compile on CPU needs a C++ compiler")

@@ -135,7 +135,9 @@ def train(
                disable=None if sys.stderr.isatty() else False, mininterval=2.0)
     if cfg.compile:  # the first step compiles for about a minute on 2 CPU cores, with the bar standing still
         bar.set_postfix_str("compiling the training step")
-    with _deterministic(cfg.compile and device.type == "cpu"):
+    # `with bar`: a failed run's bar is closed too, so its last line comes before the error its caller prints
+    # (not whenever that error's traceback, which holds the bar, is let go: after the job's other cells)
+    with bar, _deterministic(cfg.compile and device.type == "cpu"):
         for step in range(start, cfg.steps):
             t0, tokens_before = time.perf_counter(), log.tokens
             total = 0.0
@@ -173,7 +175,6 @@ def train(
             bar.update(1)  # redraws at most every `mininterval` seconds, with the postfix above
             if workdir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save(workdir / CHECKPOINT, step + 1, model, opt, sched, gen, log, world, average)
-    bar.close()
     if average:
         with torch.no_grad():
             torch._foreach_copy_(params, average)
