@@ -212,6 +212,24 @@ def test_plots_mark_means_of_fewer_seeds(monkeypatch):
     assert rings == [([2048], [4.0])]
 
 
+def test_failed_cells_at_one_length_are_drawn_apart(monkeypatch):
+    """Two series that fail at one length: two markers, one under the other, not one on top of the other; the
+    measured points stay where they are."""
+    from matplotlib.axes import Axes
+
+    from harness.report import plots
+
+    points, failed = [], []
+    draw = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (failed if k.get("marker") == "X" else points).append(a)
+                        or draw(self, *a, **k))
+    plots.perplexity_vs_context([plots.Series("a", [1024], [3.0], failed=[(2048, "oom")]),
+                                 plots.Series("b", [1024], [4.0], failed=[(2048, "error"), (4096, "oom")])])
+    assert points == [([1024], [3.0]), ([1024], [4.0])]
+    assert [x for x, _ in failed] == [[2048], [2048], [4096]] and failed[0][1] != failed[1][1]
+    assert failed[2][1] == failed[0][1]  # alone at its length: at the top, as the first at 2048
+
+
 def test_a_seed_that_measured_nan_is_a_failed_seed():
     """A diverged fine-tune writes an ok record with NaN: it was neither counted as measured nor as failed, so the
     cell read "1 of 2 seeds (1 OOM)" when three seeds ran, and a place where every seed gave NaN read '–'."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -121,9 +122,9 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
                    title: str = "") -> str:
     """A value against sequence length (log2 x, ticks at the measured lengths; log y unless ``logy`` is False).
 
-    Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes
-    with the status written next to them, in the series' colour; a point that is the mean of fewer seeds than
-    ran (``Series.partial``) gets a ring around it.
+    Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes (several at one length
+    stacked down from it) with the status written next to them, in the series' colour; a point that is the mean
+    of fewer seeds than ran (``Series.partial``) gets a ring around it.
     """
     fig = Figure(figsize=(8.2, 4.6))
     ax = fig.add_subplot()
@@ -166,10 +167,15 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     trans = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for v in vlines:  # labelled in the legend: text on the plot would collide with the data
         ax.axvline(v.x, ls=(0, (1.5, 2.5)), lw=1.6, color=v.color, zorder=0, label=v.label)
+    # failed cells at one length go one under another, spaced so that the most at any length fit in the axes
+    most = max(Counter(x for s in series for x, _ in s.failed).values(), default=1)
+    step, drawn = min(0.07, 0.84 / most), Counter()
     for s, c in zip(series, colors, strict=True):
         for x, status in s.failed:
-            ax.plot([x], [0.94], marker="X", ms=9, color=c, transform=trans, clip_on=False, linestyle="none")
-            ax.annotate(status.upper(), (x, 0.94), xycoords=trans, xytext=(6, -3),
+            y = 0.94 - step * drawn[x]
+            drawn[x] += 1
+            ax.plot([x], [y], marker="X", ms=9, color=c, transform=trans, clip_on=False, linestyle="none")
+            ax.annotate(status.upper(), (x, y), xycoords=trans, xytext=(6, -3),
                         textcoords="offset points", fontsize=8, color=c)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
