@@ -145,6 +145,32 @@ def test_bad_sources_are_named_and_leave_no_cache_entry(tmp_path, tmp_cache, tok
     assert not list((tmp_cache / "tokens").glob("[!.]*")) if (tmp_cache / "tokens").exists() else True
 
 
+def test_a_hub_dataset_out_of_reach_fails_at_once(tmp_cache, monkeypatch):
+    """No network, and offline mode not set: a Hub dataset that is not in the cache fails with its fix at once,
+    not after huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s of sleep)."""
+    import datasets.config
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    def no_network(request):
+        raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    sleeps = []
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(no_network)))
+    try:
+        with pytest.raises(UserError, match=r"data.eval: datasets.load_dataset\('no-such-org/no-such-dataset'.*"
+                                            r"huggingface.co does not answer\); fix: without network it must be in "
+                                            r"the HF cache"):
+            open_source(Source(source="hf", path="no-such-org/no-such-dataset"), "data.eval")
+    finally:
+        huggingface_hub.set_client_factory(_http.default_client_factory)
+    assert sleeps == []
+    assert not datasets.config.HF_HUB_OFFLINE  # offline for that one load only
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ("train: {source: text}", "source text needs a path"),
     ("train: {source: text, path: x, split: train}", "split: a text source is one split"),

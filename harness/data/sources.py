@@ -222,14 +222,20 @@ def _hf(src: Source, where: str) -> Documents:
     except ImportError:
         raise UserError(f"{where}: source hf needs the package datasets; fix: pip install datasets") from None
     split, field = src.split or "train", src.field or "text"
+    offline, hub = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_ENDPOINT
+    out_of_reach = not offline and _out_of_reach(src.path, hub)
     try:
+        datasets.config.HF_HUB_OFFLINE = offline or out_of_reach  # the cache or a ConnectionError, not retries
         ds = datasets.load_dataset(src.path, src.name, split=split, data_files=src.data_files)
     except Exception as e:  # noqa: BLE001 - network, cache and builder errors: one message with the fix
         cache_dir = os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
         raise UserError(f"{where}: datasets.load_dataset({src.path!r}, {src.name!r}, split={split!r}) failed "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix: without network "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        f"{f'; {hub} does not answer' if out_of_reach else ''}); fix: without network "
                         f"it must be in the HF cache ({cache_dir}): load it once on a machine with network, or "
                         "read local files with path: json and data_files: FILE") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     if field not in ds.column_names:
         raise UserError(f"{where}.field: {src.path} has no column {field!r} (columns: {', '.join(ds.column_names)})")
     ds = ds.select_columns([field])
@@ -242,3 +248,17 @@ def _hf(src: Source, where: str) -> Documents:
 
     description = f"column {field!r} of {src.path}" + (f" ({src.name})" if src.name else "") + f", split {split}"
     return Documents("hf", split, description, fingerprint("hf", ds._fingerprint, field), False, len(ds), documents)
+
+
+def _out_of_reach(path: str, hub: str) -> bool:
+    """Whether `path` names a Hub dataset (owner/name, no local path) and `hub` does not answer within 5 s. Offline,
+    load_dataset retries the Hub for 23 s (huggingface_hub's backoff) before it falls back on the cache or fails."""
+    if "/" not in path or Path(path).expanduser().exists():
+        return False
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(hub, timeout=5)
+    except Exception:  # noqa: BLE001 - no network, no name resolution, a proxy refusing: no answer
+        return True
+    return False
