@@ -333,3 +333,10 @@ def test_group_scores():
     assert partial == {"VT": 12.5}
     with pytest.raises(UserError):
         metric.group_scores({"bogus": 1.0})
+
+
+def test_sentence_splitter_splits_at_a_run_of_spaces():
+    # RULER's essay words end with "" when the text ends with whitespace (re.sub(r"\s+", " ", ...).split(" ")),
+    # so a repeated essay has two spaces where it wraps round; NLTK's sent_tokenize splits there and drops them.
+    assert split_sentences("Two dogs ran.  Then the end.   Yes. No") == ["Two dogs ran.", "Then the end.", "Yes.", "No"]
+    assert split_sentences("Dr.  Smith came.  So  did I.") == ["Dr.  Smith came.", "So  did I."]

@@ -172,10 +172,14 @@ def split_sentences(text: str) -> list[str]:
     closing quotes/brackets) and a word starting (after optional opening quotes/brackets) with an
     upper-case letter or a digit -- unless the word ending in ``.`` is a known abbreviation
     (``Mr.``, ``Dr.``, ``e.g.`` ...) or a single letter (an initial, ``J.``). Sentences are
-    returned without surrounding whitespace; joining them with single spaces restores ``text``
-    when its whitespace was already single spaces (RULER normalises it so).
+    returned without surrounding whitespace (like NLTK's, the spaces between two sentences are
+    dropped, however many); joining them with single spaces restores ``text`` when its whitespace
+    was already single spaces (RULER normalises it so, except where a repeated essay wraps round).
     """
-    words = text.strip().split(" ")
+    # Words and the runs of spaces between them: a run of several spaces (RULER's repeated essay has
+    # one where its last, empty word meets its first) separates two words like a single space does.
+    parts = re.split(r"( +)", text.strip())
+    words, gaps = parts[0::2], parts[1::2]
     sents: list[str] = []
     cur: list[str] = []
     for i, w in enumerate(words):
@@ -183,16 +187,18 @@ def split_sentences(text: str) -> list[str]:
         if i + 1 == len(words):
             break
         if not _SENT_END.search(w) or not _SENT_START.match(words[i + 1]):
+            cur.append(gaps[i])
             continue
         stem = w.rstrip("\"'\u2019\u201d)]")
         if stem.endswith(".") and not stem.endswith(".."):
             base = stem[:-1].lstrip("\"'\u2018\u201c([").lower()
             if base in _ABBREVIATIONS or (len(base) == 1 and base.isalpha()):
+                cur.append(gaps[i])
                 continue
-        sents.append(" ".join(cur))
+        sents.append("".join(cur))
         cur = []
     if cur and any(cur):
-        sents.append(" ".join(cur))
+        sents.append("".join(cur))
     return [s for s in sents if s]
 
 
