@@ -1,6 +1,8 @@
 """Attention backends on tensors: every kernel equals its dense-mask reference (outputs and gradients),
 exact pattern boundaries, SE-Attn retrieval and causality, decode, option validation, kernel reporting."""
 
+import os
+
 import pytest
 import torch
 
@@ -410,6 +412,25 @@ def test_cuda_kernels_equal_reference_bf16(backend, options):
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
             out.float().sum().backward()
             assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_flex_kernels_equal_reference_forward_on_cpu():
+    """The CUDA flex paths (block masks from the retrieval index or the window, mask functions, grouped kv heads) run
+    on the CPU too, forward only (FlexAttention has no CPU backward): the same values as the dense reference. About
+    20 s, mostly inductor compiling."""
+    import shutil
+
+    from harness.attention import gpu
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("compiled FlexAttention on the CPU needs a C++ compiler (g++ or $CXX)")
+    q, k, v = _qkv((2, 4, 2, 700, 16))  # 700: chunks, blocks and 128-token tiles all straddle
+    torch.testing.assert_close(gpu.sliding_window_flex(q, k, v, 0.25, 100),
+                               attend(q, k, v, "sliding_window", kernel="reference", window=100))
+    for per_head, selection in ((True, "chunk"), (False, "previous")):
+        options = {"chunk_size": 160, "block_size": 24, "top_k": 3, "per_head": per_head, "selection": selection}
+        torch.testing.assert_close(gpu.se_attn_flex(q, k, v, 0.25, 160, 24, 3, "relevancy", per_head, 0, selection),
+                                   attend(q, k, v, "se_attn", kernel="reference", **options))
 
 
 @pytest.mark.parametrize("length,chunk,block,top_k,tile,per_head", [
