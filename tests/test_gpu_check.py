@@ -28,12 +28,13 @@ def test_the_summary_states_each_target_at_32k():
                Record(suite="gpu-check", cell="t", metric="train", method="lora", backend="full",
                       values={"tokens_per_s": 1e5, "peak_memory_gib": 1.5, "kernels": ["full via sdpa"]})]
     s = summarise(records)
-    assert [(t["value"], t["met"]) for t in s["targets"]] == [(3.0, True), (1.5, False), (1.3, False)]
+    assert [(t["value"], t["met"], t["kernel_met"]) for t in s["targets"]] == [(3.0, True, False), (1.5, False, False),
+                                                                              (1.3, False, False)]
     assert s["finetunes"][0]["kernels"] == ["full via sdpa"] and len(s["attention"]) == 3
     assert [t["met"] for t in summarise(records[:1])["targets"]] == [None, None, None]  # not measured
     shown = markdown({"device": "H200", "torch": "2.13", **s,
                       "steps": {"pytest -m gpu": {"ok": True, "result": "5 passed"}}})
-    assert "| SE-Attn speed-up over dense SDPA | 3.0 | >= 3.0 | yes |" in shown
+    assert "| SE-Attn speed-up over dense SDPA | 3.0 | >= 3.0 | yes | >= 5.0 | NO |" in shown
     assert "| pytest -m gpu | yes | 5 passed |" in shown
 
 
