@@ -180,6 +180,8 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
         record = {"kind": kind, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
                   "files": _manifest(tmp)}
         (tmp / META).write_text(json.dumps(record, indent=2, default=str))
+        if final.is_dir() and not (final / META).is_file():  # what a removal (or copy) cut off left: never served
+            shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError as e:  # another process finished first (ENOTEMPTY, EEXIST): keep theirs

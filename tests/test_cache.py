@@ -103,3 +103,88 @@ def test_a_build_finishing_after_another_process_built_the_key_keeps_theirs(caps
         (cache.cache_root() / "tokens" / "k3-theirs").rename(cache.cache_root() / "tokens" / "k3")
     assert (cache.cache_root() / "tokens" / "k3" / "theirs").is_file() and not cache.unfinished()
     assert "built by another process meanwhile" in capsys.readouterr().err
+
+
+def test_an_interrupted_build_leaves_no_scratch_whatever_stopped_it():
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-build: the process may live on (a notebook, the runner)
+        with cache.build("model", "k4") as d:
+            (d / "w.bin").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not cache.unfinished() and cache.lookup("model", "k4") is None
+
+
+def test_a_scratch_directory_of_another_users_live_build_is_kept(monkeypatch):
+    """Signal 0 to another user's process is refused (EPERM): that build is alive, and its files are kept."""
+    import os
+
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k5-{cache._host()}-4242"
+    scratch.mkdir(parents=True)
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    with cache.build("model", "k5") as d:
+        (d / "w.txt").write_text("done")
+    assert scratch.is_dir() and [u["alive"] for u in cache.unfinished()] == [True]
+
+
+def test_a_leftover_directory_without_meta_is_rebuilt_over():
+    """An entry whose removal was cut off after its meta.json went (`harness cache rm` or a damaged entry's
+    removal, killed; a copy of the cache cut off) is never served, nor listed: building its key replaces it."""
+    left = cache.cache_root() / "tokens" / "k6"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "tokens.bin").write_bytes(b"old")
+    assert cache.lookup("tokens", "k6") is None and cache.entries() == []
+
+    def make():
+        with cache.build("tokens", "k6") as d:
+            (d / "tokens.bin").write_bytes(b"new")
+
+    path = cache.ensure("tokens", "k6", make)
+    assert sorted(p.name for p in path.iterdir()) == [cache.META, "tokens.bin"]
+    assert (path / "tokens.bin").read_bytes() == b"new" and not cache.unfinished()
+
+
+def test_a_rename_that_fails_for_another_reason_is_an_error(monkeypatch):
+    import os
+
+    def replace(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        with cache.build("model", "k7") as d:
+            (d / "w.txt").write_text("done")
+    assert not cache.unfinished()
+
+
+def test_a_files_hash_is_remembered_until_the_file_changes(tmp_path):
+    f = tmp_path / "essays.json"
+    f.write_text("one")
+    first = cache.remembered_sha256(f)
+    assert first == cache.file_sha256(f) and cache.remembered_sha256(f) == first
+    import os
+
+    before = f.stat().st_mtime_ns
+    f.write_text("two")  # as many bytes: only the modification time tells (set apart: it may not have moved yet)
+    os.utime(f, ns=(before + 10**9, before + 10**9))
+    assert cache.remembered_sha256(f) == cache.file_sha256(f) != first
+
+
+def test_a_source_version_sees_file_names_as_well_as_contents(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("x = 1\n")
+    assert cache.source_version(tmp_path / "a.py") != cache.source_version(tmp_path / "b.py")
+
+
+def test_a_build_clears_scratch_left_under_its_own_pid_by_an_earlier_process():
+    """Pids come round again (in a container, soon): the earlier process's scratch is not this build's."""
+    import os
+
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k8-{cache._host()}-{os.getpid()}"
+    scratch.mkdir(parents=True)
+    (scratch / "w.bin").write_bytes(b"left over")
+    with cache.build("model", "k8") as d:
+        (d / "w.txt").write_text("done")
+    assert sorted(p.name for p in cache.lookup("model", "k8").iterdir()) == [cache.META, "w.txt"]
