@@ -69,3 +69,55 @@ def test_run_tags_are_not_stored(tmp_path):
     results.append(tmp_path, results.Record(suite="s", cell="c", metric="m", run="base", run_index=1))
     (r,) = results.load(tmp_path)
     assert (r.run, r.run_index) == ("", 0)
+
+
+def test_read_lines_from_an_offset_sees_only_the_records_appended_after_it(tmp_path):
+    """The runner counts an attempt's records from the size the file had when the attempt started."""
+    results.append(tmp_path, results.Record(suite="s", cell="before", metric="m"))
+    start = (tmp_path / results.RESULTS_FILE).stat().st_size
+    results.append(tmp_path, results.Record(suite="s", cell="after", metric="m"))
+    assert [(n, rec["cell"]) for n, rec in results.read_lines(tmp_path / results.RESULTS_FILE, start)] == [
+        (1, "after")]
+
+
+def test_an_append_waits_for_the_lock_of_another_writer_and_syncs_its_line(tmp_path, monkeypatch):
+    """Jobs finishing at once take turns on the file's lock; each finished line is on disk (fsync) before the job
+    goes on, so that a crash of the machine keeps it."""
+    import fcntl
+    import os
+    import threading
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    path = tmp_path / results.RESULTS_FILE
+    with open(path, "ab") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another job, mid-append
+        writer = threading.Thread(target=results.append, args=(tmp_path, results.Record(suite="s", cell="c",
+                                                                                          metric="m")))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and path.read_text() == ""
+    writer.join()
+    assert [r.cell for r in results.load(tmp_path)] == ["c"] and synced == [str(path)]
+
+
+def test_a_cells_record_says_what_the_cell_says_of_itself():
+    from harness import provenance
+    from harness.cells import Cell, Variant
+
+    cell = {**Cell("perplexity", Variant("tiny-hybrid", 1, "lora", "se_attn(top_k=2)", 256), 64,
+                   eval_attention="finetune").as_dict(), "hash": "h"}
+    rec = results.cell_record("s", cell, status="error", error="job process exited with code 1")
+    assert (rec.cell, rec.stage, rec.method, rec.backend, rec.model) == (
+        "tiny-hybrid/seed1/lora/se_attn(top_k=2)/eval-finetune/ppl@64", "finetuned", "lora", "se_attn(top_k=2)",
+        {"preset": "tiny-hybrid"})
+    assert (rec.finetune_context, rec.eval_context, rec.config_hash, rec.settings) == (
+        256, 64, "h", {"eval_attention": "finetune"})
+    assert (rec.status, rec.error, rec.code["fingerprint"]) == ("error", "job process exited with code 1",
+                                                                 provenance.fingerprint("perplexity"))
+    timed = {**Cell("efficiency", length=128, backend="sliding_window(window=32)").as_dict(), "hash": "h2",
+             "hardware": "cpu"}
+    rec = results.cell_record("s", timed)
+    assert (rec.backend, rec.stage, rec.model, rec.variant, rec.settings) == (
+        "sliding_window(window=32)", "", {}, None, {"eval_attention": "full", "hardware": "cpu"})
