@@ -1,0 +1,29 @@
+"""How a job turns a cell's measurement, or its failure, into the cell's record."""
+
+import pytest
+import torch
+
+from harness import job, results
+from harness.metrics.base import Measurement
+
+REC = results.Record(suite="s", cell="tiny-hybrid/seed0/pretrained/ruler/vt@512", metric="ruler",
+                     model={"preset": "tiny-hybrid"}, settings={"eval_attention": "full", "task": "vt"})
+
+
+def test_a_measurement_keeps_what_the_cell_said_of_itself_unless_it_says_more():
+    rec = job._fill(REC, Measurement(values={"accuracy": 0.5}, settings={"samples": 8}))
+    assert rec.settings == {"eval_attention": "full", "task": "vt", "samples": 8}
+    assert rec.model == {"preset": "tiny-hybrid"} and rec.values == {"accuracy": 0.5}
+    rec = job._fill(REC, Measurement(values={}, settings={"task": "vt2"}, model={"preset": "p", "hash": "k"}))
+    assert rec.settings == {"eval_attention": "full", "task": "vt2"} and rec.model == {"preset": "p", "hash": "k"}
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nsee the allocator's notes"), "oom",
+     "CUDA out of memory. Tried to allocate 2 GiB"),
+    (MemoryError("host"), "error", "MemoryError: host"),
+    (RuntimeError("boom"), "error", "RuntimeError: boom"),
+])
+def test_a_failed_cell_is_recorded_as_an_oom_only_where_the_device_ran_out(error, status, message):
+    rec = job._failed(REC, error)
+    assert (rec.status, rec.error, rec.cell) == (status, message, REC.cell)
