@@ -330,3 +330,50 @@ def test_a_stalled_submitit_local_job_is_ended_without_a_traceback(suite_file, t
                      run={"executor": "submitit-local", "timeout": 3}).failed == {"timeout": 1}
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.mark.parametrize("code, status", [(-9, "oom"), (137, "oom"), (1, "error"), (-15, "error")])
+def test_a_job_process_killed_by_sigkill_counts_as_out_of_memory(code, status):
+    """-9 where the runner waits on the process itself, 137 (128 + 9) where a shell or submitit reports it."""
+    from harness.executors import exit_failure
+
+    got, error = exit_failure(code)
+    assert got == status and f"exited with code {code}" in error
+    assert ("likely out of memory" in error) == (status == "oom")
+
+
+def test_the_ledger_keeps_each_jobs_latest_attempt_and_its_own_end_only(tmp_path):
+    """An older attempt's end must not mark the newer one, still running, ended: a rerun would submit it again."""
+    def note(**entry):  # as the runner notes attempts
+        results.locked_append(tmp_path / "jobs.jsonl", json.dumps({"job": "attention/full", "executor": "slurm",
+                                                                   **entry}) + "\n")
+
+    note(id="1", cells=2, submitted="2026-01-01T00:00:00")
+    note(id="2", cells=1, submitted="2026-01-01T01:00:00")
+    note(id="1", state="TIMEOUT", ended="2026-01-01T02:00:00")  # the first attempt's end, noted late
+    with open(tmp_path / "jobs.jsonl", "a") as f:
+        f.write('{"job": "attention/full", "id": "2", "sta')  # a runner killed mid-note
+    assert ledger(tmp_path) == {"attention/full": {"job": "attention/full", "executor": "slurm", "id": "2",
+                                                   "cells": 1, "submitted": "2026-01-01T01:00:00"}}
+    note(id="2", state="COMPLETED", ended="2026-01-01T03:00:00")
+    assert ledger(tmp_path)["attention/full"]["state"] == "COMPLETED"
+
+
+def test_a_local_attempt_is_running_while_its_process_is_alive(tmp_path, monkeypatch):
+    import subprocess
+
+    from harness.executors import live_state
+
+    entry = {"job": "attention/full", "executor": "local", "cells": 1}
+    assert live_state({**entry, "id": str(os.getpid())}, tmp_path) == "RUNNING"
+    assert live_state({**entry, "id": str(os.getpid()), "state": "COMPLETED"}, tmp_path) == "COMPLETED"
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")  # another user's process: alive
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "kill", kill)
+        assert live_state({**entry, "id": "1"}, tmp_path) == "RUNNING"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    assert live_state({**entry, "id": done.stdout.strip()}, tmp_path).startswith("GONE")
