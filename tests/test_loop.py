@@ -3,6 +3,7 @@
 import gc
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,30 @@ def test_compiled_training_follows_the_eager_one(weighted):
     for (n, a), b in zip(compiled.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), n  # a compiled run is reproducible
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
+
+
+def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    """A checkpoint is written beside the last one and renamed over it: a kill mid-write leaves the last whole.
+    Resumed mid-warm-up into a cosine decay, the LR schedule goes on from the checkpoint's step."""
+    cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=3, schedule="cosine",
+                      checkpoint_every=2)
+    straight = tiny()
+    log = train(straight, batches, cfg)
+
+    save, saves = torch.save, []
+
+    def killed_in_the_second_save(obj, f):
+        saves.append(f)
+        if len(saves) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", killed_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), batches, cfg, workdir=tmp_path)
+    monkeypatch.undo()
+    resumed = tiny()
+    assert train(resumed, batches, cfg, workdir=tmp_path).loss_curve == log.loss_curve
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
