@@ -217,3 +217,15 @@ def test_the_training_text_determines_the_finetuned_cells_only(tmp_path, monkeyp
     changed = {i for i in hashes["text"] if hashes["text"][i] != hashes["embedded"][i]}
     assert changed and all("/lora/" in i for i in changed)
     assert all(hashes["text"][i] == hashes["embedded"][i] for i in hashes["text"] if "/pretrain" in i)
+
+
+def test_a_change_to_the_tokenizing_code_is_another_stream(tmp_path, monkeypatch, tok):
+    """A stream is kept in the cache by its key: a fix to how documents are cut and joined must not be served the
+    streams the old code wrote."""
+    from harness import cache
+    from harness.data.tokens import tokens_cache_key
+
+    docs = open_source(write_sources(tmp_path)["text"], "data.train")
+    before = tokens_cache_key(tok, docs)
+    monkeypatch.setattr(cache, "code_version", lambda *modules: "edited")
+    assert tokens_cache_key(tok, docs) != before
