@@ -104,6 +104,16 @@ def test_every_input_of_a_finetune_is_in_its_key(tmp_path, change):
     assert (pretrained != pretrained2) == (field == "pretrain")
 
 
+def test_the_recall_rows_of_a_finetune_are_in_its_key(tmp_path):
+    """Their share and their answers' weight change what is trained (the case above also changes the context)."""
+    keys = []
+    for recall in ("recall: 0.5", "recall: 0.25", "recall: 0.5, answer_weight: 3.0"):
+        (tmp_path / "s.yaml").write_text(SUITE.replace("context: 128", f"context: 256, {recall}"))
+        s = load_suite(tmp_path / "s.yaml")
+        keys.append(artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], documents(s, "train"))[0])
+    assert len(set(keys)) == 3
+
+
 def test_settings_a_finetune_does_not_use_stay_out_of_its_keys(tmp_path):
     """An LR for another backend, the LR scale of fully trained parameters for plain LoRA (nothing trains beside
     its adapters), LoRA's rank for `full`: changing them neither trains nor measures anything again."""

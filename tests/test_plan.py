@@ -75,3 +75,16 @@ def test_a_fixed_pretrain_seed_moves_the_cells_of_the_models_it_trains(tmp_path)
     unset = hashes(tmp_path)
     fixed = hashes(tmp_path, SUITE.replace("warmup_steps: 1}", "warmup_steps: 1, seed: 7}", 1))
     assert unset.keys() == fixed.keys() and all(unset[c] != fixed[c] for c in unset)
+
+
+def test_a_checkpoints_content_is_in_the_hash_of_each_of_its_cells(tmp_path):
+    """Another checkpoint under the same name (a new revision, retrained weights) measures every cell again."""
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SUITE + "models: [{name: m, path: /ckpt/m}]\n")
+    suite = load_suite(tmp_path / "s.yaml")
+    a, b = ({c["id"]: c["hash"] for j in plan(suite, "data", "train", {"m": fingerprint}) for c in j.cells}
+            for fingerprint in ("weights-1", "weights-2"))
+    assert a.keys() == b.keys() == {"m/seed0/pretrained/ppl@64", "m/seed0/lora/full/train", "m/seed0/lora/full/ppl@64"}
+    assert all(a[c] != b[c] for c in a)
