@@ -114,6 +114,22 @@ def test_the_recall_rows_of_a_finetune_are_in_its_key(tmp_path):
     assert len(set(keys)) == 3
 
 
+def test_the_embedded_corpus_and_tokenizer_are_in_a_pretrained_models_key(tmp_path, monkeypatch):
+    """Their code is in no key (harness.provenance): their content's fingerprints are what a new corpus or
+    tokenizer changes."""
+    from types import SimpleNamespace
+
+    (tmp_path / "s.yaml").write_text(SUITE)
+    s = load_suite(tmp_path / "s.yaml")
+    keys = [artefacts.base_info(s, "tiny-hybrid", 0)["hash"]]
+    corpus = artefacts.default_corpus()
+    monkeypatch.setattr(artefacts, "default_corpus", lambda: SimpleNamespace(name=corpus.name, fingerprint="other"))
+    keys.append(artefacts.base_info(s, "tiny-hybrid", 0)["hash"])
+    monkeypatch.setattr(artefacts, "tokenizer_fingerprint", lambda tok: "other")
+    keys.append(artefacts.base_info(s, "tiny-hybrid", 0)["hash"])
+    assert len(set(keys)) == 3
+
+
 def test_settings_a_finetune_does_not_use_stay_out_of_its_keys(tmp_path):
     """An LR for another backend, the LR scale of fully trained parameters for plain LoRA (nothing trains beside
     its adapters), LoRA's rank for `full`: changing them neither trains nor measures anything again."""
