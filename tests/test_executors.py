@@ -8,6 +8,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -377,3 +378,68 @@ def test_a_local_attempt_is_running_while_its_process_is_alive(tmp_path, monkeyp
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True)
     assert live_state({**entry, "id": done.stdout.strip()}, tmp_path).startswith("GONE")
+
+
+class _Job:
+    """What SubmititAttempt reads of a submitit job: its state, whether it is done, its files, its outcome."""
+
+    def __init__(self, tmp_path, state, result=None, exception=None, stderr=""):
+        self.job_id, self.state, self._result, self._exception = "7", state, result, exception
+        self.paths = SimpleNamespace(result_pickle=tmp_path / "7_result.pkl", stderr=tmp_path / "7.err")
+        if result is not None or exception is not None:
+            self.paths.result_pickle.write_bytes(b"")
+        self.paths.stderr.write_text(stderr)
+
+    def done(self):
+        return self.state not in ("PENDING", "RUNNING")
+
+    def exception(self):
+        return self._exception
+
+    def result(self):
+        return self._result
+
+
+@pytest.mark.parametrize("state, started", [("PENDING", False), ("CONFIGURING", False), ("REQUEUED", False),
+                                            ("RUNNING", True), ("COMPLETED", True)])
+def test_a_submitit_attempt_has_started_once_slurm_runs_it(tmp_path, state, started):
+    """The runner's timeout counts from the start: a job waiting in the queue is not timed out."""
+    from harness.executors import SubmititAttempt
+
+    assert SubmititAttempt(_Job(tmp_path, state), "slurm").started() is started
+
+
+@pytest.mark.parametrize("job, status, said", [
+    (dict(state="OUT_OF_MEMORY", stderr="slurmstepd: error: Detected 1 oom_kill event"), "oom", "oom_kill event"),
+    (dict(state="FAILED", result=137), "oom", "likely out of memory"),  # the job process SIGKILLed, said by its task
+    (dict(state="FAILED", result=1), "error", "exited with code 1"),
+    (dict(state="TIMEOUT", stderr="CANCELLED DUE TO TIME LIMIT"), "timeout", "TIME LIMIT"),
+    (dict(state="FAILED", stderr=""), "error", "died without a result or a message"),
+])
+def test_how_a_submitit_job_ended_is_its_records_status(tmp_path, job, status, said):
+    from harness.executors import SubmititAttempt
+
+    attempt = SubmititAttempt(_Job(tmp_path, **job), "slurm")
+    assert attempt.poll() == 1
+    got, error = attempt.failure()
+    assert got == status and error.startswith(f"slurm job 7 ended {job['state']}: ") and said in error
+
+
+def test_a_completed_submitit_job_whose_result_is_not_there_yet_is_not_taken_for_dead(tmp_path):
+    """Only a job Slurm says COMPLETED may wait for its result file on a slow shared filesystem (submitit's
+    `result` waits); any other without one died."""
+    from harness.executors import SubmititAttempt
+
+    job = _Job(tmp_path, "COMPLETED", stderr="")
+    job.result = lambda: 0  # what submitit returns once the file has arrived
+    assert SubmititAttempt(job, "slurm").poll() == 0
+
+
+def test_a_local_attempt_removes_its_spec_file_once_its_process_has_ended(tmp_path):
+    from harness.executors import LocalAttempt
+
+    attempt = LocalAttempt({"suite": str(tmp_path / "none.yaml")}, None, None)  # the job fails at once
+    spec = attempt._spec_file
+    while attempt.poll() is None:
+        time.sleep(0.05)
+    assert attempt.code != 0 and not os.path.exists(spec)
