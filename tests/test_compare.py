@@ -1,3 +1,7 @@
+from dataclasses import replace
+
+import pytest
+
 from harness import results
 from harness.cli import main
 from harness.report.compare import Thresholds, compare, markdown, permutation_p
@@ -166,3 +170,72 @@ def test_a_head_value_that_is_nan_or_missing_is_a_regression():
     # a value neither side has (peak memory of an efficiency cell on CPU) is no loss
     cpu = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
     assert verdicts(cpu, cpu) == [("time (median ms)", "ok"), ("peak memory", "skipped")]
+
+
+def test_perplexity_may_rise_by_exactly_the_tolerance():
+    # "may rise by 0.5%": a head at exactly base * 1.005 is ok, a hair above is a regression
+    base = [rec("a", {"perplexity": 10.0})]
+    assert verdicts(base, [rec("a", {"perplexity": 10.0 * (1 + 0.005)})]) == [("perplexity", "ok")]
+    assert verdicts(base, [rec("a", {"perplexity": 10.0 * (1 + 0.005) + 1e-9})]) == [("perplexity", "regression")]
+
+
+def test_accuracy_needs_p_below_alpha_not_equal_to_it():
+    # 5 discordant samples, all against head: McNemar's exact p is 2 / 2**5 = 0.0625 exactly; at alpha 0.0625 the
+    # rule p < alpha is not met, just above it it is
+    base = {f"s{i}": 1 for i in range(10)}
+    head = {**base, **{f"s{i}": 0 for i in range(5)}}
+    b, h = [rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})]
+    assert verdicts(b, h, alpha=0.0625) == [("accuracy", "ok")]
+    assert verdicts(b, h, alpha=0.0626) == [("accuracy", "regression")]
+
+
+def test_paired_accuracy_shows_the_accuracies_of_the_shared_samples():
+    # base also scored 10 samples head did not (all wrong): the accuracies shown are over the 20 both scored
+    base = {**{f"s{i}": 1 for i in range(20)}, **{f"x{i}": 0 for i in range(10)}}
+    head = {**{f"s{i}": 1 for i in range(20)}, **{f"s{i}": 0 for i in range(8)}}
+    (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})])
+    assert (f.base, f.head, f.verdict) == (100.0, 60.0, "regression")  # 20/20 and 12/20
+    assert f.why == "McNemar p=0.00781 over 20 samples"  # 2 / 2**8
+
+
+def test_unpaired_accuracy_of_unequal_sizes_matches_scipy():
+    st = pytest.importorskip("scipy.stats")
+    base = {f"a{i}": int(i < 9) for i in range(10)}  # 9 of 10
+    head = {f"b{i}": int(i < 10) for i in range(25)}  # 10 of 25
+    (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})])
+    p = st.fisher_exact([[9, 1], [10, 15]]).pvalue  # 0.0094
+    assert (f.base, f.head, f.verdict) == (90.0, 40.0, "regression")
+    assert f"Fisher exact p={p:.3g}, 10 vs 25 samples" in f.why
+
+
+def test_timing_needs_p_below_alpha_not_equal_to_it():
+    # 3 timings a side, all of head's slower: of the C(6, 3) = 20 splits two reach the observed difference of
+    # medians, 11 - 2 (head {10, 11, 12} and {3, 11, 12}), so the exact p is 2/20 = 0.1; at alpha 0.1, p < alpha fails
+    base, head = [1.0, 2.0, 3.0], [10.0, 11.0, 12.0]
+    assert permutation_p(base, head) == 2 / 20
+    b = [rec("t", {"times_ms": base}, metric="efficiency")]
+    h = [rec("t", {"times_ms": head}, metric="efficiency")]
+    assert verdicts(b, h, alpha=0.1) == [("time (median ms)", "ok")]
+    assert verdicts(b, h, alpha=0.1001) == [("time (median ms)", "regression")]
+
+
+def test_a_head_that_failed_is_a_regression_saying_how_whatever_its_settings():
+    # an OOM in head is a regression with its status, even where the failure record's config hash differs
+    base = [rec("a", {"perplexity": 10.0}), rec("b", {"perplexity": 10.0})]
+    head = [replace(rec("a", {}, status="oom"), error="CUDA out of memory"),
+            replace(rec("b", {}, status="timeout", config_hash="other"), error="over 600 s")]
+    assert [(f.verdict, f.why) for f in compare(base, head)] == [
+        ("regression", "head status oom: CUDA out of memory"), ("regression", "head status timeout: over 600 s")]
+
+
+def test_empty_per_sample_in_head_is_a_lost_value():
+    base = [rec("r", {"per_sample": {"s0": 1, "s1": 0}})]
+    (f,) = compare(base, [rec("r", {"per_sample": {}})])
+    assert (f.verdict, f.why) == ("regression", "no per_sample in head")
+
+
+def test_a_cell_that_failed_in_base_is_not_judged():
+    # nothing to regress from: an OOM in both runs, or one fixed in head, gives no finding
+    base = [rec("a", {}, status="oom"), rec("b", {}, status="error")]
+    head = [rec("a", {}, status="oom"), rec("b", {"perplexity": 10.0})]
+    assert compare(base, head) == []
