@@ -84,3 +84,15 @@ def test_paired_samples_interval_is_normal_with_the_sample_sd():
 def test_mean_sd():
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     assert mean_sd([4.0]) == (4.0, None)
+
+
+def test_paired_samples_pairs_by_sample_id_not_by_position():
+    # b scored a sample a did not ("s0", first in order): s1 and s3 must still pair with themselves,
+    # d = [1 - 1, 1 - 0] = [0, 1], mean 0.5, one discordant sample won: McNemar p = 1
+    r = paired_samples({"s1": 1.0, "s3": 0.0}, {"s0": 0.0, "s1": 1.0, "s3": 1.0})
+    assert (r.n, r.estimate, r.p) == (2, 0.5, 1.0)
+
+
+def test_mean_sd_is_the_mean_and_the_sample_sd():
+    # [1, 2, 6]: mean 3 (the median is 2), squared deviations 4 + 1 + 9 = 14, sd = sqrt(14 / 2)
+    assert mean_sd([1.0, 2.0, 6.0]) == (3.0, pytest.approx(math.sqrt(7)))
