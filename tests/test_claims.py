@@ -104,3 +104,44 @@ def test_a_length_without_shared_samples_is_not_measured():
     recs = [_ruler("hylora", SE, 0, 15, task="niah_single_1"), _ruler("hylora", "s2_attn", 0, 3, task="vt")]
     row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
     assert row[-1]["text"] == "not measured"
+
+
+def test_only_the_base_run_same_model_full_attention_evaluation_is_judged():
+    from dataclasses import replace
+
+    recs = [_record("perplexity", "hylora", SE, 4096, s, {"perplexity": 20.0 + s}) for s in (0, 1)]
+    recs += [_record("perplexity", "hylora", "s2_attn", 4096, s, {"perplexity": 40.0 + s}) for s in (0, 1)]
+    key = ("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")
+    alone = _rows(recs)
+    assert alone[key][4]["note"] == "2 seed(s)" and len(alone) == 2  # and the RULER claim: not measured
+    # a later run, another model, or an evaluation with the fine-tuning attention adds no row
+    extra = [replace(r, run="b", run_index=1) for r in recs]
+    extra += [replace(r, model={"preset": "other"}) for r in recs if r.backend == "s2_attn"]
+    extra += [replace(r, settings={"eval_attention": "finetune"}) for r in recs if r.backend == "s2_attn"]
+    assert claims_blocks(recs + extra) == claims_blocks(recs)
+
+
+def test_ruler_pools_the_tasks_at_the_length_even_where_sample_ids_repeat():
+    # two tasks whose sample ids coincide: 40 samples, not 20; SE 15 + 5 right of 40, S2 3 + 3
+    recs = [_ruler("hylora", SE, 0, 15), _ruler("hylora", SE, 0, 5, task="vt"),
+            _ruler("hylora", "s2_attn", 0, 3), _ruler("hylora", "s2_attn", 0, 3, task="vt")]
+    row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[4]["text"] == "15.0 → 50.0" and row[4]["note"] == "40 samples"
+
+
+def test_the_verdict_follows_mcnemars_p_where_the_normal_interval_excludes_zero():
+    # SE right on 8 of 20, S2 on 3, the same 3: five discordant samples all SE's way, McNemar p = 2 / 2**5 = 0.0625;
+    # d = [1] * 5 + [0] * 15: +25 pts, sample sd sqrt(5 * 0.75**2 + 15 * 0.25**2) / sqrt(19) = 0.4443, so the normal
+    # interval 25 +- 100 * 1.96 * 0.4443 / sqrt(20) = [+5.5, +44.5] excludes zero; still inconclusive
+    row = _rows([_ruler("hylora", SE, 0, 8), _ruler("hylora", "s2_attn", 0, 3)])[
+        ("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[5]["text"] == "+25.0 pts [+5.5, +44.5]" and row[6]["text"] == "0.062"
+    assert row[-1]["text"] == "inconclusive"
+
+
+def test_ruler_means_are_over_the_samples_both_variants_scored():
+    # S2 also ran vt (all right), which SE did not: the means are over niah_single_1's 20 samples only
+    recs = [_ruler("hylora", SE, 0, 15), _ruler("hylora", "s2_attn", 0, 3),
+            _ruler("hylora", "s2_attn", 0, 20, task="vt")]
+    row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[4]["text"] == "15.0 → 75.0" and row[4]["note"] == "20 samples"
