@@ -1,5 +1,5 @@
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -782,3 +782,32 @@ def test_an_efficiency_report_names_no_model_and_its_shape_whatever_failed():
     assert "not recorded" not in str(paper) and "attention layers alone, no model" in str(paper)
     sec, _ = _section(recs, "efficiency")
     assert "(batch 1, heads 4, head_dim 32, repeats 3)" in sec["blocks"][0]["text"]
+
+
+# ----------------------------------------------------------------------------- numbers as a reader sees them
+
+
+def test_a_bool_is_not_a_number_and_a_record_without_stage_or_method_is_pretrained():
+    from harness.report.common import number
+
+    assert number(1) and number(2.5) and not number(True) and not number(float("nan")) and not number("3")
+    bare = Record(suite="s", cell="c", metric="perplexity", model={"preset": "m"}, eval_context=2048, method="")
+    assert variant_label(variant_key(bare)) == "pretrained"
+
+
+def test_a_failure_that_measured_something_keeps_its_own_settings():
+    from harness.report.common import normalise
+
+    ok_rec = ppl_record("finetuned", "hylora", 2048, 30.0, ft_ctx=8192)
+    # a job that failed after measuring: it has values and no dataset, and is not filled in from its sibling
+    failed = replace(ok_rec, cell="ppl-late", status="error", values={"nll": 1.0}, dataset=None, settings={})
+    (_, got), _, _ = normalise([ok_rec, failed])
+    assert got.dataset is None and got.settings == {}
+
+
+def test_fmt_count_picks_the_unit_of_the_number_as_shown():
+    from harness.report.common import fmt_count
+
+    # 3 significant digits: 999,999 shows as "1M", not "1e+03K" (a token count or parameter count in the tables)
+    assert [fmt_count(n) for n in (999, 1000, 999_499, 999_999, 1_000_000, 1_234_567, 999_600_000, 2e9)] == [
+        "999", "1K", "999K", "1M", "1M", "1.23M", "1B", "2B"]

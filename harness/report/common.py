@@ -345,9 +345,10 @@ def fmt_count(n: Any) -> str:
     """1_234_567 -> '1.23M'."""
     if not number(n):
         return "–"
+    shown = float(f"{n:.3g}")  # the unit of the number as shown: 999_999 is "1M", not "1e+03K"
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
+        if abs(shown) >= size:
+            return f"{shown / size:.3g}{unit}"
     return f"{n:g}"
 
 
