@@ -811,3 +811,23 @@ def test_fmt_count_picks_the_unit_of_the_number_as_shown():
     # 3 significant digits: 999,999 shows as "1M", not "1e+03K" (a token count or parameter count in the tables)
     assert [fmt_count(n) for n in (999, 1000, 999_499, 999_999, 1_000_000, 1_234_567, 999_600_000, 2e9)] == [
         "999", "1K", "999K", "1M", "1M", "1.23M", "1B", "2B"]
+
+
+def test_efficiency_speedup_is_over_full_of_the_same_run_and_a_place_shows_the_median(monkeypatch):
+    from harness.report import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "line_vs_length", lambda series, **kw: drawn.append(series) or "x.svg")
+    recs = [eff_record("full", 1024, 4.0, ideal=1.0, run="a"), eff_record("se_attn", 1024, 2.0, ideal=4.0, run="a"),
+            eff_record("full", 1024, 8.0, ideal=1.0, run="b"), eff_record("se_attn", 1024, 2.0, ideal=4.0, run="b")]
+    sec, _ = _section(recs, "efficiency")
+    limits = [b for b in sec["blocks"] if b["type"] == "table"][1]
+    assert [[c["text"] for c in row] for row in limits["rows"]] == [["[a] se_attn", "2.00x / 4.00x"],
+                                                                    ["[b] se_attn", "4.00x / 4.00x"]]
+    assert [s.y for s in drawn[-1]] == [[0.5], [1.0]]  # the fraction of the limit, measured / ideal
+    # three records of one place (three cells timing it): the median, 2.00, not the mean, 4.00
+    three = [dict(eff_record("se_attn", 1024, t), cell=f"attention/se_attn/efficiency@1024/{i}")
+             for i, t in enumerate((1.0, 2.0, 9.0))]
+    sec, _ = _section(three, "efficiency")
+    row = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0]
+    assert row[1]["text"] == "2.00" and row[1]["title"] == "repeats 0.9–9.9 ms"
