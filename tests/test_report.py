@@ -831,3 +831,29 @@ def test_efficiency_speedup_is_over_full_of_the_same_run_and_a_place_shows_the_m
     sec, _ = _section(three, "efficiency")
     row = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0]
     assert row[1]["text"] == "2.00" and row[1]["title"] == "repeats 0.9–9.9 ms"
+
+
+def test_ruler_bolds_a_best_only_among_two_and_needs_every_seeds_samples():
+    one = [ruler_record("pretrained", "none", "niah_single_1", 1024, 30.0),
+           ruler_record("finetuned", "hylora", "niah_single_1", 1024, 80.0)]
+    sec, _ = _section(one, "ruler")
+    row = next(r for r in [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"]
+               if r[0]["text"] == "niah_single_1")
+    assert [c["bold"] for c in row[1:]] == [False, False]  # one fine-tuned variant: nothing to rank
+    # seed 1 was recorded without per-sample scores: no interval or mark from seed 0's alone
+    outcomes = {f"s{i}": float(i < 16) for i in range(20)}
+    recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 30.0, per_sample=dict.fromkeys(outcomes, 0.0)),
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 80.0, per_sample=outcomes),
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 70.0, seed=1)]
+    sec, _ = _section(recs, "ruler")
+    row = next(r for r in [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"]
+               if r[0]["text"] == "niah_single_1")
+    assert row[2]["text"] == "75.0" and row[2]["note"] == "" and "McNemar" not in row[2]["title"]
+
+
+def test_fine_tuning_curve_of_seeds_is_the_mean_per_step_over_the_steps_all_have():
+    from harness.report.training import _mean_curve
+
+    # three seeds, two steps in common (step 10 only in one): (2 + 4 + 9) / 3 = 5 and (1 + 2 + 3) / 3 = 2
+    assert _mean_curve([[[0, 2.0], [5, 1.0], [10, 0.5]], [[0, 4.0], [5, 2.0]], [[0, 9.0], [5, 3.0]]]) == [
+        (0, 5.0), (5, 2.0)]
