@@ -513,6 +513,7 @@ def test_tokens_per_s_of_a_one_step_run_is_noted_as_over_the_whole_run():
 
     assert _whole_run({"tokens": 512, "seconds": 2.0})  # from before the warm-up split
     assert _whole_run({"tokens": 512, "seconds": 2.0, "warmup_tokens": 512, "warmup_seconds": 2.0})  # one step
+    assert _whole_run({"tokens": 512, "seconds": 2.5, "warmup_tokens": 512, "warmup_seconds": 2.0})  # no token after
     assert not _whole_run({"tokens": 1024, "seconds": 3.0, "warmup_tokens": 512, "warmup_seconds": 2.0})
 
 
@@ -857,3 +858,16 @@ def test_fine_tuning_curve_of_seeds_is_the_mean_per_step_over_the_steps_all_have
     # three seeds, two steps in common (step 10 only in one): (2 + 4 + 9) / 3 = 5 and (1 + 2 + 3) / 3 = 2
     assert _mean_curve([[[0, 2.0], [5, 1.0], [10, 0.5]], [[0, 4.0], [5, 2.0]], [[0, 9.0], [5, 3.0]]]) == [
         (0, 5.0), (5, 2.0)]
+
+
+def test_a_group_is_uninformative_only_where_all_its_tasks_are():
+    recs = []
+    for i, task in enumerate(("niah_single_1", "niah_single_2", "niah_single_3")):
+        recs.append(ruler_record("pretrained", "none", task, 1024, 3.0 if i == 0 else 60.0))  # one task at chance
+        recs.append(ruler_record("finetuned", "lora", task, 1024, 40.0))
+        recs.append(ruler_record("finetuned", "hylora", task, 1024, 50.0))
+    sec, _ = _section(recs, "ruler")
+    groups = next(b for b in sec["blocks"] if b["type"] == "table" and b["columns"][0] == "group")
+    lora, hylora = (next(r for r in groups["rows"] if r[1]["text"].startswith(f"finetuned: {m} "))[2]
+                    for m in ("lora", "hylora"))
+    assert (lora["cls"], hylora["cls"], hylora["bold"], hylora["text"]) == ("", "", True, "50.0")
