@@ -235,3 +235,26 @@ metrics:
     assert (tmp_path / recs["harness_gen"].settings["samples_file"]).read_text().count("\n") == ROWS["harness_gen"]
     html = render_html(list(recs.values()), title="t")
     assert 'id="lm-eval"' in html and "harness_gen" in html
+
+
+def test_report_means_over_seeds_arrows_and_subtasks_after_their_group():
+    from harness import results
+
+    def rec(seed, values, task="grp"):
+        return results.Record(suite="s", metric="lm_eval", stage="finetuned", method="lora", variant={"seed": seed},
+                              cell=f"m/seed{seed}/lora/lm_eval/{task}", model={"preset": "m"}, values=values,
+                              settings={"task": task, "num_fewshot": 0, "higher_is_better": {"acc": True,
+                                                                                             "ppl": False}})
+
+    section = lm_eval_section([
+        rec(0, {"acc": 0.5, "acc_stderr": 0.1, "ppl": 3.0, "f1": 0.9, "f1_stderr": 0.05, "samples": 6,
+                "subtasks": {"sub": {"acc": 0.25}}}),
+        rec(1, {"acc": 0.75, "acc_stderr": 0.1, "ppl": 5.0, "samples": 6, "subtasks": {"sub": {"acc": 0.5}}}),
+        rec(2, {"acc": 1.0, "samples": 6, "subtasks": {"sub": {"acc": 0.75}}}),
+    ])
+    (tbl,) = [b for b in section["blocks"] if b["type"] == "table"]
+    rows = [tuple(c["text"] for c in row) for row in tbl["rows"]]
+    # acc: (0.5 + 0.75 + 1) / 3; ppl: (3 + 5) / 2 over the seeds that have it; f1 from seed 0 alone, with its
+    # stderr; no "_stderr" row; the subtask after its group
+    assert rows == [("grp", "acc \u2191", "0.750"), ("", "ppl \u2193", "4.000"), ("", "f1", "0.900 \u00b1 0.050"),
+                    ("grp \u203a sub", "acc \u2191", "0.500")]
