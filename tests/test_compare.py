@@ -226,6 +226,7 @@ def test_a_head_that_failed_is_a_regression_saying_how_whatever_its_settings():
             replace(rec("b", {}, status="timeout", config_hash="other"), error="over 600 s")]
     assert [(f.verdict, f.why) for f in compare(base, head)] == [
         ("regression", "head status oom: CUDA out of memory"), ("regression", "head status timeout: over 600 s")]
+    assert compare(base[:1], [rec("a", {}, status="oom")])[0].why == "head status oom"  # no error said: no colon
 
 
 def test_empty_per_sample_in_head_is_a_lost_value():

@@ -77,7 +77,7 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
             continue
         h = head_by_cell.get(b.cell)
         if h is None or h.status != "ok":
-            why = "missing in head" if h is None else f"head status {h.status}: {h.error or ''}".strip()
+            why = "missing in head" if h is None else f"head status {h.status}" + (f": {h.error}" if h.error else "")
             findings.append(Finding(b.cell, b.metric, None, None, "regression", why))
             continue
         if b.config_hash != h.config_hash:
