@@ -871,3 +871,24 @@ def test_a_group_is_uninformative_only_where_all_its_tasks_are():
     lora, hylora = (next(r for r in groups["rows"] if r[1]["text"].startswith(f"finetuned: {m} "))[2]
                     for m in ("lora", "hylora"))
     assert (lora["cls"], hylora["cls"], hylora["bold"], hylora["text"]) == ("", "", True, "50.0")
+
+
+def test_training_steps_are_the_last_logged_step_of_a_sparse_curve(monkeypatch):
+    """Curves are logged every N steps: a run of 300 steps logged every 100 has three points, and its row says 300
+    steps (not 3); the plot gets the logged steps themselves."""
+    from harness.report import training
+
+    drawn = []
+    monkeypatch.setattr(training.plots, "loss_curves", lambda curves, **k: drawn.extend(curves) or "")
+    curve = [[100, 4.0], [200, 3.0], [300, 2.5]]
+    pre = asdict(Record(suite="s", cell="tiny-hybrid/seed0/pretrain", metric="pretrain", stage="pretrained",
+                        model={"preset": "tiny-hybrid"}, env=ENV, values={"loss_curve": curve, "seconds": 2.0}))
+    ft = asdict(Record(suite="s", cell="tiny-hybrid/seed0/lora/full/train", metric="train", stage="finetuned",
+                       model={"preset": "tiny-hybrid"}, method="lora", backend="full", finetune_context=2048,
+                       env=ENV, values={"loss_curve": [[s, 5.0 - s / 1000] for s in range(25, 501, 25)],
+                                        "seconds": 5.0}))
+    sec, _ = _section([pre, ft], "training")
+    p, t = next(b for b in sec["blocks"] if b["type"] == "table")["rows"]
+    assert [c["text"] for c in p[1:3]] == ["300", "2.500"]
+    assert [c["text"] for c in t[1:3]] == ["500", "4.500"]  # 20 points, every 25 steps
+    assert drawn[0][1] == curve and [s for s, _ in drawn[1][1]][-1] == 500
