@@ -892,3 +892,27 @@ def test_training_steps_are_the_last_logged_step_of_a_sparse_curve(monkeypatch):
     assert [c["text"] for c in p[1:3]] == ["300", "2.500"]
     assert [c["text"] for c in t[1:3]] == ["500", "4.500"]  # 20 points, every 25 steps
     assert drawn[0][1] == curve and [s for s, _ in drawn[1][1]][-1] == 500
+
+
+def test_ruler_rows_follow_rulers_task_order_then_others_by_name():
+    """Per-task rows in RULER's order (NIAH single, multikey, ..., vt, cwe, fwe, then the opt-in QA tasks), tasks the
+    harness does not know after them by name; not alphabetical (which puts cwe first) nor in record order."""
+    tasks = ["zz_custom", "qa_2", "fwe", "vt", "niah_multikey_1", "aa_custom", "qa_1", "cwe", "niah_single_1"]
+    recs = [ruler_record("finetuned", "lora", t, 1024, 40.0) for t in tasks]
+    sec, _ = _section(recs, "ruler")
+    per_task = [b for b in sec["blocks"] if b["type"] == "table"][-1]
+    assert [r[0]["text"] for r in per_task["rows"]] == [
+        "niah_single_1", "niah_multikey_1", "vt", "cwe", "fwe", "qa_1", "qa_2", "aa_custom", "zz_custom"]
+
+
+def test_ruler_pretrained_cells_carry_no_difference_from_themselves():
+    """Only a fine-tuned variant is compared with the pretrained model: the pretrained cell's tooltip has no
+    "vs pretrained: +0.0 pts, McNemar p=1" of the model against itself."""
+    right = {f"s{i}": float(i < 6) for i in range(20)}
+    recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 30.0, per_sample=right),
+            ruler_record("finetuned", "lora", "niah_single_1", 1024, 30.0, per_sample=right)]
+    sec, _ = _section(recs, "ruler")
+    row = next(r for r in [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"]
+               if r[0]["text"] == "niah_single_1")
+    assert "vs pretrained" not in row[1]["title"] and "McNemar" not in row[1]["title"]
+    assert "vs pretrained: +0.0 pts" in row[2]["title"] and "McNemar p=1 over 20 samples" in row[2]["title"]
