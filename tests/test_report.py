@@ -916,3 +916,47 @@ def test_ruler_pretrained_cells_carry_no_difference_from_themselves():
                if r[0]["text"] == "niah_single_1")
     assert "vs pretrained" not in row[1]["title"] and "McNemar" not in row[1]["title"]
     assert "vs pretrained: +0.0 pts" in row[2]["title"] and "McNemar p=1 over 20 samples" in row[2]["title"]
+
+
+def test_paper_ours_beside_the_paper_only_at_the_same_length_method_and_setting():
+    """Each "ours" cell takes only our records of its own length, of HyLoRA (or the ablation row's method) at the
+    paper's fine-tuning context of 8192, with full-attention evaluation, from the base run; Figure 4's time only at
+    32K. Any other record left in would move the cell (the values below are chosen so each one would show)."""
+    from harness.data.ruler import PAPER_TASKS
+    from harness.report.common import normalise
+    from harness.report.paper import paper_section
+
+    def ppl(n, value, method="hylora", ft=8192, ev="full", run="base"):
+        d = asdict(ppl_record("finetuned", method, n, value, ft_ctx=ft))
+        d.update(model={"preset": "mamba2attn-2.7b"}, backend=SE, run=run, cell=f"{method}/{ft}/{ev}/{run}/ppl@{n}",
+                 config_hash=f"{method}{ft}{ev}{run}{n}")
+        d["settings"]["eval_attention"] = ev
+        return d
+
+    def ruler(n, acc, method="hylora"):
+        d = ruler_record("finetuned", method, task, n, acc)
+        d.update(model={"preset": "mamba2attn-2.7b"}, variant={"model": "mamba2attn-2.7b", "seed": 0},
+                 finetune_context=8192, run="base", config_hash=f"{method}{task}{n}")
+        return d
+
+    def eff(n, ms):
+        d = eff_record(SE, n, ms, gpu="NVIDIA A100-SXM4-80GB", run="base")
+        d["settings"]["backend_options"] = {"chunk_size": [2048, 4096], "block_size": 32, "top_k": 8}
+        return d
+
+    recs = [ppl(2048, 12.0), ppl(8192, 10.5),
+            ppl(16384, 99.0, ft=2048),  # fine-tuned at 2K, not the paper's 8K
+            ppl(32768, 77.0, method="lora"), ppl(32768, 66.0, ev="finetune"), ppl(32768, 55.0, run="other"),
+            eff(32768, 70.0), eff(16384, 10.0)]
+    for task in PAPER_TASKS:
+        recs += [ruler(2048, 40.0), ruler(8192, 30.0), ruler(8192, 20.0, method="lora")]
+    sec = paper_section(normalise(recs, ["base", "other"])[0])  # this section alone: no heatmaps drawn
+    main, _, ablations, runtime = [b for b in sec["blocks"] if b["type"] == "table"][:4]
+    se = dict(zip(main["columns"], [c["text"] for c in main["rows"][-1]], strict=True))
+    assert se == {"method": "SE-Attn", "PPL 2K paper": "10.99", "PPL 2K ours": "12.00", "PPL 8K paper": "10.45",
+                  "PPL 8K ours": "10.50", "PPL 16K paper": "11.14", "PPL 16K ours": "–", "PPL 32K paper": "12.64",
+                  "PPL 32K ours": "–", "RULER 2K paper": "71.9", "RULER 2K ours": "40.0", "RULER 8K paper": "40.5",
+                  "RULER 8K ours": "30.0", "RULER 16K paper": "28.2", "RULER 16K ours": "–"}
+    abl = {r[0]["text"]: (r[1]["text"], r[2]["text"]) for r in ablations["rows"]}
+    assert abl["LoRA (SE-Attn)"] == ("31.6", "20.0") and abl["HyLoRA (SE-Attn)"] == ("40.5", "30.0")
+    assert [c["text"] for c in runtime["rows"][-1]] == ["SE-Attn", "71", "70"]
