@@ -933,7 +933,7 @@ def test_paper_ours_beside_the_paper_only_at_the_same_length_method_and_setting(
         d["settings"]["eval_attention"] = ev
         return d
 
-    def ruler(n, acc, method="hylora"):
+    def ruler(task, n, acc, method="hylora"):
         d = ruler_record("finetuned", method, task, n, acc)
         d.update(model={"preset": "mamba2attn-2.7b"}, variant={"model": "mamba2attn-2.7b", "seed": 0},
                  finetune_context=8192, run="base", config_hash=f"{method}{task}{n}")
@@ -949,7 +949,7 @@ def test_paper_ours_beside_the_paper_only_at_the_same_length_method_and_setting(
             ppl(32768, 77.0, method="lora"), ppl(32768, 66.0, ev="finetune"), ppl(32768, 55.0, run="other"),
             eff(32768, 70.0), eff(16384, 10.0)]
     for task in PAPER_TASKS:
-        recs += [ruler(2048, 40.0), ruler(8192, 30.0), ruler(8192, 20.0, method="lora")]
+        recs += [ruler(task, 2048, 40.0), ruler(task, 8192, 30.0), ruler(task, 8192, 20.0, method="lora")]
     sec = paper_section(normalise(recs, ["base", "other"])[0])  # this section alone: no heatmaps drawn
     main, _, ablations, runtime = [b for b in sec["blocks"] if b["type"] == "table"][:4]
     se = dict(zip(main["columns"], [c["text"] for c in main["rows"][-1]], strict=True))

@@ -102,3 +102,84 @@ def test_rewarm_is_a_checked_setting():
     assert Settings().rewarm == 1  # one untimed call before each sample: the other side ran in between
     with pytest.raises(Exception, match="rewarm >= 0"):
         Settings(rewarm=-1)
+
+
+def test_an_improvement_needs_the_ratio_below_one_over_the_threshold_and_the_rank_test_at_alpha():
+    s = Settings()
+    faster = [x * 0.95 for x in BASE]  # significant, but 0.95 > 1 / 1.10 = 0.909: within drift
+    assert scipy_stats.mannwhitneyu(BASE, faster, alternative="greater").pvalue < s.alpha
+    assert judge(BASE, faster, s).verdict == "ok"
+    few = [BASE[0], BASE[1], BASE[2]]
+    quick = [x * 0.75 for x in few]  # the ratio, but three samples a side: p = 0.04, not below alpha = 0.002
+    p = scipy_stats.mannwhitneyu(few, quick, alternative="greater", method="asymptotic").pvalue
+    assert s.alpha < p < 0.05
+    assert judge(few, quick, s).verdict == "ok"
+
+
+class FakeWorker:
+    """Stands in for a timing worker process: logs who was asked what; each side's samples have a fixed length."""
+
+    log: list = []
+    seconds = {"base": 0.125, "head": 0.5}
+
+    def __init__(self, tree, inject=None):
+        self.side = str(tree)
+        FakeWorker.log.append((self.side, f"inject {inject}"))
+
+    def ask(self, msg):
+        FakeWorker.log.append((self.side, next(iter(msg))))
+        return {"kernel": f"{self.side} kernel"} if "setup" in msg else {"seconds": [self.seconds[self.side]]}
+
+    def close(self):
+        pass
+
+
+def test_interleaving_alternates_a_b_b_a_until_both_sides_reach_the_repeats_and_seconds(monkeypatch):
+    from harness.timing import interleave
+
+    monkeypatch.setattr(interleave, "Worker", FakeWorker)
+    FakeWorker.log = []
+    cell = interleave.Cell("full", {}, "full", 32, 2, 8, 1)
+    s = Settings(min_repeats=3, min_seconds=1.0, warmup=0)
+    [t] = interleave.interleaved("base", "head", [cell], s, "slow.py", progress=lambda *a: None)
+    # base needs 8 samples of 0.125 s for a second of timed work (head had it after 2, and 3 repeats after 3)
+    assert t.base_s == [0.125] * 8 and t.head_s == [0.5] * 8 and t.kernels == ("base kernel", "head kernel")
+    assert FakeWorker.log[:4] == [("base", "inject None"), ("head", "inject slow.py"),  # only head is slowed
+                                  ("base", "setup"), ("head", "setup")]
+    assert [side for side, _ in FakeWorker.log[4:]] == ["base", "head", "head", "base"] * 4
+    # no seconds asked: the repeats decide; max_repeats caps what min_seconds asks for
+    [t] = interleave.interleaved("base", "head", [cell], Settings(min_repeats=5, min_seconds=0), progress=print)
+    assert len(t.base_s) == len(t.head_s) == 5
+    [t] = interleave.interleaved("base", "head", [cell], Settings(min_repeats=3, max_repeats=4, min_seconds=100),
+                                 progress=print)
+    assert len(t.base_s) == len(t.head_s) == 4
+
+
+def test_the_gate_times_the_rev_as_base_and_fails_on_a_regression_but_never_on_calibration(monkeypatch, tmp_path):
+    from contextlib import contextmanager
+
+    from harness.timing import gate, interleave
+
+    cell = interleave.Cell("full", {}, "full", 32, 2, 8, 1)
+    base_s = [0.010 + i * 1e-5 for i in range(20)]  # median 10.095 ms
+    head_s = [x * 1.5 for x in base_s]  # median 15.14 ms: a regression of 1.5
+    trees = []
+
+    def fake_interleaved(base, head, cells, s, inject):
+        trees.append((base, head))
+        return [interleave.Timing(cell, list(base_s), list(head_s))]
+
+    @contextmanager
+    def fake_worktree(rev):
+        yield f"worktree of {rev}"
+
+    monkeypatch.setattr(gate, "interleaved", fake_interleaved)
+    monkeypatch.setattr(gate, "worktree", fake_worktree)
+    monkeypatch.setattr(gate, "suite_cells", lambda suite, only: [cell])
+    summary = tmp_path / "summary.md"
+    assert gate.timing_gate("v1", "suite", Settings(), fail_on_time=True, summary=str(summary)) == 1
+    assert trees == [("worktree of v1", gate.REPO)]
+    assert "| `attention/full/efficiency@32` | 10.1 | 15.1 | 1.500 [" in summary.read_text()
+    assert "| regression |" in summary.read_text()
+    assert gate.timing_gate(None, "suite", Settings(), calibrate=True, fail_on_time=True) == 0  # A/A: reported
+    assert trees[-1] == (gate.REPO, gate.REPO)
