@@ -374,7 +374,19 @@ def test_bench_rows_have_kernel_and_times():
     rows = bench_attention([("full", {}), ("se_attn", {"chunk_size": 16, "block_size": 4, "top_k": 2})], [32],
                            heads=2, head_dim=8, repeats=2, warmup=1)
     assert [r["kernel"] for r in rows] == ["full via sdpa", "se_attn via blockwise"]
-    assert all(r["time_ms"] > 0 and r["peak_gib"] is None for r in rows)
+    assert all(r["time_ms"] > 0 for r in rows)
+
+
+def test_bench_counts_peak_memory_on_the_cpu_too():
+    """Inputs plus what a forward+backward holds at once: at least the output and three gradients beside q, k, v
+    for the fused kernel, and the L x L scores too for the dense reference."""
+    from harness.attention.bench import bench_attention
+
+    rows = bench_attention([("full", {}), ("full", {"kernel": "reference"})], [512], heads=2, head_dim=16,
+                           repeats=1, warmup=1)
+    tensor, scores = 2 * 512 * 16 * 4 / 2**30, 2 * 512 * 512 * 4 / 2**30  # one of q, k, v; the scores (fp32)
+    fused, dense = (r["peak_gib"] for r in rows)
+    assert 7 * tensor <= fused < dense and dense >= 3 * tensor + scores
 
 
 def _reference_of_bf16(q, k, v, backend, options):

@@ -1,13 +1,17 @@
 """Speed/memory of attention backends: forward+backward of one attention call on random q, k, v.
 
 Time is the median over `repeats` timed runs after `warmup` untimed ones (CUDA events on GPU,
-time.perf_counter on CPU). Peak memory is the CUDA allocator's peak during one timed run, in GiB,
-and None on CPU (no allocator statistics there). Not a test: numbers depend on the machine.
+time.perf_counter on CPU). Peak memory is the allocator's peak during one forward+backward, in GiB: on CUDA its
+own counter over the first timed run; on CPU, which keeps no such counter, what q, k and v hold plus the most
+that one more, untimed, run held at once beyond them, from the memory events of torch's profiler. Not a test:
+numbers depend on the machine.
 
 Each row also counts the query-key pairs the backend's pattern holds (Spec.pairs) and the limit they set: the
 speed-up over dense causal attention that a kernel doing only those pairs, as fast per pair, would reach.
 """
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -37,6 +41,38 @@ def _timed(backend: Backend, q, k, v, device) -> tuple[float, str]:
     t0 = time.perf_counter()
     kernel = _one(backend, q, k, v)
     return time.perf_counter() - t0, kernel
+
+
+def _cpu_peak_gib(backend: Backend, q, k, v) -> float:
+    """What q, k and v hold plus the most one forward+backward held at once beyond them, in GiB (the same as the
+    CUDA allocator's peak over a run, counted from the profiler's allocation and free events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for t in (q, k, v):
+        t.grad = None  # freed before the profile: a free of a block allocated outside it has no size there
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _one(backend, q, k, v)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()  # negative for a free
+        peak = max(peak, held)
+    return (sum(t.untyped_storage().nbytes() for t in (q, k, v)) + peak) / 2**30
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: the profiler's C++ side logs two lines per profile there, whatever the
+    log level (the call ran unprofiled before, so its warnings were seen)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads: int = 4, head_dim: int = 32,
@@ -69,6 +105,8 @@ def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads:
                 times.append(seconds)
                 if device.type == "cuda" and i == 0:
                     peak = torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cpu":
+                peak = _cpu_peak_gib(impl, q, k, v)
             pairs = batch * impl.spec.pairs(impl.options, length, heads)
             rows.append({"backend": name, "options": dict(options), "length": length, "heads": heads,
                          "head_dim": head_dim, "batch": batch, "dtype": str(dtype).removeprefix("torch."),

@@ -1,8 +1,8 @@
 """Section "Attention efficiency": one attention layer, forward + backward, per backend and length.
 
 Records: ``metric == "efficiency"``, ``backend`` (label), ``eval_context`` (the length),
-``values.time_ms`` (median of ``values.times_ms``), ``values.peak_memory_gib`` (None on CPU),
-``values.ideal_speedup`` (dense causal query-key pairs over the backend's), ``kernel``; status
+``values.time_ms`` (median of ``values.times_ms``), ``values.peak_memory_gib`` (None in CPU records made before
+the CPU's was counted), ``values.ideal_speedup`` (dense causal query-key pairs over the backend's), ``kernel``; status
 "oom"/"timeout"/"error" at lengths that did not fit or finish. Where a run holds the `full` backend at a length,
 every other backend's measured speed-up over it is set beside that limit: their ratio is the fraction of the
 limit the kernel reaches.
