@@ -1,19 +1,18 @@
 """Efficient kernels in plain torch: SDPA calls on reshaped/gathered blocks. They run on any device (on CPU
 they are the training path: FlexAttention has no CPU backward) and hand no mask to any call (only full
 attention's padding mask is one): each pattern is cut into whole blocks and causal triangles, whose calls
-`merge.attend_sets` merges, so a kernel computes the pairs its pattern holds and the causal fast path skips the
-rest.
+`merge.attend_calls` runs and merges, so a kernel computes the pairs its pattern holds and the causal fast path
+skips the rest.
 
 Shapes as in reference.py; grouped kv heads are expanded here (repeat_interleave), which costs O(L*Hq*d).
 """
 
-import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .merge import attend_sets, no_autocast
+from .merge import attend_calls, no_autocast
 from .reference import random_scores, s2_group_size
 
 
@@ -37,10 +36,13 @@ def full_sdpa(q, k, v, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal if mask is None else causal & mask, scale=scale)
 
 
-def _blocks(x, start, n, size):
-    """x's n consecutive blocks of `size` positions from `start`, as rows: (B, H * n, size, d)."""
-    b, h, _, d = x.shape
-    return x[:, :, start:start + n * size].reshape(b, h * n, size, d)
+def _head_groups(heads, length, rows):
+    """Slices of about equal numbers of heads for calls of `rows` queries, each call at most a 16th of all the
+    heads' queries where a head allows it: a call's temporaries (flipped inputs, outputs, gradients) are then small
+    beside the full-length output and gradients, and every head group has work for every core."""
+    n = math.ceil(heads / max(1, min(heads, heads * length // (16 * rows))))
+    size = math.ceil(heads / n)
+    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
 
 
 def sliding_window(q, k, v, scale, window):
@@ -49,26 +51,22 @@ def sliding_window(q, k, v, scale, window):
     mask-free calls merged by log-sum-exp (merge.py); a shorter last block splits the previous block in two.
     Memory O(L * W) on the fused kernels (CPU; CUDA at fp16/bf16)."""
     k, v = expand_kv(q, k, v)
-    b, h, length, d = q.shape
+    length = q.shape[2]
     if window >= length:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if window == 1:  # each query sees only itself
         return _grouped_causal(q, k, v, scale, 1)
     size = window - 1
-    n, rest = divmod(length, size)
-    outs = [F.scaled_dot_product_attention(*(x[:, :, :size] for x in (q, k, v)), is_causal=True, scale=scale)]
-    if n > 1:
-        qs, ks, vs = (_blocks(x, size, n - 1, size) for x in (q, k, v))
-        ps, pv = _blocks(k, 0, n - 1, size), _blocks(v, 0, n - 1, size)
-        outs.append(attend_sets(qs, [(ks, vs, "causal"), (ps, pv, "anticausal")], scale).reshape(b, h, -1, d))
-    if rest:
-        s = n * size  # the last block's queries start at s, the block before it at s - size
-        p = s - size
-        qs, ks, vs = (x[:, :, s:] for x in (q, k, v))
-        sets = [(ks, vs, "causal"), (k[:, :, p:p + rest], v[:, :, p:p + rest], "anticausal"),
-                (k[:, :, p + rest:s], v[:, :, p + rest:s], "all")]
-        outs.append(attend_sets(qs, sets, scale))
-    return torch.cat(outs, dim=2)
+    blocks = []
+    for start in range(0, length, size):
+        block, prev = slice(start, min(start + size, length)), start - size
+        sets = [(block, "causal")]
+        if start:
+            rest = block.stop - start  # a shorter last block splits the previous block in two
+            sets += [(slice(prev, prev + rest), "anticausal"), (slice(prev + rest, start), "all")][:1 + (rest < size)]
+        blocks.append((block, sets))
+    return attend_calls(q, k, v, [(heads, block, sets) for heads in _head_groups(q.shape[1], length, size)
+                                  for block, sets in blocks], scale)
 
 
 def _grouped_causal(q, k, v, scale, group):
@@ -151,33 +149,21 @@ def valid_counts(length: int, chunk_size: int, block_size: int, kk: int) -> list
 
 
 def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0, selection="chunk"):
-    """Select blocks (`se_attn_select`), then per run of chunks with as many valid blocks and the same length
-    one mask-free call of the chunks on themselves (causal) merged with one on their gathered blocks (all
-    visible). Memory O(L * (top_k*S + M))."""
-    b, hq, length, d = q.shape
+    """Select blocks (`se_attn_select`), then per chunk (and group of heads) one mask-free call of the chunk on
+    itself (causal) merged with one on its gathered blocks (all visible). Memory O(L * (top_k*S + M))."""
+    hq, length = q.shape[1:3]
     k, v = expand_kv(q, k, v)
     s = block_size
     m = min(chunk_size, length)  # a chunk longer than the sequence is the whole sequence
     index, _ = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
     counts = valid_counts(length, m, s, 0 if index is None else index.shape[-1])
-    outs = []
-    for (count, size), run in itertools.groupby(enumerate(counts), lambda c: (c[1], min(m, length - c[0] * m))):
-        chunks = [i for i, _ in run]
-        first, n = chunks[0], len(chunks)
-        qs, ks, vs = (_blocks(x, first * m, n, size) for x in (q, k, v))
-        if count == 0:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        else:
-            at = index[:, :, first:first + n, :count]
-            out = attend_sets(qs, [(ks, vs, "causal"), (_gather(k, at, s), _gather(v, at, s), "all")], scale)
-        outs.append(out.reshape(b, hq, n * size, d))
-    return torch.cat(outs, dim=2)
-
-
-def _gather(x, index, block_size):
-    """The blocks `index` (B, H, n, c) of x (B, H, L, d), as rows of c * block_size keys: (B, H * n, c * S, d)."""
-    b, h, length, d = x.shape
-    n, c = index.shape[2:]
-    blocks = x[:, :, :length // block_size * block_size].reshape(b, h, -1, block_size * d)
-    at = index.reshape(b, h, n * c, 1).expand(b, h, n * c, block_size * d)
-    return blocks.gather(2, at).reshape(b, h * n, c * block_size, d)
+    offsets = torch.arange(s, device=q.device)
+    calls = []
+    for heads in _head_groups(hq, length, m):
+        for i, count in enumerate(counts):
+            chunk = slice(i * m, min(i * m + m, length))
+            sets = [(chunk, "causal")]
+            if count:  # the positions of its blocks, (B, heads, count * S)
+                sets.append(((index[:, heads, i, :count, None] * s + offsets).flatten(2), "all"))
+            calls.append((heads, chunk, sets))
+    return attend_calls(q, k, v, calls, scale)

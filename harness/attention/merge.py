@@ -63,8 +63,7 @@ class _Union(torch.autograd.Function):
     def forward(ctx, q, scale, patterns, kernel, *kv):
         with no_autocast(q):
             parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, kernel) for i, p in enumerate(patterns)]
-            lse = torch.stack([lse for _, lse, _ in parts]).logsumexp(0)  # (B, H, M), float32 or wider
-            out = sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse, _ in parts).to(q.dtype)
+            out, lse = _merge(parts, q.dtype)
         ctx.save_for_backward(q, out, lse, *kv)
         ctx.scale, ctx.patterns, ctx.kernel = scale, patterns, kernel
         ctx.states = [state for _, _, state in parts]  # what a kernel's backward needs from its forward
@@ -83,6 +82,77 @@ class _Union(torch.autograd.Function):
                 grad_q += dq
                 grad_kv += [dk, dv]
         return grad_q.to(q.dtype), None, None, None, *grad_kv
+
+
+def _merge(parts, dtype):
+    """(output in `dtype`, lse (B, H, M) float32 or wider) of the union of sets whose (out, lse, state) are `parts`."""
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1]
+    lse = torch.stack([lse for _, lse, _ in parts]).logsumexp(0)
+    return sum((part_lse - lse).exp()[..., None] * o.to(lse.dtype) for o, part_lse, _ in parts).to(dtype), lse
+
+
+def attend_calls(q, k, v, calls, scale: float) -> torch.Tensor:
+    """Attention of q over k, v (all (B, H, L, d)) given as `calls` [(heads, queries, sets)]: out[:, heads,
+    queries] is the union (as attend_sets) of sets [(keys, pattern)] of k and v, keys a slice of positions or
+    positions (B, heads, n) to gather. One autograd node for all calls: the forward writes each call's output into
+    one tensor and the backward adds each call's gradients into full-length ones, where slices of q, k, v in the
+    graph would each take a full-length zero gradient in their backward, and hold copies for reshaped blocks."""
+    kernel = _kernel(q)
+    recording.record(f"merge via {kernel}")
+    return _Calls.apply(q, k, v, scale, calls, kernel)
+
+
+def _take(x, heads, keys):
+    """x[:, heads] at positions `keys` (a slice, or positions (B, heads, n) to gather)."""
+    if isinstance(keys, slice):
+        return x[:, heads, keys]
+    return x[:, heads].gather(2, keys[..., None].expand(*keys.shape, x.shape[-1]))
+
+
+def _add(x, heads, keys, grad):
+    """x[:, heads] at positions `keys` (as _take) += grad."""
+    if isinstance(keys, slice):
+        x[:, heads, keys] += grad
+    else:
+        x[:, heads].scatter_add_(2, keys[..., None].expand(*keys.shape, x.shape[-1]), grad.to(x.dtype))
+
+
+class _Calls(torch.autograd.Function):
+    """attend_calls's node; autocast as in _Union. Gradients are summed in lse's dtype (float32 or wider)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, calls, kernel):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+        states = []
+        with no_autocast(q):
+            for heads, queries, sets in calls:
+                qs = q[:, heads, queries]
+                parts = [_forward(qs, _take(k, heads, keys), _take(v, heads, keys), scale, p, kernel)
+                         for keys, p in sets]
+                out[:, heads, queries], lse[:, heads, queries] = _merge(parts, q.dtype)
+                states.append([state for _, _, state in parts])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.calls, ctx.kernel, ctx.states = scale, calls, kernel, states
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grads = [torch.zeros_like(x, dtype=lse.dtype) for x in (q, k, v)]
+        with no_autocast(q):
+            for (heads, queries, sets), states in zip(ctx.calls, ctx.states, strict=True):
+                qs, ups, outs, lses = (x[:, heads, queries] for x in (q, grad_out, out, lse))
+                for (keys, pattern), state in zip(sets, states, strict=True):
+                    dq, dk, dv = _backward(ups, qs, _take(k, heads, keys), _take(v, heads, keys), outs, lses,
+                                           ctx.scale, pattern, ctx.kernel, state)
+                    grads[0][:, heads, queries] += dq
+                    _add(grads[1], heads, keys, dk)
+                    _add(grads[2], heads, keys, dv)
+        return *(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)), None, None, None
 
 
 def no_autocast(x: torch.Tensor):
