@@ -36,20 +36,18 @@ def full_sdpa(q, k, v, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal if mask is None else causal & mask, scale=scale)
 
 
-def _head_groups(heads, length, rows):
-    """Slices of about equal numbers of heads for calls of `rows` queries, each call at most a 16th of all the
-    heads' queries where a head allows it: a call's temporaries (flipped inputs, outputs, gradients) are then small
-    beside the full-length output and gradients, and every head group has work for every core."""
-    n = math.ceil(heads / max(1, min(heads, heads * length // (16 * rows))))
-    size = math.ceil(heads / n)
-    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
+def _pieces(start, stop, length):
+    """[start, stop) in slices of at most a 16th of `length` queries, one call each: a call's temporaries (flipped
+    inputs, per-set outputs and gradients) then stay small beside the full-length output and gradients."""
+    rows = max(1, length // 16)
+    return [slice(a, min(a + rows, stop)) for a in range(start, stop, rows)]
 
 
 def sliding_window(q, k, v, scale, window):
-    """Blocks of B = window - 1 queries: each attends causally to its own block and anticausally to the block
-    before (query r of a block sees keys r.. of the previous one), so query i sees i-W < j <= i. Both are
-    mask-free calls merged by log-sum-exp (merge.py); a shorter last block splits the previous block in two.
-    Memory O(L * W) on the fused kernels (CPU; CUDA at fp16/bf16)."""
+    """Query i sees keys [i - B, i], B = window - 1. In blocks of B queries, a piece [a, b) of a block sees its
+    own keys causally, the previous block's [a - B, b - B) anticausally (query a + r sees keys from a - B + r) and
+    all of [b - B, a) (of the previous block, or of its own block in the first one): mask-free calls merged by
+    log-sum-exp (merge.py). Memory O(L * W) on the fused kernels (CPU; CUDA at fp16/bf16)."""
     k, v = expand_kv(q, k, v)
     length = q.shape[2]
     if window >= length:
@@ -57,16 +55,17 @@ def sliding_window(q, k, v, scale, window):
     if window == 1:  # each query sees only itself
         return _grouped_causal(q, k, v, scale, 1)
     size = window - 1
-    blocks = []
+    calls = []
     for start in range(0, length, size):
-        block, prev = slice(start, min(start + size, length)), start - size
-        sets = [(block, "causal")]
-        if start:
-            rest = block.stop - start  # a shorter last block splits the previous block in two
-            sets += [(slice(prev, prev + rest), "anticausal"), (slice(prev + rest, start), "all")][:1 + (rest < size)]
-        blocks.append((block, sets))
-    return attend_calls(q, k, v, [(heads, block, sets) for heads in _head_groups(q.shape[1], length, size)
-                                  for block, sets in blocks], scale)
+        for piece in _pieces(start, min(start + size, length), length):
+            a, b = piece.start, piece.stop
+            sets = [(piece, "causal")]
+            if start:
+                sets.append((slice(a - size, b - size), "anticausal"))
+            if max(0, b - size) < a:
+                sets.append((slice(max(0, b - size), a), "all"))
+            calls.append((piece, sets))
+    return attend_calls(q, k, v, calls, scale)
 
 
 def _grouped_causal(q, k, v, scale, group):
@@ -149,8 +148,9 @@ def valid_counts(length: int, chunk_size: int, block_size: int, kk: int) -> list
 
 
 def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, call_seed=0, selection="chunk"):
-    """Select blocks (`se_attn_select`), then per chunk (and group of heads) one mask-free call of the chunk on
-    itself (causal) merged with one on its gathered blocks (all visible). Memory O(L * (top_k*S + M))."""
+    """Select blocks (`se_attn_select`), then per piece of a chunk mask-free calls of the piece on itself (causal),
+    on the chunk's keys before it and on the chunk's gathered blocks (all visible), merged by log-sum-exp.
+    Memory O(L * (top_k*S + M))."""
     hq, length = q.shape[1:3]
     k, v = expand_kv(q, k, v)
     s = block_size
@@ -159,11 +159,13 @@ def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, 
     counts = valid_counts(length, m, s, 0 if index is None else index.shape[-1])
     offsets = torch.arange(s, device=q.device)
     calls = []
-    for heads in _head_groups(hq, length, m):
-        for i, count in enumerate(counts):
-            chunk = slice(i * m, min(i * m + m, length))
-            sets = [(chunk, "causal")]
-            if count:  # the positions of its blocks, (B, heads, count * S)
-                sets.append(((index[:, heads, i, :count, None] * s + offsets).flatten(2), "all"))
-            calls.append((heads, chunk, sets))
+    for i, count in enumerate(counts):
+        chunk = i * m
+        for piece in _pieces(chunk, min(chunk + m, length), length):
+            sets = [(piece, "causal")]
+            if piece.start > chunk:  # the chunk's keys before the piece
+                sets.append((slice(chunk, piece.start), "all"))
+            if count:  # the positions of its blocks, (B, H, count * S)
+                sets.append(((index[:, :, i, :count, None] * s + offsets).flatten(2), "all"))
+            calls.append((piece, sets))
     return attend_calls(q, k, v, calls, scale)

@@ -93,29 +93,30 @@ def _merge(parts, dtype):
 
 
 def attend_calls(q, k, v, calls, scale: float) -> torch.Tensor:
-    """Attention of q over k, v (all (B, H, L, d)) given as `calls` [(heads, queries, sets)]: out[:, heads,
-    queries] is the union (as attend_sets) of sets [(keys, pattern)] of k and v, keys a slice of positions or
-    positions (B, heads, n) to gather. One autograd node for all calls: the forward writes each call's output into
-    one tensor and the backward adds each call's gradients into full-length ones, where slices of q, k, v in the
-    graph would each take a full-length zero gradient in their backward, and hold copies for reshaped blocks."""
+    """Attention of q over k, v (all (B, H, L, d)) given as `calls` [(queries, sets)]: out[:, :, queries] is the
+    union (as attend_sets) of sets [(keys, pattern)] of k and v, keys a slice of positions or positions (B, H, n) to
+    gather. One autograd node for all calls: its forward writes each call's output into one tensor and its backward
+    adds each call's gradients into full-length ones (slices of q, k, v in the graph would each take a full-length
+    zero gradient in their backward, and reshaped blocks of them copies), so beside those only one call's
+    temporaries are held at a time."""
     kernel = _kernel(q)
     recording.record(f"merge via {kernel}")
     return _Calls.apply(q, k, v, scale, calls, kernel)
 
 
-def _take(x, heads, keys):
-    """x[:, heads] at positions `keys` (a slice, or positions (B, heads, n) to gather)."""
+def _take(x, keys):
+    """x at positions `keys` (a slice, or positions (B, H, n) to gather)."""
     if isinstance(keys, slice):
-        return x[:, heads, keys]
-    return x[:, heads].gather(2, keys[..., None].expand(*keys.shape, x.shape[-1]))
+        return x[:, :, keys]
+    return x.gather(2, keys[..., None].expand(*keys.shape, x.shape[-1]))
 
 
-def _add(x, heads, keys, grad):
-    """x[:, heads] at positions `keys` (as _take) += grad."""
+def _add(x, keys, grad):
+    """x at positions `keys` (as _take) += grad."""
     if isinstance(keys, slice):
-        x[:, heads, keys] += grad
+        x[:, :, keys] += grad
     else:
-        x[:, heads].scatter_add_(2, keys[..., None].expand(*keys.shape, x.shape[-1]), grad.to(x.dtype))
+        x.scatter_add_(2, keys[..., None].expand(*keys.shape, x.shape[-1]), grad.to(x.dtype))
 
 
 class _Calls(torch.autograd.Function):
@@ -127,11 +128,10 @@ class _Calls(torch.autograd.Function):
         lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
         states = []
         with no_autocast(q):
-            for heads, queries, sets in calls:
-                qs = q[:, heads, queries]
-                parts = [_forward(qs, _take(k, heads, keys), _take(v, heads, keys), scale, p, kernel)
+            for queries, sets in calls:
+                parts = [_forward(q[:, :, queries], _take(k, keys), _take(v, keys), scale, p, kernel)
                          for keys, p in sets]
-                out[:, heads, queries], lse[:, heads, queries] = _merge(parts, q.dtype)
+                out[:, :, queries], lse[:, :, queries] = _merge(parts, q.dtype)
                 states.append([state for _, _, state in parts])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.calls, ctx.kernel, ctx.states = scale, calls, kernel, states
@@ -144,15 +144,19 @@ class _Calls(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grads = [torch.zeros_like(x, dtype=lse.dtype) for x in (q, k, v)]
         with no_autocast(q):
-            for (heads, queries, sets), states in zip(ctx.calls, ctx.states, strict=True):
-                qs, ups, outs, lses = (x[:, heads, queries] for x in (q, grad_out, out, lse))
+            for (queries, sets), states in zip(ctx.calls, ctx.states, strict=True):
+                up, qs, outs, lses = (x[:, :, queries] for x in (grad_out, q, out, lse))
                 for (keys, pattern), state in zip(sets, states, strict=True):
-                    dq, dk, dv = _backward(ups, qs, _take(k, heads, keys), _take(v, heads, keys), outs, lses,
-                                           ctx.scale, pattern, ctx.kernel, state)
-                    grads[0][:, heads, queries] += dq
-                    _add(grads[1], heads, keys, dk)
-                    _add(grads[2], heads, keys, dv)
+                    _add_grads(grads, queries, keys, *_backward(up, qs, _take(k, keys), _take(v, keys), outs, lses,
+                                                                ctx.scale, pattern, ctx.kernel, state))
         return *(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)), None, None, None
+
+
+def _add_grads(grads, queries, keys, dq, dk, dv):
+    """One set's gradients into the full-length ones (a function, so that they are freed before the next set's)."""
+    grads[0][:, :, queries] += dq
+    _add(grads[1], keys, dk)
+    _add(grads[2], keys, dv)
 
 
 def no_autocast(x: torch.Tensor):
@@ -174,8 +178,9 @@ def _forward(q, k, v, scale, pattern, kernel):
 
 
 def _backward(grad_out, q, k, v, out, lse, scale, pattern, kernel, state):
-    grad_out, q, k, v, out, lse = _flipped(pattern, grad_out, q, k, v, out, lse)
-    grads = KERNELS[kernel][1](grad_out, q, k, v, out, lse, scale, pattern != "all", state)
+    inputs = _flipped(pattern, grad_out, q, k, v, out, lse)
+    grads = KERNELS[kernel][1](*inputs, scale, pattern != "all", state)
+    del inputs  # the flipped copies, before the gradients' flips
     return _flipped(pattern, *grads)
 
 
