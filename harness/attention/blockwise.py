@@ -36,10 +36,10 @@ def full_sdpa(q, k, v, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal if mask is None else causal & mask, scale=scale)
 
 
-def _pieces(start, stop, length):
-    """[start, stop) in slices of at most a 16th of `length` queries, one call each: a call's temporaries (flipped
-    inputs, per-set outputs and gradients) then stay small beside the full-length output and gradients."""
-    rows = max(1, length // 16)
+def _pieces(start, stop, rows):
+    """[start, stop) in slices of at most `rows` queries, one call each (merge.attend_calls): a call's temporaries
+    then stay a fraction of the full-length output and gradients. The kernels take the largest pieces that keep
+    their peak below dense attention's: torch's CPU flash kernel is faster on long ones (larger query tiles)."""
     return [slice(a, min(a + rows, stop)) for a in range(start, stop, rows)]
 
 
@@ -55,9 +55,10 @@ def sliding_window(q, k, v, scale, window):
     if window == 1:  # each query sees only itself
         return _grouped_causal(q, k, v, scale, 1)
     size = window - 1
+    rows = max(1, length // 8)  # a call holds about nine pieces: an anticausal set's 5 flipped inputs, 3 gradients
     calls = []
     for start in range(0, length, size):
-        for piece in _pieces(start, min(start + size, length), length):
+        for piece in _pieces(start, min(start + size, length), rows):
             a, b = piece.start, piece.stop
             sets = [(piece, "causal")]
             if start:
@@ -158,10 +159,11 @@ def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, 
     index, _ = se_attn_select(q, k, v, scale, m, s, top_k, retrieval, per_head, call_seed, selection)
     counts = valid_counts(length, m, s, 0 if index is None else index.shape[-1])
     offsets = torch.arange(s, device=q.device)
+    rows = max(1, length // 5)  # a call holds about four pieces: a set's 3 gradients, the kernel's own copy
     calls = []
     for i, count in enumerate(counts):
         chunk = i * m
-        for piece in _pieces(chunk, min(chunk + m, length), length):
+        for piece in _pieces(chunk, min(chunk + m, length), rows):
             sets = [(piece, "causal")]
             if piece.start > chunk:  # the chunk's keys before the piece
                 sets.append((slice(chunk, piece.start), "all"))
