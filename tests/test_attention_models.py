@@ -45,7 +45,7 @@ def test_hybrid_model_with_backend_equals_its_reference_kernel(backend, options)
     with torch.no_grad(), recording() as kernels:
         out = model(IDS).logits
     canonical = registered_backend(name).name
-    merges = backend in ("sliding_window", "se_attn", "se_attn_random")  # merge.py's unions (no retrieval: none)
+    merges = backend in ("sliding_window", "se_attn", "se_attn_random", "se_attn_nomem")  # merge.py's calls
     merged = {"merge via cpu_flash"} if merges else set()
     assert kernels == {f"{canonical} via {'sdpa' if canonical == 'full' else 'blockwise'}"} | merged
     with torch.no_grad():
