@@ -55,7 +55,7 @@ def sliding_window(q, k, v, scale, window):
     if window == 1:  # each query sees only itself
         return _grouped_causal(q, k, v, scale, 1)
     size = window - 1
-    rows = max(1, length // 8)  # a call holds about nine pieces: an anticausal set's 5 flipped inputs, 3 gradients
+    rows = max(1, length // 12)  # a call holds about nine pieces: an anticausal set's 5 flipped inputs, 3 gradients
     calls = []
     for start in range(0, length, size):
         for piece in _pieces(start, min(start + size, length), rows):
