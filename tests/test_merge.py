@@ -1,6 +1,7 @@
-"""Attention over a union of key sets merged by log-sum-exp: each kernel equals one softmax over all the keys,
-outputs and gradients; the CUDA kernel's calls fit torch's signatures (on meta tensors here), and a kernel that
-fails or disagrees on a machine is not used."""
+"""Attention over a union of key sets merged by log-sum-exp (merge.attend_calls, sets given as slices or
+positions of one k, v): each kernel equals one softmax over all the keys, outputs and gradients; the CUDA
+kernel's calls fit torch's signatures (on meta tensors here), and a kernel that fails or disagrees on a machine
+is not used."""
 
 import warnings
 
@@ -21,11 +22,26 @@ def _dense(q, sets, scale):
     return scores.softmax(-1) @ values
 
 
+def _union(q, sets, scale, positions=False):
+    """attend_calls of all of q over `sets` [(k, v, pattern)] given as one k, v (their concatenation), each set a
+    slice of it, or with `positions` each "all" set its positions (B, H, n) to gather."""
+    k, v = torch.cat([k for k, _, _ in sets], 2), torch.cat([v for _, v, _ in sets], 2)
+    keys, end = [], 0
+    for set_k, _, pattern in sets:
+        n = set_k.shape[2]
+        gather = positions and pattern == "all"
+        at = torch.arange(end, end + n, device=k.device).expand(*k.shape[:2], n) if gather else slice(end, end + n)
+        keys.append((at, pattern))
+        end += n
+    return merge.attend_calls(q, k, v, [(slice(0, q.shape[2]), keys)], scale)
+
+
+@pytest.mark.parametrize("positions", [False, True])
 @pytest.mark.parametrize("kernel", ["cpu_flash", "plain"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("patterns,sizes", [(["causal", "anticausal", "all"], [9, 9, 5]), (["causal", "all"], [1, 3]),
                                             (["all"], [7])])
-def test_union_equals_one_softmax_over_all_keys(monkeypatch, kernel, dtype, tol, patterns, sizes):
+def test_union_equals_one_softmax_over_all_keys(monkeypatch, kernel, dtype, tol, patterns, sizes, positions):
     monkeypatch.setattr(merge, "_kernel", lambda q: kernel)
     g = torch.Generator().manual_seed(0)
     m = sizes[0] if patterns[0] != "all" else 4
@@ -35,7 +51,7 @@ def test_union_equals_one_softmax_over_all_keys(monkeypatch, kernel, dtype, tol,
 
     q = rand(m)
     sets = [(rand(n), rand(n), p) for p, n in zip(patterns, sizes, strict=True)]
-    out, ref = merge.attend_sets(q, sets, 0.4), _dense(q, sets, 0.4)
+    out, ref = _union(q, sets, 0.4, positions), _dense(q, sets, 0.4)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     inputs = [q, *(t for k, v, _ in sets for t in (k, v))]
     up = torch.randn(out.shape, generator=g, dtype=dtype)
@@ -47,7 +63,7 @@ def test_bf16_union_is_close_to_the_float32_one():
     g = torch.Generator().manual_seed(1)
     q, k, v, kr, vr = (torch.randn(1, 2, n, 16, generator=g) for n in (12, 12, 12, 8, 8))
     sets = [(k, v, "causal"), (kr, vr, "all")]
-    out = merge.attend_sets(q.bfloat16(), [(a.bfloat16(), b.bfloat16(), p) for a, b, p in sets], 0.25)
+    out = _union(q.bfloat16(), [(a.bfloat16(), b.bfloat16(), p) for a, b, p in sets], 0.25)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), _dense(q, sets, 0.25), atol=2e-2, rtol=2e-2)
 
@@ -60,9 +76,9 @@ def test_autocast_around_the_union_changes_nothing(monkeypatch, kernel):
     g = torch.Generator().manual_seed(2)
     q, k, v, kr, vr = (torch.randn(1, 2, n, 16, generator=g).mul(3).requires_grad_() for n in (12, 12, 12, 8, 8))
     sets, up = [(k, v, "causal"), (kr, vr, "all")], torch.randn(1, 2, 12, 16, generator=g)
-    want = merge.attend_sets(q, sets, 0.25)
+    want = _union(q, sets, 0.25)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = merge.attend_sets(q, sets, 0.25)
+        got = _union(q, sets, 0.25)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     inputs = [q, k, v, kr, vr]
@@ -72,8 +88,12 @@ def test_autocast_around_the_union_changes_nothing(monkeypatch, kernel):
 
 def test_a_set_that_does_not_fit_its_pattern_is_an_error():
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="pattern 'causal'"):
-        merge.attend_sets(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "causal")], 1.0)
+    with pytest.raises(ValueError, match="pattern 'causal', 5 keys for 4 queries"):
+        _union(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "causal")], 1.0)
+    with pytest.raises(ValueError, match="pattern 'anticausal', 3 keys for 2 queries"):
+        merge.attend_calls(q, q, q, [(slice(2, 4), [(slice(0, 3), "anticausal")])], 1.0)
+    with pytest.raises(ValueError, match="pattern 'none'"):
+        _union(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "none")], 1.0)
 
 
 def test_the_cuda_kernel_calls_fit_torch_signatures_and_shapes():
@@ -81,13 +101,14 @@ def test_the_cuda_kernel_calls_fit_torch_signatures_and_shapes():
     def meta(n):
         return torch.empty(2, 3, n, 64, device="meta", dtype=torch.bfloat16).requires_grad_()
 
-    q, k, v, kr, vr = meta(37), meta(37), meta(37), meta(70), meta(70)
-    out = merge._Union.apply(q, 0.1, ("causal", "all"), "cuda_flash", k, v, kr, vr)
+    q, k, v = meta(37), meta(107), meta(107)  # keys: 37 causal, then 70 all
+    calls = [(slice(0, 37), [(slice(0, 37), "causal"), (slice(37, 107), "all")])]
+    out = merge._Calls.apply(q, k, v, 0.1, calls, "cuda_flash")
     assert out.shape == q.shape and out.dtype == torch.bfloat16
-    o, lse, state = merge._cuda_flash(q, kr, vr, 0.1, False)
+    o, lse, state = merge._cuda_flash(q, k[:, :, 37:], v[:, :, 37:], 0.1, False)
     assert o.shape == q.shape and lse.shape == (2, 3, 37) and lse.dtype == torch.float32
-    grads = torch.autograd.grad(out, [q, k, v, kr, vr], torch.empty_like(out))
-    assert [g.shape for g in grads] == [x.shape for x in (q, k, v, kr, vr)]
+    grads = torch.autograd.grad(out, [q, k, v], torch.empty_like(out))
+    assert [g.shape for g in grads] == [x.shape for x in (q, k, v)]
 
 
 def test_a_kernel_that_fails_or_disagrees_on_this_machine_is_not_used(monkeypatch):
@@ -131,7 +152,7 @@ def test_cuda_union_runs_the_flash_kernel_and_equals_one_softmax(dtype):
     cuda = [x.cuda().to(dtype).requires_grad_() for x in xs]
     ref_inputs = [x.double().requires_grad_() for x in xs]
     assert merge._kernel(cuda[0]) == "cuda_flash"
-    out, ref = merge.attend_sets(cuda[0], union(*cuda), 0.1), _dense(ref_inputs[0], union(*ref_inputs), 0.1)
+    out, ref = _union(cuda[0], union(*cuda), 0.1), _dense(ref_inputs[0], union(*ref_inputs), 0.1)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
     grads = torch.autograd.grad(out, cuda, up.cuda().to(dtype))
     for a, b in zip(grads, torch.autograd.grad(ref, ref_inputs, up.double()), strict=True):

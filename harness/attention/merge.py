@@ -6,10 +6,11 @@ gradient is what a flash backward computes for that set when given the union's o
 P_ij = exp(s_ij - lse_i) and D_i = dO_i . out_i), so the union's gradient is the sum of the sets' backwards.
 This lets the blockwise kernels give every set a mask-free call: all its keys, or a causal triangle.
 
-A set is (k, v, pattern), with pattern
+`attend_calls` runs such unions for slices of the queries: a set is (keys, pattern), keys some positions of
+one k, v (a slice, or positions to gather), with pattern
 - "all": every key is visible to every query;
-- "causal": key t is visible to query r iff t <= r (len(k) == len(q));
-- "anticausal": t >= r (len(k) == len(q)), run as causal on reversed queries and keys.
+- "causal": key t is visible to query r iff t <= r (as many keys as queries);
+- "anticausal": t >= r (as many keys as queries), run as causal on reversed queries and keys.
 
 Each set is one call of a kernel that returns the log-sum-exp, and its backward (KERNELS):
 - "cpu_flash": torch's fused CPU flash kernel, on CPU;
@@ -31,19 +32,6 @@ PATTERNS = ("all", "causal", "anticausal")
 _ATEN = torch.ops.aten
 
 
-def attend_sets(q, sets: list[tuple[torch.Tensor, torch.Tensor, str]], scale: float) -> torch.Tensor:
-    """softmax attention of q (B, H, M, d) over the union of `sets` [(k, v, pattern)], k, v (B, H, N_i, d)."""
-    for k, v, pattern in sets:
-        if pattern not in PATTERNS or k.shape != v.shape or (pattern != "all" and k.shape[2] != q.shape[2]):
-            raise ValueError(f"bad key set: pattern {pattern!r}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                             f"q {tuple(q.shape)}")
-    patterns = tuple(p for _, _, p in sets)
-    tensors = [t for k, v, _ in sets for t in (k, v)]
-    kernel = _kernel(q)
-    recording.record(f"merge via {kernel}")  # beside the backend's kernel: which kernel ran its sets
-    return _Union.apply(q, scale, patterns, kernel, *tensors)
-
-
 def _kernel(q) -> str:
     """The kernel that runs the sets of queries q."""
     if q.device.type == "cpu":
@@ -55,35 +43,6 @@ def _kernel(q) -> str:
     return "plain"
 
 
-class _Union(torch.autograd.Function):
-    """Forward and backward run outside autocast, which would compute `_plain`'s scores in bf16 in the forward
-    (the lse) and in fp32 in a backward called outside it; the kernels take the inputs' dtypes."""
-
-    @staticmethod
-    def forward(ctx, q, scale, patterns, kernel, *kv):
-        with no_autocast(q):
-            parts = [_forward(q, kv[2 * i], kv[2 * i + 1], scale, p, kernel) for i, p in enumerate(patterns)]
-            out, lse = _merge(parts, q.dtype)
-        ctx.save_for_backward(q, out, lse, *kv)
-        ctx.scale, ctx.patterns, ctx.kernel = scale, patterns, kernel
-        ctx.states = [state for _, _, state in parts]  # what a kernel's backward needs from its forward
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, out, lse, *kv = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_q, grad_kv = torch.zeros_like(q, dtype=lse.dtype), []
-        with no_autocast(q):
-            for i, pattern in enumerate(ctx.patterns):
-                dq, dk, dv = _backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, ctx.scale, pattern,
-                                       ctx.kernel, ctx.states[i])
-                grad_q += dq
-                grad_kv += [dk, dv]
-        return grad_q.to(q.dtype), None, None, None, *grad_kv
-
-
 def _merge(parts, dtype):
     """(output in `dtype`, lse (B, H, M) float32 or wider) of the union of sets whose (out, lse, state) are `parts`."""
     if len(parts) == 1:
@@ -93,15 +52,28 @@ def _merge(parts, dtype):
 
 
 def attend_calls(q, k, v, calls, scale: float) -> torch.Tensor:
-    """Attention of q over k, v (all (B, H, L, d)) given as `calls` [(queries, sets)]: out[:, :, queries] is the
-    union (as attend_sets) of sets [(keys, pattern)] of k and v, keys a slice of positions or positions (B, H, n) to
-    gather. One autograd node for all calls: its forward writes each call's output into one tensor and its backward
-    adds each call's gradients into full-length ones (slices of q, k, v in the graph would each take a full-length
-    zero gradient in their backward, and reshaped blocks of them copies), so beside those only one call's
-    temporaries are held at a time."""
+    """Attention of q (B, H, M, d) over k, v (B, H, N, d; N = M in the kernels) given as `calls` [(queries,
+    sets)]: out[:, :, queries] is the softmax of q[:, :, queries] over the union of sets [(keys, pattern)] of k
+    and v, keys a slice of positions or positions (B, H, n) to gather, each set one kernel call. One autograd node
+    for all calls: its forward writes each call's output into one tensor and its backward adds each call's
+    gradients into full-length ones (slices of q, k, v in the graph would each take a full-length zero gradient
+    in their backward, and reshaped blocks of them copies), so beside those only one call's temporaries are held
+    at a time."""
+    if k.shape[:2] != q.shape[:2] or k.shape != v.shape:
+        raise ValueError(f"bad keys: k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}")
+    for queries, sets in calls:
+        for keys, pattern in sets:
+            if pattern not in PATTERNS or (pattern != "all" and _count(keys, k) != _count(queries, q)):
+                raise ValueError(f"bad key set: pattern {pattern!r}, {_count(keys, k)} keys for "
+                                 f"{_count(queries, q)} queries")
     kernel = _kernel(q)
-    recording.record(f"merge via {kernel}")
+    recording.record(f"merge via {kernel}")  # beside the backend's kernel: which kernel ran its calls
     return _Calls.apply(q, k, v, scale, calls, kernel)
+
+
+def _count(positions, x) -> int:
+    """How many positions of x `positions` (a slice, or positions (B, H, n)) names."""
+    return len(range(*positions.indices(x.shape[2]))) if isinstance(positions, slice) else positions.shape[-1]
 
 
 def _take(x, keys):
@@ -120,7 +92,9 @@ def _add(x, keys, grad):
 
 
 class _Calls(torch.autograd.Function):
-    """attend_calls's node; autocast as in _Union. Gradients are summed in lse's dtype (float32 or wider)."""
+    """attend_calls's node. Forward and backward run outside autocast, which would compute `_plain`'s scores in
+    bf16 in the forward (the lse) and in fp32 in a backward called outside it; the kernels take the inputs'
+    dtypes. Gradients are summed in lse's dtype (float32 or wider)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, calls, kernel):
@@ -271,7 +245,14 @@ def _agrees(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int
 
 
 def _with_grads(kernel, q, sets, up) -> list[torch.Tensor]:
-    """The union's output by `kernel` and its gradients for q and each set's k and v, given output gradient up."""
-    inputs = [x.detach().requires_grad_() for x in (q, *(t for k, v, _ in sets for t in (k, v)))]
-    out = _Union.apply(inputs[0], 0.3, tuple(p for _, _, p in sets), kernel, *inputs[1:])
+    """The union's output by `kernel` and its gradients for q and each set's k and v, given output gradient up:
+    k and v are the sets' keys and values concatenated, each set a slice of them."""
+    k, v = (torch.cat([x[i] for x in sets], 2) for i in (0, 1))
+    keys, end = [], 0
+    for set_k, _, pattern in sets:
+        keys.append((slice(end, end + set_k.shape[2]), pattern))
+        end += set_k.shape[2]
+    calls = [(slice(0, q.shape[2]), keys)]
+    inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = _Calls.apply(*inputs, 0.3, calls, kernel)
     return [out, *torch.autograd.grad(out, inputs, up)]
