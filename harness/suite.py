@@ -428,11 +428,15 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
 def _worded(path: Path, suite: Suite, lines: dict[tuple, int]) -> list[str]:
     from harness.suite_warnings import warnings
 
-    def where(loc: tuple) -> str:
-        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-        return f"line {line}: {'.'.join(loc)}" if line else ".".join(loc)
+    return [f"{path}: {_where(loc, lines)}: {message}" for loc, message in warnings(suite)]
 
-    return [f"{path}: {where(loc)}: {message}" for loc, message in warnings(suite)]
+
+def _where(loc: tuple[str, ...], lines: dict[tuple, int]) -> str:
+    """The field path `loc` as "line N: a.b.c", N the line of its innermost key that the file holds (a field left
+    to its default has none: its parent's), or "a.b.c" where the file holds none."""
+    where = ".".join(loc) or "(top level)"
+    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+    return f"line {line}: {where}" if line else where
 
 
 def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
@@ -451,9 +455,7 @@ def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
 
 def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"] if p not in _BRANCHES)
-    where = ".".join(loc) or "(top level)"
-    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-    where = f"line {line}: {where}" if line else where
+    where = _where(loc, lines)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         field, parent = loc[-1], _model_at(model, loc[:-1])

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 from harness.attention.spec import triangle
-from harness.metrics.base import builtin
+from harness.plan import evaluates
 from harness.suite import Suite
 
 
 def warnings(suite: Suite) -> list[tuple[tuple[str, ...], str]]:
-    variants = any(m.kind == "variant" and getattr(suite.metrics, m.name, None) is not None
-                   for m in builtin().values())
-    if not variants:  # attention layers timed alone: no training, and backends at any length are meant
+    if not evaluates(suite):  # attention layers timed alone: no training, and backends at any length are meant
         return []
     out = _nothing_fine_tuned(suite)
     if any(isinstance(m, str) for m in suite.models):  # a preset, which the harness pretrains
