@@ -152,7 +152,7 @@ def se_attn(q, k, v, scale, chunk_size, block_size, top_k, retrieval, per_head, 
     """Select blocks (`se_attn_select`), then per piece of a chunk mask-free calls of the piece on itself (causal),
     on the chunk's keys before it and on the chunk's gathered blocks (all visible), merged by log-sum-exp.
     Memory O(L * (top_k*S + M))."""
-    hq, length = q.shape[1:3]
+    length = q.shape[2]
     k, v = expand_kv(q, k, v)
     s = block_size
     m = min(chunk_size, length)  # a chunk longer than the sequence is the whole sequence
