@@ -106,7 +106,7 @@ def test_a_length_without_shared_samples_is_not_measured():
     assert row[-1]["text"] == "not measured"
 
 
-def test_only_the_base_run_same_model_full_attention_evaluation_is_judged():
+def test_only_the_base_run_same_model_context_full_attention_evaluation_is_judged():
     from dataclasses import replace
 
     recs = [_record("perplexity", "hylora", SE, 4096, s, {"perplexity": 20.0 + s}) for s in (0, 1)]
@@ -114,10 +114,12 @@ def test_only_the_base_run_same_model_full_attention_evaluation_is_judged():
     key = ("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")
     alone = _rows(recs)
     assert alone[key][4]["note"] == "2 seed(s)" and len(alone) == 2  # and the RULER claim: not measured
-    # a later run, another model, or an evaluation with the fine-tuning attention adds no row
+    # a later run, another model, a fine-tune at another context or an evaluation with the fine-tuning attention
+    # adds no row
     extra = [replace(r, run="b", run_index=1) for r in recs]
     extra += [replace(r, model={"preset": "other"}) for r in recs if r.backend == "s2_attn"]
     extra += [replace(r, settings={"eval_attention": "finetune"}) for r in recs if r.backend == "s2_attn"]
+    extra += [replace(r, finetune_context=4096) for r in recs if r.backend == "s2_attn"]  # another suite's
     assert claims_blocks(recs + extra) == claims_blocks(recs)
 
 

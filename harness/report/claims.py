@@ -146,15 +146,17 @@ def claims_blocks(records: list[Record], pg19: bool = False) -> list[Block]:
     rows = []
     for claim in CLAIMS:
         pairs = [(a, b) for b in data.variants if _matches(b, claim.b)
-                 for a in data.variants if _matches(a, claim.a) and a.model == b.model]
+                 for a in data.variants if _matches(a, claim.a) and a.model == b.model
+                 and a.finetune_context in (None, b.finetune_context)]  # fine-tunes at one context
         for a, b in pairs:
             rows.append(_row(claim, data, a, b, claim.paper(pg19)))
     if not rows:
         return []
     return [paragraph(
         "Each of the paper's claims as a comparison of two variants of this report (base run, full-attention "
-        "evaluation), whatever the model: the direction is what carries over, not the numbers. RULER: all samples "
-        "both variants scored at the length (the suite's tasks, pooled over seeds), McNemar's exact test; "
+        "evaluation, one model and one fine-tuning context), whatever the model: the direction is what carries "
+        "over, not the numbers. RULER: all samples both variants scored at the length (the suite's tasks, pooled "
+        "over seeds), McNemar's exact test; "
         "perplexity: paired by seed, Student's t. Reproduced: the difference goes the claimed way with p < 0.05; "
         "not reproduced: significant the other way; inconclusive: p ≥ 0.05. The verdict follows p: for RULER the "
         "interval is the normal approximation, which can exclude zero where the exact test, with few discordant "
