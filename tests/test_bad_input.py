@@ -486,6 +486,18 @@ def test_attention_with_nan_inputs_says_so_instead_of_spreading_it(backend, opti
         attend(q, k, v, backend, **options)
 
 
+def test_attention_with_inf_inputs_says_so_and_finite_inputs_whose_sum_overflows_run():
+    from harness.attention import attend
+
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    q[0, 1, 3, 2] = -float("inf")
+    with pytest.raises(UserError, match="got NaN or inf in q: the model diverged"):
+        attend(q, k, v)
+    q[0, 1, 3, 2] = 0.0
+    v[0, :, 0, 0] = 2e38  # one per head: every value and each head's attention finite, their fp32 sum is not
+    assert torch.isinf(v.sum()) and attend(q, k, v).isfinite().all()
+
+
 def test_attention_with_mismatched_shapes():
     from harness.attention import attend
 

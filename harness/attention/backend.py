@@ -42,6 +42,15 @@ def training_call(step: int, micro_batch: int):
         _TRAINING_CALL.reset(token)
 
 
+def _non_finite(q, k, v) -> list[str]:
+    """The names of q, k, v that hold NaN or inf. One fp32 sum per tensor and one host sync: NaN or inf anywhere
+    makes the sum non-finite (isfinite would allocate a temporary the size of each); a finite tensor whose sum
+    overflows is told apart by the exact test."""
+    if bool(torch.stack([x.sum(dtype=torch.float32) for x in (q, k, v)]).isfinite().all()):
+        return []
+    return [n for n, x in zip("qkv", (q, k, v), strict=True) if not bool(torch.isfinite(x).all())]
+
+
 class Backend:
     def __init__(self, name: str, **options):
         self.name, self.options = resolve(name, options)
@@ -98,8 +107,7 @@ class Backend:
         if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
             raise UserError(f"attention expects q, k, v of one floating-point dtype; got {q.dtype}, {k.dtype}, "
                             f"{v.dtype}")
-        if not bool(torch.stack([torch.isfinite(x).all() for x in (q, k, v)]).all()):
-            bad = [n for n, x in zip("qkv", (q, k, v), strict=True) if not bool(torch.isfinite(x).all())]
+        if bad := _non_finite(q, k, v):
             raise UserError(f"attention backend {self.name!r} got NaN or inf in {', '.join(bad)}: the model diverged "
                             "(lower the learning rate, or use bf16/fp32 instead of fp16) or its inputs hold NaN; "
                             "kernels would spread it to outputs that never attend to it")
