@@ -148,11 +148,13 @@ def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None 
 
 
 def report_notes(suite, corpus) -> list[str]:
-    """The report's callouts: that the embedded corpus stood in for PG-19, where the suite did not choose it."""
+    """The report's callouts: the suite's warnings (harness.suite_warnings), and that the embedded corpus stood in
+    for PG-19, where the suite did not choose it."""
+    notes = [f"Suite warning: {w}" for w in suite.warnings]
     if corpus is None or not corpus.embedded or suite.data.eval is not None:
-        return []
-    return [f"PG-19 not configured: measured on the embedded corpus's held-out books ({corpus.description}). "
-            "Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
+        return notes
+    return notes + [f"PG-19 not configured: measured on the embedded corpus's held-out books "
+                    f"({corpus.description}). Set HARNESS_PG19_DIR or pass --pg19 DIR to evaluate on PG-19."]
 
 
 MISSING = "missing"  # the fingerprint of what a dry run could not find

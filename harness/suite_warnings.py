@@ -1,7 +1,8 @@
 """What a valid suite sets that is most likely a mistake: settings that run, but do not measure what they say.
 
 `warnings(suite)` -> [(field path, message)]; `load_suite` words them with the file and line, and `harness run`,
-`validate` and `--dry-run` print them before planning (harness.runner.prepare). None stops a run.
+`validate` and `--dry-run` print them before planning (harness.runner.prepare), and the report `harness run`
+renders repeats them (harness.runner.report_notes). None stops a run.
 """
 
 from __future__ import annotations

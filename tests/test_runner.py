@@ -166,6 +166,18 @@ def test_the_report_says_pg19_was_not_configured_unless_the_embedded_corpus_was_
     assert bool(notes) == callout and all(n.startswith("PG-19 not configured") for n in notes)
 
 
+def test_the_report_repeats_the_suites_warnings(tmp_path, isolated_cache):
+    from harness.plan import documents
+    from harness.runner import report_notes
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SMALL.replace("methods: [lora]", "methods: []"))
+    suite = load_suite(tmp_path / "s.yaml")
+    notes = report_notes(suite, documents(suite, "eval"))
+    assert len(notes) == 2 and notes[0].startswith(f"Suite warning: {tmp_path / 's.yaml'}: line ")
+    assert "no method, so nothing is fine-tuned" in notes[0] and notes[1].startswith("PG-19 not configured")
+
+
 def test_several_jobs_at_once_on_a_cpu_are_warned_about():
     from harness.runner import shared_cpu_warning
     from harness.suite import Run
