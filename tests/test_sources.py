@@ -145,7 +145,8 @@ def test_bad_sources_are_named_and_leave_no_cache_entry(tmp_path, tmp_cache, tok
     assert not list((tmp_cache / "tokens").glob("[!.]*")) if (tmp_cache / "tokens").exists() else True
 
 
-def test_a_hub_dataset_out_of_reach_fails_at_once(tmp_cache, monkeypatch):
+@pytest.mark.parametrize("hub_id", ["no-such-org/no-such-dataset", "no-such-dataset"])  # owner-less: legacy ids
+def test_a_hub_dataset_out_of_reach_fails_at_once(tmp_cache, monkeypatch, hub_id):
     """No network, and offline mode not set: a Hub dataset that is not in the cache fails with its fix at once,
     not after huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s of sleep)."""
     import datasets.config
@@ -161,10 +162,10 @@ def test_a_hub_dataset_out_of_reach_fails_at_once(tmp_cache, monkeypatch):
     monkeypatch.setattr(_http.time, "sleep", sleeps.append)
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(no_network)))
     try:
-        with pytest.raises(UserError, match=r"data.eval: datasets.load_dataset\('no-such-org/no-such-dataset'.*"
+        with pytest.raises(UserError, match=rf"data.eval: datasets.load_dataset\('{hub_id}'.*"
                                             r"huggingface.co does not answer\); fix: without network it must be in "
                                             r"the HF cache"):
-            open_source(Source(source="hf", path="no-such-org/no-such-dataset"), "data.eval")
+            open_source(Source(source="hf", path=hub_id), "data.eval")
     finally:
         huggingface_hub.set_client_factory(_http.default_client_factory)
     assert sleeps == []

@@ -251,11 +251,14 @@ def _hf(src: Source, where: str) -> Documents:
 
 
 def _out_of_reach(path: str, hub: str) -> bool:
-    """Whether `path` names a Hub dataset (owner/name, no local path) and `hub` does not answer within 5 s. Offline,
-    load_dataset retries the Hub for 23 s (huggingface_hub's backoff) before it falls back on the cache or fails."""
-    if "/" not in path or Path(path).expanduser().exists():
-        return False
+    """Whether `path` names a Hub dataset (not a local path, nor one of datasets' builders such as json or text)
+    and `hub` does not answer within 5 s. Offline, load_dataset retries the Hub for 23 s (huggingface_hub's
+    backoff) before it falls back on the cache or fails."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
     from huggingface_hub import get_session
+
+    if path in _PACKAGED_DATASETS_MODULES or Path(path).expanduser().exists():
+        return False
 
     try:
         get_session().head(hub, timeout=5)
