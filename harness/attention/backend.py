@@ -46,8 +46,9 @@ def _non_finite(q, k, v) -> list[str]:
     """The names of q, k, v that hold NaN or inf. One fp32 sum per tensor and one host sync: NaN or inf anywhere
     makes the sum non-finite (isfinite would allocate a temporary the size of each); a finite tensor whose sum
     overflows is told apart by the exact test."""
-    if bool(torch.stack([x.sum(dtype=torch.float32) for x in (q, k, v)]).isfinite().all()):
-        return []
+    with torch.no_grad():
+        if bool(torch.stack([x.sum(dtype=torch.float32) for x in (q, k, v)]).isfinite().all()):
+            return []
     return [n for n, x in zip("qkv", (q, k, v), strict=True) if not bool(torch.isfinite(x).all())]
 
 
