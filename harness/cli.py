@@ -1,4 +1,4 @@
-"""`harness run | validate | report | list`: the command-line front door.
+"""`harness run | validate | report | compare | export | check | list | cache | bench`: the command-line front door.
 
 Errors the user can fix (UserError) print one line and exit 2; Ctrl-C (or SIGTERM) exits 130
 after saying that finished work is kept.
