@@ -453,10 +453,16 @@ def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
                             f"the module must be importable from the working directory, here {Path.cwd()}") from None
 
 
+# A check across fields (Suite._consistent) fails at the top level; its message starts with the field it is about.
+_LEADING_FIELD = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*): ")
+
+
 def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"] if p not in _BRANCHES)
-    where = _where(loc, lines)
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc and (named := _LEADING_FIELD.match(msg)):  # that field's line, not "(top level)"
+        loc, msg = tuple(named[1].split(".")), msg[named.end():]
+    where = _where(loc, lines)
     if err["type"] == "extra_forbidden":
         field, parent = loc[-1], _model_at(model, loc[:-1])
         hint = difflib.get_close_matches(field, list(parent.model_fields), n=1) if parent else []
