@@ -453,15 +453,16 @@ def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
                             f"the module must be importable from the working directory, here {Path.cwd()}") from None
 
 
-# A check across fields (Suite._consistent) fails at the top level; its message starts with the field it is about.
-_LEADING_FIELD = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*): ")
+# A check across fields (Suite._consistent) fails at the top level, and a list's validator at the list; such a
+# message starts with the field it is about ("finetune.lr.x: ...", "backends[1]: ...").
+_LEADING_FIELD = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*): ")
 
 
 def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"] if p not in _BRANCHES)
     msg = err["msg"].removeprefix("Value error, ")
-    if not loc and (named := _LEADING_FIELD.match(msg)):  # that field's line, not "(top level)"
-        loc, msg = tuple(named[1].split(".")), msg[named.end():]
+    if (named := _LEADING_FIELD.match(msg)) and (field := tuple(re.findall(r"[^.\[\]]+", named[1])))[:len(loc)] == loc:
+        loc, msg = field, msg[named.end():]  # that field's line, not "(top level)" or the list's
     where = _where(loc, lines)
     if err["type"] == "extra_forbidden":
         field, parent = loc[-1], _model_at(model, loc[:-1])
