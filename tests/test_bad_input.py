@@ -213,7 +213,8 @@ def test_an_eval_text_field_that_is_not_there_stops_the_run_before_any_job(tmp_p
 
 @pytest.mark.parametrize("setting,message", [
     ({"flag": "emptypg"}, r"PG-19 split folder .*emptypg/test not found \(splits present: none\)"),
-    ({"env": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist; fix: set HARNESS_PG19_DIR"),
+    ({"env": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist; fix: point HARNESS_PG19_DIR, "
+                              r"`harness run --pg19 DIR` or a suite's data.pg19 at a folder"),
     ({"suite": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist"),
     ({"flag": "pg", "split": "dev"}, r"PG-19 split folder .*pg/dev not found \(splits present: test\)"),
 ], ids=["empty directory", "env var to nowhere", "suite field to nowhere", "missing split"])

@@ -29,7 +29,8 @@ from harness.errors import UserError
 
 ENV = "HARNESS_PG19_DIR"
 SPLITS = ("train", "validation", "test")
-_FIX = f"set {ENV} (or pass the PG-19 directory explicitly) to a folder holding {{train,validation,test}}/*.txt"
+_FIX = (f"point {ENV}, `harness run --pg19 DIR` or a suite's data.pg19 at a folder holding "
+        "{train,validation,test}/*.txt")
 
 
 def _sort_key(path: Path) -> tuple:
