@@ -7,6 +7,7 @@ after saying that finished work is kept.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import signal
 import sys
 from dataclasses import replace
@@ -59,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="time the working tree against itself: false-positive rate and smallest detectable slowdown")
     cmp.add_argument("--suite", help="with --rev/--calibrate: the suite whose efficiency cells are timed "
                                      "(default suites/efficiency.yaml)")
-    cmp.add_argument("--only", metavar="PATTERN", help="with --rev/--calibrate: only cells whose id matches")
-    cmp.add_argument("--min-repeats", type=arg.positive_int, default=20, help="samples per side, at least")
-    cmp.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per side, at least")
+    cmp.add_argument("--only", metavar="PATTERN", help="only cells whose id matches (a glob)")
+    cmp.add_argument("--min-repeats", type=arg.positive_int,
+                     help="with --rev/--calibrate: samples per side, at least (default 20)")
+    cmp.add_argument("--min-seconds", type=float,
+                     help="with --rev/--calibrate: timed seconds per side, at least (default 1.0)")
     cmp.add_argument("--fail-on-time", action="store_true",
                      help="let timings measured on CPU fail the gate (CUDA ones do)")
     cmp.add_argument("--inject", help=argparse.SUPPRESS)  # tests: a module imported into head's timing worker
@@ -164,7 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.dirs or (args.rev and args.calibrate):
             raise UserError("compare: --rev REV times against a revision, --calibrate against itself; neither takes "
                             "results directories, and they do not go together")
-        s = Settings(min_repeats=args.min_repeats, min_seconds=args.min_seconds, time_ratio=args.time_ratio,
+        s = Settings(min_repeats=args.min_repeats or 20, min_seconds=1.0 if args.min_seconds is None else
+                     args.min_seconds, time_ratio=args.time_ratio,
                      alpha=0.002 if args.alpha is None else args.alpha)
         return timing_gate(args.rev, args.suite or default_suite(), s, calibrate=args.calibrate,
                            fail_on_time=args.fail_on_time, only=args.only, summary=args.summary, inject=args.inject)
@@ -174,10 +178,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if len(args.dirs) != 2:
             raise UserError(f"compare: give two results directories, BASE HEAD (got {len(args.dirs)}), or --rev REV")
+        if timing := [f for f, v in (("--suite", args.suite), ("--min-repeats", args.min_repeats),
+                                     ("--min-seconds", args.min_seconds)) if v is not None]:
+            raise UserError(f"compare: {', '.join(timing)} go with --rev or --calibrate, which time the suite anew; "
+                            "BASE HEAD compares the records the two directories hold: drop them")
         th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
                         alpha=0.05 if args.alpha is None else args.alpha)
         base, head = args.dirs
-        findings = compare(results.load(base), results.load(head), th)
+        findings = compare(*(_matching(results.load(d), args.only) for d in (base, head)), th)
+        if args.only and not findings:
+            raise UserError(f"compare: --only {args.only!r} matches no cell of {base} or {head}")
         if not any(f.verdict != "skipped" for f in findings):
             raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {base} has no ok record "
                             f"of a cell that {head} measured with the same settings; a gate that compares "
@@ -223,6 +233,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                                head_dim=args.head_dim, repeats=args.repeats)
         print(format_rows(rows))
     return 0
+
+
+def _matching(records: list, only: str | None) -> list:
+    return [r for r in records if only is None or fnmatch.fnmatch(r.cell, only)]
 
 
 def _cache(args: argparse.Namespace) -> None:

@@ -366,6 +366,26 @@ def test_a_cell_missing_from_head_is_a_regression(tmp_path, capsys):
     assert code == 1 and "missing in head" in out
 
 
+def test_only_narrows_the_gate_to_the_cells_it_matches(tmp_path, capsys):
+    results.append(tmp_path / "a", record("x/ppl@512", 10.0))
+    results.append(tmp_path / "a", record("y/ppl@512", 10.0))
+    results.append(tmp_path / "b", record("x/ppl@512", 10.0))
+    results.append(tmp_path / "b", record("y/ppl@512", 15.0))
+    assert cli(capsys, "compare", tmp_path / "a", tmp_path / "b")[0] == 1
+    code, out = cli(capsys, "compare", tmp_path / "a", tmp_path / "b", "--only", "x/*")
+    assert code == 0 and "1 ok" in out and "y/" not in out
+    code, out = cli(capsys, "compare", tmp_path / "a", tmp_path / "b", "--only", "z*")
+    assert code == 2 and f"--only 'z*' matches no cell of {tmp_path / 'a'} or {tmp_path / 'b'}" in out
+
+
+@pytest.mark.parametrize("flag", [["--suite", "s.yaml"], ["--min-repeats", "5"], ["--min-seconds", "2"]])
+def test_timing_flags_without_rev_are_refused_not_ignored(tmp_path, capsys, flag):
+    results.append(tmp_path / "a", record("x", 10.0))
+    results.append(tmp_path / "b", record("x", 10.0))
+    code, out = cli(capsys, "compare", tmp_path / "a", tmp_path / "b", *flag)
+    assert code == 2 and f"compare: {flag[0]} go with --rev or --calibrate" in out
+
+
 def test_a_50_percent_perplexity_rise_fails_the_gate(tmp_path, capsys):
     results.append(tmp_path / "a", record("x", 10.0))
     results.append(tmp_path / "b", record("x", 15.0))
