@@ -278,3 +278,72 @@ def test_a_perplexity_to_read_with_care_says_why():
     assert suspect(short, 3, config, vocab_size=60) == []
     (worse,) = suspect(short, 3, config, vocab_size=int(short.perplexity) - 1)
     assert "worse than guessing uniformly" in worse
+
+
+def test_the_default_stride_is_half_the_context_rounded_down(model, tokens):
+    # "Default stride: context // 2": an odd context rounds down, so no token loses its promised history
+    assert PROTOCOLS["stride"].resolve_hop(33, None) == 16
+    assert evaluate_perplexity(model, tokens, 33, "stride", max_windows=1).step_or_stride == 16
+
+
+@pytest.mark.parametrize("protocol", ["longlora", "stride"])
+def test_two_ranks_score_every_other_window_and_add_up_to_one_process(model, tokens, protocol):
+    from harness.metrics.base import Ranks
+
+    hop = {"step": 24} if protocol == "longlora" else {"stride": 24}
+    one = evaluate_perplexity(model, tokens, 48, protocol, **hop)
+    sent = []
+    second = evaluate_perplexity(model, tokens, 48, protocol, **hop,  # rank 1: what it sends, not the result
+                                 ranks=Ranks(1, 2, gather=lambda part: sent.append(part) or [(0.0, 0), part]))
+    assert second.windows == one.windows > 2
+    both = evaluate_perplexity(model, tokens, 48, protocol, **hop, ranks=Ranks(0, 2, gather=lambda part: [part, *sent]))
+    assert 0 < sent[0][1] < one.tokens_scored  # rank 1 scored some of the tokens, not all
+    assert (both.tokens_scored, both.windows, both.windows_total) == (one.tokens_scored, one.windows, one.windows_total)
+    assert both.nll == pytest.approx(one.nll, rel=1e-9)
+
+
+def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, tokens):
+    """The plugin's measure: max(1, tokens_per_length // context) windows; bits per byte = the mean NLL in bits times
+    the stream's tokens per byte; no per-byte values when the stream's bytes are unknown."""
+    from harness.metrics.base import ONE
+    from harness.metrics.plugins.perplexity import Perplexity, PerplexityConfig
+
+    class Ctx:
+        ranks, pretrain_context, seed = ONE, 64, 3
+
+        def __init__(self, n_bytes):
+            self.n_bytes = n_bytes
+
+        def model(self):
+            return model, {"preset": "llama"}
+
+        def use_attention(self, which):
+            self.attention = which
+
+        def eval_stream(self, max_tokens):
+            return tokens[:max_tokens], {"name": "toy", "tokens": min(max_tokens, N_TOKENS), "bytes": self.n_bytes}
+
+    config = PerplexityConfig(contexts=[32], tokens_per_length=100, max_tokens=200)
+    ctx = Ctx(n_bytes=700)
+    m = Perplexity().measure(ctx, {"length": 32, "eval_attention": "full"}, config)
+    res = evaluate_perplexity(model, tokens[:200], 32, "longlora", max_windows=3)
+    assert ctx.attention == "full" and m.settings["max_windows"] == 3 and m.values["windows"] == res.windows
+    assert m.settings == {"protocol": "longlora", "step": 256, "max_windows": 3, "eval_attention": "full",
+                          "pretrain_context": 64, "seed": 3}
+    assert m.values["nll"] == res.nll and m.values["tokens_scored"] == res.tokens_scored
+    assert m.values["bits_per_byte"] == pytest.approx(res.nll / math.log(2) * 200 / 700, rel=1e-12)
+    assert m.values["bytes_per_token"] == 3.5 and m.units["bits_per_byte"] == "bits/byte"
+    config = PerplexityConfig(contexts=[128], tokens_per_length=100, max_tokens=200)
+    m = Perplexity().measure(Ctx(n_bytes=0), {"length": 128, "eval_attention": "full"}, config)
+    assert m.settings["max_windows"] == 1 and m.values["windows"] == 1  # at least one window, however long
+    assert "bits_per_byte" not in m.values and "bits_per_byte" not in m.units
+
+
+def test_a_context_below_two_is_a_config_error():
+    from pydantic import ValidationError
+
+    from harness.metrics.plugins.perplexity import PerplexityConfig
+
+    assert PerplexityConfig(contexts=[2]).contexts == [2]
+    with pytest.raises(ValidationError, match="every context must be >= 2"):
+        PerplexityConfig(contexts=[64, 1])
