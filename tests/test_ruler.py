@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -113,7 +114,8 @@ def test_prompts_fit_and_contain_references(task, length, tok, book):
         assert s.max_new_tokens == spec.max_new_tokens
         assert s.length == count_tokens(tok, s.input)
         assert MIN_FILL * budget <= s.length <= budget
-        assert s.metadata["task"] == task and len(s.metadata["prompt_sha256"]) == 64
+        assert s.metadata["task"] == task
+        assert s.metadata["prompt_sha256"] == hashlib.sha256(s.input.encode("utf-8")).hexdigest()
         assert s.outputs and all(isinstance(o, str) and o for o in s.outputs)
         context, question = _context_and_question(task, s.input)
         if spec.family == "niah":
@@ -340,3 +342,61 @@ def test_sentence_splitter_splits_at_a_run_of_spaces():
     # so a repeated essay has two spaces where it wraps round; NLTK's sent_tokenize splits there and drops them.
     assert split_sentences("Two dogs ran.  Then the end.   Yes. No") == ["Two dogs ran.", "Then the end.", "Yes.", "No"]
     assert split_sentences("Dr.  Smith came.  So  did I.") == ["Dr.  Smith came.", "So  did I."]
+
+
+def test_scoring_edge_cases_as_ruler():
+    # every character in [\x00-\x1f] becomes a newline, \x1f (the last) as much as \x00
+    assert metric.postprocess("a\x1fb\x1e") == "a\nb"
+    assert metric.per_sample("vt", ["A\x1fB"], [["a\nb"]]) == [1.0]
+    # a plain string reference is one reference, not a list of its characters
+    assert metric.per_sample("cwe", ["of"], ["foo"]) == [0.0]
+    assert metric.per_sample("qa_1", ["of"], ["foo"]) == [0.0]
+    # a sample without references is an error, not a zero division or a free point
+    with pytest.raises(UserError, match="reference list is empty"):
+        metric.score("niah_single_1", ["a"], [[]])
+    with pytest.raises(UserError, match="reference list is empty"):
+        metric.score("qa_1", ["a"], [[]])
+
+
+def test_prompt_lengths_count_no_special_tokens(tok):
+    # a tokenizer that puts a BOS first (as Llama's): RULER's lengths count the text's tokens alone
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(single=f"{tok.eos_token} $A",
+                                                           special_tokens=[(tok.eos_token, tok.eos_token_id)])
+    bos = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token)
+    text = "The grass is green."
+    assert len(bos.encode(text)) == len(tok.encode(text, add_special_tokens=False)) + 1
+    assert count_tokens(bos, text) == count_tokens(tok, text) == len(tok.encode(text, add_special_tokens=False))
+    (s,) = generate("niah_single_1", 512, bos, 1, 0)
+    assert s.length == len(bos.encode(s.input, add_special_tokens=False)) <= 512 - 128
+
+
+def test_qa_documents_are_chosen_and_ordered_as_rulers():
+    """qa.py l.125-150: the gold documents, then the article's other paragraphs, then random other documents (as
+    many as fit), drawn from the sample's RNG; shuffled by a fresh random.Random(seed), so with every document in the
+    prompt all samples list them in one order."""
+    from random import Random
+
+    from harness.data.ruler import qa
+
+    docs = [f"doc {i}" for i in range(10)]
+    question = {"query": "q", "outputs": ["a"], "context": [2], "more_context": [5, 7, 8]}
+
+    def listed(num_docs, rng, seed):
+        prompt, outputs, meta = qa.build(question, docs, num_docs, rng, seed)
+        assert outputs == ["a"] and meta == {"num_docs": num_docs}
+        return [line for line in prompt.split("\n") if line.startswith("doc ")]
+
+    def ruler(chosen, seed):
+        Random(seed).shuffle(chosen)
+        return [docs[i] for i in chosen]
+
+    rng = Random(1)
+    assert listed(3, Random(1), 5) == ruler([2, *rng.sample([5, 7, 8], 2)], 5)  # gold + some of the article's
+    rng = Random(1)
+    assert listed(6, Random(1), 5) == ruler([2, 5, 7, 8, *rng.sample([0, 1, 3, 4, 6, 9], 2)], 5)  # + others
+    every = listed(10, Random(1), 5)
+    assert every == listed(10, Random(2), 5) == ruler(list(range(10)), 5) != listed(10, Random(1), 6)
