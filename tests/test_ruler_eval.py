@@ -96,3 +96,43 @@ def test_prompts_carry_the_tokenizers_special_tokens_as_rulers_do():
     evaluate_ruler(model, tok, "niah_single_1", LENGTH, N, seed=0)
     samples = generate("niah_single_1", LENGTH, tok, N, 0)
     assert prompts[-N:] == [[bos, *tok.encode(s.input, add_special_tokens=False)] for s in samples]  # after the check
+
+
+@pytest.mark.parametrize("scale, fails", [(2e-2, True), (2e-3, True), (1e-5, False)])
+def test_a_single_logit_off_by_more_than_the_tolerance_fails_the_check(scale, fails):
+    # one logit of one step off by `scale` standard deviations of the step's logits: fp32 allows 1e-3
+    torch.manual_seed(0)
+    model = _llama().eval()
+    generate_ = model.generate
+
+    def off_by_one_logit(*args, **kw):
+        out = generate_(*args, **kw)
+        logits = list(out.logits)
+        logits[3] = logits[3].clone()
+        logits[3][0, 7] += scale * logits[3].float().std()
+        out.logits = tuple(logits)
+        return out
+
+    model.generate = off_by_one_logit
+    if fails:
+        with pytest.raises(CacheMismatchError, match=r"step 4 of 8"):
+            check_cached_decoding(model, default_tokenizer())
+    else:
+        assert check_cached_decoding(model, default_tokenizer()) < 1e-4
+
+
+def test_on_two_ranks_each_decodes_its_share_and_the_records_keep_the_samples_order():
+    from harness.metrics.base import Ranks
+
+    torch.manual_seed(0)
+    model, tok = _llama().eval(), default_tokenizer()
+    samples = generate("niah_single_1", LENGTH, tok, 3, 0)
+    other = [samples[1].outputs[0]]  # rank 1's share (sample 1): a correct answer
+    values, records = evaluate_ruler(model, tok, "niah_single_1", LENGTH, 3, seed=0,
+                                     ranks=Ranks(0, 2, gather=lambda part: [part, other]))
+    assert values["samples"] == len(records) == 3
+    assert [r["prompt_sha256"] for r in records] == [s.metadata["prompt_sha256"] for s in samples]
+    assert [r["depth"] for r in records] == [s.metadata["depth"] for s in samples]
+    assert records[1]["predicted"] == other[0] and records[1]["correct"] == 1.0
+    assert values["per_sample"] == {r["prompt_sha256"]: r["correct"] for r in records}
+    assert values["accuracy"] == round(100 * sum(r["correct"] for r in records) / 3, 2)
