@@ -258,3 +258,27 @@ def test_report_means_over_seeds_arrows_and_subtasks_after_their_group():
     # stderr; no "_stderr" row; the subtask after its group
     assert rows == [("grp", "acc \u2191", "0.750"), ("", "ppl \u2193", "4.000"), ("", "f1", "0.900 \u00b1 0.050"),
                     ("grp \u203a sub", "acc \u2191", "0.500")]
+
+
+def test_values_are_named_by_metric_and_filter_and_a_missing_stderr_is_none():
+    from harness.metrics.lm_eval import _dataset, _values
+
+    entry = {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "exact_match,strict-match": 0.25,
+             "exact_match_stderr,strict-match": 0.1}
+    assert _values(entry) == {"acc": 0.5, "acc_stderr": None, "exact_match/strict-match": 0.25,
+                              "exact_match/strict-match_stderr": 0.1}
+    # the split scored: the test split where the task has one, else the validation split
+    assert _dataset("t", {"dataset_path": "p", "dataset_name": "n", "test_split": "test",
+                          "validation_split": "validation"}) == {"name": "p/n", "split": "test"}
+    assert _dataset("t", {"dataset_path": "p", "validation_split": "validation"}) == {"name": "p",
+                                                                                      "split": "validation"}
+
+
+def test_local_tasks_fingerprint_follows_a_data_dir(tmp_path):
+    tasks, data = tmp_path / "tasks", tmp_path / "data"
+    tasks.mkdir(), data.mkdir()
+    (data / "test.jsonl").write_text("{}\n")
+    (tasks / "mine.yaml").write_text(f"task: mine\ndataset_path: json\ndataset_kwargs: {{data_dir: {data}}}\n")
+    before = local_tasks_fingerprint(str(tasks))
+    (data / "test.jsonl").write_text('{"a": 1}\n')
+    assert local_tasks_fingerprint(str(tasks)) != before
