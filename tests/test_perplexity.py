@@ -290,6 +290,7 @@ def test_the_default_stride_is_half_the_context_rounded_down(model, tokens):
 def test_two_ranks_score_every_other_window_and_add_up_to_one_process(model, tokens, protocol):
     from harness.metrics.base import Ranks
 
+    model.eval()  # (a wrapper around it, which another test evaluated, left it in training mode)
     hop = {"step": 24} if protocol == "longlora" else {"stride": 24}
     one = evaluate_perplexity(model, tokens, 48, protocol, **hop)
     sent = []
@@ -300,6 +301,7 @@ def test_two_ranks_score_every_other_window_and_add_up_to_one_process(model, tok
     assert 0 < sent[0][1] < one.tokens_scored  # rank 1 scored some of the tokens, not all
     assert (both.tokens_scored, both.windows, both.windows_total) == (one.tokens_scored, one.windows, one.windows_total)
     assert both.nll == pytest.approx(one.nll, rel=1e-9)
+    assert not model.training  # an eval-mode model stays in eval mode
 
 
 def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, tokens):
@@ -330,7 +332,10 @@ def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, 
     assert ctx.attention == "full" and m.settings["max_windows"] == 3 and m.values["windows"] == res.windows
     assert m.settings == {"protocol": "longlora", "step": 256, "max_windows": 3, "eval_attention": "full",
                           "pretrain_context": 64, "seed": 3}
-    assert m.values["nll"] == res.nll and m.values["tokens_scored"] == res.tokens_scored
+    assert set(m.values) == {"perplexity", "nll", "tokens_scored", "windows", "windows_total", "bits_per_byte",
+                             "bytes_per_token"} == set(m.units)
+    assert (m.values["nll"], m.values["tokens_scored"], m.values["windows_total"]) == (res.nll, res.tokens_scored,
+                                                                                      res.windows_total)
     assert m.values["bits_per_byte"] == pytest.approx(res.nll / math.log(2) * 200 / 700, rel=1e-12)
     assert m.values["bytes_per_token"] == 3.5 and m.units["bits_per_byte"] == "bits/byte"
     config = PerplexityConfig(contexts=[128], tokens_per_length=100, max_tokens=200)
