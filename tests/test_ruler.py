@@ -400,3 +400,30 @@ def test_qa_documents_are_chosen_and_ordered_as_rulers():
     assert listed(6, Random(1), 5) == ruler([2, 5, 7, 8, *rng.sample([0, 1, 3, 4, 6, 9], 2)], 5)  # + others
     every = listed(10, Random(1), 5)
     assert every == listed(10, Random(2), 5) == ruler(list(range(10)), 5) != listed(10, Random(1), 6)
+
+
+def _ruler_cells(monkeypatch, tok, **fields):
+    """The ruler plugin's cells of one pretrained variant, with `tok` as the model's tokenizer."""
+    from types import SimpleNamespace
+
+    import harness.artefacts
+    from harness.metrics.plugins.ruler import Ruler, RulerConfig
+
+    monkeypatch.setattr(harness.artefacts, "tokenizer", lambda model: tok)
+    plan = SimpleNamespace(suite=SimpleNamespace(model=lambda name: name), memo={}, data_fingerprint="data")
+    return Ruler().cells(RulerConfig(**fields), SimpleNamespace(model="m", seed=0, stage="pretrained"), plan)
+
+
+def test_the_ruler_cells_check_every_sample_at_the_shortest_length(monkeypatch, tok):
+    # fwe, seed 0: sample 0 fits in 263 tokens, sample 1 needs 265
+    assert len(_ruler_cells(monkeypatch, tok, tasks=["fwe"], lengths=[263, 512], samples=1)) == 2
+    with pytest.raises(UserError, match=r"^metrics\.ruler\.lengths \(in models\.m's tokens\): RULER task 'fwe' "
+                                        r"cannot fit in length 263: it needs at least 265 tokens"):
+        _ruler_cells(monkeypatch, tok, tasks=["fwe"], lengths=[263, 512], samples=2)
+
+
+def test_the_ruler_cells_hash_their_sample_count(monkeypatch, tok):
+    (_, two), = _ruler_cells(monkeypatch, tok, tasks=["fwe"], lengths=[512], samples=2)
+    (_, three), = _ruler_cells(monkeypatch, tok, tasks=["fwe"], lengths=[512], samples=3)
+    assert two["metric"]["samples"] == 2 and two != three
+    assert two == {"metric": {"samples": 2, "essay_file": None, "qa_files": {}}, "data": "data"}
