@@ -116,6 +116,11 @@ def test_limit_and_unknown_task(model, tok, manager):
         evaluate_lm_eval(model, tok, "harness_mcq", manager)
 
 
+def test_num_fewshot_is_passed_to_lm_eval(model, tok, manager):
+    res = evaluate_lm_eval(model, tok, "harness_mc", manager, limit=1, num_fewshot=2, max_length=128)
+    assert res.settings["num_fewshot"] == 2 and res.values["samples"] == 1
+
+
 def test_dropped_cache_fails_before_any_request(tok, manager, drop_cache):
     from harness.metrics.decode_check import CacheMismatchError
 
