@@ -342,6 +342,14 @@ def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, 
     m = Perplexity().measure(Ctx(n_bytes=0), {"length": 128, "eval_attention": "full"}, config)
     assert m.settings["max_windows"] == 1 and m.values["windows"] == 1  # at least one window, however long
     assert "bits_per_byte" not in m.values and "bits_per_byte" not in m.units
+    # on two ranks, each measures its share of the windows and the cell adds them up (here rank 1 sends nothing)
+    from harness.metrics.base import Ranks
+
+    ctx = Ctx(n_bytes=700)
+    ctx.ranks = Ranks(0, 2, gather=lambda part: [part, (0.0, 0)])
+    config = PerplexityConfig(protocol="stride", contexts=[32], tokens_per_length=100, max_tokens=200)
+    m = Perplexity().measure(ctx, {"length": 32, "eval_attention": "full"}, config)
+    assert (m.values["windows"], m.values["tokens_scored"]) == (3, 2 * 16)  # windows 0 and 2 of 3, 16 tokens each
 
 
 def test_a_context_below_two_is_a_config_error():
@@ -352,3 +360,13 @@ def test_a_context_below_two_is_a_config_error():
     assert PerplexityConfig(contexts=[2]).contexts == [2]
     with pytest.raises(ValidationError, match="every context must be >= 2"):
         PerplexityConfig(contexts=[64, 1])
+
+
+def test_a_model_in_training_mode_is_evaluated_without_dropout():
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1,
+                                                               n_head=2, resid_pdrop=0.5, embd_pdrop=0.5))
+    stream = torch.randint(0, 50, (80,))
+    evaluated = evaluate_perplexity(gpt.eval(), stream, 32, "stride").nll
+    gpt.train()
+    assert evaluate_perplexity(gpt, stream, 32, "stride").nll == evaluated and gpt.training
