@@ -156,5 +156,7 @@ def test_a_prediction_ends_at_the_tokenizers_eos_and_leaves_it_out():
         return out
 
     model.forward = eos_then_other
-    values, records = evaluate_ruler(model, tok, "niah_single_1", LENGTH, 1, seed=0)
+    book = "The grass is green. The sky is blue. " * 200  # an essay haystack of book text: a deviation, recorded
+    values, records = evaluate_ruler(model, tok, "niah_single_2", LENGTH, 1, seed=0, haystack_text=book)
     assert [r["predicted"] for r in records] == [""] and values["accuracy"] == 0.0
+    assert values["haystack_deviation"] == "book text instead of Paul Graham essays"
