@@ -162,6 +162,21 @@ def test_suite_plans_one_cell_per_stage_and_task(tmp_path):
     assert local_tasks_fingerprint(str(TASKS)) == local_tasks_fingerprint(str(TASKS))
 
 
+def test_lm_eval_cells_hash_what_decides_their_numbers():
+    from types import SimpleNamespace
+
+    from harness.metrics.plugins.lm_eval import LmEval, LmEvalConfig
+
+    def hashed(**fields):
+        ((_, h),) = LmEval().cells(LmEvalConfig(tasks=["t"], **fields), SimpleNamespace(stage="pretrained"), None)
+        return h
+
+    assert hashed() == {"metric": {"limit": None, "num_fewshot": None, "batch_size": 1, "max_length": None,
+                                   "include_path": None}, "local_tasks": None}
+    for change in ({"limit": 3}, {"num_fewshot": 0}, {"batch_size": 2}, {"max_length": 64}):
+        assert hashed(**change) != hashed(), change
+
+
 def test_local_tasks_fingerprint_follows_data_files_outside_the_include_path(tmp_path, monkeypatch):
     # the README's offline recipe: dataset_path json, data_files an absolute path outside include_path
     tasks, data = tmp_path / "tasks", tmp_path / "data"
