@@ -104,6 +104,19 @@ def test_a_stride_subset_scores_only_newest_tokens_in_every_window(model, tokens
     assert res.nll == pytest.approx(ref.mean().item(), rel=1e-5)
 
 
+def test_a_stride_subset_that_keeps_the_last_two_windows_scores_no_token_twice(model, tokens):
+    context, stride = 32, 8  # (203 - 32) % 8 = 3: the last candidate ends 3 tokens after the one before
+    wins = plan_windows(N_TOKENS, context, PROTOCOLS["stride"], stride)
+    keep = subset_indices(len(wins), len(wins) - 1)
+    assert keep[-2:] == [len(wins) - 2, len(wins) - 1]
+    res = evaluate_perplexity(model, tokens, context, "stride", stride=stride, max_windows=len(wins) - 1)
+    starts = [wins[i][0] for i in keep]
+    ref = torch.cat([window_nll(model, tokens[s:s + context], context - stride) for s in starts[:-1]]
+                    + [window_nll(model, tokens[starts[-1]:starts[-1] + context], context - 3)]).double()
+    assert res.tokens_scored == ref.numel() == stride * (len(keep) - 1) + 3
+    assert res.nll == pytest.approx(ref.mean().item(), rel=1e-5)
+
+
 def test_default_hops(model, tokens):
     assert evaluate_perplexity(model, tokens, 32, "longlora", max_windows=2).step_or_stride == 256
     res = evaluate_perplexity(model, tokens, 32, "stride", max_windows=2)

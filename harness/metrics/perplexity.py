@@ -309,8 +309,10 @@ def evaluate_perplexity(
 
     candidates = plan_windows(n, context, proto, hop)
     windows = [candidates[i] for i in subset_indices(len(candidates), max_windows)]
-    if proto.score_newest_only and len(windows) < len(candidates):  # a subset: each scores its newest `hop` tokens
-        windows = [(start, max(1, context - hop), context) for start, _, _ in windows]
+    if proto.score_newest_only and len(windows) < len(candidates):  # a subset: each scores its newest `hop` tokens,
+        # less any the window before scored (the last candidate ends at the stream's end, less than a hop after it)
+        windows = [(start, max(1, context - hop, prev + context - start), context)
+                   for (prev, _, _), (start, _, _) in zip([(-context, 0, 0), *windows], windows, strict=False)]
 
     if device is None:
         try:
