@@ -206,7 +206,8 @@ def _accepts(fn, name: str) -> bool:
 def chunked_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                     chunk_rows: int = CHUNK_ROWS) -> float:
     """Sum of token NLLs of ``targets`` (N,) given final hidden states (N, d), building
-    full-vocabulary logits for at most ``chunk_rows`` rows at a time; float64 accumulation."""
+    full-vocabulary logits for at most ``chunk_rows`` rows at a time; summed in float32 within a chunk, in float64
+    across chunks."""
     total = 0.0
     for i in range(0, hidden.shape[0], chunk_rows):
         logits = head(hidden[i:i + chunk_rows]).float()
