@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -59,6 +61,7 @@ def test_trainable_set_and_gradients(method, fused, attn_conv):
     assert summary.trainable_names == [n for n, p in model.named_parameters() if p.requires_grad]
     assert summary.trainable_params == sum(summary.groups.values())
     assert summary.values()["trainable_by_group"] == summary.groups
+    assert summary.total_params == sum(p.numel() for p in tiny(fused, attn_conv).parameters()) + summary.groups["lora"]
     step(model)  # lora_B starts at zero, so lora_A's first gradient is zero: look after one update
     model(input_ids=IDS, labels=IDS).loss.backward()
     for n, p in model.named_parameters():
@@ -139,6 +142,8 @@ def test_user_errors():
         apply_method(tiny(), "hylora", alpha=0)
     with pytest.raises(UserError, match="no module named 'q_prj'"):
         apply_method(tiny(), "lora", target_modules=["q_prj"])
+    with pytest.raises(UserError, match="no module named 'proj'"):  # a suffix is whole name parts, as PEFT's
+        apply_method(tiny(), "lora", target_modules=["proj"])
     with pytest.raises(UserError, match="nn.Linear only"):
         apply_method(tiny(), "lora", target_modules=["conv1d"])
     with pytest.raises(UserError, match="matches no module"):
@@ -164,6 +169,7 @@ def test_save_load_round_trip(tmp_path, method):
         assert not torch.allclose(ref, tiny(attn_conv=4)(input_ids=IDS).logits)
     save_method(model, tmp_path / "m")
     loaded = load_method(tiny(attn_conv=4), tmp_path / "m")
+    assert not any(m.training for m in loaded.modules())  # loaded for evaluation
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, ref)
     plain = merged(load_method(tiny(attn_conv=4), tmp_path / "m"))
@@ -243,3 +249,63 @@ def test_lora_adapts_gpt2s_transposed_conv1d_projections():
     trained(input_ids=x, labels=x).loss.backward()
     grads = {n: p.grad for n, p in trained.named_parameters() if "lora_B" in n}  # A gets none while B is 0
     assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_unused_settings_name_what_each_method_ignores():
+    """`full` trains no adapter: neither its LR scale nor LoRA's rank and alpha change it (nor its cache key)."""
+    from harness.finetune.methods import unused_settings
+
+    assert unused_settings("full") == ("extra_lr_scale", "rank", "alpha")
+    assert unused_settings("lora") == ("extra_lr_scale",)
+    assert unused_settings("lora_plus") == unused_settings("hylora") == ()
+
+
+def test_an_attention_module_called_from_two_layers_is_one_shared_block():
+    cfg = HybridConfig(d_model=32, n_layer=3, vocab_size=64, attn_layer_idx=[0, 2],
+                       ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 8},
+                       attn_cfg={"num_heads": 2, "head_dim": 16})
+    model = HybridForCausalLM(cfg)
+    model.backbone.layers[2].mixer = model.backbone.layers[0].mixer  # one module reached from two layers
+    v = apply_method(model, "lora", rank=4, alpha=8)[1].values()
+    assert (v["attention_blocks"], v["attention_layers"], v["shared_attention"]) == (1, 2, True)
+
+
+@pytest.mark.parametrize("method", ["lora", "hylora", "full"])
+def test_saved_files_hold_the_adapter_and_only_the_fully_trained_tensors(tmp_path, method):
+    """The description names the method and LoRA's shape; trainable_params.safetensors holds the fully trained base
+    tensors by base-model name (none for lora), not the frozen weights nor the adapter (which has its own file)."""
+    from safetensors.torch import load_file
+
+    from harness.finetune.methods import EXTRA_FILE, META_FILE
+
+    model, s = apply_method(tiny(attn_conv=4), method, rank=4, alpha=8)
+    save_method(model, tmp_path)
+    fully = sorted(n.removeprefix("base_model.model.") for g in ("embeddings", "norms", "conv1d", "other")
+                   for n in s.group_names[g])
+    assert bool(fully) == (method != "lora")
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta == {"format": 1, "method": method, "rank": 4, "alpha": 8, "peft": method != "full",
+                    "extra_params": fully}
+    assert sorted(load_file(tmp_path / EXTRA_FILE)) == fully
+    if method != "full":
+        adapter = load_file(tmp_path / "adapter_model.safetensors")
+        assert len(adapter) == len(s.group_names["lora"]) and all(".lora_" in k for k in adapter)
+
+
+def test_a_saved_method_that_does_not_fit_its_description_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from harness.finetune.methods import EXTRA_FILE
+
+    model, _ = apply_method(tiny(attn_conv=4), "hylora", rank=4, alpha=8)
+    save_method(model, tmp_path)
+    file = tmp_path / EXTRA_FILE
+    state = load_file(file)
+    save_file({**state, "backbone.norm_f.weight": torch.ones(31)}, file)
+    with pytest.raises(UserError, match=r"shape mismatches \['backbone.norm_f.weight: saved \(31,\) vs model "
+                                        r"\(32,\)'\]"):
+        load_method(tiny(attn_conv=4), tmp_path)
+    del state["backbone.norm_f.weight"]
+    save_file(state, file)
+    with pytest.raises(UserError, match=r"missing \['backbone.norm_f.weight'\]"):
+        load_method(tiny(attn_conv=4), tmp_path)
