@@ -94,3 +94,39 @@ def test_missing_files_and_bad_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="invalid JSON"):
         load_mamba_ssm_checkpoint(tmp_path)
+
+
+def test_a_sharded_checkpoint_loads_every_shard_its_index_lists(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = write_checkpoint(tmp_path, "safetensors")
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with torch.no_grad():
+        assert torch.equal(load_mamba_ssm_checkpoint(tmp_path)(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match=r"model.safetensors.index.json lists model-00002-of-00002.safetensors, which "
+                                        "is missing; fix: download every shard"):
+        load_mamba_ssm_checkpoint(tmp_path)
+
+
+def test_ssm_parameters_stay_float32_in_a_half_precision_model(tmp_path):
+    """As mamba_ssm keeps them: A_log, D and dt_bias are read into float32 from the file (not through bf16)."""
+    from harness.models.sources import KEEP_FP32
+
+    ref = write_checkpoint(tmp_path, "bin")
+    model = load_mamba_ssm_checkpoint(tmp_path, dtype=torch.bfloat16, keep_fp32=KEEP_FP32)
+    want = dict(ref.named_parameters())
+    kept = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in KEEP_FP32]
+    assert len(kept) == 3 * 2  # two Mamba layers
+    for n, p in model.named_parameters():
+        if n in kept:
+            assert p.dtype == torch.float32 and torch.equal(p, want[n]), n
+        else:
+            assert p.dtype == torch.bfloat16, n
