@@ -60,6 +60,7 @@ def test_causal(name):
     a, b = model(ids).logits, model(changed).logits
     torch.testing.assert_close(a[:, :15], b[:, :15])
     assert not torch.allclose(a[:, 15:], b[:, 15:])
+    torch.testing.assert_close(model(ids[:, :1]).logits, a[:, :1])  # one token, no cache
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -162,6 +163,11 @@ def test_mamba_ssm_initialisation():
     dt = F.softplus(mixer.dt_bias)
     assert ((A >= 1) & (A <= 16)).all() and ((dt >= 1e-3 - 1e-6) & (dt <= 0.1 + 1e-6)).all()
     assert (mixer.D == 1).all()
+    # out_proj and fc2 (residual outputs) at 1/sqrt(fan_in) / sqrt(2 residuals per layer x 3 layers) with an MLP
+    model = _model("unfused-gqa-mlp")
+    for linear in (model.backbone.layers[0].mixer.out_proj, model.backbone.layers[1].mlp.fc2):
+        bound = linear.in_features**-0.5 / 6**0.5
+        assert 0.9 * bound < linear.weight.abs().max() <= bound
 
 
 def test_left_padding_is_refused():
@@ -205,3 +211,50 @@ def test_under_bf16_autocast_the_scan_and_attention_run_in_bf16_and_dt_stays_fp3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(input_ids=_ids()).logits.isfinite().all()
     assert seen == {"scan": (torch.bfloat16, torch.float32), "attention output": torch.bfloat16}
+
+
+def test_config_bounds_and_mamba_ssms_defaults():
+    assert HybridConfig(vocab_size=64, pad_vocab_size_multiple=8).padded_vocab_size == 64  # already a multiple
+    assert HybridConfig(vocab_size=65, pad_vocab_size_multiple=8).padded_vocab_size == 72
+    assert _config(attn_conv=0).layer_types == ["linear_attention", "full_attention", "linear_attention"]
+    assert _config(attn_conv=4).layer_types == ["linear_attention", "hybrid", "linear_attention"]
+    assert _config(rotary=16).attn_cfg["rotary_emb_dim"] == 16  # rotary over the whole head
+    with pytest.raises(ValueError, match="'attn_cfg.rotary_emb_dim'"):
+        _config(rotary=18)
+    with pytest.raises(ValueError, match="'attn_layer_idx'"):
+        HybridConfig(d_model=64, n_layer=2, attn_layer_idx=[2], attn_cfg={"num_heads": 4})
+    # what a mamba_ssm config.json leaves out (its ssm_cfg is often just {"layer": "Mamba2"}) is Mamba2's default
+    assert {k: v for k, v in HybridConfig().ssm_cfg.items() if k in (
+        "d_state", "d_conv", "expand", "headdim", "ngroups", "A_init_range", "dt_min", "dt_max", "chunk_size")} == {
+        "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "A_init_range": [1, 16],
+        "dt_min": 0.001, "dt_max": 0.1, "chunk_size": 256}
+
+
+def test_attention_block_is_causal_softmax_attention_at_one_over_sqrt_head_dim():
+    """Without rotary and conv, the block is out_proj of causal attention at mamba_ssm's default scale, its one
+    key/value head shared by all four query heads."""
+    att = _model("no-conv-no-rotary").backbone.layers[1].mixer
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+    q, k, v = att.in_proj(x).split([64, 16, 16], dim=-1)
+    q = q.view(2, 9, 4, 16).transpose(1, 2)
+    k, v = (t.view(2, 9, 1, 16).transpose(1, 2).expand(2, 4, 9, 16) for t in (k, v))
+    want = att.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 9, 64))
+    torch.testing.assert_close(att(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_mlp_and_gated_norm_are_mamba_ssms():
+    """GatedMLP: hidden width rounded up to 128, fc1's first half the value, its second the gate. RMSNormGated
+    with ngroups > 1: each group of features has its own RMS."""
+    from harness.models.mamba2 import RMSNorm
+    from harness.models.modeling import GatedMLP
+
+    mlp = GatedMLP(16, 48)
+    assert mlp.fc1.weight.shape == (256, 16) and mlp.fc2.weight.shape == (16, 128)
+    x = torch.randn(2, 3, 16)
+    h = x @ mlp.fc1.weight.T
+    torch.testing.assert_close(mlp(x), (h[..., :128] * F.silu(h[..., 128:])) @ mlp.fc2.weight.T)
+    norm = RMSNorm(8, group_size=4)
+    x, z = torch.randn(3, 8), torch.randn(3, 8)
+    gated = x * F.silu(z)
+    want = torch.cat([g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5) for g in gated.split(4, -1)], -1)
+    torch.testing.assert_close(norm(x, z), want)
