@@ -451,7 +451,8 @@ def test_a_variant_fine_tuned_on_cuda_is_exported_in_its_compute_dtype(tmp_path,
 def test_export_names_one_variant_or_says_which_match(tmp_path):
     from harness.export import _variant_info
 
-    tuned = [("m/seed0/lora/full", "a1"), ("m/seed0/lora/se_attn", "a2"), ("m/seed0/hylora/full", "a3")]
+    tuned = [("m/seed0/lora/full", "a1"), ("m/seed0/lora/se_attn", "a2"), ("m/seed0/hylora/full", "a3"),
+             ("m/seed0/lora_plus/full", "a4")]  # m/seed0/lora is not a prefix of lora_plus's
     for variant, adapter in tuned:
         for cell in (f"{variant}/train", f"{variant}/ruler/niah_single_1@512"):
             results.append(tmp_path, results.Record(suite="s", cell=cell, metric=cell.split("/")[4], values={},
@@ -518,3 +519,106 @@ def test_attention_dropout_in_training_names_the_config_field_to_zero():
                                         r"attention dropout to 0 \(attn_pdrop in its config.json\)"):
         gpt2.train()(input_ids=x)
     gpt2.eval()(input_ids=x)  # evaluation applies no dropout
+
+
+@pytest.mark.parametrize("method", ["hylora", "full"])
+def test_export_writes_a_base_and_its_adapter_or_one_model(tmp_path, monkeypatch, tokenizer_dir, method):
+    """export's files without a run (the run's records, the cache and the base are stood in for): a method with an
+    adapter as base/ (the fully trained tensors in place, the tokenizer) and adapter/ (both of PEFT's files, its
+    base_model_name_or_path at base/); `full`, which has none, as one model directory. An empty OUT_DIR is fine."""
+    from peft import PeftModel
+
+    from harness import cache, export
+    from harness.finetune.methods import apply_method, save_method
+
+    def base():
+        torch.manual_seed(0)
+        return HybridForCausalLM(HybridConfig(**MAMBA_SSM))
+
+    tuned, _ = apply_method(base(), method, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.requires_grad and "lora_A" not in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_method(tuned, tmp_path / "adapter")
+    monkeypatch.setattr(export, "_variant_info", lambda run_dir, variant: {"adapter": "a"})
+    monkeypatch.setattr(cache, "lookup", lambda kind, key: tmp_path / "adapter")
+    monkeypatch.setattr(export, "_base", lambda info: (base(), T.AutoTokenizer.from_pretrained(tokenizer_dir)))
+    out = tmp_path / "exp"
+    out.mkdir()
+    assert export.export(tmp_path / "run", "m/seed0/v/full", out) == out
+    ids = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(0))
+    if method == "full":
+        assert not (out / "adapter").exists() and not (out / "base").exists()
+        model, tokenizer = T.AutoModelForCausalLM.from_pretrained(out), out
+    else:
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((out / "base").resolve())
+        model = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+        tokenizer = out / "base"
+    assert T.AutoTokenizer.from_pretrained(tokenizer).vocab_size == V
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, tuned.eval()(ids).logits, rtol=0, atol=0)
+    with pytest.raises(UserError, match="exists and is not empty"):
+        export.export(tmp_path / "run", "m/seed0/v/full", out)
+
+
+def test_export_refuses_a_checkpoint_whose_files_changed_since_the_run(tmp_path, isolated, tokenizer_dir):
+    from harness.export import _base
+
+    write_mamba_ssm(tmp_path / "m", sharded=False)
+    info = resolve(Checkpoint(name="m", path=str(tmp_path / "m"), tokenizer=str(tokenizer_dir), context=32)).info()
+    assert isinstance(_base(info)[0], HybridForCausalLM)
+    state = torch.load(tmp_path / "m" / "pytorch_model.bin", weights_only=True)
+    state["backbone.norm_f.weight"] += 1
+    torch.save(state, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="checkpoint m at .* is not the one the run measured"):
+        _base(info)
+
+
+def test_the_fingerprint_covers_every_shard_the_config_the_tokenizer_and_the_dtype(tmp_path, isolated,
+                                                                                    tokenizer_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, tok = tmp_path / "a", tmp_path / "tok"
+    write_mamba_ssm(path, sharded=True)
+    shutil.copytree(tokenizer_dir, tok)
+    fields = {"name": "m", "path": str(path), "tokenizer": str(tok), "context": 32}
+
+    def fingerprint(**changed):
+        return resolve(Checkpoint(**{**fields, **changed})).fingerprint
+
+    seen = [fingerprint()]
+
+    def differs(what, **changed):
+        seen.append(fingerprint(**changed))
+        assert seen[-1] not in seen[:-1], what
+
+    (path / "training_args.bin").write_bytes(b"a trainer's arguments, not weights")
+    assert fingerprint() == seen[0]
+    differs("dtype", dtype="float32")
+    shard = path / "model-00002-of-00002.safetensors"
+    save_file({k: v + 1 for k, v in load_file(shard).items()}, str(shard))
+    differs("second shard")
+    (path / "config.json").write_text(json.dumps({**MAMBA_SSM, "norm_epsilon": 1e-6}))
+    differs("config.json")
+    tokenizer_json = tok / "tokenizer.json"
+    tokenizer_json.write_text(json.dumps(json.loads(tokenizer_json.read_text()), indent=1))
+    differs("tokenizer.json")
+
+
+def test_the_position_limit_is_the_shortest_table_and_the_vocabulary_may_fill_the_embeddings():
+    from types import SimpleNamespace
+
+    from harness.models.sources import check_vocabulary, position_limit
+
+    emb = torch.nn.Embedding
+    two = torch.nn.ModuleDict({"wpe": emb(48, 4), "decoder": torch.nn.ModuleDict({"embed_positions": emb(40, 4)}),
+                               "embed_tokens": emb(V, 4)})
+    assert position_limit(two) == 40
+    r, llama = SimpleNamespace(entry=SimpleNamespace(name="m")), HF["llama"]()
+    check_vocabulary(r, range(V), llama)  # as many tokens as embeddings
+    with pytest.raises(UserError, match=f"the tokenizer has {V + 1} tokens, more than the model's {V} embeddings"):
+        check_vocabulary(r, range(V + 1), llama)
