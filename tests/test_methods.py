@@ -245,6 +245,7 @@ def test_lora_adapts_gpt2s_transposed_conv1d_projections():
         warnings.simplefilter("error")  # PEFT's note that it sets fan_in_fan_out is expected, and silenced
         trained, summary = apply_method(model, "lora", rank=2, alpha=4)
     assert summary.groups["lora"] == summary.trainable_params > 0
+    assert (summary.attention_blocks, summary.attention_layers) == (2, 2)  # the train record counts them
     x = torch.randint(0, 64, (1, 16))
     trained(input_ids=x, labels=x).loss.backward()
     grads = {n: p.grad for n, p in trained.named_parameters() if "lora_B" in n}  # A gets none while B is 0

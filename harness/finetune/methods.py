@@ -273,9 +273,9 @@ def summarize(model: nn.Module, method: str, groups: dict | None = None) -> Meth
         trainable.append(n)
     # Blocks by their weights: a block shared across layers is one module reached from several (named_modules
     # drops repeats by default) or, as in Zamba2, one module per layer with the weights tied.
-    calls = [next(lin.weight for c in m.children() if isinstance(lin := getattr(c, "base_layer", c), nn.Linear))
+    calls = [next(lin.weight for c in m.children() if _projection(lin := getattr(c, "base_layer", c)))
              for _, m in base.named_modules(remove_duplicate=False) if "attention" in type(m).__name__.lower()
-             and any(isinstance(getattr(c, "base_layer", c), nn.Linear) for c in m.children())]  # LoRA-wrapped too
+             and any(_projection(getattr(c, "base_layer", c)) for c in m.children())]  # LoRA-wrapped too
     calls = [id(w) for w in calls]
     return MethodSummary(method=method, trainable_params=sum(counts.values()),
                          total_params=sum(p.numel() for p in model.parameters()), trainable_names=trainable,
