@@ -144,7 +144,8 @@ def test_user_errors():
         apply_method(tiny(), "lora", target_modules=["q_prj"])
     with pytest.raises(UserError, match="no module named 'proj'"):  # a suffix is whole name parts, as PEFT's
         apply_method(tiny(), "lora", target_modules=["proj"])
-    with pytest.raises(UserError, match="nn.Linear only"):
+    with pytest.raises(UserError, match=r"linear layers only \(nn.Linear, transformers' Conv1D\); "
+                                        r"'backbone.*conv1d' is Conv1d"):
         apply_method(tiny(), "lora", target_modules=["conv1d"])
     with pytest.raises(UserError, match="matches no module"):
         apply_method(tiny(), "lora", target_modules=r"nothing\.here")
@@ -250,6 +251,11 @@ def test_lora_adapts_gpt2s_transposed_conv1d_projections():
     trained(input_ids=x, labels=x).loss.backward()
     grads = {n: p.grad for n, p in trained.named_parameters() if "lora_B" in n}  # A gets none while B is 0
     assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(model.config)
+    _, summary = apply_method(model, "lora", rank=2, alpha=4, target_modules=["c_attn"])  # named: adapted the same way
+    assert {n.split(".lora_")[0] for n in summary.group_names["lora"]} == {
+        f"base_model.model.transformer.h.{i}.attn.c_attn" for i in (0, 1)}
 
 
 def test_unused_settings_name_what_each_method_ignores():

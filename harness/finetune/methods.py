@@ -160,7 +160,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
 
 def _resolve_targets(model: nn.Module, target_modules) -> list[str]:
     """Explicit LoRA targets -> full module names; a list entry is a full name or a name suffix (PEFT's
-    rule), a string is a regex that must match a whole module name. Each entry must match a Linear."""
+    rule), a string is a regex that must match a whole module name. Each entry must match a linear layer
+    (`_projection`: nn.Linear, or transformers' Conv1D as GPT-2's default targets)."""
     modules = dict(model.named_modules())
     if isinstance(target_modules, str):
         try:
@@ -180,11 +181,12 @@ def _resolve_targets(model: nn.Module, target_modules) -> list[str]:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UserError(f"target_modules: no module named {entry!r} in {type(model).__name__}{hint}")
             names += [n for n in hits if n not in names]
-    bad = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    bad = [n for n in names if not _projection(modules[n])]
     if bad:
-        raise UserError(f"target_modules: LoRA here supports nn.Linear only; {bad[0]!r} is "
-                        f"{type(modules[bad[0]]).__name__}. (A LoRA on a depthwise conv1d is bypassed by Mamba "
-                        "kernels that read conv1d.weight directly: train it fully with hylora or extra_trainable.)")
+        raise UserError(f"target_modules: LoRA here supports linear layers only (nn.Linear, transformers' Conv1D); "
+                        f"{bad[0]!r} is {type(modules[bad[0]]).__name__}. (A LoRA on a depthwise conv1d is bypassed "
+                        "by Mamba kernels that read conv1d.weight directly: train it fully with hylora or "
+                        "extra_trainable.)")
     return names
 
 
