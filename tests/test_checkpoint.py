@@ -130,3 +130,15 @@ def test_ssm_parameters_stay_float32_in_a_half_precision_model(tmp_path):
             assert p.dtype == torch.float32 and torch.equal(p, want[n]), n
         else:
             assert p.dtype == torch.bfloat16, n
+
+
+def test_a_training_checkpoint_wrapping_a_state_dict_is_named_as_such(tmp_path):
+    def wrap(state):
+        weights = dict(state)
+        state.clear()
+        state["state_dict"] = weights
+
+    write_checkpoint(tmp_path, "bin", edit=wrap)
+    with pytest.raises(UserError, match="pytorch_model.bin: a training checkpoint wrapping a 'state_dict', not a "
+                                        "model's weights"):
+        load_mamba_ssm_checkpoint(tmp_path)

@@ -93,11 +93,11 @@ def load_mamba_ssm_checkpoint(path: str | Path, dtype: torch.dtype | None = None
     path = Path(path)
     config = load_mamba_ssm_config(path)
     file, state = _read_weights(path)
+    if isinstance(state, dict) and list(state) == ["state_dict"]:  # before the check below, which it would fail
+        raise UserError(f"{file}: a training checkpoint wrapping a 'state_dict', not a model's weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{file}: not a state dict of tensors")
     state = dict(state)
-    if "state_dict" in state and len(state) == 1:
-        raise UserError(f"{file}: a training checkpoint wrapping a 'state_dict', not a model's weights")
     if dtype is None:
         floats = [v.dtype for v in state.values() if v.is_floating_point()]
         dtype = floats[0] if floats else torch.float32
