@@ -258,3 +258,20 @@ def test_gated_mlp_and_gated_norm_are_mamba_ssms():
     gated = x * F.silu(z)
     want = torch.cat([g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5) for g in gated.split(4, -1)], -1)
     torch.testing.assert_close(norm(x, z), want)
+
+
+def test_dt_limit_clamps_the_step_sizes_the_scan_gets(monkeypatch):
+    """mamba_ssm clamps softplus(dt + dt_bias) to ssm_cfg.dt_limit when it is not the default (0, inf)."""
+    from harness.models import mamba2
+
+    seen = []
+    scan = mamba2.ssd_scan
+    monkeypatch.setattr(mamba2, "ssd_scan", lambda x, dt, *a, **kw: seen.append(dt) or scan(x, dt, *a, **kw))
+    for limit in ([0.0, float("inf")], [0.02, 0.05]):
+        torch.manual_seed(0)
+        cfg = _config()
+        cfg.ssm_cfg["dt_limit"] = limit
+        HybridForCausalLM(cfg).eval()(_ids())
+    free, clamped = torch.cat([dt.flatten() for dt in seen[:2]]), torch.cat([dt.flatten() for dt in seen[2:]])
+    assert free.min() < 0.02 and free.max() > 0.05  # so the limit has something to clamp
+    assert clamped.min() >= 0.02 and clamped.max() <= 0.05
