@@ -230,3 +230,127 @@ def test_a_change_to_the_tokenizing_code_is_another_stream(tmp_path, monkeypatch
     before = tokens_cache_key(tok, docs)
     monkeypatch.setattr(cache, "code_version", lambda *modules: "edited")
     assert tokens_cache_key(tok, docs) != before
+
+
+def test_documents_text_joins_by_blank_lines_up_to_the_one_that_reaches_max_chars(tmp_path):
+    docs = open_source(write_sources(tmp_path)["text"], "data.train")
+    first, second = (t.replace("\r\n", "\n") for t in DOCS[:2])
+    assert docs.text(len(first) + 2) == first  # the first document reaches it: the second is not read
+    assert docs.text(len(first) + 3) == first + "\n\n" + second
+
+
+def test_sources_default_to_their_train_split(tmp_path):
+    from harness.data import default_corpus
+    from harness.data.sources import Documents
+
+    assert open_source(Source(), "data.train").fingerprint == Documents.of_corpus(default_corpus(), "train").fingerprint
+    assert Documents.of_corpus(default_corpus(), "train").fingerprint != \
+        Documents.of_corpus(default_corpus(), "test").fingerprint  # a split's stream is not another's
+    for split in ("train", "test"):
+        (tmp_path / "pg" / split).mkdir(parents=True)
+        (tmp_path / "pg" / split / "1.txt").write_text(f"The {split} book.")
+    docs = open_source(Source(source="pg19", path=str(tmp_path / "pg")), "data.train")
+    assert [d.text for d in docs] == ["The train book."]
+
+
+def test_text_sources_read_every_txt_file_below_a_directory_or_a_recursive_glob_once(tmp_path):
+    (tmp_path / "d" / "sub" / "deeper").mkdir(parents=True)
+    for name, text in {"10.txt": "ten", "2.txt": "two", "notes.md": "not read", "sub/3.txt": "three",
+                       "sub/deeper/1.txt": "one"}.items():
+        (tmp_path / "d" / name).write_text(text)
+    by_dir = [d.text for d in open_source(Source(source="text", path=str(tmp_path / "d")), "x")]
+    assert by_dir == ["two", "ten", "three", "one"]  # natural path order; notes.md is not text
+    by_glob = [d.text for d in open_source(Source(source="text", path=str(tmp_path / "d" / "**" / "*.txt")), "x")]
+    assert by_glob == by_dir
+
+
+def test_a_lone_carriage_return_is_a_line_end_in_every_source(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.txt").write_bytes(b"old\rMac\r\nline ends\n")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "old\rMac\r\nline ends\n"}) + "\n")
+    for src in (Source(source="text", path=str(tmp_path / "d")), Source(source="jsonl", path=str(tmp_path / "x.jsonl")),
+                Source(source="hf", path="json", data_files=str(tmp_path / "x.jsonl"))):
+        assert [d.text for d in open_source(src, "data.train")] == ["old\nMac\nline ends\n"], src.source
+
+
+def test_jsonl_rows_field_text_by_default_blank_lines_skipped(tmp_path, tmp_cache):
+    rows = [{"text": "one", "title": "A"}, {"text": "two", "title": "B"}]
+    (tmp_path / "x.jsonl").write_text(json.dumps(rows[0]) + "\n\n  \n" + json.dumps(rows[1]) + "\n")
+    for kind in ("jsonl", "hf"):
+        extra = {"data_files": str(tmp_path / "x.jsonl"), "path": "json"} if kind == "hf" else {
+            "path": str(tmp_path / "x.jsonl")}
+        text = open_source(Source(source=kind, **extra), "data.train")
+        assert [d.text for d in text] == ["one", "two"], kind
+        title = open_source(Source(source=kind, field="title", **extra), "data.train")
+        assert [d.text for d in title] == ["A", "B"], kind
+        assert title.fingerprint != text.fingerprint, kind  # another field is another stream
+
+
+def test_a_file_edited_to_the_same_size_or_the_same_mtime_is_another_source(tmp_path):
+    import os
+
+    src = write_sources(tmp_path)["text"]
+    book = tmp_path / "books" / "2.txt"
+    before = open_source(src, "data.train").fingerprint
+    st = book.stat()
+    book.write_bytes(book.read_bytes().upper())  # the same size, a later mtime
+    os.utime(book, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    same_size = open_source(src, "data.train").fingerprint
+    book.write_bytes(book.read_bytes() + b"More.")  # another size, the mtime of before
+    os.utime(book, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    same_mtime = open_source(src, "data.train").fingerprint
+    assert len({before, same_size, same_mtime}) == 3
+
+
+@pytest.mark.parametrize(("size", "dtype"), [(65_535, np.uint16), (65_536, np.uint16), (65_537, np.uint32)])
+def test_a_vocabulary_of_65536_ids_still_fits_uint16(size, dtype):
+    class Vocab:
+        def __len__(self):
+            return size
+
+    assert stream_dtype(Vocab()) == dtype  # ids 0 .. size - 1
+
+
+def test_a_uint32_stream_holds_the_same_tokens(tmp_path, tmp_cache, tok, monkeypatch):
+    from harness.data import tokens
+
+    docs = open_source(write_sources(tmp_path)["text"], "data.train")
+    narrow = np.array(token_stream(tok, docs))
+    monkeypatch.setattr(tokens, "stream_dtype", lambda tokenizer: np.dtype(np.uint32))
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache32"))
+    wide = token_stream(tok, docs)
+    assert wide.dtype == np.uint32 and np.array_equal(wide, narrow)
+
+
+def test_tokenizers_with_a_normalizer_get_whole_documents(tmp_path, tmp_cache, tok):
+    from tokenizers import normalizers
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Strip()  # strips each piece's ends: a cut document would lose its line ends
+    stripping = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token)
+    (tmp_path / "d").mkdir()
+    text = "A line of the book.\nAnother line.\n" * 4000  # over 64 k characters: pieces for a ByteLevel tokenizer
+    (tmp_path / "d" / "1.txt").write_text(text)
+    stream = token_stream(stripping, open_source(Source(source="text", path=str(tmp_path / "d")), "data.train"))
+    assert as_long(stream).tolist() == backend.encode(text, add_special_tokens=False).ids
+
+
+def test_max_tokens_stops_reading_documents(tmp_path, tmp_cache, tok, monkeypatch):
+    from harness.data import tokens
+    from harness.data.corpus import Document
+    from harness.data.sources import Documents
+
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 100)  # a batch per document
+    read = []
+
+    def five():
+        for _ in range(5):
+            read.append(len(read))
+            yield Document(str(len(read)), "", "Some words of a document, long enough to fill a batch. " * 3)
+
+    docs = Documents("five", None, "five documents", "five-fp", False, None, five)
+    first = tok.encode(next(five()).text, add_special_tokens=False)
+    read.clear()
+    stream = token_stream(tok, docs, max_tokens=2 * len(first) + 1)  # exactly the first two and their eos
+    assert as_long(stream).tolist() == first + [tok.eos_token_id] + first
+    assert len(read) == 2
