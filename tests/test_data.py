@@ -69,6 +69,7 @@ def test_corpus_splits_disjoint_nonempty(corpus):
         assert not ids[a] & ids[b]
         assert not texts[a] & texts[b]
     total = corpus.num_chars()
+    assert total == sum(corpus.num_chars(s) for s in corpus.splits)
     for s in ("validation", "test"):
         assert 0.05 < corpus.num_chars(s) / total < 0.12
 
@@ -96,7 +97,7 @@ def test_corpus_deterministic_and_fingerprint(corpus):
 def test_corpus_layout_and_lengths(corpus, tok):
     gen = next(d for d in corpus.split("train") if d.title == "Genesis")
     assert gen.text.startswith("Genesis\n\nChapter 1\n\nIn the beginning God created the heaven and the earth. ")
-    assert "\n\nChapter 50\n\n" in gen.text
+    assert "\n\nChapter 50\n\n" in gen.text and gen.text.endswith(" in a coffin in Egypt.\n")
     assert "Psalm 23\n\nThe LORD is my shepherd" in corpus.split("train")[18].text
     lens = [len(d.text) for d in corpus.split("train")]
     assert statistics.median(lens) > 20_000
@@ -166,6 +167,7 @@ def test_tokenizer_cache_key(corpus):
     k = tokenizer_cache_key(corpus, 4096)
     assert k == tokenizer_cache_key(corpus, 4096)
     assert k != tokenizer_cache_key(corpus, 8192)
+    assert k != tokenizer_cache_key(corpus, 4096, split="validation")
     other = Corpus("kjv", corpus.splits, corpus.source, "different", True)
     assert k != tokenizer_cache_key(other, 4096)
 
@@ -306,3 +308,33 @@ def test_random_windows():
         random_windows(tokens, 1001, 1, torch.Generator())
     with pytest.raises(UserError, match="1-D"):
         random_windows(tokens.view(10, 100), 10, 1, torch.Generator())
+
+
+def test_the_split_rule_version_is_in_the_fingerprint(corpus, monkeypatch):
+    monkeypatch.setattr(embedded, "SPLIT_RULE_VERSION", embedded.SPLIT_RULE_VERSION + 1)
+    assert embedded._load.__wrapped__(str(embedded.kjv_path()), 0, 0).fingerprint != corpus.fingerprint
+
+
+def test_tokenizer_fingerprint_covers_the_pre_tokenizer_and_the_normalizer(tok):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    variants = [Tokenizer.from_str(tok.backend_tokenizer.to_str()) for _ in range(3)]
+    variants[1].pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    variants[2].normalizer = normalizers.NFKC()
+    wrapped = [PreTrainedTokenizerFast(tokenizer_object=t, eos_token=EOS) for t in variants]
+    assert len({tokenizer_fingerprint(t) for t in wrapped}) == 3
+    assert wrapped[1]("word")["input_ids"] != wrapped[0]("word")["input_ids"]  # they do give other ids
+
+
+def test_pg19_lone_carriage_returns_are_line_ends(tmp_path):
+    root = make_pg19(tmp_path / "pg", {"1": "old\rMac\r\nend"})
+    assert load_pg19(root).split("test")[0].text == "old\nMac\nend"
+
+
+def test_pieces_of_single_spaced_lines_tokenize_as_the_whole(tok):
+    # the KJV's line breaks are all blank lines ("\n\nChapter 2"): prose broken at single line ends cuts elsewhere
+    text = "".join(f"Line {i} of the text.\nIt goes on, and on.\n\n(A new paragraph!)\n" for i in range(300))
+    pieces = list(_pieces(text, 500))
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert [i for p in pieces for i in tok(p)["input_ids"]] == tok(text)["input_ids"]
