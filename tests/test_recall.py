@@ -75,4 +75,35 @@ def test_weighted_loss_with_unit_weights_is_the_models_loss():
 def test_corpus_words_and_sentences():
     docs = RecallDocuments(default_tokenizer(), "\n".join(d.text for d in default_corpus().split("train")[:2]))
     assert len(docs.words) > 500 and all(re.fullmatch(r"[a-z]{3,10}", w) for w in docs.words[:50])
-    assert len(docs.sentences) > 100
+    assert all(re.fullmatch(r"[a-z]{3,10}", w) for w in docs.words)
+    assert len(docs.sentences) > 100 and all(30 < len(s) < 160 for s in docs.sentences)
+
+
+def test_values_are_numbers_of_3_to_9_digits():
+    class Numbers(Random):  # every value a number: random() picks the number branch; randint draws as before
+        def random(self):
+            return 0.0
+
+        def getrandbits(self, k):
+            return super().getrandbits(k)
+
+    docs, rng = _documents(), Numbers(0)
+    numbers = [docs._value(rng) for _ in range(500)]
+    assert {len(v) for v in numbers} == set(range(3, 10)) and all(v.isdigit() and v[0] != "0" for v in numbers)
+
+
+def test_a_row_is_documents_joined_by_eos_and_cut_to_its_length():
+    docs, tok = _documents(answer_weight=7.0), default_tokenizer()
+    rng = Random(5)
+    (first, w1), (second, w2) = docs.document(rng), docs.document(rng)
+    length = len(first) + 1 + len(second) - 3
+    ids, weights = docs.row(Random(5), length)
+    assert ids == (first + [tok.eos_token_id] + second)[:length]
+    assert weights == (w1 + [1.0] + w2)[:length]
+
+
+def test_the_recall_share_of_a_batch_is_rounded():
+    next_batch = recall_batches(torch.arange(5000) % 300, _documents(), 0.4, context=100, batch_size=4)
+    ids, _ = next_batch(torch.Generator().manual_seed(0))
+    windows = [bool(((row[1:] - row[:-1]) % 300 == 1).all()) for row in ids]
+    assert windows == [False, False, True, True]  # round(1.6) = 2 recall rows, then 2 book windows
