@@ -39,3 +39,17 @@ def test_mixed_batches_draw_rows_per_row_and_reproducibly():
     assert all(torch.equal(next_batch(g)[0], ids) for ids, _ in draws[:5])
     none = mixed_batches(tokens, SpreadRecallDocuments(default_tokenizer(), TEXT), 0.0, 256, 4)
     assert (none(torch.Generator().manual_seed(1))[1] == 1).all()
+
+
+def test_a_fact_that_does_not_fit_the_first_quarter_is_not_asked_for():
+    """At short contexts the first fact may not fit in the first quarter either: cut there, its question would ask
+    for a value the row does not hold."""
+    tok = default_tokenizer()
+    docs = SpreadRecallDocuments(tok, TEXT, answer_weight=7.0)
+    for length in (16, 48, 64, 128):
+        for seed in range(40):
+            ids, weights = docs.row(Random(seed), length)
+            assert len(ids) == len(weights) == length
+            head = tok.decode(ids[: length // 4])
+            for value in tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0]).split():
+                assert value.rstrip(".") in head, (length, seed, value, head)
