@@ -334,7 +334,7 @@ def test_pg19_lone_carriage_returns_are_line_ends(tmp_path):
 
 def test_pieces_of_single_spaced_lines_tokenize_as_the_whole(tok):
     # the KJV's line breaks are all blank lines ("\n\nChapter 2"): prose broken at single line ends cuts elsewhere
-    text = "".join(f"Line {i} of the text.\nIt goes on, and on.\n\n(A new paragraph!)\n" for i in range(300))
+    text = "".join(f"And God said, {i} times.\nthe LORD spake unto Moses.\n\n(A new paragraph!)\n" for i in range(300))
     pieces = list(_pieces(text, 500))
     assert len(pieces) > 10 and "".join(pieces) == text
     assert [i for p in pieces for i in tok(p)["input_ids"]] == tok(text)["input_ids"]
