@@ -338,3 +338,8 @@ def test_pieces_of_single_spaced_lines_tokenize_as_the_whole(tok):
     pieces = list(_pieces(text, 500))
     assert len(pieces) > 10 and "".join(pieces) == text
     assert [i for p in pieces for i in tok(p)["input_ids"]] == tok(text)["input_ids"]
+
+
+def test_tokenizer_merges_pairs_seen_twice():
+    tiny = Corpus("t", {"train": [Document("1", "1", "zzyzx zzyzx")]}, "x", "fp")
+    assert len(train_tokenizer(tiny, 300)("zzyzx")["input_ids"]) < 5  # min_frequency=2: the recipe of the default
