@@ -509,3 +509,13 @@ def assert_same_block_mask(mine, theirs, full=True):
         assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
     assert mine.kv_num_blocks.sum() > 0 and (mine.full_kv_num_blocks.sum() > 0) == full  # partial tiles, full ones
     assert mine.seq_lengths == theirs.seq_lengths
+
+
+def test_a_recording_nested_in_one_that_saw_the_same_kernels_leaves_the_outer_one_recording():
+    """A fine-tune's recording inside a cell's: both sets equal when the inner one closes."""
+    q, k, v = _qkv((1, 2, 2, 8, 4))
+    with recording() as outer:
+        with recording() as inner:
+            attend(q, k, v, "s2_attn")
+        attend(q, k, v)
+    assert inner == {"s2_attn via blockwise"} and outer == {"s2_attn via blockwise", "full via sdpa"}

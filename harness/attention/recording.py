@@ -22,7 +22,9 @@ def recording():
     try:
         yield kernels
     finally:
-        _scopes.remove(kernels)
+        # by identity: list.remove compares by value, and an inner scope that saw what the outer one saw (a
+        # fine-tune's inside a cell's) would take the outer one off the list instead
+        del _scopes[next(i for i, s in enumerate(_scopes) if s is kernels)]
 
 
 def kernel_log() -> dict[str, int]:
