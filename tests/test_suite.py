@@ -240,3 +240,11 @@ def test_pretrain_average_last_reaches_the_training_config(tmp_path):
     assert pretrain_config(s, 0).average_last == 40
     with pytest.raises(UserError, match="pretrain.*average_last \\(200\\) is more than steps \\(100\\)"):
         load_suite(write(tmp_path, "name: x\npretrain: {steps: 100, average_last: 200}\n"))
+
+
+def test_se_attn_needs_a_context_that_holds_its_largest_chunk(tmp_path):
+    with pytest.raises(UserError, match=r"backends: se_attn\(chunk_size=1024/4096\) needs finetune.context >= "
+                                        r"4096 \(it is 2048\)"):
+        load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [1024, 4096]}}]\n"))
+    suite = load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [1024, 2048]}}]\n"))
+    assert suite.finetune.context == 2048 and suite.backends[0].options["chunk_size"] == (1024, 2048)
