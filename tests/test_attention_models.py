@@ -139,3 +139,20 @@ def test_a_soft_capped_model_refuses_a_harness_backend():
     model.set_attn_implementation(register("full"))
     with torch.no_grad(), pytest.raises(UserError, match="Gemma2Attention asks for logit soft-capping"):
         model(IDS)
+
+
+def test_the_attention_function_takes_the_models_scaling_and_training_mode():
+    from transformers import AttentionInterface
+
+    from harness.attention import attend
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    full = AttentionInterface()[register("full")]
+    out, _ = full(torch.nn.Module(), q, k, v, None, scaling=0.5)
+    torch.testing.assert_close(out, attend(q, k, v, scale=0.5).transpose(1, 2))
+    random = AttentionInterface()[register("se_attn_random", chunk_size=4, block_size=2, top_k=1, seed=9)]
+    module = torch.nn.Module()
+    for training, differ in ((False, False), (True, True)):  # training: random blocks drawn anew per call
+        module.train(training)
+        outs = [random(module, q, k, v, None)[0] for _ in range(3)]
+        assert any(not torch.equal(outs[0], o) for o in outs[1:]) == differ
