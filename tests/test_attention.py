@@ -519,3 +519,53 @@ def test_a_recording_nested_in_one_that_saw_the_same_kernels_leaves_the_outer_on
             attend(q, k, v, "s2_attn")
         attend(q, k, v)
     assert inner == {"s2_attn via blockwise"} and outer == {"s2_attn via blockwise", "full via sdpa"}
+def test_a_backend_without_options_runs_the_papers_setting():
+    """The defaults are the paper's (Mamba-2-Hybrid at 8192, what suites/paper.yaml spells out)."""
+    from pathlib import Path
+
+    import yaml
+
+    from harness.attention.options import resolve
+
+    given = yaml.safe_load(Path("suites/paper.yaml").read_text())["backends"]
+    for entry in given:
+        name, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+        assert resolve(name, {}) == resolve(name, options)
+    assert resolve("se_attn", {})[1] == {"chunk_size": (2048, 4096), "block_size": 32, "top_k": 8, "kernel": "auto",
+                                          "fallback": False, "retrieval": "relevancy", "per_head": True, "seed": 0,
+                                          "selection": "chunk"}
+
+
+@pytest.mark.parametrize("backend,options,match", [
+    ("full", {"fallback": 1}, "fallback"),
+    ("sliding_window", {"window": True}, "window"),
+    ("se_attn", {"chunk_size": True}, "chunk_size"),
+    ("se_attn", {"chunk_size": 8, "block_size": True}, "block_size"),
+    ("se_attn", {"top_k": False}, "top_k"),
+    ("se_attn", {"seed": True}, "seed"),
+])
+def test_bools_are_not_ints_or_flags_given_as_ints(backend, options, match):
+    with pytest.raises(UserError, match=f"option {match}=.* is invalid"):
+        Backend(backend, **options)
+
+
+def test_options_that_mean_the_same_resolve_and_register_alike():
+    """Chunk sizes are a sorted set (one size is an int), a group ratio a float, an alias the options it fixes: the
+    implementation name (a cache key) does not depend on how they were written."""
+    from harness.attention import implementation_name
+    from harness.attention.options import resolve
+
+    assert resolve("se_attn", {"chunk_size": [4096, 2048, 4096]})[1]["chunk_size"] == (2048, 4096)
+    assert resolve("se_attn", {"chunk_size": [8, 8], "block_size": 4})[1]["chunk_size"] == 8
+    assert type(resolve("s2_attn", {"group_ratio": 1})[1]["group_ratio"]) is float
+    same = [[("se_attn", {"chunk_size": [4096, 2048]}), ("se_attn", {"chunk_size": (2048, 4096)}),
+             ("se_attn", {"chunk_size": {2048, 4096}}), ("se_attn", {})],
+            [("se_attn", {"chunk_size": 8, "block_size": 4}), ("se_attn", {"chunk_size": [8], "block_size": 4})],
+            [("s2_attn", {"group_ratio": 1}), ("s2_attn", {"group_ratio": 1.0})],
+            [("se_attn_nomem", {}), ("se_attn", {"retrieval": "none"})],
+            [("sliding_window", {"window": 4096}), ("sliding_window", {"kernel": "auto", "fallback": False})]]
+    names = [{implementation_name(b, **o) for b, o in group} for group in same]
+    assert all(len(n) == 1 for n in names) and len(set.union(*names)) == len(same)
+    assert names[3] == {implementation_name("se_attn", retrieval="none")}
+    assert next(iter(names[3])).startswith("harness_se_attn_")
+
