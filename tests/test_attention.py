@@ -569,3 +569,64 @@ def test_options_that_mean_the_same_resolve_and_register_alike():
     assert names[3] == {implementation_name("se_attn", retrieval="none")}
     assert next(iter(names[3])).startswith("harness_se_attn_")
 
+
+def test_random_retrieval_is_seeded_by_the_seed_in_eval_and_drawn_anew_per_training_call():
+    q, k, v = _qkv((1, 2, 2, 48, 8))
+    opts = dict(chunk_size=16, block_size=4, top_k=1)
+    one, again, other = (attend(q, k, v, "se_attn_random", seed=s, **opts) for s in (1, 1, 2))
+    assert torch.equal(one, again) and not torch.equal(one, other)
+    trained = [attend(q, k, v, "se_attn_random", seed=1, training=True, **opts) for _ in range(3)]
+    assert not torch.equal(trained[0], trained[1]) or not torch.equal(trained[1], trained[2])
+
+
+def test_auto_takes_the_fastest_kernel_that_can_run(monkeypatch):
+    """On CUDA (every kernel available): flash-attn for full, sliding_window and s2_attn, blockwise for se_attn
+    (flex is opt-in); without flash-attn, flex for sliding_window. flash-attn takes no padding mask."""
+    from harness.attention import gpu
+
+    q = torch.zeros(1, 2, 8, 16)
+    have = {"flash", "flex"}
+    monkeypatch.setattr(gpu, "available", lambda kernel, q: kernel in have or kernel not in ("flash", "flex"))
+    chosen = {name: Backend(name).kernel_for(q) for name in ("full", "sliding_window", "s2_attn", "se_attn")}
+    assert chosen == {"full": "flash", "sliding_window": "flash", "s2_attn": "flash", "se_attn": "blockwise"}
+    assert Backend("full").kernel_for(q, masked=True) == "sdpa"
+    assert Backend("se_attn", kernel="flex").kernel_for(q) == "flex"
+    have = {"flex"}
+    chosen = {name: Backend(name).kernel_for(q) for name in ("full", "sliding_window", "s2_attn", "se_attn")}
+    assert chosen == {"full": "sdpa", "sliding_window": "flex", "s2_attn": "blockwise", "se_attn": "blockwise"}
+
+
+def test_a_padding_mask_never_reaches_flash_attn(monkeypatch):
+    from harness.attention import gpu
+
+    monkeypatch.setattr(gpu, "available", lambda kernel, q: True)  # flash-attn "installed" (it would fail on CPU)
+    q, k, v = _qkv((2, 2, 2, 6, 4))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, :, :, 0] = False
+    want, _ = Backend("full", kernel="sdpa")(q, k, v, mask=mask)
+    for options in ({}, {"kernel": "flash", "fallback": True}):
+        out, kernel = Backend("full", **options)(q, k, v, mask=mask)
+        assert kernel == "full via sdpa" and torch.equal(out, want)
+    with pytest.raises(UserError, match="kernel 'flash' is not available"):
+        Backend("full", kernel="flash")(q, k, v, mask=mask)
+
+
+def test_additive_float_masks_mean_what_boolean_ones_do():
+    q, k, v = _qkv((2, 2, 2, 6, 4))
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    keep[0, :, :, 0] = False
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(Backend("full")(q, k, v, mask=additive)[0], Backend("full")(q, k, v, mask=keep)[0])
+    causal = torch.zeros(1, 1, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    se = Backend("se_attn", chunk_size=4, block_size=2)
+    torch.testing.assert_close(se(q, k, v, mask=causal)[0], se(q, k, v)[0])  # plain causal: accepted
+
+
+def test_the_reference_kernel_keeps_a_key_padding_mask_causal():
+    q, k, v = _qkv((2, 2, 2, 7, 4))
+    keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keys[1, :, :, 2:4] = False  # two padded keys in the second sequence
+    ref = Backend("full", kernel="reference")(q, k, v, mask=keys)[0]
+    torch.testing.assert_close(ref, Backend("full")(q, k, v, mask=keys)[0])
+    torch.testing.assert_close(ref[0], attend(q, k, v)[0])
+
