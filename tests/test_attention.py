@@ -630,3 +630,43 @@ def test_the_reference_kernel_keeps_a_key_padding_mask_causal():
     torch.testing.assert_close(ref, Backend("full")(q, k, v, mask=keys)[0])
     torch.testing.assert_close(ref[0], attend(q, k, v)[0])
 
+
+def _draws(seed, step, micro_batch, calls=20, warm=0):
+    from harness.attention.backend import training_call
+
+    b = Backend("se_attn", chunk_size=[4, 8, 16], block_size=2, top_k=1, seed=seed)
+    for _ in range(warm):  # calls outside the loop draw from the backend's own generator
+        b.plan(training=True)
+    with training_call(step, micro_batch):
+        return [b.plan(training=True)["chunk_size"] for _ in range(calls)]
+
+
+def test_in_the_training_loop_draws_follow_seed_step_micro_batch_and_call():
+    draws = _draws(3, 5, 1)
+    assert len(set(draws)) > 1  # the n-th call of a micro-batch draws anew
+    assert draws == _draws(3, 5, 1, warm=7)  # ... whatever ran before (a resumed fine-tune draws the same)
+    assert all(_draws(*other) != draws for other in [(4, 5, 1), (3, 6, 1), (3, 5, 2)])
+
+
+def test_recomputation_reuses_the_seeds_of_the_forward_calls_last_in_first_out():
+    """Two checkpointed calls of one module before one backward (the second is recomputed first): each
+    recomputation draws the chunk size its forward drew."""
+    from torch.utils.checkpoint import checkpoint
+
+    b, module = Backend("se_attn", chunk_size=[4, 16], block_size=2, top_k=1, seed=3), torch.nn.Module()
+    assert len({b.plan(training=True, module=torch.nn.Module())["chunk_size"] for _ in range(2)}) == 2
+    inputs = [_qkv((1, 2, 2, 33, 8), seed=s, grad=True) for s in (0, 1)]
+
+    def grads(checkpointed):
+        b.reset()
+
+        def run(q, k, v):
+            return b(q, k, v, training=True, module=module)[0]
+
+        outs = [checkpoint(run, *x, use_reentrant=False) if checkpointed else run(*x) for x in inputs]
+        loss = sum((o * torch.arange(o.numel()).reshape(o.shape).sin()).sum() for o in outs)
+        return torch.autograd.grad(loss, [t for x in inputs for t in x])
+
+    for a, c in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, c)
+
