@@ -670,3 +670,44 @@ def test_recomputation_reuses_the_seeds_of_the_forward_calls_last_in_first_out()
     for a, c in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(a, c)
 
+
+def test_unrecorded_leaves_the_open_recordings_out_and_open():
+    from harness.attention.recording import unrecorded
+
+    q, k, v = _qkv((1, 2, 2, 8, 4))
+    with recording() as outer:
+        with recording() as inner:
+            attend(q, k, v, "s2_attn")
+            with unrecorded():
+                attend(q, k, v, "sliding_window", window=2)
+        attend(q, k, v)
+    assert inner == {"s2_attn via blockwise"} and outer == {"s2_attn via blockwise", "full via sdpa"}
+
+
+def test_available_offers_auto_and_reference_and_says_which_take_a_padding_mask():
+    info = available()
+    assert all(i["kernels"][:2] == ["auto", "reference"] for i in info.values())
+    assert [n for n, i in info.items() if i["capabilities"]["padding_mask"] is True] == ["full"]
+
+
+def test_bench_rows_count_pairs_over_the_batch_and_the_speedup_they_allow(monkeypatch):
+    import statistics
+
+    from harness.attention import bench
+
+    shapes, one = [], bench._one
+    monkeypatch.setattr(bench, "_one", lambda b, q, k, v: shapes.append((q.shape, k.shape)) or one(b, q, k, v))
+    rows = bench.bench_attention([("full", {}), ("sliding_window", {"window": 8})], [32], heads=4, kv_heads=2,
+                                 head_dim=8, batch=3, repeats=3, warmup=0)
+    assert {s for s in shapes} == {((3, 4, 32, 8), (3, 2, 32, 8))}
+    full, window = rows
+    assert full["pairs"] == 3 * 4 * 32 * 33 // 2 and full["ideal_speedup"] == 1.0
+    assert window["pairs"] == 3 * 4 * (8 * 9 // 2 + 24 * 8)
+    assert window["ideal_speedup"] == pytest.approx(528 / 228)
+    assert all(r["time_ms"] == statistics.median(r["times_ms"]) and len(r["times_ms"]) == 3 for r in rows)
+
+
+def test_top_k_zero_retrieves_nothing():
+    q, k, v = _qkv((1, 2, 2, 40, 8))
+    torch.testing.assert_close(attend(q, k, v, "se_attn", chunk_size=8, block_size=4, top_k=0),
+                               attend(q, k, v, "se_attn_nomem", chunk_size=8, block_size=4))
