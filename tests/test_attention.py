@@ -272,6 +272,8 @@ def test_padding_mask_is_an_error_except_for_full():
     ("se_attn", {"chunk_size": [8, 0]}, "chunk_size"),
     ("se_attn", {"retrieval": "relevance"}, "retrieval"),
     ("se_attn", {"per_head": 1}, "per_head"),
+    ("se_attn", {"seed": 2**64}, "seed"),  # torch's generator would refuse it with a ValueError
+    ("se_attn", {"seed": -1}, "seed"),  # the same generator as 2**64 - 1
     ("se_attn", {"chunk_sizes": 8}, "chunk_size"),
     ("sliding_window", {"window": 0}, "window"),
     ("sliding_window", {"window": 2.5}, "window"),
@@ -607,7 +609,10 @@ def test_a_padding_mask_never_reaches_flash_attn(monkeypatch):
     for options in ({}, {"kernel": "flash", "fallback": True}):
         out, kernel = Backend("full", **options)(q, k, v, mask=mask)
         assert kernel == "full via sdpa" and torch.equal(out, want)
-    with pytest.raises(UserError, match="kernel 'flash' is not available"):
+    with pytest.raises(UserError, match="kernel 'flash' cannot take a padding mask"):  # installed: the mask is why
+        Backend("full", kernel="flash")(q, k, v, mask=mask)
+    monkeypatch.setattr(gpu, "available", lambda kernel, q: kernel != "flash")
+    with pytest.raises(UserError, match="kernel 'flash' is not available here"):
         Backend("full", kernel="flash")(q, k, v, mask=mask)
 
 

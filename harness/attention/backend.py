@@ -73,6 +73,10 @@ class Backend:
         if wanted != "auto":
             if ok(wanted):
                 return wanted
+            if not self.options["fallback"] and masked and wanted == "flash" and gpu.available(wanted, q):
+                raise UserError(f"attention backend {self.name!r}: kernel 'flash' cannot take a padding mask "
+                                "(flash-attn has no mask argument); pass unpadded batches, choose another kernel, "
+                                "or set `fallback: true` (from Python, fallback=True) to allow the automatic choice")
             if not self.options["fallback"]:
                 raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} is not available here "
                                 f"(device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + fp16/bf16, "

@@ -26,7 +26,8 @@ def _check(opts: dict) -> dict:
     if not (is_int(opts["top_k"]) and opts["top_k"] >= 0):
         raise bad(SPEC, "top_k", opts["top_k"])
     for option, ok in (("retrieval", opts["retrieval"] in RETRIEVALS), ("per_head", isinstance(opts["per_head"], bool)),
-                       ("seed", is_int(opts["seed"])), ("selection", opts["selection"] in SELECTIONS)):
+                       ("seed", is_int(opts["seed"]) and 0 <= opts["seed"] < 2**63),
+                       ("selection", opts["selection"] in SELECTIONS)):
         if not ok:
             raise bad(SPEC, option, opts[option])
     return {**opts, "chunk_size": sizes[0] if len(set(sizes)) == 1 else tuple(sorted(set(sizes)))}
@@ -93,7 +94,7 @@ SPEC = Spec(
         "top_k": "int >= 0 (0 retrieves nothing)",
         "retrieval": f"one of {list(RETRIEVALS)}",
         "per_head": "bool (True: each query head retrieves its own blocks; False: one selection shared by all heads)",
-        "seed": "int (seeds chunk-size draws and random retrieval)",
+        "seed": "int in [0, 2**63) (seeds chunk-size draws and random retrieval)",
         "selection": f"one of {list(SELECTIONS)} (chunk: the paper's, ranked by the chunk's own queries, which "
                      "makes early queries depend on later ones; previous: ranked by the previous chunk's, causal)",
     },
