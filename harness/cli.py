@@ -167,9 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.dirs or (args.rev and args.calibrate):
             raise UserError("compare: --rev REV times against a revision, --calibrate against itself; neither takes "
                             "results directories, and they do not go together")
-        s = Settings(min_repeats=args.min_repeats or 20, min_seconds=1.0 if args.min_seconds is None else
-                     args.min_seconds, time_ratio=args.time_ratio,
-                     alpha=0.002 if args.alpha is None else args.alpha)
+        given = {"min_repeats": args.min_repeats, "min_seconds": args.min_seconds, "alpha": args.alpha}
+        s = Settings(time_ratio=args.time_ratio, **{k: v for k, v in given.items() if v is not None})  # else its own
         return timing_gate(args.rev, args.suite or default_suite(), s, calibrate=args.calibrate,
                            fail_on_time=args.fail_on_time, only=args.only, summary=args.summary, inject=args.inject)
     elif args.command == "compare":
