@@ -73,14 +73,12 @@ class Backend:
         if wanted != "auto":
             if ok(wanted):
                 return wanted
-            if not self.options["fallback"] and masked and wanted == "flash" and gpu.available(wanted, q):
-                raise UserError(f"attention backend {self.name!r}: kernel 'flash' cannot take a padding mask "
-                                "(flash-attn has no mask argument); pass unpadded batches, choose another kernel, "
-                                "or set `fallback: true` (from Python, fallback=True) to allow the automatic choice")
             if not self.options["fallback"]:
-                raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} is not available here "
-                                f"(device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + fp16/bf16, "
-                                "flex needs CUDA and a head dim of at least 16); set the backend's option "
+                why = ("cannot take a padding mask (flash-attn has no mask argument): pass unpadded batches or "
+                       "choose another kernel" if masked and gpu.available(wanted, q) else
+                       f"is not available here (device {q.device}, dtype {q.dtype}; flash needs CUDA + flash-attn + "
+                       "fp16/bf16, flex needs CUDA and a head dim of at least 16)")
+                raise UserError(f"attention backend {self.name!r}: kernel {wanted!r} {why}; set the backend's option "
                                 "`fallback: true` (from Python, fallback=True) to allow the automatic choice")
         return next(k for k in self.spec.auto if ok(k))
 
