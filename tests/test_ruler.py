@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from harness.data.ruler import GROUPS, PAPER_TASKS, TASKS, generate
+from harness.data.ruler import GROUPS, PAPER_TASKS, TASKS, generate, niah
 from harness.data.ruler.haystack import AdjNounWords, count_tokens, split_sentences, zeta
 from harness.errors import UserError
 from harness.metrics import ruler as metric
@@ -186,6 +186,15 @@ def test_depth_metadata_matches_needle_position(tok, book):
             lines = _context_and_question(task, s.input)[0].split("\n")
             for nd in s.metadata["needles"]:
                 assert lines[1 + nd["line_index"]].endswith(f"is: {nd['value']}."), (task, nd)
+    # several needles in a noise or needle haystack (no registered task has them): each on its own final line
+    for haystack in ("noise", "needle"):
+        args = {"type_haystack": haystack, "type_needle_k": "words", "type_needle_v": "numbers",
+                "num_needle_k": 5, "num_needle_v": 1, "num_needle_q": 1}
+        for seed in range(5):
+            prompt, _, meta = niah.build(args, 12, f"s{seed}", 42, None)
+            lines = _context_and_question("niah_multikey_2", prompt)[0].split("\n")[1:]
+            for nd in meta["needles"]:
+                assert lines[nd["line_index"]].endswith(f"{nd['key']} is: {nd['value']}."), (haystack, seed, nd)
     # essay haystack: the needle precedes sentence int(n_sents * depth / 100)
     for task in ("niah_single_2", "niah_multikey_1", "niah_multivalue"):
         for s in gen(task, 1024, tok, book):

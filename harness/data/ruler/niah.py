@@ -103,10 +103,11 @@ def build(args: dict, num_haystack: int, sample_seed: str, run_seed: int, essay:
         for index, element in zip(indexes, needles, strict=True):
             sentences.insert(index, element)
         context = "\n".join(sentences)
-        for index in sorted(indexes[: len(needles)]):
-            placed.append({"depth": 100.0 * index / num_haystack, "line_index": index})
+        # each insertion below an earlier one moves it down a line: the r-th lowest ends on line index + r
+        for rank, index in enumerate(sorted(indexes)):
+            placed.append({"depth": 100.0 * index / num_haystack, "line_index": index + rank})
         # needles[j] went to indexes[j] (descending), so in context order they are reversed
-        ordered = list(reversed(needles[: len(indexes)]))
+        ordered = list(reversed(needles))
         for p, s in zip(placed, ordered, strict=True):
             p["needle"] = s
         units = num_haystack

@@ -15,8 +15,9 @@ Pass the file as ``generate(..., qa_file=path)``.
   sorted; SQuAD keeps answerable questions and the article's other paragraphs as
   ``more_context``).
 * :func:`build` = ``generate_input_output(index, num_docs)`` (l.125-150): the gold documents,
-  then the article's other paragraphs, then random other documents up to ``num_docs``;
-  shuffled by a fresh ``random.Random(seed)``; ``"Document {i}:\\n{document}"`` joined by
+  then the article's other paragraphs, then random other documents up to ``num_docs``; from
+  ``num_docs`` = the number of documents on, all of them repeated and cut to ``num_docs``, as RULER
+  does since its commit b6cde3e; shuffled by a fresh ``random.Random(seed)``; ``"Document {i}:\\n{document}"`` joined by
   ``"\\n\\n"``. Sample ``i`` asks question ``i`` (RULER: ``index + pre_samples``), in file order.
 """
 
