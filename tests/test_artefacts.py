@@ -186,3 +186,27 @@ def test_compiled_pretraining_without_a_compiler_names_the_field_and_the_fix(tmp
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(UserError, match=r"pretrain\.compile.*'no-such-compiler'.*compile: false"):
         artefacts.pretrained(suite, "tiny-hybrid", 0)
+
+
+def test_pretraining_starts_from_its_seed_and_trains_on_the_recipes_recall_rows(tmp_path, monkeypatch):
+    """The initial weights follow the recipe's seed, not the process's global RNG; with `recall` (0.5 by default)
+    a share of each batch is recall documents, their answers at `answer_weight` and the rest at 1."""
+    from harness import pretraining
+
+    recipe = "context: 256, steps: 2, batch_size: 2, warmup_steps: 1, answer_weight: 3.0}"
+    (tmp_path / "s.yaml").write_text(SUITE.replace("context: 64, steps: 2, batch_size: 2, warmup_steps: 1}", recipe))
+    suite = load_suite(tmp_path / "s.yaml")
+    _, config, cfg = artefacts._pretrained_spec(suite, "tiny-hybrid", 0)
+    monkeypatch.setattr(pretraining, "train_into_cache", lambda model, cfg, batches, *args: batches)  # untrained
+    built = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        built.append(pretraining.pretrain(suite, config, cfg, artefacts.PRETRAINED, "key", "pretrain",
+                                          torch.device("cpu")))
+    (a, batches), (b, _) = built
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), n
+    g = torch.Generator().manual_seed(0)
+    drawn = [batches(g, step) for step in range(8)]  # a row's answers may lie beyond its 256 tokens
+    ids, weights = torch.cat([i for i, _ in drawn]), torch.cat([w for _, w in drawn])
+    assert ids.shape == weights.shape == (16, 256) and set(weights.unique().tolist()) == {1.0, 3.0}

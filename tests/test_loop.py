@@ -224,3 +224,72 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(tm
     assert train(resumed, batches, cfg, workdir=tmp_path).loss_curve == log.loss_curve
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_each_step_takes_the_scheduled_lr_of_its_group_and_the_recipes_adamw_through_a_resume(tmp_path):
+    """Optimizer step s runs at lr x lr_factor(s), the fully trained parameters at extra_lr_scale x that, with
+    AdamW's betas (0.9, 0.95) and the config's weight decay; a resumed run goes on with the schedule."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from harness.finetune.methods import apply_method
+
+    cfg = TrainConfig(steps=6, context=16, batch_size=2, lr=1e-2, warmup_steps=3, schedule="cosine",
+                      checkpoint_every=2, extra_lr_scale=0.5, weight_decay=0.1)
+    seen, calls = [], {"n": 0}
+
+    def dying(g, step):  # the 5th batch never comes: killed after the step-4 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return batches(g, step)
+
+    def record(opt, args, kwargs):  # not the step of zero gradients at LR 0 that set_state_dict initializes with
+        if any(p.grad.any() for group in opt.param_groups for p in group["params"] if p.grad is not None):
+            seen.append([(group["lr"], tuple(group["betas"]), group["weight_decay"]) for group in opt.param_groups])
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(apply_method(tiny(), "lora_plus", rank=4, alpha=8)[0], dying, cfg, workdir=tmp_path)
+        train(apply_method(tiny(), "lora_plus", rank=4, alpha=8)[0], batches, cfg, workdir=tmp_path)
+    finally:
+        handle.remove()
+    assert [lr for groups in seen for lr, _, _ in groups] == pytest.approx(
+        [lr * lr_factor(s, cfg) for s in range(6) for lr in (1e-2, 0.5e-2)], rel=1e-12)
+    assert {(betas, decay) for groups in seen for _, betas, decay in groups} == {((0.9, 0.95), 0.1)}
+
+
+def test_the_seed_chooses_the_batches():
+    first = []
+    for seed in (0, 0, 1):
+        drawn = []
+        train(tiny(), lambda g, step, drawn=drawn: drawn.append(batches(g, step)) or drawn[-1],
+              TrainConfig(steps=1, context=16, batch_size=2, seed=seed))
+        first.append(drawn[0])
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+
+def test_micro_batches_of_different_lengths_count_by_their_predicted_tokens():
+    """Unweighted, a step's loss is the mean over all its predicted tokens, as with weights of 1."""
+    runs = []
+    for weighted in (False, True):
+        calls = {"n": 0}
+
+        def rows(g, step, weighted=weighted, calls=calls):  # 2 x 16 then 2 x 4 tokens in each step
+            calls["n"] += 1
+            ids = batches(g, step)[:, : 16 if calls["n"] % 2 else 4]
+            return (ids, torch.ones(ids.shape)) if weighted else ids
+
+        log = train(tiny(), rows, TrainConfig(steps=3, context=16, batch_size=2, grad_accum=2, lr=1e-2,
+                                              warmup_steps=1))
+        runs.append([loss for _, loss in log.loss_curve])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_training_into_the_cache_removes_its_work_directory_once_done(tmp_path, monkeypatch):
+    from harness.pretraining import train_into_cache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    log = train_into_cache(tiny(), TrainConfig(steps=2, context=16, batch_size=2, checkpoint_every=1), batches,
+                           "adapter", "key", "train")
+    assert len(log.loss_curve) == 2 and not list((tmp_path / "adapter").iterdir())  # the step-1 checkpoint went too
