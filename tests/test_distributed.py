@@ -25,7 +25,7 @@ from test_distributed import STEPS, batches, cfg, model
 from harness.finetune.distributed import full_state, join, wrap
 from harness.finetune.loop import train
 
-strategy, out, die_at, arch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+strategy, out, die_at, arch, accum = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 world = join(strategy)
 (out / "work").mkdir(exist_ok=True)
 m, calls = model(arch), {{"n": 0}}
@@ -36,7 +36,7 @@ def dying(g, step):
         raise KeyboardInterrupt  # every rank, at the same draw
     return batches(g, step)
 
-log = train(wrap(m, world), world.shard(dying), cfg(grad_accum=1), workdir=out / "work", world=world)
+log = train(wrap(m, world), world.shard(dying), cfg(grad_accum=accum), workdir=out / "work", world=world)
 state = full_state(m)
 if world.main:
     torch.save({{"curve": log.loss_curve, "tokens": log.tokens, "state": state, "draws": calls["n"]}},
@@ -73,8 +73,9 @@ def model(arch="tiny"):
     return apply_method(base, "hylora", rank=4, alpha=8)[0]
 
 
-def batches(g, step):
-    return torch.randint(0, 64, (1, 16), generator=g)
+def batches(g, step):  # weighted: the ranks' shares of a step's loss differ
+    ids = torch.randint(0, 64, (1, 16), generator=g)
+    return ids, 4 * torch.rand(ids.shape, generator=g)
 
 
 def cfg(grad_accum):
@@ -84,16 +85,24 @@ def cfg(grad_accum):
 
 @pytest.fixture(scope="module")
 def one_process():
-    m = model()
-    log = train(m, batches, cfg(grad_accum=2))
-    return {"curve": log.loss_curve, "tokens": log.tokens, "state": full_state(m)}
+    """The 1-process training on a global batch of `grad_accum` micro-batches (each trained once)."""
+    runs = {}
+
+    def run(grad_accum):
+        if grad_accum not in runs:
+            m = model()
+            log = train(m, batches, cfg(grad_accum))
+            runs[grad_accum] = {"curve": log.loss_curve, "tokens": log.tokens, "state": full_state(m)}
+        return runs[grad_accum]
+
+    return run
 
 
-def two_processes(tmp_path, strategy, die_at=10**9, arch="tiny"):
+def two_processes(tmp_path, strategy, die_at=10**9, arch="tiny", accum=1):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           strategy, str(tmp_path), str(die_at), arch]
+           strategy, str(tmp_path), str(die_at), arch, str(accum)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -107,11 +116,11 @@ def assert_same_training(result, reference):
         assert got.shape == want.shape and (got - want).norm() <= 1e-5 * want.norm(), name
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, strategy, one_process):
-    run = two_processes(tmp_path, strategy)
+@pytest.mark.parametrize(("strategy", "accum"), [("ddp", 2), ("fsdp", 1)])  # 2: reduced on the last of 2
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, strategy, accum, one_process):
+    run = two_processes(tmp_path, strategy, accum=accum)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same_training(torch.load(tmp_path / "result.pt", weights_only=False), one_process)
+    assert_same_training(torch.load(tmp_path / "result.pt", weights_only=False), one_process(2 * accum))
 
 
 @pytest.mark.slow
@@ -126,14 +135,14 @@ def test_hf_hybrids_shard_by_decoder_block_and_train_like_one_process(tmp_path, 
 
 
 def test_an_interrupted_two_process_fine_tune_resumes(tmp_path, one_process):
-    died = two_processes(tmp_path, "fsdp", die_at=5)  # each step draws 2 (one per rank): draw 5 is step 3's
+    died = two_processes(tmp_path, "fsdp", die_at=9, accum=2)  # each step draws 4 (2 per rank): 9 is step 3's
     assert died.returncode != 0 and not (tmp_path / "result.pt").exists()
     assert (tmp_path / "work" / "train-state.pt").is_file()  # written at step 2
-    resumed = two_processes(tmp_path, "fsdp")
+    resumed = two_processes(tmp_path, "fsdp", accum=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert result["draws"] == 2 * (STEPS - 2)  # steps 3 and 4 only: the first two came from the checkpoint
-    assert_same_training(result, one_process)
+    assert result["draws"] == 4 * (STEPS - 2)  # steps 3 and 4 only: the first two came from the checkpoint
+    assert_same_training(result, one_process(4))
 
 
 SUITE = """
