@@ -260,6 +260,26 @@ def test_ranks_share_the_cpus_the_job_may_use_not_the_nodes():
     assert usable_cpus() == len(allowed)
 
 
+def test_torchrun_shares_the_cpus_out_over_the_ranks(monkeypatch):
+    from harness.finetune import distributed
+
+    launched = {}
+
+    class Agent:
+        def __init__(self, cmd, env):
+            launched.update(cmd=cmd, threads=env["OMP_NUM_THREADS"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Agent)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert distributed.torchrun("harness.finetune.distributed", {}, 2) == 0
+    assert launched["threads"] == "4" and "--nproc-per-node=2" in launched["cmd"]
+
+
 def test_jobs_get_nproc_devices_each(monkeypatch):
     from harness.errors import UserError
     from harness.runner import _devices

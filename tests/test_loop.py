@@ -293,3 +293,16 @@ def test_training_into_the_cache_removes_its_work_directory_once_done(tmp_path, 
     log = train_into_cache(tiny(), TrainConfig(steps=2, context=16, batch_size=2, checkpoint_every=1), batches,
                            "adapter", "key", "train")
     assert len(log.loss_curve) == 2 and not list((tmp_path / "adapter").iterdir())  # the step-1 checkpoint went too
+
+
+def test_the_model_trains_in_training_mode_and_ends_in_eval_mode():
+    """Activation checkpointing (transformers) and dropout act in training mode only, and a base model comes
+    loaded in eval mode."""
+    model, modes = tiny().eval(), []
+
+    def recording(g, step):
+        modes.append(model.training)
+        return batches(g, step)
+
+    train(model, recording, TrainConfig(steps=2, context=16, batch_size=2))
+    assert modes == [True, True] and not model.training
