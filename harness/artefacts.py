@@ -47,7 +47,7 @@ def pretrain_config(suite: Suite, seed: int) -> TrainConfig:
     """The pretraining recipe of the variants of `seed` (`pretrain.seed`, where set, instead)."""
     p = suite.pretrain
     return TrainConfig(steps=p.steps, context=p.context, batch_size=p.batch_size, lr=p.lr,
-                       warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1,
+                       warmup_steps=p.warmup_steps, schedule="cosine", weight_decay=0.1, betas=(0.9, 0.95),
                        seed=seed if p.seed is None else p.seed, compile=p.compile, average_last=p.average_last)
 
 

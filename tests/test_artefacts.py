@@ -57,6 +57,17 @@ def test_a_fixed_pretrain_seed_shares_one_pretrained_model_over_seeds(tmp_path):
     assert a != b  # the fine-tunes still differ by seed
 
 
+def test_finetuning_takes_longloras_adamw_and_pretraining_its_own(tmp_path):
+    """LongLoRA fine-tunes with the Hugging Face Trainer's AdamW defaults, betas (0.9, 0.999) and no weight decay;
+    pretraining uses (0.9, 0.95) and weight decay 0.1."""
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(tmp_path / "s.yaml")
+    finetune = artefacts.finetune_config(suite, "lora", suite.backends[0], 0)
+    pretrain = artefacts.pretrain_config(suite, 0)
+    assert (finetune.betas, finetune.weight_decay) == ((0.9, 0.999), 0.0)
+    assert (pretrain.betas, pretrain.weight_decay) == ((0.9, 0.95), 0.1)
+
+
 def test_how_often_a_finetune_checkpoints_is_a_run_setting_outside_its_key(tmp_path):
     (tmp_path / "often.yaml").write_text(SUITE + "run: {checkpoint_every: 1}\n")
     (tmp_path / "s.yaml").write_text(SUITE)

@@ -42,6 +42,9 @@ class TrainConfig:
     warmup_steps: int = 20
     schedule: str = "constant"  # "constant" (LongLoRA) or "cosine"
     weight_decay: float = 0.0
+    # AdamW's betas: the Hugging Face Trainer's defaults, which LongLoRA's fine-tuning (the paper's recipe) keeps;
+    # pretraining sets its own.
+    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
@@ -119,7 +122,7 @@ def train(
         raise ValueError("no trainable parameters")
     if cfg.average_last and world.size > 1:
         raise ValueError("average_last is implemented for one process; train with nproc 1 or average_last 0")
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     log, start, average = TrainLog(), 0, []
