@@ -336,7 +336,7 @@ def expand_backend(entry: Any, where: str) -> list[Backend]:
 
     if isinstance(entry, str):
         name, given = entry, {}
-    elif isinstance(entry, dict) and len(entry) == 1:
+    elif isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry)), str):
         name, given = next(iter(entry.items()))
         if not isinstance(given, dict | None):
             raise ValueError(f"{where}: the options of {name} are a mapping {{option: value}}, got {given!r}")

@@ -68,6 +68,8 @@ SUITES = [
     ("bad backend option", "name: x\nbackends: [{se_attn: {chunk_size: 64, block_size: 0}}]\n",
      r"block_size=0 is invalid; allowed: int >= 1"),
     ("unknown backend option", "name: x\nbackends: [{se_attn: {chunk: 64}}]\n", r"has no option 'chunk'.*chunk_size"),
+    ("backend name not a string", "name: x\nbackends: [{1: {}}, {null: {}}]\n",
+     r"line 2: backends\.0: a backend is a name or a one-key mapping"),
     ("grid not a mapping", "name: x\nbackends: [{se_attn: {grid: [1, 2]}}]\n", r"grid: a mapping of option"),
     ("backend options not a mapping", "name: x\nbackends: [{sliding_window: 64}]\n",
      r"line 2: backends\.0: the options of sliding_window are a mapping \{option: value\}, got 64"),
