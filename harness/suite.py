@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib
 import itertools
+import math
 import os
 import re
 from collections.abc import Hashable
@@ -112,8 +113,8 @@ class Finetune(_Strict):
     @classmethod
     def _lr(cls, v):
         values = v.values() if isinstance(v, dict) else [] if v is None else [v]
-        if any(x <= 0 for x in values):
-            raise ValueError("learning rates must be > 0")
+        if any(not 0 < x < math.inf for x in values):  # a NaN passes `x <= 0`, and trains to NaN weights
+            raise ValueError("learning rates must be > 0 and finite")
         return v
 
     @model_validator(mode="after")

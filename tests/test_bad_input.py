@@ -89,6 +89,8 @@ SUITES = [
     ("lr key of an alias", "name: x\nbackends: [se_attn_nomem]\nfinetune: {lr: {se_attn_nomem: 0.1}}\n",
      r"line 3: finetune\.lr\.se_attn_nomem: an alias takes the LR of the backend it fixes; write 'se_attn'"),
     ("negative lr", "name: x\nfinetune: {lr: -1}\n", r"learning rates must be > 0"),
+    ("lr not a number", "name: x\nfinetune: {lr: {default: .nan}}\n", r"line 2: finetune\.lr: learning rates must be"),
+    ("infinite lr", "name: x\nfinetune: {lr: .inf}\n", r"line 2: finetune\.lr: learning rates must be > 0 and finite"),
     ("nothing to measure", "name: x\nmetrics: {}\n", r"line 2: metrics: nothing to measure"),
     ("perplexity context 1", "name: x\nmetrics: {perplexity: {contexts: [1]}}\n", r"every context must be >= 2"),
     ("repeated contexts", "name: x\nmetrics: {perplexity: {contexts: [64, 64]}}\n", r"contexts: each value may appear"),
