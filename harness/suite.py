@@ -347,6 +347,8 @@ def expand_backend(entry: Any, where: str) -> list[Backend]:
     grid = given.pop("grid", {})
     if not isinstance(grid, dict) or not all(isinstance(vals, list) and vals for vals in grid.values()):
         raise ValueError(f"{where}.grid: a mapping of option -> non-empty list of values")
+    if both := [k for k in grid if k in given]:  # else the grid's values would silently replace the option's
+        raise ValueError(f"{where}: {', '.join(both)} given both as an option and in grid; keep one")
     out = []
     for combo in itertools.product(*grid.values()):
         options = {**given, **dict(zip(grid, combo, strict=True))}

@@ -71,6 +71,8 @@ SUITES = [
     ("backend name not a string", "name: x\nbackends: [{1: {}}, {null: {}}]\n",
      r"line 2: backends\.0: a backend is a name or a one-key mapping"),
     ("grid not a mapping", "name: x\nbackends: [{se_attn: {grid: [1, 2]}}]\n", r"grid: a mapping of option"),
+    ("option both plain and in a grid", "name: x\nbackends: [{se_attn: {top_k: 2, grid: {top_k: [4, 8]}}}]\n",
+     r"line 2: backends\.0: top_k given both as an option and in grid; keep one"),
     ("backend options not a mapping", "name: x\nbackends: [{sliding_window: 64}]\n",
      r"line 2: backends\.0: the options of sliding_window are a mapping \{option: value\}, got 64"),
     ("bad option of a later backend", "name: x\nbackends:\n  - full\n  - se_attn: {chunk_size: 64, kernel: sdpa}\n",
