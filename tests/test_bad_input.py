@@ -57,6 +57,11 @@ SUITES = [
     ("unknown top-level field", "name: x\nmodel: [tiny-hybrid]\n", r"line 2: model: unknown field \(did you mean"),
     ("unknown nested field", "name: x\nfinetune: {stepz: 3}\n", r"finetune\.stepz: unknown field \(did you mean"),
     ("wrong type", "name: x\nfinetune: {steps: many}\n", r"finetune\.steps: .*integer.*'many'"),
+    ("yes for a seed", "name: x\nseeds: [0, yes]\n", r"line 2: seeds: a boolean where a number is due .*yes/no"),
+    ("true for a step count", "name: x\nfinetune: {steps: true}\n", r"line 2: finetune\.steps: a boolean where a"),
+    ("on for a share", "name: x\npretrain: {recall: {0: on}}\n", r"line 2: pretrain\.recall: a boolean where a number"),
+    ("yes for a metric's number", "name: x\nmetrics: {efficiency: {lengths: [64], heads: yes}}\n",
+     r"line 2: metrics\.efficiency\.heads: a boolean where a number is due"),
     ("zero steps", "name: x\nfinetune: {steps: 0}\n", r"finetune\.steps: .*greater than or equal to 1"),
     ("unknown preset", "name: x\nmodels: [tiny-hybrd]\n", r"models: unknown model 'tiny-hybrd' \(did you mean"),
     ("checkpoint dtype typo", "name: x\nmodels: [{name: m, path: /tmp, dtype: bf16}]\n",  # and not "a valid string"

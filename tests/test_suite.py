@@ -110,6 +110,11 @@ def test_settings_that_measure_what_they_say_are_not_warned_about(tmp_path, text
     assert load_suite(write(tmp_path, text)).warnings == []
 
 
+def test_booleans_stay_where_a_boolean_or_anything_is_due(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\npretrain: {compile: yes}\nrun: {slurm: {additional: {exclusive: on}}}\n"))
+    assert s.pretrain.compile is True and s.run.slurm.additional == {"exclusive": True}
+
+
 def test_shipped_suites_have_no_warnings():
     from pathlib import Path
 

@@ -25,9 +25,9 @@ import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from harness.errors import UserError
 
@@ -37,9 +37,29 @@ EVAL_DATA = ("harness.data.corpus", "harness.data.embedded", "harness.data.pg19"
 
 
 class Strict(BaseModel):
-    """A suite block: unknown fields are errors (with a did-you-mean)."""
+    """A suite block: unknown fields are errors (with a did-you-mean), and so is a boolean where a number is due."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, v, info):
+        # pydantic takes true for 1, and YAML reads yes/no/on/off as booleans: `seeds: [yes]` would run seed 1
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        if any(isinstance(x, bool) for x in items) and _numbers_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean where a number is due (YAML reads true/false, yes/no and on/off as "
+                             "booleans); write the number")
+        return v
+
+
+def _numbers_only(ann) -> bool:
+    """Whether the annotation `ann` takes an int or a float, but neither a bool nor anything (Any)."""
+    leaves = _leaves(ann)
+    return any(t in (int, float) for t in leaves) and not any(t in (bool, Any) for t in leaves)
+
+
+def _leaves(ann) -> list:
+    return [leaf for a in get_args(ann) for leaf in _leaves(a)] if get_args(ann) else [ann]
 
 
 def as_value_error(check, value) -> None:
