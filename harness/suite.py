@@ -446,7 +446,8 @@ def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
     if plugins is None:
         return
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise UserError(f"{path}: plugins: a list of module names (importable from the working directory)")
+        raise UserError(f"{path}: {_where(('plugins',), lines)}: a list of module names (importable from the working "
+                        "directory)")
     for i, name in enumerate(plugins):
         try:
             importlib.import_module(name)

@@ -112,6 +112,7 @@ SUITES = [
     ("efficiency length 0", "name: x\nmetrics: {efficiency: {lengths: [0, 64]}}\n", r"lengths\.0: .*greater than"),
     ("lm_eval include_path missing", "name: x\nmetrics: {lm_eval: {tasks: [t], include_path: nowhere}}\n",
      r"include_path: .*no directory 'nowhere'"),
+    ("plugins not a list", "name: x\nplugins: my_metrics\n", r"s\.yaml: line 2: plugins: a list of module names"),
     ("plugin that does not import", "name: x\nplugins: [no_such_module]\n",
      r"plugins\[0\]: cannot import 'no_such_module'.*importable from the working directory"),
 ]
