@@ -395,7 +395,10 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
                         "suites/*.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: suite file not found (suites live in suites/*.yaml)")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({e}); save it as UTF-8") from None
     sha256 = hashlib.sha256(text.encode()).hexdigest()
     if planned and sha256 != planned:
         raise UserError(f"{path} changed since `harness run` planned this job, which would measure the new settings "

@@ -130,6 +130,13 @@ def test_missing_suite_file(capsys):
     assert code == 2 and "nowhere.yaml: suite file not found (suites live in suites/*.yaml)" in out
 
 
+def test_a_suite_file_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_bytes(b"name: caf\xe9\n")  # Latin-1, as some editors save it
+    code, out = cli(capsys, "validate", tmp_path / "s.yaml")
+    assert code == 2 and "Traceback" not in out and out.count("\n") == 1, out
+    assert "s.yaml: cannot read it as UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 9" in out, out
+
+
 def test_a_directory_for_a_suite_file(tmp_path, capsys):
     code, out = cli(capsys, "run", tmp_path)
     assert code == 2 and f"{tmp_path}: a directory, not a suite file; name one of its YAML files" in out
