@@ -29,11 +29,13 @@ def positive_ints(text: str) -> list[int]:
 
 
 def backend_names(text: str) -> list[str]:
-    """A comma-separated list of attention backend names."""
+    """A comma-separated list of distinct attention backend names."""
     from harness.attention.options import resolve
     from harness.errors import UserError
 
     names = [n.strip() for n in text.split(",")]
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a backend")
     for name in names:
         try:
             resolve(name, {})

@@ -261,6 +261,7 @@ ARGUMENTS = [
     (["bench", "attention", "--repeats", "0"], r"argument --repeats: 0 must be >= 1"),
     (["bench", "attention", "--heads", "two"], r"argument --heads: 'two' is not an integer"),
     (["bench", "attention", "--head-dim", "-1"], r"argument --head-dim: -1 must be >= 1"),
+    (["bench", "attention", "--backends", "full,s2_attn,full"], r"argument --backends: 'full,s2_attn,full' repeats a "),
     (["bench", "attention", "--backends", "full,se_atn"], r"argument --backends: unknown attention backend 'se_atn'"),
     (["compare", "a", "b", "--ppl-rtol", "nan"], r"ppl_rtol \(--ppl-rtol\) = nan: must be a finite number > 0"),
     (["compare", "a", "b", "--ppl-rtol", "-0.1"], r"ppl_rtol \(--ppl-rtol\) = -0\.1: must be a finite number > 0"),
