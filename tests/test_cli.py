@@ -1,7 +1,8 @@
+import argparse
 import subprocess
 import sys
 
-from harness.cli import main
+from harness.cli import _run_overrides, main
 
 
 def test_validate_ok_and_errors_are_one_line(tmp_path, capsys):
@@ -29,6 +30,12 @@ def test_console_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not found" in proc.stderr
 
 
+def test_command_line_run_settings_keep_a_zero():
+    given = dict.fromkeys(("executor", "max_parallel", "nproc", "strategy", "partition", "account", "cpus_per_task",
+                           "time_min"))
+    assert _run_overrides(argparse.Namespace(**given, gpus_per_node=0)) == {"slurm": {"gpus_per_node": 0}}
+
+
 def test_report_of_two_dirs_is_a_comparison(tmp_path):
     from harness import results
 
@@ -39,3 +46,14 @@ def test_report_of_two_dirs_is_a_comparison(tmp_path):
     assert main(["report", str(tmp_path / "base"), str(tmp_path / "head"), "--out", str(tmp_path / "cmp")]) == 0
     html = (tmp_path / "cmp" / "index.html").read_text()
     assert "Comparison" in html and "[head]" in html
+
+
+def test_report_of_two_dirs_of_one_name_tells_them_apart_by_path(tmp_path):
+    from harness import results
+
+    for run in ("a/run", "b/run"):
+        results.append(tmp_path / run, results.Record(suite="s", cell="m/seed0/pretrained/ppl@256", metric="perplexity",
+                                                      stage="pretrained", eval_context=256, values={"perplexity": 10.0},
+                                                      config_hash="h"))
+    assert main(["report", str(tmp_path / "a/run"), str(tmp_path / "b/run"), "--out", str(tmp_path / "cmp")]) == 0
+    assert f"[{tmp_path / 'b/run'}]" in (tmp_path / "cmp" / "index.html").read_text()

@@ -57,6 +57,14 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: x\nbackends: [{se_attn: {chunk_size: 4096}}]\n", r"needs finetune.context >= 4096 \(it is 2048\)"),
     ("name: x\nmetrics: {ruler: {tasks: [niah_singel_1]}}\n", "niah_single_1"),
     ("name: x\nmetrics: {}\n", "nothing to measure"),
+    ("name: .hidden\n", "name: '.hidden': a suite name names its results directory"),
+    ("name: x\nfinetune: {lr: 0}\n", "finetune.lr: learning rates must be > 0"),
+    ("name: x\npretrain: {recall: {0: 0.5, -5: 0.25}}\n",  # a check's message, with no "(got ...)" after it
+     r"pretrain.recall: a recall schedule maps first steps .* 2000: 0.25}$"),
+    ("name: x\nplugins: [1]\n", "plugins: a list of module names"),
+    ("name: x\nfinetune: {context: 255, recall: 0.5}\n", "finetune: recall: .*at least 256 tokens"),
+    ("name: x\nbackends: [{full: {}, s2_attn: {}}]\n", "line 2: backends.0: a backend is a name or a one-key mapping"),
+    ("name: x\nbackends: [{se_attn: {grid: {top_k: []}}}]\n", "line 2: backends.0.grid: .*non-empty list of values"),
     ("name: x\nrun: {checkpoint_every: 0}\n", "run.checkpoint_every: Input should be greater than or equal to 1"),
     ("name: x\nrun: {executor: slurm, nproc: 8, slurm: {gpus_per_node: 4}}\n",
      "run: nproc 8 runs 8 processes per job, one GPU each, but slurm.gpus_per_node 4 gives each job 4"),
@@ -64,6 +72,20 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
 def test_bad_input_names_the_field(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
         load_suite(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", [
+    "name: x\npretrain: {recall: {0: 0, 100: 1}}\n",  # the bounds of a share
+    "name: x\npretrain: {steps: 100, average_last: 100}\n",  # every step's weights
+    "name: x\nfinetune: {context: 256, recall: 0.5}\n",  # the shortest context with recall rows
+    "name: x\nfinetune: {context: 128}\n",  # no recall rows, no room needed
+    "name: x\nrun: {executor: slurm, nproc: 4, slurm: {gpus_per_node: 4}}\n",  # one GPU per process
+    "name: x\nrun: {nproc: 4, slurm: {gpus_per_node: 2}}\n",  # slurm settings unused by a local run
+    "name: x\nmethods: []\nbackends: [{se_attn: {chunk_size: 4096}}]\n",  # nothing fine-tunes at 2048
+    "name: x\nbackends: [{sliding_window: null}]\n",  # a backend's defaults, written as a mapping
+])
+def test_boundary_values_are_accepted(tmp_path, text):
+    load_suite(write(tmp_path, text))
 
 
 def test_attention_timed_alone_is_not_held_to_the_fine_tuning_context(tmp_path):
@@ -85,6 +107,7 @@ def test_attention_timed_alone_is_not_held_to_the_fine_tuning_context(tmp_path):
     ("name: x\nbackends: [{sliding_window: {window: 2048}}]\n", r"line 2: backends: sliding_window\(window=2048\) "
                                                                "lets every token see all earlier ones at "
                                                                "finetune.context 2048"),
+    ("name: x\nmethods: [lora]\nbackends: []\nfinetune: {steps: 5}\n", "line 3: backends: no backend"),  # nor warm-up
     ("name: x\nbackends: [{se_attn: {chunk_size: 256, block_size: 16, top_k: 112}}]\n",
      "se_attn.* lets every token see all earlier ones"),  # 112 blocks of 16 before the last chunk of 256
     ("name: x\nbackends: [{s2_attn: {group_ratio: 0.0001}}]\n", "lets each token see only itself at "
@@ -137,8 +160,16 @@ def test_missing_file(tmp_path):
 def test_finetune_lr_per_backend(tmp_path):
     s = load_suite(write(tmp_path, "name: x\nfinetune: {lr: {default: 3.0e-3, s2_attn: 3.0e-4}}\n"))
     assert s.finetune.lr_for("se_attn") == 3e-3 and s.finetune.lr_for("s2_attn") == 3e-4
+    assert load_suite(write(tmp_path, "name: x\nfinetune: {lr: 3.0e-3}\n")).finetune.lr_for("s2_attn") == 3e-3
     paper = load_suite(write(tmp_path, "name: x\n")).finetune
     assert paper.lr_for("s2_attn") == 2e-5 and paper.lr_for("full") == 2e-4  # the paper's appendix G
+
+
+def test_recall_fields_enter_the_fine_tuning_recipe_only_with_recall_on():
+    from harness.suite import Finetune
+
+    assert "recall" not in Finetune().recipe("lora", "full")  # cells keep the hashes they had before recall
+    assert Finetune(recall=0.5).recipe("lora", "full")["recall"] == 0.5
 
 
 def test_qa_tasks_need_their_data_file(tmp_path):
