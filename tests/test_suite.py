@@ -138,6 +138,21 @@ def test_booleans_stay_where_a_boolean_or_anything_is_due(tmp_path):
     assert s.pretrain.compile is True and s.run.slurm.additional == {"exclusive": True}
 
 
+def test_a_boolean_is_refused_only_where_a_number_and_no_boolean_is_due():
+    from pydantic import ValidationError
+
+    from harness.metrics.base import Strict
+
+    class Config(Strict):
+        count: int = 0
+        count_or_flag: int | bool = 0
+        block: dict = {}
+
+    assert Config(count_or_flag=True, block={"n": True}).count_or_flag is True
+    with pytest.raises(ValidationError, match="a boolean where a number is due"):
+        Config(count=True)
+
+
 def test_shipped_suites_have_no_warnings():
     from pathlib import Path
 

@@ -53,9 +53,9 @@ class Strict(BaseModel):
 
 
 def _numbers_only(ann) -> bool:
-    """Whether the annotation `ann` takes an int or a float, but neither a bool nor anything (Any)."""
+    """Whether the annotation `ann` takes an int or a float, but not a bool."""
     leaves = _leaves(ann)
-    return any(t in (int, float) for t in leaves) and not any(t in (bool, Any) for t in leaves)
+    return any(t in (int, float) for t in leaves) and bool not in leaves
 
 
 def _leaves(ann) -> list:
