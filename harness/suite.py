@@ -41,6 +41,9 @@ from harness.metrics.base import METRICS, builtin, distinct
 from harness.metrics.base import Strict as _Strict
 from harness.models.sources import Checkpoint, label, model_entry
 
+# A seed of torch's generators: it raises at 2**64 and above, and takes a negative seed for its 2**64 complement
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
 
 def recall_shares(recall: float | dict[int, float]) -> list[float]:
     """The recall shares of a share or of a {first step: share} schedule."""
@@ -69,7 +72,7 @@ class Pretrain(_Strict):
     # The seed of the pretraining run. None: each of the suite's `seeds` pretrains its own model; a number: every
     # seed fine-tunes from that one pretrained model, so the seeds vary the fine-tune (adapter init, batches) and
     # the RULER samples only.
-    seed: int | None = None
+    seed: Seed | None = None
 
     @field_validator("recall")
     @classmethod
@@ -225,7 +228,7 @@ class Suite(_Strict):
     models: list[ModelEntry] = Field(default_factory=lambda: ["tiny-hybrid"], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["lora"])
     backends: list[Any] = Field(default_factory=lambda: ["full"], validate_default=True)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     pretrain: Pretrain = Field(default_factory=Pretrain)
     finetune: Finetune = Field(default_factory=Finetune)
     metrics: Any = None  # a model with one field per registered metric: see suite_model()

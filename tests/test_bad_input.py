@@ -62,6 +62,8 @@ SUITES = [
     ("on for a share", "name: x\npretrain: {recall: {0: on}}\n", r"line 2: pretrain\.recall: a boolean where a number"),
     ("yes for a metric's number", "name: x\nmetrics: {efficiency: {lengths: [64], heads: yes}}\n",
      r"line 2: metrics\.efficiency\.heads: a boolean where a number is due"),
+    ("seed beyond torch's", "name: x\nseeds: [0, 18446744073709551616]\n", r"line 2: seeds\.1: Input should be less"),
+    ("negative seed", "name: x\npretrain: {seed: -1}\n", r"line 2: pretrain\.seed: Input should be greater than or"),
     ("zero steps", "name: x\nfinetune: {steps: 0}\n", r"finetune\.steps: .*greater than or equal to 1"),
     ("unknown preset", "name: x\nmodels: [tiny-hybrd]\n", r"models: unknown model 'tiny-hybrd' \(did you mean"),
     ("checkpoint dtype typo", "name: x\nmodels: [{name: m, path: /tmp, dtype: bf16}]\n",  # and not "a valid string"
