@@ -117,6 +117,11 @@ SUITES = [
     ("plugins not a list", "name: x\nplugins: my_metrics\n", r"s\.yaml: line 2: plugins: a list of module names"),
     ("plugin that does not import", "name: x\nplugins: [no_such_module]\n",
      r"plugins\[0\]: cannot import 'no_such_module'.*importable from the working directory"),
+    # YAML reads yes/on as true, which pydantic would take for 1: a one-token context or source
+    ("boolean checkpoint context", "name: x\nmodels:\n  - {name: m, path: /nowhere, context: yes}\n",
+     r"line 3: models\.0\.context: Input should be a valid integer \(got True\)"),
+    ("boolean max_tokens", PLAIN + "data: {train: {source: embedded, max_tokens: on}}\n",
+     r"line 4: data\.train\.max_tokens: Input should be a valid integer \(got True\)"),
 ]
 
 
@@ -638,3 +643,4 @@ def test_a_process_killed_while_building_a_cache_entry_leaves_nothing_that_is_re
     assert code == 0 and f"unfinished build (pid {proc.pid} on " in out and "killed; the next build" in out
     assert built("pretrained", "slow") is not None  # and building it again works, clearing the killed one's files
     assert [e["key"] for e in cache.entries()] == ["slow"] and not cache.unfinished()
+

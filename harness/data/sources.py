@@ -47,7 +47,7 @@ class Source(BaseModel):
     field: str | None = None  # jsonl, hf: the text's field (default "text")
     name: str | None = None  # hf: the dataset's configuration name
     data_files: str | list[str] | None = None  # hf: local files (with path: json, say)
-    max_tokens: int | None = Field(None, ge=1)  # cap: the first max_tokens tokens of the source
+    max_tokens: int | None = Field(None, ge=1, strict=True)  # cap: the first max_tokens tokens of the source
 
     @model_validator(mode="after")
     def _fields_fit_the_source(self) -> Source:

@@ -59,7 +59,7 @@ class Checkpoint(BaseModel):
     format: Literal["auto", "mamba_ssm", "hf"] = "auto"
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    context: int | None = Field(None, ge=16)
+    context: int | None = Field(None, ge=16, strict=True)
 
     @field_validator("name")
     @classmethod
