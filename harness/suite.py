@@ -54,15 +54,15 @@ class Pretrain(_Strict):
     context: int = Field(512, ge=16)
     steps: int = Field(3200, ge=1)
     batch_size: int = Field(4, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False)
     warmup_steps: int = Field(30, ge=0)
     # Retrieval (harness.data.recall, harness.models.induction): the share of each batch's rows that are
     # synthetic recall documents (0: book text only), or a schedule {first step: share, ...} from step 0 on;
     # the loss weight of their answers; and the scale of the induction-head init of the attention blocks
     # (null: the model's default init).
     recall: float | dict[int, float] = 0.5
-    answer_weight: float = Field(5.0, gt=0)
-    induction_init: float | None = Field(4.0, gt=0)
+    answer_weight: float = Field(5.0, gt=0, allow_inf_nan=False)
+    induction_init: float | None = Field(4.0, gt=0, allow_inf_nan=False)
     # torch.compile the training step's forward and loss: about 1.5x the tokens/s on CPU, after about 30 s of
     # compiling (needs a C++ compiler, g++ or $CXX); off by default, as short runs lose more than they gain.
     compile: bool = False
@@ -102,14 +102,14 @@ class Finetune(_Strict):
     warmup_steps: int = Field(20, ge=0)
     # LR of what LoRA+ / HyLoRA train fully (embeddings, norms, conv1d) as a multiple of lr (1: LongLoRA's
     # single LR). On small models the LR that suits the adapters can be too high for the embeddings.
-    extra_lr_scale: float = Field(1.0, gt=0)
+    extra_lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     rank: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
+    alpha: float = Field(16, gt=0, allow_inf_nan=False)
     gradient_checkpointing: bool = False
     # The share of rows that are recall documents spread over the whole context (harness.data.long_recall: facts
     # in the first quarter, questions in the last), and the loss weight of their answers; 0: book text only.
     recall: float = Field(0.0, ge=0, le=1)
-    answer_weight: float = Field(5.0, gt=0)
+    answer_weight: float = Field(5.0, gt=0, allow_inf_nan=False)
 
 
     @field_validator("lr")
@@ -184,7 +184,8 @@ class Slurm(_Strict):
 
 
 class Run(_Strict):
-    timeout: float = Field(3600, gt=0)  # seconds one cell may take before it is recorded as "timeout"
+    # seconds one cell may take before it is recorded as "timeout"
+    timeout: float = Field(3600, gt=0, allow_inf_nan=False)
     # Processes per fine-tune (torchrun; harness.finetune.distributed): the global batch is
     # finetune.batch_size x grad_accum x nproc; a variant is then evaluated on as many ranks (harness.job).
     # strategy: ddp, or fsdp (FSDP2, one unit per decoder block).

@@ -117,6 +117,9 @@ SUITES = [
     ("plugins not a list", "name: x\nplugins: my_metrics\n", r"s\.yaml: line 2: plugins: a list of module names"),
     ("plugin that does not import", "name: x\nplugins: [no_such_module]\n",
      r"plugins\[0\]: cannot import 'no_such_module'.*importable from the working directory"),
+    ("infinite alpha", PLAIN + "finetune: {alpha: .inf}\n",
+     r"line 4: finetune\.alpha: Input should be a finite number"),
+    ("infinite timeout", PLAIN + "run: {timeout: .inf}\n", r"line 4: run\.timeout: Input should be a finite number"),
     # YAML reads yes/on as true, which pydantic would take for 1: a one-token context or source
     ("boolean checkpoint context", "name: x\nmodels:\n  - {name: m, path: /nowhere, context: yes}\n",
      r"line 3: models\.0\.context: Input should be a valid integer \(got True\)"),
