@@ -253,9 +253,10 @@ def _current_records(out: Path) -> dict[str, results.Record]:
 
 
 def _print_status(jobs: list[Job], out: Path, retry_failed: bool) -> None:
-    """Each job of the plan: how many of its cells are done, and its latest attempt (OUT/jobs.jsonl) now."""
+    """Each job with a cell in the plan (`--only` may leave a job none): how many of its cells are done, and its
+    latest attempt (OUT/jobs.jsonl) now."""
     recorded, attempts = _current_records(out), ledger(out)
-    for job in jobs:
+    for job in (j for j in jobs if j.cells):
         states = Counter(cell_state(c, recorded.get(c["id"])) for c in job.cells)
         entry = attempts.get(job.name)
         seen = f"{entry['executor']} {entry['id']} {live_state(entry, out)}" if entry else "never started"

@@ -219,3 +219,11 @@ def test_a_fine_tune_that_fails_is_tried_once_per_job(tmp_path, isolated_cache, 
     recs = results.load(tmp_path)
     assert len(recs) == len(job.cells) == 3 and len(tries) == 1
     assert all(r.status == "error" and "the model diverged" in r.error for r in recs)
+
+
+def test_status_lists_only_the_jobs_with_cells_only_selects(suite_file, tmp_path, capsys):
+    """A job none of whose cells `--only` selects is left out: it showed as done, 0/0, though never started."""
+    run_suite(suite_file, tmp_path / "out", status=True, only="attention/*")
+    shown = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert shown == [["todo", "0/1", "attention/full"],
+                     ["todo", "0/1", "attention/se_attn(chunk_size=64,block_size=16,top_k=2)"]], shown
