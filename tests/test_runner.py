@@ -227,3 +227,149 @@ def test_status_lists_only_the_jobs_with_cells_only_selects(suite_file, tmp_path
     shown = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
     assert shown == [["todo", "0/1", "attention/full"],
                      ["todo", "0/1", "attention/se_attn(chunk_size=64,block_size=16,top_k=2)"]], shown
+
+
+class _Attempt:
+    """A job attempt that records `statuses` for its first cells, one every `every` seconds once it has left the
+    queue (after `queued` seconds), then exits with `code`; or, killed, with -9."""
+
+    poll_every = 0.01
+
+    def __init__(self, out, cells, statuses, code, every=0.0, queued=0.0):
+        self.out, self.todo, self.code, self.every = out, list(zip(cells, statuses, strict=False)), code, every
+        self.start, self.queued, self.killed = time.monotonic(), queued, False
+
+    def started(self) -> bool:
+        return time.monotonic() - self.start >= self.queued
+
+    def poll(self) -> int | None:
+        if self.killed:
+            return -9
+        while self.todo and self.started() and time.monotonic() - self.start - self.queued >= self.every * (
+                1 + len(self.done)):
+            cell, status = self.todo.pop(0)
+            results.append(self.out, results.cell_record("s", cell, status=status))
+            self.done.append(cell["id"])
+        return None if self.todo or not self.started() else self.code
+
+    def kill(self) -> bool:
+        self.killed = True
+        return True
+
+    def failure(self) -> tuple[str, str]:
+        return "oom", f"exited with code {self.code}, likely out of memory"
+
+
+class _Executor:
+    """Starts no process: attempt i records `attempts[i][0]` for its first cells and exits with `attempts[i][1]`."""
+
+    def __init__(self, out, attempts, **timing):
+        self.out, self.attempts, self.timing, self.cells, self.states = out, list(attempts), timing, [], []
+
+    def start(self, name, spec, device):
+        statuses, code = self.attempts.pop(0)
+        self.cells.append([c["length"] for c in spec["cells"]])
+        attempt = _Attempt(self.out, spec["cells"], statuses, code, **self.timing)
+        attempt.done = []
+        return attempt
+
+    def ended(self, name, attempt, state):
+        self.states.append(state)
+
+
+def _cells(lengths, backend="full"):
+    from harness.cells import Cell
+
+    return [{**Cell("efficiency", length=n, backend=backend).as_dict(), "hash": "h", "code": "c"} for n in lengths]
+
+
+def _supervised(out, attempts, lengths=(128, 256, 512), timeout=60.0, **timing):
+    """(cells failed, the executor, {length: status of its current record}) of one backend job of efficiency cells
+    at `lengths`."""
+    from harness.plan import Job
+    from harness.runner import _supervise
+
+    cells = _cells(lengths)
+    ex = _Executor(out, attempts, **timing)
+    failed = _supervise(Job("backend", "attention/full", {}), cells, None, {"suite_name": "s"}, timeout, out, ex)
+    return failed, ex, {r.eval_context: r.status for r in results.current(results.load(out))}
+
+
+def test_a_dead_job_costs_the_cell_it_was_on_and_restarts_for_the_rest(tmp_path):
+    failed, ex, recorded = _supervised(tmp_path, [(["ok"], 137), (["ok"], 0)])
+    assert ex.cells == [[128, 256, 512], [512]] and ex.states == ["FAILED", "COMPLETED"]
+    assert recorded == {128: "ok", 256: "oom", 512: "ok"} and failed == 1  # an OOM is a failed cell
+
+
+def test_a_job_that_exits_cleanly_with_cells_left_is_an_error_not_a_restart(tmp_path):
+    with pytest.raises(RuntimeError, match="exited cleanly without recording attention/full/efficiency@128"):
+        _supervised(tmp_path, [([], 0)], lengths=(128,))
+
+
+def test_only_records_written_during_the_job_count(tmp_path):
+    """A cell measured again (stale, changed) has an earlier record: the job's death still costs it."""
+    _supervised(tmp_path, [(["ok"], 0)], lengths=(128,))
+    failed, ex, recorded = _supervised(tmp_path, [([], 1), ([], 1)], lengths=(128, 256))
+    assert recorded == {128: "oom", 256: "oom"} and failed == 2 and ex.states == ["FAILED", "FAILED"]
+
+
+def test_the_timeout_is_per_cell_and_counts_from_the_start_not_the_queue(tmp_path):
+    """A job that records a cell every 0.1 s runs on past a 0.25 s timeout; one queued for 0.4 s is not killed."""
+    failed, ex, recorded = _supervised(tmp_path, [(["ok"] * 5, 0)], lengths=(64, 128, 256, 512, 999), timeout=0.25,
+                                       every=0.1, queued=0.4)
+    assert failed == 0 and ex.states == ["COMPLETED"] and set(recorded.values()) == {"ok"}
+    failed, ex, recorded = _supervised(tmp_path / "hung", [(["ok"], 0), (["ok"], 0)], lengths=(64, 128), timeout=0.1,
+                                       every=60.0)
+    assert ex.states == ["TIMEOUT", "TIMEOUT"] and recorded == {64: "timeout", 128: "timeout"} and failed == 2
+
+
+def test_a_job_that_cannot_start_stops_a_run_of_jobs_at_once(tmp_path):
+    from harness.errors import UserError
+    from harness.plan import Job
+    from harness.runner import Progress, _run_phase
+
+    class Refusing(_Executor):
+        def start(self, name, spec, device):
+            if name == "attention/b":
+                raise UserError("sbatch: error: invalid partition specified: gpu")
+            return super().start(name, spec, device)
+
+    jobs = [(Job("backend", f"attention/{b}", {}), _cells([64], b)) for b in "ab"]
+    with pytest.raises(UserError, match="invalid partition"):
+        _run_phase(jobs, [None, None], {"suite_name": "s"}, 60, tmp_path, Refusing(tmp_path, [(["ok"], 0)]),
+                   Progress(2, 2))
+
+
+def test_progress_counts_the_jobs_and_cells_done(capsys):
+    from harness.runner import Progress
+
+    progress = Progress(2, 5)
+    progress.job_done("a", 3, 0)
+    progress.job_done("b", 2, 1)
+    assert capsys.readouterr().out.splitlines() == ["[1/2 jobs, 3/5 cells, 0 s] a done",
+                                                    "[2/2 jobs, 5/5 cells, 0 s] b done: 1 of 2 cells failed"]
+
+
+def test_jobs_at_once_are_one_per_device_group_or_max_parallel_and_on_slurm_at_most_64(monkeypatch):
+    from harness import runner
+    from harness.suite import Run
+
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 0)
+    assert runner._slots(Run(), 5) == [None] and runner._slots(Run(max_parallel=3), 5) == [None] * 3
+    slurm = Run(executor="slurm")
+    assert [len(runner._slots(slurm, n)) for n in (0, 3, 100)] == [1, 3, 64]
+    assert len(runner._slots(Run(executor="slurm", max_parallel=100), 3)) == 100
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert runner._slots(Run(nproc=2), 5) == ["4,5", "6,7"]
+    assert runner._slots(Run(max_parallel=3), 5) == ["4", "5", "6"]
+
+
+def test_a_local_job_of_an_earlier_run_is_not_waited_for(tmp_path):
+    """Local jobs die with their runner: a live process under a noted pid is another one (the pid reused)."""
+    from harness.runner import _check_no_earlier_jobs_active
+
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"job": "attention/full", "id": str(os.getpid()), "cells": 1,
+                                                     "executor": "local", "submitted": "2026-01-01T00:00:00"}) + "\n")
+    _check_no_earlier_jobs_active(["attention/full"], tmp_path)
+
