@@ -10,6 +10,7 @@ CELLS = [
     (Cell("pretrain", PRE), "tiny-hybrid/seed0/pretrain"),
     (Cell("train", FT), f"tiny-hybrid/seed3/hylora/{SE}/train"),
     (Cell("perplexity", PRE, 512), "tiny-hybrid/seed0/pretrained/ppl@512"),
+    (Cell("perplexity", Variant("tiny-hybrid", -1), 512), "tiny-hybrid/seed-1/pretrained/ppl@512"),  # seeds: any int
     (Cell("perplexity", FT, 2048), f"tiny-hybrid/seed3/hylora/{SE}/ppl@2048"),
     (Cell("perplexity", FT, 2048, eval_attention="finetune"), f"tiny-hybrid/seed3/hylora/{SE}/eval-finetune/ppl@2048"),
     (Cell("ruler", FT, 1024, "niah_single_1"), f"tiny-hybrid/seed3/hylora/{SE}/ruler/niah_single_1@1024"),

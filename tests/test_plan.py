@@ -26,8 +26,9 @@ def record(config_hash="h1", fingerprint="c1", status="ok", **settings):
     (TIMED, record(config_hash="h0", hardware="gpu: H100"), "moved"),
     (TIMED, record(config_hash="h0"), "moved"),  # recorded without hardware
     (TIMED, record(config_hash="h0", hardware="cpu: EPYC x2"), "changed"),  # same machine: its settings changed
+    (TIMED, record(config_hash="h0", fingerprint="c0", hardware="gpu: H100"), "moved"),  # moved says more than stale
 ], ids=["never", "done", "oom", "error", "changed", "changed-failed", "stale", "stale-failed", "moved",
-        "moved-unrecorded", "changed-same-hardware"])
+        "moved-unrecorded", "changed-same-hardware", "moved-and-stale"])
 def test_cell_state_compares_the_current_record_with_the_cell(cell, rec, state):
     assert cell_state(cell, rec) == state
 
@@ -88,3 +89,33 @@ def test_a_checkpoints_content_is_in_the_hash_of_each_of_its_cells(tmp_path):
             for fingerprint in ("weights-1", "weights-2"))
     assert a.keys() == b.keys() == {"m/seed0/pretrained/ppl@64", "m/seed0/lora/full/train", "m/seed0/lora/full/ppl@64"}
     assert all(a[c] != b[c] for c in a)
+
+
+def test_a_suite_that_times_attention_alone_plans_no_model(tmp_path):
+    """Efficiency cells time attention layers on random tensors: no pretraining, no fine-tune, no model job."""
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SUITE.replace("perplexity: {contexts: [64]}", "efficiency: {lengths: [64]}"))
+    assert [(j.kind, j.name) for j in plan(load_suite(tmp_path / "s.yaml"), "data", "train")] == [
+        ("backend", "attention/full")]
+
+
+def test_a_fine_tunes_own_cell_comes_first_in_its_job(tmp_path):
+    """Its record is written as soon as the fine-tuning ends, before an evaluation that may crash the job."""
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SUITE)
+    (job,) = [j for j in plan(load_suite(tmp_path / "s.yaml"), "data", "train") if j.spec.get("stage") == "finetuned"]
+    assert [c["metric"] for c in job.cells] == ["train", "perplexity"]
+
+
+def test_efficiency_cell_hashes_stay_as_they_were_recorded(tmp_path, monkeypatch):
+    """As test_cell_hashes_stay_as_they_were_recorded, for an attention backend's cells on a given machine."""
+    from harness import hardware
+
+    monkeypatch.setattr(hardware, "this_machine", lambda: "cpu: EPYC x2")
+    assert hashes(tmp_path, SUITE.replace("perplexity: {contexts: [64]}", "efficiency: {lengths: [64]}")) == {
+        "attention/full/efficiency@64": "d2819aec6d7716c7",
+    }
