@@ -1,5 +1,7 @@
 """`harness check gpu`: on a CPU it says what it would run and exits 2; its summary of a run's records."""
 
+import json
+
 import pytest
 import torch
 
@@ -16,10 +18,10 @@ def test_on_a_cpu_it_says_what_it_would_run_and_exits_non_zero(capsys, tmp_path)
     assert not (tmp_path / "gc").exists()
 
 
-def _attention(backend, time_ms, memory):
-    return Record(suite="gpu-check", cell=f"attention/{backend}/efficiency@32768", metric="efficiency",
-                  backend=backend, eval_context=32768, values={"time_ms": time_ms, "peak_memory_gib": memory},
-                  kernel=f"{backend.split('(')[0]} via triton")
+def _attention(backend, time_ms, memory, length=32768, status="ok"):
+    return Record(suite="gpu-check", cell=f"attention/{backend}/efficiency@{length}", metric="efficiency",
+                  backend=backend, eval_context=length, values={"time_ms": time_ms, "peak_memory_gib": memory},
+                  status=status, kernel=f"{backend.split('(')[0]} via triton")
 
 
 def test_the_summary_states_each_target_at_32k():
@@ -52,3 +54,31 @@ def test_the_pytest_step_says_why_it_failed(tmp_path, monkeypatch):
                         find_spec(name))
     step = gpu_check._pytest(tmp_path)
     assert not step["ok"] and step["result"].startswith("pytest is not installed for ")
+
+
+@pytest.mark.parametrize("tests_ok, failed, code", [(True, {}, 0), (False, {}, 1), (True, {"oom": 1}, 1)])
+def test_the_check_fails_where_the_gpu_tests_or_a_cell_failed(tmp_path, monkeypatch, tests_ok, failed, code):
+    """0 only where `pytest -m gpu` and every cell of the suite passed; the suite's results are the device's own."""
+    from harness import gpu_check, results, runner
+
+    def run_suite(suite, out):
+        results.append(out, _attention("full", 90.0, 2.0))
+        return runner.Outcome(out / "report.md", 1, failed)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(gpu_check, "_pytest", lambda out: {"ok": tests_ok, "result": "1 passed"})
+    monkeypatch.setattr(runner, "run_suite", run_suite)
+    assert gpu_check.check_gpu(tmp_path) == code
+    steps = json.loads((tmp_path / "gpu-check.json").read_text())["steps"]
+    assert [(name, s["ok"]) for name, s in steps.items()] == [("pytest -m gpu", tests_ok),
+                                                              ("suite gpu-check", not failed)]
+    assert (tmp_path / "suite" / "NVIDIA-H100-80GB-HBM3" / results.RESULTS_FILE).is_file()
+
+
+def test_a_target_is_met_at_its_bound_and_read_at_32k_from_cells_that_worked():
+    records = [_attention("full", 90.0, 2.0), _attention("se_attn(chunk_size=2048,block_size=32,top_k=8)", 30.0, 2.4),
+               _attention("full", 1.0, 0.1, length=16384),  # another length
+               _attention("se_attn(chunk_size=4096,block_size=32,top_k=8)", None, None, status="oom")]
+    speedup, _, memory = summarise(records)["targets"]
+    assert (speedup["value"], speedup["met"]) == (3.0, True) and (memory["value"], memory["met"]) == (1.2, True)

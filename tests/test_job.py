@@ -27,3 +27,11 @@ def test_a_measurement_keeps_what_the_cell_said_of_itself_unless_it_says_more():
 def test_a_failed_cell_is_recorded_as_an_oom_only_where_the_device_ran_out(error, status, message):
     rec = job._failed(REC, error)
     assert (rec.status, rec.error, rec.cell) == (status, message, REC.cell)
+
+
+def test_an_oom_prints_no_traceback_it_is_a_result(capsys):
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    except torch.OutOfMemoryError as e:
+        job._print_failure(e)
+    assert capsys.readouterr().err == ""
