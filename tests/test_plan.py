@@ -119,3 +119,12 @@ def test_efficiency_cell_hashes_stay_as_they_were_recorded(tmp_path, monkeypatch
     assert hashes(tmp_path, SUITE.replace("perplexity: {contexts: [64]}", "efficiency: {lengths: [64]}")) == {
         "attention/full/efficiency@64": "d2819aec6d7716c7",
     }
+
+
+def test_a_suite_without_a_backend_metric_plans_no_attention_job(tmp_path):
+    from harness.plan import plan
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(SUITE)
+    jobs = plan(load_suite(tmp_path / "s.yaml"), "data", "train")
+    assert [j.kind for j in jobs] == ["pretrain", "variant", "variant"]

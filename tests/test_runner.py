@@ -373,3 +373,24 @@ def test_a_local_job_of_an_earlier_run_is_not_waited_for(tmp_path):
                                                      "executor": "local", "submitted": "2026-01-01T00:00:00"}) + "\n")
     _check_no_earlier_jobs_active(["attention/full"], tmp_path)
 
+
+
+def test_learned_positions_cover_each_checkpoints_own_lengths_up_to_their_count(monkeypatch):
+    """Lengths are checked per model, at most `limit` tokens pass, and a fine-tune's context counts too."""
+    from types import SimpleNamespace
+
+    from harness import artefacts, runner
+    from harness.errors import UserError
+    from harness.plan import Job
+
+    monkeypatch.setattr(runner, "meta_model", lambda r: r)
+    monkeypatch.setattr(runner, "position_limit", lambda model: model.limit)
+    monkeypatch.setattr(runner, "check_vocabulary", lambda *args: None)
+    monkeypatch.setattr(artefacts, "tokenizer", lambda entry: None)
+    suite = SimpleNamespace(finetune=SimpleNamespace(context=64), model=lambda name: name, backends=[], methods=[])
+    jobs = [Job("variant", m, {"model": m}, [{"length": n}]) for m, n in (("a", 48), ("b", 96))]
+    resolved = {m: SimpleNamespace(model_type="gpt2", limit=n) for m, n in (("a", 48), ("b", 96))}
+    runner._check_checkpoints(suite, jobs, resolved, finetunes=False)
+    with pytest.raises(UserError, match="models.a: gpt2 has learned absolute positions for 48 tokens, and the suite "
+                                        "asks it for 64;"):
+        runner._check_checkpoints(suite, jobs, resolved, finetunes=True)
