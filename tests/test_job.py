@@ -35,3 +35,19 @@ def test_an_oom_prints_no_traceback_it_is_a_result(capsys):
     except torch.OutOfMemoryError as e:
         job._print_failure(e)
     assert capsys.readouterr().err == ""
+
+
+def test_a_measurement_keeps_its_own_time_and_kernel_and_one_process_records_no_ranks(tmp_path, monkeypatch):
+    """A fine-tune's cell records its training time (a cached fine-tune's too), not the time the cell took."""
+    from types import SimpleNamespace
+
+    from harness.cells import Cell
+    from harness.finetune import distributed
+
+    measure = lambda ctx, cell, config: Measurement({}, kernel="se_attn via triton", seconds=123.0)  # noqa: E731
+    monkeypatch.setattr(job, "get", lambda name: SimpleNamespace(name=name, ranks=True, measure=measure))
+    cell = {**Cell("efficiency", length=8, backend="full").as_dict(), "hash": "h", "code": "c"}
+    job._measure_cells(SimpleNamespace(name="s", metrics=SimpleNamespace()), {"out": str(tmp_path), "cells": [cell]},
+                       distributed.SINGLE)
+    (rec,) = results.load(tmp_path)
+    assert (rec.status, rec.seconds, rec.kernel) == ("ok", 123.0, "se_attn via triton") and "ranks" not in rec.settings
