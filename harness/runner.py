@@ -418,8 +418,8 @@ def _supervise(job: Job, cells: list[dict], device: str | None, common: dict, ti
                 if count != last_count or not attempt.started():  # time in a queue is not the job's
                     last_count, last_change = count, time.monotonic()
                 elif time.monotonic() - last_change > timeout:
-                    attempt.kill()
-                    timed_out = True
+                    attempt.kill()  # where cancelling failed (it warned), it tries again a timeout later
+                    timed_out, last_change = True, time.monotonic()
         except BaseException:  # Ctrl-C: stop the job too; finished cells are already recorded
             if attempt is not None and attempt.kill():  # else it may run on: no end state, a rerun waits for it
                 executor.ended(job.name, attempt, "CANCELLED")

@@ -323,6 +323,32 @@ def test_the_timeout_is_per_cell_and_counts_from_the_start_not_the_queue(tmp_pat
     assert ex.states == ["TIMEOUT", "TIMEOUT"] and recorded == {64: "timeout", 128: "timeout"} and failed == 2
 
 
+def test_a_timed_out_job_that_cannot_be_cancelled_is_tried_again_a_timeout_later_not_every_poll(tmp_path):
+    """scancel refused (kill() warns, returns False): a warning every poll (10 ms here, 2 s on Slurm) helps no one."""
+    from harness.plan import Job
+    from harness.runner import _supervise
+
+    class Stubborn(_Attempt):
+        kills: list[float] = []
+
+        def kill(self) -> bool:
+            self.kills.append(time.monotonic())
+            self.killed = len(self.kills) > 1
+            return self.killed
+
+    class Ex(_Executor):
+        def start(self, name, spec, device):
+            self.attempts.pop(0)
+            attempt = Stubborn(self.out, spec["cells"], ["ok"], 0, every=60.0)
+            attempt.done = []
+            return attempt
+
+    ex = Ex(tmp_path, [None])
+    assert _supervise(Job("backend", "attention/full", {}), _cells((64,)), None, {"suite_name": "s"}, 0.1, tmp_path,
+                      ex) == 1
+    assert len(Stubborn.kills) == 2 and Stubborn.kills[1] - Stubborn.kills[0] >= 0.1 and ex.states == ["TIMEOUT"]
+
+
 def test_a_job_that_cannot_start_stops_a_run_of_jobs_at_once(tmp_path):
     from harness.errors import UserError
     from harness.plan import Job
