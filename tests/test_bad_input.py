@@ -120,6 +120,8 @@ SUITES = [
     ("infinite alpha", PLAIN + "finetune: {alpha: .inf}\n",
      r"line 4: finetune\.alpha: Input should be a finite number"),
     ("infinite timeout", PLAIN + "run: {timeout: .inf}\n", r"line 4: run\.timeout: Input should be a finite number"),
+    ("checkpoint named attention", "name: x\nmodels:\n  - {name: attention, path: /nowhere}\n",
+     r"line 3: models\.0\.name: 'attention' begins the cell ids of the attention benchmark"),
     # YAML reads yes/on as true, which pydantic would take for 1: a one-token context or source
     ("boolean checkpoint context", "name: x\nmodels:\n  - {name: m, path: /nowhere, context: yes}\n",
      r"line 3: models\.0\.context: Input should be a valid integer \(got True\)"),

@@ -66,6 +66,8 @@ class Checkpoint(BaseModel):
     def _label(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError(f"{v!r}: a model name is part of every cell id: use letters, digits, '.', '_', '-'")
+        if v == "attention":  # the cell ids of the attention benchmark start so (harness.cells), and --only globs
+            raise ValueError("'attention' begins the cell ids of the attention benchmark: name the model otherwise")
         return v
 
 
