@@ -35,14 +35,14 @@ from pydantic import (
     model_validator,
 )
 
+from harness.attention.spec import SEED_END
 from harness.data.sources import SPLIT, Source
 from harness.errors import UserError
 from harness.metrics.base import METRICS, builtin, distinct
 from harness.metrics.base import Strict as _Strict
 from harness.models.sources import Checkpoint, label, model_entry
 
-# A seed of torch's generators: it raises at 2**64 and above, and takes a negative seed for its 2**64 complement
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Seed = Annotated[int, Field(ge=0, lt=SEED_END)]  # one torch generator per seed
 
 
 def recall_shares(recall: float | dict[int, float]) -> list[float]:

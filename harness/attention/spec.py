@@ -38,6 +38,11 @@ def triangle(n: int) -> int:
     return n * (n + 1) // 2
 
 
+# Seeds end here: torch's generators raise at 2**64 and above, and take a negative seed for its 2**64 complement,
+# so [0, SEED_END) is where each seed is its own generator.
+SEED_END = 2**63
+
+
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -4,7 +4,7 @@ import torch
 
 from .. import blockwise, gpu
 from ..reference import se_attn_mask, se_attn_retrieval
-from ..spec import Spec, bad, is_int, triangle
+from ..spec import SEED_END, Spec, bad, is_int, triangle
 
 RETRIEVALS = ("relevancy", "random", "none")
 SELECTIONS = ("chunk", "previous")
@@ -26,7 +26,7 @@ def _check(opts: dict) -> dict:
     if not (is_int(opts["top_k"]) and opts["top_k"] >= 0):
         raise bad(SPEC, "top_k", opts["top_k"])
     for option, ok in (("retrieval", opts["retrieval"] in RETRIEVALS), ("per_head", isinstance(opts["per_head"], bool)),
-                       ("seed", is_int(opts["seed"]) and 0 <= opts["seed"] < 2**63),
+                       ("seed", is_int(opts["seed"]) and 0 <= opts["seed"] < SEED_END),
                        ("selection", opts["selection"] in SELECTIONS)):
         if not ok:
             raise bad(SPEC, option, opts[option])
