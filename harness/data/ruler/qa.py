@@ -16,9 +16,10 @@ Pass the file as ``generate(..., qa_file=path)``.
   ``more_context``).
 * :func:`build` = ``generate_input_output(index, num_docs)`` (l.125-150): the gold documents,
   then the article's other paragraphs, then random other documents up to ``num_docs``; from
-  ``num_docs`` = the number of documents on, all of them repeated and cut to ``num_docs``, as RULER
-  does since its commit b6cde3e; shuffled by a fresh ``random.Random(seed)``; ``"Document {i}:\\n{document}"`` joined by
-  ``"\\n\\n"``. Sample ``i`` asks question ``i`` (RULER: ``index + pre_samples``), in file order.
+  ``num_docs`` = the number of documents on, all of them repeated and cut to ``num_docs``, as
+  RULER does since its commit b6cde3e; shuffled by a fresh ``random.Random(seed)``;
+  ``"Document {i}:\\n{document}"`` joined by ``"\\n\\n"``. Sample ``i`` asks question ``i`` (RULER:
+  ``index + pre_samples``), in file order.
 """
 
 from __future__ import annotations
