@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list model presets, methods, backends and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
-    cache_p.add_argument("keys", nargs="*", help="with rm: keys (or key prefixes) to remove; --all for everything")
-    cache_p.add_argument("--all", action="store_true")
+    cache_p.add_argument("keys", nargs="*", help="keys (or key prefixes): with ls, the entries to list (default all); "
+                                                 "with rm, those to remove")
+    cache_p.add_argument("--all", action="store_true", help="with rm: remove every entry")
     bench = sub.add_parser("bench", help="micro-benchmarks")
     bench.add_argument("what", choices=["attention"])
     bench.add_argument("--backends", type=arg.backend_names, default="full,sliding_window,s2_attn,se_attn",
@@ -131,6 +132,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "run":
         from harness.runner import run_suite
 
+        if args.status and args.dry_run:
+            raise UserError("run: --status lists the jobs and their latest attempts, --dry-run the cells and what is "
+                            "done; give one of them")
         outcome = run_suite(args.suite, args.out, pg19=args.pg19, dry_run=args.dry_run, only=args.only,
                             retry_failed=args.retry_failed, run=_run_overrides(args), status=args.status)
         if outcome:
@@ -243,12 +247,24 @@ def _cache(args: argparse.Namespace) -> None:
 
     from harness import cache
 
-    entries = cache.entries()
+    if args.all and args.action == "ls":
+        raise UserError("cache ls: --all is for `cache rm`; `cache ls` lists every entry, `cache ls KEY` the "
+                        "entries of that key (or prefix)")
+    if args.all and args.keys:
+        raise UserError("cache rm: name keys (or prefixes) to remove, or pass --all for every entry, not both")
+    if any(not k.strip() for k in args.keys):
+        raise UserError(f"cache {args.action}: an empty key would match every entry; name keys (or prefixes)"
+                        + (", or pass --all" if args.action == "rm" else ""))
+
+    def chosen(entries: list[dict]) -> list[dict]:
+        return [e for e in entries if not args.keys or any(e["key"].startswith(k) for k in args.keys)]
+
+    entries = chosen(cache.entries())
     if args.action == "ls":
         print(f"cache: {cache.cache_root()}")
         for e in entries:
             print(f"  {e['kind']:<11} {e['key']}  {e['size_mib']:8.1f} MiB  {e['created']}  {e['what']}")
-        for u in cache.unfinished():
+        for u in chosen(cache.unfinished()):
             state = {True: "building", False: "killed; the next build of this key here removes it",
                      None: "on another host: remove it by hand if that build is not running"}[u["alive"]]
             print(f"  {u['kind']:<11} {u['key']}  {u['size_mib']:8.1f} MiB  unfinished build (pid {u['pid']} on "
@@ -256,12 +272,9 @@ def _cache(args: argparse.Namespace) -> None:
         return
     if not args.all and not args.keys:
         raise UserError("cache rm: name keys (or prefixes) to remove, or --all")
-    if any(not k.strip() for k in args.keys):
-        raise UserError("cache rm: an empty key would match every entry; name keys (or prefixes), or pass --all")
-    chosen = entries if args.all else [e for e in entries if any(e["key"].startswith(k) for k in args.keys)]
-    if not chosen:
+    if not entries:
         raise UserError(f"cache rm: no entry matches {' '.join(args.keys)}; see `harness cache ls`")
-    for e in chosen:
+    for e in entries:
         shutil.rmtree(e["path"])
         print(f"removed {e['kind']}/{e['key']}")
 

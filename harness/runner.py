@@ -32,7 +32,7 @@ from harness.errors import UserError
 from harness.executors import ACTIVE, REFUSED, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, evaluates, plan, to_measure
-from harness.suite import Suite, load_suite
+from harness.suite import Slurm, Suite, load_suite
 
 if TYPE_CHECKING:
     from harness.data.sources import Documents
@@ -65,6 +65,7 @@ def prepare(suite_path: str | Path, pg19: str | None = None, run: dict | None = 
     """Load and plan a suite, finding the data and checkpoints it needs and checking what would fail every cell
     alike; an error names the suite file. In a dry run, what is missing is said and noted instead of raised."""
     suite = load_suite(suite_path, run)
+    _used_by_executor(suite, run or {})
     for warning in suite.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     missing: list[str] | None = [] if dry_run else None  # what a dry run did not find (a run raises)
@@ -84,6 +85,16 @@ def prepare(suite_path: str | Path, pg19: str | None = None, run: dict | None = 
     except UserError as e:
         raise e if str(e).startswith(str(suite_path)) else UserError(f"{suite_path}: {e}") from None
     return Prepared(suite, jobs, corpus, train, missing)
+
+
+def _used_by_executor(suite: Suite, run: dict) -> None:
+    """Slurm settings given on the command line that this run's executor ignores are an error, not silence
+    (submitit-local takes only time_min; local none)."""
+    executor = suite.run.executor
+    takes = {"slurm": set(Slurm.model_fields), "submitit-local": {"time_min"}}.get(executor, set())
+    if ignored := ["--" + k.replace("_", "-") for k in run.get("slurm", {}) if k not in takes]:
+        raise UserError(f"{', '.join(ignored)}: Slurm settings, but this run's executor is {executor} (the suite's "
+                        "run.executor, or --executor): add --executor slurm, or drop them")
 
 
 def run_suite(suite_path: str | Path, out: Path | None = None, pg19: str | None = None, dry_run: bool = False,

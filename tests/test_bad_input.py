@@ -288,6 +288,10 @@ ARGUMENTS = [
     (["cache", "rm", ""], r"cache rm: an empty key would match every entry"),
     (["cache", "rm"], r"cache rm: name keys \(or prefixes\) to remove, or --all"),
     (["cache", "rm", "feedbeef"], r"cache rm: no entry matches feedbeef; see `harness cache ls`"),
+    (["cache", "rm", "feedbeef", "--all"], r"cache rm: name keys \(or prefixes\) to remove, or pass --all for every "),
+    (["cache", "ls", "--all"], r"cache ls: --all is for `cache rm`; `cache ls` lists every entry"),
+    (["cache", "ls", " "], r"cache ls: an empty key would match every entry; name keys \(or prefixes\)$"),
+    (["run", "s.yaml", "--status", "--dry-run"], r"run: --status lists the jobs .*, --dry-run the cells .*; give one"),
     (["report", "no_results_here"], r"no_results_here/results\.jsonl: no results file here; run a suite first"),
     (["compare", "no_base", "no_head"], r"no_base/results\.jsonl: no results file here"),
 ]
@@ -298,6 +302,18 @@ def test_bad_argument(capsys, argv, message):
     code, out = cli(capsys, *argv)
     assert code == 2 and "Traceback" not in out, out
     assert re.search(message, out), out
+
+
+def test_slurm_flags_the_executor_would_ignore_are_refused(tmp_path, capsys):
+    suite = suite_file(tmp_path, "name: x\nbackends: [full]\nmetrics: {efficiency: {lengths: [64]}}\n")
+    code, out = cli(capsys, "run", suite, "--dry-run", "--partition", "gpu", "--time-min", "5")
+    assert code == 2 and "--partition, --time-min: Slurm settings, but this run's executor is local" in out, out
+    code, out = cli(capsys, "run", suite, "--dry-run", "--executor", "submitit-local", "--account", "lab",
+                    "--time-min", "5")
+    assert code == 2 and out.startswith("error: --account: Slurm settings, but this run's executor is submitit-lo")
+    for given in (["submitit-local", "--time-min", "5"], ["slurm", "--partition", "gpu", "--time-min", "5"]):
+        code, out = cli(capsys, "run", suite, "--dry-run", "--executor", *given)
+        assert code == 0 and "attention/full" in out, out
 
 
 @pytest.mark.parametrize("command", ["run s.yaml", "report results"])
@@ -459,6 +475,15 @@ def test_an_overwritten_or_missing_artefact_file_is_detected(capsys):
     path = built("pretrained", "k3")
     (path / "model.safetensors").unlink()
     assert cache.lookup("pretrained", "k3") is None and "model.safetensors is missing" in capsys.readouterr().err
+
+
+def test_cache_ls_lists_the_entries_of_the_keys_given(capsys):
+    for key in ("ab1", "ab2", "cd3"):
+        built("adapter", key)
+    code, out = cli(capsys, "cache", "ls", "ab", "cd3")
+    assert code == 0 and all(f" {k} " in out for k in ("ab1", "ab2", "cd3"))
+    code, out = cli(capsys, "cache", "ls", "ab2")
+    assert code == 0 and " ab2 " in out and " ab1 " not in out and " cd3 " not in out
 
 
 def test_a_corrupt_meta_json_is_listed_and_removable(capsys):
