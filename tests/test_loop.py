@@ -4,6 +4,7 @@ import gc
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -306,3 +307,12 @@ def test_the_model_trains_in_training_mode_and_ends_in_eval_mode():
 
     train(model, recording, TrainConfig(steps=2, context=16, batch_size=2))
     assert modes == [True, True] and not model.training
+
+
+def test_cpu_peak_memory_reads_getrusage_in_its_platforms_unit(monkeypatch):
+    from harness.finetune import loop
+
+    monkeypatch.setattr(loop.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**20))
+    for platform, gib in (("linux", 3.0), ("darwin", 3 / 2**10)):  # KiB on Linux, bytes on macOS
+        monkeypatch.setattr(loop.sys, "platform", platform)
+        assert loop.peak_memory_gib(torch.device("cpu")) == (gib, "process peak RSS")

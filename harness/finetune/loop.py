@@ -255,10 +255,12 @@ def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: the CUDA allocator's peak, or on CPU the process's peak RSS."""
+    """Peak memory so far: the CUDA allocator's peak, or on CPU the process's peak RSS (which getrusage gives in
+    KiB on Linux, in bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda allocator peak"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+    per_gib = 2**30 if sys.platform == "darwin" else 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib, "process peak RSS"
 
 
 # Trainable weights and optimizer state by parameter name, gathered whole on rank 0 (DDP, FSDP2 or one process).
