@@ -491,8 +491,8 @@ def _key_lines(text: str) -> dict[tuple, int]:
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                out[(*path, str(k.value))] = k.start_mark.line + 1
-                walk(v, (*path, str(k.value)))
+                out[(*path, _key_name(k))] = k.start_mark.line + 1
+                walk(v, (*path, _key_name(k)))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 out[(*path, str(i))] = item.start_mark.line + 1
@@ -503,6 +503,14 @@ def _key_lines(text: str) -> dict[tuple, int]:
     except yaml.YAMLError:
         pass
     return out
+
+
+def _key_name(key: yaml.Node) -> str:
+    """A mapping key as pydantic's error locations write it: the loaded value's text (`null` is None, `yes` 1)."""
+    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:str":
+        return str(key.value)
+    value = yaml.safe_load(key.value)
+    return str(int(value) if isinstance(value, bool) else value)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

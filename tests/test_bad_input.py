@@ -75,6 +75,8 @@ SUITES = [
     ("bad backend option", "name: x\nbackends: [{se_attn: {chunk_size: 64, block_size: 0}}]\n",
      r"block_size=0 is invalid; allowed: int >= 1"),
     ("unknown backend option", "name: x\nbackends: [{se_attn: {chunk: 64}}]\n", r"has no option 'chunk'.*chunk_size"),
+    ("top-level key not a string", "name: x\n~: 3\nyes: 1\n",
+     r"line 2: None: Keys should be strings .*; line 3: 1: Keys should be strings \(got True\)"),
     ("backend name not a string", "name: x\nbackends: [{1: {}}, {null: {}}]\n",
      r"line 2: backends\.0: a backend is a name or a one-key mapping"),
     ("grid not a mapping", "name: x\nbackends: [{se_attn: {grid: [1, 2]}}]\n", r"grid: a mapping of option"),
