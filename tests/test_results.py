@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -121,3 +122,38 @@ def test_a_cells_record_says_what_the_cell_says_of_itself():
     rec = results.cell_record("s", timed)
     assert (rec.backend, rec.stage, rec.model, rec.variant, rec.settings) == (
         "sliding_window(window=32)", "", {}, None, {"eval_attention": "full", "hardware": "cpu"})
+
+
+def test_schema_1_migration_marks_only_what_was_evaluated_with_the_fine_tuning_attention(tmp_path):
+    """A fine-tune evaluated with full attention keeps its id; a runner-written efficiency failure (backend left at
+    the default) gets the backend its id names."""
+    full = {"schema": 1, "suite": "s", "cell": f"tiny/seed0/lora/{SE}/ppl@512", "metric": "perplexity",
+            "stage": "finetuned", "model": {"preset": "tiny"}, "method": "lora", "backend": SE,
+            "finetune_context": 2048, "settings": {"eval_attention": "full"}}
+    eff = {"schema": 1, "suite": "s", "cell": "attention/sliding_window(window=32)/efficiency@64",
+           "metric": "efficiency", "status": "error", "settings": {}}
+    (tmp_path / results.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in (full, eff)))
+    a, b = results.load(tmp_path)
+    assert a.cell == full["cell"] and b.backend == "sliding_window(window=32)"
+
+
+def test_a_record_missing_a_field_is_a_clear_error(tmp_path):
+    (tmp_path / results.RESULTS_FILE).write_text(json.dumps({"schema": 2, "cell": "c", "metric": "m"}) + "\n")
+    with pytest.raises(UserError, match=r"line 1: .*suite.*written by another version"):
+        results.load(tmp_path)
+
+
+def test_the_lock_file_names_only_its_holder(tmp_path):
+    (tmp_path / results.LOCK_FILE).write_text("pid 1, started long ago by a run that is gone")
+    with results.exclusive(tmp_path):
+        held = (tmp_path / results.LOCK_FILE).read_text()
+    assert held.startswith(f"pid {os.getpid()}, started ") and "gone" not in held
+
+
+def test_a_ruler_cells_record_holds_its_task():
+    from harness.cells import Cell, Variant
+
+    cell = {**Cell("ruler", Variant("tiny-hybrid", 0), 64, task="vt").as_dict(), "hash": "h"}
+    rec = results.cell_record("s", cell, status="oom")
+    assert (rec.settings, rec.stage, rec.method, rec.backend) == ({"eval_attention": "full", "task": "vt"},
+                                                                  "pretrained", "none", "full")
