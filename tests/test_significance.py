@@ -96,3 +96,14 @@ def test_paired_samples_pairs_by_sample_id_not_by_position():
 def test_mean_sd_is_the_mean_and_the_sample_sd():
     # [1, 2, 6]: mean 3 (the median is 2), squared deviations 4 + 1 + 9 = 14, sd = sqrt(14 / 2)
     assert mean_sd([1.0, 2.0, 6.0]) == (3.0, pytest.approx(math.sqrt(7)))
+
+
+def test_one_sample_gives_no_interval():
+    r = paired_samples({"s": 0.0}, {"s": 1.0})
+    assert (r.n, r.estimate, r.p) == (1, 1.0, 1.0) and (r.low, r.high) == (-math.inf, math.inf)
+
+
+def test_paired_t_on_equal_differences():
+    # every seed the same difference: no spread, the mean is certain; no difference at all: nothing to see
+    assert paired_t([0.5, 0.5, 0.5]).sign == 1 and paired_t([0.5, 0.5]).low == 0.5
+    assert paired_t([0.0, 0.0]).p == 1.0
