@@ -302,3 +302,20 @@ def test_local_tasks_fingerprint_follows_a_data_dir(tmp_path):
     before = local_tasks_fingerprint(str(tasks))
     (data / "test.jsonl").write_text('{"a": 1}\n')
     assert local_tasks_fingerprint(str(tasks)) != before
+
+
+def _lm_eval_record(seed, values, status="ok", task="t", higher=None):
+    from harness import results
+
+    return results.Record(suite="s", metric="lm_eval", status=status, stage="finetuned", method="lora",
+                          variant={"seed": seed}, cell=f"m/seed{seed}/lora/lm_eval/{task}", model={"preset": "m"},
+                          values=values, settings={"task": task, "num_fewshot": 0, "higher_is_better": higher or {}})
+
+
+def test_a_seed_that_failed_marks_the_value_and_a_filtered_metric_has_its_arrow():
+    records = [_lm_eval_record(0, {"exact_match/strict-match": 0.5, "samples": 6}, higher={"exact_match": True}),
+               _lm_eval_record(1, {}, status="oom")]
+    (tbl,) = [b for b in lm_eval_section(records)["blocks"] if b["type"] == "table"]
+    (row,) = tbl["rows"]
+    assert row[1]["text"] == "exact_match/strict-match \u2191"
+    assert row[2]["text"] == "0.500" and row[2]["note"] == "1 of 2 seeds (1 OOM)" and "partial" in row[2]["cls"]
