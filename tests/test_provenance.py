@@ -108,3 +108,10 @@ def test_every_module_that_builds_an_artefact_is_in_its_key(tmp_path, monkeypatc
         before = provenance.artefact_fingerprint(modules)
         a.write_text(a.read_text() + b.read_text()), b.write_text("")  # the same code, in another file
         assert provenance.artefact_fingerprint(modules) != before
+
+
+def test_code_takes_the_commit_from_git(monkeypatch):
+    from harness import results
+
+    monkeypatch.setattr(results, "git_revision", lambda: "abc1234")
+    assert provenance.code("perplexity")["git"] == "abc1234"
