@@ -147,3 +147,11 @@ def test_ruler_means_are_over_the_samples_both_variants_scored():
             _ruler("hylora", "s2_attn", 0, 20, task="vt")]
     row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
     assert row[4]["text"] == "15.0 → 75.0" and row[4]["note"] == "20 samples"
+
+
+def test_a_length_where_the_variants_share_no_seed_is_not_measured():
+    # each side's other seed failed: perplexity at 2F on both sides, but no seed in common to pair
+    recs = [_record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 20.0}),
+            _record("perplexity", "hylora", "s2_attn", 4096, 1, {"perplexity": 40.0})]
+    row = _rows(recs)[("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[-1]["text"] == "not measured"

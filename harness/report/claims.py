@@ -116,7 +116,7 @@ class _Data:
         if claim.metric == "ruler":
             ra, rb = self.ruler[a], self.ruler[b]
             return sorted(n for n in set(ra) & set(rb) if set(ra[n]) & set(rb[n]))  # lengths with shared samples
-        return sorted({n for n, _ in self.ppl[a]} & {n for n, _ in self.ppl[b]})
+        return sorted({n for n, s in self.ppl[a] if (n, s) in self.ppl[b]})  # lengths with a seed in common
 
     def judge(self, claim: Claim, a: VariantKey, b: VariantKey, n: int):
         """(mean of a, mean of b, b - a as a Difference) at length n, over what both measured."""
