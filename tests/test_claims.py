@@ -155,3 +155,13 @@ def test_a_length_where_the_variants_share_no_seed_is_not_measured():
             _record("perplexity", "hylora", "s2_attn", 4096, 1, {"perplexity": 40.0})]
     row = _rows(recs)[("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
     assert row[-1]["text"] == "not measured"
+
+
+def test_a_sign_test_that_goes_against_the_mean_is_inconclusive():
+    # partial scores: SE gains 0.1 on ten samples and loses 0.9 on two; McNemar's sign test favours SE (10 of 12,
+    # p = 0.039), the mean difference goes against it (-6.7 pts): neither way is reproduced
+    scores = {"hylora": [0.1] * 12, "s2": [0.0] * 10 + [1.0] * 2}
+    recs = [_record("ruler", "hylora", b, 2048, 0, {"per_sample": dict(enumerate(scores[k]))}, "niah_multikey_1")
+            for k, b in (("hylora", SE), ("s2", "s2_attn"))]
+    row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[5]["text"].startswith("-6.7 pts") and row[6]["text"] == "0.039" and row[-1]["text"] == "inconclusive"

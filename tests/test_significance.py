@@ -98,6 +98,18 @@ def test_mean_sd_is_the_mean_and_the_sample_sd():
     assert mean_sd([1.0, 2.0, 6.0]) == (3.0, pytest.approx(math.sqrt(7)))
 
 
+def test_a_sign_test_against_the_mean_marks_no_direction():
+    # partial scores: b gains 0.1 on ten samples and loses 0.9 on two; the sign test favours b (10 of 12,
+    # p = 0.039), the mean goes against it (-0.067): no direction is significant
+    a = {f"s{i}": 0.0 for i in range(10)} | {"x": 1.0, "y": 1.0}
+    b = {s: 0.1 for s in a}
+    r = paired_samples(a, b)
+    assert r.p == pytest.approx(mcnemar_exact(2, 10)) and r.p < 0.05 and r.estimate < 0
+    assert not r.significant and r.sign == 0
+    # where they agree, as 0/1 scores always do, the mark stands
+    assert paired_samples({s: 0.0 for s in a}, b).sign == 1
+
+
 def test_one_sample_gives_no_interval():
     r = paired_samples({"s": 0.0}, {"s": 1.0})
     assert (r.n, r.estimate, r.p) == (1, 1.0, 1.0) and (r.low, r.high) == (-math.inf, math.inf)
@@ -107,3 +119,4 @@ def test_paired_t_on_equal_differences():
     # every seed the same difference: no spread, the mean is certain; no difference at all: nothing to see
     assert paired_t([0.5, 0.5, 0.5]).sign == 1 and paired_t([0.5, 0.5]).low == 0.5
     assert paired_t([0.0, 0.0]).p == 1.0
+

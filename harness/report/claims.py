@@ -19,7 +19,7 @@ grid), each pair of labels is a row.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from harness.report import paper_numbers, significance
 from harness.report.common import (
@@ -125,7 +125,7 @@ class _Data:
             shared = set(pa) & set(pb)
             d = significance.paired_samples(pa, pb)
             return (100 * sum(pa[s] for s in shared) / len(shared), 100 * sum(pb[s] for s in shared) / len(shared),
-                    d and significance.Difference(100 * d.estimate, 100 * d.low, 100 * d.high, d.p, d.n))
+                    d and replace(d, estimate=100 * d.estimate, low=100 * d.low, high=100 * d.high))
         seeds = sorted({s for m, s in self.ppl[a] if m == n} & {s for m, s in self.ppl[b] if m == n})
         va, vb = [self.ppl[a][(n, s)] for s in seeds], [self.ppl[b][(n, s)] for s in seeds]
         return (sum(va) / len(va), sum(vb) / len(vb), significance.paired_t([y - x for x, y in zip(va, vb,
@@ -158,7 +158,8 @@ def claims_blocks(records: list[Record], pg19: bool = False) -> list[Block]:
         "over, not the numbers. RULER: all samples both variants scored at the length (the suite's tasks, pooled "
         "over seeds), McNemar's exact test; "
         "perplexity: paired by seed, Student's t. Reproduced: the difference goes the claimed way with p < 0.05; "
-        "not reproduced: significant the other way; inconclusive: p ≥ 0.05. The verdict follows p: for RULER the "
+        "not reproduced: significant the other way; inconclusive: otherwise (p ≥ 0.05, or a sign test on partial "
+        "scores that favours the side the mean does not). The verdict follows p: for RULER the "
         "interval is the normal approximation, which can exclude zero where the exact test, with few discordant "
         "samples, does not reach p < 0.05."),
         table(["claim", "A → B", "at", "paper A → B", "ours A → B", "B − A [95% CI]", "p", "verdict"], rows,

@@ -4,7 +4,8 @@
   be a fraction (string_match_all over several references); the scores' sum counts as the successes.
 * Two variants on the same RULER samples (same task, length and seed: the prompts are identical): the mean
   per-sample difference with a normal 95% interval, and a two-sided sign test on the samples where they differ
-  (McNemar's exact test when the scores are 0/1, as `harness compare` uses).
+  (McNemar's exact test when the scores are 0/1, as `harness compare` uses). With partial scores the sign test
+  can favour the variant whose mean is lower: such a difference is significant neither way.
 * Perplexity: mean ± sd over seeds; two variants are paired by seed (the evaluation tokens are the same), with
   Student's t interval and test of the mean difference (no interval from one seed).
 
@@ -56,17 +57,19 @@ def fisher_exact(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
 
 @dataclass(frozen=True)
 class Difference:
-    """b - a: the estimate, its 95% interval, the two-sided p, and how many pairs it rests on."""
+    """b - a: the estimate, its 95% interval, the two-sided p, how many pairs it rests on, and whether the test
+    favours the side the estimate does not (a sign test on partial scores)."""
 
     estimate: float
     low: float
     high: float
     p: float
     n: int
+    against: bool = False
 
     @property
     def significant(self) -> bool:
-        return self.p < ALPHA
+        return self.p < ALPHA and not self.against
 
     @property
     def sign(self) -> int:
@@ -82,8 +85,9 @@ def paired_samples(a: Mapping[str, float], b: Mapping[str, float]) -> Difference
     d = [float(b[s]) - float(a[s]) for s in shared]
     n, mean = len(d), statistics.fmean(d)
     half = Z95 * (statistics.stdev(d) / math.sqrt(n) if n > 1 else math.inf)
-    p = mcnemar_exact(sum(x < 0 for x in d), sum(x > 0 for x in d))
-    return Difference(mean, mean - half, mean + half, p, n)
+    lost, won = sum(x < 0 for x in d), sum(x > 0 for x in d)
+    against = (won > lost) - (won < lost) != (mean > 0) - (mean < 0)
+    return Difference(mean, mean - half, mean + half, mcnemar_exact(lost, won), n, against)
 
 
 def paired_t(diffs: Sequence[float]) -> Difference | None:
