@@ -304,12 +304,23 @@ def test_local_tasks_fingerprint_follows_a_data_dir(tmp_path):
     assert local_tasks_fingerprint(str(tasks)) != before
 
 
+def _report_rows(records) -> list[tuple[str, ...]]:
+    (tbl,) = [b for b in lm_eval_section(records)["blocks"] if b["type"] == "table"]
+    return [tuple(c["text"] for c in row) for row in tbl["rows"]]
+
+
 def _lm_eval_record(seed, values, status="ok", task="t", higher=None):
     from harness import results
 
     return results.Record(suite="s", metric="lm_eval", status=status, stage="finetuned", method="lora",
                           variant={"seed": seed}, cell=f"m/seed{seed}/lora/lm_eval/{task}", model={"preset": "m"},
                           values=values, settings={"task": task, "num_fewshot": 0, "higher_is_better": higher or {}})
+
+
+def test_a_metric_only_one_seed_has_shows_that_seeds_stderr():
+    rows = _report_rows([_lm_eval_record(0, {"acc": 0.5, "f1_stderr": 0.3, "samples": 6}),
+                         _lm_eval_record(1, {"acc": 0.75, "f1": 0.9, "f1_stderr": 0.05, "samples": 6})])
+    assert rows[1][1:] == ("f1", "0.900 \u00b1 0.050")
 
 
 def test_a_seed_that_failed_marks_the_value_and_a_filtered_metric_has_its_arrow():

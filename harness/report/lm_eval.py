@@ -79,12 +79,13 @@ def lm_eval_section(records: list[Record]) -> Section | None:
 
 
 def _value(found: list[dict], metric: str, fails: list[Record]) -> dict:
-    vals = [v[metric] for v in found if number(v.get(metric))]
+    having = [v for v in found if number(v.get(metric))]
+    vals = [v[metric] for v in having]
     if not vals:
         return fail_cell(fails[0]) if fails else cell("\u2013", cls="missing")
     if len(vals) > 1:
         shown = cell(fmt_float(sum(vals) / len(vals), 3), title=f"mean of {len(vals)} records")
     else:
-        se = found[0].get(f"{metric}_stderr")
+        se = having[0].get(f"{metric}_stderr")
         shown = cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))
     return partial(shown, shortfall(len(found), fails), fails)
