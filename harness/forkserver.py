@@ -50,7 +50,8 @@ class ForkServer:
             _send(self._requests, {"spec": spec_file, "env": env})
             while True:
                 reply = self._next(timeout=None)
-                if "pid" in reply:
+                if "pid" in reply:  # a pid is reused: an earlier child's exit with it is not this one's
+                    self._exits.pop(reply["pid"], None)
                     return reply["pid"]
 
     def stale(self) -> bool:

@@ -78,3 +78,19 @@ def test_a_killed_child_exits_with_the_signal_and_a_dead_server_is_an_error(serv
 def test_the_server_ends_when_the_runner_closes_its_end(server):
     server.close()
     assert server._proc.returncode == 0
+
+
+def test_an_exit_notice_of_an_earlier_child_never_stands_for_a_new_one_with_its_pid():
+    """Pids are reused: the notice of a child that ended must not end a later child that got its pid."""
+    server = forkserver.ForkServer.__new__(forkserver.ForkServer)  # the runner's side alone, fed by a pipe
+    requests, server._requests = os.pipe()
+    server._replies, replies = os.pipe()
+    server._lock, server._exits, server._lines = forkserver.threading.Lock(), {}, forkserver._Lines(server._replies)
+    try:
+        for message in ({"pid": 7}, {"exit": 7, "code": 0}, {"pid": 7}):
+            forkserver._send(replies, message)
+        assert server.start("a", {}) == 7 and server.exit_code(7) == 0
+        assert server.start("b", {}) == 7 and server.exit_code(7) is None
+    finally:
+        for fd in (requests, server._requests, server._replies, replies):
+            os.close(fd)
