@@ -124,12 +124,14 @@ def environment() -> dict[str, Any]:
 
 
 def git_revision() -> str | None:
+    """The checkout's commit, with "-dirty" where harness's tracked sources differ from it; None outside one."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
-        )
-        return out.stdout.strip() or None
+        sha = git("rev-parse", "--short", "HEAD").stdout.strip()
+        return sha + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode == 1 else "") if sha else None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -157,3 +157,29 @@ def test_a_ruler_cells_record_holds_its_task():
     rec = results.cell_record("s", cell, status="oom")
     assert (rec.settings, rec.stage, rec.method, rec.backend) == ({"eval_attention": "full", "task": "vt"},
                                                                   "pretrained", "none", "full")
+
+
+def test_the_git_commit_is_marked_dirty_where_harness_differs_from_it(tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "harness").mkdir(parents=True)
+    (repo / "harness" / "m.py").write_text("x = 1\n")
+    (repo / "README").write_text("r\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    sha = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(results, "__file__", str(repo / "harness" / "results.py"))
+    assert results.git_revision() == sha
+    (repo / "README").write_text("edited\n")  # outside harness: the code is still the commit's
+    assert results.git_revision() == sha
+    (repo / "harness" / "m.py").write_text("x = 2\n")
+    assert results.git_revision() == f"{sha}-dirty"
+    monkeypatch.setattr(results, "__file__", str(tmp_path / "results.py"))  # outside a checkout
+    assert results.git_revision() is None
