@@ -670,6 +670,20 @@ def test_comparison_plot_tells_apart_more_variants_than_colours(monkeypatch):
     assert len(drawn) == 24 and len(set(looks)) == 24 and len({lk[:2] for lk in looks}) == 12
 
 
+def test_comparison_names_each_runs_line_style_as_drawn(monkeypatch):
+    """A run with no records (an empty results directory) shifted the names: the text said "c: dashed" over c's
+    dotted lines (a run's line style is that of its position among the runs given)."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(runs.plots, "perplexity_vs_context", lambda series, *a, **k: drawn.extend(series) or "")
+    recs = [dict(asdict(ppl_record("pretrained", "none", 2048, 30.0)), run=run) for run in ("a", "c")]
+    sec = runs.comparison_section(normalise(recs, ["a", "b", "c"])[0])
+    assert sec["blocks"][0]["text"].endswith("(a: solid, c: dotted).")
+    assert [s.linestyle for s in drawn] == ["-", ":"]
+
+
 def test_comparison_of_runs_counts_a_nan_as_failed_and_says_what_a_ruler_ring_means(monkeypatch):
     """A NaN perplexity was a failed point in the plot but "+nan (+nan%), worse" in the table; a RULER point that
     misses a task was captioned as missing seeds."""

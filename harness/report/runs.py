@@ -47,7 +47,7 @@ def comparison_section(records: list[Record]) -> Section | None:
     blocks: list[Block] = [paragraph(
         f"{len(names)} runs: " + ", ".join(names) + f". Differences are to the base run, {names[0]}. In the plots "
         "the colour (with the marker, past ten variants) is the variant and the line style the run (" + ", ".join(
-            f"{n}: {_style_name(plots.LINESTYLES[i % len(plots.LINESTYLES)])}" for i, n in enumerate(names)) + ").")]
+            f"{n}: {_style_name(plots.LINESTYLES[i % len(plots.LINESTYLES)])}" for i, n in runs) + ").")]
     th = Thresholds()
     show_model = len({m for r in records if (m := model_name(r))}) > 1  # efficiency records name none
     for metric, title in (("perplexity", "Perplexity"), ("ruler", "RULER")):
