@@ -549,6 +549,25 @@ def test_efficiency_section_cpu_and_cuda():
     assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]["note"] == "1.50 GiB"
 
 
+def test_efficiency_memory_of_a_cpu_and_of_some_lengths_only(monkeypatch):
+    """A CPU's peak memory (counted since the profiler's allocations) was captioned as the CUDA allocator's; a
+    length without a peak (a record from before) is left out of the memory plot; the kernel column names what ran
+    at every length."""
+    from harness.report import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "line_vs_length", lambda series, **kw: drawn.append(series) or "")
+    recs = [eff_record("full", 1024, 2.0, mem=0.5), dict(eff_record("full", 2048, 8.0), kernel="full via math")]
+    sec, _ = _section(recs, "efficiency")
+    assert [(s.x, s.y) for s in drawn[1]] == [([1024], [0.5])]
+    caption = next(b for b in sec["blocks"] if b.get("alt") == "attention peak memory vs length")["caption"]
+    assert "on a CPU, the inputs plus the most the pass held" in caption
+    assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][-1]["text"] == (
+        "full via math; full via sdpa")
+    sec, _ = _section([eff_record("full", 1024, 2.0)], "efficiency")
+    assert "made before the CPU's peak was counted" in sec["blocks"][2]["text"]
+
+
 def test_efficiency_section_sets_the_speedup_over_full_beside_its_limit():
     recs = [eff_record("full", 1024, 4.0, ideal=1.0), eff_record("full", 2048, 16.0, ideal=1.0),
             eff_record("se_attn", 1024, 2.0, ideal=4.0), eff_record("se_attn", 2048, 4.0, ideal=5.0),

@@ -74,9 +74,11 @@ def efficiency_section(records: list[Record]) -> Section | None:
     if has_memory:
         blocks.append({"type": "figure", "alt": "attention peak memory vs length",
                        "src": plots.line_vs_length(series("peak_memory_gib"), ylabel="peak memory (GiB, log scale)"),
-                       "caption": "CUDA allocator peak during one forward+backward."})
+                       "caption": "Peak memory of one forward+backward: the CUDA allocator's peak on a GPU; on a CPU, "
+                                  "the inputs plus the most the pass held at once (from the profiler's allocations)."})
     else:
-        blocks.append(paragraph("No peak-memory values: memory is measured on CUDA only."))
+        blocks.append(paragraph("No peak-memory values: none measured (CPU records made before the CPU's peak was "
+                                "counted have none)."))
 
     def show(k: tuple, n: int) -> dict:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
