@@ -546,7 +546,11 @@ def test_efficiency_section_cpu_and_cuda():
     sec, _ = _section(cuda, "efficiency")
     assert "NVIDIA H100 (CUDA 12.4)" in sec["blocks"][0]["text"]
     assert sum(b["type"] == "figure" for b in sec["blocks"]) == 2
-    assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]["note"] == "1.50 GiB"
+    assert next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]["note"] == "1.5 GiB"
+    # a CPU's peaks at 2K (the README's efficiency-limit run: 11.0 and 13.3 MiB) were both "0.01 GiB"
+    cpu = [eff_record("full", 2048, 2.5, mem=11.0 / 1024), eff_record("sliding_window", 2048, 3.0, mem=13.3 / 1024)]
+    rows = next(b for b in _section(cpu, "efficiency")[0]["blocks"] if b["type"] == "table")["rows"]
+    assert [r[1]["note"] for r in rows] == ["0.0107 GiB", "0.013 GiB"]
 
 
 def test_efficiency_memory_of_a_cpu_and_of_some_lengths_only(monkeypatch):

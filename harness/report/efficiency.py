@@ -84,7 +84,7 @@ def efficiency_section(records: list[Record]) -> Section | None:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
         times = [x for r in pv.records(k, n) for x in (r.values.get("times_ms") or [])]
         spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
-        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{m:.2f} GiB" if m is not None else "")
+        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{m:.3g} GiB" if m is not None else "")
 
     def kernels(k: tuple) -> dict:
         ran = sorted({r.kernel for n in pv.measured(k) for r in pv.records(k, n) if r.kernel})
