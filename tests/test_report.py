@@ -763,6 +763,19 @@ def test_parent_written_failures_get_their_variant_and_no_env_is_fine():
     assert len(env["blocks"][0]["rows"]) == 8  # one environment: key/value rows, no "None" row
 
 
+def test_environments_are_listed_by_run_in_run_order_then_most_records_first():
+    """Runs were listed by name, so a base named "z-base" came after the run compared with it."""
+    newer = dict(ENV, torch="2.14.0")
+    recs = [dict(asdict(ppl_record("pretrained", "none", c, 30.0)), run="z-base") for c in (2048, 4096)]
+    recs += [dict(asdict(ppl_record("pretrained", "none", c, 30.0)), run="a-head", env=env)
+             for c, env in ((2048, ENV), (4096, newer), (8192, newer))]
+    sec, _ = _section(recs, "environment", runs=["z-base", "a-head"])
+    tbl = sec["blocks"][0]
+    assert tbl["columns"][:3] == ["run", "python", "torch"] and tbl["columns"][-1] == "records"
+    assert [(r[0]["text"], r[2]["text"], r[-1]["text"]) for r in tbl["rows"]] == [
+        ("z-base", "2.13.0+cpu", "2"), ("a-head", "2.14.0", "2"), ("a-head", "2.13.0+cpu", "1")]
+
+
 def test_models_with_different_tokenizers_compare_in_bits_per_byte():
     from dataclasses import replace
 

@@ -261,8 +261,9 @@ def environment_section(records: list[Record]) -> Section | None:
             rows = [[cell(k, cls="label"), cell(env.get(k), cls="mono")] for k in keys]
             blocks.append(table(["", "value"], rows, numeric_from=99))
         else:
+            order = {r.run: r.run_index for r in records}  # runs in their order, the base first
             rows = [[cell(dict(e).get(k) if dict(e).get(k) is not None else "–", cls="mono") for k in keys]
-                    + [cell(n)] for e, n in sorted(envs.items(), key=lambda kv: (str(dict(kv[0]).get("run")),
+                    + [cell(n)] for e, n in sorted(envs.items(), key=lambda kv: (order.get(dict(kv[0]).get("run"), 0),
                                                                                 -kv[1]))]
             blocks.append(table(keys + ["records"], rows, numeric_from=len(keys)))
     if missing:
