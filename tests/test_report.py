@@ -508,6 +508,15 @@ def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean(
     assert training._mean_curve([[[1, 4.0], [2, 3.0]], [[1, 5.0], [2, 4.0], [3, 1.0]]]) == [(1, 4.5), (2, 3.5)]
 
 
+def test_a_diverged_training_shows_its_nan_loss():
+    """A loss curve ending in NaN (the training loop logs it and goes on) read "–" as its final loss, as if none
+    was logged."""
+    from harness.report.training import _row
+
+    r = Record(suite="s", cell="c", metric="train", values={"loss_curve": [[1, 4.0], [2, float("nan")]]})
+    assert [(c["text"], c["cls"]) for c in _row("x", r)[1:3]] == [("2", ""), ("NaN", "fail")]
+
+
 def test_tokens_per_s_of_a_one_step_run_is_noted_as_over_the_whole_run():
     from harness.report.training import _whole_run
 

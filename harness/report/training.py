@@ -21,6 +21,7 @@ from harness.report.common import (
     fmt_float,
     fmt_int,
     heading,
+    isnan,
     labeller,
     model_name,
     ok,
@@ -121,7 +122,8 @@ def _row(name: str, r: Record) -> list[dict]:
     group_text = ", ".join(f"{k} {fmt_count(n)}" for k, n in groups.items() if n)
     kernels = str(r.kernel or "")
     return [
-        cell(name, cls="label"), cell(fmt_int(steps)), cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
+        cell(name, cls="label"), cell(fmt_int(steps)),
+        cell("NaN", cls="fail") if isnan(final) else cell(fmt_float(final, 3)), cell(fmt_count(v.get("tokens"))),
         cell(fmt_float(v.get("tokens_per_s"), 0),
              note=" · ".join(filter(None, [str(r.model.get("trained_on") or ""),
                                            "whole run" if _whole_run(v) else ""]))),
