@@ -178,8 +178,8 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     src = (plots.line_vs_length(series, vlines, ylabel="bits per byte", xlabel="evaluation context (tokens)",
                                 logy=False) if per_byte else plots.perplexity_vs_context(series, vlines))
 
-    # table
-    best = {c: min((v for k in keys if (v := pv.mean(k, c)) is not None), default=None) for c in contexts}
+    # table; the best of each column is of the means shown (a mean summed another way can differ in its last bit)
+    best = {c: min((spread[(k, c)][0] for k in keys if (k, c) in spread), default=None) for c in contexts}
 
     def show(k: VariantKey, c: int) -> dict:
         (v, sd), n, digits = spread[(k, c)], len(pv.values(k, c)), 3 if per_byte else 2
