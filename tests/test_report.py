@@ -1031,3 +1031,14 @@ def test_paper_ours_beside_the_paper_only_at_the_same_length_method_and_setting(
     abl = {r[0]["text"]: (r[1]["text"], r[2]["text"]) for r in ablations["rows"]}
     assert abl["LoRA (SE-Attn)"] == ("31.6", "20.0") and abl["HyLoRA (SE-Attn)"] == ("40.5", "30.0")
     assert [c["text"] for c in runtime["rows"][-1]] == ["SE-Attn", "71", "70"]
+
+
+def test_names_in_plots_are_plain_text():
+    """A name with two dollar signs (a run's directory, a model, a checkpoint) was parsed as TeX, and where that
+    failed the report stopped."""
+    from harness.report import plots
+
+    name = r"ckpt $\nosuchmacro$"
+    for src in (plots.line_vs_length([plots.Series(name, [1024], [3.0])], ylabel="y"),
+                plots.loss_curves([(name, [[1, 2.0]])]), plots.accuracy_heatmap([name], [1024], [[50.0]])):
+        assert src.startswith("data:image/png;base64,")

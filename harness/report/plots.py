@@ -8,11 +8,13 @@ pyplot, no global backend switch, nothing left open.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
@@ -27,6 +29,18 @@ def png_data_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plain_text(plot):
+    """`plot` with matplotlib's mathtext off: a "$" in a name (a run's directory, a model, a checkpoint) is a dollar
+    sign, not TeX, which stopped the report where it did not parse."""
+
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        with rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return drawn
 
 
 def color(i: int) -> str:
@@ -117,6 +131,7 @@ def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = ()
                           title=title)
 
 
+@_plain_text
 def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, ylabel: str,
                    xlabel: str = "length (tokens)", logy: bool = True, ylim: tuple[float, float] | None = None,
                    title: str = "") -> str:
@@ -214,6 +229,7 @@ def _readable_log_ticks(ax, lo: float, hi: float) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+@_plain_text
 def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, title: str = "",
                 styles: Sequence[tuple[str, str, str]] | None = None) -> str:
     """Training loss against step, one line per (label, [[step, loss], ...]); `styles`: a (colour, line style,
@@ -234,6 +250,7 @@ def loss_curves(curves: Sequence[tuple[str, Sequence[Sequence[float]]]], *, titl
     return png_data_uri(fig)
 
 
+@_plain_text
 def accuracy_heatmap(rows: Sequence[str], cols: Sequence[int], values: Sequence[Sequence[float | None]], *,
                      texts: Sequence[Sequence[str]] | None = None, hatched: Sequence[Sequence[bool]] = (),
                      partial: Sequence[Sequence[bool]] = (), title: str = "") -> str:
