@@ -101,6 +101,14 @@ def test_failure_only_variant_and_notes_are_escaped(tmp_path):
     assert "No records to report." in empty
 
 
+def test_length_columns_and_an_empty_report_read_cleanly():
+    """A length without a shorter name read "3000 (3000)"; an empty results file's record count "0 ()"."""
+    from harness.report.common import length_column
+
+    assert [length_column(n) for n in (300, 1024, 1536, 3000)] == ["300", "1K (1024)", "1.5K (1536)", "3000"]
+    assert ("records", "0") in build_context([], title="t")["header"]["facts"]
+
+
 def test_mixed_protocols_are_split_and_flagged():
     a = synthetic_records(train=False, failure=False)
     b = [dict(r, cell=r["cell"] + "-stride", settings={"protocol": "stride", "stride": 1024}, config_hash="stride")

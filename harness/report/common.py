@@ -357,6 +357,8 @@ def fmt_float(x: Any, digits: int = 2) -> str:
 
 
 def length_column(n: int) -> str:
+    """2048 -> '2K (2048)'; a length without a shorter name (300, 3000) -> itself, once."""
     from harness.report.plots import tokens_label
 
-    return f"{tokens_label(n)} ({n})" if n >= 1024 else str(n)
+    short = tokens_label(n)
+    return short if short == str(n) else f"{short} ({n})"

@@ -92,13 +92,13 @@ def build_header(records: list[Record], *, title: str, notes: list[str] | None, 
     if warned := [f"{r.cell}: {w}" for r in records for w in r.warnings]:
         shown = "; ".join(warned[:5]) + (f"; and {len(warned) - 5} more" if len(warned) > 5 else "")
         notes.append(f"{len(warned)} warning(s) from the measurements, to read their numbers with: {shown}.")
-    status = Counter(r.status for r in records)
+    status = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in records).items()))
     created = sorted(r.created for r in records if r.created)
     facts = [
         ("suite", ", ".join(sorted({r.suite for r in records if r.suite})) or "–"),
         ("dataset", "; ".join(datasets) or "–"),
         ("perplexity protocol", "; ".join(protocols) or "–"),
-        ("records", f"{len(records)} (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"
+        ("records", f"{len(records)}" + (f" ({status})" if status else "")
          + (f"; {superseded} older record(s) of rerun cells superseded by the latest" if superseded else "")),
     ]
     if len(runs) > 1:
