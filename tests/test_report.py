@@ -1050,3 +1050,20 @@ def test_names_in_plots_are_plain_text():
     for src in (plots.line_vs_length([plots.Series(name, [1024], [3.0])], ylabel="y"),
                 plots.loss_curves([(name, [[1, 2.0]])]), plots.accuracy_heatmap([name], [1024], [[50.0]])):
         assert src.startswith("data:image/png;base64,")
+
+
+def test_comparison_plots_each_perplexity_protocol_apart(monkeypatch):
+    """Runs measured with two protocols: a point of the plot was the mean of both protocols' perplexities, which the
+    Perplexity section keeps apart as not comparable."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(runs.plots, "perplexity_vs_context", lambda series, *a, **k: drawn.append(series) or "")
+    longlora = [dict(asdict(ppl_record("pretrained", "none", 2048, 30.0)), run=run) for run in ("a", "b")]
+    stride = [dict(r, cell=r["cell"] + "-stride", settings={"protocol": "stride", "stride": 1024},
+                   values={**r["values"], "perplexity": 20.0}) for r in longlora]
+    sec = runs.comparison_section(normalise(longlora + stride, ["a", "b"])[0])
+    assert [[s.y for s in series] for series in drawn] == [[[30.0], [30.0]], [[20.0], [20.0]]]
+    captions = [b["caption"] for b in sec["blocks"] if b["type"] == "figure"]
+    assert captions[0].endswith("longlora (step 256).") and captions[1].endswith("stride (stride 1024).")

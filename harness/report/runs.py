@@ -34,6 +34,7 @@ from harness.report.common import (
     variant_sort,
 )
 from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
+from harness.report.html import dataset_label, protocol_label, unplaced
 from harness.results import Record
 
 _CLASS = {"regression": "worse", "improvement": "better", "ok": "", "skipped": ""}
@@ -55,7 +56,7 @@ def comparison_section(records: list[Record]) -> Section | None:
         if not recs:
             continue
         blocks.append(heading(title))
-        blocks.append(_plot(recs, metric, show_model))
+        blocks += [_plot(group, metric, show_model, name) for name, group in _groups(recs, metric)]
         blocks.append(_table(recs, metric, names, th))
     if len(blocks) == 1:
         blocks.append(paragraph("No perplexity or RULER records to compare."))
@@ -70,7 +71,19 @@ def _base_variant(k: VariantKey) -> VariantKey:
     return k._replace(run_index=0, run="")
 
 
-def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
+def _groups(recs: list[Record], metric: str) -> list[tuple[str, list[Record]]]:
+    """Perplexity records per dataset and protocol, as the Perplexity section plots them (a point's mean over two
+    protocols would be neither's); RULER's in one group."""
+    if metric != "perplexity":
+        return [("", recs)]
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in recs:
+        if not unplaced(r):
+            groups[f"{dataset_label(r.dataset)}, protocol {protocol_label(r.settings)}"].append(r)
+    return sorted(groups.items())
+
+
+def _plot(recs: list[Record], metric: str, show_model: bool, group: str) -> Block:
     field = "perplexity" if metric == "perplexity" else "accuracy"
     pv = Pivot(recs, lambda r: r.values.get(field))
     # a variant's colour, and past the palette's ten a marker of its own too: (colour, marker) tell them apart
@@ -84,7 +97,7 @@ def _plot(recs: list[Record], metric: str, show_model: bool) -> Block:
                            linestyle=plots.LINESTYLES[k.run_index % len(plots.LINESTYLES)]) for k in pv.rows]
     if metric == "perplexity":
         src = plots.perplexity_vs_context(series)
-        caption = "Mean perplexity per (run, variant)."
+        caption = f"Mean perplexity per (run, variant) on {group}."
     else:
         src = plots.line_vs_length(series, ylabel="mean accuracy over measured tasks (%)", logy=False,
                                    ylim=(0, 100))
