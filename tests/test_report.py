@@ -489,7 +489,7 @@ def test_training_section_pretrain_and_finetune():
                                   "seconds": 12.0, "warmup_tokens": 2048, "warmup_seconds": 1.0,
                                   "peak_memory_gib": 2.25, "memory_kind": "cuda allocator peak",
                                   "tokens_per_s": 8533.3, "trainable_params": 250_000, "total_params": 1_000_000,
-                                  "trainable_by_group": {"lora": 200_000, "conv1d": 50_000}}))
+                                  "trainable_by_group": {"lora": 200_000, "conv1d": 50_000, "norms": 0}}))
     # the same fine-tune rerun with another recipe (another config hash) supersedes the first: one row, not two
     older = dict(train, config_hash="older recipe", values={**train["values"], "tokens_per_s": 1.0})
     sec, _ = _section([pre, older, train], "training")
@@ -905,6 +905,7 @@ def test_efficiency_speedup_is_over_full_of_the_same_run_and_a_place_shows_the_m
     assert [[c["text"] for c in row] for row in limits["rows"]] == [["[a] se_attn", "2.00x / 4.00x"],
                                                                     ["[b] se_attn", "4.00x / 4.00x"]]
     assert [s.y for s in drawn[-1]] == [[0.5], [1.0]]  # the fraction of the limit, measured / ideal
+    assert [s.linestyle for s in drawn[0]] == ["-", "-", "--", "--"]  # a run's line style, as in the other plots
     # three records of one place (three cells timing it): the median, 2.00, not the mean, 4.00
     three = [dict(eff_record("se_attn", 1024, t), cell=f"attention/se_attn/efficiency@1024/{i}")
              for i, t in enumerate((1.0, 2.0, 9.0))]
@@ -1067,3 +1068,181 @@ def test_comparison_plots_each_perplexity_protocol_apart(monkeypatch):
     assert [[s.y for s in series] for series in drawn] == [[[30.0], [30.0]], [[20.0], [20.0]]]
     captions = [b["caption"] for b in sec["blocks"] if b["type"] == "figure"]
     assert captions[0].endswith("longlora (step 256).") and captions[1].endswith("stride (stride 1024).")
+
+
+# ----------------------------------------------------------------------------- what the tables and plots show
+
+
+def _figures(monkeypatch):
+    """The matplotlib figures the plots build, in order, instead of their PNGs."""
+    from harness.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "png_data_uri", lambda fig: figs.append(fig) or "")
+    return figs
+
+
+def test_a_place_with_a_value_is_ringed_not_marked_failed():
+    from harness.report.common import Pivot
+
+    recs = [ppl_record("pretrained", "none", 2048, 30.0), ppl_record("pretrained", "none", 2048, None, status="oom"),
+            ppl_record("pretrained", "none", 4096, None, status="timeout")]
+    pv = Pivot(recs, lambda r: r.values.get("perplexity"))
+    (k,) = pv.rows
+    assert pv.failures(k) == [(4096, "timeout")] and pv.partials(k) == [2048]
+
+
+def test_header_counts_records_by_status_and_shortens_many_warnings():
+    recs = [dict(asdict(ppl_record("pretrained", "none", 2048, 30.0)), warnings=[f"w{i}" for i in range(7)]),
+            asdict(ppl_record("pretrained", "none", 4096, None, status="oom"))]
+    header = build_context(recs, title="t")["header"]
+    assert dict(header["facts"])["records"] == "2 (1 ok, 1 oom)"
+    (note,) = header["notes"]
+    assert note.startswith("7 warning(s)") and note.endswith("ppl-pretrained-none-2048: w4; and 2 more.")
+
+
+def test_perplexity_footer_windows_note_spread_and_context_lines(monkeypatch):
+    """Tokens scored: a range where variants scored different counts at a length; the max_windows note only where a
+    cell evaluated fewer windows than it had; no spread or seed count on one seed's value, a spread on seeds of models
+    without a recorded hash (nothing says they are one model); lines at the pretraining and fine-tuning contexts."""
+    from harness.report import html
+
+    drawn = []
+    monkeypatch.setattr(html.plots, "perplexity_vs_context", lambda series, vlines=(): drawn.append(vlines) or "")
+    recs = synthetic_records(train=False, failure=False)
+    sec, _ = _section(recs, "perplexity")
+    assert "max_windows" not in sec["blocks"][0]["text"]
+    assert [(v.x, v.label) for v in drawn[-1]] == [(2048, "pretraining context (2K)"),
+                                                   (8192, "fine-tuning context (8K)")]
+    rows = next(b for b in sec["blocks"] if b["type"] == "table")["rows"]
+    assert (rows[0][1]["text"], rows[0][1]["note"], rows[0][1]["title"]) == ("31.25", "", "")
+    recs[-1] = dict(recs[-1], values={**recs[-1]["values"], "tokens_scored": 1000, "windows_total": 20})
+    sec, _ = _section(recs, "perplexity")
+    assert "evenly spaced subset of the windows (max_windows)" in sec["blocks"][0]["text"]
+    footer = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][-1]
+    assert [c["text"] for c in footer] == ["tokens scored", "20,480", "40,960", "81,920", "1,000–163,840"]
+    seeds = [dict(asdict(ppl_record("pretrained", "none", 2048, ppl)), cell=f"s{ppl}", model={"preset": "m"})
+             for ppl in (30.0, 32.0)]
+    sec, _ = _section(seeds, "perplexity")
+    shown = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0][1]
+    assert (shown["text"], shown["note"], shown["title"]) == ("31.00", "\u00b1 1.41", "mean \u00b1 sd of 2 seeds")
+
+
+def test_failed_cells_in_order_with_the_errors_last_line_and_the_whole_message_folded():
+    tb = 'Traceback (most recent call last):\n  File "x.py", line 1\ntorch.OutOfMemoryError: CUDA out of memory'
+    recs = [asdict(ppl_record("pretrained", "none", 4096, None, status="oom", error=tb)),
+            asdict(ppl_record("pretrained", "none", 2048, None, status="error", error="bad"))]
+    sec, _ = _section(recs, "failures")
+    rows = sec["blocks"][1]["rows"]
+    assert [r[3]["text"] for r in rows] == ["2048", "4096"]
+    assert [(r[5]["text"], r[5]["details"]) for r in rows] == [
+        ("bad", ""), ("torch.OutOfMemoryError: CUDA out of memory", tb)]
+
+
+def test_comparison_rows_by_variant_then_length_and_its_plot_marks_failures(monkeypatch):
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(runs.plots, "perplexity_vs_context", lambda series, *a, **k: drawn.extend(series) or "")
+    recs = [dict(asdict(ppl_record("pretrained", "none", c, 30.0)), run=run) for run in ("a", "b")
+            for c in (16384, 2048, 4096)]
+    recs[0] = dict(asdict(ppl_record("pretrained", "none", 16384, None, status="oom")), run="a")
+    tbl = next(b for b in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"] if b["type"] == "table")
+    assert [r[0]["text"] for r in tbl["rows"]] == [f"ppl-pretrained-none-{c}" for c in (2048, 4096, 16384)]
+    assert [s.failed for s in drawn] == [[(16384, "oom")], []]
+
+
+def test_line_plot_axes_legend_and_looks(monkeypatch):
+    """log2 x with a tick at every length, a failed one too; each series in its own colour and line style, with
+    its error bars; a legend entry for a series that only failed; a linear y where a value is not positive."""
+    from harness.report import plots
+
+    figs = _figures(monkeypatch)
+    plots.line_vs_length([plots.Series("a", [1024, 2048], [3.0, 4.0], color="#123456", linestyle="--",
+                                       yerr=[0.5, 0.25]),
+                          plots.Series("b", [], [], failed=[(4096, "oom")])], ylabel="y")
+    ax = figs[-1].axes[0]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log") and list(ax.get_xticks()) == [1024, 2048, 4096]
+    assert (ax.get_lines()[0].get_color(), ax.get_lines()[0].get_linestyle()) == ("#123456", "--")
+    assert len(ax.containers) == 1  # the error bars
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    plots.line_vs_length([plots.Series("a", [1024, 2048], [0.0, 4.0])], ylabel="y")
+    assert figs[-1].axes[0].get_yscale() == "linear"
+
+
+def test_loss_curves_heatmap_hatches_and_ten_series_colours(monkeypatch):
+    from harness.report import plots
+
+    figs = _figures(monkeypatch)
+    plots.loss_curves([("a", [[1, 2.0]]), ("b", []), ("c", [[1, 1.0]])],
+                      styles=[("#111111", "-", ""), ("#222222", "--", ""), ("#333333", ":", "")])
+    assert [(ln.get_color(), ln.get_linestyle()) for ln in figs[-1].axes[0].get_lines()] == [("#111111", "-"),
+                                                                                            ("#333333", ":")]
+    plots.accuracy_heatmap(["vt", "cwe"], [1024], [[50.0], [60.0]], hatched=[[True], [False]])
+    assert len(figs[-1].axes[0].patches) == 1
+    # up to the palette's ten: a colour each, whatever their groups
+    assert looks([("full", f"m{i}", "") for i in range(10)]) == [(c, "-", "o") for c in PALETTE]
+
+
+def test_training_table_lists_ok_runs_by_variant_and_curves_take_looks_of_their_own(monkeypatch):
+    """A failed pretraining is in Failed cells, not a row of dashes here; fine-tunes are listed by variant (as every
+    other table), then by cell, whatever their cell ids' order; past ten variants each curve has a look of its own."""
+    from harness.report import training
+
+    styles = []
+    monkeypatch.setattr(training.plots, "loss_curves", lambda curves, **k: styles.append(k.get("styles")) or "")
+
+    def train(method, seed, ft=2048, backend="full"):
+        return asdict(Record(suite="s", cell=f"c{seed}-{method}-{backend}-{ft}", metric="train", stage="finetuned",
+                             model={"preset": "m"}, method=method, backend=backend, finetune_context=ft,
+                             variant={"model": "m", "seed": seed}, values={"loss_curve": [[1, 4.0]]}))
+
+    failed = asdict(Record(suite="s", cell="m/seed0/pretrain", metric="pretrain", stage="pretrained",
+                           model={"preset": "m"}, status="oom", error="killed"))
+    sec, _ = _section([failed, train("lora", 1), train("hylora", 0, 16384), train("lora", 0), train("hylora", 1)],
+                      "training")
+    rows = next(b for b in sec["blocks"] if b["type"] == "table")["rows"]
+    assert [r[0]["text"] for r in rows] == ["finetuned: hylora / full @ 2048 · seed1",
+                                            "finetuned: hylora / full @ 16384 · seed0",
+                                            "finetuned: lora / full @ 2048 · seed0",
+                                            "finetuned: lora / full @ 2048 · seed1"]
+    _section([train("lora", 0, backend=f"b{i:02}") for i in range(12)], "training")
+    assert len(styles[-1]) == 12 and len(set(styles[-1])) == 12
+
+
+def test_the_demo_makes_every_section_with_what_it_says_it_holds(monkeypatch):
+    """The demo's records are the browser check's, which needs Chromium: here without it (nor PNGs)."""
+    from harness.report import demo
+
+    _figures(monkeypatch)
+    ctx = build_context(demo.records(runs=2), title="t")
+    assert [s["id"] for s in ctx["sections"]] == ["perplexity", "ruler", "efficiency", "training", "comparison",
+                                                   "paper", "failures", "environment"]
+    failures = next(s for s in ctx["sections"] if s["id"] == "failures")["blocks"][1]["rows"]
+    assert {(r[1]["text"], r[3]["text"], r[4]["text"]) for r in failures} == {("perplexity", "4096", "OOM"),
+                                                                              ("efficiency", "8192", "OOM")}
+    assert "1 older record(s) of rerun cells superseded" in dict(ctx["header"]["facts"])["records"]
+    shown = str(ctx["sections"])
+    assert "eval: finetune attention" in shown and "uninformative (base at chance)" in shown
+    assert "comparison" not in [s["id"] for s in build_context(demo.records(runs=1), title="t")["sections"]]
+
+
+def test_the_template_renders_every_block_and_every_part_of_a_cell(monkeypatch):
+    from harness.report import html
+    from harness.report.common import callouts, cell, figure, heading, paragraph, table
+
+    blocks = [heading("h1"), paragraph("p1"), figure("data:,", "alt1", "fc1"),
+              {"type": "figures", "items": [{"src": "data:,", "alt": "a2", "caption": "ft1"}], "caption": "fs1"},
+              table(["a", "b"], [[cell("x", title="<t>", note="n1", details="d1"), cell("2", bold=True)]],
+                    caption="cap1", summary="sum1"),
+              {"type": "list", "mono": True, "items": ["li1"]}, callouts(["co1"])]
+    ctx = {"header": {"title": "T", "generated": "now", "notes": [], "facts": [("k1", "v1")]},
+           "sections": [{"id": "s1", "title": "S1", "blocks": blocks}]}
+    monkeypatch.setattr(html, "build_context", lambda records, **kw: ctx)
+    page = html.render_html([], title="T")
+    for part in ("<h3>h1</h3>", "<p>p1</p>", 'alt="alt1"', "<figcaption>fc1</figcaption>", ">ft1</figcaption>",
+                 '<p class="caption">fs1</p>', "<caption>cap1</caption>", "<summary>sum1</summary>",
+                 ' title="&lt;t&gt;"', '<span class="note">n1</span>', "<pre>d1</pre>", "<strong>2</strong>",
+                 "<li>li1</li>", "co1</div>", "<dt>k1</dt><dd>v1</dd>", '<a href="#s1">S1</a>', '<section id="s1">'):
+        assert part in page, part
