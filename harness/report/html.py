@@ -112,15 +112,21 @@ def build_header(records: list[Record], *, title: str, notes: list[str] | None, 
 # ----------------------------------------------------------------------------- sections
 
 
+def perplexity_groups(ppl: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    """Perplexity records by (dataset, protocol), which are not comparable across groups; unplaced ones left out."""
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in ppl:
+        if not unplaced(r):
+            groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
+    return groups
+
+
 def perplexity_section(records: list[Record]) -> Section | None:
     ppl = [r for r in records if r.metric == "perplexity" and r.eval_context]
     if not ppl:
         return None
     label = _labeller(records)
-    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for r in ppl:
-        if not unplaced(r):
-            groups[(dataset_label(r.dataset), protocol_label(r.settings))].append(r)
+    groups = perplexity_groups(ppl)
     blocks: list[Block] = []
     if any(r.settings.get("eval_attention") == "finetune" and r.backend.startswith("se_attn")
            and "selection=previous" not in r.backend for r in ppl):

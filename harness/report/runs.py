@@ -34,7 +34,7 @@ from harness.report.common import (
     variant_sort,
 )
 from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
-from harness.report.html import dataset_label, protocol_label, unplaced
+from harness.report.html import perplexity_groups
 from harness.results import Record
 
 _CLASS = {"regression": "worse", "improvement": "better", "ok": "", "skipped": ""}
@@ -76,11 +76,8 @@ def _groups(recs: list[Record], metric: str) -> list[tuple[str, list[Record]]]:
     protocols would be neither's); RULER's in one group."""
     if metric != "perplexity":
         return [("", recs)]
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for r in recs:
-        if not unplaced(r):
-            groups[f"{dataset_label(r.dataset)}, protocol {protocol_label(r.settings)}"].append(r)
-    return sorted(groups.items())
+    groups = [(f"{ds}, protocol {proto}", group) for (ds, proto), group in perplexity_groups(recs).items()]
+    return sorted(groups, key=lambda named: named[0])
 
 
 def _plot(recs: list[Record], metric: str, show_model: bool, group: str) -> Block:
