@@ -491,8 +491,9 @@ def _key_lines(text: str) -> dict[tuple, int]:
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                out[(*path, _key_name(k))] = k.start_mark.line + 1
-                walk(v, (*path, _key_name(k)))
+                key = (*path, _key_name(k))
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 out[(*path, str(i))] = item.start_mark.line + 1
