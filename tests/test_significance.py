@@ -116,7 +116,9 @@ def test_one_sample_gives_no_interval():
 
 
 def test_paired_t_on_equal_differences():
-    # every seed the same difference: no spread, the mean is certain; no difference at all: nothing to see
-    assert paired_t([0.5, 0.5, 0.5]).sign == 1 and paired_t([0.5, 0.5]).low == 0.5
-    assert paired_t([0.0, 0.0]).p == 1.0
+    # every seed the same difference: the seeds changed nothing, one measurement repeated, so no interval, p = 1
+    for diffs in ([0.5, 0.5, 0.5], [0.5, 0.5], [0.0, 0.0]):
+        r = paired_t(diffs)
+        assert (r.estimate, r.low, r.high, r.p, r.n, r.sign) == (diffs[0], -math.inf, math.inf, 1.0, len(diffs), 0)
+    assert paired_t([0.5, 0.5, 0.5 + 1e-9]).sign == 1  # a spread, however small, is tested
 

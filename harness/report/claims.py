@@ -18,6 +18,7 @@ grid), each pair of labels is a row.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -29,6 +30,7 @@ from harness.report.common import (
     cell,
     fmt_float,
     length_column,
+    number,
     ok,
     paragraph,
     table,
@@ -105,8 +107,9 @@ class _Data:
             if not ok(r) or r.run_index or not r.eval_context:
                 continue
             k = variant_key(r)
-            if r.metric == "perplexity" and "perplexity" in r.values:
-                self.ppl[k][(int(r.eval_context), _seed(r))] = float(r.values["perplexity"])
+            if r.metric == "perplexity" and number(v := r.values.get("perplexity")) and math.isfinite(v):
+                # a NaN or infinite value is a failure, as everywhere in the report
+                self.ppl[k][(int(r.eval_context), _seed(r))] = float(v)
             elif r.metric == "ruler" and r.values.get("per_sample"):
                 self.ruler[k][int(r.eval_context)].update(
                     {f"{r.settings.get('task')}:{s}": float(v) for s, v in r.values["per_sample"].items()})
@@ -181,10 +184,12 @@ def _row(claim: Claim, data: _Data, a: VariantKey, b: VariantKey, paper_ab: tupl
                 cell("–", cls="missing", title=why, note=why), cell(""), cell(""), cell("not measured")]
     mean_a, mean_b, d = data.judge(claim, a, b, want)
     v = verdict(claim, d)
-    ci = "" if d is None or d.n < 2 else f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
+    ci = "" if d is None or not math.isfinite(d.low) else f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
+    flat = d is not None and d.n > 1 and not ci  # every seed the same difference (significance.paired_t)
     n_text = ("" if d is None else f"{d.n} samples" if claim.metric == "ruler" else f"{d.n} seed(s)")
     return [cell(claim.text, cls="label"), names, cell(f"{what} @ {length_column(want)}"), paper,
             cell(f"{fmt_float(mean_a, digits)} → {fmt_float(mean_b, digits)}", note=n_text),
-            cell("–" if d is None else f"{d.estimate:+.{digits}f}{unit}{ci}"),
+            cell("–" if d is None else f"{d.estimate:+.{digits}f}{unit}{ci}",
+                 note="every seed gave the same difference: not replicates, nothing to test" if flat else ""),
             cell("–" if d is None else f"{d.p:.2g}"),
             cell(v, cls={"reproduced": "better", "not reproduced": "worse"}.get(v, ""))]

@@ -91,16 +91,16 @@ def paired_samples(a: Mapping[str, float], b: Mapping[str, float]) -> Difference
 
 
 def paired_t(diffs: Sequence[float]) -> Difference | None:
-    """Student's t on paired differences (one per seed); None without any; from one, no interval and p = 1."""
+    """Student's t on paired differences (one per seed); None without any. From one, or from several that are all
+    equal (the seeds changed nothing either side compared, so they are one measurement repeated, not replicates),
+    no interval and p = 1."""
     n = len(diffs)
     if n == 0:
         return None
     mean = statistics.fmean(diffs)
-    if n == 1:
-        return Difference(mean, -math.inf, math.inf, 1.0, 1)
-    sd = statistics.stdev(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
     if sd == 0:
-        return Difference(mean, mean, mean, 0.0 if mean else 1.0, n)
+        return Difference(mean, -math.inf, math.inf, 1.0, n)
     se = sd / math.sqrt(n)
     half = t_quantile(0.975, n - 1) * se
     return Difference(mean, mean - half, mean + half, 1 - t_central(abs(mean) / se, n - 1), n)
