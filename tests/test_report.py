@@ -201,6 +201,11 @@ def test_a_place_where_some_seeds_failed_says_so(monkeypatch):
                         values={"acc": 0.5} if status == "ok" else {})) for seed, status in ((0, "ok"), (1, "error"))]
     (arc,) = [c for _, col, c in _cells(lm_eval_section([Record.from_dict(r) for r in lm])) if c["text"] == "0.500"]
     assert arc["note"] == "1 of 2 seeds (1 ERROR)"
+    # both seeds ok, but only one reported acc_norm: its value is that seed's alone
+    lm = [dict(r, status="ok", values={"acc": 0.5, **({"acc_norm": 0.25} if r["cell"].startswith("m/seed0") else {})})
+          for r in lm]
+    (norm,) = [c for _, col, c in _cells(lm_eval_section([Record.from_dict(r) for r in lm])) if c["text"] == "0.250"]
+    assert norm["note"] == "1 of 2 seeds report it"
 
 
 def test_plots_mark_means_of_fewer_seeds(monkeypatch):
@@ -218,6 +223,21 @@ def test_plots_mark_means_of_fewer_seeds(monkeypatch):
                         or draw(self, *a, **k))
     plots.line_vs_length([plots.Series("a", [1024, 2048], [3.0, 4.0], partial=[2048])], ylabel="y")
     assert rings == [([2048], [4.0])]
+
+
+def test_a_y_axis_says_log_scale_only_where_it_is_one(monkeypatch):
+    """The efficiency plots were labelled "log scale" whatever was drawn; a value <= 0 makes the axis linear."""
+    from matplotlib.axes import Axes
+
+    from harness.report import plots
+
+    labels = []
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, **k: labels.append(text))
+    for ys in ([3.0, 4.0], [0.0, 4.0]):
+        plots.line_vs_length([plots.Series("a", [1024, 2048], ys)], ylabel="time (ms)")
+        plots.line_vs_length([plots.Series("a", [1024, 2048], ys)], ylabel="perplexity")
+    plots.line_vs_length([plots.Series("a", [1024, 2048], [3.0, 4.0])], ylabel="fraction", logy=False)
+    assert labels == ["time (ms, log scale)", "perplexity (log scale)", "time (ms)", "perplexity", "fraction"]
 
 
 def test_failed_cells_at_one_length_are_drawn_apart(monkeypatch):
@@ -480,7 +500,8 @@ def test_training_section_pretrain_and_finetune():
     pre = asdict(Record(suite="s", cell="tiny-hybrid/seed0/pretrain", metric="pretrain", stage="pretrained",
                         model={"preset": "tiny-hybrid"}, kernel="full via sdpa", env=ENV, seconds=0.2,
                         values={"loss_curve": [[1, 9.0], [2, 7.5], [3, 6.25]], "tokens": 3072, "seconds": 2.0,
-                                "peak_memory_gib": 0.5, "memory_kind": "process peak RSS", "tokens_per_s": 1536.0}))
+                                "peak_memory_gib": 11.0 / 1024, "memory_kind": "process peak RSS",
+                                "tokens_per_s": 1536.0}))
     train = asdict(Record(suite="s", cell=f"tiny-hybrid/seed0/hylora/{SE}/train", metric="train", stage="finetuned",
                           model={"preset": "tiny-hybrid", "trained_on": "cuda: NVIDIA H100 80GB HBM3"},
                           method="hylora", backend=SE, finetune_context=2048,
@@ -498,7 +519,8 @@ def test_training_section_pretrain_and_finetune():
                                                                         "fine-tuning loss curves"]
     tbl = next(b for b in sec["blocks"] if b["type"] == "table")
     p, t = tbl["rows"]
-    assert [c["text"] for c in p[:6]] == ["pretraining: tiny-hybrid", "3", "6.250", "3.07K", "1,536", "0.50"]
+    # peak memory to 3 significant digits: 11 MiB was "0.01"
+    assert [c["text"] for c in p[:6]] == ["pretraining: tiny-hybrid", "3", "6.250", "3.07K", "1,536", "0.0107"]
     assert p[5]["note"] == "process peak RSS" and p[6]["text"] == "all" and p[8]["text"] == "2"  # its training's
     assert [c["text"] for c in t] == [f"finetuned: hylora / {SE} @ 2048", "50", "4.500", "102K", "8,533", "2.25",
                                       "250K", "se_attn via sdpa", "12"]
@@ -506,6 +528,10 @@ def test_training_section_pretrain_and_finetune():
     assert t[4]["note"] == "cuda: NVIDIA H100 80GB HBM3"
     assert p[4]["note"] == "whole run"  # a record from before trained_on and the warm-up split were kept
     assert t[6]["title"] == "lora 200K, conv1d 50K"
+    # a throughput measured as NaN says so; "–" is for nothing recorded
+    nan = dict(train, values={**train["values"], "tokens_per_s": float("nan")})
+    (t,) = next(b for b in _section([nan], "training")[0]["blocks"] if b["type"] == "table")["rows"]
+    assert t[4]["text"] == "NaN"
 
 
 def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean(monkeypatch):
@@ -906,12 +932,19 @@ def test_efficiency_speedup_is_over_full_of_the_same_run_and_a_place_shows_the_m
                                                                     ["[b] se_attn", "4.00x / 4.00x"]]
     assert [s.y for s in drawn[-1]] == [[0.5], [1.0]]  # the fraction of the limit, measured / ideal
     assert [s.linestyle for s in drawn[0]] == ["-", "-", "--", "--"]  # a run's line style, as in the other plots
+    # a backend's colour is the same in the time plot and the fraction-of-the-limit plot, which has no full
+    assert [s.color for s in drawn[-1]] == [drawn[0][1].color, drawn[0][3].color]
+    assert len({s.color for s in drawn[0]}) == 4
     # three records of one place (three cells timing it): the median, 2.00, not the mean, 4.00
     three = [dict(eff_record("se_attn", 1024, t), cell=f"attention/se_attn/efficiency@1024/{i}")
              for i, t in enumerate((1.0, 2.0, 9.0))]
     sec, _ = _section(three, "efficiency")
     row = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0]
     assert row[1]["text"] == "2.00" and row[1]["title"] == "repeats 0.9–9.9 ms"
+    # one of them failed: the note counts measurements, not seeds
+    three[2] = eff_record("se_attn", 1024, None, status="oom") | {"cell": "attention/se_attn/efficiency@1024/2"}
+    row = next(b for b in _section(three, "efficiency")[0]["blocks"] if b["type"] == "table")["rows"][0]
+    assert row[1]["note"] == "2 of 3 measurements (1 OOM)"
 
 
 def test_ruler_bolds_a_best_only_among_two_and_needs_every_seeds_samples():
@@ -1121,6 +1154,8 @@ def test_perplexity_footer_windows_note_spread_and_context_lines(monkeypatch):
     assert "evenly spaced subset of the windows (max_windows)" in sec["blocks"][0]["text"]
     footer = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][-1]
     assert [c["text"] for c in footer] == ["tokens scored", "20,480", "40,960", "81,920", "1,000–163,840"]
+    recs[-1] = dict(recs[-1], values={**recs[-1]["values"], "windows_total": None})  # stored as null: no crash
+    assert "(max_windows)" not in _section(recs, "perplexity")[0]["blocks"][0]["text"]
     seeds = [dict(asdict(ppl_record("pretrained", "none", 2048, ppl)), cell=f"s{ppl}", model={"preset": "m"})
              for ppl in (30.0, 32.0)]
     sec, _ = _section(seeds, "perplexity")

@@ -183,14 +183,14 @@ def length(r: Record) -> int:
 
 class Pivot:
     """Records laid out as rows x columns (by default variant x evaluation length): per place, the ok records
-    whose ``value`` is a number (several: seeds, shown as their mean) and the failures, if any (an ok record
-    whose value is NaN counts as failed: an error). Every section
-    builds its tables and plots from one, so a place is ok, failed or missing by the same rule everywhere."""
+    whose ``value`` is a number (several: seeds, or what ``unit`` names, shown as their mean) and the failures, if
+    any (an ok record whose value is NaN counts as failed: an error). Every section builds its tables and plots
+    from one, so a place is ok, failed or missing by the same rule everywhere."""
 
     def __init__(self, recs: Iterable[Record], value: Callable[[Record], Any], *,
                  row: Callable[[Record], Any] = variant_key, column: Callable[[Record], Any] = length,
-                 order: Callable[[Any], Any] | None = variant_sort):
-        self._value = value
+                 order: Callable[[Any], Any] | None = variant_sort, unit: str = "seeds"):
+        self._value, self.unit = value, unit
         good: dict[Any, dict[Any, list[Record]]] = defaultdict(lambda: defaultdict(list))
         failed: dict[Any, dict[Any, list[Record]]] = defaultdict(lambda: defaultdict(list))
         for r in recs:
@@ -224,7 +224,7 @@ class Pivot:
         return next(iter(self.fails(k, c)), None)
 
     def shortfall(self, k: Any, c: Any) -> str:
-        return shortfall(len(self.records(k, c)), self.fails(k, c))
+        return shortfall(len(self.records(k, c)), self.fails(k, c), self.unit)
 
     def partials(self, k: Any) -> list[Any]:
         """The columns of row ``k`` whose value is a mean of fewer seeds than ran (some failed)."""
@@ -309,13 +309,13 @@ def fail_cell(r: Record) -> dict:
     return cell(r.status.upper(), cls="fail", title=r.error or "")
 
 
-def shortfall(measured: int, fails: list[Record]) -> str:
+def shortfall(measured: int, fails: list[Record], unit: str = "seeds") -> str:
     """Where some seeds of a place failed and `measured` others did not, e.g. "2 of 3 seeds (1 OOM)": the value
     shown is the mean of fewer seeds than the rest of the table's; else ""."""
     if not (fails and measured):
         return ""
     kinds = Counter(r.status.upper() for r in fails)
-    return f"{measured} of {measured + len(fails)} seeds ({', '.join(f'{n} {s}' for s, n in kinds.items())})"
+    return f"{measured} of {measured + len(fails)} {unit} ({', '.join(f'{n} {s}' for s, n in kinds.items())})"
 
 
 def partial(shown: dict, shortfall: str, fails: list[Record]) -> dict:
@@ -353,7 +353,13 @@ def fmt_count(n: Any) -> str:
 
 
 def fmt_float(x: Any, digits: int = 2) -> str:
-    return f"{x:,.{digits}f}" if number(x) else "–"
+    """`x` to `digits` decimals; "NaN" where it was measured as NaN, "–" where there is no number."""
+    return f"{x:,.{digits}f}" if number(x) else "NaN" if isnan(x) else "–"
+
+
+def fmt_gib(x: Any) -> str:
+    """A memory size in GiB to 3 significant digits, so a CPU peak of 11 MiB reads 0.0107, not 0.01."""
+    return f"{x:.3g}" if number(x) else "NaN" if isnan(x) else "–"
 
 
 def length_column(n: int) -> str:

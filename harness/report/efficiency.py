@@ -19,6 +19,7 @@ from harness.report.common import (
     Section,
     cell,
     fmt_float,
+    fmt_gib,
     length_column,
     number,
     ok,
@@ -42,10 +43,11 @@ def efficiency_section(records: list[Record]) -> Section | None:
     recs = [r for r in records if r.metric == "efficiency" and r.eval_context]
     if not recs:
         return None
-    pv = Pivot(recs, lambda r: r.values.get("time_ms"), order=None,
+    pv = Pivot(recs, lambda r: r.values.get("time_ms"), order=None, unit="measurements",
                row=lambda r: (r.run_index, r.run, str(r.backend or "?")))
     keys, lengths = pv.rows, pv.columns
     names = {k: (f"[{k[1]}] {k[2]}" if k[1] else k[2]) for k in keys}
+    colors = {k: plots.color(i) for i, k in enumerate(keys)}  # a backend's colour in every plot of the section
 
     def med(rs: list[Record], field: str) -> float | None:
         vals = [r.values[field] for r in rs if number(r.values.get(field))]
@@ -56,7 +58,8 @@ def efficiency_section(records: list[Record]) -> Section | None:
         for k in keys:
             xs = [n for n in pv.measured(k) if med(pv.records(k, n), field) is not None]
             out.append(plots.Series(label=names[k], x=xs, y=[med(pv.records(k, n), field) for n in xs],
-                                    failed=pv.failures(k), linestyle=("-", "--", ":", "-.")[k[0] % 4]))
+                                    failed=pv.failures(k), linestyle=("-", "--", ":", "-.")[k[0] % 4],
+                                    color=colors[k]))
         return out
 
     devices = sorted({d for r in recs if (d := _device(r))})
@@ -67,13 +70,13 @@ def efficiency_section(records: list[Record]) -> Section | None:
         "One attention layer, forward + backward, per backend and sequence length: median time over the "
         "repeats" + (f" ({shape})" if shape else "") + ". Measured on " + ("; ".join(devices) or "an unrecorded device")
         + ". Times from different devices are not comparable.")]
-    blocks.append({"type": "figure", "src": plots.line_vs_length(series("time_ms"), ylabel="time (ms, log scale)"),
+    blocks.append({"type": "figure", "src": plots.line_vs_length(series("time_ms"), ylabel="time (ms)"),
                    "alt": "attention time vs length",
                    "caption": "Median forward+backward time; ✕ at the top: the cell failed (status next to it)."})
     has_memory = any(med(pv.records(k, n), "peak_memory_gib") is not None for k in keys for n in lengths)
     if has_memory:
         blocks.append({"type": "figure", "alt": "attention peak memory vs length",
-                       "src": plots.line_vs_length(series("peak_memory_gib"), ylabel="peak memory (GiB, log scale)"),
+                       "src": plots.line_vs_length(series("peak_memory_gib"), ylabel="peak memory (GiB)"),
                        "caption": "Peak memory of one forward+backward: the CUDA allocator's peak on a GPU; on a CPU, "
                                   "the inputs plus the most the pass held at once (from the profiler's allocations)."})
     else:
@@ -84,7 +87,7 @@ def efficiency_section(records: list[Record]) -> Section | None:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
         times = [x for r in pv.records(k, n) for x in (r.values.get("times_ms") or [])]
         spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
-        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{m:.3g} GiB" if m is not None else "")
+        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{fmt_gib(m)} GiB" if m is not None else "")
 
     def kernels(k: tuple) -> dict:
         ran = sorted({r.kernel for n in pv.measured(k) for r in pv.records(k, n) if r.kernel})
@@ -94,11 +97,11 @@ def efficiency_section(records: list[Record]) -> Section | None:
     blocks.append(table(["backend"] + [length_column(n) for n in lengths] + ["kernel"], rows,
                         caption="Median time (ms) per length" + (", peak memory under it" if has_memory else "")
                                 + "; hover a time for the spread of the repeats."))
-    blocks += _limit_blocks(pv, names, med)
+    blocks += _limit_blocks(pv, names, colors, med)
     return {"id": "efficiency", "title": "Attention efficiency", "blocks": blocks}
 
 
-def _limit_blocks(pv: Pivot, names: dict, med) -> list[Block]:
+def _limit_blocks(pv: Pivot, names: dict, colors: dict, med) -> list[Block]:
     """Per backend and length: measured speed-up over `full` of the same run, the limit the backend's query-key
     pairs set (values.ideal_speedup), and the fraction of it reached; a table and a plot of the fraction."""
     def speedups(k: tuple, n: int) -> tuple[float, float] | None:
@@ -118,7 +121,8 @@ def _limit_blocks(pv: Pivot, names: dict, med) -> list[Block]:
         return cell(f"{measured:.2f}x / {ideal:.2f}x", note=f"{measured / ideal:.0%} of the limit")
 
     rows = [[cell(names[k], cls="label mono"), *(show(k, n) for n in pv.columns)] for k in found]
-    series = [plots.Series(label=names[k], x=list(by), y=[m / i for m, i in by.values()]) for k, by in found.items()]
+    series = [plots.Series(label=names[k], x=list(by), y=[m / i for m, i in by.values()], color=colors[k])
+              for k, by in found.items()]
     return [
         table(["backend"] + [length_column(n) for n in pv.columns], rows,
               caption="Speed-up over full attention of the same run: measured / the limit, which is dense causal "

@@ -201,7 +201,7 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
         vals = sorted({r.values.get("tokens_scored") for k in keys for r in pv.records(k, c)} - {None})
         text = fmt_int(vals[0]) if len(vals) == 1 else (f"{fmt_int(vals[0])}–{fmt_int(vals[-1])}" if vals else "–")
         scored_row.append(cell(text, cls="foot"))
-        windows_note |= any(r.values.get("windows_total", 0) > r.values.get("windows", 0)
+        windows_note |= any((r.values.get("windows_total") or 0) > (r.values.get("windows") or 0)
                             for k in keys for r in pv.records(k, c))
     rows.append(scored_row)
     columns = ["variant"] + [length_column(c) for c in contexts]

@@ -88,4 +88,6 @@ def _value(found: list[dict], metric: str, fails: list[Record]) -> dict:
     else:
         se = having[0].get(f"{metric}_stderr")
         shown = cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))
+    if len(having) < len(found):  # ok seeds that did not report this metric
+        shown["note"] = f"{len(having)} of {len(found)} seeds report it"
     return partial(shown, shortfall(len(found), fails), fails)

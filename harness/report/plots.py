@@ -127,7 +127,7 @@ FINETUNE_COLOR = "#b8860b"
 def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = (), *,
                           title: str = "") -> str:
     """Perplexity (log y) against evaluation context (log2 x, ticks at measured lengths)."""
-    return line_vs_length(series, vlines, ylabel="perplexity (log scale)", xlabel="evaluation context (tokens)",
+    return line_vs_length(series, vlines, ylabel="perplexity", xlabel="evaluation context (tokens)",
                           title=title)
 
 
@@ -135,7 +135,8 @@ def perplexity_vs_context(series: Sequence[Series], vlines: Sequence[VLine] = ()
 def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, ylabel: str,
                    xlabel: str = "length (tokens)", logy: bool = True, ylim: tuple[float, float] | None = None,
                    title: str = "") -> str:
-    """A value against sequence length (log2 x, ticks at the measured lengths; log y unless ``logy`` is False).
+    """A value against sequence length (log2 x, ticks at the measured lengths; log y unless ``logy`` is False or
+    a value is not positive, and then "log scale" is added to ``ylabel``).
 
     Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes (several at one length
     stacked down from it) with the status written next to them, in the series' colour; a point that is the mean
@@ -193,6 +194,8 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
             ax.annotate(status.upper(), (x, y), xycoords=trans, xytext=(6, -3),
                         textcoords="offset points", fontsize=8, color=c)
     ax.set_xlabel(xlabel)
+    if logy:  # "time (ms)" -> "time (ms, log scale)"
+        ylabel = f"{ylabel[:-1]}, log scale)" if ylabel.endswith(")") else f"{ylabel} (log scale)"
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)
     if title:
