@@ -160,7 +160,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             runs = [Path(d).name or str(d) for d in args.dirs]
             if len(set(runs)) != len(runs):
                 runs = [str(d) for d in args.dirs]
-            records = [replace(r, run=run) for d, run in zip(args.dirs, runs, strict=True) for r in results.load(d)]
+            loaded = [results.load(d) for d in args.dirs]
+            if empty := [d for d, recs in zip(args.dirs, loaded, strict=True) if not recs]:
+                raise UserError(f"{empty[0]}/{results.RESULTS_FILE} holds no records: a run with nothing measured "
+                                "cannot be compared (the first directory is the base); leave it out")
+            records = [replace(r, run=run) for recs, run in zip(loaded, runs, strict=True) for r in recs]
             out = args.out or "reports/compare"
         path = render_report(records, out, title=f"Results: {', '.join(args.dirs)}", runs=runs)
         print(f"report: {Path(path).resolve()}")

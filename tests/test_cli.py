@@ -48,6 +48,19 @@ def test_report_of_two_dirs_is_a_comparison(tmp_path):
     assert "Comparison" in html and "[head]" in html
 
 
+def test_report_of_two_dirs_refuses_one_without_records(tmp_path, capsys):
+    """An empty base was still called the base in the header while the comparison took the next run as its base."""
+    from harness import results
+
+    results.append(tmp_path / "head", results.Record(suite="s", cell="m/seed0/pretrained/ppl@256", metric="perplexity",
+                                                     stage="pretrained", eval_context=256, values={"perplexity": 1.0}))
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / results.RESULTS_FILE).write_text("")
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "head"), "--out", str(tmp_path / "cmp")]) == 2
+    assert f"{tmp_path / 'base'}/results.jsonl holds no records" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_report_of_two_dirs_of_one_name_tells_them_apart_by_path(tmp_path):
     from harness import results
 
