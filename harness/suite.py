@@ -45,6 +45,13 @@ from harness.models.sources import Checkpoint, label, model_entry
 Seed = Annotated[int, Field(ge=0, lt=SEED_END)]  # one torch generator per seed
 
 
+def _number_or_mapping(key: type) -> Any:
+    """float | dict[key, float] as a tagged union: a wrong value is checked against the form it has, and its error
+    names the field ("finetune.lr"), not pydantic's branches ("finetune.lr.float", "finetune.lr.dict[str,float]")."""
+    return Annotated[Annotated[float, Tag("<number>")] | Annotated[dict[key, float], Tag("<mapping>")],
+                     Discriminator(lambda v: "<mapping>" if isinstance(v, dict) else "<number>")]
+
+
 def recall_shares(recall: float | dict[int, float]) -> list[float]:
     """The recall shares of a share or of a {first step: share} schedule."""
     return list(recall.values()) if isinstance(recall, dict) else [recall]
@@ -60,7 +67,7 @@ class Pretrain(_Strict):
     # synthetic recall documents (0: book text only), or a schedule {first step: share, ...} from step 0 on;
     # the loss weight of their answers; and the scale of the induction-head init of the attention blocks
     # (null: the model's default init).
-    recall: float | dict[int, float] = 0.5
+    recall: _number_or_mapping(int) = 0.5
     answer_weight: float = Field(5.0, gt=0, allow_inf_nan=False)
     induction_init: float | None = Field(4.0, gt=0, allow_inf_nan=False)
     # torch.compile the training step's forward and loss: about 1.5x the tokens/s on CPU, after about 30 s of
@@ -98,7 +105,7 @@ class Finetune(_Strict):
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(2, ge=1)
     # None: the paper's LR per backend (2e-5 for s2_attn, else 2e-4); a number; or {default: x, <backend>: y}
-    lr: float | dict[str, float] | None = None
+    lr: _number_or_mapping(str) | None = None
     warmup_steps: int = Field(20, ge=0)
     # LR of what LoRA+ / HyLoRA train fully (embeddings, norms, conv1d) as a multiple of lr (1: LongLoRA's
     # single LR). On small models the LR that suits the adapters can be too high for the embeddings.
@@ -220,7 +227,7 @@ class Backend(BaseModel):
 # against its own form only, so an error in a mapping is not reported beside "Input should be a valid string".
 ModelEntry = Annotated[Annotated[str, Tag("<name>")] | Annotated[Checkpoint, Tag("<mapping>")],
                        Discriminator(lambda v: "<name>" if isinstance(v, str) else "<mapping>")]
-_BRANCHES = {"<name>", "<mapping>"}  # ModelEntry's tags, which pydantic puts in an error's location
+_BRANCHES = {"<name>", "<mapping>", "<number>"}  # tags of the unions above, which pydantic puts in error locations
 
 
 class Suite(_Strict):
@@ -472,6 +479,8 @@ _LEADING_FIELD = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*): ")
 def _describe(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"] if p not in _BRANCHES)
     msg = err["msg"].removeprefix("Value error, ")
+    if loc[-1:] == ("[key]",):  # a mapping's key, which pydantic writes as a part of the field's path
+        loc, msg = loc[:-1], f"the key: {msg}"
     if (named := _LEADING_FIELD.match(msg)) and (field := tuple(re.findall(r"[^.\[\]]+", named[1])))[:len(loc)] == loc:
         loc, msg = field, msg[named.end():]  # that field's line, not "(top level)" or the list's
     where = _where(loc, lines)

@@ -62,6 +62,12 @@ def test_unknown_field_suggests_fix_with_line(tmp_path):
     ("name: x\npretrain: {recall: {0: 0.5, -5: 0.25}}\n",  # a check's message, with no "(got ...)" after it
      r"pretrain.recall: a recall schedule maps first steps .* 2000: 0.25}$"),
     ("name: x\nplugins: [1]\n", "plugins: a list of module names"),
+    # one error at the field, not one per form the union allows ("finetune.lr.float: ...; finetune.lr.dict[...")
+    ("name: x\nfinetune: {lr: abc}\n", r"s.yaml: line 2: finetune.lr: Input should be a valid number, unable to "
+                                       r"parse string as a number \(got 'abc'\)$"),
+    ("name: x\nfinetune: {lr: {full: abc}}\n", r"yaml: line 2: finetune.lr.full: Input should be a valid number.*'\)$"),
+    ("name: x\npretrain: {recall: {0: 0.5, x: 1}}\n", r"yaml: line 2: pretrain.recall.x: the key: Input should be a "
+                                                     r"valid integer.*\(got 'x'\)$"),
     ("name: x\nfinetune: {context: 255, recall: 0.5}\n", "finetune: recall: .*at least 256 tokens"),
     ("name: x\nbackends: [{full: {}, s2_attn: {}}]\n", "line 2: backends.0: a backend is a name or a one-key mapping"),
     ("name: x\nbackends: [{se_attn: {grid: {top_k: []}}}]\n", "line 2: backends.0.grid: .*non-empty list of values"),
