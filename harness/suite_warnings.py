@@ -19,7 +19,7 @@ def warnings(suite: Suite) -> list[tuple[tuple[str, ...], str]]:
     if any(isinstance(m, str) for m in suite.models):  # a preset, which the harness pretrains
         out += _warmup(suite.pretrain, "pretrain")
     if suite.methods and suite.backends:
-        out += _warmup(suite.finetune, "finetune") + _backends(suite)
+        out += _warmup(suite.finetune, "finetune") + _backends(suite) + _unused_lr(suite)
     return out
 
 
@@ -61,6 +61,15 @@ def _backends(suite: Suite) -> list:
             out.append((("backends",), f"{b.label} lets each token see only itself at finetune.context {context}; "
                                        "raise its window, group_ratio or chunk_size"))
     return out
+
+
+def _unused_lr(suite: Suite) -> list:
+    """Keys of a finetune.lr mapping that name a backend the suite does not fine-tune with (a typo of intent, or
+    a suite edited since: the LR meant for it is not used)."""
+    lr, used = suite.finetune.lr, {b.name for b in suite.backends}
+    return [(("finetune", "lr", key), f"no {key} backend in `backends` ({_labels(suite)}), so this learning rate is "
+                                      "not used; remove it, or add the backend")
+            for key in (lr if isinstance(lr, dict) else ()) if key != "default" and key not in used]
 
 
 def _labels(suite: Suite) -> str:

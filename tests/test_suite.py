@@ -118,6 +118,8 @@ def test_attention_timed_alone_is_not_held_to_the_fine_tuning_context(tmp_path):
      "se_attn.* lets every token see all earlier ones"),  # 112 blocks of 16 before the last chunk of 256
     ("name: x\nbackends: [{s2_attn: {group_ratio: 0.0001}}]\n", "lets each token see only itself at "
                                                                 "finetune.context 2048"),
+    ("name: x\nbackends: [full]\nfinetune:\n  lr: {default: 1e-4, s2_attn: 1e-5, full: 2e-4}\n",
+     r"line 4: finetune.lr.s2_attn: no s2_attn backend in `backends` \(full\), so this learning rate is not used"),
 ])
 def test_settings_that_measure_something_else_are_warned_about(tmp_path, text, warning):
     warnings = load_suite(write(tmp_path, text)).warnings
@@ -132,6 +134,7 @@ def test_settings_that_measure_something_else_are_warned_about(tmp_path, text, w
     "name: x\nbackends: [{sliding_window: {window: 2047}}, {s2_attn: {group_ratio: 0.001}}]\n",  # groups of 3
     "name: x\nbackends: [{se_attn: {chunk_size: 256, block_size: 16, top_k: 111}}]\n",
     "name: x\nmodels: [{name: c, path: /ckpt}]\npretrain: {steps: 10}\n",  # a checkpoint is not pretrained
+    "name: x\nbackends: [{s2_attn: {group_ratio: 0.5}}]\nfinetune: {lr: {s2_attn: 1e-5, default: 1e-4}}\n",
     "name: x\nmethods: []\nfinetune: {steps: 5}\n",  # nothing is fine-tuned
     "name: x\nbackends: [{sliding_window: {window: 8192}}]\nmetrics: {efficiency: {lengths: [1024]}}\n",
 ])
