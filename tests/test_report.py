@@ -554,6 +554,20 @@ def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean(
     assert training._mean_curve([[[1, 4.0], [2, 3.0]], [[1, 5.0], [2, 4.0], [3, 1.0]]]) == [(1, 4.5), (2, 3.5)]
 
 
+def test_seeds_that_share_a_pretrained_model_show_one_pretraining():
+    """With pretrain.seed every seed's job records the one model it fine-tunes from: three identical rows read as
+    three pretrainings. Seeds with their own models keep a row each."""
+    def pre(seed, key):
+        return asdict(Record(suite="s", cell=f"m/seed{seed}/pretrain", metric="pretrain", stage="pretrained",
+                             variant={"model": "m", "seed": seed}, model={"preset": "m", "hash": key}, env=ENV,
+                             values={"loss_curve": [[1, 9.0]], "tokens": 10, "seconds": 1.0}))
+
+    for keys, names in ((["k", "k", "k"], ["pretraining: m (one model for 3 seeds)"]),
+                        (["a", "b"], ["pretraining: m (seed0)", "pretraining: m (seed1)"])):
+        sec, _ = _section([pre(seed, k) for seed, k in enumerate(keys)], "training")
+        assert [r[0]["text"] for r in next(b for b in sec["blocks"] if b["type"] == "table")["rows"]] == names
+
+
 def test_a_diverged_training_shows_its_nan_loss():
     """A loss curve ending in NaN (the training loop logs it and goes on) read "–" as its final loss, as if none
     was logged."""

@@ -48,7 +48,13 @@ def training_section(records: list[Record]) -> Section | None:
     blocks: list[Block] = []
     rows = []
     if pre:
-        names = {id(r): _pretrain_label(r, pre) for r in pre}
+        # seeds that fine-tune from one pretrained model (pretrain.seed) each record its pretraining: one row
+        shared: dict[tuple, list[Record]] = defaultdict(list)
+        for r in pre:
+            shared[(r.run_index, r.model.get("hash") or r.cell)].append(r)
+        pre = [rs[0] for rs in shared.values()]
+        names = {id(rs[0]): _pretrain_label(rs[0], pre) + (f" (one model for {len(rs)} seeds)" if len(rs) > 1 else "")
+                 for rs in shared.values()}
         curves = [(names[id(r)], r.values.get("loss_curve") or []) for r in pre]
         if any(pts for _, pts in curves):
             blocks.append({"type": "figure", "alt": "pretraining loss curves",
