@@ -54,11 +54,6 @@ class Variant:
     def as_dict(self) -> dict:
         return {**asdict(self), "stage": self.stage}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Variant:
-        return cls(model=d["model"], seed=int(d["seed"]), method=d.get("method") or "none",
-                   backend=d.get("backend") or "full", finetune_context=d.get("finetune_context"))
-
 
 @dataclass(frozen=True)
 class Cell:
@@ -90,13 +85,6 @@ class Cell:
         return {"id": self.id, "metric": self.metric, "variant": self.variant and self.variant.as_dict(),
                 "length": self.length, "task": self.task, "eval_attention": self.eval_attention,
                 "backend": self.backend}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Cell:
-        variant = d.get("variant")
-        return cls(metric=d["metric"], variant=Variant.from_dict(variant) if variant else None,
-                   length=d.get("length"), task=d.get("task"), eval_attention=d.get("eval_attention") or "full",
-                   backend=d.get("backend"))
 
     @classmethod
     def parse(cls, cell_id: str, finetune_context: int | None = None) -> Cell:

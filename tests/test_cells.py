@@ -28,12 +28,13 @@ CELLS = [
 def test_id_and_parse_round_trip(cell, cell_id):
     assert cell.id == cell_id
     assert Cell.parse(cell_id, finetune_context=cell.variant and cell.variant.finetune_context) == cell
-    assert Cell.from_dict(cell.as_dict()) == cell
+    assert cell.as_dict()["id"] == cell_id
 
 
 def test_variant_stage_and_dict():
     assert (PRE.stage, FT.stage) == ("pretrained", "finetuned")
-    assert Variant.from_dict(FT.as_dict()) == FT and FT.as_dict()["stage"] == "finetuned"
+    assert FT.as_dict() == {"model": "tiny-hybrid", "seed": 3, "method": "hylora", "backend": SE,
+                            "finetune_context": 4096, "stage": "finetuned"}
 
 
 @pytest.mark.parametrize("bad", ["", "ppl@512", "tiny/seed0/ppl@512", "tiny/s0/pretrained/ppl@512",
