@@ -124,13 +124,14 @@ def environment() -> dict[str, Any]:
 
 
 def git_revision() -> str | None:
-    """The checkout's commit, with "-dirty" where harness's tracked sources differ from it; None outside one."""
+    """The checkout's commit, with "-dirty" where harness's tracked sources differ from it; None outside one, or
+    where the checkout does not track harness (an install into a virtual environment inside another project)."""
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
 
     try:
-        sha = git("rev-parse", "--short", "HEAD").stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD").stdout.strip() if git("ls-files", "--", ".").stdout else ""
         return sha + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode == 1 else "") if sha else None
     except (OSError, subprocess.SubprocessError):
         return None

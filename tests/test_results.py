@@ -181,6 +181,10 @@ def test_the_git_commit_is_marked_dirty_where_harness_differs_from_it(tmp_path, 
     assert results.git_revision() == sha
     (repo / "harness" / "m.py").write_text("x = 2\n")
     assert results.git_revision() == f"{sha}-dirty"
+    # installed into an untracked directory of the checkout (a virtual environment inside a project): not its code
+    (repo / ".venv" / "harness").mkdir(parents=True)
+    monkeypatch.setattr(results, "__file__", str(repo / ".venv" / "harness" / "results.py"))
+    assert results.git_revision() is None
     (tmp_path / "outside").mkdir()  # outside a checkout, even where tmp_path is inside one (nox's is in the clone)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.setattr(results, "__file__", str(tmp_path / "outside" / "results.py"))
