@@ -213,7 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                      " (one model directory)"))
     elif args.command == "list":
         from harness.attention import available
-        from harness.data.ruler import PAPER_TASKS
+        from harness.data.ruler import PAPER_TASKS, TASKS
         from harness.finetune.methods import METHODS
         from harness.models.presets import PRETRAINABLE
         from harness.models.sources import NAMED
@@ -229,7 +229,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print("metrics:", ", ".join(name for name, m in builtin().items() if m.config is not None),
               "(keys of a suite's `metrics:`; a metric of your own through `plugins:`)")
-        print("ruler tasks:", ", ".join(PAPER_TASKS))
+        opt_in = [t for t in TASKS if t not in PAPER_TASKS]
+        print("ruler tasks:", ", ".join(PAPER_TASKS), "(`all`); opt-in, with their data in `qa_files`:",
+              ", ".join(opt_in))
         print("suites:", ", ".join(str(p) for p in sorted(Path("suites").glob("*.yaml"))))
     elif args.command == "cache":
         _cache(args)

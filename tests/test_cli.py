@@ -70,3 +70,14 @@ def test_report_of_two_dirs_of_one_name_tells_them_apart_by_path(tmp_path):
                                                       config_hash="h"))
     assert main(["report", str(tmp_path / "a/run"), str(tmp_path / "b/run"), "--out", str(tmp_path / "cmp")]) == 0
     assert f"[{tmp_path / 'b/run'}]" in (tmp_path / "cmp" / "index.html").read_text()
+
+
+def test_list_names_what_a_suite_can_use(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "model presets (the harness pretrains them): tiny-hybrid\n" in out
+    assert "methods: lora, lora_plus, hylora, full\n" in out
+    assert "  se_attn: SE-Attn" in out and "[chunk_size=(2048, 4096), block_size=32, top_k=8" in out
+    assert "ruler tasks: niah_single_1" in out
+    assert "fwe (`all`); opt-in, with their data in `qa_files`: qa_1, qa_2" in out
+    assert "suites/pg19.yaml" in out
