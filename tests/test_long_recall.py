@@ -1,5 +1,6 @@
 """Spread recall rows for fine-tuning: every answer lies more than half the context after its fact."""
 
+from itertools import groupby
 from random import Random
 
 import torch
@@ -53,3 +54,20 @@ def test_a_fact_that_does_not_fit_the_first_quarter_is_not_asked_for():
             head = tok.decode(ids[: length // 4])
             for value in tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0]).split():
                 assert value.rstrip(".") in head, (length, seed, value, head)
+
+
+def test_every_answer_in_a_row_is_whole():
+    """A question goes in only with its whole answer: cut at the row's end, the last answer would weight part of a
+    value. Every run of answer-weighted tokens is one answer, up to its newline."""
+    tok = default_tokenizer()
+    docs = SpreadRecallDocuments(tok, TEXT, answer_weight=7.0)
+    whole = 0
+    for length in (128, 256, 512):
+        for seed in range(20):
+            ids, weights = docs.row(Random(seed), length)
+            for weighted, run in groupby(zip(ids, weights, strict=True), key=lambda x: x[1] == 7.0):
+                if weighted:
+                    answer = tok.decode([t for t, _ in run])
+                    assert answer.endswith("\n"), (length, seed, answer)
+                    whole += 1
+    assert whole > 100

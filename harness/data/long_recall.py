@@ -47,6 +47,8 @@ class SpreadRecallDocuments(RecallDocuments):
         for k, v in asked:
             question, answer = rng.choice(QUERIES)
             q, a = encode(question.format(a=attribute, k=k)), encode(answer.format(v=v) + "\n")
+            if len(ids) + len(q) + len(a) > length:  # left out, not cut: a cut answer weights part of a value
+                break
             ids += q + a
             weights += [1.0] * len(q) + [self.answer_weight] * len(a)
         while len(ids) < length:
