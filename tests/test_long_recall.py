@@ -71,3 +71,17 @@ def test_every_answer_in_a_row_is_whole():
                     assert answer.endswith("\n"), (length, seed, answer)
                     whole += 1
     assert whole > 100
+
+
+def test_questions_come_in_another_order_than_the_facts():
+    """Asked in the order stated, the n-th answer would be the n-th fact: position, not recall, would answer."""
+    tok = default_tokenizer()
+    docs = SpreadRecallDocuments(tok, TEXT, answer_weight=7.0)
+    shuffled = 0
+    for seed in range(10):
+        ids, weights = docs.row(Random(seed), 1024)
+        head = tok.decode(ids[:256])
+        values = tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0]).split()
+        stated_at = [head.index(value.rstrip(".")) for value in values]
+        shuffled += stated_at != sorted(stated_at)
+    assert shuffled >= 5
