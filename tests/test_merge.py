@@ -103,12 +103,16 @@ def test_autocast_around_the_union_changes_nothing(monkeypatch, kernel):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_a_set_that_does_not_fit_its_pattern_is_an_error():
+def test_a_set_that_does_not_fit_its_pattern_or_is_empty_is_an_error():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="pattern 'causal', 5 keys for 4 queries"):
         _union(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "causal")], 1.0)
     with pytest.raises(ValueError, match="pattern 'anticausal', 3 keys for 2 queries"):
         merge.attend_calls(q, q, q, [(slice(2, 4), [(slice(0, 3), "anticausal")])], 1.0)
+    with pytest.raises(ValueError, match="pattern 'all', 0 keys for 4 queries"):  # not a dead process (SIGFPE)
+        merge.attend_calls(q, q, q, [(slice(0, 4), [(slice(0, 4), "causal"), (slice(2, 2), "all")])], 1.0)
+    with pytest.raises(ValueError, match="pattern 'all', 4 keys for 0 queries"):
+        merge.attend_calls(q, q, q, [(slice(4, 4), [(slice(0, 4), "all")])], 1.0)
     with pytest.raises(ValueError, match="pattern 'none'"):
         _union(q, [(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), "none")], 1.0)
 

@@ -61,9 +61,10 @@ def attend_calls(q, k, v, calls, scale: float) -> torch.Tensor:
     at a time."""
     if k.shape[:2] != q.shape[:2] or k.shape != v.shape:
         raise ValueError(f"bad keys: k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}")
-    for queries, sets in calls:
+    for queries, sets in calls:  # an empty set or call is an error: torch's CPU flash kernel dies of it (SIGFPE)
         for keys, pattern in sets:
-            if pattern not in PATTERNS or (pattern != "all" and _count(keys, k) != _count(queries, q)):
+            if (pattern not in PATTERNS or not _count(keys, k) or not _count(queries, q)
+                    or (pattern != "all" and _count(keys, k) != _count(queries, q))):
                 raise ValueError(f"bad key set: pattern {pattern!r}, {_count(keys, k)} keys for "
                                  f"{_count(queries, q)} queries")
     kernel = _kernel(q)
