@@ -147,6 +147,14 @@ def test_fp16_relevancy_that_overflows_fp16_still_retrieves_only_candidates():
     assert all(((index[0, h, i][valid[0, h, i]] + 1) * 16 <= i * 128).all() for h in range(2) for i in range(4))
 
 
+def test_relevancy_that_overflows_float32_still_retrieves_only_candidates():
+    # bf16 holds values float32's relevancy overflows: every score is -inf, and unclamped the candidates tied with
+    # the masked non-candidates, so chunks 1 and 2 read blocks 10 and 11, after them
+    q, v = torch.full((1, 1, 64, 4), 1e37).bfloat16(), torch.full((1, 1, 64, 4), -1e37).bfloat16()
+    index, valid = se_attn_select(q, torch.zeros_like(q), v, 0.5, 16, 4, 2, "relevancy", True, 0)
+    assert valid[0, 0].sum(-1).tolist() == valid_counts(64, 16, 4, 2) == [0, 2, 2, 2]
+    assert all(((index[0, 0, i] + 1) * 4 <= i * 16).all() for i in range(1, 4))
+
 @pytest.mark.parametrize("length,chunk,block,top_k", [(512, 128, 16, 8), (300, 64, 16, 3), (250, 64, 32, 8),
                                                      (257, 100, 7, 2), (64, 64, 8, 4), (96, 16, 32, 1)])
 def test_the_valid_blocks_counted_on_the_host_are_the_ones_selected(length, chunk, block, top_k):
@@ -273,6 +281,7 @@ def test_padding_mask_is_an_error_except_for_full():
     ("se_attn", {"retrieval": "relevance"}, "retrieval"),
     ("se_attn", {"per_head": 1}, "per_head"),
     ("se_attn", {"seed": 2**64}, "seed"),  # torch's generator would refuse it with a ValueError
+    ("se_attn", {"seed": 2**63}, "seed"),  # seeds end where the suite's do (spec.SEED_END)
     ("se_attn", {"seed": -1}, "seed"),  # the same generator as 2**64 - 1
     ("se_attn", {"chunk_sizes": 8}, "chunk_size"),
     ("sliding_window", {"window": 0}, "window"),
