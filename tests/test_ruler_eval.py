@@ -98,9 +98,22 @@ def test_prompts_carry_the_tokenizers_special_tokens_as_rulers_do():
     assert prompts[-N:] == [[bos, *tok.encode(s.input, add_special_tokens=False)] for s in samples]  # after the check
 
 
+def test_a_dropped_cache_fails_the_check_even_when_the_first_token_is_eos(drop_cache):
+    """The check decodes all its steps: stopped at an end-of-text token, it would compare only the first, which
+    the prompt's forward gives whatever the cache does."""
+    from harness.metrics.decode_check import PROMPT, PROMPT_TOKENS
+
+    torch.manual_seed(0)
+    model, tok = drop_cache(_llama().eval()), default_tokenizer()
+    ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)[:PROMPT_TOKENS]])
+    with torch.inference_mode():
+        model.generation_config.eos_token_id = int(model(input_ids=ids).logits[0, -1].argmax())
+    with pytest.raises(CacheMismatchError):
+        check_cached_decoding(model, tok)
+
 @pytest.mark.parametrize("dtype, scale, fails", [(torch.float32, 2e-2, True), (torch.float32, 2e-3, True),
                                                 (torch.float32, 1e-5, False), (torch.bfloat16, 1.0, True),
-                                                (torch.bfloat16, 0.1, False)])
+                                                (torch.bfloat16, 0.4, True), (torch.bfloat16, 0.1, False)])
 def test_a_single_logit_off_by_more_than_the_tolerance_fails_the_check(dtype, scale, fails):
     # one logit of one step off by `scale` standard deviations of the step's logits: fp32 allows 1e-3, 16-bit 0.25
     # (the unaltered model's error is 0 in both on the CPU)
