@@ -49,9 +49,10 @@ def _qkv(shape, seed=0, grad=False):
 def test_kernel_equals_reference_outputs_and_gradients(backend, options):
     for i, shape in enumerate(SHAPES):
         q, k, v = _qkv(shape, seed=i, grad=True)
-        out, kernel = attend(q, k, v, backend, return_kernel=True, **options)
+        scale = 0.7 if i % 2 else None  # a model's own scale, or the default d ** -0.5
+        out, kernel = attend(q, k, v, backend, scale=scale, return_kernel=True, **options)
         assert kernel.endswith(" via sdpa") or kernel.endswith(" via blockwise")
-        ref, ref_kernel = attend(q, k, v, backend, kernel="reference", return_kernel=True, **options)
+        ref, ref_kernel = attend(q, k, v, backend, scale=scale, kernel="reference", return_kernel=True, **options)
         assert ref_kernel.endswith(" via reference")
         assert out.shape == q.shape
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
