@@ -40,6 +40,9 @@ def test_mixed_batches_draw_rows_per_row_and_reproducibly():
     assert all(torch.equal(next_batch(g)[0], ids) for ids, _ in draws[:5])
     none = mixed_batches(tokens, SpreadRecallDocuments(default_tokenizer(), TEXT), 0.0, 256, 4)
     assert (none(torch.Generator().manual_seed(1))[1] == 1).all()
+    every = mixed_batches(tokens, SpreadRecallDocuments(default_tokenizer(), TEXT), 1.0, 256, 4)
+    ids = every(torch.Generator().manual_seed(1))[0]
+    assert len({tuple(row.tolist()) for row in ids}) == 4  # each recall row a document of its own
 
 
 def test_a_fact_that_does_not_fit_the_first_quarter_is_not_asked_for():
