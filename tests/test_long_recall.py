@@ -88,3 +88,13 @@ def test_questions_come_in_another_order_than_the_facts():
         stated_at = [head.index(value.rstrip(".")) for value in values]
         shuffled += stated_at != sorted(stated_at)
     assert shuffled >= 5
+
+
+def test_a_long_row_asks_for_each_of_its_max_facts_facts_once():
+    tok = default_tokenizer()
+    docs = SpreadRecallDocuments(tok, TEXT, max_facts=3, answer_weight=7.0)
+    for seed in range(5):
+        ids, weights = docs.row(Random(seed), 1024)
+        answers = [tok.decode([t for t, _ in run]) for weighted, run in
+                   groupby(zip(ids, weights, strict=True), key=lambda x: x[1] == 7.0) if weighted]
+        assert len(answers) == len(set(answers)) == 3
