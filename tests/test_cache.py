@@ -188,3 +188,55 @@ def test_a_build_clears_scratch_left_under_its_own_pid_by_an_earlier_process():
     with cache.build("model", "k8") as d:
         (d / "w.txt").write_text("done")
     assert sorted(p.name for p in cache.lookup("model", "k8").iterdir()) == [cache.META, "w.txt"]
+
+
+def test_the_cache_is_under_xdg_cache_home_else_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_root() == tmp_path / "xdg" / "harness"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_root() == tmp_path / "home" / ".cache" / "harness"
+
+
+def test_an_entry_from_before_manifests_were_recorded_is_served():
+    import json
+
+    with cache.build("model", "k9") as d:
+        (d / "w.txt").write_text("done")
+    path = cache.lookup("model", "k9")
+    meta = json.loads((path / cache.META).read_text())
+    del meta["files"]
+    (path / cache.META).write_text(json.dumps(meta))
+    assert cache.lookup("model", "k9") == path
+
+
+def test_a_maker_that_writes_nothing_is_an_error_naming_the_entry():
+    with pytest.raises(RuntimeError, match="building cache entry model/k10 finished without writing it"):
+        cache.ensure("model", "k10", lambda: None)
+
+
+def test_a_scratch_directory_of_a_container_sharing_this_host_name_is_kept(monkeypatch):
+    """Containers on one cache may share a host name but not their processes: a build in another pid namespace
+    cannot be told dead by its pid here, so its files stay."""
+    import os
+    import subprocess
+    import sys
+
+    real_stat = os.stat
+
+    def in_namespace(ino):
+        def stat(path, *args, **kwargs):
+            if str(path) == "/proc/self/ns/pid":
+                return os.stat_result((0, ino, 0, 0, 0, 0, 0, 0, 0, 0))
+            return real_stat(path, *args, **kwargs)
+        return stat
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setattr(os, "stat", in_namespace(1))
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k11-{cache._host()}-{gone.stdout.strip()}"
+    scratch.mkdir(parents=True)  # a build in the other container: its pid means nothing here
+    monkeypatch.setattr(os, "stat", in_namespace(2))
+    with cache.build("model", "k11") as d:
+        (d / "w.txt").write_text("done")
+    assert scratch.is_dir() and [u["alive"] for u in cache.unfinished()] == [None]
