@@ -89,6 +89,7 @@ def test_how_often_a_finetune_checkpoints_is_a_run_setting_outside_its_key(tmp_p
     "finetune: {context: 128, steps: 3, warmup_steps: 1, batch_size: 2}",
     "finetune: {context: 128, steps: 3, warmup_steps: 1, grad_accum: 1}",
     "finetune: {context: 256, steps: 3, warmup_steps: 1, recall: 0.5}",
+    "finetune: {context: 128, steps: 3, warmup_steps: 1, gradient_checkpointing: true}",
     "backends: [{sliding_window: {window: 32}}]",
     "data: {train: {source: embedded, max_tokens: 5000}}",
     "pretrain: {context: 64, steps: 3, batch_size: 2, warmup_steps: 1}",
@@ -123,6 +124,33 @@ def test_the_recall_rows_of_a_finetune_are_in_its_key(tmp_path):
         s = load_suite(tmp_path / "s.yaml")
         keys.append(artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], documents(s, "train"))[0])
     assert len(set(keys)) == 3
+
+
+def test_the_process_count_and_strategy_of_a_finetune_are_in_its_key(tmp_path):
+    """On more processes a recipe trains on a larger global batch, its gradients summed as the strategy does: a
+    key without them served a one-process adapter to a two-process suite. One process has no strategy."""
+    keys = []
+    for run in ("", "run: {strategy: fsdp}\n", "run: {nproc: 2}\n", "run: {nproc: 2, strategy: fsdp}\n"):
+        (tmp_path / "s.yaml").write_text(SUITE + run)
+        s = load_suite(tmp_path / "s.yaml")
+        keys.append(artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], documents(s, "train"))[0])
+    assert keys[0] == keys[1] and len(set(keys)) == 3
+
+
+def test_an_edit_to_the_fine_tuning_code_moves_the_adapters_key_only(tmp_path, monkeypatch):
+    """The adapter's key holds the code that builds adapters (provenance.ADAPTER), the pretrained model's that
+    which pretrains: an edit to a LoRA method rebuilds the adapters, and not the model under them."""
+    from harness import provenance
+
+    (tmp_path / "s.yaml").write_text(SUITE)
+    s = load_suite(tmp_path / "s.yaml")
+    keys = []
+    for edited in ((), provenance.ADAPTER):
+        monkeypatch.setattr(provenance, "artefact_fingerprint", lambda modules, e=edited: str(modules == e))
+        keys.append((artefacts.base_info(s, "tiny-hybrid", 0)["hash"],
+                     artefacts.adapter_key(s, "tiny-hybrid", 0, "lora", s.backends[0], documents(s, "train"))[0]))
+    (base, adapter), (base2, adapter2) = keys
+    assert base == base2 and adapter != adapter2
 
 
 def test_the_embedded_corpus_and_tokenizer_are_in_a_pretrained_models_key(tmp_path, monkeypatch):
