@@ -443,3 +443,51 @@ def test_a_local_attempt_removes_its_spec_file_once_its_process_has_ended(tmp_pa
     while attempt.poll() is None:
         time.sleep(0.05)
     assert attempt.code != 0 and not os.path.exists(spec)
+
+
+def test_a_local_attempt_sees_only_its_own_devices(monkeypatch):
+    """Each local job is given its GPU(s) through CUDA_VISIBLE_DEVICES, forked or started afresh; without a device
+    it keeps the runner's."""
+    from harness import executors
+
+    seen = []
+
+    class Server:
+        def start(self, spec_file, env):
+            seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+            return 1
+
+    def popen(cmd, env, **kw):
+        seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return SimpleNamespace(pid=1, poll=lambda: None)
+
+    monkeypatch.setattr(executors.subprocess, "Popen", popen)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    for device, server in (("3", None), ("1,2", Server()), (None, None)):
+        os.unlink(executors.LocalAttempt({"cells": []}, device, server)._spec_file)
+    assert seen == ["3", "1,2", "0,1,2,3"]
+
+
+def test_a_submitit_local_job_gets_its_devices_and_the_suites_time_limit(suite_file, tmp_path, monkeypatch):
+    """submitit's LocalExecutor would otherwise show each job every GPU, and kill it after its default 2 minutes."""
+    run = load_suite(suite_file, {"executor": "submitit-local", "slurm": {"time_min": 30}}).run
+    ex = Executor(run, tmp_path / "out")
+    submitted = []
+    monkeypatch.setattr(ex._submitit, "submit",
+                        lambda fn, spec: submitted.append(dict(ex._submitit.parameters)) or SimpleNamespace(job_id=7))
+    for device in ("1,3", None):
+        ex.start("attention/full", {"cells": [{"id": "c"}]}, device)
+    assert [(p["visible_gpus"], p["timeout_min"]) for p in submitted] == [((1, 3), 30), ((), 30)]
+
+
+def test_slurm_warns_of_a_node_local_results_directory_and_of_too_few_cpus_only(suite_file, tmp_path, monkeypatch,
+                                                                                  capsys):
+    fake_sbatch(tmp_path, monkeypatch)
+    monkeypatch.setattr("harness.executors.filesystem_type", lambda path: "ext4" if path.name == "out" else "nfs4")
+    Executor(load_suite(suite_file, {"executor": "slurm", "nproc": 2,
+                                     "slurm": {"gpus_per_node": 2, "cpus_per_task": 2}}).run, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"warning: the results directory {tmp_path / 'out'} is on a node-local filesystem (ext4)" in err
+    assert "(--out)" in err and "HARNESS_CACHE" not in err and "artefact cache" not in err
+    assert "run.nproc" not in err  # as many CPUs as processes
+
