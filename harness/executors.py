@@ -310,7 +310,8 @@ def _sbatch_error(e: Exception) -> str:
 
 
 def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem `path` is on (the longest mount point above it in /proc/mounts)."""
+    """The type of the filesystem `path` is on: the last mount at the longest mount point above it in /proc/mounts
+    (a later mount hides an earlier one there: autofs, then the disk it mounts)."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
     except OSError:
@@ -319,7 +320,7 @@ def filesystem_type(path: Path) -> str | None:
     for line in mounts:
         parts = line.split()
         if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) > len(best[1]):
+            if len(parts[1]) >= len(best[1]):
                 best = (parts[2], parts[1])
     return best[0]
 

@@ -491,3 +491,16 @@ def test_slurm_warns_of_a_node_local_results_directory_and_of_too_few_cpus_only(
     assert "(--out)" in err and "HARNESS_CACHE" not in err and "artefact cache" not in err
     assert "run.nproc" not in err  # as many CPUs as processes
 
+
+
+def test_a_paths_filesystem_is_that_of_the_last_mount_at_its_closest_mount_point(monkeypatch):
+    """A mount hides an earlier one at the same point (an automounted local disk: autofs, then xfs), and a mount
+    point is a whole path component (/scratch is not above /scratch2)."""
+    real = Path.read_text
+    mounts = ("/dev/sda1 / ext4 rw 0 0\nsystemd-1 /scratch autofs rw 0 0\n/dev/sdb1 /scratch xfs rw 0 0\n"
+              "server:/home /home nfs4 rw 0 0\n")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: mounts if str(self) == "/proc/mounts"
+                        else real(self, *a, **kw))
+    assert filesystem_type(Path("/scratch/me/cache")) == "xfs"
+    assert filesystem_type(Path("/scratch2/cache")) == "ext4"
+    assert filesystem_type(Path("/home/me")) == "nfs4"
