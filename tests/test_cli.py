@@ -81,3 +81,36 @@ def test_list_names_what_a_suite_can_use(capsys):
     assert "ruler tasks: niah_single_1" in out
     assert "fwe (`all`); opt-in, with their data in `qa_files`: qa_1, qa_2" in out
     assert "suites/pg19.yaml" in out
+
+
+def _cached(kind: str, key: str) -> None:
+    from harness import cache
+
+    with cache.build(kind, key, {"what": f"{kind} {key}"}) as d:
+        (d / "w.bin").write_bytes(b"w")
+
+
+def test_cache_rm_removes_every_entry_a_prefix_matches_and_all_with_all(tmp_path, monkeypatch, capsys):
+    from harness import cache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    for kind, key in (("adapter", "ab1"), ("pretrained", "ab2"), ("tokens", "cd3"), ("adapter", "ef4")):
+        _cached(kind, key)
+    assert main(["cache", "rm", "ab"]) == 0
+    assert sorted(e["key"] for e in cache.entries()) == ["cd3", "ef4"]
+    assert main(["cache", "rm", "--all"]) == 0
+    assert cache.entries() == []
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("removed")] == [
+        "removed adapter/ab1", "removed pretrained/ab2", "removed adapter/ef4", "removed tokens/cd3"]
+
+
+def test_cache_ls_of_a_key_shows_that_keys_unfinished_builds_only(tmp_path, monkeypatch, capsys):
+    from harness import cache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    for key in ("ab1", "cd3"):
+        (cache.cache_root() / "adapter" / f"{cache.SCRATCH}{key}-{cache._host()}-1").mkdir(parents=True)  # pid 1: alive
+    assert main(["cache", "ls", "ab"]) == 0
+    out = capsys.readouterr().out
+    assert "ab1" in out and "unfinished build (pid 1 on " in out and "building" in out and "cd3" not in out
