@@ -235,6 +235,8 @@ def entries() -> list[dict]:
     out = []
     for meta_file in sorted(cache_root().glob(f"*/*/{META}")):
         path = meta_file.parent
+        if path.name.startswith(SCRATCH):  # a build killed between writing its meta and the rename: unfinished()
+            continue
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):

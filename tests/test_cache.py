@@ -240,3 +240,17 @@ def test_a_scratch_directory_of_a_container_sharing_this_host_name_is_kept(monke
     with cache.build("model", "k11") as d:
         (d / "w.txt").write_text("done")
     assert scratch.is_dir() and [u["alive"] for u in cache.unfinished()] == [None]
+
+
+def test_a_build_killed_after_writing_its_meta_is_unfinished_not_an_entry():
+    """Killed between writing meta.json and the rename, a build's scratch directory was also listed by `harness
+    cache ls` as a finished entry, and `cache rm --all` removed it, a live build's included."""
+    import json
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k12-{cache._host()}-{gone.stdout.strip()}"
+    scratch.mkdir(parents=True)
+    (scratch / cache.META).write_text(json.dumps({"kind": "model", "key": "k12", "files": {}}))
+    assert cache.entries() == [] and [(u["key"], u["alive"]) for u in cache.unfinished()] == [("k12", False)]
