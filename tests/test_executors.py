@@ -275,6 +275,42 @@ def test_when_sacct_cannot_say_squeue_decides_and_no_answer_refuses(tmp_path, mo
             _check_no_earlier_jobs_active(["attention/full"], out)
 
 
+def test_a_slurm_job_sacct_knows_is_in_the_state_sacct_gives(tmp_path, monkeypatch):
+    """squeue is asked only where sacct cannot say: a finished job it no longer lists is COMPLETED, not GONE."""
+    from harness.executors import live_state
+
+    slurm_tools(tmp_path, monkeypatch, sacct="printf 'JobID|State|NodeList\\n4242|COMPLETED|node1\\n'",
+                squeue="echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1")
+    entry = {"job": "attention/full", "id": "4242", "executor": "slurm", "cells": 1}
+    assert live_state(entry, tmp_path) == "COMPLETED"
+
+
+def test_jobs_submitted_at_once_each_keep_their_own_parameters(suite_file, tmp_path):
+    """The runner starts jobs from several threads; submitit's parameters are its executor's, so a job submitted
+    while another thread set its own devices would run on those."""
+    import threading
+
+    ex = Executor(load_suite(suite_file, {"executor": "submitit-local"}).run, tmp_path / "out")
+
+    class Submitit:
+        def update_parameters(self, **params):
+            self.params = params
+
+        def submit(self, fn, spec):
+            time.sleep(0.2)  # another thread's update_parameters, unless they take turns
+            return SimpleNamespace(job_id=f"{spec['device']}:{self.params['visible_gpus'][0]}")
+
+    ex._submitit = Submitit()
+    ids = []
+    threads = [threading.Thread(target=lambda d=d: ids.append(ex.start(f"j{d}", {"cells": [], "device": d},
+                                                                            str(d)).id)) for d in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ids) == ["1:1", "2:2"]
+
+
 def test_a_cancellation_slurm_refuses_is_not_taken_for_done(tmp_path, monkeypatch, capsys):
     """A failed scancel was noted CANCELLED, and a rerun submitted the still-running job's cells again."""
     import submitit
@@ -415,6 +451,8 @@ def test_a_submitit_attempt_has_started_once_slurm_runs_it(tmp_path, state, star
     (dict(state="FAILED", result=1), "error", "exited with code 1"),
     (dict(state="TIMEOUT", stderr="CANCELLED DUE TO TIME LIMIT"), "timeout", "TIME LIMIT"),
     (dict(state="FAILED", stderr=""), "error", "died without a result or a message"),
+    (dict(state="FAILED", stderr="Traceback (most recent call last):\n  File \"x.py\"\nMemoryError"), "error",
+     "FAILED: MemoryError"),  # the last line says what
 ])
 def test_how_a_submitit_job_ended_is_its_records_status(tmp_path, job, status, said):
     from harness.executors import SubmititAttempt
