@@ -254,3 +254,31 @@ def test_a_build_killed_after_writing_its_meta_is_unfinished_not_an_entry():
     scratch.mkdir(parents=True)
     (scratch / cache.META).write_text(json.dumps({"kind": "model", "key": "k12", "files": {}}))
     assert cache.entries() == [] and [(u["key"], u["alive"]) for u in cache.unfinished()] == [("k12", False)]
+
+
+def test_a_cache_directory_that_exists_but_takes_no_files_is_not_writable(monkeypatch):
+    """A shared cache mounted read-only exists, so creating it succeeds: only writing a file there tells."""
+    from harness.errors import UserError
+
+    monkeypatch.setenv("HARNESS_CACHE", "/proc")  # there, but no file can be made in it (as root too)
+    with pytest.raises(UserError, match=r"the artefact cache /proc is not writable .*set HARNESS_CACHE"):
+        cache.check_writable()
+
+
+def test_a_damaged_file_in_a_subdirectory_of_an_artefact_is_detected(capsys):
+    with cache.build("adapter", "k13") as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"weights!")
+    (cache.lookup("adapter", "k13") / "sub" / "w.bin").write_bytes(b"WEIGHTS!")
+    assert cache.lookup("adapter", "k13") is None and "sub/w.bin differs" in capsys.readouterr().err
+
+
+def test_what_a_builder_adds_to_its_meta_inside_the_build_is_recorded():
+    """harness.data.tokens counts the tokens while it writes them, and adds the counts to the meta it gave."""
+    import json
+
+    meta = {"what": "a stream"}
+    with cache.build("tokens", "k14", meta) as d:
+        (d / "tokens.bin").write_bytes(b"t" * 6)
+        meta["tokens"] = 3
+    assert json.loads((cache.lookup("tokens", "k14") / cache.META).read_text())["tokens"] == 3
