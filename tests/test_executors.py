@@ -542,3 +542,32 @@ def test_a_paths_filesystem_is_that_of_the_last_mount_at_its_closest_mount_point
     assert filesystem_type(Path("/scratch/me/cache")) == "xfs"
     assert filesystem_type(Path("/scratch2/cache")) == "ext4"
     assert filesystem_type(Path("/home/me")) == "nfs4"
+
+
+def test_killing_a_local_attempt_ends_the_processes_its_job_started(tmp_path, monkeypatch):
+    """A job's own children (torchrun's ranks, say) go with it: left running, they would record cells the runner
+    has already recorded lost."""
+    from harness import executors
+
+    pidfile = tmp_path / "child.pid"
+    job = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+           f"time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    monkeypatch.setattr(executors, "_job_command", lambda spec_file: [sys.executable, "-c", job])
+    attempt = executors.LocalAttempt({"cells": []}, None, None)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the job never started its child"
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert attempt.kill()
+
+    def ended() -> bool:  # gone, or a zombie that nothing reaps here
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    deadline = time.monotonic() + 5
+    while not ended():
+        assert time.monotonic() < deadline, "the job's child outlived it"
+        time.sleep(0.05)
