@@ -282,3 +282,23 @@ def test_what_a_builder_adds_to_its_meta_inside_the_build_is_recorded():
         (d / "tokens.bin").write_bytes(b"t" * 6)
         meta["tokens"] = 3
     assert json.loads((cache.lookup("tokens", "k14") / cache.META).read_text())["tokens"] == 3
+
+
+def test_a_remembered_hash_cut_off_while_written_is_never_read(tmp_path, monkeypatch):
+    """A process killed while it wrote a file's hash must not leave a part of it to be read as the hash, which
+    goes into cache keys."""
+    from pathlib import Path
+
+    f = tmp_path / "essays.json"
+    f.write_text("one")
+    real = Path.write_text
+
+    def cut_off(self, text, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", cut_off)
+        with pytest.raises(KeyboardInterrupt):
+            cache.remembered_sha256(f)
+    assert cache.remembered_sha256(f) == cache.file_sha256(f)
