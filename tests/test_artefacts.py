@@ -153,6 +153,13 @@ def test_an_edit_to_the_fine_tuning_code_moves_the_adapters_key_only(tmp_path, m
     assert base == base2 and adapter != adapter2
 
 
+def test_a_preset_is_pretrained_with_the_embedded_tokenizers_vocabulary(tmp_path):
+    """A preset's own vocabulary (50277 for mamba2attn-2.7b) would leave most of its embedding rows untrained."""
+    (tmp_path / "s.yaml").write_text(SUITE)
+    s = load_suite(tmp_path / "s.yaml")
+    _, config, _ = artefacts._pretrained_spec(s, "mamba2attn-2.7b", 0)
+    assert config.vocab_size == len(artefacts.default_tokenizer())
+
 def test_the_embedded_corpus_and_tokenizer_are_in_a_pretrained_models_key(tmp_path, monkeypatch):
     """Their code is in no key (harness.provenance): their content's fingerprints are what a new corpus or
     tokenizer changes."""
