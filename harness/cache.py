@@ -25,6 +25,7 @@ from types import ModuleType
 
 META = "meta.json"
 SCRATCH = ".tmp-"  # + key-host-pid: a build in progress, renamed into place when it succeeds
+WORK = ".work-"  # + key: checkpoints of a training into the entry (harness.pretraining), removed when it ends
 
 
 def cache_root() -> Path:
@@ -209,6 +210,34 @@ def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
         out.append({"path": path, "kind": path.parent.name, "key": built, "host": on, "pid": int(pid),
                     "alive": _alive(int(pid)) if on == host else None, "size_mib": size / 2**20})
     return out
+
+
+def work_dirs(kind: str = "*") -> list[dict]:
+    """Checkpoints of trainings into the cache that were interrupted (the next build of the key resumes from them)
+    or run now: path, kind, key, size, and whether a build of the key holds its lock (`busy`)."""
+    out = []
+    for path in sorted(cache_root().glob(f"{kind}/{WORK}*")):
+        if path.is_dir():
+            key = path.name.removeprefix(WORK)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            out.append({"path": path, "kind": path.parent.name, "key": key, "size_mib": size / 2**20,
+                        "busy": _building(path.parent.name, key)})
+    return out
+
+
+def _building(kind: str, key: str) -> bool:
+    """Whether a maker of `kind/key` holds its lock now (`ensure`)."""
+    import fcntl
+
+    lock = cache_root() / kind / f".lock-{key}"
+    if not lock.is_file():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            return True
+    return False
 
 
 def _host() -> str:

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_p.add_argument("action", choices=["ls", "rm"])
     cache_p.add_argument("keys", nargs="*", help="keys (or key prefixes): with ls, the entries to list (default all); "
                                                  "with rm, those to remove")
-    cache_p.add_argument("--all", action="store_true", help="with rm: remove every entry")
+    cache_p.add_argument("--all", action="store_true",
+                         help="with rm: remove every entry, and every training checkpoint no build is using")
     bench = sub.add_parser("bench", help="micro-benchmarks")
     bench.add_argument("what", choices=["attention"])
     bench.add_argument("--backends", type=arg.backend_names, default="full,sliding_window,s2_attn,se_attn",
@@ -265,7 +266,7 @@ def _cache(args: argparse.Namespace) -> None:
     def chosen(entries: list[dict]) -> list[dict]:
         return [e for e in entries if not args.keys or any(e["key"].startswith(k) for k in args.keys)]
 
-    entries = chosen(cache.entries())
+    entries, work = chosen(cache.entries()), chosen(cache.work_dirs())
     if args.action == "ls":
         print(f"cache: {cache.cache_root()}")
         for e in entries:
@@ -275,14 +276,24 @@ def _cache(args: argparse.Namespace) -> None:
                      None: "on another host: remove it by hand if that build is not running"}[u["alive"]]
             print(f"  {u['kind']:<11} {u['key']}  {u['size_mib']:8.1f} MiB  unfinished build (pid {u['pid']} on "
                   f"{u['host']}, {state}): {u['path']}")
+        for w in work:
+            state = "a build is using it" if w["busy"] else "the next build of this key resumes from it"
+            print(f"  {w['kind']:<11} {w['key']}  {w['size_mib']:8.1f} MiB  training checkpoint ({state}): "
+                  f"{w['path']}")
         return
     if not args.all and not args.keys:
         raise UserError("cache rm: name keys (or prefixes) to remove, or --all")
-    if not entries:
+    if not entries and not work:
         raise UserError(f"cache rm: no entry matches {' '.join(args.keys)}; see `harness cache ls`")
     for e in entries:
         shutil.rmtree(e["path"])
         print(f"removed {e['kind']}/{e['key']}")
+    for w in work:
+        if w["busy"]:
+            print(f"kept {w['kind']}/{w['key']}'s training checkpoint: a build is using it")
+        else:
+            shutil.rmtree(w["path"])
+            print(f"removed {w['kind']}/{w['key']}'s training checkpoint ({w['size_mib']:.1f} MiB)")
 
 
 if __name__ == "__main__":

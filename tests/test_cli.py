@@ -114,3 +114,30 @@ def test_cache_ls_of_a_key_shows_that_keys_unfinished_builds_only(tmp_path, monk
     assert main(["cache", "ls", "ab"]) == 0
     out = capsys.readouterr().out
     assert "ab1" in out and "unfinished build (pid 1 on " in out and "building" in out and "cd3" not in out
+
+
+def test_cache_shows_and_removes_the_checkpoints_of_interrupted_training(tmp_path, monkeypatch, capsys):
+    """The checkpoints a killed training leaves (a 2.7B model's are GBs) were neither listed nor removed."""
+    import fcntl
+
+    from harness import cache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    for key in ("ab1", "cd3"):
+        work = cache.cache_root() / "adapter" / f"{cache.WORK}{key}"
+        work.mkdir(parents=True)
+        (work / "checkpoint.pt").write_bytes(b"x" * 2**20)
+    assert main(["cache", "ls", "ab"]) == 0
+    out = capsys.readouterr().out
+    assert "ab1       1.0 MiB  training checkpoint (the next build of this key resumes from it): " in out
+    assert "cd3" not in out
+    with open(cache.cache_root() / "adapter" / ".lock-cd3", "a") as held:  # a build of cd3 is training now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["cache", "ls"]) == 0 and "cd3       1.0 MiB  training checkpoint (a build is using it)" in (
+            capsys.readouterr().out)
+        assert main(["cache", "rm", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "removed adapter/ab1's training checkpoint (1.0 MiB)" in out
+    assert "kept adapter/cd3's training checkpoint: a build is using it" in out
+    assert [w["key"] for w in cache.work_dirs()] == ["cd3"]
+    assert main(["cache", "rm", "cd"]) == 0 and cache.work_dirs() == []
