@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -319,9 +320,11 @@ def filesystem_type(path: Path) -> str | None:
     target, best = str(Path(path).resolve()), (None, "")
     for line in mounts:
         parts = line.split()
-        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) >= len(best[1]):
-                best = (parts[2], parts[1])
+        if len(parts) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), parts[1])  # "/my\040disk": "/my disk"
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[1]):
+            best = (parts[2], point)
     return best[0]
 
 

@@ -536,12 +536,13 @@ def test_a_paths_filesystem_is_that_of_the_last_mount_at_its_closest_mount_point
     point is a whole path component (/scratch is not above /scratch2)."""
     real = Path.read_text
     mounts = ("/dev/sda1 / ext4 rw 0 0\nsystemd-1 /scratch autofs rw 0 0\n/dev/sdb1 /scratch xfs rw 0 0\n"
-              "server:/home /home nfs4 rw 0 0\n")
+              "server:/home /home nfs4 rw 0 0\n/dev/sdc1 /data\\040disk ext3 rw 0 0\n")
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: mounts if str(self) == "/proc/mounts"
                         else real(self, *a, **kw))
     assert filesystem_type(Path("/scratch/me/cache")) == "xfs"
     assert filesystem_type(Path("/scratch2/cache")) == "ext4"
     assert filesystem_type(Path("/home/me")) == "nfs4"
+    assert filesystem_type(Path("/data disk/cache")) == "ext3"  # the table writes a space as \040
 
 
 def test_killing_a_local_attempt_ends_the_processes_its_job_started(tmp_path, monkeypatch):
