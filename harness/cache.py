@@ -158,7 +158,14 @@ def ensure(kind: str, key: str, make: Callable[[], None]) -> Path:
     lock = cache_root() / kind / f".lock-{key}"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        except OSError as e:
+            from harness.errors import UserError
+
+            raise UserError(f"{lock}: cannot lock it ({e.strerror}): the cache's filesystem takes no file locks "
+                            "(Lustre mounted without flock, say); set HARNESS_CACHE to a directory on one that "
+                            "does") from None
         if (path := lookup(kind, key)) is None:
             make()
             path = lookup(kind, key)

@@ -302,3 +302,19 @@ def test_a_remembered_hash_cut_off_while_written_is_never_read(tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             cache.remembered_sha256(f)
     assert cache.remembered_sha256(f) == cache.file_sha256(f)
+
+
+def test_a_filesystem_without_locks_is_a_clear_error(monkeypatch):
+    """Lustre without the flock mount option refuses flock: the raw OSError named nothing to change."""
+    import errno
+    import fcntl
+
+    from harness.errors import UserError
+
+    def refuse(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(UserError, match=r"\.lock-k1: cannot lock it \(No locks available\): the cache's filesystem "
+                                        r"takes no file locks .*set HARNESS_CACHE"):
+        cache.ensure("model", "k1", lambda: None)
