@@ -240,3 +240,10 @@ def test_a_cell_that_failed_in_base_is_not_judged():
     base = [rec("a", {}, status="oom"), rec("b", {}, status="error")]
     head = [rec("a", {}, status="oom"), rec("b", {"perplexity": 10.0})]
     assert compare(base, head) == []
+
+
+def test_a_base_recorded_before_cpu_peak_memory_was_counted_skips_the_memory_verdict():
+    # old CPU records hold peak_memory_gib None, new ones a number: nothing to judge the head's against, not a crash
+    old = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
+    new = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": 0.5}, metric="efficiency")]
+    assert verdicts(old, new) == [("time (median ms)", "ok"), ("peak memory", "skipped")]

@@ -106,7 +106,7 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
     devices = describe(b.env), describe(h.env)  # the machines (harness.hardware) each side ran on
     same_device = devices[0] == devices[1]
     lost = [k for k in ("perplexity", "per_sample", "times_ms", "peak_memory_gib")
-            if bv.get(k) not in _NO_VALUE and hv.get(k) in _NO_VALUE]  # on CPU, peak memory is None on both
+            if bv.get(k) not in _NO_VALUE and hv.get(k) in _NO_VALUE]
     if lost:
         return [Finding(cell, b.metric, None, None, "regression", f"no {', '.join(lost)} in head")]
     if "perplexity" in bv:
@@ -121,7 +121,7 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
                    Finding(cell, "time", None, None, "skipped", f"devices differ: {devices[0]} vs {devices[1]}"))
     if "peak_memory_gib" in bv and b.metric != "train":
         base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
-        if not same_device or new is None:
+        if not same_device or None in (base, new):  # CPU records made before its peak was counted: None
             out.append(Finding(cell, "peak memory", base, new, "skipped", "devices differ or no value"))
         else:
             verdict = ("regression" if new > base * th.memory_ratio
