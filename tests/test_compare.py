@@ -4,7 +4,8 @@ import pytest
 
 from harness import results
 from harness.cli import main
-from harness.report.compare import Thresholds, compare, markdown, permutation_p
+from harness.report.compare import Finding, Thresholds, compare, judge_accuracy, markdown, permutation_p
+from harness.report.significance import fisher_exact
 
 
 def rec(cell, values, status="ok", device="cpu", metric="perplexity", config_hash="h"):
@@ -247,3 +248,97 @@ def test_a_base_recorded_before_cpu_peak_memory_was_counted_skips_the_memory_ver
     old = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
     new = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": 0.5}, metric="efficiency")]
     assert verdicts(old, new) == [("time (median ms)", "ok"), ("peak memory", "skipped")]
+
+
+def test_a_peak_memory_lost_in_head_is_a_regression():
+    b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
+    (f,) = compare(b, [rec("m", {"peak_memory_gib": None}, metric="efficiency")])
+    assert (f.verdict, f.why) == ("regression", "no peak_memory_gib in head")
+
+
+def test_peak_memory_of_another_device_is_skipped():
+    # same settings hash (a Slurm request names no GPU model), but the jobs ran on different machines
+    b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency", device="cpu")]
+    assert verdicts(b, [rec("m", {"peak_memory_gib": 20.0}, metric="efficiency", device="cuda")]) == [
+        ("peak memory", "skipped")]
+
+
+def test_peak_memory_may_rise_by_exactly_the_ratio_and_improves_only_beyond_it():
+    b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
+    for head, verdict in ((10.0 * 1.05, "ok"), (10.0 * 1.05 + 1e-9, "regression"), (9.6, "ok"),
+                          (10.0 / 1.05, "ok"), (10.0 / 1.05 - 1e-9, "improvement")):
+        h = [rec("m", {"peak_memory_gib": head}, metric="efficiency")]
+        assert verdicts(b, h) == [("peak memory", verdict)], head
+
+
+def test_perplexity_improves_only_beyond_the_tolerance():
+    base = [rec("a", {"perplexity": 10.0})]
+    for head, verdict in ((10.0 * (1 - 0.005), "ok"), (10.0 * (1 - 0.005) - 1e-9, "improvement"), (9.97, "ok")):
+        assert verdicts(base, [rec("a", {"perplexity": head})]) == [("perplexity", verdict)], head
+
+
+def test_a_perplexity_that_was_not_finite_in_base_either_is_no_regression():
+    for base in (float("nan"), float("inf")):
+        assert verdicts([rec("a", {"perplexity": base})], [rec("a", {"perplexity": float("nan")})]) == [
+            ("perplexity", "ok")]
+
+
+def test_accuracy_without_samples_on_a_side_is_skipped():
+    assert judge_accuracy({}, {"s0": 1}, Thresholds()) == ("skipped", 1.0, 0)
+    empty = [rec("r", {"per_sample": {}})]
+    assert [(f.verdict, f.why) for f in compare(empty, empty)] == [("skipped", "no samples")]
+
+
+def test_unpaired_partial_scores_count_as_the_nearest_whole_number_of_hits():
+    # RULER's string_match_all scores a sample in [0, 1]: ten samples at 0.96 are 9.6, counted as 10 hits of 10
+    base = {f"a{i}": 0.96 for i in range(10)}
+    head = {f"b{i}": 0 for i in range(10)}
+    assert judge_accuracy(base, head, Thresholds())[1] == fisher_exact(10, 10, 0, 10)
+
+
+def test_timing_improves_only_beyond_the_ratio():
+    # medians 10 and 8 at a ratio of 1.25: exactly at the bound, ok; a hair faster, an improvement (exact p = 1/252)
+    base = [9.8, 9.9, 10.0, 10.1, 10.2]
+    b = [rec("t", {"times_ms": base}, metric="efficiency")]
+    for shift, verdict in ((2.0, "ok"), (2.01, "improvement")):
+        head = [rec("t", {"times_ms": [x - shift for x in base]}, metric="efficiency")]
+        assert verdicts(b, head, time_ratio=1.25) == [("time (median ms)", verdict)], shift
+
+
+def test_permutation_p_of_unequal_sample_sizes():
+    # one head timing of 10 against five base timings 1-5: of the 6 ways to pick head's one, only {10} reaches the
+    # observed difference of medians, 10 - 3
+    assert permutation_p([1.0, 2.0, 3.0, 4.0, 5.0], [10.0]) == 1 / 6
+
+
+def test_markdown_lists_skipped_cells_with_why():
+    findings = compare([rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency")],
+                       [rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency", device="cuda")])
+    assert "| skipped | `t` | time |  |  |  | devices differ: cpu: x86_64, ? thread(s) vs cuda: unknown GPU |" in \
+        markdown(findings, "base", "head")
+
+
+def test_markdown_notes_cpu_timings_only_where_one_was_flagged():
+    b = [rec("t", {"times_ms": [1.0, 2.0, 3.0]}, metric="efficiency"), rec("a", {"perplexity": 10.0})]
+    h = [rec("t", {"times_ms": [1.0, 2.0, 3.0]}, metric="efficiency"), rec("a", {"perplexity": 11.0})]
+    text = markdown(compare(b, h), "base", "head")
+    assert "| regression | `a` | perplexity" in text and "not gating" not in text
+
+
+def test_a_change_from_zero_is_not_a_percentage():
+    assert Finding("c", "peak memory", 0.0, 1.0, "regression").change == ""
+
+
+def test_thresholds_of_one_allow_no_rise():
+    th = Thresholds(time_ratio=1, memory_ratio=1)
+    b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
+    assert [f.verdict for f in compare(b, [rec("m", {"peak_memory_gib": 10.01}, metric="efficiency")], th)] == [
+        "regression"]
+
+
+def test_the_default_alpha_is_5_percent():
+    # McNemar's exact p for 5 discordant samples all against head is 0.0625, for 6 it is 0.03125
+    base = {f"s{i}": 1 for i in range(10)}
+    for lost, verdict in ((5, "ok"), (6, "regression")):
+        head = {**base, **{f"s{i}": 0 for i in range(lost)}}
+        assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})]) == [("accuracy", verdict)]
