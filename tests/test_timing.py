@@ -1,6 +1,8 @@
 """The timing gate: its statistics against scipy's, its rules, and `harness compare --rev/--calibrate` end to end
 on a tiny suite (the rates it achieves are a benchmark: benchmarks/gate.py)."""
 
+import json
+import os
 import random
 import statistics
 
@@ -183,3 +185,135 @@ def test_the_gate_times_the_rev_as_base_and_fails_on_a_regression_but_never_on_c
     assert "| regression |" in summary.read_text()
     assert gate.timing_gate(None, "suite", Settings(), calibrate=True, fail_on_time=True) == 0  # A/A: reported
     assert trees[-1] == (gate.REPO, gate.REPO)
+
+
+def test_mann_whitney_of_all_equal_samples_is_not_significant():
+    assert mann_whitney([5.0] * 4, [5.0] * 4) == (8.0, 1.0)
+
+
+def test_mann_whitney_needs_samples_on_both_sides():
+    with pytest.raises(ValueError, match="samples on both sides"):
+        mann_whitney([], [1.0])
+
+
+EVEN = [10.0 + 0.125 * i for i in range(20)]  # dyadic: scaled by 1.25 exactly, and every scaled sample is larger
+
+
+def test_a_regression_needs_the_ratio_above_the_threshold_and_p_below_alpha_not_equal():
+    head = [x * 1.25 for x in EVEN]
+    assert judge(EVEN, head, Settings(time_ratio=1.25)).verdict == "ok"  # the ratio is exactly 1.25
+    assert judge(EVEN, head, Settings(time_ratio=1.2499)).verdict == "regression"
+    p = mann_whitney(EVEN, head)[1]
+    assert judge(EVEN, head, Settings(alpha=p)).verdict == "ok"
+    assert judge(EVEN, head, Settings(alpha=p * 1.001)).verdict == "regression"
+
+
+def test_the_verdict_says_the_ratio_of_medians_and_the_p_of_its_direction():
+    outlier = [*EVEN[:-1], 1000.0]  # a scheduler hiccup moves the mean, not the median
+    assert judge(EVEN, outlier, Settings()).ratio == 1.0
+    v = judge(SLOW, BASE, Settings())
+    assert v.verdict == "improvement" and v.p < 1e-6  # the rank test's p that head is faster
+
+
+def test_smallest_detectable_slowdown_can_be_one_percent():
+    narrow = [10.0 + 0.001 * i for i in range(20)]  # 1% slower is slower than every sample
+    assert smallest_detectable(narrow, narrow, Settings(time_ratio=1.0)) == 0.01
+
+
+def test_the_workers_warm_up_and_rewarm_as_set(monkeypatch):
+    from harness.timing import interleave
+
+    asked = []
+
+    class Recording(FakeWorker):
+        def ask(self, msg):
+            asked.append(msg)
+            return super().ask(msg)
+
+    monkeypatch.setattr(interleave, "Worker", Recording)
+    cell = interleave.Cell("full", {}, "full", 32, 2, 8, 1)
+    interleave.interleaved("base", "head", [cell], Settings(min_repeats=3, min_seconds=0, warmup=4, rewarm=2),
+                           progress=lambda *a: None)
+    assert [m["setup"]["warmup"] for m in asked if "setup" in m] == [4, 4]
+    assert [m for m in asked if "time" in m] == [{"time": 1, "rewarm": 2}] * 6
+
+
+def test_a_worker_times_n_calls_after_its_warmup_and_rewarm_untimed_and_flushes_each_reply(monkeypatch):
+    import io
+
+    import torch
+
+    import harness.attention
+    from harness.timing import worker
+
+    calls, inputs = [], []
+
+    class Counting:
+        def __init__(self, name, **options):
+            assert (name, options) == ("full", {"x": 1})
+
+        def __call__(self, q, k, v, training):
+            calls.append(q.grad)  # None: no gradient left from the call before
+            inputs.append(q.detach().clone())
+            return q * k * v, "counted"
+
+    monkeypatch.setattr(harness.attention, "Backend", Counting)
+    setup = {"backend": "full", "options": {"x": 1}, "length": 4, "heads": 1, "head_dim": 2, "batch": 1,
+             "dtype": "float32", "device": "cpu", "warmup": 2, "seed": 0}
+    lines = [{"setup": setup}, {"time": 3, "rewarm": 1}]
+
+    class Pipe(io.StringIO):  # what the coordinator reads: only what was flushed
+        sent = ""
+
+        def flush(self):
+            self.sent = self.getvalue()
+
+    out = Pipe()
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(m) + "\n" for m in lines)))
+    monkeypatch.setattr("sys.stdout", out)
+    worker.main()
+    replies = [json.loads(line) for line in out.sent.splitlines()]
+    assert replies[0] == {"kernel": "counted"} and len(replies[1]["seconds"]) == 3
+    assert len(calls) == 2 + 1 + 3 and all(g is None for g in calls)
+    seeded = torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(inputs[0], seeded)  # both sides time the same inputs
+
+
+def test_the_workers_are_closed_when_a_timing_fails(monkeypatch):
+    from harness.timing import interleave
+
+    closed = []
+
+    class Failing(FakeWorker):
+        def ask(self, msg):
+            if "time" in msg:
+                raise RuntimeError("timing worker exited with code 1")
+            return super().ask(msg)
+
+        def close(self):
+            closed.append(self.side)
+
+    monkeypatch.setattr(interleave, "Worker", Failing)
+    with pytest.raises(RuntimeError, match="exited"):
+        interleave.interleaved("base", "head", [interleave.Cell("full", {}, "full", 32, 2, 8, 1)], Settings())
+    assert closed == ["base", "head"]
+
+
+def test_a_worker_runs_the_code_of_its_tree(monkeypatch, tmp_path):
+    # the tree's harness ahead of any harness on PYTHONPATH (the tests' own, a CI job's checkout)
+    from harness.timing import interleave
+
+    started = []
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    monkeypatch.setattr(interleave.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)))
+    interleave.Worker(tmp_path / "tree")
+    [(cmd, kw)] = started
+    assert cmd[1:] == [str(interleave.WORKER)] and kw["cwd"] == tmp_path / "tree"
+    assert kw["env"]["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "tree"), "elsewhere"]
+
+
+def test_timing_settings_need_three_repeats_and_a_cap_above_them():
+    for bad in ({"min_repeats": 2}, {"min_repeats": 5, "max_repeats": 4}):
+        with pytest.raises(Exception, match="timing settings out of range"):
+            Settings(**bad)
+    assert Settings(min_repeats=3, max_repeats=3).max_repeats == 3
