@@ -1,7 +1,10 @@
 """Cells whose values are the machine's (efficiency: timings, peaks) are keyed by the hardware they are measured
 on: a results directory rerun on another machine, or with another Slurm request, measures them again."""
 
+import pytest
+
 from harness import hardware, results
+from harness.errors import UserError
 from harness.runner import run_suite
 from harness.suite import load_suite
 
@@ -67,3 +70,29 @@ def test_a_gpu_machine_is_named_by_its_visible_devices_asked_in_a_fresh_interpre
     monkeypatch.setattr(hardware.subprocess, "run", probe)
     assert hardware.this_machine.__wrapped__() == "cuda: NVIDIA A100, 2 x NVIDIA H100 80GB HBM3"
     assert asked[0].returncode == 0 and asked[0].stdout.strip() == "[]", asked[0].stderr  # no GPU here
+
+
+def test_a_cpu_is_named_by_its_model_name_line_not_its_model_number(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel\t\t: 85\nmodel name\t: Intel(R) Xeon(R) CPU @ "
+                    "2.20GHz\n")
+    monkeypatch.setattr(hardware, "Path", lambda _: info)
+    assert hardware.cpu_model() == "Intel(R) Xeon(R) CPU @ 2.20GHz"
+
+
+def test_a_recorded_cpu_is_described_with_its_thread_count():
+    # torch's intra-op threads set a CPU's speed: two runs with different counts are not on the same device
+    assert hardware.describe({"device": "cpu", "cpu": "EPYC", "threads": 2}) == "cpu: EPYC, 2 thread(s)"
+    assert hardware.describe({"device": "cuda", "gpu": "NVIDIA H100"}) == "cuda: NVIDIA H100"
+
+
+def test_a_gpu_machine_whose_devices_cannot_be_named_says_why(monkeypatch):
+    import subprocess
+
+    import harness.executors
+
+    monkeypatch.setattr(harness.executors, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(hardware.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: CUDA driver too old"))
+    with pytest.raises(UserError, match="could not name this machine's CUDA devices: RuntimeError: CUDA driver"):
+        hardware.this_machine.__wrapped__()
