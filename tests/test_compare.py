@@ -342,3 +342,15 @@ def test_the_default_alpha_is_5_percent():
     for lost, verdict in ((5, "ok"), (6, "regression")):
         head = {**base, **{f"s{i}": 0 for i in range(lost)}}
         assert verdicts([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})]) == [("accuracy", verdict)]
+
+
+def test_the_summary_is_appended_to_not_overwritten(tmp_path, capsys):
+    # $GITHUB_STEP_SUMMARY: the job's timing gate wrote its summary there first
+    for name in ("base", "head"):
+        results.append(tmp_path / name, results.Record(suite="s", cell="c", metric="perplexity",
+                                                       values={"perplexity": 10.0}, config_hash="h"))
+    summary = tmp_path / "summary.md"
+    summary.write_text("### harness compare: timing\n")
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head"), "--summary", str(summary)]) == 0
+    text = summary.read_text()
+    assert text.startswith("### harness compare: timing\n") and "1 ok" in text

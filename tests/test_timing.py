@@ -317,3 +317,17 @@ def test_timing_settings_need_three_repeats_and_a_cap_above_them():
         with pytest.raises(Exception, match="timing settings out of range"):
             Settings(**bad)
     assert Settings(min_repeats=3, max_repeats=3).max_repeats == 3
+
+
+def test_the_command_line_settings_reach_the_timing_gate(monkeypatch):
+    from harness.timing import gate
+
+    given = []
+    monkeypatch.setattr(gate, "timing_gate", lambda rev, suite, s, **kw: given.append((rev, suite, s, kw)) or 0)
+    assert main(["compare", "--rev", "v1", "--suite", "s.yaml", "--time-ratio", "1.5", "--alpha", "0.01",
+                 "--min-repeats", "7", "--min-seconds", "0.5", "--only", "x*", "--fail-on-time"]) == 0
+    rev, suite, s, kw = given[-1]
+    assert (rev, suite, s) == ("v1", "s.yaml", Settings(min_repeats=7, min_seconds=0.5, alpha=0.01, time_ratio=1.5))
+    assert kw["only"] == "x*" and kw["fail_on_time"] and not kw["calibrate"]
+    assert main(["compare", "--calibrate", "--suite", "s.yaml"]) == 0
+    assert given[-1][2] == Settings()  # the timing gate's own defaults: alpha 0.002, not the stored runs' 0.05
