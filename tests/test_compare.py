@@ -354,3 +354,26 @@ def test_the_summary_is_appended_to_not_overwritten(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head"), "--summary", str(summary)]) == 0
     text = summary.read_text()
     assert text.startswith("### harness compare: timing\n") and "1 ok" in text
+
+
+def test_a_skipped_cell_says_which_side_lacks_its_hardware_or_that_its_settings_differ():
+    base = rec("e", {"times_ms": [1.0]}, metric="efficiency", config_hash="old")
+    head = rec("e", {"times_ms": [1.0]}, metric="efficiency", config_hash="new")
+    base.settings["hardware"] = "cuda: NVIDIA H100 80GB HBM3"
+    (finding,) = compare([base], [head])
+    assert finding.why == "no hardware in head's record (recorded before records named it): re-make head"
+    (finding,) = compare([rec("a", {"perplexity": 10.0})], [rec("a", {"perplexity": 10.0}, config_hash="other")])
+    assert finding.why == "settings differ (config hash)"  # a perplexity cell: no hardware on either side
+
+
+def test_markdown_lists_regressions_before_improvements():
+    base = [rec("a", {"perplexity": 10.0}), rec("b", {"perplexity": 10.0})]
+    text = markdown(compare(base, [rec("a", {"perplexity": 9.0}), rec("b", {"perplexity": 11.0})]), "base", "head")
+    assert text.index("| regression | `b`") < text.index("| improvement | `a`")
+
+
+def test_a_sampled_permutation_p_is_reproducible():
+    # 20 timings a side: too many splits to enumerate, so a seeded sample of them; the same records, the same p
+    base = [10.0 + 0.1 * (i % 7) for i in range(20)]
+    head = [x + 0.05 for x in base]
+    assert permutation_p(base, head, n_random=500) == permutation_p(base, head, n_random=500)
