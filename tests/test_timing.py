@@ -87,6 +87,7 @@ def test_calibrate_and_rev_end_to_end(tmp_path, capsys):
     (["a"], "give two results directories, BASE HEAD (got 1), or --rev REV"),
     (["--calibrate", "--only", "nothing*"], "--only 'nothing*' matches none"),
     (["--calibrate", "--min-seconds", "-1"], "timing settings out of range"),
+    (["--calibrate", "--time-ratio", "inf"], "timing settings out of range"),  # a gate that could never fail
 ])
 def test_bad_timing_arguments(tmp_path, capsys, argv, message):
     (tmp_path / "tiny.yaml").write_text(TINY)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,9 +48,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not (self.min_repeats >= 3 and self.max_repeats >= self.min_repeats and self.min_seconds >= 0
-                and self.warmup >= 0 and self.rewarm >= 0 and 0 < self.alpha < 1 and self.time_ratio >= 1):
+                and self.warmup >= 0 and self.rewarm >= 0 and 0 < self.alpha < 1 and 1 <= self.time_ratio < math.inf):
             raise UserError(f"timing settings out of range: {self}; need min_repeats >= 3, max_repeats >= "
-                            "min_repeats, min_seconds >= 0, warmup >= 0, rewarm >= 0, alpha in (0, 1), time_ratio >= 1")
+                            "min_repeats, min_seconds >= 0, warmup >= 0, rewarm >= 0, alpha in (0, 1), time_ratio >= 1 "
+                            "and finite")
 
 
 @dataclass(frozen=True)
