@@ -377,3 +377,9 @@ def test_a_sampled_permutation_p_is_reproducible():
     base = [10.0 + 0.1 * (i % 7) for i in range(20)]
     head = [x + 0.05 for x in base]
     assert permutation_p(base, head, n_random=500) == permutation_p(base, head, n_random=500)
+
+
+def test_a_sampled_permutation_p_is_never_zero():
+    """Sampled splits need not include one as extreme as the observed, which is one of them: p = (hits+1)/(n+1)."""
+    base, head = [float(i) for i in range(20)], [100.0 + i for i in range(20)]  # head slower at every repeat
+    assert permutation_p(base, head, n_random=99) == 1 / 100

@@ -194,12 +194,13 @@ def permutation_p(base: list[float], head: list[float], n_random: int = 20_000, 
     """One-sided p that head's median exceeds base's by chance (exact when few permutations)."""
     pooled, k = list(base) + list(head), len(head)
     observed = statistics.median(head) - statistics.median(base)
-    if math.comb(len(pooled), k) <= n_random:
+    exact = math.comb(len(pooled), k) <= n_random
+    if exact:
         splits = itertools.combinations(range(len(pooled)), k)
     else:
         rng = random.Random(seed)
         splits = (rng.sample(range(len(pooled)), k) for _ in range(n_random))
-    hits = total = 0
+    hits = total = 0 if exact else 1  # sampled: the observed split counts too, so p is never 0 (Phipson & Smyth)
     for idx in splits:
         chosen = set(idx)
         h = [pooled[i] for i in chosen]
