@@ -1,7 +1,8 @@
 """`harness run | validate | report | compare | export | check | list | cache | bench`: the command-line front door.
 
 Errors the user can fix (UserError) print one line and exit 2; Ctrl-C (or SIGTERM) exits 130
-after saying that finished work is kept.
+after saying that finished work is kept; a bug (any other exception) prints its traceback and exits 3, so that
+a CI gate tells it from a regression (exit 1).
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished cells and artefacts are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: its traceback, and an exit code no verdict uses
+        import traceback
+
+        traceback.print_exc()
+        print("error: the harness failed unexpectedly (a bug; the traceback is above)", file=sys.stderr)
+        return 3
 
 
 def _run_overrides(args: argparse.Namespace) -> dict:

@@ -141,3 +141,16 @@ def test_cache_shows_and_removes_the_checkpoints_of_interrupted_training(tmp_pat
     assert "kept adapter/cd3's training checkpoint: a build is using it" in out
     assert [w["key"] for w in cache.work_dirs()] == ["cd3"]
     assert main(["cache", "rm", "cd"]) == 0 and cache.work_dirs() == []
+
+
+def test_a_bug_exits_3_with_its_traceback_not_1_as_a_regression(tmp_path, monkeypatch, capsys):
+    from harness import results
+    from harness.report import compare
+
+    for run in ("base", "head"):
+        results.append(tmp_path / run, results.Record(suite="s", cell="m/seed0/pretrained/ppl@256", metric="perplexity",
+                                                      stage="pretrained", eval_context=256, values={"perplexity": 1.0}))
+    monkeypatch.setattr(compare, "compare", lambda *a, **k: 1 / 0)
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and err.endswith("(a bug; the traceback is above)\n")
