@@ -44,7 +44,11 @@ def this_machine() -> str:
 
     if visible_gpus():
         # a fresh interpreter asks: a CUDA context in the runner would hold GPU memory while its jobs measure
-        probe = subprocess.run([sys.executable, "-c", _GPU_NAMES], capture_output=True, text=True, timeout=120)
+        try:
+            probe = subprocess.run([sys.executable, "-c", _GPU_NAMES], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise UserError("could not name this machine's CUDA devices: the probe (torch.cuda) did not answer in "
+                            "120 s; check the GPUs with nvidia-smi") from None
         if probe.returncode != 0:
             raise UserError(f"could not name this machine's CUDA devices: {probe.stderr.strip()[-500:]}")
         names = Counter(json.loads(probe.stdout))

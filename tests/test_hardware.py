@@ -96,3 +96,17 @@ def test_a_gpu_machine_whose_devices_cannot_be_named_says_why(monkeypatch):
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: CUDA driver too old"))
     with pytest.raises(UserError, match="could not name this machine's CUDA devices: RuntimeError: CUDA driver"):
         hardware.this_machine.__wrapped__()
+
+
+def test_a_gpu_probe_that_hangs_says_so(monkeypatch):
+    import subprocess
+
+    import harness.executors
+
+    def hang(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(harness.executors, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(hardware.subprocess, "run", hang)
+    with pytest.raises(UserError, match=r"the probe \(torch.cuda\) did not answer in 120 s; check the GPUs"):
+        hardware.this_machine.__wrapped__()

@@ -343,3 +343,24 @@ def test_a_worker_that_dies_is_an_error_naming_its_exit_code(monkeypatch, tmp_pa
     w = interleave.Worker(tmp_path)
     with pytest.raises(RuntimeError, match=r"timing worker exited with code 3 \(its error is above\)"):
         w.ask({"setup": {}})
+
+
+def test_a_rev_git_cannot_check_out_says_why(monkeypatch):
+    """`git worktree add` failing (a full disk, a locked worktree) raised CalledProcessError with git's words hidden."""
+    import subprocess
+
+    from harness.errors import UserError
+    from harness.timing import interleave
+
+    real = subprocess.run
+
+    def run(cmd, **kw):
+        if "worktree" in cmd and "add" in cmd:
+            return subprocess.CompletedProcess(cmd, 128, "", "fatal: could not create work tree dir: No space left")
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(interleave.subprocess, "run", run)
+    with pytest.raises(UserError, match=r"--rev HEAD: git could not check it out into .*: fatal: could not create work "
+                                        r"tree dir: No space left"):
+        with interleave.worktree("HEAD"):
+            pass

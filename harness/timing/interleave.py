@@ -133,8 +133,10 @@ def worktree(rev: str) -> Iterator[Path]:
         raise UserError(f"--rev {rev}: not a commit of {REPO} (a branch, tag or sha; fetch it first)")
     with tempfile.TemporaryDirectory(prefix="harness-base-") as tmp:
         path = Path(tmp) / "tree"
-        subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(path), rev], check=True,
-                       capture_output=True)
+        added = subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(path), rev], capture_output=True,
+                               text=True)
+        if added.returncode:
+            raise UserError(f"--rev {rev}: git could not check it out into {path}: {added.stderr.strip()[-500:]}")
         try:
             yield path
         finally:
