@@ -383,3 +383,32 @@ def test_a_sampled_permutation_p_is_never_zero():
     """Sampled splits need not include one as extreme as the observed, which is one of them: p = (hits+1)/(n+1)."""
     base, head = [float(i) for i in range(20)], [100.0 + i for i in range(20)]  # head slower at every repeat
     assert permutation_p(base, head, n_random=99) == 1 / 100
+
+
+def test_lm_eval_metrics_are_judged_by_their_standard_errors():
+    """lm-eval records were never judged: an accuracy that fell by half passed the gate."""
+    def lm(values, better=None):
+        r = rec("m/seed0/pretrained/lm_eval/arc_easy", values, metric="lm_eval")
+        r.settings["higher_is_better"] = {"acc": True, "word_perplexity": False} if better is None else better
+        return r
+
+    base = lm({"acc": 0.60, "acc_stderr": 0.02, "word_perplexity": 30.0, "word_perplexity_stderr": 1.0,
+               "samples": 500, "samples_available": 500})
+
+    def judged(**head):
+        return [(f.metric, f.verdict) for f in compare([base], [lm({**base.values, **head})])]
+
+    assert judged() == [("lm_eval acc", "ok"), ("lm_eval word_perplexity", "ok")]  # counts are not metrics
+    # |diff| / hypot(se_b, se_h): 0.03 / 0.0283 -> p = 0.29; 0.10 / 0.0283 -> p = 0.0004
+    assert judged(acc=0.57)[0] == ("lm_eval acc", "ok")
+    assert judged(acc=0.50)[0] == ("lm_eval acc", "regression")
+    assert judged(acc=0.70)[0] == ("lm_eval acc", "improvement")
+    assert judged(word_perplexity=40.0)[1] == ("lm_eval word_perplexity", "regression")  # lower is better
+    assert judged(acc=float("nan"))[0] == ("lm_eval acc", "regression")
+    (gone, _) = compare([base], [lm({k: v for k, v in base.values.items() if k != "acc"})])
+    assert (gone.verdict, gone.why) == ("regression", "no finite acc in head")
+    (unknown, _) = compare([lm(base.values, better={})], [lm({**base.values, "acc": 0.5}, better={})])
+    assert (unknown.verdict, unknown.why) == ("skipped", "changed, but lm-eval gives no direction for it")
+    no_se = lm({"acc": 0.6, "acc_stderr": "N/A"})
+    (f,) = compare([no_se], [lm({"acc": 0.5, "acc_stderr": "N/A"})])
+    assert (f.verdict, f.why) == ("skipped", "changed, but no standard error to test with")

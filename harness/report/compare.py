@@ -10,7 +10,9 @@ report's run comparison uses too:
 - time with repeats (`values.times_ms`: list): ratio of medians above the threshold AND a
   one-sided permutation test p < alpha (asv's rule), only between records of the same device; timed on CPU,
   a regression is reported but fails the gate only with --fail-on-time (two CPU runs drift apart);
-- peak memory (`values.peak_memory_gib`): ratio above a tight threshold, same device only.
+- peak memory (`values.peak_memory_gib`): ratio above a tight threshold, same device only;
+- an lm-eval task's metrics (each with lm-eval's standard error): a z-test on the difference, two-sided,
+  unpaired (conservative: both sides scored the same documents), in the direction lm-eval says is better.
 A cell that was ok in base and failed or vanished in head is a regression, and so is a head record
 that lacks a value its base has, or whose perplexity is not a finite number.
 """
@@ -127,7 +129,35 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
             verdict = ("regression" if new > base * th.memory_ratio
                        else "improvement" if new < base / th.memory_ratio else "ok")
             out.append(Finding(cell, "peak memory", base, new, verdict, f"ratio threshold {th.memory_ratio}"))
+    if b.metric == "lm_eval":
+        better = b.settings.get("higher_is_better") or {}
+        out += [_lm_eval(cell, m, bv, hv, better.get(m.split("/")[0]), th) for m in _lm_eval_metrics(bv)]
     return out
+
+
+def _lm_eval_metrics(values: dict) -> list[str]:
+    """An lm-eval record's metrics (acc, acc_norm, exact_match/strict-match, ...): its numbers less the counts and
+    the standard errors."""
+    return [k for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            and k not in ("samples", "samples_available") and not k.endswith("_stderr")]
+
+
+def _lm_eval(cell: str, metric: str, bv: dict, hv: dict, higher_is_better: bool | None, th: Thresholds) -> Finding:
+    base, new = bv[metric], hv.get(metric)
+    name = f"lm_eval {metric}"
+    if not isinstance(new, int | float) or not math.isfinite(new):
+        return Finding(cell, name, base, None, "regression", f"no finite {metric} in head")
+    if new == base:
+        return Finding(cell, name, base, new, "ok", "unchanged")
+    se = [v.get(f"{metric}_stderr") for v in (bv, hv)]
+    if higher_is_better is None or not all(isinstance(x, int | float) and math.isfinite(x) for x in se):
+        why = "lm-eval gives no direction for it" if higher_is_better is None else "no standard error to test with"
+        return Finding(cell, name, base, new, "skipped", f"changed, but {why}")
+    spread = math.hypot(*se)
+    p = math.erfc(abs(new - base) / spread / math.sqrt(2)) if spread else 0.0
+    worse = new < base if higher_is_better else new > base
+    verdict = "ok" if p >= th.alpha else "regression" if worse else "improvement"
+    return Finding(cell, name, base, new, verdict, f"z-test on lm-eval's standard errors, p={p:.3g}")
 
 
 def judge_perplexity(base: float, head: float, th: Thresholds) -> str:
