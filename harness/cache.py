@@ -25,7 +25,9 @@ from types import ModuleType
 
 META = "meta.json"
 SCRATCH = ".tmp-"  # + key-host-pid: a build in progress, renamed into place when it succeeds
-WORK = ".work-"  # + key: checkpoints of a training into the entry (harness.pretraining), removed when it ends
+# + key: checkpoints of a training into the entry, removed when it ends (written out in harness.pretraining, whose
+# source is in the pretrained model's cache key: a test checks they agree)
+WORK = ".work-"
 
 
 def cache_root() -> Path:

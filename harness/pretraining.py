@@ -50,7 +50,7 @@ def windows(tokens, cfg: TrainConfig):
 def train_into_cache(model: torch.nn.Module, cfg: TrainConfig, batches, kind: str, key: str, desc: str,
                      world: World = SINGLE) -> TrainLog:
     """`train` with its checkpoints in the work directory of cache entry `kind`/`key`, removed once done."""
-    workdir = cache.cache_root() / kind / f"{cache.WORK}{key}"
+    workdir = cache.cache_root() / kind / f".work-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
     log = train(model, batches, cfg, workdir=workdir, desc=desc, world=world)
     world.barrier()

@@ -288,12 +288,20 @@ def test_micro_batches_of_different_lengths_count_by_their_predicted_tokens():
 
 
 def test_training_into_the_cache_removes_its_work_directory_once_done(tmp_path, monkeypatch):
+    from harness import cache
     from harness.pretraining import train_into_cache
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
-    log = train_into_cache(tiny(), TrainConfig(steps=2, context=16, batch_size=2, checkpoint_every=1), batches,
+    seen = []
+
+    def watched(g, step):
+        seen.append([w["key"] for w in cache.work_dirs()])
+        return batches(g, step)
+
+    log = train_into_cache(tiny(), TrainConfig(steps=2, context=16, batch_size=2, checkpoint_every=1), watched,
                            "adapter", "key", "train")
     assert len(log.loss_curve) == 2 and not list((tmp_path / "adapter").iterdir())  # the step-1 checkpoint went too
+    assert seen[0] == ["key"]  # while it trains, `harness cache ls` finds its checkpoints
 
 
 def test_the_model_trains_in_training_mode_and_ends_in_eval_mode():
