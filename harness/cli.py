@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--cpus-per-task", type=arg.positive_int, help="Slurm CPUs per job")
     scale.add_argument("--time-min", type=arg.positive_int, help="Slurm time limit per job, minutes")
     val = sub.add_parser("validate", help="check a suite file, and that it can run here (data, checkpoints, lengths)")
-    val.add_argument("suite")
+    val.add_argument("suite", help="suite YAML file, e.g. suites/ablation.yaml")
     rep = sub.add_parser("report", help="render the HTML report of results directories (several: a comparison)")
     rep.add_argument("dirs", nargs="+", help="results directories; the first is the base of a comparison")
     rep.add_argument("--out", type=arg.directory,
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="regression gate: HEAD results against BASE (or timing against a git "
                                          "revision with --rev), exit 1 on regression")
     cmp.add_argument("dirs", nargs="*", metavar="BASE HEAD", help="two results directories (not with --rev)")
-    cmp.add_argument("--ppl-rtol", type=float, default=0.005, help="allowed relative perplexity rise")
-    cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio")
-    cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio")
+    cmp.add_argument("--ppl-rtol", type=float, default=0.005, help="allowed relative perplexity rise (default 0.005)")
+    cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio (default 1.10)")
+    cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio (default 1.05)")
     cmp.add_argument("--alpha", type=float, help="significance level (default 0.05; with --rev/--calibrate 0.002)")
     cmp.add_argument("--summary", type=arg.new_file_in_existing_directory,
                      help="also append the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("what", choices=["gpu"])
     check.add_argument("--out", type=arg.directory, default=Path("reports/gpu-check"),
                        help="where the results and gpu-check.{json,md} go (default reports/gpu-check)")
-    sub.add_parser("list", help="list model presets, methods, backends and suites")
+    sub.add_parser("list", help="list model presets, named checkpoints, methods, attention backends (with "
+                                  "options), metrics, RULER tasks and suites")
     cache_p = sub.add_parser("cache", help="inspect or clean the artefact cache")
     cache_p.add_argument("action", choices=["ls", "rm"])
     cache_p.add_argument("keys", nargs="*", help="keys (or key prefixes): with ls, the entries to list (default all); "
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["attention"])
     bench.add_argument("--backends", type=arg.backend_names, default="full,sliding_window,s2_attn,se_attn",
                        help="comma-separated backend names (default options)")
-    bench.add_argument("--lengths", type=arg.positive_ints, default="1024,4096", help="comma-separated lengths")
-    bench.add_argument("--heads", type=arg.positive_int, default=4)
-    bench.add_argument("--head-dim", type=arg.positive_int, default=32)
-    bench.add_argument("--repeats", type=arg.positive_int, default=5)
+    bench.add_argument("--lengths", type=arg.positive_ints, default="1024,4096",
+                       help="comma-separated lengths (default 1024,4096)")
+    bench.add_argument("--heads", type=arg.positive_int, default=4, help="attention heads (default 4)")
+    bench.add_argument("--head-dim", type=arg.positive_int, default=32, help="dimension per head (default 32)")
+    bench.add_argument("--repeats", type=arg.positive_int, default=5, help="timed runs (default 5)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a run like Ctrl-C: child jobs stopped, work kept
     try:
