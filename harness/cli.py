@@ -209,7 +209,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"compare: nothing was compared ({len(findings)} skipped): {base} has no ok record "
                             f"of a cell that {head} measured with the same settings; a gate that compares "
                             "nothing cannot pass")
-        text = markdown(findings, base, head)
+        text = markdown(findings, base, head, args.fail_on_time)
         print(text)
         if args.summary:
             with open(args.summary, "a") as f:
