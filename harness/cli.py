@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--inject", help=argparse.SUPPRESS)  # tests: a module imported into head's timing worker
     exp = sub.add_parser("export", help="write a fine-tuned variant of a run as base + PEFT adapter (or merged)")
     exp.add_argument("run_dir", type=Path, help="the run's results directory")
-    exp.add_argument("variant", help="the variant's id, e.g. tiny-hybrid/seed0/lora/full")
+    exp.add_argument("variant", help="the variant's id, e.g. tiny-hybrid/seed0/lora/full, or its first segments "
+                                    "where only one variant begins so")
     exp.add_argument("out_dir", type=arg.directory, help="a new directory")
     exp.add_argument("--merge", action="store_true", help="fold the adapter in: one model directory")
     check = sub.add_parser("check", help="`check gpu`: the GPU tests, attention at 32 heads x 128 and a fine-tune "
