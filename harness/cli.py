@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="regression gate: HEAD results against BASE (or timing against a git "
                                          "revision with --rev), exit 1 on regression")
     cmp.add_argument("dirs", nargs="*", metavar="BASE HEAD", help="two results directories (not with --rev)")
-    cmp.add_argument("--ppl-rtol", type=float, default=0.005, help="allowed relative perplexity rise (default 0.005)")
+    cmp.add_argument("--ppl-rtol", type=float, help="allowed relative perplexity rise (default 0.005; not with --rev)")
     cmp.add_argument("--time-ratio", type=float, default=1.10, help="allowed median time ratio (default 1.10)")
-    cmp.add_argument("--memory-ratio", type=float, default=1.05, help="allowed peak memory ratio (default 1.05)")
+    cmp.add_argument("--memory-ratio", type=float, help="allowed peak memory ratio (default 1.05; not with --rev)")
     cmp.add_argument("--alpha", type=float, help="significance level (default 0.05; with --rev/--calibrate 0.002)")
     cmp.add_argument("--summary", type=arg.new_file_in_existing_directory,
                      help="also append the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
@@ -186,6 +186,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.dirs or (args.rev and args.calibrate):
             raise UserError("compare: --rev REV times against a revision, --calibrate against itself; neither takes "
                             "results directories, and they do not go together")
+        if stored := [f for f, v in (("--ppl-rtol", args.ppl_rtol), ("--memory-ratio", args.memory_ratio))
+                      if v is not None]:
+            raise UserError(f"compare: {', '.join(stored)} judge stored records (BASE HEAD); --rev and --calibrate "
+                            "time attention only: drop them")
         given = {"min_repeats": args.min_repeats, "min_seconds": args.min_seconds, "alpha": args.alpha}
         s = Settings(time_ratio=args.time_ratio, **{k: v for k, v in given.items() if v is not None})  # else its own
         return timing_gate(args.rev, args.suite or default_suite(), s, calibrate=args.calibrate,
@@ -200,8 +204,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                      ("--min-seconds", args.min_seconds)) if v is not None]:
             raise UserError(f"compare: {', '.join(timing)} go with --rev or --calibrate, which time the suite anew; "
                             "BASE HEAD compares the records the two directories hold: drop them")
-        th = Thresholds(ppl_rtol=args.ppl_rtol, time_ratio=args.time_ratio, memory_ratio=args.memory_ratio,
-                        alpha=0.05 if args.alpha is None else args.alpha)
+        given = {"ppl_rtol": args.ppl_rtol, "memory_ratio": args.memory_ratio, "alpha": args.alpha}
+        th = Thresholds(time_ratio=args.time_ratio, **{k: v for k, v in given.items() if v is not None})
         base, head = args.dirs
         findings = compare(*(_matching(results.load(d), args.only) for d in (base, head)), th)
         if args.only and not findings:

@@ -439,6 +439,15 @@ def test_timing_flags_without_rev_are_refused_not_ignored(tmp_path, capsys, flag
     assert code == 2 and f"compare: {flag[0]} go with --rev or --calibrate" in out
 
 
+@pytest.mark.parametrize("flag", [["--ppl-rtol", "0.01"], ["--memory-ratio", "1.2"]])
+def test_record_thresholds_with_rev_are_refused_not_ignored(capsys, monkeypatch, flag):
+    from harness.timing import gate
+
+    monkeypatch.setattr(gate, "timing_gate", lambda *a, **k: pytest.fail("timed with the flag ignored"))
+    code, out = cli(capsys, "compare", "--rev", "HEAD", *flag)
+    assert code == 2 and f"compare: {flag[0]} judge stored records (BASE HEAD); --rev and --calibrate" in out
+
+
 def test_a_50_percent_perplexity_rise_fails_the_gate(tmp_path, capsys):
     results.append(tmp_path / "a", record("x", 10.0))
     results.append(tmp_path / "b", record("x", 15.0))
