@@ -316,3 +316,34 @@ def test_a_saved_method_that_does_not_fit_its_description_is_refused(tmp_path):
     save_file(state, file)
     with pytest.raises(UserError, match=r"missing \['backbone.norm_f.weight'\]"):
         load_method(tiny(attn_conv=4), tmp_path)
+
+
+def test_lora_adapters_have_the_asked_shape_and_scale_and_no_dropout():
+    """LongLoRA's LoraConfig: r and alpha as given (default r=8, alpha=16), so the update is scaled by alpha / r, and
+    lora_dropout 0."""
+    for kwargs, (r, alpha) in (({"rank": 4, "alpha": 32}, (4, 32)), ({}, (8, 16))):
+        model, _ = apply_method(tiny(), "hylora", **kwargs)
+        cfg = model.peft_config["default"]
+        assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (r, alpha, 0.0)
+        layer = model.get_base_model().backbone.layers[1].mixer.out_proj
+        assert layer.scaling["default"] == alpha / r and layer.lora_A["default"].weight.shape[0] == r
+
+
+def test_full_trains_parameters_that_were_frozen_before():
+    model = tiny()
+    model.backbone.embedding.weight.requires_grad_(False)
+    model.backbone.layers[0].mixer.D.requires_grad_(False)
+    model, s = apply_method(model, "full")
+    assert all(p.requires_grad for p in model.parameters())
+    assert s.trainable_params == s.total_params
+
+
+def test_a_method_whose_fully_trained_group_is_absent_is_refused():
+    """HyLoRA on a model with no nn.Conv1d would silently be LoRA+: refused, as is LoRA+ without norms."""
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1,
+                                                                n_head=2))
+    with pytest.raises(UserError, match="no conv1d layers to train .*hylora would equal lora_plus"):
+        apply_method(gpt2, "hylora")
+    apply_method(gpt2, "lora_plus")  # embeddings and LayerNorms: fine
