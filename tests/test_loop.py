@@ -158,6 +158,22 @@ def test_extra_lr_scale_slows_only_the_fully_trained_parameters():
             assert scaled[n] == pytest.approx(0.1 * full[n], rel=1e-3) and full[n] > 0, n
 
 
+def test_param_groups_scale_only_what_trains_fully_beside_adapters():
+    """extra_lr_scale applies to the fully trained parameters of lora_plus/hylora only: `full` (no adapter) and `lora`
+    (nothing beside adapters) train everything at lr, as methods.unused_settings (and so the cache key) assume."""
+    from harness.finetune.loop import param_groups
+    from harness.finetune.methods import apply_method
+
+    cfg = TrainConfig(steps=1, context=16, lr=1e-3, extra_lr_scale=0.1)
+    for method in ("full", "lora", "hylora"):
+        model, _ = apply_method(tiny(), method, rank=4, alpha=8)
+        groups = param_groups(model, cfg)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable), method
+        lrs = [g.get("lr", cfg.lr) for g in groups]
+        assert lrs == ([cfg.lr, pytest.approx(1e-4)] if method == "hylora" else [cfg.lr]), method
+
+
 def test_a_diverged_run_closes_its_progress_bar_before_its_error_is_reported(capsys):
     """The job reports a failed fine-tune's error while it keeps that error (and so, through its traceback, the
     training's frame) for the variant's other cells: the bar's last line must already be out by then."""
