@@ -463,6 +463,55 @@ def test_ruler_groups_heatmaps_and_chance_gate():
     assert avg_lora[1]["text"].startswith("finetuned: lora") and avg_lora[2]["text"] == "45.0"
 
 
+def test_ruler_of_several_runs_gates_and_bolds_each_run_against_its_own_base():
+    """Run b's pretrained model is at chance on vt, run a's is not: only b's fine-tunes there are uninformative; the
+    best fine-tune is bolded per run (a's hylora, b's lora), never across runs."""
+    from harness.report.ruler import UNINFORMATIVE
+
+    recs = []
+    for run, vt_base, lora, hy in (("a", 60.0, 40.0, 50.0), ("b", 0.0, 70.0, 30.0)):
+        for task, base in (("niah_single_1", 60.0), ("vt", vt_base)):
+            recs += [ruler_record("pretrained", "none", task, 1024, base, run=run),
+                     ruler_record("finetuned", "lora", task, 1024, lora, run=run),
+                     ruler_record("finetuned", "hylora", task, 1024, hy, run=run)]
+    sec, _ = _section(recs, "ruler", runs=["a", "b"])
+    assert any(b["type"] == "paragraph" and "Base model at chance (≤5%) on: vt at 1K." in b["text"]
+               for b in sec["blocks"])  # in one run is enough to be named
+    cells = {(row, col.split(" /")[0]): c for row, col, c in _cells(sec) if row in ("vt", "niah_single_1")}
+    for task in ("vt", "niah_single_1"):
+        gated = task == "vt"
+        assert [(c["bold"], c["note"]) for c in (cells[(task, "[a] finetuned: hylora")],
+                                               cells[(task, "[a] finetuned: lora")])] == [(True, ""), (False, "")]
+        assert [(c["bold"], c["note"] == UNINFORMATIVE) for c in (cells[(task, "[b] finetuned: hylora")],
+                                                                cells[(task, "[b] finetuned: lora")])] == [
+            (False, gated), (not gated, gated)], task
+
+
+def test_ruler_group_is_uninformative_only_where_all_its_tasks_are_and_gated_cells_are_hatched(monkeypatch):
+    from harness.report import plots
+    from harness.report.ruler import UNINFORMATIVE
+
+    hatched = []
+    draw = plots.accuracy_heatmap
+    monkeypatch.setattr(plots, "accuracy_heatmap", lambda *a, **kw: hatched.append(kw["hatched"]) or draw(*a, **kw))
+    recs = []
+    for task in ("niah_single_1", "niah_single_2", "niah_single_3"):
+        base = 0.0 if task == "niah_single_1" else 60.0  # at chance on one of NIAH-S's three tasks only
+        recs += [ruler_record("pretrained", "none", task, 1024, base),
+                 ruler_record("finetuned", "lora", task, 1024, 40.0),
+                 ruler_record("finetuned", "hylora", task, 1024, 50.0)]
+    sec, _ = _section(recs, "ruler")
+    assert hatched == [[[False]] * 3, [[True], [False], [False]], [[True], [False], [False]]]  # pretrained first
+    cells = {(row, col.split(" /")[0]): c for row, col, c in _cells(sec)}
+    gated = cells[("niah_single_1", "finetuned: hylora")]
+    assert gated["note"] == UNINFORMATIVE and "uninf" in gated["cls"] and not gated["bold"]
+    groups = next(b for b in sec["blocks"] if b["type"] == "table")
+    niah_s = {r[1]["text"].split(" /")[0]: r[2] for r in groups["rows"]}
+    assert niah_s["finetuned: hylora"]["text"] == "50.0" and niah_s["finetuned: hylora"]["bold"]
+    assert niah_s["finetuned: hylora"]["note"] == niah_s["finetuned: lora"]["note"] == ""
+    assert "uninf" not in niah_s["finetuned: lora"]["cls"]
+
+
 def test_ruler_intervals_pool_seeds_and_marks_need_mcnemar():
     def outcomes(seed, right):  # 20 samples of niah_single_1 at 1K for `seed`, the first `right` correct
         return {f"s{seed}-{i}": float(i < right) for i in range(20)}
@@ -485,6 +534,24 @@ def test_ruler_intervals_pool_seeds_and_marks_need_mcnemar():
     assert hy["note"].endswith("\u25b2")  # 20 won, 0 lost over the 40 shared samples
     assert "McNemar p=1.9e-06 over 40 samples" in hy["title"]
     assert not lo["note"].endswith(("\u25b2", "\u25bc"))  # 4 won, 0 lost: p = 0.125
+
+
+def test_ruler_mcnemar_marks_test_each_cells_own_samples():
+    """A task cell's mark tests that task at that length; a group's pools the samples of all its tasks there."""
+    recs = []
+    for task in ("niah_single_1", "niah_single_2", "niah_single_3"):
+        for n in (1024, 2048):
+            right = 16 if n == 1024 and task != "niah_single_1" else 6  # hylora gains at 1K on tasks 2 and 3 only
+            for stage, method, k in (("pretrained", "none", 6), ("finetuned", "hylora", right)):
+                recs.append(ruler_record(stage, method, task, n, 5.0 * k,
+                                         per_sample={f"{task}-{n}-{i}": float(i < k) for i in range(20)}))
+    sec, _ = _section(recs, "ruler")
+    groups, at_1k, at_2k = [b for b in sec["blocks"] if b["type"] == "table"]
+    marked = {(t["caption"][:30], r[0]["text"]): r[2]["note"].endswith("\u25b2") for t in (at_1k, at_2k)
+              for r in t["rows"]}
+    assert [v for _, v in sorted(marked.items())] == [False, True, True, False, False, False]
+    assert groups["rows"][1][1]["text"].startswith("finetuned: hylora")
+    assert [c["note"].endswith("\u25b2") for c in groups["rows"][1][2:]] == [True, False]  # NIAH-S at 1K, 2K
 
 
 def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
