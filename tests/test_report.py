@@ -787,6 +787,38 @@ def test_paper_ablation_rows_find_variants_by_their_resolved_backend():
         40.0, 0.0, 30.0]
 
 
+def test_paper_ours_averages_each_tasks_seeds_and_leaves_out_previous_chunk_selection():
+    from harness.data.ruler import PAPER_TASKS
+    from harness.report.paper import Ours
+    from harness.results import Record
+
+    def rec(backend, accuracy, task, seed):
+        return Record(suite="p", cell=f"mamba2attn-2.7b/seed{seed}/hylora/{backend}/ruler/{task}@8192", metric="ruler",
+                      variant={"model": "mamba2attn-2.7b", "seed": seed}, stage="finetuned",
+                      model={"name": "mamba2attn-2.7b"}, method="hylora", backend=backend, finetune_context=8192,
+                      eval_context=8192, values={"accuracy": accuracy}, settings={"task": task})
+
+    recs = [rec(b, a, t, seed) for b, a, seed in (("se_attn", 40.0, 0), ("se_attn", 20.0, 1),
+                                                  ("se_attn(selection=previous)", 90.0, 0)) for t in PAPER_TASKS]
+    assert Ours(recs).ruler_average("hylora", "se_attn", 8192) == 30.0
+
+
+def test_paper_table_rows_fit_their_columns_and_runtime_is_from_one_kind_of_device():
+    r = asdict(ppl_record("finetuned", "hylora", 8192, 10.5, ft_ctx=8192))
+    r["model"], r["backend"] = {"preset": "mamba2attn-2.7b", "finetune_data": "PG-19 train split"}, SE
+    effs = [dict(eff_record(SE, 32768, 70.0, gpu=gpu), cell=f"{gpu}/efficiency@32768")  # two cells, both kept
+            for gpu in ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB")]
+    for e in effs:
+        e["settings"]["backend_options"] = {"chunk_size": [2048, 4096], "block_size": 32, "top_k": 8}
+    sec, _ = _section([r, *effs], "paper")
+    tables = [b for b in sec["blocks"] if b["type"] == "table"]
+    assert all(len(row) == len(t["columns"]) for t in tables for row in t["rows"])
+    main_se = dict(zip(tables[0]["columns"], [c["text"] for c in tables[0]["rows"][-1]], strict=True))
+    assert main_se["PPL 8K paper"] == "10.45" and main_se["RULER 8K paper"] == "40.5"
+    assert (tables[-1]["rows"][-1][2]["text"], tables[-1]["rows"][-1][2]["note"]) == (
+        "–", "not comparable: measured on NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB, not an A100")
+
+
 def test_comparison_of_runs_and_single_run_unchanged():
     a = [dict(r, run="base") for r in synthetic_records(failure=False)]
     b = [dict(r, run="head", values={**r["values"], "perplexity": r["values"]["perplexity"] * 1.1})
