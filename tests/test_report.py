@@ -562,6 +562,17 @@ def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
     assert not any(c["note"] for _, _, c in _cells(sec))
 
 
+def test_ruler_says_which_variants_have_no_base_to_gate_by():
+    """A run without pretrained RULER records beside one with them: its variants went ungated, unsaid."""
+    recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 0.0, run="a"),
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 50.0, run="a"),
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 60.0, run="b")]
+    sec, _ = _section(recs, "ruler")
+    (note,) = [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
+    assert note.startswith("No RULER records of the pretrained model for [b] finetuned: hylora")
+    assert note.endswith("shown without it there.") and "[a]" not in note
+
+
 def test_training_section_pretrain_and_finetune():
     # the pretrain record of a job that found the model cached: 0.2 s to load it, 2 s to train it
     pre = asdict(Record(suite="s", cell="tiny-hybrid/seed0/pretrain", metric="pretrain", stage="pretrained",

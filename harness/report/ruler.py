@@ -137,9 +137,10 @@ def ruler_section(records: list[Record]) -> Section | None:
              f"{sum(r.values.get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
     finetuned = [k for k in tab.rows if k.stage != "pretrained"]
-    if finetuned and not any(tab.has_base(k) for k in finetuned):
-        notes.append("No RULER records of the pretrained model: the chance gate cannot be applied, so "
-                     "comparisons between fine-tuning methods are shown without it.")
+    if without := [k for k in finetuned if not tab.has_base(k)]:
+        whose = "" if len(without) == len(finetuned) else f" for {', '.join(names[k] for k in without)}"
+        notes.append(f"No RULER records of the pretrained model{whose}: the chance gate cannot be applied, so "
+                     f"comparisons between fine-tuning methods are shown without it{' there' if whose else ''}.")
     if notes:
         blocks.append(callouts(notes))
     chance = [(t, n) for t in tab.tasks for n in tab.lengths
