@@ -157,7 +157,7 @@ def ensure(kind: str, key: str, make: Callable[[], None]) -> Path:
 
     if (path := lookup(kind, key)) is not None:
         return path
-    lock = cache_root() / kind / f".lock-{key}"
+    lock = _lock_file(kind, key)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         try:
@@ -215,9 +215,8 @@ def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
         built, _, on = name.partition("-")  # keys are hex fingerprints; host names may hold dashes
         if not path.is_dir() or not pid.isdigit() or not on:
             continue
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         out.append({"path": path, "kind": path.parent.name, "key": built, "host": on, "pid": int(pid),
-                    "alive": _alive(int(pid)) if on == host else None, "size_mib": size / 2**20})
+                    "alive": _alive(int(pid)) if on == host else None, "size_mib": _size_mib(path)})
     return out
 
 
@@ -228,8 +227,7 @@ def work_dirs(kind: str = "*") -> list[dict]:
     for path in sorted(cache_root().glob(f"{kind}/{WORK}*")):
         if path.is_dir():
             key = path.name.removeprefix(WORK)
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            out.append({"path": path, "kind": path.parent.name, "key": key, "size_mib": size / 2**20,
+            out.append({"path": path, "kind": path.parent.name, "key": key, "size_mib": _size_mib(path),
                         "busy": _building(path.parent.name, key)})
     return out
 
@@ -238,7 +236,7 @@ def _building(kind: str, key: str) -> bool:
     """Whether a maker of `kind/key` holds its lock now (`ensure`)."""
     import fcntl
 
-    lock = cache_root() / kind / f".lock-{key}"
+    lock = _lock_file(kind, key)
     if not lock.is_file():
         return False
     with open(lock, "a") as f:
@@ -247,6 +245,15 @@ def _building(kind: str, key: str) -> bool:
         except BlockingIOError:
             return True
     return False
+
+
+def _lock_file(kind: str, key: str) -> Path:
+    """The file whose flock makers of `kind/key` take turns on (`ensure`)."""
+    return cache_root() / kind / f".lock-{key}"
+
+
+def _size_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def _host() -> str:
@@ -281,9 +288,8 @@ def entries() -> list[dict]:
             meta = {}
         if not isinstance(meta, dict) or not meta:
             meta = {"what": f"(damaged {META}: `harness cache rm {path.name}`)"}
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         what = meta.get("what") or " ".join(f"{k}={meta[k]}" for k in ("preset", "corpus", "split", "vocab_size")
                                             if k in meta)
-        out.append({"kind": path.parent.name, "key": path.name, "path": path, "size_mib": size / 2**20,
+        out.append({"kind": path.parent.name, "key": path.name, "path": path, "size_mib": _size_mib(path),
                     "created": meta.get("created", ""), "what": what})
     return out
