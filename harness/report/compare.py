@@ -26,6 +26,7 @@ import statistics
 from dataclasses import dataclass
 
 from harness.hardware import describe
+from harness.report.lm_eval import metric_names
 from harness.report.significance import fisher_exact, mcnemar_exact
 from harness.results import Record
 
@@ -131,15 +132,8 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
             out.append(Finding(cell, "peak memory", base, new, verdict, f"ratio threshold {th.memory_ratio}"))
     if b.metric == "lm_eval":
         better = b.settings.get("higher_is_better") or {}
-        out += [_lm_eval(cell, m, bv, hv, better.get(m.split("/")[0]), th) for m in _lm_eval_metrics(bv)]
+        out += [_lm_eval(cell, m, bv, hv, better.get(m.split("/")[0]), th) for m in metric_names(bv)]
     return out
-
-
-def _lm_eval_metrics(values: dict) -> list[str]:
-    """An lm-eval record's metrics (acc, acc_norm, exact_match/strict-match, ...): its numbers less the counts and
-    the standard errors."""
-    return [k for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
-            and k not in ("samples", "samples_available") and not k.endswith("_stderr")]
 
 
 def _lm_eval(cell: str, metric: str, bv: dict, hv: dict, higher_is_better: bool | None, th: Thresholds) -> Finding:

@@ -32,7 +32,9 @@ from harness.results import Record
 COUNTS = ("samples", "samples_available")
 
 
-def _metrics(values: dict) -> list[str]:
+def metric_names(values: dict) -> list[str]:
+    """An lm-eval record's metrics (acc, acc_norm, exact_match/strict-match, ...): its numbers less the counts and
+    the standard errors."""
     return [k for k, v in values.items() if k not in COUNTS and not k.endswith("_stderr") and number(v)]
 
 
@@ -63,7 +65,7 @@ def lm_eval_section(records: list[Record]) -> Section | None:
     for task in dict.fromkeys(str(r.settings["task"]) for r in recs):
         for row_label in [task] + [f"{task} \u203a {sub}" for sub in subtasks[task]]:
             found = [v for k in keys for v in good.get((k, row_label), [])]
-            metrics = list(dict.fromkeys(m for v in found for m in _metrics(v))) or ["\u2013"]
+            metrics = list(dict.fromkeys(m for v in found for m in metric_names(v))) or ["\u2013"]
             note = "; ".join(sorted(notes[task])) if row_label == task else ""
             for i, m in enumerate(metrics):
                 arrow = {True: " \u2191", False: " \u2193"}.get(better.get(m.split("/")[0]), "")
