@@ -154,13 +154,39 @@ def test_tokenizer_errors(corpus):
 def test_default_tokenizer_cached(tmp_cache, tok, corpus):
     first = default_tokenizer()
     assert tokenizer_fingerprint(first) == tokenizer_fingerprint(tok)
-    assert len(list((tmp_cache / "tokenizer").iterdir())) == 1
+    assert len([d for d in (tmp_cache / "tokenizer").iterdir() if not d.name.startswith(".")]) == 1
     t0 = time.perf_counter()
     second = default_tokenizer()
     assert time.perf_counter() - t0 < 1.0
     assert tokenizer_fingerprint(second) == tokenizer_fingerprint(first)
     text = corpus.split("validation")[0].text[:2000]
     assert second(text)["input_ids"] == first(text)["input_ids"]
+
+
+def test_tokenizer_trained_once_by_jobs_side_by_side(tmp_cache, tok, corpus, monkeypatch):
+    """A job that finds another training the tokenizer waits for it and loads its result (both trained it)."""
+    import fcntl
+    import threading
+
+    from harness import cache
+    from harness.data import tokenizer as tokenizer_module
+
+    trained = []
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", lambda *a: trained.append(a) or tok)
+    key = tokenizer_cache_key(corpus, 4096)
+    got = {}
+    lock = cache._lock_file("tokenizer", key)
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as other:  # another job, mid-training
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.setdefault("tok", tokenizer_module.cached_tokenizer(corpus)))
+        waiter.start()
+        time.sleep(0.5)
+        with cache.build("tokenizer", key) as tmp:
+            tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    waiter.join(timeout=30)
+    assert trained == []
+    assert tokenizer_fingerprint(got["tok"]) == tokenizer_fingerprint(tok)
 
 
 def test_tokenizer_cache_key(corpus):

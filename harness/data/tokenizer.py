@@ -80,9 +80,10 @@ def tokenizer_cache_key(corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, sp
 def cached_tokenizer(
     corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, split: str = "train"
 ) -> PreTrainedTokenizerFast:
-    """``train_tokenizer`` once per (corpus, vocab_size, split, code), then load from the cache."""
-    key = tokenizer_cache_key(corpus, vocab_size, split)
-    if (path := cache.lookup("tokenizer", key)) is None:
+    """``train_tokenizer`` once per (corpus, vocab_size, split, code), then load from the cache. Jobs that start
+    side by side on a fresh cache take turns on the key's lock, so one trains it and the others load it."""
+
+    def make() -> None:
         t0 = time.perf_counter()
         tok = train_tokenizer(corpus, vocab_size, split)
         meta = {
@@ -96,7 +97,9 @@ def cached_tokenizer(
         }
         with cache.build("tokenizer", key, meta) as tmp:
             tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        path = cache.lookup("tokenizer", key)
+
+    key = tokenizer_cache_key(corpus, vocab_size, split)
+    path = cache.ensure("tokenizer", key, make)
     return _wrap(Tokenizer.from_file(str(path / "tokenizer.json")))
 
 
