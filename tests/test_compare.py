@@ -197,7 +197,18 @@ def test_paired_accuracy_shows_the_accuracies_of_the_shared_samples():
     head = {**{f"s{i}": 1 for i in range(20)}, **{f"s{i}": 0 for i in range(8)}}
     (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})])
     assert (f.base, f.head, f.verdict) == (100.0, 60.0, "regression")  # 20/20 and 12/20
-    assert f.why == "McNemar p=0.00781 over 20 samples"  # 2 / 2**8
+    assert f.why == "McNemar p=0.00781 over 20 samples (10 only in base: not compared)"  # 2 / 2**8
+
+
+def test_paired_accuracy_names_the_samples_it_leaves_out():
+    """With prompts partly renamed, a regression confined to the renamed ones goes unseen: the finding says how
+    many samples of each side it did not compare."""
+    base = {f"s{i}": 1 for i in range(10)}
+    head = {**{f"s{i}": 1 for i in range(7)}, **{f"t{i}": 0 for i in range(5)}}
+    (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})])
+    assert (f.verdict, f.why) == ("ok", "McNemar p=1 over 7 samples (3 only in base, 5 only in head: not compared)")
+    (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": base})])
+    assert f.why == "McNemar p=1 over 10 samples"
 
 
 def test_unpaired_accuracy_of_unequal_sizes_matches_scipy():

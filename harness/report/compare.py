@@ -189,7 +189,9 @@ def _accuracy(cell: str, base: dict, head: dict, th: Thresholds) -> Finding:
     if n:
         shared = set(base) & set(head)
         acc_b, acc_h = (100 * sum(x[s] for s in shared) / n for x in (base, head))
-        return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {n} samples")
+        unpaired = [f"{len(x) - n} only in {side}" for side, x in (("base", base), ("head", head)) if len(x) > n]
+        left_out = f" ({', '.join(unpaired)}: not compared)" if unpaired else ""
+        return Finding(cell, "accuracy", acc_b, acc_h, verdict, f"McNemar p={p:.3g} over {n} samples{left_out}")
     acc_b, acc_h = (100 * sum(x.values()) / len(x) for x in (base, head))
     return Finding(cell, "accuracy", acc_b, acc_h, verdict,
                    f"no sample in common (prompts changed): Fisher exact p={p:.3g}, {len(base)} vs {len(head)} samples")
