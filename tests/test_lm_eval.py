@@ -330,3 +330,13 @@ def test_a_seed_that_failed_marks_the_value_and_a_filtered_metric_has_its_arrow(
     (row,) = tbl["rows"]
     assert row[1]["text"] == "exact_match/strict-match \u2191"
     assert row[2]["text"] == "0.500" and row[2]["note"] == "1 of 2 seeds (1 OOM)" and "partial" in row[2]["cls"]
+
+
+def test_lm_eval_prints_its_results_table_with_headers():
+    """The README runs lm-eval's own command on exports, which ends with this table. pytablewriter before 1.0 (what
+    a resolver takes against python-dateutil 4 without the extra's floor) named the columns A, B, C..."""
+    from lm_eval.utils import make_table
+
+    table = make_table({"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1}},
+                        "versions": {"t": 1}, "n-shot": {"t": 0}, "higher_is_better": {"t": {"acc": True}}})
+    assert table.splitlines()[0].replace(" ", "").startswith("|Tasks|Version|Filter|n-shot|Metric|")
