@@ -164,7 +164,7 @@ def test_default_tokenizer_cached(tmp_cache, tok, corpus):
 
 
 def test_tokenizer_trained_once_by_jobs_side_by_side(tmp_cache, tok, corpus, monkeypatch):
-    """A job that finds another training the tokenizer waits for it and loads its result (both trained it)."""
+    """A job that finds another training the tokenizer waits for it and loads its result; before, each trained one."""
     import fcntl
     import threading
 
