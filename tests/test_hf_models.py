@@ -166,3 +166,67 @@ def test_adapters_over_a_tied_weight_are_not_merged(tmp_path):
     with pytest.raises(UserError, match=r"^model.embed_tokens and lm_head.base_layer share one \(tied\) weight"):
         merged(load_method(tied_llama(), tmp_path / "llama"))
     merged(load_method(build("bamba"), _saved(tmp_path / "bamba")))  # nothing tied: merged
+
+
+# Hybrids beyond the walkthroughs: Mamba-1 + attention + MoE (Jamba), gated DeltaNet + gated attention (Qwen3-Next),
+# short convolutions + attention (LFM2), Zamba v1 (one attention block shared by two layers), and a pure SSM.
+MORE = {
+    "jamba": (lambda: T.JambaForCausalLM(T.JambaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=4, attn_layer_offset=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        mamba_dt_rank=4)), (1, 1)),
+    "qwen3_next": (lambda: T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"])), (1, 1)),
+    "lfm2": (lambda: T.Lfm2ForCausalLM(T.Lfm2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["conv", "full_attention"])), (1, 1)),
+    "zamba": (lambda: T.ZambaForCausalLM(T.ZambaConfig(  # transformers needs two hybrid layers to tie their block
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, attention_hidden_size=64, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        mamba_dt_rank=4, n_mamba_heads=2, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"])), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("arch", MORE)
+def test_hylora_and_a_sliding_window_reach_more_hybrids(arch):
+    """HyLoRA finds each one's attention projections and its depthwise convolutions (LFM2's is named `conv`), every
+    trained tensor gets a gradient, and a sliding window replaces the model's own attention (its output differs from
+    full attention's, and the backend's kernel is what ran)."""
+    from harness.attention.hf import register, uses_attention_interface
+    from harness.attention.recording import recording
+
+    build_it, (blocks, layers) = MORE[arch]
+    torch.manual_seed(0)
+    model = build_it()
+    assert uses_attention_interface(model)
+    ids = torch.randint(0, V, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model.eval()(input_ids=ids).logits
+        model.set_attn_implementation(register("sliding_window", window=8))
+        with recording() as kernels:
+            windowed = model(input_ids=ids).logits
+    assert not torch.equal(windowed, full) and any(k.startswith("sliding_window via") for k in kernels), kernels
+    model, summary = apply_method(model.train(), "hylora", rank=4, alpha=8)
+    assert summary.groups["conv1d"] > 0 and summary.groups["lora"] > 0 and summary.groups["other"] == 0
+    assert (summary.attention_blocks, summary.attention_layers) == (blocks, layers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # the second backward reaches LoRA's A too (B starts at zero)
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum()] == []
+
+
+def test_a_pure_ssm_has_no_attention_to_replace_or_adapt():
+    from harness.attention.hf import uses_attention_interface
+
+    model = T.FalconMambaForCausalLM(T.FalconMambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                         state_size=8, conv_kernel=4, expand=2, time_step_rank=4))
+    assert not uses_attention_interface(model)
+    with pytest.raises(UserError, match="no attention projection found"):
+        apply_method(model, "hylora")
