@@ -82,6 +82,7 @@ def cached_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """``train_tokenizer`` once per (corpus, vocab_size, split, code), then load from the cache. Jobs that start
     side by side on a fresh cache take turns on the key's lock, so one trains it and the others load it."""
+    key = tokenizer_cache_key(corpus, vocab_size, split)
 
     def make() -> None:
         t0 = time.perf_counter()
@@ -98,7 +99,6 @@ def cached_tokenizer(
         with cache.build("tokenizer", key, meta) as tmp:
             tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
 
-    key = tokenizer_cache_key(corpus, vocab_size, split)
     path = cache.ensure("tokenizer", key, make)
     return _wrap(Tokenizer.from_file(str(path / "tokenizer.json")))
 
