@@ -102,16 +102,18 @@ def source_version(*files: Path) -> str:
 
 def lookup(kind: str, key: str) -> Path | None:
     """The directory of a finished artefact, or None if it was never completed. An artefact whose files differ
-    from what its build recorded (truncated, overwritten, missing) is removed, with a warning, so that it gets
-    rebuilt instead of failing every cell that loads it."""
+    from what its build recorded (truncated, overwritten, missing) is not served, with a warning, so that it gets
+    rebuilt instead of failing every cell that loads it. Only that build removes it, under the key's lock
+    (`ensure`): jobs that check it meanwhile never have it removed, or rebuilt, under their feet."""
     path = cache_root() / kind / key
     if not (path / META).is_file():
         return None
     problem = _damage(path)
     if problem is None:
         return path
-    print(f"warning: cache entry {kind}/{key} is damaged ({problem}); removing it to rebuild it", file=sys.stderr)
-    shutil.rmtree(path, ignore_errors=True)
+    if (path, problem) not in _WARNED:  # `ensure` looks twice, around its lock
+        _WARNED.add((path, problem))
+        print(f"warning: cache entry {kind}/{key} is damaged ({problem}); it will be rebuilt", file=sys.stderr)
     return None
 
 
@@ -123,6 +125,13 @@ def _manifest(directory: Path) -> dict[str, dict]:
 
 def _damage(path: Path) -> str | None:
     """What is wrong with a finished artefact, or None. Entries from before manifests were recorded are trusted."""
+    try:
+        return _check(path)
+    except FileNotFoundError as e:  # the rebuild of a damaged entry removes it while this process checks it
+        return f"{Path(e.filename).name} went while it was checked"
+
+
+def _check(path: Path) -> str | None:
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,6 +156,7 @@ def _damage(path: Path) -> str | None:
 
 
 _VERIFIED: set[tuple] = set()
+_WARNED: set[tuple] = set()
 
 
 def ensure(kind: str, key: str, make: Callable[[], None]) -> Path:
@@ -190,7 +200,10 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
         record = {"kind": kind, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
                   "files": _manifest(tmp)}
         (tmp / META).write_text(json.dumps(record, indent=2, default=str))
-        if final.is_dir() and not (final / META).is_file():  # what a removal (or copy) cut off left: never served
+        if final.is_dir() and (not (final / META).is_file() or _damage(final)):
+            # what a removal (or copy) cut off left, or a damaged entry: never served. Its meta.json goes first,
+            # so that a removal cut off in its turn leaves a directory that is never served either
+            (final / META).unlink(missing_ok=True)
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)

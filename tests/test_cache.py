@@ -31,8 +31,43 @@ def test_a_cached_file_overwritten_with_as_many_bytes_is_not_served(capsys):
         (d / "w.bin").write_bytes(b"weights!")
     path = cache.lookup("model", "k2")
     (path / "w.bin").write_bytes(b"WEIGHTS!")  # same size, other content: only its sha256 tells
-    assert cache.lookup("model", "k2") is None and not path.exists()
+    assert cache.lookup("model", "k2") is None
     assert "w.bin differs from what its build wrote (sha256)" in capsys.readouterr().err
+
+
+def test_a_damaged_entry_is_removed_only_by_its_rebuild_under_the_keys_lock(capsys):
+    """A job that finds an entry damaged leaves it to the job that rebuilds it (which holds the key's lock): a
+    reader that removed it could remove it under another job checking it, or remove that job's fresh rebuild."""
+    with cache.build("model", "k15") as d:
+        (d / "w.bin").write_bytes(b"weights!")
+    path = cache.lookup("model", "k15")
+    (path / "w.bin").write_bytes(b"WEIGHTS!")
+    assert cache.lookup("model", "k15") is None and (path / "w.bin").read_bytes() == b"WEIGHTS!"
+
+    def make():
+        with cache.build("model", "k15") as d:
+            (d / "w.bin").write_bytes(b"rebuilt!")
+
+    assert (cache.ensure("model", "k15", make) / "w.bin").read_bytes() == b"rebuilt!"
+    assert capsys.readouterr().err.count("cache entry model/k15 is damaged") == 1  # not once per look
+    assert not cache.unfinished()
+
+
+def test_an_entry_removed_while_a_job_checks_it_is_not_served_and_raises_nothing(monkeypatch):
+    import shutil
+
+    with cache.build("model", "k16") as d:
+        (d / "w.bin").write_bytes(b"weights!")
+    path = cache.cache_root() / "model" / "k16"
+    (path / "w.bin").write_bytes(b"WEIGHTS!")  # damaged, so another job rebuilds it: it removes it meanwhile
+    real = cache.file_sha256
+
+    def removed_meanwhile(f):
+        shutil.rmtree(path)
+        return real(f)
+
+    monkeypatch.setattr(cache, "file_sha256", removed_meanwhile)
+    assert cache.lookup("model", "k16") is None
 
 
 def test_two_processes_ensuring_one_artefact_build_it_once(tmp_path, monkeypatch):
