@@ -144,7 +144,7 @@ def test_interleaving_alternates_a_b_b_a_until_both_sides_reach_the_repeats_and_
     monkeypatch.setattr(interleave, "Worker", FakeWorker)
     FakeWorker.log = []
     cell = interleave.Cell("full", {}, "full", 32, 2, 8, 1)
-    s = Settings(min_repeats=3, min_seconds=1.0, warmup=0)
+    s = Settings(min_repeats=3, min_seconds=1.0, warmup=1)
     [t] = interleave.interleaved("base", "head", [cell], s, "slow.py", progress=lambda *a: None)
     # base needs 8 samples of 0.125 s for a second of timed work (head had it after 2, and 3 repeats after 3)
     assert t.base_s == [0.125] * 8 and t.head_s == [0.5] * 8 and t.kernels == ("base kernel", "head kernel")
@@ -314,8 +314,9 @@ def test_a_worker_runs_the_code_of_its_tree(monkeypatch, tmp_path):
     assert kw["env"]["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "tree"), "elsewhere"]
 
 
-def test_timing_settings_need_three_repeats_and_a_cap_above_them():
-    for bad in ({"min_repeats": 2}, {"min_repeats": 5, "max_repeats": 4}):
+def test_timing_settings_need_three_repeats_a_cap_above_them_and_a_warm_up_call():
+    # without an untimed call first, the record would name no kernel (the worker names it from the warm-up)
+    for bad in ({"min_repeats": 2}, {"min_repeats": 5, "max_repeats": 4}, {"warmup": 0}):
         with pytest.raises(Exception, match="timing settings out of range"):
             Settings(**bad)
     assert Settings(min_repeats=3, max_repeats=3).max_repeats == 3

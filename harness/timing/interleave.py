@@ -41,16 +41,16 @@ class Settings:
     min_repeats: int = 20  # samples per side, at least
     min_seconds: float = 1.0  # timed seconds per side, at least
     max_repeats: int = 400  # per side, at most (a cell of microseconds reaches min_seconds late)
-    warmup: int = 2  # untimed calls per side before the first sample
+    warmup: int = 2  # untimed calls per side before the first sample (one at least: it names the kernel that ran)
     rewarm: int = 1  # untimed calls per side before each sample (the other side ran in between)
     alpha: float = 0.002  # the rank test's level
     time_ratio: float = 1.10  # the median ratio a regression must exceed
 
     def __post_init__(self) -> None:
         if not (self.min_repeats >= 3 and self.max_repeats >= self.min_repeats and self.min_seconds >= 0
-                and self.warmup >= 0 and self.rewarm >= 0 and 0 < self.alpha < 1 and 1 <= self.time_ratio < math.inf):
+                and self.warmup >= 1 and self.rewarm >= 0 and 0 < self.alpha < 1 and 1 <= self.time_ratio < math.inf):
             raise UserError(f"timing settings out of range: {self}; need min_repeats >= 3, max_repeats >= "
-                            "min_repeats, min_seconds >= 0, warmup >= 0, rewarm >= 0, alpha in (0, 1), time_ratio >= 1 "
+                            "min_repeats, min_seconds >= 0, warmup >= 1, rewarm >= 0, alpha in (0, 1), time_ratio >= 1 "
                             "and finite")
 
 
