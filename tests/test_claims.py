@@ -144,6 +144,19 @@ def test_ruler_pools_the_tasks_at_the_length_even_where_sample_ids_repeat():
     assert row[4]["text"] == "15.0 → 50.0" and row[4]["note"] == "40 samples"
 
 
+def test_ruler_pools_the_seeds_even_where_two_seeds_drew_the_same_prompts():
+    # a task whose prompts do not depend on the seed: 2 seeds x 20 samples are 40, not 20 overwritten by the last
+    def same(method, backend, seed, right):
+        return _record("ruler", method, backend, 2048, seed,
+                       {"accuracy": 5.0 * right, "per_sample": {f"p{i}": float(i < right) for i in range(20)}},
+                       "niah_single_1")
+
+    recs = [same("hylora", SE, 0, 15), same("hylora", SE, 1, 5), same("hylora", "s2_attn", 0, 3),
+            same("hylora", "s2_attn", 1, 3)]
+    row = _rows(recs)[("SE-Attn retrieves better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
+    assert row[4]["text"] == "15.0 → 50.0" and row[4]["note"] == "40 samples"
+
+
 def test_the_verdict_follows_mcnemars_p_where_the_normal_interval_excludes_zero():
     # SE right on 8 of 20, S2 on 3, the same 3: five discordant samples all SE's way, McNemar p = 2 / 2**5 = 0.0625;
     # d = [1] * 5 + [0] * 15: +25 pts, sample sd sqrt(5 * 0.75**2 + 15 * 0.25**2) / sqrt(19) = 0.4443, so the normal

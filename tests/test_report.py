@@ -536,6 +536,17 @@ def test_ruler_intervals_pool_seeds_and_marks_need_mcnemar():
     assert not lo["note"].endswith(("\u25b2", "\u25bc"))  # 4 won, 0 lost: p = 0.125
 
 
+def test_ruler_intervals_pool_seeds_even_where_two_seeds_drew_the_same_prompts():
+    same = {f"p{i}": float(i < 6) for i in range(20)}  # a task whose prompts do not depend on the seed
+    recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 30.0, seed=seed, per_sample=same)
+            for seed in (0, 1)]
+    sec, _ = _section(recs, "ruler")
+    row = next(r for r in [b for b in sec["blocks"] if b["type"] == "table"][-1]["rows"]
+               if r[0]["text"] == "niah_single_1")
+    lo95, hi95 = (100 * x for x in wilson(12, 40))  # 40 samples, not the 20 of one seed
+    assert row[1]["note"] == f"[{lo95:.0f}\u2013{hi95:.0f}]"
+
+
 def test_ruler_mcnemar_marks_test_each_cells_own_samples():
     """A task cell's mark tests that task at that length; a group's pools the samples of all its tasks there."""
     recs = []

@@ -33,6 +33,7 @@ from harness.report.common import (
     number,
     ok,
     paragraph,
+    sample_outcomes,
     table,
     variant_key,
     variant_label,
@@ -111,8 +112,7 @@ class _Data:
                 # a NaN or infinite value is a failure, as everywhere in the report
                 self.ppl[k][(int(r.eval_context), _seed(r))] = float(v)
             elif r.metric == "ruler" and r.values.get("per_sample"):
-                self.ruler[k][int(r.eval_context)].update(
-                    {f"{r.settings.get('task')}:{s}": float(v) for s, v in r.values["per_sample"].items()})
+                self.ruler[k][int(r.eval_context)].update(sample_outcomes(r))
         self.variants = sorted(set(self.ppl) | set(self.ruler))
 
     def lengths(self, claim: Claim, a: VariantKey, b: VariantKey) -> list[int]:

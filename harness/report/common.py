@@ -133,6 +133,14 @@ def variant_key(r: Record) -> VariantKey:
                       "finetune" if ev == "finetune" else "")
 
 
+def sample_outcomes(r: Record) -> dict[str, float]:
+    """A RULER record's per-sample scores (0-1) keyed by its seed, task and prompt, so that records pooled over
+    seeds and tasks keep every sample even where two draws made the same prompt; a variant and its pretrained
+    model share a key when they scored the same prompt of the same seed and task (their pairing)."""
+    seed, task = (r.variant or {}).get("seed", ""), r.settings.get("task", "")
+    return {f"{seed}:{task}:{s}": float(v) for s, v in (r.values.get("per_sample") or {}).items()}
+
+
 def variant_sort(key: VariantKey) -> tuple:
     return (key.run_index, key.model, key.stage != "pretrained", key.stage, key.method, key.backend,
             key.finetune_context or 0, key.eval_attention)

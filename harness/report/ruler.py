@@ -41,6 +41,7 @@ from harness.report.common import (
     length_column,
     paragraph,
     partial,
+    sample_outcomes,
     table,
     variant_names,
 )
@@ -92,7 +93,7 @@ class RulerTable(Pivot):
         recs = [r for c in columns for r in self.records(k, c)]
         if not recs or any(not r.values.get("per_sample") for r in recs):
             return {}
-        return {s: float(v) for r in recs for s, v in r.values["per_sample"].items()}
+        return {s: v for r in recs for s, v in sample_outcomes(r).items()}
 
     def interval(self, k: VariantKey, columns: list[tuple[str, int]]) -> tuple[float, float] | None:
         """Wilson 95% interval (%) of the pooled samples of `columns`."""
