@@ -362,11 +362,26 @@ def live_state(entry: dict, out: Path) -> str:
         return state if queued is None else queued or "GONE (Slurm no longer lists it)"
     try:
         os.kill(int(entry["id"]), 0)
-        return "RUNNING"
     except (ProcessLookupError, ValueError):
         return "GONE (its runner stopped before it ended)"
     except PermissionError:
-        return "RUNNING"
+        pass
+    if _started_after(int(entry["id"]), entry.get("submitted")):
+        return "GONE (its process id now belongs to a process started after it: a reboot, or ids wrapped round)"
+    return "RUNNING"
+
+
+def _started_after(pid: int, submitted: str | None) -> bool:
+    """Whether process `pid` started after `submitted` (a ledger time, local, to the second), so that it is not
+    the job's: False where this system cannot tell (no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        started = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
+        return started > time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S")) + 2  # + the second it was cut
+    except (OSError, ValueError, TypeError, IndexError, StopIteration):
+        return False
 
 
 def _squeue_state(job_id: str) -> str | None:

@@ -138,7 +138,7 @@ def test_an_earlier_submission_still_running_is_not_submitted_again(suite_file, 
     out = tmp_path / "out"
     out.mkdir()
     entry = {"job": "attention/full", "id": str(os.getpid()), "executor": "submitit-local", "cells": 1,
-             "submitted": "2026-01-01T00:00:00"}  # a process that is alive: this one
+             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}  # alive, and started before it: this process
     (out / "jobs.jsonl").write_text(json.dumps(entry) + "\n")
     with pytest.raises(UserError, match=r"still queued or running: attention/full \(submitit-local \d+\)"):
         run_suite(suite_file, out, only="attention/*", run={"executor": "submitit-local"})
@@ -414,6 +414,21 @@ def test_a_local_attempt_is_running_while_its_process_is_alive(tmp_path, monkeyp
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True)
     assert live_state({**entry, "id": done.stdout.strip()}, tmp_path).startswith("GONE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times come from /proc")
+def test_a_process_started_after_the_attempt_is_not_the_attempts(tmp_path):
+    """After a reboot (or pids wrapping round) a submitit-local controller's pid may belong to another process: a
+    rerun waiting for it would never start, and its message would have the user kill that process."""
+    import time
+
+    from harness.executors import live_state
+
+    entry = {"job": "attention/full", "executor": "submitit-local", "cells": 1, "id": str(os.getpid())}
+    assert live_state({**entry, "submitted": "2000-01-01T00:00:00"}, tmp_path).startswith("GONE (its process id")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    assert live_state({**entry, "submitted": now}, tmp_path) == "RUNNING"  # this process started before now
+    assert live_state({**entry, "submitted": "not a time"}, tmp_path) == "RUNNING"  # cannot tell: as before
 
 
 class _Job:
