@@ -247,15 +247,14 @@ class Context:
     def eval_stream(self, max_tokens: int):
         """(token stream of the evaluation documents, dataset fields with its token count, the UTF-8 bytes of the
         text it decodes to (special tokens left out) and the tokenizer's fingerprint); once per job."""
-        from harness.data.tokenizer import tokenizer_fingerprint
+        from harness.data.tokenizer import text_bytes, tokenizer_fingerprint
         from harness.data.tokens import as_long, token_stream
 
         if ("eval_stream", max_tokens) not in self.state:
             docs, tok = self.documents("eval"), self.tokenizer()
             stream = as_long(token_stream(tok, docs, max_tokens))
-            text_bytes = len(tok.decode(stream.tolist(), skip_special_tokens=True).encode("utf-8"))
             self.state["eval_stream", max_tokens] = stream, {
-                **docs.dataset(), "tokens": int(stream.numel()), "bytes": text_bytes,
+                **docs.dataset(), "tokens": int(stream.numel()), "bytes": text_bytes(tok, stream),
                 "tokenizer": tokenizer_fingerprint(tok)}
         return self.state["eval_stream", max_tokens]
 

@@ -317,29 +317,44 @@ def test_two_ranks_score_every_other_window_and_add_up_to_one_process(model, tok
     assert not model.training  # an eval-mode model stays in eval mode
 
 
+class _Bytes:
+    """A tokenizer's decode: token t is 1 + t % 3 bytes of text, or none (special) where `silent`."""
+
+    def __init__(self, silent=False):
+        self.silent = silent
+
+    def decode(self, ids, skip_special_tokens):
+        assert skip_special_tokens
+        return "" if self.silent else "".join("x" * (1 + t % 3) for t in ids)
+
+
 def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, tokens):
-    """The plugin's measure: max(1, tokens_per_length // context) windows; bits per byte = the mean NLL in bits times
-    the stream's tokens per byte; no per-byte values when the stream's bytes are unknown."""
+    """The plugin's measure: max(1, tokens_per_length // context) windows; bits per byte = the NLL in bits over the
+    bytes of the scored tokens' text (not the stream's bytes per token); no per-byte values where that text is
+    empty."""
     from harness.metrics.base import ONE
     from harness.metrics.plugins.perplexity import Perplexity, PerplexityConfig
 
     class Ctx:
         ranks, pretrain_context, seed = ONE, 64, 3
 
-        def __init__(self, n_bytes):
-            self.n_bytes = n_bytes
+        def __init__(self, tok):
+            self.tok = tok
 
         def model(self):
             return model, {"preset": "llama"}
 
+        def tokenizer(self):
+            return self.tok
+
         def use_attention(self, which):
             self.attention = which
 
-        def eval_stream(self, max_tokens):
-            return tokens[:max_tokens], {"name": "toy", "tokens": min(max_tokens, N_TOKENS), "bytes": self.n_bytes}
+        def eval_stream(self, max_tokens):  # the stream's 700 bytes are 3.5 per token: not what its windows hold
+            return tokens[:max_tokens], {"name": "toy", "tokens": min(max_tokens, N_TOKENS), "bytes": 700}
 
     config = PerplexityConfig(contexts=[32], tokens_per_length=100, max_tokens=200)
-    ctx = Ctx(n_bytes=700)
+    ctx = Ctx(_Bytes())
     m = Perplexity().measure(ctx, {"length": 32, "eval_attention": "full"}, config)
     res = evaluate_perplexity(model, tokens[:200], 32, "longlora", max_windows=3)
     assert ctx.attention == "full" and m.settings["max_windows"] == 3 and m.values["windows"] == res.windows
@@ -349,20 +364,30 @@ def test_the_perplexity_cell_records_bits_per_byte_and_its_window_budget(model, 
                              "bytes_per_token"} == set(m.units)
     assert (m.values["nll"], m.values["tokens_scored"], m.values["windows_total"]) == (res.nll, res.tokens_scored,
                                                                                       res.windows_total)
-    assert m.values["bits_per_byte"] == pytest.approx(res.nll / math.log(2) * 200 / 700, rel=1e-12)
-    assert m.values["bytes_per_token"] == 3.5 and m.units["bits_per_byte"] == "bits/byte"
+    scored = sum(1 + int(t) % 3 for t in tokens[1:32])  # one window (a step of 256 > 200 tokens): 1..31 scored
+    assert m.values["bits_per_byte"] == pytest.approx(res.nll / math.log(2) * 31 / scored, rel=1e-12)
+    assert m.values["bytes_per_token"] == scored / 31 != 3.5 and m.units["bits_per_byte"] == "bits/byte"
     config = PerplexityConfig(contexts=[128], tokens_per_length=100, max_tokens=200)
-    m = Perplexity().measure(Ctx(n_bytes=0), {"length": 128, "eval_attention": "full"}, config)
+    m = Perplexity().measure(Ctx(_Bytes(silent=True)), {"length": 128, "eval_attention": "full"}, config)
     assert m.settings["max_windows"] == 1 and m.values["windows"] == 1  # at least one window, however long
     assert "bits_per_byte" not in m.values and "bits_per_byte" not in m.units
     # on two ranks, each measures its share of the windows and the cell adds them up (here rank 1 sends nothing)
     from harness.metrics.base import Ranks
 
-    ctx = Ctx(n_bytes=700)
+    ctx = Ctx(_Bytes())
     ctx.ranks = Ranks(0, 2, gather=lambda part: [part, (0.0, 0)])
     config = PerplexityConfig(protocol="stride", contexts=[32], tokens_per_length=100, max_tokens=200)
     m = Perplexity().measure(ctx, {"length": 32, "eval_attention": "full"}, config)
     assert (m.values["windows"], m.values["tokens_scored"]) == (3, 2 * 16)  # windows 0 and 2 of 3, 16 tokens each
+
+
+def test_the_scored_spans_are_the_windows_scored_tokens_in_the_stream(model, tokens):
+    """Byte counts (bits per byte) read the spans: under stride with a budget, each kept window's newest tokens
+    (windows 0, 6 and 11 of 12 candidates)."""
+    res = evaluate_perplexity(model, tokens, 32, "stride", max_windows=3)
+    assert res.scored_spans == [(16, 32), (112, 128), (187, 203)] and res.tokens_scored == 48
+    res = evaluate_perplexity(model, tokens, 32, "longlora", step=64)
+    assert res.scored_spans == [(1, 32), (65, 96), (129, 160)] and res.tokens_scored == 3 * 31
 
 
 def test_a_context_below_two_is_a_config_error():

@@ -71,6 +71,11 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def text_bytes(tok, ids) -> int:
+    """UTF-8 bytes of the text that token ids decode to, special tokens (a document's eos) left out."""
+    return len(tok.decode(ids.tolist() if hasattr(ids, "tolist") else ids, skip_special_tokens=True).encode("utf-8"))
+
+
 def tokenizer_cache_key(corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, split: str = "train") -> str:
     return cache.fingerprint(
         corpus.fingerprint, vocab_size, split, tokenizers.__version__, cache.code_version(sys.modules[__name__])

@@ -69,7 +69,7 @@ import difflib
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -134,6 +134,8 @@ class PerplexityResult:
     protocol: str
     step_or_stride: int
     windows_total: int = 0  # candidate windows before the max_windows subset
+    # [start, end) in the stream of each evaluated window's scored tokens (all ranks'), to count their text's bytes
+    scored_spans: list[tuple[int, int]] = field(default_factory=list)
 
     UNITS = {
         "perplexity": "",
@@ -382,4 +384,5 @@ def evaluate_perplexity(
     return PerplexityResult(
         perplexity=math.exp(nll), nll=nll, tokens_scored=scored, windows=len(windows), context=context,
         protocol=proto.name, step_or_stride=hop, windows_total=len(candidates),
+        scored_spans=[(start + a, start + e) for start, a, e in windows],
     )
