@@ -72,8 +72,8 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
 
 
 def text_bytes(tok, ids) -> int:
-    """UTF-8 bytes of the text that token ids decode to, special tokens (a document's eos) left out."""
-    return len(tok.decode(ids.tolist() if hasattr(ids, "tolist") else ids, skip_special_tokens=True).encode("utf-8"))
+    """UTF-8 bytes of the text that a tensor of token ids decodes to, special tokens (a document's eos) left out."""
+    return len(tok.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
 
 
 def tokenizer_cache_key(corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, split: str = "train") -> str:
