@@ -739,3 +739,21 @@ def test_top_k_zero_retrieves_nothing():
     q, k, v = _qkv((1, 2, 2, 40, 8))
     torch.testing.assert_close(attend(q, k, v, "se_attn", chunk_size=8, block_size=4, top_k=0),
                                attend(q, k, v, "se_attn_nomem", chunk_size=8, block_size=4))
+
+
+def test_bench_times_every_chunk_size_se_attn_draws_among(monkeypatch):
+    """se_attn with several chunk sizes draws one per training call, and its pairs (so the limit) are the mean over
+    the sizes: its time is the mean of the sizes' times too (each repeat one call of each size), not the median of
+    calls whose sizes fell as the draws did (which is the majority size's time); its peak is the largest size's."""
+    from harness.attention import bench
+
+    monkeypatch.setattr(bench, "_timed", lambda b, q, k, v, device: (b.plan(True)["chunk_size"] / 1e3, "k"))
+    monkeypatch.setattr(bench, "_cpu_peak_gib", lambda b, q, k, v: float(b.plan(True)["chunk_size"]))
+    opts = {"block_size": 4, "top_k": 2}
+    (row,) = bench.bench_attention([("se_attn", {"chunk_size": [8, 16], **opts})], [32], heads=2, head_dim=8,
+                                   repeats=5, warmup=1)
+    assert row["times_ms"] == [12.0] * 5 and row["time_ms"] == 12.0 and row["peak_gib"] == 16.0
+    assert row["options"] == {"chunk_size": [8, 16], **opts}
+    each = [bench.bench_attention([("se_attn", {"chunk_size": m, **opts})], [32], heads=2, head_dim=8, repeats=1,
+                                  warmup=1)[0] for m in (8, 16)]
+    assert row["pairs"] == sum(r["pairs"] for r in each) / 2
