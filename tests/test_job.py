@@ -51,3 +51,24 @@ def test_a_measurement_keeps_its_own_time_and_kernel_and_one_process_records_no_
                        distributed.SINGLE)
     (rec,) = results.load(tmp_path)
     assert (rec.status, rec.seconds, rec.kernel) == ("ok", 123.0, "se_attn via triton") and "ranks" not in rec.settings
+
+
+@pytest.mark.parametrize("lr, trained", [(None, {"full": 2e-4, "s2_attn": 2e-5}),
+                                         ({"default": 1e-4, "s2_attn": 3e-5}, {"full": 1e-4, "s2_attn": 3e-5})])
+def test_a_train_record_states_the_lr_its_fine_tune_trained_at(tmp_path, lr, trained):
+    """Not the suite's `lr` as written: unset (the paper's LR per backend) or a mapping by backend, which says no
+    number, or not the record's backend's."""
+    import json
+    from types import SimpleNamespace
+
+    from harness.artefacts import finetune_config
+    from harness.metrics.plugins.train import Train
+    from harness.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text(json.dumps({"name": "s", "backends": ["full", "s2_attn"], "methods": ["lora"],
+                                                 "finetune": {"lr": lr}, "metrics": {"efficiency": {"lengths": [8]}}}))
+    suite = load_suite(tmp_path / "s.yaml")
+    for backend in suite.backends:
+        ctx = SimpleNamespace(suite=suite, backend=backend, model=lambda: (None, {"train": {"seconds": 1.0}}))
+        lr_recorded = Train().measure(ctx, {}, None).settings["lr"]
+        assert lr_recorded == trained[backend.name] == finetune_config(suite, "lora", backend, 0).lr

@@ -18,8 +18,11 @@ class Train(Metric):
         _, info = ctx.model()
         values = dict(info["train"])
         kernels = values.pop("kernels", [])
+        # the LR it trained at: the suite's `lr` may be unset (the paper's per backend) or a mapping by backend
+        f = ctx.suite.finetune
         return Measurement(values, {"tokens_per_s": "tokens/s", "peak_memory_gib": "GiB"},
-                           {**ctx.suite.finetune.model_dump(), "backend_options": ctx.backend.options}, model=info,
+                           {**f.model_dump(), "lr": f.lr_for(ctx.backend.name), "backend_options": ctx.backend.options},
+                           model=info,
                            kernel=", ".join(kernels), seconds=round(values.get("seconds", 0.0), 1))
 
     def section(self, records):
