@@ -5,7 +5,7 @@ import pytest
 from harness import results
 from harness.cli import main
 from harness.report.compare import Finding, Thresholds, compare, judge_accuracy, markdown, permutation_p
-from harness.report.significance import fisher_exact
+from harness.report.significance import fisher_exact, mcnemar_exact
 
 
 def rec(cell, values, status="ok", device="cpu", metric="perplexity", config_hash="h"):
@@ -300,6 +300,20 @@ def test_accuracy_without_samples_on_a_side_is_skipped():
     assert judge_accuracy({}, {"s0": 1}, Thresholds()) == ("skipped", 1.0, 0)
     empty = [rec("r", {"per_sample": {}})]
     assert [(f.verdict, f.why) for f in compare(empty, empty)] == [("skipped", "no samples")]
+
+
+def test_paired_partial_scores_are_no_regression_where_the_accuracy_rose():
+    # cwe scores the fraction of its 10 words found: 15 samples lose a word (0.6 -> 0.5), 5 find them all (1.0).
+    # The sign test gives p = 0.041 for "worse", but the accuracy rose from 60% to 62.5%: significant neither way
+    base = {f"s{i}": 0.6 for i in range(20)}
+    head = {f"s{i}": 0.5 if i < 15 else 1.0 for i in range(20)}
+    assert judge_accuracy(base, head, Thresholds()) == ("ok", mcnemar_exact(15, 5), 20)
+    assert judge_accuracy(head, base, Thresholds()) == ("ok", mcnemar_exact(5, 15), 20)
+    (f,) = compare([rec("r", {"per_sample": base})], [rec("r", {"per_sample": head})])
+    assert (f.verdict, round(f.base, 9), round(f.head, 9)) == ("ok", 60.0, 62.5)
+    # where the accuracy moves the way the samples do, the verdict stands
+    lower = {f"s{i}": 0.5 if i < 15 else 0.7 for i in range(20)}
+    assert judge_accuracy(base, lower, Thresholds())[0] == "regression"
 
 
 def test_unpaired_partial_scores_count_as_the_nearest_whole_number_of_hits():

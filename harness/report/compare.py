@@ -4,8 +4,9 @@ Cells are matched by id, and only each side's current record per cell counts (`r
 superseded record is never judged). Each value is judged by its kind, by the functions here, which the
 report's run comparison uses too:
 - perplexity (deterministic under fixed model, data and settings): relative tolerance;
-- accuracy with per-sample outcomes (`values.per_sample`: {sample id: 0/1}): exact McNemar test
-  over the samples both runs scored, a regression only if head is lower and p < alpha; with no sample in
+- accuracy with per-sample outcomes (`values.per_sample`: {sample id: score in [0, 1]}): exact McNemar test
+  over the samples both runs scored (a sign test on partial scores), a regression only if head is lower, on the
+  samples and in accuracy, and p < alpha; with no sample in
   common (the prompts changed), Fisher's exact test on the two accuracies, unpaired;
 - time with repeats (`values.times_ms`: list): ratio of medians above the threshold AND a
   one-sided permutation test p < alpha (asv's rule), only between records of the same device; timed on CPU,
@@ -168,20 +169,29 @@ def judge_perplexity(base: float, head: float, th: Thresholds) -> str:
 
 
 def judge_accuracy(base: dict, head: dict, th: Thresholds) -> tuple[str, float, int]:
-    """(verdict, p, shared samples) for per-sample outcomes {sample id: 0/1}: McNemar over the shared samples,
-    or, with none shared (0), Fisher's exact test on the two accuracies; "skipped" if a side has no samples."""
+    """(verdict, p, shared samples) for per-sample outcomes {sample id: score in [0, 1]}: McNemar over the shared
+    samples (a sign test where scores are partial, which counts only where the accuracy over them moves the same
+    way), or, with none shared (0), Fisher's exact test on the two accuracies; "skipped" if a side has no
+    samples."""
     shared = set(base) & set(head)
+    against = False
     if shared:
-        worse = sum(base[s] > head[s] for s in shared)  # right before, wrong now
+        worse = sum(base[s] > head[s] for s in shared)  # right before, wrong now (or less right: partial scores)
         better = sum(head[s] > base[s] for s in shared)
         p = mcnemar_exact(worse, better)
+        # RULER's string_match_all scores a sample in [0, 1]: the sign test can count more samples lost while the
+        # accuracy rose (many lost a little, a few gained much). That is significant neither way
+        # (harness.report.significance.paired_samples).
+        moved = sum(head[s] - base[s] for s in shared)
+        against = (better > worse) - (better < worse) != (moved > 0) - (moved < 0)
     elif base and head:
         hits_b, hits_h = round(sum(base.values())), round(sum(head.values()))
         p = fisher_exact(hits_b, len(base), hits_h, len(head))
         worse, better = hits_b * len(head), hits_h * len(base)  # the accuracies, cross-multiplied
     else:
         return "skipped", 1.0, 0
-    verdict = "ok" if p >= th.alpha or worse == better else "regression" if worse > better else "improvement"
+    verdict = ("ok" if p >= th.alpha or worse == better or against else "regression" if worse > better
+               else "improvement")
     return verdict, p, len(shared)
 
 
