@@ -573,6 +573,21 @@ def test_ruler_without_base_says_the_gate_cannot_apply(tmp_path):
     assert not any(c["note"] for _, _, c in _cells(sec))
 
 
+def test_ruler_says_that_decoding_attends_fully_where_the_fine_tuning_attention_was_evaluated():
+    """Under eval_attention finetune only the prefill runs the backend: generate()'s later steps decode on the cache
+    with full attention (on niah_single_1 at 1K with a 512-token window, 48% against 42% decoded through the window
+    without a cache, 16 of 40 predictions different), so the report says so."""
+    own = ruler_record("finetuned", "hylora", "niah_single_1", 1024, 50.0, backend="sliding_window(window=512)")
+    own["settings"]["eval_attention"] = "finetune"
+    recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 60.0),
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 55.0, backend="sliding_window(window=512)")]
+    sec, _ = _section(recs + [own], "ruler")
+    (note,) = [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
+    assert note.startswith("Evaluated with the fine-tuning attention (sliding_window): the prompt is read with it")
+    sec, _ = _section(recs, "ruler")  # full-attention evaluation alone: nothing to say
+    assert not [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
+
+
 def test_ruler_says_which_variants_have_no_base_to_gate_by():
     """A run without pretrained RULER records beside one with them: its variants went ungated, unsaid."""
     recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 0.0, run="a"),

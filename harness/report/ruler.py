@@ -33,6 +33,7 @@ from harness.report.common import (
     Pivot,
     Section,
     VariantKey,
+    backend_name,
     callouts,
     cell,
     fmt_float,
@@ -137,6 +138,12 @@ def ruler_section(records: list[Record]) -> Section | None:
     notes = [f"Essay haystack replaced by book text ({d}) in "
              f"{sum(r.values.get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
+    if own := sorted({backend_name(k.backend) for k in tab.rows if k.eval_attention and k.backend
+                      and backend_name(k.backend) != "full"}):
+        notes.append(f"Evaluated with the fine-tuning attention ({', '.join(own)}): the prompt is read with it, but "
+                     "every generated token after the first is decoded on the KV cache with full attention over the "
+                     "whole prompt (harness.attention.backend), so those accuracies are the fine-tuning attention's "
+                     "for the first answer token only.")
     finetuned = [k for k in tab.rows if k.stage != "pretrained"]
     if without := [k for k in finetuned if not tab.has_base(k)]:
         whose = "" if len(without) == len(finetuned) else f" for {', '.join(names[k] for k in without)}"
