@@ -238,6 +238,21 @@ def test_a_model_whose_head_does_not_give_its_logits_is_scored_from_its_logits(m
     assert res.tokens_scored == 31 and res.nll == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_model_that_soft_caps_its_logits_is_scored_from_its_logits(tokens):
+    """Gemma-2's final soft-cap moves small logits too little for the head check (last position, bf16 tolerance) to
+    see: here the head path was 0.07% off. A config that declares one sends every window to the model's logits."""
+    torch.manual_seed(0)
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0)).eval()
+    with torch.no_grad():
+        gemma.get_output_embeddings().weight.mul_(3)  # logits up to about 1.2: the cap bends them a little
+    res = evaluate_perplexity(gemma, tokens, 32, max_windows=1)
+    with torch.no_grad():
+        logits = gemma(input_ids=tokens[None, :32], use_cache=False).logits[0, :-1]
+    assert res.nll == pytest.approx(F.cross_entropy(logits.float(), tokens[1:32]).item(), rel=1e-6)
+
+
 def test_decoder_hook_path_is_used_and_falls_back_to_hidden_states(model, tokens):
     seen = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
