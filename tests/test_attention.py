@@ -251,15 +251,34 @@ def test_random_chunk_size_in_training_is_seeded_and_eval_uses_largest():
 
 
 def test_decode_is_full_attention_and_reported():
+    """SE-Attn and S²-Attn have no rule for one query at a time (their patterns depend on later queries)."""
     q, k, v = _qkv((2, 4, 2, 12, 8))
     full = attend(q, k, v, "full")
-    for backend, opts in [("se_attn", dict(chunk_size=4, block_size=2)), ("sliding_window", dict(window=2)),
-                          ("s2_attn", {})]:
+    for backend, opts in [("se_attn", dict(chunk_size=4, block_size=2)), ("s2_attn", {}), ("se_attn_nomem", {})]:
         with recording() as kernels:
             out = attend(q[:, :, -3:], k, v, backend, **opts)
         assert kernels == {"full via sdpa (decode)"}
         torch.testing.assert_close(out, full[:, :, -3:], atol=1e-6, rtol=1e-5)
     assert kernel_log()["full via sdpa (decode)"] >= 3
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 12, 40])
+def test_decode_under_a_sliding_window_sees_the_window_as_the_prompt_does(window):
+    """A token decoded on the cache sees its `window` most recent keys: the rows of a cache-free forward."""
+    q, k, v = _qkv((2, 4, 2, 12, 8))
+    whole = attend(q, k, v, "sliding_window", window=window)
+    for new in (1, 3):
+        with recording() as kernels:
+            out = attend(q[:, :, -new:], k, v, "sliding_window", window=window)
+        assert kernels == {"sliding_window via sdpa (decode)"}
+        torch.testing.assert_close(out, whole[:, :, -new:], atol=1e-6, rtol=1e-5)
+    # a padding mask (left padding of the first sequence) narrows it further
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    out, _ = Backend("sliding_window", window=window)(q[:, :, -1:], k, v, mask=mask)
+    keys = [j for j in range(max(4, 12 - window), 12)]
+    torch.testing.assert_close(out[0], attend(q[:1, :, -1:], k[:1, :, keys], v[:1, :, keys], "full")[0],
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_padding_mask_is_an_error_except_for_full():

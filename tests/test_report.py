@@ -577,13 +577,17 @@ def test_ruler_says_that_decoding_attends_fully_where_the_fine_tuning_attention_
     """Under eval_attention finetune only the prefill runs the backend: generate()'s later steps decode on the cache
     with full attention (on niah_single_1 at 1K with a 512-token window, 48% against 42% decoded through the window
     without a cache, 16 of 40 predictions different), so the report says so."""
-    own = ruler_record("finetuned", "hylora", "niah_single_1", 1024, 50.0, backend="sliding_window(window=512)")
-    own["settings"]["eval_attention"] = "finetune"
+    def own(backend):
+        r = ruler_record("finetuned", "hylora", "niah_single_1", 1024, 50.0, backend=backend)
+        r["settings"]["eval_attention"] = "finetune"
+        return r
+
     recs = [ruler_record("pretrained", "none", "niah_single_1", 1024, 60.0),
-            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 55.0, backend="sliding_window(window=512)")]
-    sec, _ = _section(recs + [own], "ruler")
+            ruler_record("finetuned", "hylora", "niah_single_1", 1024, 55.0, backend="se_attn(chunk_size=256)")]
+    sec, _ = _section(recs + [own("se_attn(chunk_size=256)"), own("sliding_window(window=512)")], "ruler")
     (note,) = [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
-    assert note.startswith("Evaluated with the fine-tuning attention (sliding_window): the prompt is read with it")
+    # the sliding window decodes with its window (harness.attention.backend): not named
+    assert note.startswith("Evaluated with the fine-tuning attention (se_attn): the prompt is read with it")
     sec, _ = _section(recs, "ruler")  # full-attention evaluation alone: nothing to say
     assert not [n for b in sec["blocks"] if b["type"] == "callouts" for n in b["items"]]
 

@@ -19,8 +19,15 @@ from .hf import implementation_name, register, registered_backend
 from .options import ALIASES, COMMON, COMMON_ALLOWED, resolve
 from .recording import kernel_log, recording
 
-__all__ = ["Backend", "attend", "available", "implementation_name", "kernel_log", "recording", "register",
-           "registered_backend"]
+__all__ = ["Backend", "attend", "available", "decodes_with_full_attention", "implementation_name", "kernel_log",
+           "recording", "register", "registered_backend"]
+
+
+def decodes_with_full_attention(name: str) -> bool:
+    """Whether backend `name` (or an alias) decodes on a KV cache with full attention over every cached key, having
+    no rule of its own for one query at a time (Spec.decode_mask); False for names it does not know."""
+    target = ALIASES[name][0] if name in ALIASES else name
+    return target in SPECS and SPECS[target].decode_mask is None
 
 
 def available() -> dict:
@@ -35,7 +42,7 @@ def available() -> dict:
             "capabilities": {
                 "training": True, "prefill": True, "gqa": True,
                 "decode": "q_len < k_len (KV cache): full causal attention aligned to the last key, "
-                          "reported '(decode)'",
+                          "reported 'full via sdpa (decode)'",
                 "padding_mask": True if spec.padding_mask else "decode only; a padding mask at prefill is an error",
                 **spec.capabilities},
         }

@@ -118,7 +118,11 @@ class Backend:
         if mask is not None and mask.dtype != torch.bool:
             mask = mask == 0  # additive float mask: 0 where attending
         if q.shape[2] < k.shape[2]:
-            return blockwise.full_sdpa(q, k, v, scale, mask), recording.record("full via sdpa (decode)")
+            if (rule := self.spec.decode_mask) is None:
+                return blockwise.full_sdpa(q, k, v, scale, mask), recording.record("full via sdpa (decode)")
+            own = rule(q.shape[2], k.shape[2], self.options, q.device)
+            out = blockwise.full_sdpa(q, k, v, scale, own if mask is None else mask & own)
+            return out, recording.record(f"{self.name} via sdpa (decode)")
         if mask is not None and not self.spec.padding_mask:
             causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
             if not bool((mask | ~causal).all()):

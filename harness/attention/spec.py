@@ -29,6 +29,10 @@ class Spec:
     plan: Callable | None = None  # (opts, call_seed, training) -> per-call choices passed to mask and kernels
     min_context: Callable[[dict], int] = lambda opts: 1  # shortest training context the options fit
     padding_mask: bool = False  # whether a padding mask is allowed at prefill/training
+    # (q_len, k_len, opts, device) -> bool (Lq, Lk), True = may attend: the keys that queries decoded on a KV cache
+    # (the last q_len positions) see under the pattern; None: every earlier key, full attention (a pattern whose
+    # queries depend on later ones, as SE-Attn's chunk retrieval and S²-Attn's groups do, has no rule per token)
+    decode_mask: Callable | None = None
     aliases: dict = field(default_factory=dict)  # alias name -> the options it fixes
     capabilities: dict = field(default_factory=dict)
 

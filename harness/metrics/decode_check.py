@@ -6,9 +6,9 @@ and RULER reads 0% with no error anywhere (transformers 5.24 did this to the hyb
 greedy steps through `generate` and compares each step's logits with one cache-free forward over the same
 tokens; a mismatch fails the cell with a message naming the versions, instead of recording a wrong number.
 
-Decoding always attends with full attention (harness.attention.backend), so the check switches the model to
-full attention for its duration: it tests the cache plumbing, not the evaluation backend. The kernels it runs
-are left out of the cell's record of what ran.
+The check switches the model to full attention for its duration (decoding on a cache attends fully under most
+backends; harness.attention.backend): it tests the cache plumbing, not the evaluation backend. The kernels it
+runs are left out of the cell's record of what ran.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from harness.attention import decodes_with_full_attention
 from harness.report import plots, significance
 from harness.report.common import (
     Block,
@@ -139,7 +140,7 @@ def ruler_section(records: list[Record]) -> Section | None:
              f"{sum(r.values.get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
     if own := sorted({backend_name(k.backend) for k in tab.rows if k.eval_attention and k.backend
-                      and backend_name(k.backend) != "full"}):
+                      and backend_name(k.backend) != "full" and decodes_with_full_attention(backend_name(k.backend))}):
         notes.append(f"Evaluated with the fine-tuning attention ({', '.join(own)}): the prompt is read with it, but "
                      "every generated token after the first is decoded on the KV cache with full attention over the "
                      "whole prompt (harness.attention.backend), so those accuracies are the fine-tuning attention's "
