@@ -356,6 +356,11 @@ def test_a_change_from_zero_is_not_a_percentage():
     assert Finding("c", "peak memory", 0.0, 1.0, "regression").change == ""
 
 
+def test_an_accuracy_changes_by_points_not_by_a_percentage_of_itself():
+    assert Finding("c", "accuracy", 60.0, 62.5, "ok").change == "+2.5 pts"  # not +4.17%
+    assert Finding("c", "accuracy", 0.0, 20.0, "improvement").change == "+20.0 pts"
+
+
 def test_thresholds_of_one_allow_no_rise():
     th = Thresholds(time_ratio=1, memory_ratio=1)
     b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]

@@ -65,6 +65,9 @@ class Finding:
 
     @property
     def change(self) -> str:
+        """Relative, or in points for an accuracy (a percentage, as the report's run comparison shows it)."""
+        if self.metric == "accuracy" and None not in (self.base, self.head):
+            return f"{self.head - self.base:+.1f} pts"
         if self.base in (None, 0) or self.head is None:
             return ""
         return f"{(self.head / self.base - 1) * 100:+.2f}%"
