@@ -642,6 +642,23 @@ def test_training_section_pretrain_and_finetune():
     assert t[4]["text"] == "NaN"
 
 
+def test_loss_curves_of_runs_with_recall_rows_say_the_loss_is_the_weighted_objective():
+    """With recall rows mixed in, answer tokens weigh answer_weight times: the curve is not text's NLL per token."""
+    def rec(metric, settings):
+        return asdict(Record(suite="s", cell=f"tiny-hybrid/seed0/{metric}", metric=metric,
+                             stage="pretrained" if metric == "pretrain" else "finetuned",
+                             model={"preset": "tiny-hybrid"}, method="none" if metric == "pretrain" else "lora",
+                             backend="full", finetune_context=None if metric == "pretrain" else 2048, env=ENV,
+                             settings=settings, values={"loss_curve": [[1, 5.0], [2, 4.0]], "seconds": 1.0}))
+
+    pre = rec("pretrain", {"recall": {"0": 0.5, "1000": 0.0}, "answer_weight": 5.0})
+    sec, _ = _section([pre, rec("train", {"recall": 0.0, "answer_weight": 5.0})], "training")
+    pre_fig, ft_fig = [b["caption"] for b in sec["blocks"] if b["type"] == "figure"]
+    assert pre_fig.endswith("their answer tokens weigh 5x as much as other tokens.") and "recall" not in ft_fig
+    sec, _ = _section([rec("train", {"recall": 0.25, "answer_weight": 3.0})], "training")
+    assert "weigh 3x as much" in next(b for b in sec["blocks"] if b["type"] == "figure")["caption"]
+
+
 def test_training_rows_of_several_seeds_name_them_and_the_plot_takes_their_mean(monkeypatch):
     """A model named like a seed ("seed-oss") was read as the seed; the plot's line is the mean over the seeds that
     trained, saying how many of those that ran."""

@@ -25,6 +25,7 @@ from harness.report.common import (
     isnan,
     labeller,
     model_name,
+    number,
     ok,
     paragraph,
     table,
@@ -59,7 +60,8 @@ def training_section(records: list[Record]) -> Section | None:
         if any(pts for _, pts in curves):
             blocks.append({"type": "figure", "alt": "pretraining loss curves",
                            "src": plots.loss_curves(curves, title="Pretraining"),
-                           "caption": "Pretraining loss per optimisation step (the base model of every variant)."})
+                           "caption": "Pretraining loss per optimisation step (the base model of every variant)."
+                                      + _objective(pre)})
         rows += [_row(names[id(r)], r) for r in pre]
     if train:
         seeded = len({_seed(r) for r in train}) > 1
@@ -74,7 +76,7 @@ def training_section(records: list[Record]) -> Section | None:
             blocks.append({"type": "figure", "alt": "fine-tuning loss curves",
                            "src": plots.loss_curves(curves, title="Fine-tuning", styles=styles),
                            "caption": "Fine-tuning loss per optimisation step, one line per variant"
-                                      + (" (the mean over its seeds)." if seeded else ".")})
+                                      + (" (the mean over its seeds)." if seeded else ".") + _objective(train)})
         rows += [_row(label(r) + (f" · {_seed(r)}" if seeded else ""), r) for r in train]
     blocks.append(heading("Training runs"))
     blocks.append(paragraph(
@@ -101,6 +103,17 @@ def _seed(r: Record) -> str:
     if seed is None:
         seed = next((p[4:] for p in str(r.cell or "").split("/") if re.fullmatch(r"seed\d+", p)), None)
     return "" if seed is None else f"seed{seed}"
+
+
+def _objective(records: list[Record]) -> str:
+    """What the plotted loss is where runs mixed recall rows in: the weighted objective, not text's NLL per token."""
+    def mixed(recall) -> bool:
+        return any(number(x) and x > 0 for x in (recall.values() if isinstance(recall, dict) else [recall]))
+
+    weights = sorted({r.settings["answer_weight"] for r in records
+                      if mixed(r.settings.get("recall")) and number(r.settings.get("answer_weight"))})
+    return (f" Where recall rows were mixed in, the loss is the training objective: their answer tokens weigh "
+            f"{' / '.join(f'{w:g}' for w in weights)}x as much as other tokens." if weights else "")
 
 
 def _mean_curve(curves: list[list]) -> list[tuple[int, float]]:
