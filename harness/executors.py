@@ -221,7 +221,7 @@ class Executor:
                     raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
             attempt = SubmititAttempt(job, self.kind)
         self._note({"job": name, "id": attempt.id, "executor": self.kind, "cells": len(spec["cells"]),
-                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "submitted_unix": round(time.time(), 3)})
         return attempt
 
     def ended(self, name: str, attempt, state: str) -> None:
@@ -366,22 +366,31 @@ def live_state(entry: dict, out: Path) -> str:
         return "GONE (its runner stopped before it ended)"
     except PermissionError:
         pass
-    if _started_after(int(entry["id"]), entry.get("submitted")):
+    if _started_after(int(entry["id"]), entry.get("submitted"), entry.get("submitted_unix")):
         return "GONE (its process id now belongs to a process started after it: a reboot, or ids wrapped round)"
     return "RUNNING"
 
 
-def _started_after(pid: int, submitted: str | None) -> bool:
-    """Whether process `pid` started after `submitted` (a ledger time, local, to the second), so that it is not
-    the job's: False where this system cannot tell (no /proc)."""
+def _started_after(pid: int, submitted: str | None, submitted_unix: float | None = None) -> bool:
+    """Whether process `pid` started after the job's submission, so that it is not the job's: False where this
+    system cannot tell (no /proc). `submitted_unix` (seconds since the epoch) is exact. A ledger written before it
+    was recorded has only `submitted`, a local time of the runner that wrote it, whose zone (TZ, a container's,
+    DST's repeated hour) a later runner cannot know: it reads as up to SUBMITTED_ZONE_SLACK_S off, so that a job
+    still running is never taken for gone (and run twice)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         started = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
-        return started > time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S")) + 2  # + the second it was cut
-    except (OSError, ValueError, TypeError, IndexError, StopIteration):
+        if isinstance(submitted_unix, (int, float)) and not isinstance(submitted_unix, bool):
+            return started > submitted_unix + 2  # + btime's whole seconds and the ticks' rounding
+        return started > time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S")) + SUBMITTED_ZONE_SLACK_S
+    except (OSError, ValueError, TypeError, IndexError, StopIteration, OverflowError):
         return False
+
+
+# UTC+14 to UTC-12, and the second the stamp was cut
+SUBMITTED_ZONE_SLACK_S = 26 * 3600 + 2
 
 
 def _squeue_state(job_id: str) -> str | None:

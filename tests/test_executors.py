@@ -587,3 +587,30 @@ def test_killing_a_local_attempt_ends_the_processes_its_job_started(tmp_path, mo
     while not ended():
         assert time.monotonic() < deadline, "the job's child outlived it"
         time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file() or not hasattr(__import__("time"), "tzset"),
+                    reason="process start times come from /proc; TZ is switched with time.tzset")
+def test_a_runner_in_another_time_zone_does_not_take_a_running_job_for_gone(tmp_path, monkeypatch):
+    """The ledger's `submitted` is the writing runner's local time: read by a runner whose TZ is east of it (a
+    login shell's zone against a container's UTC), a job still running read as started after its submission,
+    GONE, and the rerun measured its cells again, beside it."""
+    import time
+
+    from harness.executors import live_state
+
+    entry = {"job": "attention/full", "executor": "submitit-local", "cells": 1, "id": str(os.getpid())}
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    legacy = {**entry, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    exact = {**legacy, "submitted_unix": time.time()}
+    try:
+        monkeypatch.setenv("TZ", "Europe/Berlin")
+        time.tzset()
+        assert live_state(legacy, tmp_path) == "RUNNING"
+        assert live_state(exact, tmp_path) == "RUNNING"
+        assert live_state({**exact, "submitted_unix": time.time() - 3 * 86400}, tmp_path).startswith("GONE")
+        assert live_state({**legacy, "submitted": "2000-01-01T00:00:00"}, tmp_path).startswith("GONE")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
