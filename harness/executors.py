@@ -371,6 +371,10 @@ def live_state(entry: dict, out: Path) -> str:
     return "RUNNING"
 
 
+# UTC+14 to UTC-12, and the second the stamp was cut
+SUBMITTED_ZONE_SLACK_S = 26 * 3600 + 2
+
+
 def _started_after(pid: int, submitted: str | None, submitted_unix: float | None = None) -> bool:
     """Whether process `pid` started after the job's submission, so that it is not the job's: False where this
     system cannot tell (no /proc). `submitted_unix` (seconds since the epoch) is exact. A ledger written before it
@@ -388,9 +392,6 @@ def _started_after(pid: int, submitted: str | None, submitted_unix: float | None
     except (OSError, ValueError, TypeError, IndexError, StopIteration, OverflowError):
         return False
 
-
-# UTC+14 to UTC-12, and the second the stamp was cut
-SUBMITTED_ZONE_SLACK_S = 26 * 3600 + 2
 
 
 def _squeue_state(job_id: str) -> str | None:

@@ -23,9 +23,10 @@ def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
 
 
-def sliding_window_mask(length: int, window: int, device=None) -> torch.Tensor:
-    """Key j visible to query i iff i - window < j <= i: `window` keys including the query's own."""
-    i = torch.arange(length, device=device)[:, None]
+def sliding_window_mask(length: int, window: int, device=None, queries: int | None = None) -> torch.Tensor:
+    """Key j visible to query i iff i - window < j <= i: `window` keys including the query's own. `queries`: only
+    the rows of the last that many positions (queries decoded on a KV cache of `length` keys)."""
+    i = torch.arange(length - (length if queries is None else queries), length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
     return ((j <= i) & (j > i - window))[None, None]
 

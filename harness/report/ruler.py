@@ -139,8 +139,8 @@ def ruler_section(records: list[Record]) -> Section | None:
     notes = [f"Essay haystack replaced by book text ({d}) in "
              f"{sum(r.values.get('haystack_deviation') == d for r in recs)} cell(s): RULER uses "
              "Paul Graham essays, which are not available offline." for d in deviations]
-    if own := sorted({backend_name(k.backend) for k in tab.rows if k.eval_attention and k.backend
-                      and backend_name(k.backend) != "full" and decodes_with_full_attention(backend_name(k.backend))}):
+    if own := sorted({b for k in tab.rows if k.eval_attention
+                      and (b := backend_name(k.backend)) != "full" and decodes_with_full_attention(b)}):
         notes.append(f"Evaluated with the fine-tuning attention ({', '.join(own)}): the prompt is read with it, but "
                      "every generated token after the first is decoded on the KV cache with full attention over the "
                      "whole prompt (harness.attention.backend), so those accuracies are the fine-tuning attention's "

@@ -1,7 +1,5 @@
 """Sliding-window attention: each query sees its `window` most recent keys."""
 
-import torch
-
 from .. import blockwise, gpu
 from ..reference import sliding_window_mask
 from ..spec import Spec, bad, is_int, triangle
@@ -11,13 +9,6 @@ def _check(opts: dict) -> dict:
     if not (is_int(opts["window"]) and opts["window"] >= 1):
         raise bad(SPEC, "window", opts["window"])
     return opts
-
-
-def _decode_mask(q_len: int, k_len: int, opts: dict, device) -> torch.Tensor:
-    """The window's rows for the last q_len of k_len positions (queries decoded on a KV cache)."""
-    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    j = torch.arange(k_len, device=device)[None, :]
-    return (j <= i) & (j > i - opts["window"])
 
 
 SPEC = Spec(
@@ -36,7 +27,7 @@ SPEC = Spec(
         "flex": lambda q, k, v, scale, opts, plan, mask: gpu.sliding_window_flex(q, k, v, scale, opts["window"]),
     },
     auto=("flash", "flex", "blockwise"),
-    decode_mask=_decode_mask,
+    decode_mask=lambda q_len, k_len, opts, device: sliding_window_mask(k_len, opts["window"], device, q_len)[0, 0],
     capabilities={"decode": "q_len < k_len (KV cache): each query sees its `window` most recent keys, reported "
                             "'sliding_window via sdpa (decode)'"},
 )
