@@ -240,6 +240,37 @@ def test_the_workers_warm_up_and_rewarm_as_set(monkeypatch):
     assert [m for m in asked if "time" in m] == [{"time": 1, "rewarm": 2}] * 6
 
 
+def test_the_workers_time_every_chunk_size_se_attn_draws_among(monkeypatch):
+    """As `harness bench attention` times them (and as its records' time_ms reads): one call of each size per
+    sample, not whichever sizes the draws fell on."""
+    import io
+
+    from harness.timing import interleave, worker
+
+    asked = []
+
+    class Recording(FakeWorker):
+        def ask(self, msg):
+            asked.append(msg)
+            return super().ask(msg)
+
+    monkeypatch.setattr(interleave, "Worker", Recording)
+    cells = [interleave.Cell("se_attn", {"chunk_size": [8, 16], "block_size": 4, "top_k": 2}, "se", 32, 2, 8, 1),
+             interleave.Cell("full", {}, "full", 32, 2, 8, 1)]
+    interleave.interleaved("base", "head", cells, Settings(min_repeats=3, min_seconds=0), progress=lambda *a: None)
+    assert [m["setup"]["draws"] for m in asked if "setup" in m] == [[{"chunk_size": 8}, {"chunk_size": 16}]] * 2 + [
+        [{}]] * 2
+
+    monkeypatch.setattr(worker, "_one", lambda b, q, k, v, device: (b.plan(True)["chunk_size"] / 1e3, f"k{b}"))
+    setup = {"backend": "se_attn", "options": cells[0].options, "draws": [{"chunk_size": 8}, {"chunk_size": 16}],
+             "length": 32, "heads": 2, "head_dim": 8, "batch": 1, "dtype": "float32", "device": "cpu", "warmup": 1,
+             "seed": 0}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"setup": setup}) + "\n" + '{"time": 2}\n'))
+    monkeypatch.setattr("sys.stdout", out := io.StringIO())
+    worker.main()
+    assert json.loads(out.getvalue().splitlines()[1]) == {"seconds": [0.012, 0.012]}
+
+
 def test_a_worker_times_n_calls_after_its_warmup_and_rewarm_untimed_and_flushes_each_reply(monkeypatch):
     import io
 

@@ -89,7 +89,7 @@ def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads:
     rows = []
     for name, options in backends:
         impl = Backend(name, **options)
-        draws = _draws(impl)
+        draws = [Backend(name, **{**options, **choice}) for choice in draw_choices(impl)]
         for length in lengths:
             g = torch.Generator().manual_seed(seed)
 
@@ -126,13 +126,11 @@ def bench_attention(backends: list[tuple[str, dict]], lengths: list[int], heads:
     return rows
 
 
-def _draws(impl: Backend) -> list[Backend]:
-    """The backend as each of the per-call choices its training calls draw among uniformly, fixed (se_attn with
-    several chunk sizes: one per size, whose pairs' mean is impl's); else the backend itself."""
+def draw_choices(impl: Backend) -> list[dict]:
+    """The per-call choices impl's training calls draw among uniformly, as option overrides (se_attn with several
+    chunk sizes: one per size, whose pairs' mean is impl's); [{}] for a backend that draws none."""
     sizes = impl.options.get("chunk_size") if impl.name == "se_attn" else None
-    if not isinstance(sizes, tuple):
-        return [impl]
-    return [Backend(impl.name, **{**impl.options, "chunk_size": m}) for m in sizes]
+    return [{"chunk_size": m} for m in sizes] if isinstance(sizes, tuple) else [{}]
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -171,15 +171,19 @@ def interleaved(base_tree: Path, head_tree: Path, cells: list[Cell], s: Settings
     """Time every cell on base and head alternately (A B, B A, ...); `inject` is imported into head's worker."""
     import torch
 
+    from harness.attention import Backend
+    from harness.attention.bench import draw_choices
+
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     base, head = Worker(base_tree), Worker(head_tree, inject)
     out = []
     try:
         for cell in cells:
-            setup = {"backend": cell.backend, "options": cell.options, "length": cell.length, "heads": cell.heads,
-                     "head_dim": cell.head_dim, "batch": cell.batch, "dtype": dtype, "device": device,
-                     "warmup": s.warmup, "seed": 0}
+            setup = {"backend": cell.backend, "options": cell.options,
+                     "draws": draw_choices(Backend(cell.backend, **cell.options)), "length": cell.length,
+                     "heads": cell.heads, "head_dim": cell.head_dim, "batch": cell.batch, "dtype": dtype,
+                     "device": device, "warmup": s.warmup, "seed": 0}
             t = Timing(cell, kernels=(base.ask({"setup": setup})["kernel"], head.ask({"setup": setup})["kernel"]))
             sides = [(base, t.base_s), (head, t.head_s)]
             while len(t.base_s) < s.max_repeats and (
