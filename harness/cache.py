@@ -247,17 +247,35 @@ def work_dirs(kind: str = "*") -> list[dict]:
 
 def _building(kind: str, key: str) -> bool:
     """Whether a maker of `kind/key` holds its lock now (`ensure`)."""
+    if not _lock_file(kind, key).is_file():
+        return False
+    with _unless_building(kind, key) as free:
+        return not free
+
+
+@contextmanager
+def _unless_building(kind: str, key: str) -> Iterator[bool]:
+    """Takes the lock of `kind/key` for the block unless a maker holds it (`ensure`): yields whether it did."""
     import fcntl
 
-    lock = _lock_file(kind, key)
-    if not lock.is_file():
-        return False
-    with open(lock, "a") as f:
+    with open(_lock_file(kind, key), "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
         except BlockingIOError:
-            return True
-    return False
+            yield False
+            return
+        yield True
+
+
+def remove(item: dict) -> bool:
+    """Remove a finished artefact or a training checkpoint (an item of `entries()` or `work_dirs()`) under its
+    key's lock, so never while a build of the key writes or resumes from it: False, removing nothing, if one
+    does. An artefact's meta.json goes first: a removal cut off leaves a directory that is never served."""
+    with _unless_building(item["kind"], item["key"]) as free:
+        if free:
+            (item["path"] / META).unlink(missing_ok=True)
+            shutil.rmtree(item["path"])
+        return free
 
 
 def _lock_file(kind: str, key: str) -> Path:

@@ -264,8 +264,6 @@ def _matching(records: list, only: str | None) -> list:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    import shutil
-
     from harness import cache
 
     if args.all and args.action == "ls":
@@ -300,14 +298,15 @@ def _cache(args: argparse.Namespace) -> None:
     if not entries and not work:
         raise UserError(f"cache rm: no entry matches {' '.join(args.keys)}; see `harness cache ls`")
     for e in entries:
-        shutil.rmtree(e["path"])
-        print(f"removed {e['kind']}/{e['key']}")
-    for w in work:
-        if w["busy"]:
-            print(f"kept {w['kind']}/{w['key']}'s training checkpoint: a build is using it")
+        if cache.remove(e):
+            print(f"removed {e['kind']}/{e['key']}")
         else:
-            shutil.rmtree(w["path"])
+            print(f"kept {e['kind']}/{e['key']}: a build of it is running (it rebuilds a damaged entry)")
+    for w in work:
+        if cache.remove(w):
             print(f"removed {w['kind']}/{w['key']}'s training checkpoint ({w['size_mib']:.1f} MiB)")
+        else:
+            print(f"kept {w['kind']}/{w['key']}'s training checkpoint: a build is using it")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,24 @@ def test_cache_rm_removes_every_entry_a_prefix_matches_and_all_with_all(tmp_path
         "removed adapter/ab1", "removed pretrained/ab2", "removed adapter/ef4", "removed tokens/cd3"]
 
 
+def test_cache_rm_keeps_an_entry_a_build_is_replacing(tmp_path, monkeypatch, capsys):
+    """A damaged entry is rebuilt under its key's lock, the old one removed by the build: `cache rm` removing it
+    meanwhile would pull it from under that build."""
+    import fcntl
+
+    from harness import cache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    _cached("adapter", "ab1")
+    with open(cache.cache_root() / "adapter" / ".lock-ab1", "a") as held:  # a build of ab1 is running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["cache", "rm", "ab"]) == 0
+        assert "kept adapter/ab1: a build of it is running" in capsys.readouterr().out
+        assert [e["key"] for e in cache.entries()] == ["ab1"]
+    assert main(["cache", "rm", "ab"]) == 0 and cache.entries() == []
+    assert "removed adapter/ab1" in capsys.readouterr().out
+
+
 def test_cache_ls_of_a_key_shows_that_keys_unfinished_builds_only(tmp_path, monkeypatch, capsys):
     from harness import cache
 
