@@ -192,7 +192,7 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
     final = cache_root() / kind / key
     for dead in (s for s in unfinished(kind, key) if s["alive"] is False):
         shutil.rmtree(dead["path"], ignore_errors=True)  # a build killed before it could clean up (SIGKILL, OOM)
-    tmp = final.with_name(f"{SCRATCH}{key}-{_host()}-{os.getpid()}")
+    tmp = final.with_name(f"{SCRATCH}{key}-{this_host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     tmp.mkdir(parents=True)
     try:
@@ -221,7 +221,7 @@ def build(kind: str, key: str, meta: dict | None = None) -> Iterator[Path]:
 def unfinished(kind: str = "*", key: str = "*") -> list[dict]:
     """Scratch directories of builds in progress or killed: path, kind, host, pid, size and whether the build is
     alive (None when it ran on another host, where this process cannot tell)."""
-    host = _host()
+    host = this_host()
     out = []
     for path in sorted(cache_root().glob(f"{kind}/{SCRATCH}{key}-*")):
         name, _, pid = path.name.removeprefix(SCRATCH).rpartition("-")
@@ -287,7 +287,7 @@ def _size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def _host() -> str:
+def this_host() -> str:
     """This machine, and its pid namespace where there is one: containers that share a host name and a cache
     cannot see each other's processes."""
     try:

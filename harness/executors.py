@@ -220,8 +220,12 @@ class Executor:
                 except Exception as e:  # noqa: BLE001 - sbatch refusing (a bad partition, say) is the user's to fix
                     raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
             attempt = SubmititAttempt(job, self.kind)
+        from harness.cache import this_host
+
+        where = {} if self.kind == "slurm" else {"host": this_host()}  # whose process ids `id` is one of
         self._note({"job": name, "id": attempt.id, "executor": self.kind, "cells": len(spec["cells"]),
-                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "submitted_unix": round(time.time(), 3)})
+                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "submitted_unix": round(time.time(), 3),
+                    **where})
         return attempt
 
     def ended(self, name: str, attempt, state: str) -> None:
@@ -360,6 +364,10 @@ def live_state(entry: dict, out: Path) -> str:
             return state
         queued = _squeue_state(entry["id"])  # submitit says UNKNOWN where sacct fails or lacks the job
         return state if queued is None else queued or "GONE (Slurm no longer lists it)"
+    from harness.cache import this_host
+
+    if entry.get("host", this_host()) != this_host():  # another machine's, or container's, process id
+        return f"UNKNOWN (its process is on {entry['host']}, which this machine cannot see)"
     try:
         os.kill(int(entry["id"]), 0)
     except (ProcessLookupError, ValueError):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from harness import cache, results
 from harness.cells import FINETUNED
 from harness.errors import UserError
-from harness.executors import ACTIVE, REFUSED, Executor, ledger, live_state, visible_gpus
+from harness.executors import ACTIVE, LEDGER, REFUSED, Executor, ledger, live_state, visible_gpus
 from harness.models.sources import Checkpoint, check_vocabulary, meta_model, position_limit, resolve
 from harness.plan import STALE, Job, cell_state, documents, evaluates, plan, to_measure
 from harness.suite import Slurm, Suite, load_suite
@@ -290,8 +290,13 @@ def _check_no_earlier_jobs_active(names: list[str], out: Path) -> None:
         raise UserError(f"jobs of an earlier run into {out} are still queued or running: {active}; wait "
                         "for them (`harness run SUITE --status`) or cancel them (scancel / kill), then rerun")
     if unknown := jobs(lambda state: state == "UNKNOWN"):
-        raise UserError(f"cannot tell whether jobs of an earlier run into {out} are still queued or running (neither "
-                        f"sacct nor squeue answered): {unknown}; rerun when Slurm answers (squeue)")
+        if any(attempts[n]["executor"] == "slurm" for n, s in states.items() if s == "UNKNOWN"):
+            why, fix = "neither sacct nor squeue answered", "rerun when Slurm answers (squeue)"
+        else:
+            why = "their processes are on another machine or container (OUT/jobs.jsonl says which)"
+            fix = f"rerun there, or, once sure they are not running, remove {out / LEDGER}"
+        raise UserError(f"cannot tell whether jobs of an earlier run into {out} are still queued or running ({why}): "
+                        f"{unknown}; {fix}")
 
 
 def _slots(run, jobs: int) -> list[str | None]:

@@ -103,7 +103,7 @@ def test_a_build_clears_scratch_of_killed_builds_of_its_key_and_keeps_live_or_fo
     import subprocess
     import sys
 
-    host = cache._host()
+    host = cache.this_host()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -152,7 +152,7 @@ def test_a_scratch_directory_of_another_users_live_build_is_kept(monkeypatch):
     """Signal 0 to another user's process is refused (EPERM): that build is alive, and its files are kept."""
     import os
 
-    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k5-{cache._host()}-4242"
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k5-{cache.this_host()}-4242"
     scratch.mkdir(parents=True)
 
     def kill(pid, sig):
@@ -217,7 +217,7 @@ def test_a_build_clears_scratch_left_under_its_own_pid_by_an_earlier_process():
     """Pids come round again (in a container, soon): the earlier process's scratch is not this build's."""
     import os
 
-    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k8-{cache._host()}-{os.getpid()}"
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k8-{cache.this_host()}-{os.getpid()}"
     scratch.mkdir(parents=True)
     (scratch / "w.bin").write_bytes(b"left over")
     with cache.build("model", "k8") as d:
@@ -269,7 +269,7 @@ def test_a_scratch_directory_of_a_container_sharing_this_host_name_is_kept(monke
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     monkeypatch.setattr(os, "stat", in_namespace(1))
-    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k11-{cache._host()}-{gone.stdout.strip()}"
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k11-{cache.this_host()}-{gone.stdout.strip()}"
     scratch.mkdir(parents=True)  # a build in the other container: its pid means nothing here
     monkeypatch.setattr(os, "stat", in_namespace(2))
     with cache.build("model", "k11") as d:
@@ -285,7 +285,7 @@ def test_a_build_killed_after_writing_its_meta_is_unfinished_not_an_entry():
     import sys
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k12-{cache._host()}-{gone.stdout.strip()}"
+    scratch = cache.cache_root() / "model" / f"{cache.SCRATCH}k12-{cache.this_host()}-{gone.stdout.strip()}"
     scratch.mkdir(parents=True)
     (scratch / cache.META).write_text(json.dumps({"kind": "model", "key": "k12", "files": {}}))
     assert cache.entries() == [] and [(u["key"], u["alive"]) for u in cache.unfinished()] == [("k12", False)]

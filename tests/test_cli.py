@@ -128,7 +128,8 @@ def test_cache_ls_of_a_key_shows_that_keys_unfinished_builds_only(tmp_path, monk
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     for key in ("ab1", "cd3"):
-        (cache.cache_root() / "adapter" / f"{cache.SCRATCH}{key}-{cache._host()}-1").mkdir(parents=True)  # pid 1: alive
+        scratch = cache.cache_root() / "adapter" / f"{cache.SCRATCH}{key}-{cache.this_host()}-1"  # pid 1: alive
+        scratch.mkdir(parents=True)
     assert main(["cache", "ls", "ab"]) == 0
     out = capsys.readouterr().out
     assert "ab1" in out and "unfinished build (pid 1 on " in out and "building" in out and "cd3" not in out

@@ -416,6 +416,30 @@ def test_a_local_attempt_is_running_while_its_process_is_alive(tmp_path, monkeyp
     assert live_state({**entry, "id": done.stdout.strip()}, tmp_path).startswith("GONE")
 
 
+def test_an_attempt_on_another_machine_is_unknown_not_judged_by_this_ones_process_ids(suite_file, tmp_path):
+    """A rerun from another container or node sharing OUT looked its process id up among its own processes: gone
+    (and run twice) where that id is free here, running for ever where it is taken."""
+    from types import SimpleNamespace
+
+    from harness.cache import this_host
+    from harness.executors import ledger, live_state
+    from harness.runner import _check_no_earlier_jobs_active
+
+    out = tmp_path / "out"
+    ex = Executor(load_suite(suite_file, {"executor": "submitit-local"}).run, out)
+    ex._submitit = SimpleNamespace(update_parameters=lambda **p: None, submit=lambda fn, spec: SimpleNamespace(
+        job_id=str(os.getpid())))
+    ex.start("attention/full", {"cells": []}, None)
+    entry = ledger(out)["attention/full"]
+    assert entry["host"] == this_host() and live_state(entry, out) == "RUNNING"
+    elsewhere = {**entry, "host": "node7.pidns1"}
+    assert live_state(elsewhere, out) == "UNKNOWN (its process is on node7.pidns1, which this machine cannot see)"
+    (out / "jobs.jsonl").write_text(json.dumps({**elsewhere, "id": "999999999"}) + "\n")  # no such pid here
+    with pytest.raises(UserError, match=r"cannot tell .* \(their processes are on another machine or container .*"
+                                        r"attention/full \(submitit-local 999999999\); rerun there, or, once sure"):
+        _check_no_earlier_jobs_active(["attention/full"], out)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times come from /proc")
 def test_a_process_started_after_the_attempt_is_not_the_attempts(tmp_path):
     """After a reboot (or pids wrapping round) a submitit-local controller's pid may belong to another process: a
