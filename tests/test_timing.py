@@ -138,6 +138,16 @@ class FakeWorker:
         pass
 
 
+class RecordingWorker(FakeWorker):
+    """A FakeWorker that also keeps each message it was asked."""
+
+    asked: list = []
+
+    def ask(self, msg):
+        self.asked.append(msg)
+        return super().ask(msg)
+
+
 def test_interleaving_alternates_a_b_b_a_until_both_sides_reach_the_repeats_and_seconds(monkeypatch):
     from harness.timing import interleave
 
@@ -225,14 +235,8 @@ def test_smallest_detectable_slowdown_can_be_one_percent():
 def test_the_workers_warm_up_and_rewarm_as_set(monkeypatch):
     from harness.timing import interleave
 
-    asked = []
-
-    class Recording(FakeWorker):
-        def ask(self, msg):
-            asked.append(msg)
-            return super().ask(msg)
-
-    monkeypatch.setattr(interleave, "Worker", Recording)
+    asked = RecordingWorker.asked = []
+    monkeypatch.setattr(interleave, "Worker", RecordingWorker)
     cell = interleave.Cell("full", {}, "full", 32, 2, 8, 1)
     interleave.interleaved("base", "head", [cell], Settings(min_repeats=3, min_seconds=0, warmup=4, rewarm=2),
                            progress=lambda *a: None)
@@ -247,14 +251,8 @@ def test_the_workers_time_every_chunk_size_se_attn_draws_among(monkeypatch):
 
     from harness.timing import interleave, worker
 
-    asked = []
-
-    class Recording(FakeWorker):
-        def ask(self, msg):
-            asked.append(msg)
-            return super().ask(msg)
-
-    monkeypatch.setattr(interleave, "Worker", Recording)
+    asked = RecordingWorker.asked = []
+    monkeypatch.setattr(interleave, "Worker", RecordingWorker)
     cells = [interleave.Cell("se_attn", {"chunk_size": [8, 16], "block_size": 4, "top_k": 2}, "se", 32, 2, 8, 1),
              interleave.Cell("full", {}, "full", 32, 2, 8, 1)]
     interleave.interleaved("base", "head", cells, Settings(min_repeats=3, min_seconds=0), progress=lambda *a: None)
