@@ -274,6 +274,29 @@ def test_a_seed_that_measured_nan_is_a_failed_seed():
     assert (cells["4K"]["text"], cells["4K"]["cls"], cells["4K"]["title"]) == ("ERROR", "fail", "it measured NaN")
 
 
+def test_an_infinite_perplexity_is_a_failed_cell_not_a_crash(tmp_path):
+    """An NLL of inf (a token given probability 0) records perplexity = exp(inf) = inf in an ok record: the plot set
+    its y limit to inf and matplotlib stopped the whole report (ValueError: Axis limits cannot be NaN or Inf), at the
+    end of `harness run` too. It is a failed cell, as a NaN is, in the perplexity section and the run comparison."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    recs = synthetic_records(failure=False)
+    recs[1]["values"]["perplexity"] = float("inf")  # pretrained @ 4096
+    html = render_report(recs, tmp_path / "rep", title="t").read_text()
+    assert "it measured inf" in html
+    sec, _ = _section(recs, "perplexity")
+    cells = {(row, col[:2]): c for row, col, c in _cells(sec)}
+    assert (cells[("pretrained", "4K")]["text"], cells[("pretrained", "4K")]["cls"]) == ("ERROR", "fail")
+    assert "<strong>" not in cells[("pretrained", "4K")]["text"] and cells[("finetuned: hylora / se_attn @ 8192",
+                                                                             "4K")]["bold"]
+    recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run)
+            for run, ppl in (("a", 30.0), ("b", float("inf")))]
+    sec = runs.comparison_section(normalise(recs, ["a", "b"])[0])  # draws its plot: no crash either
+    table = next(x for x in sec["blocks"] if x["type"] == "table")
+    assert [(c["text"], c["title"]) for c in table["rows"][0][1:]] == [("30.00", ""), ("ERROR", "it measured inf")]
+
+
 def test_perplexity_over_seeds_is_mean_and_sd():
     """Fine-tunes of three seeds: mean ± sd. One pretrained model for all seeds (pretrain.seed): its value, no
     spread, since the seeds did not change it."""

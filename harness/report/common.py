@@ -191,9 +191,9 @@ def length(r: Record) -> int:
 
 class Pivot:
     """Records laid out as rows x columns (by default variant x evaluation length): per place, the ok records
-    whose ``value`` is a number (several: seeds, or what ``unit`` names, shown as their mean) and the failures, if
-    any (an ok record whose value is NaN counts as failed: an error). Every section builds its tables and plots
-    from one, so a place is ok, failed or missing by the same rule everywhere."""
+    whose ``value`` is a finite number (several: seeds, or what ``unit`` names, shown as their mean) and the
+    failures, if any (an ok record whose value is NaN or infinite counts as failed: an error). Every section builds
+    its tables and plots from one, so a place is ok, failed or missing by the same rule everywhere."""
 
     def __init__(self, recs: Iterable[Record], value: Callable[[Record], Any], *,
                  row: Callable[[Record], Any] = variant_key, column: Callable[[Record], Any] = length,
@@ -205,9 +205,9 @@ class Pivot:
             k, c = row(r), column(r)
             if not ok(r):
                 failed[k][c].append(r)
-            elif number(v := value(r)):
+            elif finite(v := value(r)):
                 good[k][c].append(r)
-            elif isnan(v):  # it ran and measured NaN (a diverged model): a failed seed, not a missing one
+            elif nonfinite(v):  # it ran and measured NaN or inf (a diverged model): a failed seed, not a missing one
                 failed[k][c].append(nan_failed(r, v))
         self.good = {k: dict(by) for k, by in good.items()}
         self.failed = {k: dict(by) for k, by in failed.items()}
@@ -258,8 +258,11 @@ class Pivot:
 
 
 def nan_failed(r: Record, value: Any) -> Record:
-    """`r` as a failed record (an error, "it measured NaN") where it is ok but `value`, its number, is NaN."""
-    return replace(r, status="error", error=r.error or "it measured NaN") if ok(r) and isnan(value) else r
+    """`r` as a failed record (an error, "it measured NaN" or "it measured inf") where it is ok but `value`, its
+    number, is NaN or infinite (a perplexity of exp(inf): no mean, no plot limit)."""
+    if not (ok(r) and nonfinite(value)):
+        return r
+    return replace(r, status="error", error=r.error or f"it measured {'NaN' if isnan(value) else value}")
 
 
 def backend_name(label: str) -> str:
@@ -339,6 +342,16 @@ def partial(shown: dict, shortfall: str, fails: list[Record]) -> dict:
 
 def isnan(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def nonfinite(x: Any) -> bool:
+    """NaN, inf or -inf."""
+    return isinstance(x, float) and not math.isfinite(x)
+
+
+def finite(x: Any) -> bool:
+    """A number that is neither NaN nor infinite."""
+    return number(x) and math.isfinite(x)
 
 
 def number(x: Any) -> bool:
