@@ -979,6 +979,24 @@ def test_comparison_of_runs_counts_a_nan_as_failed_and_says_what_a_ruler_ring_me
     assert "the mean of fewer tasks or seeds than ran" in figure["caption"]
 
 
+def test_comparison_of_runs_marks_a_failed_ruler_length_in_its_plot(monkeypatch):
+    """A length where every RULER cell of a (run, variant) failed vanished from the run comparison's RULER plot: the
+    line went from the length before to the one after, with no mark, where the perplexity plot draws a cross with
+    the status."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    drawn = []
+    monkeypatch.setattr(runs.plots, "line_vs_length", lambda series, **k: drawn.extend(series) or "")
+    recs = [ruler_record("finetuned", "lora", "niah_single_1", n, 50.0, run=run) for run in ("a", "b")
+            for n in (1024, 2048, 4096)]
+    recs[4] = {**recs[4], "status": "timeout", "values": {}, "error": "no record within 3600 s"}  # b at 2048
+    sec = runs.comparison_section(normalise(recs, ["a", "b"])[0])
+    head = next(s for s in drawn if s.label.startswith("[b]"))
+    assert head.x == [1024, 4096] and head.failed == [(2048, "timeout")]
+    assert "\u2715 at the top" in next(b for b in sec["blocks"] if b["type"] == "figure")["caption"]
+
+
 def test_ruler_comparison_uses_mcnemar():
     ps_a = {str(i): 1.0 for i in range(20)}
     ps_b = {str(i): float(i < 5) for i in range(20)}

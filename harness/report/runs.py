@@ -89,7 +89,7 @@ def _plot(recs: list[Record], metric: str, show_model: bool, group: str) -> Bloc
              for i, b in enumerate(variants)}
     series = [plots.Series(label=variant_label(k, show_model), x=pv.measured(k),
                            y=[pv.mean(k, n) for n in pv.measured(k)],
-                           failed=pv.failures(k) if metric == "perplexity" else [], partial=pv.partials(k),
+                           failed=pv.failures(k), partial=pv.partials(k),
                            color=looks[_base_variant(k)][0], marker=looks[_base_variant(k)][1],
                            linestyle=plots.LINESTYLES[k.run_index % len(plots.LINESTYLES)]) for k in pv.rows]
     if metric == "perplexity":
@@ -102,7 +102,9 @@ def _plot(recs: list[Record], metric: str, show_model: bool, group: str) -> Bloc
                    "same tasks only (see the table).")
     return {"type": "figure", "src": src, "alt": f"{metric} by run",
             "caption": " ".join(filter(None, [caption, plots.ring_note(series, "seeds" if metric == "perplexity"
-                                                                        else "tasks or seeds")]))}
+                                                                        else "tasks or seeds"),
+                                              "\u2715 at the top: every cell of the (run, variant) at that length "
+                                              "failed (status next to it)." if any(s.failed for s in series) else ""]))}
 
 
 def _table(recs: list[Record], metric: str, runs: list[str], th: Thresholds) -> Block:
