@@ -486,6 +486,23 @@ def test_ruler_groups_heatmaps_and_chance_gate():
     assert avg_lora[1]["text"].startswith("finetuned: lora") and avg_lora[2]["text"] == "45.0"
 
 
+def test_a_ruler_group_with_a_failed_task_shows_the_failure_not_a_dash():
+    """A task of a group that failed (OOM) left the group's cell, and the average's, as "–", what a task never
+    measured shows: the paper-groups table hid the failure that the heatmap and the per-task table show."""
+    recs = _ruler_records()
+    i = next(i for i, r in enumerate(recs) if r["method"] == "lora" and r["settings"]["task"] == "niah_single_2"
+             and r["eval_context"] == 2048)
+    recs[i] = {**recs[i], "status": "oom", "values": {}, "error": "CUDA out of memory"}
+    sec, _ = _section(recs, "ruler")
+    groups = next(b for b in sec["blocks"] if b["type"] == "table")
+    lora = [r for r in groups["rows"] if r[1]["text"].startswith("finetuned: lora")]
+    niah_s, average = lora[0], lora[-1]
+    for row in (niah_s, average):
+        assert (row[3]["text"], row[3]["cls"]) == ("OOM", "fail")
+        assert "niah_single_2" in row[3]["title"] and "CUDA out of memory" in row[3]["title"]
+    assert niah_s[2]["text"] == "41.0" and lora[1][3]["text"] == "44.0"  # 1K, and NIAH-M at 2K: measured
+
+
 def test_ruler_of_several_runs_gates_and_bolds_each_run_against_its_own_base():
     """Run b's pretrained model is at chance on vt, run a's is not: only b's fine-tunes there are uninformative; the
     best fine-tune is bolded per run (a's hylora, b's lora), never across runs."""

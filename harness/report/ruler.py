@@ -241,6 +241,12 @@ def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
             row = [cell(g if i == 0 else "", cls="label group"), cell(names[k], cls="label")]
             for n in tab.lengths:
                 v = scores[(k, n)].get(g)
+                # no value where a task has none: a task that failed there says so (else it was not measured, "–")
+                failed = [(t, f) for t in GROUPS[g] if tab.value(k, t, n) is None and (f := tab.failure(k, (t, n)))]
+                if v is None and failed:
+                    row.append(cell(failed[0][1].status.upper(), cls="fail", title="; ".join(
+                        f"{t}: {f.status.upper()} {f.error or ''}".strip() for t, f in failed)))
+                    continue
                 row.append(_value_cell(v, k, tab, None, gated[(k, n)], k in best[n],
                                        [(t, n) for t in GROUPS[g]], title=f"mean of {', '.join(GROUPS[g])}"))
             rows.append(row)
@@ -249,7 +255,8 @@ def _groups_table(tab: RulerTable, names: dict[VariantKey, str]) -> list[Block]:
         out.append(paragraph(
             "The paper's Appendix I.4 groups: NIAH-S (niah_single_1–3), NIAH-M (niah_multikey_1–3), NIAH-M-QV "
             "(niah_multivalue, niah_multiquery), VT, CF-WE (cwe, fwe) and the average of the eleven tasks; each "
-            "the unweighted mean of its tasks. A group is shown only where all its tasks were measured. Bold: the "
+            "the unweighted mean of its tasks. A group is shown only where all its tasks were measured (where one "
+            "failed, its status; hover for which). Bold: the "
             "best fine-tuned variant of each length (when two or more are comparable and the group is not "
             "uninformative)."))
         out.append(table(["group", "variant"] + [length_column(n) for n in tab.lengths], rows, numeric_from=2))
