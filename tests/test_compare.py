@@ -296,6 +296,17 @@ def test_a_perplexity_that_was_not_finite_in_base_either_is_no_regression():
             ("perplexity", "ok")]
 
 
+def test_a_perplexity_that_was_nan_in_base_and_is_measured_in_head_is_an_improvement():
+    """A base NaN (a diverged run) that head measures was "ok", so the gate's summary counted it among the unchanged
+    and listed it nowhere, where a base inf was an improvement; the change column read "+nan%" for a NaN head."""
+    base = [rec("a", {"perplexity": float("nan")}), rec("b", {"perplexity": float("inf")})]
+    head = [rec("a", {"perplexity": 30.0}), rec("b", {"perplexity": 30.0})]
+    assert verdicts(base, head) == [("perplexity", "improvement")] * 2
+    nan_head = compare([rec("a", {"perplexity": 30.0})], [rec("a", {"perplexity": float("nan")})])
+    assert [(f.verdict, f.change) for f in nan_head] == [("regression", "")]
+    assert [f.change for f in compare(head, base)] == ["", ""]  # not "+nan%", "+inf%"
+
+
 def test_accuracy_without_samples_on_a_side_is_skipped():
     assert judge_accuracy({}, {"s0": 1}, Thresholds()) == ("skipped", 1.0, 0)
     empty = [rec("r", {"per_sample": {}})]

@@ -66,9 +66,11 @@ class Finding:
     @property
     def change(self) -> str:
         """Relative, or in points for an accuracy (a percentage, as the report's run comparison shows it)."""
-        if self.metric == "accuracy" and None not in (self.base, self.head):
+        if None in (self.base, self.head) or not all(math.isfinite(x) for x in (self.base, self.head)):
+            return ""  # not "+nan%" or "+inf%": base and head say it
+        if self.metric == "accuracy":
             return f"{self.head - self.base:+.1f} pts"
-        if self.base in (None, 0) or self.head is None:
+        if self.base == 0:
             return ""
         return f"{(self.head / self.base - 1) * 100:+.2f}%"
 
@@ -163,9 +165,12 @@ def _lm_eval(cell: str, metric: str, bv: dict, hv: dict, higher_is_better: bool 
 
 def judge_perplexity(base: float, head: float, th: Thresholds) -> str:
     """Perplexity is deterministic: a change beyond the relative tolerance is a verdict; a non-finite head is a
-    regression (NaN compares false with everything, which would pass)."""
+    regression (NaN compares false with everything, which would pass), a finite head of a non-finite base an
+    improvement."""
     if not math.isfinite(head):
         return "regression" if math.isfinite(base) else "ok"
+    if not math.isfinite(base):
+        return "improvement"
     if head > base * (1 + th.ppl_rtol):
         return "regression"
     return "improvement" if head < base * (1 - th.ppl_rtol) else "ok"
