@@ -54,6 +54,26 @@ def test_verdicts_follow_the_paired_tests():
     assert sw[-1]["text"] == "not measured" and "not measured at 2F = 4096" in sw[4]["note"]
 
 
+def test_a_claim_whose_cells_failed_says_so_not_not_measured():
+    """A claim whose variant's cells at the length failed (OOM, timeout, NaN) read "not measured", as one never
+    run there; a variant whose every cell failed had no row at all. Cells failed beside judged ones are counted."""
+    from dataclasses import replace
+
+    pre = _record("perplexity", "none", "", 2048, 0, {"perplexity": 31.0})
+    oom = replace(_record("perplexity", "hylora", SE, 2048, 0, {}), status="oom", error="CUDA out of memory")
+    key = ("fine-tuning with SE-Attn lowers perplexity at the fine-tuning context", "pretrained")
+    row = _rows([pre, oom])[key]  # the SE-Attn fine-tune has no ok record at all
+    assert row[-1]["text"] == "failed" and "failed: B: 1 cell OOM" in row[4]["note"]
+    assert "not measured" not in row[4]["note"]
+    nan = _record("perplexity", "hylora", SE, 2048, 0, {"perplexity": float("nan")})
+    row = _rows([pre, nan, _record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 30.0})])[key]
+    assert row[-1]["text"] == "failed" and "B: 1 cell ERROR" in row[4]["note"]
+    recs = [_ruler("none", "", 0, 2), _ruler("hylora", SE, 0, 15),
+            replace(_ruler("hylora", SE, 0, 15, task="vt"), status="timeout", values={})]
+    row = _rows(recs)[("fine-tuning with SE-Attn lifts RULER at the fine-tuning context", "pretrained")]
+    assert row[-1]["text"] == "reproduced" and row[4]["note"] == "20 samples; B: 1 cell TIMEOUT, left out"
+
+
 def test_one_seed_gives_no_interval_and_no_verdict():
     recs = [_record("perplexity", "hylora", SE, 4096, 0, {"perplexity": 20.0}),
             _record("perplexity", "hylora", "s2_attn", 4096, 0, {"perplexity": 40.0})]
@@ -71,7 +91,7 @@ def test_seeds_that_change_nothing_and_nan_perplexity_give_no_verdict():
     recs[0] = _record("perplexity", "hylora", SE, 4096, 0, {"perplexity": float("nan")})
     recs[2] = _record("perplexity", "hylora", SE, 4096, 1, {"perplexity": 22.0})
     row = _rows(recs)[("SE-Attn extrapolates better than S\u00b2-Attn", "finetuned: hylora / s2_attn @ 2048")]
-    assert row[4]["note"] == "2 seed(s)" and row[4]["text"] == "41.50 → 22.00"
+    assert row[4]["note"] == "2 seed(s); B: 1 cell ERROR, left out" and row[4]["text"] == "41.50 → 22.00"
 
 
 def test_claims_name_the_paper_numbers():

@@ -10,7 +10,8 @@ with the paper's, the direction does.
 * Perplexity: paired by seed, Student's t interval of the mean difference (at least two seeds for an interval).
 
 Verdict: **reproduced** when the difference goes the claimed way and p < 0.05; **not reproduced** when it is
-significant the other way; **inconclusive** otherwise. The verdict follows the test's p, not the interval: for
+significant the other way; **inconclusive** otherwise; **failed** where a side's cells at the length failed
+(and no pair is left to judge). The verdict follows the test's p, not the interval: for
 RULER the interval is the normal approximation, which can exclude zero where McNemar's exact test (the more
 conservative of the two with few discordant samples) gives p >= 0.05. With several labels of one backend (a
 grid), each pair of labels is a row.
@@ -19,7 +20,7 @@ grid), each pair of labels is a row.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
 from harness.report import paper_numbers, significance
@@ -104,16 +105,30 @@ class _Data:
     def __init__(self, records: list[Record]):
         self.ppl: dict[VariantKey, dict[tuple[int, int], float]] = defaultdict(dict)
         self.ruler: dict[VariantKey, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        # statuses of the failed cells (a NaN or infinite value: "error") by variant and (metric, length)
+        self.failed: dict[VariantKey, dict[tuple[str, int], Counter]] = defaultdict(lambda: defaultdict(Counter))
         for r in records:
-            if not ok(r) or r.run_index or not r.eval_context:
+            if r.run_index or not r.eval_context or r.metric not in ("perplexity", "ruler"):
                 continue
-            k = variant_key(r)
-            if r.metric == "perplexity" and number(v := r.values.get("perplexity")) and math.isfinite(v):
+            k, n = variant_key(r), int(r.eval_context)
+            field = "perplexity" if r.metric == "perplexity" else "accuracy"
+            v = r.values.get(field)
+            if not ok(r) or (v is not None and not (number(v) and math.isfinite(v))):
                 # a NaN or infinite value is a failure, as everywhere in the report
-                self.ppl[k][(int(r.eval_context), _seed(r))] = float(v)
+                self.failed[k][(r.metric, n)][r.status if not ok(r) else "error"] += 1
+            elif r.metric == "perplexity" and v is not None:
+                self.ppl[k][(n, _seed(r))] = float(v)
             elif r.metric == "ruler" and r.values.get("per_sample"):
-                self.ruler[k][int(r.eval_context)].update(sample_outcomes(r))
-        self.variants = sorted(set(self.ppl) | set(self.ruler))
+                self.ruler[k][n].update(sample_outcomes(r))
+        self.variants = sorted(set(self.ppl) | set(self.ruler) | set(self.failed))
+
+    def failures(self, claim: Claim, a: VariantKey, b: VariantKey, n: int) -> str:
+        """'A: 1 cell OOM; B: 2 cells TIMEOUT': the failed cells of each side at length n, "" where none."""
+        def side(k: VariantKey) -> str:
+            c = self.failed.get(k, {}).get((claim.metric, n), Counter())
+            return ", ".join(f"{m} cell{'s' if m > 1 else ''} {status.upper()}" for status, m in sorted(c.items()))
+
+        return "; ".join(f"{name}: {said}" for name, k in (("A", a), ("B", b)) if (said := side(k)))
 
     def lengths(self, claim: Claim, a: VariantKey, b: VariantKey) -> list[int]:
         if claim.metric == "ruler":
@@ -162,7 +177,9 @@ def claims_blocks(records: list[Record], pg19: bool = False) -> list[Block]:
         "over seeds), McNemar's exact test; "
         "perplexity: paired by seed, Student's t. Reproduced: the difference goes the claimed way with p < 0.05; "
         "not reproduced: significant the other way; inconclusive: otherwise (p ≥ 0.05, or a sign test on partial "
-        "scores that favours the side the mean does not). The verdict follows p: for RULER the "
+        "scores that favours the side the mean does not); failed: a side's cells at the length all failed (OOM, "
+        "timeout, NaN), which the row names, as it names failed cells left out beside measured ones. The verdict "
+        "follows p: for RULER the "
         "interval is the normal approximation, which can exclude zero where the exact test, with few discordant "
         "samples, does not reach p < 0.05."),
         table(["claim", "A → B", "at", "paper A → B", "ours A → B", "B − A [95% CI]", "p", "verdict"], rows,
@@ -178,15 +195,19 @@ def _row(claim: Claim, data: _Data, a: VariantKey, b: VariantKey, paper_ab: tupl
     what = "RULER" if claim.metric == "ruler" else "PPL"
     lengths = data.lengths(claim, a, b)
     paper = cell(f"{paper_ab[0]:g} → {paper_ab[1]:g}")
+    failed = data.failures(claim, a, b, want)
     if want not in lengths:
-        why = f"{what} not measured at {claim.at} = {want} for both"
+        why = (f"{what} at {claim.at} = {want} failed: {failed}" if failed else
+               f"{what} not measured at {claim.at} = {want} for both")
         return [cell(claim.text, cls="label"), names, cell(f"{what} @ {claim.at}"), paper,
-                cell("–", cls="missing", title=why, note=why), cell(""), cell(""), cell("not measured")]
+                cell("–", cls="missing", title=why, note=why), cell(""), cell(""),
+                cell("failed", cls="fail") if failed else cell("not measured")]
     mean_a, mean_b, d = data.judge(claim, a, b, want)
     v = verdict(claim, d)
     ci = "" if d is None or not math.isfinite(d.low) else f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
     flat = d is not None and d.n > 1 and not ci  # every seed the same difference (significance.paired_t)
     n_text = ("" if d is None else f"{d.n} samples" if claim.metric == "ruler" else f"{d.n} seed(s)")
+    n_text = "; ".join(filter(None, [n_text, f"{failed}, left out" if failed else ""]))
     return [cell(claim.text, cls="label"), names, cell(f"{what} @ {length_column(want)}"), paper,
             cell(f"{fmt_float(mean_a, digits)} → {fmt_float(mean_b, digits)}", note=n_text),
             cell("–" if d is None else f"{d.estimate:+.{digits}f}{unit}{ci}",
