@@ -917,6 +917,22 @@ def test_paper_table_rows_fit_their_columns_and_runtime_is_from_one_kind_of_devi
         "–", "not comparable: measured on NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB, not an A100")
 
 
+def test_comparison_of_runs_shows_a_relative_change_to_the_tolerance_s_precision():
+    """Changes of +0.46% (within harness compare's 0.5% tolerance, not coloured) and +0.54% (beyond it, coloured
+    worse) both read "(+0.5%)": the same number, one marked a regression and one not."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    shown = []
+    for head in (30.138, 30.162):
+        recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run)
+                for run, ppl in (("a", 30.0), ("b", head))]
+        table = next(x for x in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"]
+                     if x["type"] == "table")
+        shown.append((table["rows"][0][2]["note"], table["rows"][0][2]["cls"]))
+    assert shown == [("+0.14 (+0.46%)", ""), ("+0.16 (+0.54%)", "worse")]
+
+
 def test_comparison_of_runs_and_single_run_unchanged():
     a = [dict(r, run="base") for r in synthetic_records(failure=False)]
     b = [dict(r, run="head", values={**r["values"], "perplexity": r["values"]["perplexity"] * 1.1})
@@ -926,7 +942,7 @@ def test_comparison_of_runs_and_single_run_unchanged():
     tbl = next(x for x in sec["blocks"] if x["type"] == "table")
     assert tbl["columns"] == ["cell", "base (base)", "head"]
     row = next(r for r in tbl["rows"] if r[0]["text"] == "ppl-pretrained-none-2048")
-    assert row[1]["text"] == "31.25" and row[2]["text"] == "34.38" and row[2]["note"] == "+3.12 (+10.0%)"
+    assert row[1]["text"] == "31.25" and row[2]["text"] == "34.38" and row[2]["note"] == "+3.12 (+10.00%)"
     assert row[2]["cls"] == "worse"
     ppl = next(s for s in ctx["sections"] if s["id"] == "perplexity")
     labels = [r[0]["text"] for r in next(x for x in ppl["blocks"] if x["type"] == "table")["rows"]]

@@ -154,7 +154,7 @@ def _diff_cell(base: Record, head: Record, field: str, th: Thresholds) -> dict:
     if field == "perplexity":
         rel = h / b - 1 if b else 0.0
         cls = _CLASS[judge_perplexity(b, h, th)]
-        return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.1%}){settings}", cls=cls)
+        return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.2%}){settings}", cls=cls)
     verdict, p, n = judge_accuracy(base.values.get("per_sample") or {}, head.values.get("per_sample") or {}, th)
     title = (f"McNemar p={p:.3g} over {n} shared samples" if n else
              f"no shared samples: Fisher exact p={p:.3g}" if verdict != "skipped" else "")
