@@ -806,6 +806,17 @@ def test_efficiency_memory_of_a_cpu_and_of_some_lengths_only(monkeypatch):
     assert "made before the CPU's peak was counted" in sec["blocks"][2]["text"]
 
 
+def test_an_efficiency_value_that_is_not_finite_does_not_stop_the_report(tmp_path):
+    """An infinite peak memory (or ideal speed-up) went into the memory plot's y limit and matplotlib stopped the
+    whole report (Axis limits cannot be NaN or Inf). The cell says what was measured instead."""
+    recs = [eff_record("full", 1024, 10.0, mem=0.5), eff_record("full", 2048, 30.0, mem=float("inf"))]
+    html = render_report(recs, tmp_path / "rep", title="t").read_text()
+    assert "inf GiB" in html
+    sec, _ = _section(recs, "efficiency")
+    cells = {col: c for _, col, c in _cells(sec)}
+    assert (cells["2K (2048)"]["text"], cells["2K (2048)"]["note"]) == ("30.00", "inf GiB")
+
+
 def test_efficiency_section_sets_the_speedup_over_full_beside_its_limit():
     recs = [eff_record("full", 1024, 4.0, ideal=1.0), eff_record("full", 2048, 16.0, ideal=1.0),
             eff_record("se_attn", 1024, 2.0, ideal=4.0), eff_record("se_attn", 2048, 4.0, ideal=5.0),

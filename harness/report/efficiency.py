@@ -18,10 +18,11 @@ from harness.report.common import (
     Pivot,
     Section,
     cell,
+    finite,
     fmt_float,
     fmt_gib,
     length_column,
-    number,
+    nonfinite,
     ok,
     paragraph,
     table,
@@ -50,7 +51,8 @@ def efficiency_section(records: list[Record]) -> Section | None:
     colors = {k: plots.color(i) for i, k in enumerate(keys)}  # a backend's colour in every plot of the section
 
     def med(rs: list[Record], field: str) -> float | None:
-        vals = [r.values[field] for r in rs if number(r.values.get(field))]
+        """The median of the records' finite values (a NaN or inf has no place on a plot's axis)."""
+        vals = [r.values[field] for r in rs if finite(r.values.get(field))]
         return statistics.median(vals) if vals else None
 
     def series(field: str) -> list[plots.Series]:
@@ -87,7 +89,10 @@ def efficiency_section(records: list[Record]) -> Section | None:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
         times = [x for r in pv.records(k, n) for x in (r.values.get("times_ms") or [])]
         spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
-        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread, note=f"{fmt_gib(m)} GiB" if m is not None else "")
+        odd = next((x for r in pv.records(k, n) if nonfinite(x := r.values.get("peak_memory_gib"))), None)
+        memory = m if m is not None else odd  # a NaN or inf measured is said, not left out
+        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread,
+                    note=f"{fmt_gib(memory)} GiB" if memory is not None else "")
 
     def kernels(k: tuple) -> dict:
         ran = sorted({r.kernel for n in pv.measured(k) for r in pv.records(k, n) if r.kernel})
