@@ -874,9 +874,10 @@ def test_paper_reference_numbers():
     assert table7["columns"][1:3] == ["PPL 2K paper", "PPL 2K ours"]
     assert [c["text"] for c in table7["rows"][-1][3:5]] == ["10.22", "10.50"]  # PPL 8K: paper, ours
     # a diverged seed (NaN) leaves the others' mean, as the perplexity table counts it
-    nan = dict(r, cell=r["cell"] + "-seed1", values={**r["values"], "perplexity": float("nan")})
-    table7 = [b for b in _section([r, nan], "paper")[0]["blocks"] if b["type"] == "table"][1]
-    assert table7["rows"][-1][4]["text"] == "10.50"
+    for diverged in (float("nan"), float("inf")):  # inf too: it read "inf", where the perplexity table fails it
+        nan = dict(r, cell=r["cell"] + "-seed1", values={**r["values"], "perplexity": diverged})
+        table7 = [b for b in _section([r, nan], "paper")[0]["blocks"] if b["type"] == "table"][1]
+        assert table7["rows"][-1][4]["text"] == "10.50"
 
 
 def test_paper_ablation_rows_find_variants_by_their_resolved_backend():

@@ -17,10 +17,10 @@ from harness.report.common import (
     attention_kind,
     callouts,
     cell,
+    finite,
     fmt_float,
     heading,
     model_name,
-    number,
     ok,
     paragraph,
     table,
@@ -48,8 +48,9 @@ NOT_COMPARABLE = "not comparable: different model and scale"
 
 
 def _mean(xs: list[float]) -> float | None:
-    """The mean of the numbers among xs (a diverged seed's NaN left out, as the report's own tables count it)."""
-    xs = [x for x in xs if number(x)]
+    """The mean of the finite numbers among xs (a diverged seed's NaN or inf left out, as the report's own tables
+    count it)."""
+    xs = [x for x in xs if finite(x)]
     return sum(xs) / len(xs) if xs else None
 
 
