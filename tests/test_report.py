@@ -911,6 +911,9 @@ def test_paper_ours_averages_each_tasks_seeds_and_leaves_out_previous_chunk_sele
     recs = [rec(b, a, t, seed) for b, a, seed in (("se_attn", 40.0, 0), ("se_attn", 20.0, 1),
                                                   ("se_attn(selection=previous)", 90.0, 0)) for t in PAPER_TASKS]
     assert Ours(recs).ruler_average("hylora", "se_attn", 8192) == 30.0
+    # a seed that measured NaN is a failed seed, as in the RULER tables: the others' mean (it gave NaN)
+    recs += [rec("se_attn", float("nan"), t, 2) for t in PAPER_TASKS]
+    assert Ours(recs).ruler_average("hylora", "se_attn", 8192) == 30.0
 
 
 def test_paper_table_rows_fit_their_columns_and_runtime_is_from_one_kind_of_device():

@@ -88,8 +88,8 @@ class Ours:
             if (r.metric == "ruler" and r.eval_context == n
                     and r.settings.get("task") in TASKS
                     and self._variant(r, method, backend)):
-                by_task.setdefault(r.settings["task"], []).append(float(r.values["accuracy"]))
-        return group_scores({t: sum(v) / len(v) for t, v in by_task.items()}).get("average")
+                by_task.setdefault(r.settings["task"], []).append(r.values.get("accuracy"))
+        return group_scores({t: m for t, v in by_task.items() if (m := _mean(v)) is not None}).get("average")
 
     def runtime(self, backend: str) -> tuple[float | None, str]:
         recs = [r for r in self.records if r.metric == "efficiency" and r.eval_context == RUNTIME_LENGTH
