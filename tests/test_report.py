@@ -297,6 +297,20 @@ def test_an_infinite_perplexity_is_a_failed_cell_not_a_crash(tmp_path):
     assert [(c["text"], c["title"]) for c in table["rows"][0][1:]] == [("30.00", ""), ("ERROR", "it measured inf")]
 
 
+def test_a_cell_that_measured_nan_is_listed_in_failed_cells_too():
+    """The perplexity table showed ERROR ("it measured NaN") for an ok record whose value was NaN, and its caption
+    says failed cells show their status, but the Failed cells section, which lists the errors, left it out."""
+    recs = synthetic_records(failure=False)
+    recs[1]["values"]["perplexity"] = float("nan")  # pretrained @ 4096
+    recs[6]["values"]["perplexity"] = float("inf")  # finetuned @ 8192
+    sec, _ = _section(recs, "failures")
+    (tbl,) = [b for b in sec["blocks"] if b["type"] == "table"]
+    assert [(r[0]["text"], r[4]["text"], r[5]["text"]) for r in tbl["rows"]] == [
+        ("ppl-pretrained-none-4096", "ERROR", "it measured NaN"), ("ppl-finetuned-hylora-8192", "ERROR",
+                                                                   "it measured inf")]
+    assert "2 of them recorded ok" in sec["blocks"][0]["text"]
+
+
 def test_perplexity_over_seeds_is_mean_and_sd():
     """Fine-tunes of three seeds: mean ± sd. One pretrained model for all seeds (pretrain.seed): its value, no
     spread, since the seeds did not change it."""

@@ -34,6 +34,7 @@ from harness.report.common import (  # noqa: F401 - re-exported: the report's he
     is_multi_run,
     labeller,
     length_column,
+    nan_failed,
     normalise,
     ok,
     paragraph,
@@ -224,8 +225,15 @@ def _perplexity_group(recs: list[Record], label: Callable[[Record], str], ds: st
     ]
 
 
+#: The value of each metric that its tables and plots show, which fails an ok record where it is NaN or inf
+#: (common.Pivot).
+SHOWN = {"perplexity": "perplexity", "ruler": "accuracy", "efficiency": "time_ms"}
+
+
 def failures_section(records: list[Record]) -> Section | None:
-    bad = [r for r in records if not _ok(r)]
+    measured_odd = [f for r in records if _ok(r) and r.metric in SHOWN
+                    and not _ok(f := nan_failed(r, r.values.get(SHOWN[r.metric])))]
+    bad = [r for r in records if not _ok(r)] + measured_odd
     if not bad:
         return None
     label = _labeller(records)
@@ -239,7 +247,9 @@ def failures_section(records: list[Record]) -> Section | None:
             cell(r.eval_context or "–"), cell(r.status.upper(), cls="fail"),
             cell(short, cls="mono err", details=err if err.strip() != short else ""),
         ])
-    text = f"{len(bad)} cell(s) produced no measurement."
+    text = f"{len(bad)} cell(s) produced no measurement" + (
+        f"; {len(measured_odd)} of them recorded ok, but measured NaN or inf, which the tables count as failed."
+        if measured_odd else ".")
     return {"id": "failures", "title": "Failed cells",
             "blocks": [{"type": "paragraph", "text": text},
                        table(["cell", "metric", "variant", "eval context", "status", "error"], rows,
