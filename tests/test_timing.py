@@ -87,8 +87,12 @@ def test_calibrate_and_rev_end_to_end(tmp_path, capsys):
     (["--rev", "HEAD", "--calibrate"], "they do not go together"),
     (["a"], "give two results directories, BASE HEAD (got 1), or --rev REV"),
     (["--calibrate", "--only", "nothing*"], "--only 'nothing*' matches none"),
-    (["--calibrate", "--min-seconds", "-1"], "timing settings out of range"),
-    (["--calibrate", "--time-ratio", "inf"], "timing settings out of range"),  # a gate that could never fail
+    (["--calibrate", "--min-seconds", "-1"], "min_seconds (--min-seconds) = -1.0: must be >= 0"),
+    (["--calibrate", "--time-ratio", "inf"], "time_ratio (--time-ratio) = inf: must be >= 1"),  # could never fail
+    # the flag a bad value came from is named, not a dump of every setting
+    (["--calibrate", "--min-repeats", "2"], "min_repeats (--min-repeats) = 2: must be between 3 and 400"),
+    (["--calibrate", "--min-repeats", "500"], "min_repeats (--min-repeats) = 500: must be between 3 and 400"),
+    (["--rev", "HEAD", "--alpha", "1.5"], "alpha (--alpha) = 1.5: must be in (0, 1)"),
 ])
 def test_bad_timing_arguments(tmp_path, capsys, argv, message):
     (tmp_path / "tiny.yaml").write_text(TINY)
@@ -104,7 +108,7 @@ def test_a_suite_without_efficiency_cells(tmp_path, capsys):
 
 def test_rewarm_is_a_checked_setting():
     assert Settings().rewarm == 1  # one untimed call before each sample: the other side ran in between
-    with pytest.raises(Exception, match="rewarm >= 0"):
+    with pytest.raises(Exception, match="rewarm = -1: must be >= 0"):
         Settings(rewarm=-1)
 
 

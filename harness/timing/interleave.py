@@ -47,11 +47,17 @@ class Settings:
     time_ratio: float = 1.10  # the median ratio a regression must exceed
 
     def __post_init__(self) -> None:
-        if not (self.min_repeats >= 3 and self.max_repeats >= self.min_repeats and self.min_seconds >= 0
-                and self.warmup >= 1 and self.rewarm >= 0 and 0 < self.alpha < 1 and 1 <= self.time_ratio < math.inf):
-            raise UserError(f"timing settings out of range: {self}; need min_repeats >= 3, max_repeats >= "
-                            "min_repeats, min_seconds >= 0, warmup >= 1, rewarm >= 0, alpha in (0, 1), time_ratio >= 1 "
-                            "and finite")
+        rules = {"min_repeats": (lambda x: 3 <= x <= self.max_repeats, f"between 3 and {self.max_repeats}"),
+                 "min_seconds": (lambda x: x >= 0, ">= 0"), "max_repeats": (lambda x: x >= 3, ">= 3"),
+                 "warmup": (lambda x: x >= 1, ">= 1"), "rewarm": (lambda x: x >= 0, ">= 0"),
+                 "alpha": (lambda x: 0 < x < 1, "in (0, 1)"),
+                 "time_ratio": (lambda x: 1 <= x < math.inf, ">= 1 and finite")}
+        flags = {"min_repeats": "--min-repeats", "min_seconds": "--min-seconds", "alpha": "--alpha",
+                 "time_ratio": "--time-ratio"}  # those `harness compare` sets: a bad value names its flag
+        if bad := [name for name, (ok, _) in rules.items() if not ok(getattr(self, name))]:
+            raise UserError("timing settings out of range: " + "; ".join(
+                f"{name}{f' ({flags[name]})' if name in flags else ''} = {getattr(self, name)!r}: must be "
+                f"{rules[name][1]}" for name in bad))
 
 
 @dataclass(frozen=True)
