@@ -162,6 +162,22 @@ class Data(_Strict):
     train: Source = Field(default_factory=Source)  # default: the embedded corpus's train split
     eval: Source | None = None  # default: PG-19's test split where a PG-19 root is set, else the embedded one
 
+    @model_validator(mode="after")
+    def _embedded_splits(self) -> Data:
+        """The embedded corpus's splits are the package's, the same on every machine: a typo in one is an invalid
+        suite, said with its field, not data missing on this machine. (Checked here, not in harness.data.sources,
+        whose source is part of every cache key.)"""
+        from harness.data.embedded import HELD_OUT
+
+        splits = ("train", *HELD_OUT)
+        for role in ("train", "eval"):
+            src = getattr(self, role)
+            if src is not None and src.source == "embedded" and src.split is not None and src.split not in splits:
+                hint = difflib.get_close_matches(src.split, splits, n=1)
+                raise ValueError(f"data.{role}.split: the embedded corpus has no split {src.split!r}"
+                                 f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; its splits: {', '.join(splits)}")
+        return self
+
     def source(self, role: str, pg19: str | None = None) -> Source:
         """The `role` ("train" or "eval") source with its defaults filled in: the role's split ("train" for hf
         data_files, local files being one split), and for PG-19 the root from `pg19` (the --pg19 flag), the

@@ -129,6 +129,11 @@ SUITES = [
      r"line 3: models\.0\.context: Input should be a valid integer \(got True\)"),
     ("boolean max_tokens", PLAIN + "data: {train: {source: embedded, max_tokens: on}}\n",
      r"line 4: data\.train\.max_tokens: Input should be a valid integer \(got True\)"),
+    # the embedded corpus's splits are fixed: a typo is an invalid suite (it was "missing on this machine",
+    # with "the suite is valid", and named neither the file nor the field)
+    ("embedded split typo", PLAIN + "data: {eval: {source: embedded, split: tset}}\n",
+     r"line 4: data\.eval\.split: the embedded corpus has no split 'tset' \(did you mean 'test'\?\); its splits: "
+     r"train, validation, test"),
 ]
 
 
