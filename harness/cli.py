@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--strategy", choices=["ddp", "fsdp"], help="how a multi-process fine-tune shards")
     scale.add_argument("--partition", help="Slurm partition")
     scale.add_argument("--account", help="Slurm account")
-    scale.add_argument("--gpus-per-node", type=int, help="Slurm GPUs per job")
+    scale.add_argument("--gpus-per-node", type=arg.non_negative_int, help="Slurm GPUs per job")
     scale.add_argument("--cpus-per-task", type=arg.positive_int, help="Slurm CPUs per job")
     scale.add_argument("--time-min", type=arg.positive_int, help="Slurm time limit per job, minutes")
     val = sub.add_parser("validate", help="check a suite file, and that it can run here (data, checkpoints, lengths)")

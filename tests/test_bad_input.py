@@ -292,6 +292,8 @@ ARGUMENTS = [
     (["compare", "--rev", "HEAD", "--calibrate"], r"compare: --rev REV times .* they do not go together"),
     (["compare", "a", "b", "--summary", "missing/dir/summary.md"], r"argument --summary: directory missing/dir does"),
     (["run", "s.yaml", "--pg19", "no/such/dir"], r"argument --pg19: no directory no/such/dir"),
+    (["run", "s.yaml", "--gpus-per-node", "-1"], r"argument --gpus-per-node: -1 must be >= 0"),  # 0: CPU-only jobs
+    (["run", "s.yaml", "--gpus-per-node", "two"], r"argument --gpus-per-node: 'two' is not an integer"),
     (["cache", "rm", ""], r"cache rm: an empty key would match every entry"),
     (["cache", "rm"], r"cache rm: name keys \(or prefixes\) to remove, or --all"),
     (["cache", "rm", "feedbeef"], r"cache rm: no entry matches feedbeef; see `harness cache ls`"),
