@@ -247,7 +247,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         opt_in = [t for t in TASKS if t not in PAPER_TASKS]
         print("ruler tasks:", ", ".join(PAPER_TASKS), "(`all`); opt-in, with their data in `qa_files`:",
               ", ".join(opt_in))
-        print("suites:", ", ".join(str(p) for p in sorted(Path("suites").glob("*.yaml"))))
+        suites = sorted(Path("suites").glob("*.yaml"))  # relative, as `harness run` takes them, from the checkout
+        print("suites:", ", ".join(map(str, suites)) if suites else
+              "none in suites/*.yaml here; the shipped ones are in the checkout's suites/ (run from there)")
     elif args.command == "cache":
         _cache(args)
     elif args.command == "bench":

@@ -83,6 +83,13 @@ def test_list_names_what_a_suite_can_use(capsys):
     assert "suites/pg19.yaml" in out
 
 
+def test_list_outside_the_checkout_says_where_the_suites_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an installed `harness` run from elsewhere: no suites/ here
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "suites: none in suites/*.yaml here; the shipped ones are in the checkout's suites/" in out
+
+
 def _cached(kind: str, key: str) -> None:
     from harness import cache
 
