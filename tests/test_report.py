@@ -962,6 +962,19 @@ def test_comparison_of_runs_shows_a_relative_change_to_the_tolerance_s_precision
     assert shown == [("+0.14 (+0.46%)", ""), ("+0.16 (+0.54%)", "worse")]
 
 
+def test_comparison_of_runs_does_not_judge_cells_whose_settings_differ():
+    """harness compare skips such cells; the report coloured their change a regression all the same."""
+    from harness.report import runs
+    from harness.report.common import normalise
+
+    recs = [dict(asdict(ppl_record("finetuned", "hylora", 2048, ppl, ft_ctx=8192)), run=run, config_hash=run)
+            for run, ppl in (("a", 30.0), ("b", 33.0))]
+    table = next(x for x in runs.comparison_section(normalise(recs, ["a", "b"])[0])["blocks"] if x["type"] == "table")
+    shown = table["rows"][0][2]
+    assert (shown["text"], shown["cls"]) == ("33.00", "")
+    assert shown["note"] == "+3.00 (+10.00%); not judged: settings differ (config hash)"
+
+
 def test_comparison_of_runs_and_single_run_unchanged():
     a = [dict(r, run="base") for r in synthetic_records(failure=False)]
     b = [dict(r, run="head", values={**r["values"], "perplexity": r["values"]["perplexity"] * 1.1})

@@ -90,13 +90,13 @@ def compare(base: list[Record], head: list[Record], th: Thresholds = Thresholds(
             findings.append(Finding(b.cell, b.metric, None, None, "regression", why))
             continue
         if b.config_hash != h.config_hash:
-            findings.append(Finding(b.cell, b.metric, None, None, "skipped", _unlike(b, h)))
+            findings.append(Finding(b.cell, b.metric, None, None, "skipped", unlike(b, h)))
             continue
         findings += _judge(b, h, th)
     return findings
 
 
-def _unlike(b: Record, h: Record) -> str:
+def unlike(b: Record, h: Record) -> str:
     """Why two records of a cell with different config hashes are not compared."""
     hw = {side: r.settings.get("hardware") for side, r in (("base", b), ("head", h))}
     if hw["base"] == hw["head"]:

@@ -33,7 +33,7 @@ from harness.report.common import (
     variant_label,
     variant_sort,
 )
-from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity
+from harness.report.compare import Thresholds, judge_accuracy, judge_perplexity, unlike
 from harness.report.html import perplexity_groups
 from harness.results import Record
 
@@ -150,12 +150,15 @@ def _diff_cell(base: Record, head: Record, field: str, th: Thresholds) -> dict:
     b, h = base.values.get(field), head.values.get(field)
     if not isinstance(b, (int, float)) or not isinstance(h, (int, float)):
         return cell(fmt_float(h), cls="missing")
-    settings = "" if base.config_hash == head.config_hash else "; settings differ (config hash)"
+    # as harness compare: cells whose settings differ are not judged (not coloured), only shown
+    judged = base.config_hash == head.config_hash
+    settings = "" if judged else f"; not judged: {unlike(base, head)}"
     if field == "perplexity":
         rel = h / b - 1 if b else 0.0
-        cls = _CLASS[judge_perplexity(b, h, th)]
+        cls = _CLASS[judge_perplexity(b, h, th) if judged else "skipped"]
         return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.2%}){settings}", cls=cls)
     verdict, p, n = judge_accuracy(base.values.get("per_sample") or {}, head.values.get("per_sample") or {}, th)
     title = (f"McNemar p={p:.3g} over {n} shared samples" if n else
              f"no shared samples: Fisher exact p={p:.3g}" if verdict != "skipped" else "")
-    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict], title=title)
+    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict if judged else "skipped"],
+                title=title if judged else "")
