@@ -280,6 +280,29 @@ def test_report_means_over_seeds_arrows_and_subtasks_after_their_group():
                     ("grp \u203a sub", "acc \u2191", "0.500")]
 
 
+def test_report_shows_a_metric_measured_nan_as_failed_not_missing():
+    """A NaN showed "–", which reads "not measured", and a metric NaN for every variant lost its row."""
+    from harness import results
+
+    def rec(stage, method, seed, values):
+        return results.Record(suite="s", metric="lm_eval", stage=stage, method=method, variant={"seed": seed},
+                              cell=f"m/seed{seed}/{method}/lm_eval/t", model={"preset": "m"}, values=values,
+                              settings={"task": "t", "num_fewshot": 0})
+
+    nan = float("nan")
+    section = lm_eval_section([
+        rec("pretrained", "none", 0, {"acc": nan, "f1": nan, "samples": 6}),
+        rec("finetuned", "lora", 0, {"acc": 0.5, "f1": nan, "samples": 6}),
+        rec("finetuned", "lora", 1, {"acc": nan, "f1": nan, "samples": 6}),
+    ])
+    (tbl,) = [b for b in section["blocks"] if b["type"] == "table"]
+    rows = {tuple(c["text"] for c in row[:2]): row[2:] for row in tbl["rows"]}
+    assert [c["text"] for c in rows[("t", "acc")]] == ["ERROR", "0.500"]
+    assert rows[("t", "acc")][0]["title"] == "it measured NaN"
+    assert rows[("t", "acc")][1]["note"] == "1 of 2 seeds (1 ERROR)"  # the mean of the seed that measured it
+    assert [c["text"] for c in rows[("", "f1")]] == ["ERROR", "ERROR"]
+
+
 def test_values_are_named_by_metric_and_filter_and_a_missing_stderr_is_none():
     from harness.metrics.lm_eval import _dataset, _values
 

@@ -16,8 +16,11 @@ from harness.report.common import (
     VariantKey,
     cell,
     fail_cell,
+    finite,
     fmt_float,
     labeller,
+    nan_failed,
+    nonfinite,
     number,
     ok,
     paragraph,
@@ -33,9 +36,10 @@ COUNTS = ("samples", "samples_available")
 
 
 def metric_names(values: dict) -> list[str]:
-    """An lm-eval record's metrics (acc, acc_norm, exact_match/strict-match, ...): its numbers less the counts and
-    the standard errors."""
-    return [k for k, v in values.items() if k not in COUNTS and not k.endswith("_stderr") and number(v)]
+    """An lm-eval record's metrics (acc, acc_norm, exact_match/strict-match, ...): its numbers (NaN and inf too:
+    a failed measurement, shown as one) less the counts and the standard errors."""
+    return [k for k, v in values.items()
+            if k not in COUNTS and not k.endswith("_stderr") and (number(v) or nonfinite(v))]
 
 
 def lm_eval_section(records: list[Record]) -> Section | None:
@@ -43,7 +47,8 @@ def lm_eval_section(records: list[Record]) -> Section | None:
     if not recs:
         return None
     label = labeller(records)
-    good: dict[tuple[VariantKey, str], list[dict]] = defaultdict(list)  # values per (variant, task or subtask row)
+    # (record, values) per (variant, task or subtask row)
+    good: dict[tuple[VariantKey, str], list[tuple[Record, dict]]] = defaultdict(list)
     failed: dict[tuple[VariantKey, str], list[Record]] = defaultdict(list)
     subtasks: dict[str, dict[str, None]] = defaultdict(dict)  # a group's subtasks, in order
     notes: dict[str, set[str]] = defaultdict(set)
@@ -53,10 +58,10 @@ def lm_eval_section(records: list[Record]) -> Section | None:
         if not ok(r):
             failed[(k, task)].append(r)
             continue
-        good[(k, task)].append(values)
+        good[(k, task)].append((r, values))
         for sub, sub_values in (values.get("subtasks") or {}).items():
             subtasks[task][sub] = None
-            good[(k, f"{task} \u203a {sub}")].append(sub_values)
+            good[(k, f"{task} \u203a {sub}")].append((r, sub_values))
         notes[task].add(f"{values.get('samples')} samples, {r.settings.get('num_fewshot')}-shot")
         better.update(r.settings.get("higher_is_better") or {})
     names = variant_names(recs, label)
@@ -64,7 +69,7 @@ def lm_eval_section(records: list[Record]) -> Section | None:
     rows = []
     for task in dict.fromkeys(str(r.settings["task"]) for r in recs):
         for row_label in [task] + [f"{task} \u203a {sub}" for sub in subtasks[task]]:
-            found = [v for k in keys for v in good.get((k, row_label), [])]
+            found = [v for k in keys for _, v in good.get((k, row_label), [])]
             metrics = list(dict.fromkeys(m for v in found for m in metric_names(v))) or ["\u2013"]
             note = "; ".join(sorted(notes[task])) if row_label == task else ""
             for i, m in enumerate(metrics):
@@ -80,8 +85,12 @@ def lm_eval_section(records: list[Record]) -> Section | None:
     return {"id": "lm-eval", "title": "lm-eval", "blocks": blocks}
 
 
-def _value(found: list[dict], metric: str, fails: list[Record]) -> dict:
-    having = [v for v in found if number(v.get(metric))]
+def _value(found: list[tuple[Record, dict]], metric: str, fails: list[Record]) -> dict:
+    """The cell of one metric of one variant: the mean over its records, or a failure where none measured it (a
+    NaN or inf measured is one, as in the other sections)."""
+    fails = fails + [nan_failed(r, v[metric]) for r, v in found if nonfinite(v.get(metric))]
+    found = [v for r, v in found if not nonfinite(v.get(metric))]
+    having = [v for v in found if finite(v.get(metric))]
     vals = [v[metric] for v in having]
     if not vals:
         return fail_cell(fails[0]) if fails else cell("\u2013", cls="missing")
