@@ -1475,6 +1475,18 @@ def test_comparison_rows_by_variant_then_length_and_its_plot_marks_failures(monk
     assert [s.failed for s in drawn] == [[(16384, "oom")], []]
 
 
+def test_a_line_breaks_at_a_failed_length(monkeypatch):
+    """It joined the lengths around a failure, drawing a line through a length that has no value."""
+    import math
+
+    from harness.report import plots
+
+    figs = _figures(monkeypatch)
+    plots.line_vs_length([plots.Series("a", [1024, 4096], [3.0, 4.0], failed=[(2048, "oom")])], ylabel="y")
+    x, y = figs[-1].axes[0].get_lines()[0].get_data()
+    assert list(x) == [1024, 2048, 4096] and y[0] == 3.0 and math.isnan(y[1]) and y[2] == 4.0
+
+
 def test_line_plot_axes_legend_and_looks(monkeypatch):
     """log2 x with a tick at every length, a failed one too; each series in its own colour and line style, with
     its error bars; a legend entry for a series that only failed; a linear y where a value is not positive."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,8 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     a value is not positive, and then "log scale" is added to ``ylabel``).
 
     Failed cells (OOM, timeout, error) are drawn as 'x' markers at the top of the axes (several at one length
-    stacked down from it) with the status written next to them, in the series' colour; a point that is the mean
+    stacked down from it) with the status written next to them, in the series' colour, and the series' line breaks
+    there (it does not join the lengths around a failure); a point that is the mean
     of fewer seeds than ran (``Series.partial``) gets a ring around it.
     """
     fig = Figure(figsize=(8.2, 4.6))
@@ -150,7 +152,10 @@ def line_vs_length(series: Sequence[Series], vlines: Sequence[VLine] = (), *, yl
     for s, c in zip(series, colors, strict=True):
         pts = sorted(zip(s.x, s.y, s.yerr or [0.0] * len(s.y), strict=True))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=s.marker, ms=5, lw=1.8,
+            # a NaN at each failed length breaks the line there: it never joins its neighbours across a failure
+            line = sorted([(p[0], p[1]) for p in pts] + [(x, math.nan) for x, _ in s.failed
+                                                         if pts[0][0] < x < pts[-1][0] and x not in s.x])
+            ax.plot([p[0] for p in line], [p[1] for p in line], marker=s.marker, ms=5, lw=1.8,
                     color=c, linestyle=s.linestyle, label=s.label)
             if s.yerr is not None:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="none",
