@@ -839,7 +839,16 @@ def test_efficiency_section_sets_the_speedup_over_full_beside_its_limit():
     limits = [b for b in sec["blocks"] if b["type"] == "table"][1]
     assert [c["text"] for c in limits["rows"][0]] == ["se_attn", "2.00x / 4.00x", "4.00x / 5.00x", "–"]
     assert [c.get("note") for c in limits["rows"][0][1:3]] == ["50% of the limit", "80% of the limit"]
+    assert limits["rows"][0][3]["title"] == "no speed-up: not measured"
     assert sum(b["type"] == "figure" for b in sec["blocks"]) == 2  # time, and the fraction of the limit
+    # full attention ran out of memory there: the "–" says so (it read as if nothing had been measured)
+    recs.append(parent_failure("attention/full/efficiency@4096", "efficiency", ctx=4096))
+    limits = [b for b in _section(recs, "efficiency")[0]["blocks"] if b["type"] == "table"][1]
+    assert limits["rows"][0][3]["title"] == "no speed-up: full attention OOM at this length"
+    # a spread of times past 1000 ms in plain numbers, not 1.09e+03
+    (row,) = next(b for b in _section([eff_record("full", 1024, 1090.0)], "efficiency")[0]["blocks"]
+                  if b["type"] == "table")["rows"]
+    assert (row[1]["text"], row[1]["title"]) == ("1,090.0", "repeats 981.0–1,199.0 ms")
 
 
 def test_paper_reference_numbers():
@@ -1227,7 +1236,7 @@ def test_efficiency_speedup_is_over_full_of_the_same_run_and_a_place_shows_the_m
              for i, t in enumerate((1.0, 2.0, 9.0))]
     sec, _ = _section(three, "efficiency")
     row = next(b for b in sec["blocks"] if b["type"] == "table")["rows"][0]
-    assert row[1]["text"] == "2.00" and row[1]["title"] == "repeats 0.9–9.9 ms"
+    assert row[1]["text"] == "2.00" and row[1]["title"] == "repeats 0.90–9.90 ms"
     # one of them failed: the note counts measurements, not seeds
     three[2] = eff_record("se_attn", 1024, None, status="oom") | {"cell": "attention/se_attn/efficiency@1024/2"}
     row = next(b for b in _section(three, "efficiency")[0]["blocks"] if b["type"] == "table")["rows"][0]

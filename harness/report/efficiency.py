@@ -88,10 +88,10 @@ def efficiency_section(records: list[Record]) -> Section | None:
     def show(k: tuple, n: int) -> dict:
         t, m = med(pv.records(k, n), "time_ms"), med(pv.records(k, n), "peak_memory_gib")
         times = [x for r in pv.records(k, n) for x in (r.values.get("times_ms") or [])]
-        spread = f"repeats {min(times):.3g}–{max(times):.3g} ms" if times else ""
+        spread = f"repeats {_ms(min(times))}–{_ms(max(times))} ms" if times else ""
         odd = next((x for r in pv.records(k, n) if nonfinite(x := r.values.get("peak_memory_gib"))), None)
         memory = m if m is not None else odd  # a NaN or inf measured is said, not left out
-        return cell(fmt_float(t, 2 if t < 100 else 1), title=spread,
+        return cell(_ms(t), title=spread,
                     note=f"{fmt_gib(memory)} GiB" if memory is not None else "")
 
     def kernels(k: tuple) -> dict:
@@ -104,6 +104,11 @@ def efficiency_section(records: list[Record]) -> Section | None:
                                 + "; hover a time for the spread of the repeats."))
     blocks += _limit_blocks(pv, names, colors, med)
     return {"id": "efficiency", "title": "Attention efficiency", "blocks": blocks}
+
+
+def _ms(x: float) -> str:
+    """A time in ms as the table shows it: 2 decimals under 100 ms, else 1 (never 1.09e+03)."""
+    return fmt_float(x, 2 if x < 100 else 1)
 
 
 def _limit_blocks(pv: Pivot, names: dict, colors: dict, med) -> list[Block]:
@@ -121,7 +126,10 @@ def _limit_blocks(pv: Pivot, names: dict, colors: dict, med) -> list[Block]:
 
     def show(k: tuple, n: int) -> dict:
         if n not in found[k]:
-            return cell("–")
+            failed = [(who, f) for who, row in (("this backend", k), ("full attention", (k[0], k[1], "full")))
+                      if not pv.records(row, n) and (f := pv.failure(row, n))]
+            why = "; ".join(f"{who} {f.status.upper()} at this length" for who, f in failed) or "not measured"
+            return cell("–", cls="missing", title=f"no speed-up: {why}")
         measured, ideal = found[k][n]
         return cell(f"{measured:.2f}x / {ideal:.2f}x", note=f"{measured / ideal:.0%} of the limit")
 
