@@ -69,7 +69,7 @@ def test_timing_needs_ratio_and_significance_and_same_device():
     assert verdicts(b, [rec("t", {"times_ms": slow}, metric="efficiency")]) == [("time (median ms)", "regression")]
     assert verdicts(b, [rec("t", {"times_ms": noisy}, metric="efficiency")]) == [("time (median ms)", "ok")]
     assert verdicts(b, [rec("t", {"times_ms": slow}, metric="efficiency", device="cuda")]) == [
-        ("time", "skipped")]
+        ("time (median ms)", "skipped")]
 
 
 def test_timing_over_the_ratio_but_not_significant_is_ok():
@@ -98,9 +98,9 @@ def test_permutation_p_counts_ties():
 
 def test_memory_ratio():
     b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency")]
-    assert verdicts(b, [rec("m", {"peak_memory_gib": 10.4}, metric="efficiency")]) == [("peak memory", "ok")]
+    assert verdicts(b, [rec("m", {"peak_memory_gib": 10.4}, metric="efficiency")]) == [("peak memory (GiB)", "ok")]
     assert verdicts(b, [rec("m", {"peak_memory_gib": 10.6}, metric="efficiency")]) == [
-        ("peak memory", "regression")]
+        ("peak memory (GiB)", "regression")]
 
 
 @pytest.mark.parametrize("metric", ["train", "pretrain"])
@@ -172,7 +172,7 @@ def test_a_head_value_that_is_nan_or_missing_is_a_regression():
                                                        ("regression", "no times_ms in head")]
     # a value neither side has (peak memory of an efficiency cell on CPU) is no loss
     cpu = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
-    assert verdicts(cpu, cpu) == [("time (median ms)", "ok"), ("peak memory", "skipped")]
+    assert verdicts(cpu, cpu) == [("time (median ms)", "ok"), ("peak memory (GiB)", "skipped")]
 
 
 def test_perplexity_may_rise_by_exactly_the_tolerance():
@@ -260,7 +260,7 @@ def test_a_base_recorded_before_cpu_peak_memory_was_counted_skips_the_memory_ver
     # old CPU records hold peak_memory_gib None, new ones a number: nothing to judge the head's against, not a crash
     old = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": None}, metric="efficiency")]
     new = [rec("t", {"times_ms": [1.0, 2.0], "peak_memory_gib": 0.5}, metric="efficiency")]
-    assert verdicts(old, new) == [("time (median ms)", "ok"), ("peak memory", "skipped")]
+    assert verdicts(old, new) == [("time (median ms)", "ok"), ("peak memory (GiB)", "skipped")]
 
 
 def test_a_peak_memory_lost_in_head_is_a_regression():
@@ -273,7 +273,7 @@ def test_peak_memory_of_another_device_is_skipped():
     # same settings hash (a Slurm request names no GPU model), but the jobs ran on different machines
     b = [rec("m", {"peak_memory_gib": 10.0}, metric="efficiency", device="cpu")]
     assert verdicts(b, [rec("m", {"peak_memory_gib": 20.0}, metric="efficiency", device="cuda")]) == [
-        ("peak memory", "skipped")]
+        ("peak memory (GiB)", "skipped")]
 
 
 def test_peak_memory_may_rise_by_exactly_the_ratio_and_improves_only_beyond_it():
@@ -281,7 +281,7 @@ def test_peak_memory_may_rise_by_exactly_the_ratio_and_improves_only_beyond_it()
     for head, verdict in ((10.0 * 1.05, "ok"), (10.0 * 1.05 + 1e-9, "regression"), (9.6, "ok"),
                           (10.0 / 1.05, "ok"), (10.0 / 1.05 - 1e-9, "improvement")):
         h = [rec("m", {"peak_memory_gib": head}, metric="efficiency")]
-        assert verdicts(b, h) == [("peak memory", verdict)], head
+        assert verdicts(b, h) == [("peak memory (GiB)", verdict)], head
 
 
 def test_perplexity_improves_only_beyond_the_tolerance():
@@ -352,7 +352,7 @@ def test_permutation_p_of_unequal_sample_sizes():
 def test_markdown_lists_skipped_cells_with_why():
     findings = compare([rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency")],
                        [rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency", device="cuda")])
-    assert "| skipped | `t` | time |  |  |  | devices differ: cpu: x86_64, ? thread(s) vs cuda: unknown GPU |" in \
+    assert "| skipped | `t` | time (median ms) |  |  |  | devices differ: cpu: x86_64, ? thread(s) vs cuda: unknown GPU |" in \
         markdown(findings, "base", "head")
 
 

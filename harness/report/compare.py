@@ -130,15 +130,16 @@ def _judge(b: Record, h: Record, th: Thresholds) -> list[Finding]:
     if "times_ms" in bv:
         out.append(_timing(cell, bv["times_ms"], hv["times_ms"], th, gates=devices[0].startswith("cuda"))
                    if same_device else
-                   Finding(cell, "time", None, None, "skipped", f"devices differ: {devices[0]} vs {devices[1]}"))
+                   Finding(cell, "time (median ms)", None, None, "skipped",
+                           f"devices differ: {devices[0]} vs {devices[1]}"))
     if "peak_memory_gib" in bv and b.metric not in TRAINING:
         base, new = bv["peak_memory_gib"], hv.get("peak_memory_gib")
         if not same_device or None in (base, new):  # CPU records made before its peak was counted: None
-            out.append(Finding(cell, "peak memory", base, new, "skipped", "devices differ or no value"))
+            out.append(Finding(cell, "peak memory (GiB)", base, new, "skipped", "devices differ or no value"))
         else:
             verdict = ("regression" if new > base * th.memory_ratio
                        else "improvement" if new < base / th.memory_ratio else "ok")
-            out.append(Finding(cell, "peak memory", base, new, verdict, f"ratio threshold {th.memory_ratio}"))
+            out.append(Finding(cell, "peak memory (GiB)", base, new, verdict, f"ratio threshold {th.memory_ratio}"))
     if b.metric == "lm_eval":
         better = b.settings.get("higher_is_better") or {}
         out += [_lm_eval(cell, m, bv, hv, better.get(m.split("/")[0]), th) for m in metric_names(bv)]
