@@ -352,8 +352,8 @@ def test_permutation_p_of_unequal_sample_sizes():
 def test_markdown_lists_skipped_cells_with_why():
     findings = compare([rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency")],
                        [rec("t", {"times_ms": [1.0, 2.0]}, metric="efficiency", device="cuda")])
-    assert "| skipped | `t` | time (median ms) |  |  |  | devices differ: cpu: x86_64, ? thread(s) vs cuda: unknown GPU |" in \
-        markdown(findings, "base", "head")
+    assert ("| skipped | `t` | time (median ms) |  |  |  | devices differ: cpu: x86_64, ? thread(s) vs cuda: "
+            "unknown GPU |") in markdown(findings, "base", "head")
 
 
 def test_markdown_notes_cpu_timings_only_where_one_was_flagged():

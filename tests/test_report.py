@@ -745,6 +745,10 @@ def test_seeds_that_share_a_pretrained_model_show_one_pretraining():
                         (["a", "b"], ["pretraining: m (seed0)", "pretraining: m (seed1)"])):
         sec, _ = _section([pre(seed, k) for seed, k in enumerate(keys)], "training")
         assert [r[0]["text"] for r in next(b for b in sec["blocks"] if b["type"] == "table")["rows"]] == names
+    # two runs of one seed each: no seed in their names (each read "(seed0)", as if a run had several)
+    sec, _ = _section([dict(pre(0, k), run=run) for run, k in (("a", "ka"), ("b", "kb"))], "training", runs=["a", "b"])
+    assert [r[0]["text"] for r in next(b for b in sec["blocks"] if b["type"] == "table")["rows"]] == [
+        "[a] pretraining: m", "[b] pretraining: m"]
 
 
 def test_a_diverged_training_shows_its_nan_loss():

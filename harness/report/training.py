@@ -91,8 +91,10 @@ def training_section(records: list[Record]) -> Section | None:
 
 
 def _pretrain_label(r: Record, pre: list[Record]) -> str:
+    """"[run] pretraining: model (seed0)", the seed only where the run pretrained that model with several."""
     seed_part = _seed(r)
-    name = f"pretraining: {model_name(r) or 'model'}" + (f" ({seed_part})" if seed_part and len(pre) > 1 else "")
+    seeds = {_seed(p) for p in pre if p.run == r.run and model_name(p) == model_name(r)}
+    name = f"pretraining: {model_name(r) or 'model'}" + (f" ({seed_part})" if seed_part and len(seeds) > 1 else "")
     return f"[{r.run}] {name}" if r.run else name
 
 
