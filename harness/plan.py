@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from harness import cache, provenance
 from harness.cells import Cell, Variant
+from harness.errors import UserError
 from harness.metrics.base import builtin
 from harness.models.sources import label
 from harness.results import Record
@@ -30,7 +31,15 @@ def documents(suite: Suite, role: str, pg19: str | None = None):
     """The documents of the suite's `role` ("train" or "eval") source (harness.data.sources; `pg19`: --pg19)."""
     from harness.data.sources import open_source
 
-    return open_source(suite.data.source(role, pg19), f"data.{role}")
+    src = suite.data.source(role, pg19)
+    try:
+        return open_source(src, f"data.{role}")
+    except UserError as e:
+        if src.source != "pg19":
+            raise
+        # harness.data.pg19's fixes name every setting: say which one this directory came from
+        raise UserError(f"{e} (the PG-19 directory {src.path or '(none)'} came from "
+                        f"{suite.data.pg19_origin(role, pg19)})") from None
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,14 @@ class Data(_Strict):
         fill = {"split": src.split or default} if src.source in SPLIT else {}
         return src.model_copy(update={**fill, **({"path": root} if src.source == "pg19" else {})})
 
+    def pg19_origin(self, role: str, pg19: str | None = None) -> str:
+        """Which setting gave `source(role, pg19)` its PG-19 root (in the order `source` takes them)."""
+        from harness.data.pg19 import ENV
+
+        src = self.train if role == "train" else self.eval
+        return ("--pg19" if pg19 else f"the suite's data.{role}.path" if src is not None and src.path else
+                "the suite's data.pg19" if self.pg19 else f"${ENV}")
+
 
 class Slurm(_Strict):
     """sbatch settings of `executor: slurm` (one Slurm job per harness job; `time_min` also bounds a

@@ -250,10 +250,13 @@ def test_an_eval_text_field_that_is_not_there_stops_the_run_before_any_job(tmp_p
 
 
 @pytest.mark.parametrize("setting,message", [
-    ({"flag": "emptypg"}, r"PG-19 split folder .*emptypg/test not found \(splits present: none\)"),
+    # each says which setting gave the directory: the fix names them all
+    ({"flag": "emptypg"}, r"PG-19 split folder .*emptypg/test not found \(splits present: none\).* \(the PG-19 "
+                          r"directory emptypg came from --pg19\)"),
     ({"env": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist; fix: point HARNESS_PG19_DIR, "
-                              r"`harness run --pg19 DIR` or a suite's data.pg19 at a folder"),
-    ({"suite": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist"),
+                              r"`harness run --pg19 DIR` or a suite's data.pg19 at a folder.* came from "
+                              r"\$HARNESS_PG19_DIR\)"),
+    ({"suite": "no/such/pg19"}, r"PG-19 directory no/such/pg19 does not exist.* came from the suite's data.pg19\)"),
     ({"flag": "pg", "split": "dev"}, r"PG-19 split folder .*pg/dev not found \(splits present: test\)"),
 ], ids=["empty directory", "env var to nowhere", "suite field to nowhere", "missing split"])
 def test_bad_pg19_directory(tmp_path, capsys, monkeypatch, setting, message):
