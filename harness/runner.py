@@ -83,7 +83,8 @@ def prepare(suite_path: str | Path, pg19: str | None = None, run: dict | None = 
                     if finetunes else None, checkpoints)
         _check_checkpoints(suite, jobs, {name: r for name, r in resolved.items() if r is not None}, finetunes)
     except UserError as e:
-        raise e if str(e).startswith(str(suite_path)) else UserError(f"{suite_path}: {e}") from None
+        raise e if str(e).startswith(str(suite_path)) else UserError(f"{suite_path}: {suite.located(str(e))}") \
+            from None
     return Prepared(suite, jobs, corpus, train, missing)
 
 

@@ -269,10 +269,19 @@ class Suite(_Strict):
     run: Run = Field(default_factory=Run)
     _sha256: str = PrivateAttr("")  # of the file's text (load_suite): a job checks it read what was planned
     _warnings: list[str] = PrivateAttr(default_factory=list)  # load_suite's, from harness.suite_warnings
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)  # the line of each key path in the file
 
     @property
     def sha256(self) -> str:
         return self._sha256
+
+    def located(self, message: str) -> str:
+        """`message` with the line of the field it starts with ("metrics.ruler.lengths: ...", as the checks after
+        loading word theirs), where the file holds that field: "line 7: metrics.ruler.lengths: ..."."""
+        named = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])+)[ :]", message)  # a dotted path, then " " or ":"
+        loc = tuple(re.findall(r"[^.\[\]]+", named[1])) if named else ()
+        line = next((self._lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in self._lines), None)
+        return f"line {line}: {message}" if line else message
 
     @property
     def warnings(self) -> list[str]:
@@ -453,8 +462,8 @@ def load_suite(path: str | Path, run: dict | None = None, planned: str | None = 
     except ValidationError as e:
         lines = _key_lines(text)
         raise UserError(f"{path}: " + "; ".join(_describe(err, lines, model) for err in e.errors())) from None
-    suite._sha256 = sha256
-    suite._warnings = _worded(path, suite, _key_lines(text))
+    suite._sha256, suite._lines = sha256, _key_lines(text)
+    suite._warnings = _worded(path, suite, suite._lines)
     if not run:
         return suite
     merged = {**suite.run.model_dump(), **run, "slurm": {**suite.run.slurm.model_dump(), **run.get("slurm", {})}}

@@ -166,7 +166,7 @@ def test_a_ruler_length_too_short_for_its_task_is_caught_before_running(tmp_path
     for command in (["run", s, "--dry-run"], ["validate", s]):  # validate checks what run checks before its jobs
         code, out = cli(capsys, *command)
         assert code == 2 and "Traceback" not in out
-        assert re.search(rf"{re.escape(str(s))}: metrics\.ruler\.lengths \(in models\.tiny-hybrid's tokens\): "
+        assert re.search(rf"{re.escape(str(s))}: line 3: metrics\.ruler\.lengths \(in models\.tiny-hybrid's tokens\): "
                          r"RULER task 'vt' cannot fit in length 256.*use length >= \d+", out), command
 
 
