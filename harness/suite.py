@@ -279,8 +279,7 @@ class Suite(_Strict):
         """`message` with the line of the field it starts with ("metrics.ruler.lengths: ...", as the checks after
         loading word theirs), where the file holds that field: "line 7: metrics.ruler.lengths: ..."."""
         named = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])+)[ :]", message)  # a dotted path, then " " or ":"
-        loc = tuple(re.findall(r"[^.\[\]]+", named[1])) if named else ()
-        line = next((self._lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in self._lines), None)
+        line = _line(tuple(re.findall(r"[^.\[\]]+", named[1])), self._lines) if named else None
         return f"line {line}: {message}" if line else message
 
     @property
@@ -485,8 +484,13 @@ def _where(loc: tuple[str, ...], lines: dict[tuple, int]) -> str:
     """The field path `loc` as "line N: a.b.c", N the line of its innermost key that the file holds (a field left
     to its default has none: its parent's), or "a.b.c" where the file holds none."""
     where = ".".join(loc) or "(top level)"
-    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+    line = _line(loc, lines)
     return f"line {line}: {where}" if line else where
+
+
+def _line(loc: tuple[str, ...], lines: dict[tuple, int]) -> int | None:
+    """The line of the innermost key of the field path `loc` that the file holds, if any."""
+    return next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
 
 
 def _import_plugins(path: Path, plugins: Any, lines: dict[tuple, int]) -> None:
