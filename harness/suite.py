@@ -278,8 +278,13 @@ class Suite(_Strict):
     def located(self, message: str) -> str:
         """`message` with the line of the field it starts with ("metrics.ruler.lengths: ...", as the checks after
         loading word theirs), where the file holds that field: "line 7: metrics.ruler.lengths: ..."."""
-        named = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])+)[ :]", message)  # a dotted path, then " " or ":"
-        line = _line(tuple(re.findall(r"[^.\[\]]+", named[1])), self._lines) if named else None
+        named = re.match(r"([A-Za-z_][\w.-]*(?:\[\d+\])*)[ :]", message)  # a dotted path, then " " or ":"
+        path = named[1] if named and "." in named[1] else ""
+        loc = tuple(re.findall(r"[^.\[\]]+", path))
+        if path.startswith("models."):  # "models.NAME" (which may hold dots): the entry of that name
+            names, name = [m if isinstance(m, str) else m.name for m in self.models], path.removeprefix("models.")
+            loc = ("models", str(names.index(name))) if name in names else ("models",)
+        line = _line(loc, self._lines)
         return f"line {line}: {message}" if line else message
 
     @property

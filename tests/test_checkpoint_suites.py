@@ -271,8 +271,8 @@ def test_lengths_beyond_learned_positions_stop_the_run_before_any_job(tmp_path, 
     T.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     code, out = run(tmp_path, capsys, {"name": "g", "path": str(path), "context": 32})
     assert code == 2, out
-    assert (f"error: {tmp_path / 's.yaml'}: models.g: gpt2 has learned absolute positions for 48 tokens, and the "
-            "suite asks it for 64, 512; "
+    assert (f"error: {tmp_path / 's.yaml'}: line 2: models.g: gpt2 has learned absolute positions for 48 tokens, "
+            "and the suite asks it for 64, 512; "
             "fix: keep metrics' lengths and finetune.context at or below 48") in out, out
     assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
     assert not any((tmp_path / "cache").glob("adapter/*"))
@@ -307,7 +307,7 @@ def test_a_checkpoint_every_cell_would_fail_on_stops_the_run_before_any_job(tmp_
     (tmp_path / "s.yaml").write_text(suite)
     code = main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
     out = "".join(capsys.readouterr())
-    assert code == 2 and f"error: {tmp_path / 's.yaml'}: {message}" in out, out
+    assert code == 2 and f"error: {tmp_path / 's.yaml'}: line 2: {message}" in out, out  # the entry's line
     assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
 
 

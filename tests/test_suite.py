@@ -308,3 +308,13 @@ def test_se_attn_needs_a_context_that_holds_its_largest_chunk(tmp_path):
         load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [1024, 4096]}}]\n"))
     suite = load_suite(write(tmp_path, "name: x\nbackends: [{se_attn: {chunk_size: [1024, 2048]}}]\n"))
     assert suite.finetune.context == 2048 and suite.backends[0].options["chunk_size"] == (1024, 2048)
+
+
+def test_an_error_found_after_loading_gets_the_line_of_the_field_it_names(tmp_path):
+    s = load_suite(write(tmp_path, "name: x\nmodels:\n  - tiny-hybrid\n  - {name: m2h-2.7b, path: /ckpt}\n"
+                                   "metrics:\n  ruler: {tasks: [vt], lengths: [256]}\n"))
+    assert s.located("metrics.ruler.lengths (in x): too short") == "line 6: metrics.ruler.lengths (in x): too short"
+    assert s.located("models.m2h-2.7b: no weights") == "line 4: models.m2h-2.7b: no weights"  # its entry's line
+    assert s.located("models.tiny-hybrid: x") == "line 3: models.tiny-hybrid: x"
+    assert s.located("models.other: x") == "line 2: models.other: x"
+    assert s.located("RULER task 'vt': x") == "RULER task 'vt': x"  # no field named: as it was
