@@ -204,7 +204,8 @@ class Executor:
     def start(self, name: str, spec: dict, device: str | None):
         if self._submitit is None:
             with self._lock:
-                if self._forks is not None and self._forks.stale():  # harness was edited: fork new code
+                if self._forks is not None and (self._forks.stale() or self._forks.ended is not None):
+                    # harness was edited: fork new code; or the server died (killed): a new one
                     self._retired.append(self._forks)
                     self._forks = None
                 if self._forks is None and _may_fork():

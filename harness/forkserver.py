@@ -43,26 +43,40 @@ class ForkServer:
         self._lock = threading.Lock()  # several runner threads start and poll jobs
         self._lines = _Lines(self._replies)
         self._exits: dict[int, int] = {}
+        self.ended: int | None = None  # the server's exit code, once it died (killed: by hand, the OOM killer)
 
     def start(self, spec_file: str, env: dict[str, str]) -> int:
         """Fork a job for `spec_file` with environment `env`; its pid (the first waits for the server's imports)."""
         with self._lock:
-            _send(self._requests, {"spec": spec_file, "env": env})
-            while True:
-                reply = self._next(timeout=None)
+            try:
+                _send(self._requests, {"spec": spec_file, "env": env})
+            except BrokenPipeError:  # the server is gone
+                self.ended = self._proc.wait()
+            while (reply := self._next(timeout=None)) is not None:
                 if "pid" in reply:  # a pid is reused: an earlier child's exit with it is not this one's
                     self._exits.pop(reply["pid"], None)
                     return reply["pid"]
+            raise RuntimeError(f"the job fork server (pid {self._proc.pid}) ended with code {self.ended}; its "
+                               "output is above")
 
     def stale(self) -> bool:
         """Whether harness's sources changed since the server started (it would fork jobs running older code)."""
         return _code_stamp() != self._code
 
     def exit_code(self, pid: int) -> int | None:
+        """The exit code of child `pid`, None while it runs. Where the server died, its children end too
+        (harness.job's exit_with_parent, within a second) without an exit notice: once `pid` is gone, its code is
+        taken as 1, what exit_with_parent exits with, so that the runner records the cell and goes on."""
         with self._lock:
             while pid not in self._exits and self._next(timeout=0) is not None:
                 pass
-            return self._exits.get(pid)
+            if pid in self._exits or self.ended is None:
+                return self._exits.get(pid)
+            try:
+                os.kill(pid, 0)
+                return None
+            except ProcessLookupError:
+                return self._exits.setdefault(pid, 1)
 
     def close(self) -> None:
         """End the server (children still running end with it)."""
@@ -71,13 +85,18 @@ class ForkServer:
         os.close(self._replies)
 
     def _next(self, timeout: float | None) -> dict | None:
-        """The server's next message (exit notices are kept), or None when there is none within `timeout`."""
+        """The server's next message (exit notices are kept), or None when there is none within `timeout` or the
+        server has ended (`ended` says with what code)."""
+        if self.ended is not None:
+            return None
         line = self._lines.read(timeout)
         if line is None:
             return None
         if line == b"":
-            raise RuntimeError(f"the job fork server (pid {self._proc.pid}) ended with code {self._proc.wait()}; "
-                               "its output is above")
+            self.ended = self._proc.wait()
+            print(f"warning: the job fork server (pid {self._proc.pid}) ended with code {self.ended}; its jobs end "
+                  "with it and are recorded as failed, and a new server forks the jobs that follow", file=sys.stderr)
+            return None
         reply = json.loads(line)
         if "exit" in reply:
             self._exits[reply["exit"]] = reply["code"]

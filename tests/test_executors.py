@@ -219,7 +219,7 @@ def test_jobs_started_after_harness_is_edited_fork_from_a_new_server(suite_file,
 
     class Server(forkserver.ForkServer):  # the real staleness check, without a server process
         def __init__(self):
-            self._code, self.closed = forkserver._code_stamp(), False
+            self._code, self.closed, self.ended = forkserver._code_stamp(), False, None
 
         def close(self):
             self.closed = True

@@ -79,6 +79,25 @@ def test_run_records_every_cell_then_resumes(suite_file, tmp_path, capsys, monke
     assert {len(results.current(results.load(out)))} == {11}
 
 
+def test_a_killed_fork_server_costs_its_job_one_cell_and_the_rest_goes_on(suite_file, tmp_path, inject_fault, capsys):
+    """A job's parent is the fork server (no GPU): killed (by hand, the OOM killer), the run stopped with a
+    traceback instead of recording the cell as for a killed job and forking the rest from a new server."""
+    from harness.executors import _may_fork
+
+    if not _may_fork():
+        pytest.skip("jobs are forked from a server only where no GPU is visible")
+    inject_fault("os.kill(os.getppid(), 9); time.sleep(30)")  # the job's parent: the server
+    suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
+    out = tmp_path / "out"
+    outcome = run_suite(suite_file, out, only="attention/*")
+    assert (outcome.cells, outcome.failed) == (4, {"error": 2})
+    recs = {r.cell: r for r in results.load(out)}
+    assert recs["attention/full/efficiency@128"].status == "error"
+    assert recs["attention/full/efficiency@64"].status == "error"  # the restarted job killed its new server too
+    assert recs["attention/se_attn(chunk_size=64,block_size=16,top_k=2)/efficiency@128"].status == "ok"
+    assert "fork server" in capsys.readouterr().err
+
+
 def test_a_crashed_job_costs_one_cell_and_the_rest_goes_on(suite_file, tmp_path, inject_fault, capsys):
     inject_fault("os._exit(3)")
     suite_file.write_text(SMALL.replace("lengths: [128]", "lengths: [128, 64]"))
