@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from harness.cache import cache_root, this_host
 from harness.errors import UserError
 from harness.forkserver import ForkServer
 
@@ -221,8 +222,6 @@ class Executor:
                 except Exception as e:  # noqa: BLE001 - sbatch refusing (a bad partition, say) is the user's to fix
                     raise UserError(f"job {name}: {self.kind} refused the submission: {_sbatch_error(e)}") from None
             attempt = SubmititAttempt(job, self.kind)
-        from harness.cache import this_host
-
         where = {} if self.kind == "slurm" else {"host": this_host()}  # whose process ids `id` is one of
         self._note({"job": name, "id": attempt.id, "executor": self.kind, "cells": len(spec["cells"]),
                     "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "submitted_unix": round(time.time(), 3),
@@ -262,7 +261,7 @@ def _submitit_executor(run, out: Path):
     if missing := [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]:
         raise UserError(f"run.executor slurm: no `{'`, `'.join(missing)}` on PATH; run harness from a Slurm login "
                         "node (or use executor: submitit-local on one machine)")
-    for what, path in (("the artefact cache", _cache_root()), ("the results directory", out)):
+    for what, path in (("the artefact cache", cache_root()), ("the results directory", out)):
         if (kind := filesystem_type(path)) in NODE_LOCAL:
             print(f"warning: {what} {path} is on a node-local filesystem ({kind}): jobs on other nodes will not see "
                   "it; put it on a shared filesystem" + (" (set HARNESS_CACHE)" if "cache" in what else " (--out)"),
@@ -300,12 +299,6 @@ def visible_gpus() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
-
-
-def _cache_root() -> Path:
-    from harness.cache import cache_root
-
-    return cache_root()
 
 
 def _sbatch_error(e: Exception) -> str:
@@ -365,8 +358,6 @@ def live_state(entry: dict, out: Path) -> str:
             return state
         queued = _squeue_state(entry["id"])  # submitit says UNKNOWN where sacct fails or lacks the job
         return state if queued is None else queued or "GONE (Slurm no longer lists it)"
-    from harness.cache import this_host
-
     if entry.get("host", this_host()) != this_host():  # another machine's, or container's, process id
         return f"UNKNOWN (its process is on {entry['host']}, which this machine cannot see)"
     try:
@@ -400,7 +391,6 @@ def _started_after(pid: int, submitted: str | None, submitted_unix: float | None
         return started > time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S")) + SUBMITTED_ZONE_SLACK_S
     except (OSError, ValueError, TypeError, IndexError, StopIteration, OverflowError):
         return False
-
 
 
 def _squeue_state(job_id: str) -> str | None:
