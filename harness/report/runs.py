@@ -157,8 +157,8 @@ def _diff_cell(base: Record, head: Record, field: str, th: Thresholds) -> dict:
         rel = h / b - 1 if b else 0.0
         cls = _CLASS[judge_perplexity(b, h, th) if judged else "skipped"]
         return cell(fmt_float(h, 2), note=f"{h - b:+.2f} ({rel:+.2%}){settings}", cls=cls)
-    verdict, p, n = judge_accuracy(base.values.get("per_sample") or {}, head.values.get("per_sample") or {}, th)
+    verdict, p, n = judge_accuracy(base.values.get("per_sample") or {}, head.values.get("per_sample") or {},
+                                   th) if judged else ("skipped", 1.0, 0)
     title = (f"McNemar p={p:.3g} over {n} shared samples" if n else
              f"no shared samples: Fisher exact p={p:.3g}" if verdict != "skipped" else "")
-    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict if judged else "skipped"],
-                title=title if judged else "")
+    return cell(fmt_float(h, 1), note=f"{h - b:+.1f} pts{settings}", cls=_CLASS[verdict], title=title)
