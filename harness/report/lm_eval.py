@@ -89,8 +89,8 @@ def _value(found: list[tuple[Record, dict]], metric: str, fails: list[Record]) -
     """The cell of one metric of one variant: the mean over its records, or a failure where none measured it (a
     NaN or inf measured is one, as in the other sections)."""
     fails = fails + [nan_failed(r, v[metric]) for r, v in found if nonfinite(v.get(metric))]
-    found = [v for r, v in found if not nonfinite(v.get(metric))]
-    having = [v for v in found if finite(v.get(metric))]
+    measured = [v for _, v in found if not nonfinite(v.get(metric))]  # the records that did not fail it
+    having = [v for v in measured if finite(v.get(metric))]
     vals = [v[metric] for v in having]
     if not vals:
         return fail_cell(fails[0]) if fails else cell("\u2013", cls="missing")
@@ -99,6 +99,6 @@ def _value(found: list[tuple[Record, dict]], metric: str, fails: list[Record]) -
     else:
         se = having[0].get(f"{metric}_stderr")
         shown = cell(fmt_float(vals[0], 3) + (f" \u00b1 {fmt_float(se, 3)}" if number(se) else ""))
-    if len(having) < len(found):  # ok seeds that did not report this metric
-        shown["note"] = f"{len(having)} of {len(found)} seeds report it"
-    return partial(shown, shortfall(len(found), fails), fails)
+    if len(having) < len(measured):  # ok seeds that did not report this metric
+        shown["note"] = f"{len(having)} of {len(measured)} seeds report it"
+    return partial(shown, shortfall(len(measured), fails), fails)
